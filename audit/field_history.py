@@ -1,0 +1,48 @@
+"""django-auditlog wiring: which models keep field history, and how entries enter the chain.
+
+auditlog writes its LogEntry rows from model signals; each new entry is copied into the hash
+chain here (library wiring, not business logic). The business decisions themselves are written
+to the chain explicitly by the services.
+"""
+
+from django.apps import apps
+from django.db.models.signals import post_save
+
+from audit.actors import Actor
+
+TRACKED = [
+    ("releases.Application", {}),
+    ("environments.Environment", {}),
+    ("environments.FreezeWindow", {}),
+    ("auth.User", {"m2m_fields": {"groups"}, "exclude_fields": ["password", "last_login"]}),
+    ("auth.Group", {"m2m_fields": {"permissions"}}),
+    ("guardian.UserObjectPermission", {}),
+    ("guardian.GroupObjectPermission", {}),
+]
+
+
+def _entry_to_chain(sender, instance, created, raw=False, **kwargs):
+    if not created or raw:
+        return
+    from audit import chain
+
+    actor = Actor.person(instance.actor, via="admin") if instance.actor_id else Actor.system()
+    chain.append(
+        actor=actor,
+        action="field_history." + {0: "create", 1: "update", 2: "delete", 3: "access"}.get(instance.action, "other"),
+        object_type=instance.content_type.app_label + "." + instance.content_type.model,
+        object_id=str(instance.object_pk),
+        object_repr=instance.object_repr,
+        data={"logentry_id": instance.pk, "changes": instance.changes or {}},
+    )
+
+
+def wire() -> None:
+    from auditlog.models import LogEntry
+    from auditlog.registry import auditlog
+
+    for label, options in TRACKED:
+        model = apps.get_model(label)
+        if not auditlog.contains(model):
+            auditlog.register(model, **options)
+    post_save.connect(_entry_to_chain, sender=LogEntry, dispatch_uid="audit.field_history")

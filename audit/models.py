@@ -1,0 +1,69 @@
+from django.conf import settings
+from django.db import models
+
+
+class AppendOnlyError(Exception):
+    """Raised when code tries to change or remove an audit event."""
+
+
+class AuditEventQuerySet(models.QuerySet):
+    def update(self, **kwargs):
+        raise AppendOnlyError("Audit events cannot be updated.")
+
+    def delete(self):
+        raise AppendOnlyError("Audit events cannot be deleted.")
+
+    def bulk_update(self, *args, **kwargs):
+        raise AppendOnlyError("Audit events cannot be updated.")
+
+
+class AuditEvent(models.Model):
+    """One link of the append-only, hash-chained audit log.
+
+    `hash` is SHA-256 over the previous event's hash and the canonical JSON of this event
+    (see audit.chain.canonical), so changing, removing or reordering any event breaks every later
+    link. Events are written only by audit.chain.append, inside the transaction of the change they
+    record; triggers installed by migration 0002 refuse UPDATE, DELETE and TRUNCATE in the database.
+    """
+
+    seq = models.BigIntegerField(unique=True, help_text="Gap-free position in the chain, from 1.")
+    created_at = models.DateTimeField(db_index=True)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        related_name="+",
+    )
+    actor_username = models.CharField(max_length=150, blank=True)
+    actor_email = models.CharField(max_length=254, blank=True)
+    via = models.CharField(max_length=20, blank=True)
+    action = models.CharField(max_length=64, db_index=True)
+    object_type = models.CharField(max_length=100, blank=True)
+    object_id = models.CharField(max_length=64, blank=True)
+    object_repr = models.CharField(max_length=300, blank=True)
+    code = models.CharField(max_length=64, blank=True, db_index=True, help_text="Refusal code, if refused.")
+    data = models.JSONField(default=dict)
+    prev_hash = models.CharField(max_length=64)
+    hash = models.CharField(max_length=64, unique=True)
+
+    objects = AuditEventQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["seq"]
+        constraints = [
+            models.CheckConstraint(condition=models.Q(seq__gte=1), name="auditevent_seq_positive"),
+        ]
+        indexes = [models.Index(fields=["object_type", "object_id"], name="auditevent_object_idx")]
+
+    def __str__(self) -> str:
+        return f"#{self.seq} {self.action} {self.object_repr}".strip()
+
+    def save(self, *args, **kwargs):
+        if not self._state.adding:
+            raise AppendOnlyError("Audit events cannot be updated.")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):
+        raise AppendOnlyError("Audit events cannot be deleted.")

@@ -1,0 +1,181 @@
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
+from django.contrib.contenttypes.models import ContentType
+from django.shortcuts import get_object_or_404, redirect
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils.html import format_html, format_html_join
+from guardian.models import GroupObjectPermission, UserObjectPermission
+
+from environments import policy, services
+from environments.models import Approval, Deployment, Environment, FreezeWindow
+from environments.policy import PolicyRefusal
+from portal.admin_tools import admin_actor, confirm_with_comment, run_each
+
+
+class FreezeWindowInline(admin.TabularInline):
+    model = FreezeWindow
+    extra = 0
+
+
+def access_rows(environment: Environment) -> list[tuple[str, str]]:
+    """(who, permission) for every explicit grant on an environment: groups and users."""
+    ct = ContentType.objects.get_for_model(Environment)
+    rows = [
+        (f"group {g}", c) for g, c in GroupObjectPermission.objects.filter(
+            content_type=ct, object_pk=str(environment.pk), permission__codename__in=policy.GRANTABLE
+        ).values_list("group__name", "permission__codename")
+    ]
+    rows += [
+        (f"user {u}", c) for u, c in UserObjectPermission.objects.filter(
+            content_type=ct, object_pk=str(environment.pk), permission__codename__in=policy.GRANTABLE
+        ).values_list("user__username", "permission__codename")
+    ]
+    return sorted(rows)
+
+
+class AccessForm(forms.Form):
+    permission = forms.ChoiceField(choices=[(c, c) for c in policy.GRANTABLE])
+    group = forms.ModelChoiceField(queryset=Group.objects.order_by("name"), required=False)
+    user = forms.ModelChoiceField(queryset=get_user_model().objects.order_by("username"), required=False)
+    grant = forms.TypedChoiceField(choices=[("1", "grant"), ("0", "revoke")], coerce=lambda v: v == "1")
+
+    def clean(self):
+        data = super().clean()
+        if bool(data.get("group")) == bool(data.get("user")):
+            raise forms.ValidationError("Choose either a group or a user.")
+        return data
+
+
+@admin.register(Environment)
+class EnvironmentAdmin(admin.ModelAdmin):
+    list_display = ["__str__", "promotes_from", "restricted", "auto_deploy", "required_approvals",
+                    "requires_code_review"]
+    list_filter = ["application", "restricted"]
+    list_select_related = ["application", "promotes_from__application"]
+    readonly_fields = ["who_may_deploy_and_approve"]
+    inlines = [FreezeWindowInline]
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    def save_model(self, request, obj, form, change):
+        services.environment_save(actor=admin_actor(request), environment=obj, changed=form.changed_data)
+
+    @admin.display(description="who may deploy and approve")
+    def who_may_deploy_and_approve(self, obj):
+        if obj.pk is None:
+            return "-"
+        rows = format_html_join("", "<li>{}: {}</li>", access_rows(obj)) or "nobody"
+        url = reverse("admin:environments_environment_access", args=[obj.pk])
+        return format_html('<ul>{}</ul><a class="button" href="{}">Change access</a>', rows, url)
+
+    def get_urls(self):
+        return [
+            path("<int:pk>/access/", self.admin_site.admin_view(self.access_view),
+                 name="environments_environment_access"),
+            *super().get_urls(),
+        ]
+
+    def access_view(self, request, pk):
+        """Grant or revoke deploy/approve rights through the service (audited, no self-grants)."""
+        environment = get_object_or_404(Environment, pk=pk)
+        if not request.user.has_perm("environments.change_environment"):
+            self.message_user(request, "You may not change who can deploy or approve.", messages.ERROR)
+            return redirect("admin:environments_environment_change", pk)
+        form = AccessForm(request.POST or None)
+        if request.method == "POST" and form.is_valid():
+            d = form.cleaned_data
+            call = services.environment_grant if d["grant"] else services.environment_revoke
+            try:
+                call(actor=admin_actor(request), environment=environment, codename=d["permission"],
+                     user=d["user"], group=d["group"])
+            except PolicyRefusal as exc:
+                self.message_user(request, f"Refused ({exc.refusal.code}). {exc.refusal.detail}", messages.ERROR)
+            else:
+                self.message_user(request, "Access changed.", messages.SUCCESS)
+                return redirect("admin:environments_environment_access", pk)
+        context = {
+            **self.admin_site.each_context(request), "title": f"Access to {environment}", "form": form,
+            "environment": environment, "rows": access_rows(environment), "opts": self.model._meta,
+        }
+        return TemplateResponse(request, "admin/environments/environment/access.html", context)
+
+
+class ApprovalInline(admin.TabularInline):
+    model = Approval
+    extra = 0
+    can_delete = False
+    fields = ["approver", "decision", "comment", "decided_at"]
+    readonly_fields = fields
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(Deployment)
+class DeploymentAdmin(admin.ModelAdmin):
+    list_display = ["id", "release", "environment_name", "state", "requested_by_label", "requested_at",
+                    "emergency", "review_status", "finished_at"]
+    list_filter = ["state", "environment__application", "environment__name", "emergency"]
+    search_fields = ["release__version", "requested_by_label", "release__issues__key"]
+    list_select_related = ["release__application", "environment"]
+    inlines = [ApprovalInline]
+    actions = ["approve", "reject", "cancel", "review"]
+    date_hierarchy = "requested_at"
+
+    def get_readonly_fields(self, request, obj=None):
+        return [f.name for f in self.model._meta.fields]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False  # every change is an action below, through a service
+
+    def has_decide_permission(self, request):
+        return request.user.is_active and request.user.is_staff
+
+    @admin.display(description="environment", ordering="environment__name")
+    def environment_name(self, obj):
+        return obj.environment.name
+
+    @admin.display(description="review")
+    def review_status(self, obj):
+        if not obj.emergency:
+            return ""
+        return f"reviewed by {obj.reviewed_by}" if obj.reviewed_at else "AWAITING REVIEW"
+
+    def _decide(self, request, queryset, *, action, title, service, done, required=False):
+        comment = confirm_with_comment(self, request, queryset, action=action, title=title, required=required)
+        if not isinstance(comment, str):
+            return comment
+        actor = admin_actor(request)
+        run_each(self, request, queryset,
+                 lambda d: service(actor=actor, deployment_id=d.pk, comment=comment), done)
+        return None
+
+    @admin.action(description="Approve selected deployments", permissions=["decide"])
+    def approve(self, request, queryset):
+        return self._decide(request, queryset, action="approve", title="Approve deployments",
+                            service=services.deployment_approve, done="approved.")
+
+    @admin.action(description="Reject selected deployments", permissions=["decide"])
+    def reject(self, request, queryset):
+        return self._decide(request, queryset, action="reject", title="Reject deployments",
+                            service=services.deployment_reject, done="rejected.", required=True)
+
+    @admin.action(description="Cancel selected deployments", permissions=["decide"])
+    def cancel(self, request, queryset):
+        return self._decide(request, queryset, action="cancel", title="Cancel deployments",
+                            service=services.deployment_cancel, done="cancelled.")
+
+    @admin.action(description="Review selected emergency deployments", permissions=["decide"])
+    def review(self, request, queryset):
+        return self._decide(request, queryset, action="review", title="Review emergency deployments",
+                            service=services.deployment_review, done="reviewed.", required=True)

@@ -1,0 +1,88 @@
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.auth import get_user_model
+from django.contrib.auth.admin import UserAdmin
+from django.contrib.auth.forms import UserChangeForm
+
+from audit.actors import Actor
+from environments import policy
+from environments.policy import PolicyRefusal
+from environments.services import group_membership_change
+from portal.admin_tools import admin_actor, run_each
+from portal.models import ApiToken
+from portal.services import token_revoke
+
+User = get_user_model()
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(admin.ModelAdmin):
+    """Tokens are created with `manage.py create_token` (shown once); here they are listed and revoked."""
+
+    list_display = ["name", "kind", "user", "key_prefix", "created_by_label", "created_at", "revoked_at"]
+    list_filter = ["kind"]
+    actions = ["revoke"]
+
+    def get_readonly_fields(self, request, obj=None):
+        return ["kind", "name", "user", "applications", "key_prefix", "created_by_label", "created_at", "revoked_at"]
+
+    def get_fields(self, request, obj=None):
+        return self.get_readonly_fields(request, obj)
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    @admin.action(description="Revoke selected tokens", permissions=["change"])
+    def revoke(self, request, queryset):
+        actor = admin_actor(request)
+        run_each(self, request, queryset, lambda t: token_revoke(actor=actor, token=t), "revoked.")
+
+
+class MembershipCheckedUserForm(UserChangeForm):
+    """Group changes go through group_membership_change: no one joins a releasers group by themselves."""
+
+    request_user = None
+
+    def clean_groups(self):
+        groups = self.cleaned_data.get("groups")
+        if groups is None or self.instance.pk is None:
+            return groups
+        current = set(self.instance.groups.values_list("pk", flat=True))
+        for group in groups:
+            if group.pk not in current:
+                refusal = policy.decide_membership(actor=Actor(user=self.request_user, via="admin"),
+                                                   group=group, user=self.instance)
+                if refusal is not None:
+                    raise forms.ValidationError(f"{refusal.detail} ({refusal.code})")
+        return groups
+
+
+class PortalUserAdmin(UserAdmin):
+    form = MembershipCheckedUserForm
+
+    def get_form(self, request, obj=None, **kwargs):
+        form = super().get_form(request, obj, **kwargs)
+        form.request_user = request.user
+        return form
+
+    def save_related(self, request, form, formsets, change):
+        wanted = form.cleaned_data.pop("groups", None)
+        super().save_related(request, form, formsets, change)
+        if wanted is None:
+            return
+        user = form.instance
+        current = set(user.groups.all())
+        actor = admin_actor(request)
+        for group in sorted(set(wanted) ^ current, key=lambda g: g.name):
+            try:
+                group_membership_change(actor=actor, group=group, user=user, add=group in wanted)
+            except PolicyRefusal as exc:
+                self.message_user(request, f"{group}: refused ({exc.refusal.code}). {exc.refusal.detail}",
+                                  messages.ERROR)
+
+
+admin.site.unregister(User)
+admin.site.register(User, PortalUserAdmin)

@@ -1,0 +1,42 @@
+"""Small helpers for admin actions that call services and show the policy's sentence."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from django.contrib import admin, messages
+from django.template.response import TemplateResponse
+
+from audit.actors import Actor
+from environments.policy import PolicyRefusal
+
+
+def admin_actor(request) -> Actor:
+    return Actor(user=request.user, via="admin", remote_addr=request.META.get("REMOTE_ADDR", ""))
+
+
+def run_each(modeladmin: admin.ModelAdmin, request, objects: Iterable, call: Callable, done: str) -> None:
+    """Call a service for each object; report each success and each refusal (with its rule's sentence)."""
+    for obj in objects:
+        try:
+            call(obj)
+        except PolicyRefusal as exc:
+            modeladmin.message_user(request, f"{obj}: refused ({exc.refusal.code}). {exc.refusal.detail}",
+                                    messages.ERROR)
+        else:
+            modeladmin.message_user(request, f"{obj}: {done}", messages.SUCCESS)
+
+
+def confirm_with_comment(modeladmin, request, queryset, *, action: str, title: str, required: bool = False,
+                         label: str = "Comment"):
+    """Show an intermediate page asking for a comment; returns the comment once posted, else a response."""
+    comment = request.POST.get("comment", "").strip()
+    if "apply" in request.POST and (comment or not required):
+        return comment
+    context = {
+        **modeladmin.admin_site.each_context(request),
+        "title": title, "objects": queryset, "action": action, "required": required, "label": label,
+        "opts": modeladmin.model._meta, "error": "apply" in request.POST and required and not comment,
+        "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
+    }
+    return TemplateResponse(request, "admin/portal/confirm_with_comment.html", context)

@@ -1,0 +1,75 @@
+"""The JSON API under /api/v1/: assembles the apps' routers and maps every failure to
+{"code", "detail"} with a 4xx status. Nothing a client sends may produce a 500."""
+
+import logging
+
+from django.core.exceptions import RequestDataTooBig
+from django.http import Http404
+from ninja import NinjaAPI
+from ninja.errors import AuthenticationError, HttpError, ValidationError
+
+from environments.api import router as environments_router
+from environments.policy import PolicyRefusal
+from portal.api_common import BearerToken
+from releases.api import router as releases_router
+
+logger = logging.getLogger(__name__)
+
+api = NinjaAPI(
+    title="Release Portal API",
+    version="1",
+    description="CI registers builds and releases and requests deployments; people approve with personal tokens.",
+    auth=BearerToken(),
+    urls_namespace="api-v1",
+)
+api.add_router("", releases_router)
+api.add_router("", environments_router)
+
+
+def _error(request, status: int, code: str, detail: str, **extra):
+    return api.create_response(request, {"code": code, "detail": detail, **extra}, status=status)
+
+
+@api.exception_handler(PolicyRefusal)
+def _refused(request, exc: PolicyRefusal):
+    return _error(request, exc.refusal.status, exc.refusal.code, exc.refusal.detail)
+
+
+@api.exception_handler(Http404)
+def _not_found(request, exc):
+    return _error(request, 404, "NOT_FOUND", str(exc) or "Not found.")
+
+
+@api.exception_handler(AuthenticationError)
+def _unauthenticated(request, exc):
+    return _error(request, 401, "UNAUTHENTICATED", "A valid bearer token is required: Authorization: Bearer <token>.")
+
+
+def _field(loc) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "body_params", "query", "path")]
+    return ".".join(parts) or "body"
+
+
+@api.exception_handler(ValidationError)
+def _invalid(request, exc: ValidationError):
+    errors = [{"field": _field(e.get("loc", ())), "message": e.get("msg", "invalid")} for e in exc.errors]
+    detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or "The request body is not valid."
+    return _error(request, 422, "INVALID", detail, errors=errors)
+
+
+@api.exception_handler(HttpError)
+def _http_error(request, exc: HttpError):
+    if exc.status_code == 400:
+        return _error(request, 400, "INVALID_JSON", "The request body is not valid JSON.")
+    return _error(request, exc.status_code, "ERROR", str(exc))
+
+
+@api.exception_handler(RequestDataTooBig)
+def _too_big(request, exc):
+    return _error(request, 413, "TOO_LARGE", "The request body is too large.")
+
+
+@api.exception_handler(Exception)
+def _unexpected(request, exc):
+    logger.exception("Unexpected error in the API")
+    return _error(request, 500, "INTERNAL", "Unexpected error; it has been logged.")

@@ -1,0 +1,137 @@
+"""Demo data: one application on a QA -> Staging -> Production path, its releasers, and a release.
+
+Running it twice changes nothing: every step looks before it writes, and writes through services
+(so the demo's own setup is in the audit chain like everything else).
+"""
+
+import hashlib
+from pathlib import Path
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group, Permission
+from django.core.management.base import BaseCommand
+from django.db import transaction
+
+from audit import chain
+from audit.actors import Actor
+from environments import policy
+from environments.models import Environment
+from environments.services import environment_grant, environment_save, group_membership_change
+from releases.models import Application, Build, Release
+from releases.services import PullRequest, TestCounts, build_register, release_register
+
+APPLICATION = "MAC"
+ISSUE_PREFIX = "BIZPLAT"
+RELEASERS = "mac-releasers"
+
+# name -> (email, password, groups, superuser)
+USERS = {
+    "alice": ("alice@example.com", "alice", ["developers"], False),
+    "bob": ("bob@example.com", "bob", ["analysts", RELEASERS], False),
+    "carol": ("carol@example.com", "carol", ["analysts", RELEASERS], False),
+    "dave": ("dave@example.com", "dave", ["auditors"], False),
+    "admin": ("admin@example.com", "admin", [], True),
+}
+
+VIEW_ALL = [
+    "releases.view_application", "releases.view_build", "releases.view_release", "releases.view_vcsalias",
+    "environments.view_environment", "environments.view_deployment", "environments.view_approval",
+    "environments.view_freezewindow", "audit.view_auditevent",
+]
+GROUP_PERMISSIONS = {
+    "developers": VIEW_ALL + ["environments.add_deployment"],
+    "analysts": VIEW_ALL + ["environments.add_deployment", "environments.change_deployment"],
+    "auditors": VIEW_ALL,
+    RELEASERS: [],
+}
+
+
+def _permission(dotted: str) -> Permission:
+    app_label, codename = dotted.split(".")
+    return Permission.objects.get(content_type__app_label=app_label, codename=codename)
+
+
+class Command(BaseCommand):
+    help = "Load the demo: application MAC, its environments, releasers, users and a first release."
+
+    def handle(self, *args, **options):
+        actor = Actor.system(via="command")
+        with transaction.atomic():
+            app = self._application(actor)
+            qa, staging, production = self._environments(actor, app)
+            self._groups(actor, production)
+            self._users(actor)
+            self._release(actor)
+        self.stdout.write(self.style.SUCCESS(
+            f"Demo data ready: {app} with {qa.name} -> {staging.name} -> {production.name}; "
+            f"users {', '.join(USERS)} (password = user name)."
+        ))
+
+    def _application(self, actor):
+        app = Application.objects.filter(name=APPLICATION).first()
+        if app is None:
+            app = Application.objects.create(name=APPLICATION, issue_key_prefix=ISSUE_PREFIX,
+                                             description="Demo application released by the portal.")
+            chain.append(actor=actor, action="application.create", obj=app, data={"name": app.name})
+        return app
+
+    def _environments(self, actor, app):
+        def env(name, **fields):
+            existing = Environment.objects.filter(application=app, name=name).first()
+            if existing is not None:
+                return existing
+            return environment_save(actor=actor, environment=Environment(application=app, name=name, **fields))
+
+        qa = env("QA", auto_deploy=True, playbook="deploy_demo.yml")
+        staging = env("Staging", promotes_from=qa, auto_deploy=True, playbook="deploy_demo.yml")
+        production = env("Production", promotes_from=staging, restricted=True, required_approvals=1,
+                         requires_code_review=True, playbook="deploy_demo.yml")
+        return qa, staging, production
+
+    def _groups(self, actor, production):
+        for name, perms in GROUP_PERMISSIONS.items():
+            group, _ = Group.objects.get_or_create(name=name)
+            wanted = {_permission(p) for p in perms}
+            if set(group.permissions.all()) != wanted:
+                group.permissions.set(wanted)
+        releasers = Group.objects.get(name=RELEASERS)
+        held = policy.GroupObjectPermission.objects.filter(group=releasers, object_pk=str(production.pk))
+        have = set(held.values_list("permission__codename", flat=True))
+        for codename in policy.GRANTABLE:
+            if codename not in have:
+                environment_grant(actor=actor, environment=production, codename=codename, group=releasers)
+
+    def _users(self, actor):
+        User = get_user_model()
+        for name, (email, password, groups, superuser) in USERS.items():
+            user = User.objects.filter(username=name).first()
+            if user is None:
+                user = User.objects.create_user(name, email=email, password=password, is_staff=True,
+                                                is_superuser=superuser)
+                chain.append(actor=actor, action="user.create", obj=user, data={"username": name, "email": email})
+            for group_name in groups:
+                group = Group.objects.get(name=group_name)
+                if not user.groups.filter(pk=group.pk).exists():
+                    group_membership_change(actor=actor, group=group, user=user, add=True)
+
+    def _release(self, actor):
+        artifact_dir = Path(settings.VAR_DIR) / "artifacts"
+        artifact_dir.mkdir(parents=True, exist_ok=True)
+        artifact = artifact_dir / "mac-1.0.0.tar.gz"
+        if not artifact.exists():
+            artifact.write_bytes(b"MAC 1.0.0 demo artifact\n")
+        sha256 = hashlib.sha256(artifact.read_bytes()).hexdigest()
+        if not Build.objects.filter(application__name=APPLICATION, number="1").exists():
+            build_register(
+                actor=actor, application=APPLICATION, number="1", commit="3f2c1a9e" * 5,
+                branch="feature/BIZPLAT-101-invoice-rounding", url="https://ci.example.com/MAC/1",
+                status="successful", tests=TestCounts(412, 0, 3),
+            )
+        if not Release.objects.filter(application__name=APPLICATION, version="1.0.0").exists():
+            release_register(
+                actor=actor, application=APPLICATION, version="1.0.0", build="1",
+                artifact_url=artifact.as_uri(), artifact_sha256=sha256,
+                issue_keys=[f"{ISSUE_PREFIX}-101"], implementers=["alice@example.com"],
+                pull_request=PullRequest("https://vcs.example.com/mac/pull/7", "alice@example.com", ("erin",)),
+            )

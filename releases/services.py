@@ -1,0 +1,192 @@
+"""Everything that writes builds and releases. Each service is one transaction with its audit event."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from django.contrib.auth import get_user_model
+from django.db import IntegrityError, transaction
+from django.db.models import Q
+from django.http import Http404
+
+from audit import chain
+from audit.actors import Actor
+from audit.services import audit_refusal
+from environments import policy
+from environments.policy import PolicyRefusal, Refusal
+from releases.models import Application, Build, Implementer, Release, ReleaseIssue, VcsAlias
+
+
+def application_get(name: str) -> Application:
+    try:
+        return Application.objects.get(name=name)
+    except Application.DoesNotExist:
+        raise Http404(f"No application named {name!r}.") from None
+
+
+@dataclass(frozen=True)
+class TestCounts:
+    passed: int = 0
+    failed: int = 0
+    skipped: int = 0
+
+
+def build_register(
+    *, actor: Actor, application: str, number: str, commit: str, branch: str, url: str = "",
+    status: str, tests: TestCounts = TestCounts(),
+) -> tuple[Build, bool]:
+    """Register a CI build, or update one still in progress. Returns (build, created).
+
+    A finished build never changes: the same report again is accepted, anything else refused.
+    """
+    app = application_get(application)
+    fields = {
+        "commit": commit, "branch": branch, "url": url, "status": status,
+        "tests_passed": tests.passed, "tests_failed": tests.failed, "tests_skipped": tests.skipped,
+    }
+    refusal: Refusal | None = None
+    with transaction.atomic():
+        if refusal := policy.check_may_register(actor, app, "releases.add_build"):
+            audit_refusal(actor=actor, action="build.register", refusal=refusal, obj=app, data={"number": number})
+        else:
+            build = Build.objects.select_for_update().filter(application=app, number=number).first()
+            if build is None:
+                try:
+                    with transaction.atomic():
+                        build = Build.objects.create(application=app, number=number, **fields)
+                except IntegrityError:  # registered concurrently: take the normal path with the lock
+                    build = Build.objects.select_for_update().get(application=app, number=number)
+                else:
+                    chain.append(actor=actor, action="build.register", obj=build, data={**fields, "number": number})
+                    return build, True
+            changed = {k: v for k, v in fields.items() if getattr(build, k) != v}
+            if not changed:
+                return build, False
+            if build.is_finished:
+                refusal = Refusal(
+                    "BUILD_FINISHED",
+                    f"{build} is already {build.get_status_display().lower()}; a finished build never changes.",
+                )
+                audit_refusal(actor=actor, action="build.update", refusal=refusal, obj=build,
+                              data={"attempted": changed})
+            else:
+                for k, v in changed.items():
+                    setattr(build, k, v)
+                build.save(update_fields=[*changed, "updated_at"])
+                chain.append(actor=actor, action="build.update", obj=build, data={"changed": changed})
+                return build, False
+    raise PolicyRefusal(refusal)
+
+
+@dataclass(frozen=True)
+class PullRequest:
+    url: str
+    author: str
+    reviewers: tuple[str, ...] = ()
+    approved_at: str | None = None  # ISO 8601
+
+
+def _norm_identities(values) -> list[str]:
+    return sorted({v.strip().lower() for v in values if v and v.strip()})
+
+
+def _registration_digest(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def resolve_identity_users(identities: list[str]) -> dict[str, int]:
+    """Map VCS identities to portal users by e-mail (case-insensitive), user name or VCS alias."""
+    User = get_user_model()
+    found: dict[str, int] = {}
+    for alias, user_id in VcsAlias.objects.filter(identity__in=identities).values_list("identity", "user_id"):
+        found[alias] = user_id
+    q = Q()
+    for identity in identities:
+        q |= Q(email__iexact=identity) | Q(username__iexact=identity)
+    if identities:
+        for user_id, email, username in User.objects.filter(q).values_list("id", "email", "username"):
+            for identity in identities:
+                if identity in {(email or "").lower(), username.lower()}:
+                    found.setdefault(identity, user_id)
+    return found
+
+
+def release_register(
+    *, actor: Actor, application: str, version: str, build: str, artifact_url: str, artifact_sha256: str,
+    issue_keys: list[str], implementers: list[str], pull_request: PullRequest | None = None,
+) -> tuple[Release, bool]:
+    """Register an immutable release cut from a successful build. Returns (release, created).
+
+    The same registration again is accepted unchanged (CI retries); the same version with any other
+    content is refused: a version names exactly one artifact.
+    """
+    from django.utils.dateparse import parse_datetime
+
+    app = application_get(application)
+    identities = _norm_identities(implementers)
+    keys = sorted({k.strip().upper() for k in issue_keys if k.strip()})
+    payload = {
+        "application": app.name, "version": version, "build": build, "artifact_url": artifact_url,
+        "artifact_sha256": artifact_sha256.lower(), "issue_keys": keys, "implementers": identities,
+        "pull_request": None if pull_request is None else {
+            "url": pull_request.url, "author": pull_request.author.strip().lower(),
+            "reviewers": _norm_identities(pull_request.reviewers), "approved_at": pull_request.approved_at,
+        },
+    }
+    digest = _registration_digest(payload)
+    refusal: Refusal | None = None
+    with transaction.atomic():
+        the_build = Build.objects.filter(application=app, number=build).first()
+        existing = Release.objects.filter(application=app, version=version).first()
+        if refusal := policy.check_may_register(actor, app, "releases.add_release"):
+            pass
+        elif existing is not None:
+            if existing.registration_digest == digest:
+                return existing, False
+            refusal = Refusal(
+                "RELEASE_CONFLICT",
+                f"{app} {version} is already registered with other content; a version names one artifact only.",
+            )
+        elif the_build is None:
+            refusal = Refusal("UNKNOWN_BUILD", f"{app} has no build {build!r}; register the build first.", 422)
+        else:
+            refusal = policy.check_build_gate(the_build)
+        if refusal is not None:
+            audit_refusal(actor=actor, action="release.register", refusal=refusal, obj=app,
+                          data={"version": version, "build": build})
+        else:
+            pr = payload["pull_request"] or {}
+            try:
+                with transaction.atomic():
+                    release = Release.objects.create(
+                        application=app, version=version, build=the_build, artifact_url=artifact_url,
+                        artifact_sha256=payload["artifact_sha256"],
+                        pull_request_url=pr.get("url", ""), pull_request_author=pr.get("author", ""),
+                        pull_request_reviewers=pr.get("reviewers", []),
+                        pull_request_approved_at=parse_datetime(pr["approved_at"]) if pr.get("approved_at") else None,
+                        registration_digest=digest, registered_by=actor.label,
+                    )
+            except IntegrityError:  # the same version registered concurrently
+                existing = Release.objects.get(application=app, version=version)
+                if existing.registration_digest == digest:
+                    return existing, False
+                raise
+            ReleaseIssue.objects.bulk_create(ReleaseIssue(release=release, key=k) for k in keys)
+            users = resolve_identity_users(identities)
+            Implementer.objects.bulk_create(
+                Implementer(release=release, identity=i, user_id=users.get(i)) for i in identities
+            )
+            chain.append(actor=actor, action="release.register", obj=release, data=payload)
+            return release, True
+    raise PolicyRefusal(refusal)
+
+
+def vcs_alias_add(*, actor: Actor, user, identity: str) -> VcsAlias:
+    """Link a VCS identity to a user, so separation of duties recognises them under it."""
+    with transaction.atomic():
+        alias = VcsAlias.objects.create(user=user, identity=identity)
+        chain.append(actor=actor, action="vcs_alias.add", obj=alias,
+                     data={"user": user.get_username(), "identity": alias.identity})
+    return alias

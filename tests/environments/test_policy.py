@@ -1,0 +1,328 @@
+"""Every rule of DESIGN.md, allowed and refused, through the services that all entry points use."""
+
+import datetime as dt
+
+import pytest
+from django.utils import timezone
+
+from audit.models import AuditEvent
+from environments import services
+from environments.models import Deployment, FreezeWindow
+from environments.policy import PolicyRefusal
+from releases.models import VcsAlias
+from releases.services import PullRequest
+from tests.conftest import ci_actor, person
+
+State = Deployment.State
+
+
+def refused(code, call, *args, **kwargs):
+    with pytest.raises(PolicyRefusal) as info:
+        call(*args, **kwargs)
+    assert info.value.refusal.code == code, info.value.refusal
+    event = AuditEvent.objects.order_by("-seq").first()
+    assert event.code == code and event.action.endswith(".refused")
+    assert event.data["detail"] == info.value.refusal.detail
+    return info.value.refusal
+
+
+def request(world, release, env, user=None, **kw):
+    actor = person(user) if user is not None else world.ci
+    return services.deployment_request(actor=actor, release=release, environment=env, **kw)
+
+
+# rule 1: promotion path
+def test_release_must_reach_previous_environment_first(world):
+    release = world.release()
+    refusal = refused("PROMOTION_PATH", request, world, release, world.staging)
+    assert refusal.status == 409 and "QA" in refusal.detail
+    world.deploy(release, world.qa)
+    assert request(world, release, world.staging).state == State.QUEUED
+
+
+def test_failed_deployment_to_previous_environment_does_not_open_the_path(world):
+    release = world.release()
+    world.deploy(release, world.qa, result=State.FAILED)
+    refused("PROMOTION_PATH", request, world, release, world.staging)
+
+
+def test_production_request_records_the_staging_deployment_it_was_promoted_from(world):
+    release = world.release()
+    staging = world.to_staging(release)
+    deployment = request(world, release, world.production, world.bob)
+    assert deployment.promoted_from_id == staging.pk
+    assert deployment.release.artifact_sha256 == staging.release.artifact_sha256
+
+
+# rule 2: build gate
+def test_failed_build_cannot_be_released(world):
+    build = world.build(status="failed")
+    with pytest.raises(PolicyRefusal) as info:
+        world.release(build=build)
+    assert info.value.refusal.code == "BUILD_NOT_SUCCESSFUL"
+    assert info.value.refusal.status == 422
+
+
+# rule 3: separation of duties
+def test_implementer_cannot_request_production(world):
+    world.alice.user_permissions.clear()
+    world.releasers.user_set.add(world.alice)
+    release = world.release(implementers=["alice@example.com"])
+    world.to_staging(release)
+    refused("SOD_IMPLEMENTER_REQUESTER", request, world, release, world.production, world.alice)
+
+
+@pytest.mark.parametrize("identity", ["carol@example.com", "CAROL@Example.COM", "c.smith-vcs"])
+def test_implementer_cannot_approve_matched_by_email_any_case_or_alias(world, identity):
+    VcsAlias.objects.create(user=world.carol, identity="C.Smith-VCS")
+    release = world.release(implementers=[identity])
+    world.to_staging(release)
+    deployment = request(world, release, world.production, world.bob)
+    refused("SOD_IMPLEMENTER_APPROVER", services.deployment_approve, actor=person(world.carol),
+            deployment_id=deployment.pk)
+    assert services.deployment_approve(actor=person(world.erin), deployment_id=deployment.pk).state == State.QUEUED
+
+
+def test_implementer_matched_by_user_link(world):
+    release = world.release(implementers=["carol"])  # a VCS login equal to the user name
+    assert release.implementers.get().user_id == world.carol.pk
+    world.to_staging(release)
+    deployment = request(world, release, world.production, world.bob)
+    refused("SOD_IMPLEMENTER_APPROVER", services.deployment_approve, actor=person(world.carol),
+            deployment_id=deployment.pk)
+
+
+def test_implementer_identity_matching_no_user_still_counts(world, make_user):
+    release = world.release(implementers=["newcomer@example.com"])
+    assert release.implementers.get().user_id is None
+    world.to_staging(release)
+    deployment = request(world, release, world.production, world.bob)
+    newcomer = make_user("newcomer", email="Newcomer@Example.com", groups=[world.releasers])
+    refused("SOD_IMPLEMENTER_APPROVER", services.deployment_approve, actor=person(newcomer),
+            deployment_id=deployment.pk)
+
+
+def test_requester_cannot_approve_own_request(world):
+    release = world.release()
+    world.to_staging(release)
+    deployment = request(world, release, world.production, world.bob)
+    refused("SOD_REQUESTER_APPROVER", services.deployment_approve, actor=person(world.bob),
+            deployment_id=deployment.pk)
+
+
+def test_each_approval_comes_from_a_distinct_person(world):
+    world.production.required_approvals = 2
+    world.production.save(update_fields=["required_approvals"])
+    release = world.release()
+    world.to_staging(release)
+    deployment = request(world, release, world.production, world.bob)
+    assert services.deployment_approve(actor=person(world.carol), deployment_id=deployment.pk).state == (
+        State.AWAITING_APPROVAL
+    )
+    refused("SOD_DISTINCT_APPROVERS", services.deployment_approve, actor=person(world.carol),
+            deployment_id=deployment.pk)
+    assert services.deployment_approve(actor=person(world.erin), deployment_id=deployment.pk).state == State.QUEUED
+    assert deployment.approvals.count() == 2
+
+
+def test_release_without_implementers_cannot_go_to_restricted(world):
+    release = world.release(implementers=[])
+    world.to_staging(release)  # non-restricted environments take it
+    refused("NO_IMPLEMENTERS", request, world, release, world.production, world.bob)
+
+
+# rule 4: releasers only
+def test_only_releasers_may_request_and_approve(world):
+    release = world.release()
+    world.to_staging(release)
+    refused("NOT_RELEASER", request, world, release, world.production, world.dave)
+    deployment = request(world, release, world.production, world.bob)
+    refusal = refused("NOT_RELEASER", services.deployment_approve, actor=person(world.dave),
+                      deployment_id=deployment.pk)
+    assert refusal.status == 403
+
+
+def test_superuser_gets_no_bypass_on_restricted(world, make_user):
+    root = make_user("root", superuser=True)
+    release = world.release()
+    world.to_staging(release)
+    refused("NOT_RELEASER", request, world, release, world.production, root)
+    deployment = request(world, release, world.production, world.bob)
+    refused("NOT_RELEASER", services.deployment_approve, actor=person(root), deployment_id=deployment.pk)
+
+
+def test_direct_user_grant_counts(world, make_user):
+    frank = make_user("frank")
+    services.environment_grant(actor=person(make_user("admin", superuser=True)), environment=world.production,
+                               codename="deploy_environment", user=frank)
+    release = world.release()
+    world.to_staging(release)
+    assert request(world, release, world.production, frank).state == State.AWAITING_APPROVAL
+
+
+def test_nobody_grants_rights_to_themselves_or_their_group(world, make_user):
+    admin = make_user("admin", superuser=True)
+    refused("SELF_GRANT", services.environment_grant, actor=person(admin), environment=world.production,
+            codename="approve_environment", user=admin)
+    world.releasers.user_set.add(admin)
+    refused("SELF_GRANT", services.environment_grant, actor=person(admin), environment=world.production,
+            codename="approve_environment", group=world.releasers)
+    refused("SELF_GRANT", services.group_membership_change, actor=person(admin), group=world.releasers,
+            user=admin, add=True)
+    refused("NOT_PERMITTED", services.environment_grant, actor=person(world.bob), environment=world.production,
+            codename="approve_environment", user=world.dave)
+
+
+# rule 5: approvals, rejection, expiry, CI tokens
+def test_ci_token_never_acts_on_restricted(world):
+    release = world.release()
+    world.to_staging(release)
+    refusal = refused("CI_TOKEN_RESTRICTED", request, world, release, world.production)
+    assert refusal.status == 403
+    deployment = request(world, release, world.production, world.bob)
+    refused("CI_TOKEN_RESTRICTED", services.deployment_approve, actor=world.ci, deployment_id=deployment.pk)
+    refused("CI_TOKEN_RESTRICTED", services.deployment_cancel, actor=world.ci, deployment_id=deployment.pk)
+
+
+def test_ci_token_limited_to_its_applications(world):
+    from releases.models import Application
+
+    other = Application.objects.create(name="HAMS", issue_key_prefix="HAMS")
+    release = world.release()
+    refused("TOKEN_SCOPE", services.deployment_request, actor=ci_actor(other), release=release,
+            environment=world.qa)
+
+
+def test_any_rejection_ends_the_request(world):
+    world.production.required_approvals = 2
+    world.production.save(update_fields=["required_approvals"])
+    release = world.release()
+    world.to_staging(release)
+    deployment = request(world, release, world.production, world.bob)
+    services.deployment_approve(actor=person(world.carol), deployment_id=deployment.pk)
+    rejected = services.deployment_reject(actor=person(world.erin), deployment_id=deployment.pk, comment="no")
+    assert rejected.state == State.REJECTED
+    refused("NOT_AWAITING_APPROVAL", services.deployment_approve, actor=person(world.erin),
+            deployment_id=deployment.pk)
+
+
+def test_pending_request_expires(world):
+    release = world.release()
+    world.to_staging(release)
+    deployment = request(world, release, world.production, world.bob)
+    Deployment.objects.filter(pk=deployment.pk).update(expires_at=timezone.now() - dt.timedelta(seconds=1))
+    refused("REQUEST_EXPIRED", services.deployment_approve, actor=person(world.carol), deployment_id=deployment.pk)
+    deployment.refresh_from_db()
+    assert deployment.state == State.CANCELLED
+
+
+def test_expire_pending_cancels_only_expired_requests(world):
+    release, other = world.release(), world.release()
+    world.to_staging(release)
+    world.to_staging(other)
+    old = request(world, release, world.production, world.bob)
+    fresh = request(world, other, world.production, world.bob)
+    Deployment.objects.filter(pk=old.pk).update(expires_at=timezone.now() - dt.timedelta(minutes=1))
+    assert services.deployment_expire_pending() == 1
+    old.refresh_from_db()
+    fresh.refresh_from_db()
+    assert (old.state, fresh.state) == (State.CANCELLED, State.AWAITING_APPROVAL)
+    assert AuditEvent.objects.filter(action="deployment.expire", object_id=str(old.pk)).exists()
+
+
+# rule 6: one at a time
+def test_second_deployment_to_busy_environment_is_refused(world):
+    first, second = world.release(), world.release()
+    queued = request(world, first, world.qa)
+    assert queued.state == State.QUEUED
+    refused("ENVIRONMENT_BUSY", request, world, second, world.qa)
+    services.deployment_start(deployment_id=queued.pk)
+    refused("ENVIRONMENT_BUSY", request, world, second, world.qa)
+    services.deployment_record_result(deployment_id=queued.pk, state=State.SUCCEEDED)
+    assert request(world, second, world.qa).state == State.QUEUED
+
+
+def test_final_approval_waits_while_environment_busy(world):
+    first, second = world.release(), world.release()
+    world.to_staging(first)
+    world.to_staging(second)
+    a = request(world, first, world.production, world.bob)
+    b = request(world, second, world.production, world.bob)
+    services.deployment_approve(actor=person(world.carol), deployment_id=a.pk)
+    refused("ENVIRONMENT_BUSY", services.deployment_approve, actor=person(world.carol), deployment_id=b.pk)
+    b.refresh_from_db()
+    assert b.state == State.AWAITING_APPROVAL and b.approvals.count() == 0
+
+
+def test_database_refuses_two_active_deployments(world):
+    from django.db import IntegrityError, transaction
+
+    first, second = world.release(), world.release()
+    request(world, first, world.qa)
+    with pytest.raises(IntegrityError), transaction.atomic():
+        Deployment.objects.create(release=second, environment=world.qa, state=State.QUEUED,
+                                  requested_by_label="x", requested_via="test")
+
+
+# rule 7: freeze windows and emergencies
+@pytest.fixture
+def frozen_production(world):
+    now = timezone.now()
+    return FreezeWindow.objects.create(environment=world.production, starts_at=now - dt.timedelta(hours=1),
+                                       ends_at=now + dt.timedelta(hours=1), reason="quarter close")
+
+
+def test_freeze_window_refuses_normal_deployment(world, frozen_production):
+    release = world.release()
+    world.to_staging(release)
+    refusal = refused("FREEZE_WINDOW", request, world, release, world.production, world.bob)
+    assert "quarter close" in refusal.detail
+
+
+def test_emergency_skips_freeze_and_approval_but_not_separation_of_duties(world, frozen_production):
+    release = world.release(implementers=["bob@example.com"])
+    world.to_staging(release)
+    refused("SOD_IMPLEMENTER_REQUESTER", request, world, release, world.production, world.bob,
+            emergency_reason="payments down")
+    deployment = request(world, release, world.production, world.carol, emergency_reason="payments down")
+    assert deployment.state == State.QUEUED and deployment.emergency
+
+
+def test_emergency_needs_a_releaser(world, make_user):
+    release = world.release()
+    world.deploy(release, world.qa)
+    refused("EMERGENCY_NOT_RELEASER", request, world, release, world.staging, world.alice,
+            emergency_reason="hotfix")
+
+
+def test_emergency_is_reviewed_afterwards_by_another_eligible_person(world, frozen_production):
+    release = world.release(implementers=["erin@example.com"])
+    world.to_staging(release)
+    deployment = request(world, release, world.production, world.bob, emergency_reason="payments down")
+    refused("SOD_REQUESTER_REVIEWER", services.deployment_review, actor=person(world.bob),
+            deployment_id=deployment.pk)
+    refused("SOD_IMPLEMENTER_REVIEWER", services.deployment_review, actor=person(world.erin),
+            deployment_id=deployment.pk)
+    refused("NOT_RELEASER", services.deployment_review, actor=person(world.dave), deployment_id=deployment.pk)
+    reviewed = services.deployment_review(actor=person(world.carol), deployment_id=deployment.pk, comment="ok")
+    assert reviewed.reviewed_by == world.carol
+    refused("ALREADY_REVIEWED", services.deployment_review, actor=person(world.carol), deployment_id=deployment.pk)
+
+
+# rule 9: reviewed change
+def test_environment_requiring_code_review(world):
+    world.production.requires_code_review = True
+    world.production.save(update_fields=["requires_code_review"])
+    self_reviewed = world.release(pull_request=PullRequest("https://vcs/pr/1", "alice@example.com",
+                                                           ("alice@example.com",)))
+    reviewed = world.release(pull_request=PullRequest("https://vcs/pr/2", "alice@example.com", ("erin",)))
+    for release in (self_reviewed, reviewed):
+        world.to_staging(release)
+    refused("NO_CODE_REVIEW", request, world, self_reviewed, world.production, world.bob)
+    assert request(world, reviewed, world.production, world.bob).state == State.AWAITING_APPROVAL
+
+
+def test_non_restricted_environment_needs_a_deploy_permission(world):
+    release = world.release()
+    refused("NOT_PERMITTED", request, world, release, world.qa, world.dave)
+    assert request(world, release, world.qa, world.alice).state == State.QUEUED

@@ -1,0 +1,224 @@
+"""The API contract of DESIGN.md, through real HTTP requests with real tokens."""
+
+import json
+
+import pytest
+
+from audit.models import AuditEvent
+from environments.models import Deployment
+from portal.models import ApiToken
+from portal.services import token_create, token_revoke
+from tests.conftest import SYSTEM
+
+SHA = "ab" * 32
+
+
+class Api:
+    def __init__(self, client, token):
+        self.client, self.token = client, token
+
+    def _headers(self):
+        return {"HTTP_AUTHORIZATION": f"Bearer {self.token}"} if self.token else {}
+
+    def post(self, path, body, raw=False):
+        data = body if raw else json.dumps(body)
+        return self.client.post(f"/api/v1{path}", data, content_type="application/json", **self._headers())
+
+    def get(self, path):
+        return self.client.get(f"/api/v1{path}", **self._headers())
+
+
+@pytest.fixture
+def ci(world, client):
+    _, raw = token_create(actor=SYSTEM, kind=ApiToken.Kind.CI, name="jenkins", applications=[world.app])
+    return Api(client, raw)
+
+
+def personal(world, client, user):
+    _, raw = token_create(actor=SYSTEM, kind=ApiToken.Kind.PERSONAL, name=user.username, user=user)
+    return Api(client, raw)
+
+
+BUILD = {"application": "MAC", "number": "101", "commit": "a1b2c3", "branch": "feature/BIZPLAT-64951-fx",
+         "url": "https://ci.example.com/101", "status": "successful", "tests": {"passed": 12, "failed": 0}}
+RELEASE = {"application": "MAC", "version": "3.1.0", "build": "101", "artifact_url": "file:///a/mac-3.1.0.tgz",
+           "artifact_sha256": SHA, "issue_keys": ["BIZPLAT-64951"], "implementers": ["alice@example.com"],
+           "pull_request": {"url": "https://vcs/pr/9", "author": "alice@example.com", "reviewers": ["erin"],
+                            "approved_at": "2026-11-29T10:00:00Z"}}
+
+
+def register(ci):
+    assert ci.post("/builds", BUILD).status_code == 201
+    assert ci.post("/releases", RELEASE).status_code == 201
+
+
+def test_build_routes(ci):
+    response = ci.post("/builds", {**BUILD, "status": "in_progress"})
+    assert response.status_code == 201
+    assert ci.post("/builds", {**BUILD, "status": "in_progress"}).status_code == 200
+    assert ci.post("/builds", BUILD).status_code == 200
+    conflict = ci.post("/builds", {**BUILD, "status": "failed"})
+    assert conflict.status_code == 409 and conflict.json()["code"] == "BUILD_FINISHED"
+    got = ci.get("/builds/MAC/101").json()
+    assert (got["status"], got["tests"]) == ("successful", {"passed": 12, "failed": 0, "skipped": 0})
+    assert ci.get("/builds/MAC/999").status_code == 404
+
+
+def test_release_routes(ci):
+    register(ci)
+    assert ci.post("/releases", RELEASE).status_code == 200
+    conflict = ci.post("/releases", {**RELEASE, "artifact_url": "file:///other"})
+    assert conflict.status_code == 409 and conflict.json()["code"] == "RELEASE_CONFLICT"
+    body = ci.get("/releases/MAC/3.1.0").json()
+    assert body["artifact_sha256"] == SHA and body["issue_keys"] == ["BIZPLAT-64951"]
+    assert body["pull_request"]["reviewers"] == ["erin"] and body["deployments"] == []
+    assert ci.get("/releases/MAC/0.0.0").status_code == 404
+
+
+def test_release_from_failed_build_is_422(ci):
+    ci.post("/builds", {**BUILD, "status": "failed"})
+    response = ci.post("/releases", RELEASE)
+    assert response.status_code == 422
+    assert response.json()["code"] == "BUILD_NOT_SUCCESSFUL"
+
+
+def test_deployment_flow_with_ci_and_personal_tokens(world, client, ci):
+    register(ci)
+    qa = ci.post("/deployments", {"application": "MAC", "version": "3.1.0", "environment": "QA"})
+    assert qa.status_code == 201 and qa.json()["state"] == "queued"
+    from environments import services
+
+    for env_name in ("QA", "Staging"):
+        if env_name == "Staging":
+            staging = ci.post("/deployments", {"application": "MAC", "version": "3.1.0", "environment": "Staging"})
+            assert staging.status_code == 201
+        deployment = Deployment.objects.get(environment__name=env_name)
+        services.deployment_start(deployment_id=deployment.pk)
+        services.deployment_record_result(deployment_id=deployment.pk, state="succeeded")
+
+    refused = ci.post("/deployments", {"application": "MAC", "version": "3.1.0", "environment": "Production"})
+    assert refused.status_code == 403 and refused.json()["code"] == "CI_TOKEN_RESTRICTED"
+    bob, carol = personal(world, client, world.bob), personal(world, client, world.carol)
+    prod = bob.post("/deployments", {"application": "MAC", "version": "3.1.0", "environment": "Production"})
+    assert prod.status_code == 201 and prod.json()["state"] == "awaiting_approval"
+    prod_id = prod.json()["id"]
+    self_approval = bob.post(f"/deployments/{prod_id}/approve", {"comment": "me"})
+    assert self_approval.status_code == 403 and self_approval.json()["code"] == "SOD_REQUESTER_APPROVER"
+    ci_approval = ci.post(f"/deployments/{prod_id}/approve", {})
+    assert ci_approval.status_code == 403 and ci_approval.json()["code"] == "CI_TOKEN_RESTRICTED"
+    approved = carol.post(f"/deployments/{prod_id}/approve", {"comment": "checked evidence"})
+    assert approved.status_code == 200
+    body = approved.json()
+    assert body["state"] == "queued" and body["approvals"][0]["approver"] == "carol"
+    assert ci.get(f"/deployments/{prod_id}").json()["requested_by"] == "bob"
+
+    envs = ci.get("/applications/MAC/environments").json()
+    assert [(e["name"], e["current_version"]) for e in envs] == [("QA", "3.1.0"), ("Staging", "3.1.0"),
+                                                                 ("Production", None)]
+    assert envs[2]["last_deployment"]["state"] == "queued" and envs[2]["restricted"] is True
+
+    change = ci.get("/changes/BIZPLAT-64951").json()
+    assert [b["number"] for b in change["builds"]] == ["101"]
+    assert [r["version"] for r in change["releases"]] == ["3.1.0"]
+    assert {e["environment"] for e in change["environments_reached"]} == {"QA", "Staging"}
+    assert ci.get("/changes/BIZPLAT-1").status_code == 404
+
+
+def test_reject_and_cancel_routes(world, client, ci):
+    register(ci)
+    first = ci.post("/deployments", {"application": "MAC", "version": "3.1.0", "environment": "QA"}).json()
+    cancelled = ci.post(f"/deployments/{first['id']}/cancel", {"comment": "oops"})
+    assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
+    again = ci.post(f"/deployments/{first['id']}/cancel", {})
+    assert again.status_code == 409 and again.json()["code"] == "NOT_CANCELLABLE"
+    rejected = personal(world, client, world.carol).post(f"/deployments/{first['id']}/reject", {"comment": "x"})
+    assert rejected.status_code == 409 and rejected.json()["code"] == "NOT_AWAITING_APPROVAL"
+    assert ci.post("/deployments/424242/approve", {}).status_code == 404
+
+
+@pytest.mark.parametrize("header", [None, "Bearer", "Bearer nope", "Bearer rp_" + "x" * 43, "Basic abc",
+                                    "Bearer " + "rp_" + "y" * 5000])
+def test_missing_or_bad_token_is_401(client, world, header):
+    headers = {"HTTP_AUTHORIZATION": header} if header else {}
+    response = client.post("/api/v1/builds", json.dumps(BUILD), content_type="application/json", **headers)
+    assert response.status_code == 401 and response.json()["code"] == "UNAUTHENTICATED"
+
+
+def test_revoked_token_is_401_and_revocation_is_audited(world, client):
+    token, raw = token_create(actor=SYSTEM, kind=ApiToken.Kind.CI, name="gone", applications=[world.app])
+    token_revoke(actor=SYSTEM, token=token)
+    assert Api(client, raw).get("/builds/MAC/1").status_code == 401
+    assert AuditEvent.objects.filter(action="token.revoke", object_id=str(token.pk)).exists()
+    assert token.key_hash != raw and raw not in json.dumps([e.data for e in AuditEvent.objects.all()])
+
+
+def test_personal_token_of_inactive_user_is_401(world, client):
+    api = personal(world, client, world.bob)
+    world.bob.is_active = False
+    world.bob.save()
+    assert api.get("/builds/MAC/1").status_code == 401
+
+
+@pytest.mark.parametrize("body", [
+    "{not json", "[]", "null", "42", '"text"', "{}",
+    json.dumps({**BUILD, "number": 101}),
+    json.dumps({**BUILD, "status": "exploded"}),
+    json.dumps({**BUILD, "tests": {"passed": -1}}),
+    json.dumps({**BUILD, "tests": {"passed": 10**30}}),
+    json.dumps({**BUILD, "tests": "many"}),
+    json.dumps({**BUILD, "commit": "a\u0000b"}),
+    json.dumps({**BUILD, "branch": "x" * 5000}),
+    json.dumps({**BUILD, "application": ""}),
+    "\ud800".encode("utf-8", "surrogatepass"),
+    b"\xff\xfe garbage",
+])
+def test_bad_build_bodies_are_4xx_never_500(ci, body):
+    response = ci.post("/builds", body, raw=True)
+    assert 400 <= response.status_code < 500, response.content
+    assert {"code", "detail"} <= set(response.json())
+
+
+def test_invalid_body_names_the_field(ci):
+    response = ci.post("/builds", {**BUILD, "status": "exploded"})
+    assert response.status_code == 422
+    assert response.json()["code"] == "INVALID" and "status" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("patch", [
+    {"artifact_sha256": "xyz"}, {"artifact_sha256": "a" * 65}, {"issue_keys": ["not a key"]},
+    {"issue_keys": "BIZPLAT-1"}, {"implementers": [None]}, {"pull_request": {"url": "u"}},
+    {"pull_request": {"url": "u", "author": "a", "approved_at": "yesterday"}}, {"version": ""},
+])
+def test_bad_release_bodies_are_422(ci, patch):
+    ci.post("/builds", BUILD)
+    response = ci.post("/releases", {**RELEASE, **patch})
+    assert response.status_code == 422, response.content
+
+
+def test_unknown_application_is_404(ci):
+    assert ci.post("/builds", {**BUILD, "application": "NOPE"}).status_code == 404
+    assert ci.get("/applications/NOPE/environments").status_code == 404
+    response = ci.post("/deployments", {"application": "NOPE", "version": "1", "environment": "QA"})
+    assert response.status_code == 404 and response.json()["code"] == "NOT_FOUND"
+
+
+def test_oversize_body_is_413(ci):
+    response = ci.post("/builds", {**BUILD, "url": "x" * 400_000})
+    assert response.status_code == 413 and response.json()["code"] == "TOO_LARGE"
+
+
+@pytest.mark.parametrize("path", ["/deployments/99999999999999999999999", "/deployments/-1",
+                                  "/releases/MAC/%00", "/changes/%00", "/builds/MAC/%00"])
+def test_odd_paths_are_4xx(ci, path):
+    assert 400 <= ci.get(path).status_code < 500
+
+
+def test_openapi_lists_every_contract_route(client):
+    schema = client.get("/api/v1/openapi.json").json()
+    paths = set(schema["paths"])
+    assert {"/api/v1/builds", "/api/v1/builds/{application}/{number}", "/api/v1/releases",
+            "/api/v1/releases/{application}/{version}", "/api/v1/deployments",
+            "/api/v1/deployments/{deployment_id}", "/api/v1/deployments/{deployment_id}/approve",
+            "/api/v1/deployments/{deployment_id}/reject", "/api/v1/deployments/{deployment_id}/cancel",
+            "/api/v1/changes/{issue_key}", "/api/v1/applications/{application}/environments"} <= paths
+    assert client.get("/api/v1/docs").status_code == 200

@@ -1,0 +1,44 @@
+from io import StringIO
+
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+
+from audit import chain
+from audit.models import AuditEvent
+from environments.models import Environment
+from environments.policy import environment_grants
+from portal.services import token_actor
+
+
+def run(*args) -> str:
+    out = StringIO()
+    call_command(*args, stdout=out)
+    return out.getvalue()
+
+
+def test_demo_data_builds_the_demo_and_twice_changes_nothing(db):
+    run("demo_data")
+    events = AuditEvent.objects.count()
+    run("demo_data")
+    assert AuditEvent.objects.count() == events
+    production = Environment.objects.get(application__name="MAC", name="Production")
+    assert (production.restricted, production.required_approvals, production.promotes_from.name) == (
+        True, 1, "Staging")
+    assert Environment.objects.get(name="QA").auto_deploy
+    users = get_user_model().objects
+    assert environment_grants(users.get(username="bob"), production) == {"deploy_environment",
+                                                                         "approve_environment"}
+    assert environment_grants(users.get(username="alice"), production) == set()
+    assert environment_grants(users.get(username="dave"), production) == set()
+    assert users.get(username="alice").email == "alice@example.com"
+    assert chain.verify().ok
+
+
+def test_create_token_prints_the_token_last(db):
+    run("demo_data")
+    ci = run("create_token", "--ci", "--application", "MAC", "--name", "jenkins").strip().splitlines()[-1]
+    actor = token_actor(ci)
+    assert actor.is_ci and actor.token_name == "jenkins"
+    mine = run("create_token", "--user", "carol").strip().splitlines()[-1]
+    assert token_actor(mine).user.username == "carol"
+    assert AuditEvent.objects.filter(action="token.create").count() == 2

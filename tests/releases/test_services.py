@@ -1,0 +1,104 @@
+import pytest
+from django.db import DatabaseError, connection, transaction
+
+from audit.models import AuditEvent
+from environments.policy import PolicyRefusal
+from releases import services
+from releases.models import Build, ImmutableError, Release
+from tests.conftest import SYSTEM, ci_actor, person
+
+
+def register_build(world, number="7", status="in_progress", **kw):
+    return services.build_register(actor=world.ci, application="MAC", number=number, commit="abc123",
+                                   branch="main", status=status, **kw)
+
+
+def test_build_registration_is_idempotent_and_audited(world):
+    build, created = register_build(world)
+    assert created and build.status == "in_progress"
+    assert AuditEvent.objects.filter(action="build.register", object_id=str(build.pk)).count() == 1
+    again, created = register_build(world)
+    assert not created and again.pk == build.pk
+    done, created = register_build(world, status="successful", tests=services.TestCounts(10, 0, 1))
+    assert not created and (done.status, done.tests_passed) == ("successful", 10)
+    assert AuditEvent.objects.filter(action="build.update", object_id=str(build.pk)).count() == 1
+
+
+def test_finished_build_never_changes(world):
+    register_build(world, status="failed")
+    with pytest.raises(PolicyRefusal) as info:
+        register_build(world, status="successful")
+    assert info.value.refusal.code == "BUILD_FINISHED"
+    assert Build.objects.get(number="7").status == "failed"
+    assert AuditEvent.objects.filter(action="build.update.refused", code="BUILD_FINISHED").exists()
+    same, created = register_build(world, status="failed")  # the same report again is fine
+    assert not created
+
+
+def test_release_registration_repeat_and_conflict(world):
+    release = world.release("2.0.0")
+    assert AuditEvent.objects.filter(action="release.register", object_id=str(release.pk)).count() == 1
+    build = release.build.number
+    kwargs = dict(actor=world.ci, application="MAC", version="2.0.0", build=build,
+                  artifact_url=release.artifact_url, artifact_sha256=release.artifact_sha256.upper(),
+                  issue_keys=["bizplat-1"], implementers=["ALICE@example.com"])
+    again, created = services.release_register(**kwargs)
+    assert not created and again.pk == release.pk
+    with pytest.raises(PolicyRefusal) as info:
+        services.release_register(**{**kwargs, "artifact_sha256": "0" * 64})
+    assert (info.value.refusal.code, info.value.refusal.status) == ("RELEASE_CONFLICT", 409)
+    assert Release.objects.get(pk=release.pk).artifact_sha256 == release.artifact_sha256
+
+
+def test_unknown_build_is_refused(world):
+    with pytest.raises(PolicyRefusal) as info:
+        services.release_register(actor=world.ci, application="MAC", version="9", build="nope",
+                                  artifact_url="file:///x", artifact_sha256="a" * 64, issue_keys=[], implementers=[])
+    assert info.value.refusal.code == "UNKNOWN_BUILD"
+
+
+def test_ci_token_registers_only_for_its_applications(world):
+    from releases.models import Application
+
+    other = Application.objects.create(name="HAMS", issue_key_prefix="HAMS")
+    with pytest.raises(PolicyRefusal) as info:
+        services.build_register(actor=ci_actor(other), application="MAC", number="1", commit="a", branch="b",
+                                status="successful")
+    assert info.value.refusal.code == "TOKEN_SCOPE"
+
+
+def test_people_need_the_model_permission_to_register(world):
+    with pytest.raises(PolicyRefusal) as info:
+        services.build_register(actor=person(world.dave), application="MAC", number="1", commit="a", branch="b",
+                                status="successful")
+    assert info.value.refusal.code == "NOT_PERMITTED"
+
+
+def test_release_cannot_be_edited_after_registration(world):
+    release = world.release()
+    release.artifact_url = "file:///elsewhere"
+    with pytest.raises(ImmutableError):
+        release.save()
+    with pytest.raises(ImmutableError):
+        release.delete()
+    with pytest.raises(DatabaseError, match="append-only"), transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("UPDATE releases_release SET artifact_url = 'file:///elsewhere'")
+    assert Release.objects.get(pk=release.pk).artifact_url.startswith("file:///artifacts/")
+
+
+def test_sha256_must_be_64_hex_in_the_database(world):
+    from django.db import IntegrityError
+
+    build = world.build()
+    with pytest.raises(IntegrityError), transaction.atomic():
+        Release.objects.create(application=world.app, version="x", build=build, artifact_url="u",
+                               artifact_sha256="not-a-sha", registration_digest="d", registered_by="t")
+
+
+def test_implementers_are_resolved_to_users_by_alias(world):
+    services.vcs_alias_add(actor=SYSTEM, user=world.carol, identity="CSmith")
+    release = world.release(implementers=["csmith", "unknown@example.com"])
+    resolved = dict(release.implementers.values_list("identity", "user_id"))
+    assert resolved == {"csmith": world.carol.pk, "unknown@example.com": None}
+    assert AuditEvent.objects.filter(action="vcs_alias.add").exists()
