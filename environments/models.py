@@ -25,8 +25,18 @@ class Environment(models.Model):
     requires_code_review = models.BooleanField(
         default=False, help_text="The release's pull request needs a reviewer who is neither author nor implementer."
     )
-    playbook = models.CharField(max_length=255, default="deploy_demo.yml")
-    inventory = models.TextField(blank=True, help_text="Inventory path or inline INI inventory.")
+    playbook = models.CharField(
+        max_length=255, default="deploy_demo.yml",
+        help_text="Playbook file: in the portal's bundled playbooks, or in the playbook repository if one is set.",
+    )
+    inventory = models.TextField(
+        blank=True, help_text="Inventory: a file path, or inline INI. Empty: this machine (local connection).",
+    )
+    playbook_repo = models.CharField(
+        max_length=1000, blank=True,
+        help_text="Git repository (URL or local path) holding the playbooks; cloned for each deployment.",
+    )
+    playbook_ref = models.CharField(max_length=255, blank=True, default="", help_text="Branch, tag or commit.")
 
     class Meta:
         ordering = ["application__name", "id"]
@@ -41,12 +51,19 @@ class Environment(models.Model):
                 condition=Q(restricted=False) | Q(required_approvals__gte=1),
                 name="environment_restricted_needs_approval",
             ),
+            models.CheckConstraint(
+                condition=Q(restricted=False) | Q(auto_deploy=False), name="environment_restricted_not_auto"
+            ),
         ]
 
     def __str__(self) -> str:
         return f"{self.application} {self.name}"
 
     def clean(self):
+        if self.restricted and self.auto_deploy:
+            raise ValidationError({"auto_deploy": "A restricted environment never deploys by itself."})
+        if self.restricted and self.required_approvals < 1:
+            raise ValidationError({"required_approvals": "A restricted environment needs at least one approval."})
         source = self.promotes_from
         if source is None:
             return
@@ -122,6 +139,14 @@ class Deployment(models.Model):
     result_detail = models.TextField(blank=True)
     sod_checks = models.JSONField(default=list, blank=True, help_text="Separation-of-duties checks that passed.")
     progress = models.JSONField(default=dict, blank=True)
+    playbook_commit = models.CharField(
+        max_length=120, blank=True,
+        help_text="Git commit of the playbooks used, or bundled:<sha256> of the portal's own playbooks.",
+    )
+    heartbeat_at = models.DateTimeField(null=True, blank=True, help_text="Last sign of life of the deploy job.")
+    cancel_requested_at = models.DateTimeField(
+        null=True, blank=True, help_text="Set when someone cancels a running deployment; the deploy job stops it."
+    )
 
     class Meta:
         ordering = ["-requested_at", "-id"]
@@ -170,3 +195,73 @@ class Approval(models.Model):
 
     def __str__(self) -> str:
         return f"{self.approver} {self.decision} #{self.deployment_id}"
+
+
+class DeploymentEvent(models.Model):
+    """One event of the playbook run (from ansible-runner), stored as it comes: the progress a person
+    watches and the output log kept with the deployment."""
+
+    deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="events")
+    counter = models.PositiveIntegerField()
+    created_at = models.DateTimeField(auto_now_add=True)
+    event = models.CharField(max_length=64)
+    host = models.CharField(max_length=255, blank=True)
+    task = models.CharField(max_length=500, blank=True)
+    status = models.CharField(max_length=20, blank=True, help_text="ok, changed, failed, unreachable, skipped")
+    stdout = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["deployment", "counter"]
+        constraints = [
+            models.UniqueConstraint(fields=["deployment", "counter"], name="deploymentevent_unique_counter"),
+        ]
+
+    def __str__(self) -> str:
+        return f"#{self.deployment_id}.{self.counter} {self.event} {self.host}".strip()
+
+
+class NotificationChannel(models.Model):
+    """Where an application's deployments are announced: issue tracker, chat, monitoring."""
+
+    class Kind(models.TextChoices):
+        ISSUE_TRACKER = "issue_tracker", "Issue tracker (Jira REST: comment on each issue key)"
+        CHAT = "chat", "Chat webhook (Slack-compatible JSON)"
+        MONITORING = "monitoring", "Monitoring deploy marker (Grafana annotations API)"
+
+    application = models.ForeignKey(Application, on_delete=models.CASCADE, related_name="notification_channels")
+    kind = models.CharField(max_length=20, choices=Kind.choices)
+    url = models.CharField(max_length=1000, help_text="Base URL (issue tracker, monitoring) or the webhook URL.")
+    credential = models.CharField(
+        max_length=500, blank=True,
+        help_text="Token sent as a bearer token (or user:token for basic auth). Never logged nor queued.",
+    )
+    enabled = models.BooleanField(default=True)
+
+    class Meta:
+        ordering = ["application__name", "kind"]
+        constraints = [
+            models.CheckConstraint(condition=Q(kind__in=["issue_tracker", "chat", "monitoring"]),
+                                   name="notificationchannel_kind_valid"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.application} {self.get_kind_display()}"
+
+
+class NotificationDelivery(models.Model):
+    """One attempt to tell a channel about a deployment (a failing receiver is retried with backoff)."""
+
+    channel = models.ForeignKey(NotificationChannel, on_delete=models.CASCADE, related_name="deliveries")
+    deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="notifications")
+    attempt = models.PositiveSmallIntegerField()
+    target = models.CharField(max_length=1000, help_text="The URL posted to (no credentials).")
+    status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    delivered = models.BooleanField(default=False)
+    sent_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["sent_at", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.channel} #{self.deployment_id} attempt {self.attempt}"

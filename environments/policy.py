@@ -137,7 +137,12 @@ def check_ci_not_restricted(actor: Actor, environment: Environment) -> Refusal |
 
 
 def check_may_request(actor: Actor, environment: Environment, grants: set[str]) -> Refusal | None:
-    """Rule 4: restricted environments need the explicit deploy grant; others a deploy permission."""
+    """Rule 4: restricted environments need the explicit deploy grant; others a deploy permission.
+    The portal itself (auto-deploy) deploys only to non-restricted environments."""
+    if actor.is_system:
+        if environment.restricted:
+            return _forbidden("AUTO_DEPLOY_RESTRICTED", f"{environment} is restricted: it never deploys by itself.")
+        return None
     if actor.is_ci:
         return None
     if environment.restricted:

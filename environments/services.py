@@ -120,6 +120,21 @@ def deployment_request(
     raise PolicyRefusal(verdict.refusal)
 
 
+def auto_deploy(*, release: Release, environment: Environment) -> Deployment | None:
+    """The portal asks for a deployment by itself (a new release, or a success one step earlier).
+    A refusal is on record in the audit chain and does not fail the caller."""
+    try:
+        return deployment_request(actor=Actor.system(via="auto"), release=release, environment=environment)
+    except PolicyRefusal:
+        return None
+
+
+def _on_finished(deployment: Deployment) -> None:
+    from environments import tasks
+
+    transaction.on_commit(lambda: tasks.enqueue_notifications(deployment.pk))
+
+
 def _on_queued(deployment: Deployment) -> None:
     """Hand a queued deployment to the deploy engine once the transaction has committed."""
     from environments import tasks
@@ -184,9 +199,8 @@ def deployment_cancel(*, actor: Actor, deployment_id: int, comment: str = "") ->
         if refusal is None:
             detail = f"Cancelled by {actor.label}: {comment}".strip(" :")
             if deployment.state == State.RUNNING:
-                progress = {**deployment.progress, "cancel_requested": True}
-                deployment.progress = progress
-                deployment.save(update_fields=["progress"])
+                deployment.cancel_requested_at = timezone.now()
+                deployment.save(update_fields=["cancel_requested_at"])
                 chain.append(actor=actor, action="deployment.cancel_request", obj=deployment,
                              data=_deployment_data(deployment, comment=comment))
             else:
@@ -210,10 +224,19 @@ def deployment_start(*, deployment_id: int, actor: Actor | None = None) -> Deplo
         if deployment.state != State.QUEUED:
             return None
         now = timezone.now()
-        _set_state(deployment, State.RUNNING, started_at=now,
-                   progress={**deployment.progress, "heartbeat_at": chain.iso(now)})
+        _set_state(deployment, State.RUNNING, started_at=now, heartbeat_at=now)
         chain.append(actor=actor, action="deployment.start", obj=deployment, data=_deployment_data(deployment))
         return deployment
+
+
+def deployment_record_playbook(*, deployment_id: int, playbook_commit: str) -> None:
+    """Record which playbooks a running deployment uses: a change to a deploy script is a change too."""
+    with transaction.atomic():
+        deployment = _lock_deployment(deployment_id)
+        deployment.playbook_commit = playbook_commit
+        deployment.save(update_fields=["playbook_commit"])
+        chain.append(actor=Actor.system(via="task"), action="deployment.playbook", obj=deployment,
+                     data=_deployment_data(deployment, playbook_commit=playbook_commit))
 
 
 FINISHED_BY_ENGINE = (State.SUCCEEDED, State.FAILED, State.CANCELLED, State.INTERRUPTED)
@@ -238,6 +261,12 @@ def deployment_record_result(
             _set_state(deployment, state, finished_at=timezone.now(), result_detail=detail)
             chain.append(actor=actor, action="deployment.finish", obj=deployment,
                          data=_deployment_data(deployment, result=state, detail=detail, **(extra or {})))
+            if state == State.SUCCEEDED:
+                for environment in Environment.objects.filter(
+                    promotes_from=deployment.environment, auto_deploy=True, restricted=False
+                ):
+                    auto_deploy(release=deployment.release, environment=environment)
+            _on_finished(deployment)
             return deployment
     raise PolicyRefusal(refusal)
 

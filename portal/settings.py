@@ -131,18 +131,36 @@ AUDITLOG_INCLUDE_ALL_MODELS = False
 # The portal's own knobs.
 PORTAL_APPROVAL_EXPIRY_HOURS = int(os.environ.get("PORTAL_APPROVAL_EXPIRY_HOURS", "72"))
 
-# django-q2: the ORM broker on the portal's own database by default.
+# The deploy engine.
+PORTAL_DEPLOY_DIR = Path(os.environ.get("PORTAL_DEPLOY_DIR", VAR_DIR / "deployments"))  # runner private dirs
+PORTAL_DEPLOY_ROOT = Path(os.environ.get("PORTAL_DEPLOY_ROOT", VAR_DIR / "deploy"))  # where the demo installs
+PORTAL_DEPLOY_TIMEOUT = int(os.environ.get("PORTAL_DEPLOY_TIMEOUT", "3600"))  # seconds, one playbook run
+PORTAL_DEPLOY_STALE_SECONDS = int(os.environ.get("PORTAL_DEPLOY_STALE_SECONDS", "120"))  # heartbeat age
+
+# Notifications: attempts and the pause before each retry (seconds).
+PORTAL_NOTIFY_BACKOFF = [float(x) for x in os.environ.get("PORTAL_NOTIFY_BACKOFF", "2,10,60").split(",")]
+PORTAL_NOTIFY_TIMEOUT = float(os.environ.get("PORTAL_NOTIFY_TIMEOUT", "10"))
+
+# django-q2. A deploy must never run twice: one attempt, failures acknowledged, and the retry
+# interval longer than the task timeout plus its wait in the cluster. The ORM broker (default, on
+# the portal's own database) delivers at least once; the Redis broker can lose a task whose worker
+# dies. Either way the deploy task claims its deployment atomically and never re-runs one.
+_q_timeout = PORTAL_DEPLOY_TIMEOUT + 300
 Q_CLUSTER = {
     "name": "portal",
-    "orm": "default",
-    "workers": 2,
-    "timeout": 3600,
-    "retry": 4000,
+    "workers": int(os.environ.get("PORTAL_WORKERS", "2")),
+    "timeout": _q_timeout,
+    "retry": _q_timeout + 900,
     "max_attempts": 1,
     "ack_failures": True,
     "catch_up": False,
     "save_limit": 1000,
+    "poll": 0.5,
 }
+if os.environ.get("PORTAL_QUEUE_BROKER", "orm") == "redis":
+    Q_CLUSTER["redis"] = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+else:
+    Q_CLUSTER["orm"] = "default"
 
 LOGGING = {
     "version": 1,

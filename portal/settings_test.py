@@ -5,11 +5,12 @@ import os
 os.environ.setdefault("SECRET_KEY", "test-only-secret-key")
 
 from portal.settings import *  # noqa: E402,F403
-from portal.settings import Q_CLUSTER  # noqa: E402
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
 }
-Q_CLUSTER = {**Q_CLUSTER, "sync": True}
+# Tests that run a worker use a file database the worker process can open too.
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":  # noqa: F405
+    DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test-portal.sqlite3")}  # noqa: F405

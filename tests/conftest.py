@@ -54,7 +54,7 @@ class World:
 
     def __init__(self, make_user):
         self.app = Application.objects.create(name="MAC", issue_key_prefix="BIZPLAT")
-        self.qa = Environment.objects.create(application=self.app, name="QA", auto_deploy=True)
+        self.qa = Environment.objects.create(application=self.app, name="QA")  # auto-deploy: tests turn it on
         self.staging = Environment.objects.create(application=self.app, name="Staging", promotes_from=self.qa)
         self.production = Environment.objects.create(
             application=self.app, name="Production", promotes_from=self.staging, restricted=True,

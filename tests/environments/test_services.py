@@ -66,7 +66,7 @@ def test_cancel_queued_and_waiting_and_flag_running(world):
     services.deployment_start(deployment_id=running.pk)
     services.deployment_cancel(actor=person(world.alice), deployment_id=running.pk)
     running.refresh_from_db()
-    assert running.state == State.RUNNING and running.progress["cancel_requested"] is True
+    assert running.state == State.RUNNING and running.cancel_requested_at is not None
     assert last_event().action == "deployment.cancel_request"
     with pytest.raises(PolicyRefusal) as info:
         services.deployment_cancel(actor=world.ci, deployment_id=queued.pk)

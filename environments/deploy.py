@@ -1,0 +1,294 @@
+"""Deploy execution: one queued deployment, one ansible-runner run.
+
+`execute` claims the deployment (queued -> running) or does nothing, prepares a private data
+directory (playbooks: the bundled ones or a Git clone at the environment's ref; inventory; the
+release's extravars), runs the playbook, stores each runner event as it comes (so progress is
+visible while it runs), keeps a heartbeat, honours cancel requests, and records the result.
+If the worker dies, `reap_stale` (on worker start and on a schedule) ends the deployment
+`interrupted` and kills the playbook process it left behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from django.conf import settings
+from django.utils import timezone
+
+from audit import chain
+from audit.actors import Actor
+from environments import services
+from environments.models import Deployment, DeploymentEvent, Environment
+
+logger = logging.getLogger(__name__)
+State = Deployment.State
+BUNDLED_PLAYBOOKS = Path(__file__).resolve().parent / "playbooks"
+ENGINE = Actor.system(via="task")
+RESULT_EVENTS = {
+    "runner_on_ok": "ok", "runner_on_failed": "failed", "runner_on_unreachable": "unreachable",
+    "runner_on_skipped": "skipped",
+}
+MAX_STDOUT = 20_000
+
+
+def _venv_bin() -> str:
+    return str(Path(sys.executable).parent)
+
+
+def bundled_playbooks_digest() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in BUNDLED_PLAYBOOKS.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(str(path.relative_to(BUNDLED_PLAYBOOKS)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return "bundled:" + digest.hexdigest()
+
+
+def prepare_project(environment: Environment, project_dir: Path) -> str:
+    """Put the playbooks into project_dir; returns what identifies them (commit or bundled digest)."""
+    if not environment.playbook_repo:
+        shutil.copytree(BUNDLED_PLAYBOOKS, project_dir, ignore=shutil.ignore_patterns("__pycache__"))
+        return bundled_playbooks_digest()
+
+    def git(*args, cwd=None):
+        return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True,
+                              timeout=300).stdout.strip()
+
+    git("clone", "--quiet", "--no-checkout", environment.playbook_repo, str(project_dir))
+    git("checkout", "--quiet", "--detach", environment.playbook_ref or "HEAD", cwd=project_dir)
+    return git("rev-parse", "HEAD", cwd=project_dir)
+
+
+def local_inventory() -> str:
+    return f"localhost ansible_connection=local ansible_python_interpreter={sys.executable}\n"
+
+
+def prepare_inventory(environment: Environment, inventory_dir: Path) -> str:
+    text = environment.inventory.strip()
+    if text and "\n" not in text and Path(text).exists():
+        return text
+    inventory_dir.mkdir(parents=True, exist_ok=True)
+    path = inventory_dir / "hosts"
+    path.write_text((text + "\n") if text else local_inventory())
+    return str(path)
+
+
+def extravars_for(deployment: Deployment) -> dict:
+    release = deployment.release
+    return {
+        "application": release.application.name,
+        "environment": deployment.environment.name,
+        # `environment` is also an Ansible play keyword, which wins inside templates: playbooks use this.
+        "environment_name": deployment.environment.name,
+        "version": release.version,
+        "artifact_url": release.artifact_url,
+        "artifact_sha256": release.artifact_sha256,
+        "deployment_id": deployment.pk,
+        "deploy_root": str(settings.PORTAL_DEPLOY_ROOT),
+    }
+
+
+@dataclass
+class Progress:
+    """What a person watching sees: hosts done of total, current task, failed host, per-host state."""
+
+    deployment_id: int
+    hosts_total: int = 0
+    current_task: str = ""
+    current_host: str = ""
+    failed_host: str = ""
+    pid: int | None = None
+    hosts: dict[str, str] = field(default_factory=dict)  # host -> upgrading | done | failed
+    runner_status: str = ""
+    group_sizes: dict[str, int] = field(default_factory=dict)  # inventory pattern -> host count
+
+    def as_dict(self) -> dict:
+        done = sum(1 for s in self.hosts.values() if s == "done")
+        return {
+            "hosts_total": self.hosts_total, "hosts_done": done, "current_task": self.current_task,
+            "current_host": self.current_host, "failed_host": self.failed_host, "hosts": self.hosts,
+            "pid": self.pid, "runner_status": self.runner_status,
+        }
+
+    def on_event(self, event: dict) -> None:
+        data = event.get("event_data") or {}
+        kind = event.get("event", "")
+        if self.pid is None and event.get("pid"):
+            self.pid = event["pid"]
+        if kind == "playbook_on_play_start":
+            pattern = data.get("play_pattern") or "all"
+            self.hosts_total = max(self.hosts_total, self.group_sizes.get(pattern, self.group_sizes.get("all", 0)))
+        elif kind == "playbook_on_task_start":
+            self.current_task = data.get("task", "")
+        elif kind in RESULT_EVENTS:
+            host = data.get("host", "")
+            if host and host != self.current_host:
+                # serial plays: a host is done once the next one starts and it did not fail
+                if self.hosts.get(self.current_host) == "upgrading":
+                    self.hosts[self.current_host] = "done"
+                self.current_host = host
+            if host and self.hosts.get(host) not in ("failed",):
+                self.hosts[host] = "upgrading"
+            if RESULT_EVENTS[kind] in ("failed", "unreachable") and not data.get("ignore_errors"):
+                self.hosts[host] = "failed"
+                self.failed_host = self.failed_host or host
+        elif kind == "playbook_on_stats":
+            failed = set(data.get("failures") or {}) | set(data.get("dark") or {})
+            for host in set(data.get("ok") or {}) | failed:
+                self.hosts[host] = "failed" if host in failed else "done"
+            self.current_task = ""
+
+
+def inventory_group_sizes(inventory: str) -> dict[str, int]:
+    """Hosts per inventory group, read with Ansible's own inventory parser (for hosts_total)."""
+    from ansible.inventory.manager import InventoryManager
+    from ansible.parsing.dataloader import DataLoader
+
+    manager = InventoryManager(loader=DataLoader(), sources=[inventory])
+    sizes = {name: len(group.get_hosts()) for name, group in manager.groups.items()}
+    sizes["all"] = len(manager.get_hosts("all"))
+    return sizes
+
+
+class Watcher:
+    """ansible-runner callbacks. They never raise: a failing write must not kill the run."""
+
+    HEARTBEAT_EVERY = 2.0
+
+    def __init__(self, deployment_id: int):
+        self.deployment_id = deployment_id
+        self.progress = Progress(deployment_id)
+        self.cancelled = False
+        self._last_beat = 0.0
+
+    def event_handler(self, event: dict) -> bool:
+        try:
+            self.progress.on_event(event)
+            data = event.get("event_data") or {}
+            kind = event.get("event", "")
+            DeploymentEvent.objects.create(
+                deployment_id=self.deployment_id, counter=event.get("counter", 0), event=kind[:64],
+                host=(data.get("host") or "")[:255], task=(data.get("task") or "")[:500],
+                status=RESULT_EVENTS.get(kind, ""), stdout=(event.get("stdout") or "")[:MAX_STDOUT],
+            )
+            Deployment.objects.filter(pk=self.deployment_id).update(
+                progress=self.progress.as_dict(), heartbeat_at=timezone.now()
+            )
+        except Exception:  # noqa: BLE001 - never break the run for a progress write
+            logger.exception("could not store event of deployment %s", self.deployment_id)
+        return True
+
+    def status_handler(self, status: dict, runner_config=None) -> None:
+        self.progress.runner_status = status.get("status", "")
+
+    def cancel_callback(self) -> bool:
+        try:
+            now = time.monotonic()
+            if now - self._last_beat >= self.HEARTBEAT_EVERY:
+                self._last_beat = now
+                Deployment.objects.filter(pk=self.deployment_id).update(heartbeat_at=timezone.now())
+                self.cancelled = Deployment.objects.filter(
+                    pk=self.deployment_id, cancel_requested_at__isnull=False
+                ).exists()
+            return self.cancelled
+        except Exception:  # noqa: BLE001 - the callback must never raise
+            logger.exception("cancel check failed for deployment %s", self.deployment_id)
+            return False
+
+
+def _runner_outcome(status: str, rc: int | None, cancelled: bool) -> str:
+    if cancelled or status == "canceled":
+        return State.CANCELLED
+    if status == "successful" and rc == 0:
+        return State.SUCCEEDED
+    return State.FAILED
+
+
+def kill_process_group(pid: int | None) -> bool:
+    """Kill a leftover ansible-playbook process group; only if the pid is still an Ansible process."""
+    if not pid:
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    if b"ansible" not in cmdline:
+        return False
+    try:
+        os.killpg(os.getpgid(pid), signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def execute(deployment_id: int) -> str | None:
+    """Run one deployment. Returns its final state, or None if it was not queued (nothing done)."""
+    import ansible_runner
+
+    deployment = services.deployment_start(deployment_id=deployment_id, actor=ENGINE)
+    if deployment is None:
+        logger.info("deployment %s is not queued; nothing to do", deployment_id)
+        return None
+    watcher = Watcher(deployment_id)
+    private_dir = Path(settings.PORTAL_DEPLOY_DIR) / str(deployment_id)
+    outcome, detail, extra = State.FAILED, "", {}
+    try:
+        if private_dir.exists():
+            shutil.rmtree(private_dir)
+        private_dir.mkdir(parents=True)
+        commit = prepare_project(deployment.environment, private_dir / "project")
+        services.deployment_record_playbook(deployment_id=deployment_id, playbook_commit=commit)
+        inventory = prepare_inventory(deployment.environment, private_dir / "inventory")
+        watcher.progress.group_sizes = inventory_group_sizes(inventory)
+        os.environ["PATH"] = _venv_bin() + os.pathsep + os.environ.get("PATH", "")
+        runner = ansible_runner.run(
+            private_data_dir=str(private_dir), playbook=deployment.environment.playbook, inventory=inventory,
+            extravars=extravars_for(deployment), ident="run", quiet=True, suppress_env_files=True,
+            envvars={"ANSIBLE_NOCOLOR": "1", "ANSIBLE_RETRY_FILES_ENABLED": "0",
+                     "ANSIBLE_DEPRECATION_WARNINGS": "0", "PATH": os.environ["PATH"]},
+            timeout=settings.PORTAL_DEPLOY_TIMEOUT, event_handler=watcher.event_handler,
+            status_handler=watcher.status_handler, cancel_callback=watcher.cancel_callback,
+        )
+        outcome = _runner_outcome(runner.status, runner.rc, watcher.cancelled)
+        p = watcher.progress.as_dict()
+        detail = f"ansible-runner {runner.status}, rc {runner.rc}; {p['hosts_done']} of {p['hosts_total']} hosts done"
+        if p["failed_host"]:
+            detail += f"; failed on {p['failed_host']}"
+        extra = {"runner_status": runner.status, "rc": runner.rc, "hosts": p["hosts"], "playbook_commit": commit}
+    except Exception as exc:  # noqa: BLE001 - any failure ends the deployment `failed`, with the reason
+        logger.exception("deployment %s failed to run", deployment_id)
+        detail = f"The deploy job failed before the playbook finished: {type(exc).__name__}: {exc}"
+    finally:
+        kill_process_group(watcher.progress.pid)
+        Deployment.objects.filter(pk=deployment_id).update(progress=watcher.progress.as_dict())
+    finished = services.deployment_record_result(
+        deployment_id=deployment_id, state=outcome, detail=detail[:2000], actor=ENGINE, extra=extra
+    )
+    return finished.state
+
+
+def reap_stale(*, stale_after: float | None = None) -> list[int]:
+    """End `interrupted` every running deployment whose deploy job stopped giving signs of life."""
+    stale_after = settings.PORTAL_DEPLOY_STALE_SECONDS if stale_after is None else stale_after
+    cutoff = timezone.now() - timedelta(seconds=stale_after)
+    reaped = []
+    for deployment in Deployment.objects.filter(state=State.RUNNING, heartbeat_at__lt=cutoff):
+        killed = kill_process_group((deployment.progress or {}).get("pid"))
+        try:
+            services.deployment_record_result(
+                deployment_id=deployment.pk, state=State.INTERRUPTED, actor=ENGINE,
+                detail="The deploy job stopped (worker died); the deployment was not re-run.",
+                extra={"killed_leftover_process": killed, "heartbeat_at": chain.iso(deployment.heartbeat_at)},
+            )
+        except services.PolicyRefusal:
+            continue  # it ended meanwhile
+        reaped.append(deployment.pk)
+    return reaped

@@ -1,0 +1,116 @@
+"""The deploy engine with real ansible-runner and the bundled demo playbook."""
+
+from pathlib import Path
+
+from audit import chain
+from audit.models import AuditEvent
+from environments import deploy, services
+from environments.models import Deployment, DeploymentEvent
+from tests.deploy.conftest import register, use_repo
+
+State = Deployment.State
+
+
+def queue(world, release, environment=None):
+    return services.deployment_request(actor=world.ci, release=release, environment=environment or world.qa)
+
+
+def test_demo_playbook_installs_the_verified_artifact(world, deploy_dirs, artifact, client):
+    release = register(world, artifact, "2.0.0")
+    deployment = queue(world, release)
+
+    assert deploy.execute(deployment.pk) == State.SUCCEEDED
+
+    installed = Path(deploy_dirs) / "deploy" / "MAC" / "QA" / "current"
+    assert (installed / "VERSION").read_text() == "2.0.0\n"
+    assert (installed / "mac-2.0.0.tar.gz").read_bytes() == b"MAC 2.0.0\n"
+    deployment.refresh_from_db()
+    assert deployment.progress["hosts_done"] == deployment.progress["hosts_total"] == 1
+    assert deployment.playbook_commit.startswith("bundled:")
+    tasks = set(DeploymentEvent.objects.filter(deployment=deployment).values_list("task", flat=True))
+    assert "Refuse an artifact whose SHA-256 differs from the release's" in tasks
+    assert DeploymentEvent.objects.filter(deployment=deployment, event="playbook_on_stats").exists()
+    actions = list(AuditEvent.objects.filter(object_id=str(deployment.pk), object_type="environments.deployment")
+                   .values_list("action", flat=True))
+    assert actions == ["deployment.request", "deployment.start", "deployment.playbook", "deployment.finish"]
+    finish = AuditEvent.objects.get(action="deployment.finish", object_id=str(deployment.pk))
+    assert finish.data["playbook_commit"] == deployment.playbook_commit and finish.data["rc"] == 0
+    assert chain.verify().ok
+
+
+def test_checksum_mismatch_is_refused_by_the_playbook(world, deploy_dirs, artifact):
+    release = register(world, artifact, "2.0.1", sha256="0" * 64)
+    deployment = queue(world, release)
+
+    assert deploy.execute(deployment.pk) == State.FAILED
+
+    deployment.refresh_from_db()
+    assert "failed on localhost" in deployment.result_detail
+    assert deployment.progress["failed_host"] == "localhost"
+    assert not (Path(deploy_dirs) / "deploy" / "MAC" / "QA" / "current").exists()
+    failed = DeploymentEvent.objects.get(deployment=deployment, status="failed")
+    assert "Checksum mismatch" in failed.stdout
+
+
+def test_a_deployment_runs_once_however_often_it_is_delivered(world, deploy_dirs, artifact):
+    deployment = queue(world, register(world, artifact, "2.0.2"))
+    assert deploy.execute(deployment.pk) == State.SUCCEEDED
+    assert deploy.execute(deployment.pk) is None
+    assert AuditEvent.objects.filter(action="deployment.start", object_id=str(deployment.pk)).count() == 1
+
+
+def test_playbooks_from_git_record_their_commit(world, deploy_dirs, artifact, playbook_repo):
+    repo, commit = playbook_repo
+    use_repo(world.qa, repo, "quick.yml")
+    deployment = queue(world, register(world, artifact, "2.0.3"))
+    assert deploy.execute(deployment.pk) == State.SUCCEEDED
+    deployment.refresh_from_db()
+    assert deployment.playbook_commit == commit
+    event = AuditEvent.objects.get(action="deployment.playbook", object_id=str(deployment.pk))
+    assert event.data["playbook_commit"] == commit
+
+
+def test_a_broken_playbook_source_fails_the_deployment_with_the_reason(world, deploy_dirs, artifact, tmp_path):
+    use_repo(world.qa, tmp_path / "no-such-repo", "deploy.yml")
+    deployment = queue(world, register(world, artifact, "2.0.4"))
+    assert deploy.execute(deployment.pk) == State.FAILED
+    deployment.refresh_from_db()
+    assert "CalledProcessError" in deployment.result_detail
+    assert Deployment.objects.filter(environment=world.qa, state__in=["queued", "running"]).count() == 0
+
+
+def test_auto_deploy_follows_the_promotion_path_but_never_into_restricted(world, deploy_dirs, artifact):
+    import pytest
+    from django.core.exceptions import ValidationError
+
+    for env in (world.qa, world.staging):
+        env.auto_deploy = True
+        services.environment_save(actor=services.Actor.system(), environment=env)
+    world.production.auto_deploy = True
+    with pytest.raises(ValidationError, match="never deploys by itself"):
+        services.environment_save(actor=services.Actor.system(), environment=world.production)
+    release = register(world, artifact, "2.1.0")
+    qa = Deployment.objects.get(release=release)
+    assert (qa.environment, qa.state, qa.requested_by_label) == (world.qa, State.QUEUED, "system")
+    assert deploy.execute(qa.pk) == State.SUCCEEDED
+    staging = Deployment.objects.get(release=release, environment=world.staging)
+    assert staging.state == State.QUEUED
+    assert deploy.execute(staging.pk) == State.SUCCEEDED
+    assert not Deployment.objects.filter(release=release, environment=world.production).exists()
+    # the policy refuses the portal itself on a restricted environment, whatever the configuration
+    assert services.auto_deploy(release=release, environment=world.production) is None
+    refused = AuditEvent.objects.get(action="deployment.request.refused", code="AUTO_DEPLOY_RESTRICTED")
+    assert refused.data["environment"] == "Production"
+
+
+def test_progress_is_visible_in_the_api(world, deploy_dirs, artifact, client):
+    from portal.models import ApiToken
+    from portal.services import token_create
+    from tests.conftest import SYSTEM
+
+    deployment = queue(world, register(world, artifact, "2.0.5"))
+    deploy.execute(deployment.pk)
+    _, raw = token_create(actor=SYSTEM, kind=ApiToken.Kind.CI, name="ci", applications=[world.app])
+    body = client.get(f"/api/v1/deployments/{deployment.pk}", HTTP_AUTHORIZATION=f"Bearer {raw}").json()
+    assert body["state"] == "succeeded"
+    assert body["progress"]["hosts_done"] == 1 and body["progress"]["hosts"] == {"localhost": "done"}
