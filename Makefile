@@ -2,11 +2,13 @@
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
+MANAGE := $(BIN)/python manage.py
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# ansible-runner starts `ansible-playbook`: it must be on PATH.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: run test test-postgres lint venv migrate demo clean
+.PHONY: run test test-postgres test-deploy-redis lint venv cluster cluster-stop clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,26 +18,49 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed
 
-# Install, migrate, load the demo, then serve the admin and the API with gunicorn (Ctrl-C stops it).
+# Install, migrate, load the demo, start the HAProxy cluster (when haproxy is installed), then run
+# the web server (gunicorn) and the deploy worker (django-q2) together; Ctrl-C stops both.
 run: venv
 	mkdir -p var
-	PORTAL_DEMO=1 $(BIN)/python manage.py migrate --no-input
-	PORTAL_DEMO=1 $(BIN)/python manage.py collectstatic --no-input --verbosity 0
-	PORTAL_DEMO=1 $(BIN)/python manage.py demo_data
-	@PORTAL_DEMO=1 $(BIN)/python manage.py create_token --ci --application MAC --name demo-ci > var/demo-ci-token
+	PORTAL_DEMO=1 $(MANAGE) migrate --no-input
+	PORTAL_DEMO=1 $(MANAGE) collectstatic --no-input --verbosity 0
+	PORTAL_DEMO=1 $(MANAGE) demo_data
+	@if command -v haproxy >/dev/null 2>&1; then \
+	    PORTAL_DEMO=1 $(MANAGE) cluster start --bind; \
+	else \
+	    echo "haproxy is not installed: Staging and Production use the demo playbook."; \
+	    echo "For the rolling-upgrade cluster: apt-get install haproxy, then make run again."; \
+	fi
+	@PORTAL_DEMO=1 $(MANAGE) create_token --ci --application MAC --name demo-ci > var/demo-ci-token
+	PORTAL_DEMO=1 $(MANAGE) reap_deployments
 	@echo ""
 	@echo "  Release Portal: http://$(HOST):$(PORT)/admin/"
 	@echo "  Logins (password = user name): alice (developer), bob and carol (releasers), dave (auditor), admin"
 	@echo "  API docs: http://$(HOST):$(PORT)/api/v1/docs"
 	@echo "  CI token for MAC: $$(tail -n 1 var/demo-ci-token)"
+	@echo "  Ctrl-C stops the web server and the worker."
 	@echo ""
-	PORTAL_DEMO=1 exec $(BIN)/gunicorn portal.wsgi --bind $(HOST):$(PORT) --workers 2 --access-logfile -
+	PORTAL_DEMO=1 sh -c 'trap "kill 0" INT TERM; \
+	    $(MANAGE) qcluster & \
+	    $(BIN)/gunicorn portal.wsgi --bind $(HOST):$(PORT) --workers 2 --access-logfile - & \
+	    wait'
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-postgres: venv
 	DATABASE_URL=$${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres} $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The deploy suite again with the Redis broker (on PostgreSQL).
+test-deploy-redis: venv
+	PORTAL_QUEUE_BROKER=redis DATABASE_URL=$${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres} \
+	    $(BIN)/python -m pytest -m deploy $(PYTEST_ARGS)
+
+cluster: venv
+	PORTAL_DEMO=1 $(MANAGE) cluster start --bind
+
+cluster-stop: venv
+	PORTAL_DEMO=1 $(MANAGE) cluster stop
 
 lint: venv
 	$(BIN)/ruff check .

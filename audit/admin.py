@@ -1,10 +1,11 @@
 from django.contrib import admin
 
 from audit.models import AuditEvent
+from portal.admin_tools import ReadOnlyAdmin
 
 
 @admin.register(AuditEvent)
-class AuditEventAdmin(admin.ModelAdmin):
+class AuditEventAdmin(ReadOnlyAdmin):
     """Read-only: the chain is written by services and verified by `verify_audit`."""
 
     list_display = ["seq", "created_at", "actor_username", "via", "action", "code", "object_repr"]
@@ -16,12 +17,3 @@ class AuditEventAdmin(admin.ModelAdmin):
 
     def get_readonly_fields(self, request, obj=None):
         return [f.name for f in self.model._meta.fields]
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False

@@ -14,6 +14,7 @@ TRACKED = [
     ("releases.Application", {}),
     ("environments.Environment", {}),
     ("environments.FreezeWindow", {}),
+    ("environments.NotificationChannel", {"mask_fields": ["credential"]}),
     ("auth.User", {"m2m_fields": {"groups"}, "exclude_fields": ["password", "last_login"]}),
     ("auth.Group", {"m2m_fields": {"permissions"}}),
     ("guardian.UserObjectPermission", {}),

@@ -10,9 +10,17 @@ from django.utils.html import format_html, format_html_join
 from guardian.models import GroupObjectPermission, UserObjectPermission
 
 from environments import policy, services
-from environments.models import Approval, Deployment, Environment, FreezeWindow
+from environments.models import (
+    Approval,
+    Deployment,
+    DeploymentEvent,
+    Environment,
+    FreezeWindow,
+    NotificationChannel,
+    NotificationDelivery,
+)
 from environments.policy import PolicyRefusal
-from portal.admin_tools import admin_actor, confirm_with_comment, run_each
+from portal.admin_tools import ReadOnlyAdmin, admin_actor, confirm_with_comment, run_each
 
 
 class FreezeWindowInline(admin.TabularInline):
@@ -125,9 +133,28 @@ class DeploymentAdmin(admin.ModelAdmin):
     inlines = [ApprovalInline]
     actions = ["approve", "reject", "cancel", "review"]
     date_hierarchy = "requested_at"
+    exclude = ["progress"]
 
     def get_readonly_fields(self, request, obj=None):
-        return [f.name for f in self.model._meta.fields]
+        return ["progress_summary", *(f.name for f in self.model._meta.fields if f.name != "progress"), "output_log"]
+
+    @admin.display(description="progress")
+    def progress_summary(self, obj):
+        p = obj.progress or {}
+        if not p:
+            return "-"
+        hosts = ", ".join(f"{h}: {s}" for h, s in sorted((p.get("hosts") or {}).items())) or "-"
+        return format_html(
+            "{} of {} hosts done; current task: {}; failed host: {}<br>hosts: {}",
+            p.get("hosts_done", 0), p.get("hosts_total", 0), p.get("current_task") or "-",
+            p.get("failed_host") or "-", hosts,
+        )
+
+    @admin.display(description="output log")
+    def output_log(self, obj):
+        lines = DeploymentEvent.objects.filter(deployment=obj).exclude(stdout="").values_list("stdout", flat=True)
+        text = "\n".join(lines[:2000])
+        return format_html('<pre style="max-height:30em;overflow:auto;white-space:pre-wrap">{}</pre>', text or "-")
 
     def has_add_permission(self, request):
         return False
@@ -179,3 +206,34 @@ class DeploymentAdmin(admin.ModelAdmin):
     def review(self, request, queryset):
         return self._decide(request, queryset, action="review", title="Review emergency deployments",
                             service=services.deployment_review, done="reviewed.", required=True)
+
+
+class NotificationChannelForm(forms.ModelForm):
+    credential = forms.CharField(
+        required=False, widget=forms.PasswordInput(render_value=False),
+        help_text="Bearer token, or user:token for basic auth. Leave empty to keep the current one.",
+    )
+
+    class Meta:
+        model = NotificationChannel
+        fields = ["application", "kind", "url", "credential", "enabled"]
+
+    def clean_credential(self):
+        value = self.cleaned_data["credential"]
+        return value or (self.instance.credential if self.instance.pk else "")
+
+
+@admin.register(NotificationChannel)
+class NotificationChannelAdmin(admin.ModelAdmin):
+    """Where deployments are announced. The credential is write-only here and masked in the history."""
+
+    form = NotificationChannelForm
+    list_display = ["application", "kind", "url", "enabled"]
+    list_filter = ["application", "kind", "enabled"]
+
+
+@admin.register(NotificationDelivery)
+class NotificationDeliveryAdmin(ReadOnlyAdmin):
+    list_display = ["sent_at", "channel", "deployment", "attempt", "status_code", "delivered", "error"]
+    list_filter = ["delivered", "channel__kind"]
+    list_select_related = ["channel__application", "deployment__release__application", "deployment__environment"]

@@ -11,6 +11,19 @@ from audit.actors import Actor
 from environments.policy import PolicyRefusal
 
 
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Rows written only by services; the admin shows them and changes nothing."""
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
 def admin_actor(request) -> Actor:
     return Actor(user=request.user, via="admin", remote_addr=request.META.get("REMOTE_ADDR", ""))
 

@@ -147,7 +147,7 @@ PORTAL_NOTIFY_TIMEOUT = float(os.environ.get("PORTAL_NOTIFY_TIMEOUT", "10"))
 # dies. Either way the deploy task claims its deployment atomically and never re-runs one.
 _q_timeout = PORTAL_DEPLOY_TIMEOUT + 300
 Q_CLUSTER = {
-    "name": "portal",
+    "name": os.environ.get("PORTAL_QUEUE_NAME", "portal"),
     "workers": int(os.environ.get("PORTAL_WORKERS", "2")),
     "timeout": _q_timeout,
     "retry": _q_timeout + 900,

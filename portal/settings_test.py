@@ -3,6 +3,8 @@
 import os
 
 os.environ.setdefault("SECRET_KEY", "test-only-secret-key")
+# Each test session has a queue of its own (a Redis list outlives the test database).
+os.environ.setdefault("PORTAL_QUEUE_NAME", f"portal-test-{os.getpid()}")
 
 from portal.settings import *  # noqa: E402,F403
 

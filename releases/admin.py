@@ -4,22 +4,9 @@ from django.utils.html import format_html_join
 from environments import selectors as env_selectors
 from environments.policy import PolicyRefusal, Refusal
 from environments.services import deployment_request
-from portal.admin_tools import admin_actor, run_each
+from portal.admin_tools import ReadOnlyAdmin, admin_actor, run_each
 from releases.models import Application, Build, Implementer, Release, ReleaseIssue, VcsAlias
 from releases.services import vcs_alias_add
-
-
-class ReadOnlyAdmin(admin.ModelAdmin):
-    """Rows written only by services (CI registration); the admin shows them."""
-
-    def has_add_permission(self, request, obj=None):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
 
 
 @admin.register(Application)

@@ -114,3 +114,35 @@ def test_progress_is_visible_in_the_api(world, deploy_dirs, artifact, client):
     body = client.get(f"/api/v1/deployments/{deployment.pk}", HTTP_AUTHORIZATION=f"Bearer {raw}").json()
     assert body["state"] == "succeeded"
     assert body["progress"]["hosts_done"] == 1 and body["progress"]["hosts"] == {"localhost": "done"}
+
+
+def test_admin_deployment_page_shows_progress_and_output(world, deploy_dirs, artifact, client, make_user):
+    from django.urls import reverse
+
+    deployment = queue(world, register(world, artifact, "2.0.6"))
+    deploy.execute(deployment.pk)
+    client.force_login(make_user("root", superuser=True))
+    page = client.get(reverse("admin:environments_deployment_change", args=[deployment.pk])).content.decode()
+    assert "1 of 1 hosts done" in page and "localhost: done" in page
+    assert "PLAY RECAP" in page
+
+
+def test_notification_credential_is_write_only_and_masked(world, client, make_user):
+    from django.urls import reverse
+
+    from environments.models import NotificationChannel
+
+    client.force_login(make_user("root", superuser=True))
+    add = reverse("admin:environments_notificationchannel_add")
+    client.post(add, {"application": world.app.pk, "kind": "chat", "url": "http://127.0.0.1:9/hook",
+                      "credential": "s3cr3t-token", "enabled": "on"})
+    channel = NotificationChannel.objects.get()
+    assert channel.credential == "s3cr3t-token"
+    change = reverse("admin:environments_notificationchannel_change", args=[channel.pk])
+    assert "s3cr3t-token" not in client.get(change).content.decode()
+    client.post(change, {"application": world.app.pk, "kind": "chat", "url": "http://127.0.0.1:9/hook2",
+                         "credential": "", "enabled": "on"})
+    channel.refresh_from_db()
+    assert (channel.url, channel.credential) == ("http://127.0.0.1:9/hook2", "s3cr3t-token")
+    history = AuditEvent.objects.filter(object_type="environments.notificationchannel")
+    assert history.exists() and all("s3cr3t-token" not in str(e.data) for e in history)

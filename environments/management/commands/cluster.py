@@ -1,0 +1,48 @@
+from pathlib import Path
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from audit.actors import Actor
+from environments.cluster import Cluster, haproxy_available
+from environments.models import Environment
+from environments.services import environment_save
+
+
+class Command(BaseCommand):
+    help = (
+        "start | stop | status of the demo cluster: three app instances on loopback behind HAProxy. "
+        "`start --bind` also points the demo application's Staging and Production at the rolling-upgrade playbook."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("action", choices=["start", "stop", "status"])
+        parser.add_argument("--dir", default=str(Path(settings.VAR_DIR) / "cluster"))
+        parser.add_argument("--port", type=int, default=18080, help="HAProxy front port; apps use the next three.")
+        parser.add_argument("--bind", action="store_true", help="Bind MAC Staging and Production to the cluster.")
+        parser.add_argument("--application", default="MAC")
+
+    def handle(self, *args, action, dir, port, bind, application, **options):
+        cluster = Cluster(Path(dir), front_port=port)
+        if action == "stop":
+            cluster.stop()
+            self.stdout.write("Cluster stopped.")
+            return
+        if not haproxy_available():
+            raise CommandError("haproxy is not installed; on Debian: apt-get install haproxy")
+        if action == "start":
+            cluster.start()
+            if bind:
+                self._bind(cluster, application)
+        status = cluster.server_status()
+        self.stdout.write(f"Cluster at {cluster.front_url} (HAProxy socket {cluster.socket}): "
+                          + ", ".join(f"{k} {v}" for k, v in sorted(status.items())))
+
+    def _bind(self, cluster: Cluster, application: str):
+        actor = Actor.system(via="command")
+        bound = Environment.objects.filter(application__name=application, name__in=["Staging", "Production"])
+        for environment in bound:
+            if (environment.playbook, environment.inventory) != ("rolling_upgrade.yml", str(cluster.inventory)):
+                environment.playbook, environment.inventory = "rolling_upgrade.yml", str(cluster.inventory)
+                environment_save(actor=actor, environment=environment, changed=["playbook", "inventory"])
+            self.stdout.write(f"{environment} deploys with rolling_upgrade.yml to {cluster.inventory}")
