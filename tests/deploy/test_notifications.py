@@ -7,7 +7,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from django_q.models import OrmQ
+from django_q.brokers import get_broker
+from django_q.signing import SignedPackage
 
 from environments import notifications, services, tasks
 from environments.models import Deployment, NotificationChannel, NotificationDelivery
@@ -113,10 +114,13 @@ def test_finishing_a_deployment_queues_one_task_per_channel_without_credentials(
     release = world.release()
     deployment = services.deployment_request(actor=world.ci, release=release, environment=world.qa)
     services.deployment_start(deployment_id=deployment.pk)
-    OrmQ.objects.all().delete()
+    broker = get_broker()  # the configured one: ORM, or Redis with PORTAL_QUEUE_BROKER=redis
+    broker.purge_queue()
     with django_capture_on_commit_callbacks(execute=True):
         services.deployment_record_result(deployment_id=deployment.pk, state="succeeded")
-    queued = [o.task for o in OrmQ.objects.all()]
+    queued = []
+    while batch := broker.dequeue():
+        queued += [SignedPackage.loads(package) for _, package in batch]
     assert sorted(t["args"] for t in queued) == sorted((c.pk, deployment.pk) for c in channels.values())
     assert {t["func"] for t in queued} == {"environments.tasks.send_notification"}
     assert "secret" not in repr(queued)
