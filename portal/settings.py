@@ -89,6 +89,7 @@ DATABASES = {
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    VAR_DIR.mkdir(parents=True, exist_ok=True)  # the default database lives there; a fresh clone has no var/
     # IMMEDIATE: every transaction takes the write lock when it begins, so two writers can never
     # interleave between reading the audit chain head and appending to it.
     DATABASES["default"]["OPTIONS"] = {
