@@ -8,7 +8,7 @@ PORT ?= 8000
 # ansible-runner starts `ansible-playbook`: it must be on PATH.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: run test test-postgres test-deploy-redis lint venv cluster cluster-stop clean
+.PHONY: run test test-postgres test-deploy-redis lint venv cluster cluster-stop clean bench-reports
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -67,3 +67,7 @@ lint: venv
 
 clean:
 	rm -rf $(VENV) var
+
+# Report exports against PostgreSQL's COPY on 1,000,000 rows (BENCH_ROWS=... to change).
+bench-reports: venv
+	$(BIN)/python bench/bench_reports.py

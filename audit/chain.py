@@ -129,7 +129,8 @@ def append(
         )
         # Hash what the database will give back: JSON round trip of data.
         event.data = json.loads(json.dumps(event.data))
-        event.hash = link_hash(event.prev_hash, canonical(event))
+        event.canonical = canonical(event)
+        event.hash = link_hash(event.prev_hash, event.canonical)
         event.save(force_insert=True)
     return event
 
@@ -161,8 +162,8 @@ def verify(events: Iterator[AuditEvent] | None = None) -> VerifyResult:
                 f"event seq {event.seq}: prev_hash does not match the hash of event {event.seq - 1}",
                 event.seq,
             )
-        recomputed = link_hash(prev_hash, canonical(event))
-        if recomputed != event.hash:
+        text = canonical(event)
+        if text != event.canonical or link_hash(prev_hash, text) != event.hash:
             return VerifyResult(
                 False, count, event.seq - 1, prev_hash,
                 f"event seq {event.seq}: content does not match its hash (changed after it was written)",

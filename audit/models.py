@@ -45,6 +45,7 @@ class AuditEvent(models.Model):
     object_repr = models.CharField(max_length=300, blank=True)
     code = models.CharField(max_length=64, blank=True, db_index=True, help_text="Refusal code, if refused.")
     data = models.JSONField(default=dict)
+    canonical = models.TextField(help_text="The exact text that was hashed (see audit.chain.canonical).")
     prev_hash = models.CharField(max_length=64)
     hash = models.CharField(max_length=64, unique=True)
 
@@ -52,6 +53,7 @@ class AuditEvent(models.Model):
 
     class Meta:
         ordering = ["seq"]
+        permissions = [("export_reports", "Can export SOX reports and the audit log")]
         constraints = [
             models.CheckConstraint(condition=models.Q(seq__gte=1), name="auditevent_seq_positive"),
         ]

@@ -166,7 +166,11 @@ class DeploymentAdmin(admin.ModelAdmin):
         return False  # every change is an action below, through a service
 
     def has_decide_permission(self, request):
-        return request.user.is_active and request.user.is_staff
+        """Offer approve / reject / review to releasers; the policy still decides each one."""
+        return request.user.has_perm("environments.change_deployment") or policy.holds_any_grant(request.user)
+
+    def has_cancel_permission(self, request):
+        return request.user.has_perm("environments.add_deployment") or policy.holds_any_grant(request.user)
 
     @admin.display(description="environment", ordering="environment__name")
     def environment_name(self, obj):
@@ -197,7 +201,7 @@ class DeploymentAdmin(admin.ModelAdmin):
         return self._decide(request, queryset, action="reject", title="Reject deployments",
                             service=services.deployment_reject, done="rejected.", required=True)
 
-    @admin.action(description="Cancel selected deployments", permissions=["decide"])
+    @admin.action(description="Cancel selected deployments", permissions=["cancel"])
     def cancel(self, request, queryset):
         return self._decide(request, queryset, action="cancel", title="Cancel deployments",
                             service=services.deployment_cancel, done="cancelled.")

@@ -129,6 +129,9 @@ class Deployment(models.Model):
         "self", null=True, blank=True, on_delete=models.PROTECT, related_name="+",
         help_text="The succeeded deployment to the previous environment that allowed this one.",
     )
+    required_approvals = models.PositiveSmallIntegerField(
+        default=0, help_text="The environment's required approvals when this was requested (evidence)."
+    )
     emergency = models.BooleanField(default=False)
     emergency_reason = models.TextField(blank=True)
     reviewed_by = models.ForeignKey(

@@ -68,6 +68,16 @@ def environment_grants(user, environment: Environment) -> set[str]:
     return set(direct.union(via_group))
 
 
+def holds_any_grant(user) -> bool:
+    """Whether a user holds a deploy or approve grant on any environment (directly or by group)."""
+    if user is None or not user.is_active:
+        return False
+    return (
+        UserObjectPermission.objects.filter(user=user, permission__codename__in=GRANTABLE).exists()
+        or GroupObjectPermission.objects.filter(group__user=user, permission__codename__in=GRANTABLE).exists()
+    )
+
+
 def person_identities(user) -> set[str]:
     """Everything a person may appear as in VCS metadata, lower-case."""
     identities = {user.get_username().lower()}

@@ -45,7 +45,7 @@ def deployment_as_dict(deployment: Deployment) -> dict:
              "decided_at": _time(a.decided_at)}
             for a in deployment.approvals.all()
         ],
-        "required_approvals": deployment.environment.required_approvals,
+        "required_approvals": deployment.required_approvals,
         "result": deployment.result_detail,
         "progress": deployment.progress,
     }

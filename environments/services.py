@@ -92,6 +92,7 @@ def deployment_request(
                         expires_at=None if queue_now else now + expiry,
                         queued_at=now if queue_now else None,
                         promoted_from=verdict.promoted_from,
+                        required_approvals=environment.required_approvals,
                         emergency=bool(emergency_reason), emergency_reason=emergency_reason,
                         sod_checks=verdict.sod_checks,
                     )
@@ -155,7 +156,7 @@ def _decide(*, actor: Actor, deployment_id: int, approve: bool, comment: str) ->
         approvals = 0
         if refusal is None and approve:
             approvals = deployment.approvals.filter(decision=Approval.Decision.APPROVE).count() + 1
-            if approvals >= deployment.environment.required_approvals:
+            if approvals >= deployment.required_approvals:
                 refusal = policy.decide_queue(deployment)
         if refusal is None:
             Approval.objects.create(
@@ -167,7 +168,7 @@ def _decide(*, actor: Actor, deployment_id: int, approve: bool, comment: str) ->
             if not approve:
                 _set_state(deployment, State.REJECTED, finished_at=now, sod_checks=sod,
                            result_detail=f"Rejected by {actor.label}: {comment}".strip(" :"))
-            elif approvals >= deployment.environment.required_approvals:
+            elif approvals >= deployment.required_approvals:
                 _set_state(deployment, State.QUEUED, queued_at=now, sod_checks=sod)
                 _on_queued(deployment)
             else:

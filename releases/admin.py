@@ -1,6 +1,7 @@
 from django.contrib import admin
 from django.utils.html import format_html_join
 
+from environments import policy
 from environments import selectors as env_selectors
 from environments.policy import PolicyRefusal, Refusal
 from environments.services import deployment_request
@@ -82,7 +83,7 @@ class ReleaseAdmin(ReadOnlyAdmin):
         return format_html_join(", ", "{}", ((n,) for n in names)) or "-"
 
     def has_request_permission(self, request):
-        return request.user.is_active and request.user.is_staff
+        return request.user.has_perm("environments.add_deployment") or policy.holds_any_grant(request.user)
 
     @admin.action(description="Request deployment to the next environment", permissions=["request"])
     def request_next_environment(self, request, queryset):

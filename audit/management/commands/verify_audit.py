@@ -1,16 +1,40 @@
-from django.core.management.base import BaseCommand
+import json
+from pathlib import Path
+
+from django.core.management.base import BaseCommand, CommandError
 
 from audit import chain
+from audit.checkpoint import CheckpointError, check
 
 
 class Command(BaseCommand):
-    help = "Recompute the audit hash chain. Prints 'OK <count> <head hash>' or names the first bad event (exit 1)."
+    help = (
+        "Recompute the audit hash chain. Prints 'OK <count> <head hash>' or names the first bad event (exit 1). "
+        "With --checkpoint FILE it also proves the chain still holds a signed checkpoint (not rewritten before it, "
+        "not cut short after it)."
+    )
 
-    def handle(self, *args, **options):
+    def add_arguments(self, parser):
+        parser.add_argument("--checkpoint", dest="checkpoint_file", help="A checkpoint written by audit_checkpoint.")
+
+    def handle(self, *args, checkpoint_file=None, **options):
+        saved = None
+        if checkpoint_file:
+            try:
+                saved = json.loads(Path(checkpoint_file).read_text())
+            except (OSError, ValueError) as exc:
+                raise CommandError(f"Cannot read checkpoint {checkpoint_file}: {exc}") from None
         result = chain.verify()
-        if result.ok:
-            self.stdout.write(f"OK {result.count} {result.head_hash}")
-            return
-        self.stderr.write(f"FAILED at seq {result.bad_seq}: {result.problem}")
-        self.stderr.write(f"The chain is intact up to seq {result.head_seq} ({result.head_hash}).")
-        raise SystemExit(1)
+        if not result.ok:
+            self.stderr.write(f"FAILED at seq {result.bad_seq}: {result.problem}")
+            self.stderr.write(f"The chain is intact up to seq {result.head_seq} ({result.head_hash}).")
+            raise SystemExit(1)
+        if saved is not None:
+            try:
+                problem = check(saved)
+            except CheckpointError as exc:
+                raise CommandError(str(exc)) from None
+            if problem:
+                self.stderr.write(f"FAILED against checkpoint {checkpoint_file}: {problem}")
+                raise SystemExit(1)
+        self.stdout.write(f"OK {result.count} {result.head_hash}")

@@ -38,11 +38,12 @@ VIEW_ALL = [
     "releases.view_application", "releases.view_build", "releases.view_release", "releases.view_vcsalias",
     "environments.view_environment", "environments.view_deployment", "environments.view_approval",
     "environments.view_freezewindow", "audit.view_auditevent",
+    "environments.view_notificationchannel", "environments.view_notificationdelivery",
 ]
 GROUP_PERMISSIONS = {
     "developers": VIEW_ALL + ["environments.add_deployment"],
     "analysts": VIEW_ALL + ["environments.add_deployment", "environments.change_deployment"],
-    "auditors": VIEW_ALL,
+    "auditors": VIEW_ALL + ["audit.export_reports"],
     RELEASERS: [],
 }
 

@@ -1,0 +1,73 @@
+"""Signed checkpoints of the chain head, kept outside the database.
+
+Whoever can write the database can recompute the whole chain; a checkpoint signed with a key the
+database does not hold lets `verify_audit --checkpoint` detect a chain rewritten before the
+checkpoint or cut short after it. The key comes from PORTAL_CHECKPOINT_KEY or the file named by
+PORTAL_CHECKPOINT_KEY_FILE.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+from pathlib import Path
+
+from django.utils import timezone
+
+from audit import chain
+from audit.models import AuditEvent
+
+
+class CheckpointError(Exception):
+    pass
+
+
+def checkpoint_key() -> bytes:
+    if os.environ.get("PORTAL_CHECKPOINT_KEY"):
+        return os.environ["PORTAL_CHECKPOINT_KEY"].encode()
+    path = os.environ.get("PORTAL_CHECKPOINT_KEY_FILE")
+    if path:
+        try:
+            return Path(path).read_bytes().strip()
+        except OSError as exc:
+            raise CheckpointError(f"Cannot read the checkpoint key file {path}: {exc.strerror}.") from None
+    raise CheckpointError("No checkpoint key: set PORTAL_CHECKPOINT_KEY or PORTAL_CHECKPOINT_KEY_FILE.")
+
+
+def _signed_text(seq: int, head_hash: str, created_at: str) -> bytes:
+    return json.dumps({"seq": seq, "hash": head_hash, "created_at": created_at}, sort_keys=True,
+                      separators=(",", ":")).encode()
+
+
+def sign(seq: int, head_hash: str, created_at: str, key: bytes) -> str:
+    return hmac.new(key, _signed_text(seq, head_hash, created_at), hashlib.sha256).hexdigest()
+
+
+def make() -> dict:
+    key = checkpoint_key()
+    head = chain.head()
+    seq, head_hash = (head.seq, head.hash) if head else (0, chain.GENESIS_HASH)
+    created_at = chain.iso(timezone.now())
+    return {"seq": seq, "hash": head_hash, "created_at": created_at, "hmac": sign(seq, head_hash, created_at, key)}
+
+
+def check(cp: dict) -> str | None:
+    """None when the database's chain holds the checkpoint; otherwise what is wrong."""
+    try:
+        seq, head_hash, created_at, mac = int(cp["seq"]), str(cp["hash"]), str(cp["created_at"]), str(cp["hmac"])
+    except (KeyError, TypeError, ValueError):
+        return "the checkpoint file is not a checkpoint (needs seq, hash, created_at, hmac)"
+    if not hmac.compare_digest(sign(seq, head_hash, created_at, checkpoint_key()), mac):
+        return "the checkpoint's signature does not match: wrong key, or the checkpoint was altered"
+    if seq == 0:
+        return None
+    event = AuditEvent.objects.filter(seq=seq).first()
+    if event is None:
+        last = chain.head()
+        return (f"the chain was cut short: it ends at seq {last.seq if last else 0}, "
+                f"but the checkpoint of {created_at} names seq {seq}")
+    if event.hash != head_hash:
+        return f"event seq {seq} does not match the checkpoint of {created_at}: the chain was rewritten up to there"
+    return None

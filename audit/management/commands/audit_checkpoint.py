@@ -1,0 +1,33 @@
+import json
+from pathlib import Path
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from audit import chain, checkpoint
+from audit.actors import Actor
+
+
+class Command(BaseCommand):
+    help = (
+        "Sign the audit chain head with the HMAC key kept outside the database (PORTAL_CHECKPOINT_KEY or "
+        "PORTAL_CHECKPOINT_KEY_FILE), save it (-o, default var/checkpoints/) and print it. Keep checkpoints "
+        "somewhere the database's writers cannot change."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("-o", "--output", help="Checkpoint file to write.")
+
+    def handle(self, *args, output=None, **options):
+        try:
+            cp = checkpoint.make()
+        except checkpoint.CheckpointError as exc:
+            raise CommandError(str(exc)) from None
+        path = Path(output) if output else Path(settings.VAR_DIR) / "checkpoints" / f"checkpoint-{cp['seq']}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(cp, indent=2, sort_keys=True) + "\n"
+        path.write_text(text)
+        chain.append(actor=Actor.system(via="command"), action="audit.checkpoint", object_type="audit.chain",
+                     object_id=str(cp["seq"]), data={"seq": cp["seq"], "hash": cp["hash"], "file": str(path)})
+        self.stderr.write(f"Checkpoint of seq {cp['seq']} written to {path}")
+        self.stdout.write(text, ending="")
