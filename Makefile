@@ -38,7 +38,7 @@ run: venv
 	@echo "  Logins (password = user name): alice (developer), bob and carol (releasers), dave (auditor), admin"
 	@echo "  API docs: http://$(HOST):$(PORT)/api/v1/docs"
 	@echo "  CI token for MAC: $$(tail -n 1 var/demo-ci-token)"
-	@echo "  Ctrl-C stops the web server and the worker."
+	@echo "  Ctrl-C stops the web server and the worker (the demo cluster keeps running: make cluster-stop)."
 	@echo ""
 	PORTAL_DEMO=1 sh -c 'trap "kill 0" INT TERM; \
 	    $(MANAGE) qcluster & \

@@ -253,29 +253,6 @@ def audit_rows(period: Period, up_to_seq: int) -> Iterator[tuple]:
     yield from events.order_by("seq").values_list(*AUDIT_COLUMNS).iterator(chunk_size=ITERATOR_CHUNK)
 
 
-_PG_STARTS = "'=', '+', '-', '@', E'\\t', E'\\r'"  # DANGEROUS_FIRST, as SQL literals
-
-
-def _pg_safe(column: str) -> str:
-    return f"CASE WHEN left({column}, 1) IN ({_PG_STARTS}) THEN '''' || {column} ELSE {column} END"
-
-
-PG_AUDIT_SQL = (
-    """SELECT seq, to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'), actor_id, """
-    + ", ".join(_pg_safe(c) for c in AUDIT_COLUMNS[3:12])
-    + ", prev_hash, hash FROM audit_auditevent WHERE created_at >= %s AND created_at < %s AND seq <= %s ORDER BY seq"
-)
-
-
-def pg_audit_batches(period: Period, up_to_seq: int) -> Iterator[list]:
-    """PostgreSQL: the audit report formatted and neutralized by the database and fetched in batches from a
-    server-side cursor, so Python only hands rows to the C csv writer (the same bytes as the generic path)."""
-    with connection.chunked_cursor() as cursor:
-        cursor.execute(PG_AUDIT_SQL, [period.since, period.until, up_to_seq])
-        while batch := cursor.fetchmany(ITERATOR_CHUNK):
-            yield batch
-
-
 # --- exports ---------------------------------------------------------------------------------------
 
 REPORTS: dict[str, list[str]] = {
@@ -313,9 +290,6 @@ class Export:
     fast: bool = True  # use a database-specific fast path where there is one
 
     def _batches(self, head_seq: int) -> Iterator[list]:
-        if self.report == "audit" and self.fast and connection.vendor == "postgresql":
-            yield from pg_audit_batches(self.period, head_seq)
-            return
         rows: dict[str, Callable[[], Iterator[tuple]]] = {
             "changes": lambda: changes_rows(self.period),
             "exceptions": lambda: exceptions_rows(self.period),
@@ -331,26 +305,47 @@ class Export:
         if batch:
             yield batch
 
+    def _csv(self, head_seq: int) -> Iterator[bytes]:
+        """The CSV in chunks of about 64 KiB, counting rows."""
+        if self.fast and connection.vendor == "postgresql" and self.report in ("changes", "audit"):
+            from audit import pg_reports
+
+            sql, params = (pg_reports.changes_sql(self.period) if self.report == "changes"
+                           else pg_reports.audit_sql(self.period, head_seq))
+            pending, size, rows = [], 0, -1  # the header is not a row
+            for line in pg_reports.copy_csv(sql, params):
+                pending.append(line)
+                size += len(line)
+                rows += 1
+                if size >= CHUNK:
+                    self.row_count = rows
+                    yield b"".join(pending)
+                    pending, size = [], 0
+            self.row_count = rows
+            yield b"".join(pending)
+            return
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\r\n")
+        writer.writerow(REPORTS[self.report])
+        for batch in self._batches(head_seq):
+            writer.writerows(batch)
+            self.row_count += len(batch)
+            if buffer.tell() >= CHUNK:
+                yield buffer.getvalue().encode()
+                buffer.seek(0)
+                buffer.truncate()
+        yield buffer.getvalue().encode()
+
     def chunks(self) -> Iterator[bytes]:
         """The CSV, in chunks of about 64 KiB; when exhausted, the manifest is ready and audited."""
         generated_at = timezone.now()
         head = chain.head()
         head_seq, head_hash = (head.seq, head.hash) if head else (0, chain.GENESIS_HASH)
-        digest, buffer = hashlib.sha256(), io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\r\n")
-        writer.writerow(REPORTS[self.report])
+        digest = hashlib.sha256()
         with _snapshot():
-            for batch in self._batches(head_seq):
-                writer.writerows(batch)
-                self.row_count += len(batch)
-                if buffer.tell() >= CHUNK:
-                    data = buffer.getvalue().encode()
-                    buffer.seek(0)
-                    buffer.truncate()
-                    digest.update(data)
-                    yield data
-        data = buffer.getvalue().encode()
-        digest.update(data)
+            for data in self._csv(head_seq):
+                digest.update(data)
+                yield data
         self.manifest = {
             "report": self.report, "parameters": self.period.as_dict(), "generated_at": iso(generated_at),
             "generated_by": self.actor.label, "row_count": self.row_count, "columns": REPORTS[self.report],
@@ -358,7 +353,6 @@ class Export:
         }
         chain.append(actor=self.actor, action="report.export", object_type="report", object_id=self.report,
                      object_repr=f"{self.report} report", data=self.manifest)
-        yield data
 
     def manifest_json(self) -> str:
         return json.dumps(self.manifest, indent=2, sort_keys=True) + "\n"

@@ -12,7 +12,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -149,7 +148,9 @@ def export_in_this_process(report: str, fraction: float) -> None:
         for chunk in export.chunks():
             sink.write(chunk)
     seconds = time.monotonic() - t0
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM: this process image's own peak RSS (ru_maxrss would carry the parent's over fork+exec).
+    status = Path("/proc/self/status").read_text()
+    peak_mb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
     print(json.dumps({"rows": export.row_count, "seconds": seconds, "peak_mb": peak_mb}))
 
 
