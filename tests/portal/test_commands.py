@@ -31,6 +31,9 @@ def test_demo_data_builds_the_demo_and_twice_changes_nothing(db):
     assert environment_grants(users.get(username="alice"), production) == set()
     assert environment_grants(users.get(username="dave"), production) == set()
     assert users.get(username="alice").email == "alice@example.com"
+    assert users.get(username="dave").has_perm("audit.export_reports")
+    assert not users.get(username="dave").has_perm("environments.change_deployment")
+    assert not users.get(username="alice").has_perm("audit.export_reports")
     assert chain.verify().ok
 
 
