@@ -140,7 +140,9 @@ class Deployment(models.Model):
     reviewed_at = models.DateTimeField(null=True, blank=True)
     review_comment = models.TextField(blank=True)
     result_detail = models.TextField(blank=True)
-    sod_checks = models.JSONField(default=list, blank=True, help_text="Separation-of-duties checks that passed.")
+    sod_checks = models.JSONField(
+        "separation-of-duties checks", default=list, blank=True, help_text="The checks that were made and passed."
+    )
     progress = models.JSONField(default=dict, blank=True)
     playbook_commit = models.CharField(
         max_length=120, blank=True,
@@ -265,6 +267,7 @@ class NotificationDelivery(models.Model):
 
     class Meta:
         ordering = ["sent_at", "id"]
+        verbose_name_plural = "notification deliveries"
 
     def __str__(self) -> str:
         return f"{self.channel} #{self.deployment_id} attempt {self.attempt}"

@@ -28,7 +28,6 @@ def Text(max_length: int, min_length: int = 0):  # noqa: N802 - reads as a type
 
 
 Name = Text(100, 1)
-Count = Annotated[int, "count"]
 
 
 class Error(Schema):

@@ -33,6 +33,7 @@ class VcsAlias(models.Model):
 
     class Meta:
         verbose_name = "VCS alias"
+        verbose_name_plural = "VCS aliases"
         constraints = [models.UniqueConstraint(fields=["identity"], name="vcsalias_unique_identity")]
 
     def __str__(self) -> str:
