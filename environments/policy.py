@@ -120,6 +120,31 @@ def check_build_gate(build: Build) -> Refusal | None:
     return None
 
 
+def check_finished_build_unchanged(build: Build, changed: dict) -> Refusal | None:
+    """A finished build's report never changes (the same report again is fine)."""
+    if changed and build.is_finished:
+        return _conflict(
+            "BUILD_FINISHED",
+            f"{build} is already {build.get_status_display().lower()}; a finished build never changes.",
+        )
+    return None
+
+
+def check_release_registration(application, version: str, build_number: str, build: Build | None,
+                               existing: Release | None, digest: str) -> Refusal | None:
+    """A version names one artifact, cut from a known, successful build (rule 2)."""
+    if existing is not None and existing.registration_digest != digest:
+        return _conflict(
+            "RELEASE_CONFLICT",
+            f"{application} {version} is already registered with other content; a version names one artifact only.",
+        )
+    if existing is None and build is None:
+        return Refusal("UNKNOWN_BUILD", f"{application} has no build {build_number!r}; register the build first.", 422)
+    if existing is None:
+        return check_build_gate(build)
+    return None
+
+
 def check_may_register(actor: Actor, application, permission: str) -> Refusal | None:
     """CI tokens register for the applications they are scoped to; people need the model permission."""
     if r := check_token_scope(actor, application):

@@ -64,11 +64,7 @@ def build_register(
             changed = {k: v for k, v in fields.items() if getattr(build, k) != v}
             if not changed:
                 return build, False
-            if build.is_finished:
-                refusal = Refusal(
-                    "BUILD_FINISHED",
-                    f"{build} is already {build.get_status_display().lower()}; a finished build never changes.",
-                )
+            if refusal := policy.check_finished_build_unchanged(build, changed):
                 audit_refusal(actor=actor, action="build.update", refusal=refusal, obj=build,
                               data={"attempted": changed})
             else:
@@ -140,19 +136,11 @@ def release_register(
     with transaction.atomic():
         the_build = Build.objects.filter(application=app, number=build).first()
         existing = Release.objects.filter(application=app, version=version).first()
-        if refusal := policy.check_may_register(actor, app, "releases.add_release"):
-            pass
-        elif existing is not None:
-            if existing.registration_digest == digest:
-                return existing, False
-            refusal = Refusal(
-                "RELEASE_CONFLICT",
-                f"{app} {version} is already registered with other content; a version names one artifact only.",
-            )
-        elif the_build is None:
-            refusal = Refusal("UNKNOWN_BUILD", f"{app} has no build {build!r}; register the build first.", 422)
-        else:
-            refusal = policy.check_build_gate(the_build)
+        refusal = policy.check_may_register(actor, app, "releases.add_release") or policy.check_release_registration(
+            app, version, build, the_build, existing, digest
+        )
+        if refusal is None and existing is not None:
+            return existing, False  # the same registration again (a CI retry)
         if refusal is not None:
             audit_refusal(actor=actor, action="release.register", refusal=refusal, obj=app,
                           data={"version": version, "build": build})
