@@ -129,7 +129,7 @@ class DeploymentAdmin(admin.ModelAdmin):
                     "emergency", "review_status", "finished_at"]
     list_filter = ["state", "environment__application", "environment__name", "emergency"]
     search_fields = ["release__version", "requested_by_label", "release__issues__key"]
-    list_select_related = ["release__application", "environment"]
+    list_select_related = ["release__application", "environment", "reviewed_by"]
     inlines = [ApprovalInline]
     actions = ["approve", "reject", "cancel", "review"]
     date_hierarchy = "requested_at"
@@ -234,6 +234,7 @@ class NotificationChannelAdmin(admin.ModelAdmin):
     form = NotificationChannelForm
     list_display = ["application", "kind", "url", "enabled"]
     list_filter = ["application", "kind", "enabled"]
+    list_select_related = ["application"]
 
 
 @admin.register(NotificationDelivery)

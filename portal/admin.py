@@ -21,6 +21,7 @@ class ApiTokenAdmin(admin.ModelAdmin):
 
     list_display = ["name", "kind", "user", "key_prefix", "created_by_label", "created_at", "revoked_at"]
     list_filter = ["kind"]
+    list_select_related = ["user"]
     actions = ["revoke"]
 
     def get_readonly_fields(self, request, obj=None):

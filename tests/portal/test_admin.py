@@ -133,3 +133,31 @@ def test_environment_change_goes_through_the_service(client, world, make_user):
     data["auto_deploy"] = "on"
     assert client.post(url, data).status_code == 302
     assert AuditEvent.objects.filter(action="environment.change", object_id=str(world.staging.pk)).exists()
+
+
+def test_deployment_list_queries_do_not_grow_with_rows(client, world, make_user):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    client.force_login(make_user("root", superuser=True))
+    url = reverse(CHANGELIST)
+
+    def count():
+        with CaptureQueriesContext(connection) as captured:
+            assert client.get(url).status_code == 200
+        return len(captured)
+
+    def reviewed_emergency():
+        release = world.release()
+        world.to_staging(release)
+        d = services.deployment_request(actor=person(world.bob), release=release, environment=world.production,
+                                        emergency_reason="outage")
+        services.deployment_start(deployment_id=d.pk)
+        services.deployment_record_result(deployment_id=d.pk, state=Deployment.State.SUCCEEDED)
+        services.deployment_review(actor=person(world.carol), deployment_id=d.pk, comment="ok")
+
+    reviewed_emergency()
+    few = count()
+    for _ in range(5):
+        reviewed_emergency()
+    assert count() == few
