@@ -45,6 +45,10 @@ def iso(moment: dt.datetime) -> str:
     return moment.astimezone(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+def iso_or_none(moment: dt.datetime | None) -> str | None:
+    return iso(moment) if moment else None
+
+
 def canonical(event: AuditEvent) -> str:
     """The exact text that is hashed: sorted keys, no whitespace, UTF-8, times in UTC."""
     body = {

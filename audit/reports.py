@@ -17,12 +17,10 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from django.contrib.contenttypes.models import ContentType
 from django.db import connection, transaction
 from django.db.models import Aggregate, CharField, F, Max, Min, OuterRef, Q, Subquery
 from django.db.models.functions import Cast
 from django.utils import timezone
-from guardian.models import GroupObjectPermission, UserObjectPermission
 
 from audit import chain
 from audit.actors import Actor
@@ -30,7 +28,7 @@ from audit.chain import iso
 from audit.models import AuditEvent
 from environments import policy
 from environments.models import Approval, Deployment, Environment
-from releases.models import Implementer, ReleaseIssue
+from releases.models import Implementer, Release, ReleaseIssue
 
 DANGEROUS_FIRST = ("=", "+", "-", "@", "\t", "\r")
 CHUNK = 64 * 1024
@@ -208,32 +206,23 @@ def _since(environment: Environment, codename: str, group: str | None, user: str
 
 
 def access_rows(period: Period) -> Iterator[tuple]:
-    ct = ContentType.objects.get_for_model(Environment)
     environments = Environment.objects.filter(restricted=True).select_related("application").order_by(
         "application__name", "name")
     if period.application:
         environments = environments.filter(application__name=period.application)
     for env in environments:
         holders: list[tuple[object, str, str | None]] = []
-        for gp in GroupObjectPermission.objects.filter(
-            content_type=ct, object_pk=str(env.pk), permission__codename__in=policy.GRANTABLE
-        ).select_related("group", "permission"):
+        by_group, direct = policy.grants_on(env)
+        for gp in by_group.select_related("group", "permission"):
             for user in gp.group.user_set.filter(is_active=True).order_by("username"):
                 holders.append((user, gp.permission.codename, gp.group.name))
-        for up in UserObjectPermission.objects.filter(
-            content_type=ct, object_pk=str(env.pk), permission__codename__in=policy.GRANTABLE, user__is_active=True
-        ).select_related("user", "permission"):
+        for up in direct.filter(user__is_active=True).select_related("user", "permission"):
             holders.append((up.user, up.permission.codename, None))
-        deployed = Deployment.objects.filter(
-            environment=env, requested_at__gte=period.since, requested_at__lt=period.until
-        ).exclude(queued_at__isnull=True).values_list("release_id", "release__version").distinct()
-        implementers = {}
-        for release_id, version in deployed:
-            implementers[version] = policy.Implementers(
-                frozenset(Implementer.objects.filter(release_id=release_id).values_list("identity", flat=True)),
-                frozenset(Implementer.objects.filter(release_id=release_id, user__isnull=False)
-                          .values_list("user_id", flat=True)),
-            )
+        deployed = Release.objects.filter(
+            deployments__environment=env, deployments__requested_at__gte=period.since,
+            deployments__requested_at__lt=period.until, deployments__queued_at__isnull=False,
+        ).distinct()
+        implementers = {release.version: policy.implementers_of(release) for release in deployed}
         for user, codename, group in sorted(holders, key=lambda h: (h[0].username, h[1], h[2] or "")):
             since = _since(env, codename, group, user.username)
             conflicts = sorted(v for v, imp in implementers.items() if imp.match(user))

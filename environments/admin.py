@@ -2,12 +2,11 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
-from django.contrib.contenttypes.models import ContentType
+from django.core.exceptions import PermissionDenied
 from django.shortcuts import get_object_or_404, redirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
-from guardian.models import GroupObjectPermission, UserObjectPermission
 
 from environments import policy, services
 from environments.models import (
@@ -30,17 +29,9 @@ class FreezeWindowInline(admin.TabularInline):
 
 def access_rows(environment: Environment) -> list[tuple[str, str]]:
     """(who, permission) for every explicit grant on an environment: groups and users."""
-    ct = ContentType.objects.get_for_model(Environment)
-    rows = [
-        (f"group {g}", c) for g, c in GroupObjectPermission.objects.filter(
-            content_type=ct, object_pk=str(environment.pk), permission__codename__in=policy.GRANTABLE
-        ).values_list("group__name", "permission__codename")
-    ]
-    rows += [
-        (f"user {u}", c) for u, c in UserObjectPermission.objects.filter(
-            content_type=ct, object_pk=str(environment.pk), permission__codename__in=policy.GRANTABLE
-        ).values_list("user__username", "permission__codename")
-    ]
+    by_group, direct = policy.grants_on(environment)
+    rows = [(f"group {g}", c) for g, c in by_group.values_list("group__name", "permission__codename")]
+    rows += [(f"user {u}", c) for u, c in direct.values_list("user__username", "permission__codename")]
     return sorted(rows)
 
 
@@ -90,9 +81,8 @@ class EnvironmentAdmin(admin.ModelAdmin):
     def access_view(self, request, pk):
         """Grant or revoke deploy/approve rights through the service (audited, no self-grants)."""
         environment = get_object_or_404(Environment, pk=pk)
-        if not request.user.has_perm("environments.change_environment"):
-            self.message_user(request, "You may not change who can deploy or approve.", messages.ERROR)
-            return redirect("admin:environments_environment_change", pk)
+        if not self.has_view_permission(request, environment):
+            raise PermissionDenied  # who may change access is the policy's decision (decide_grant)
         form = AccessForm(request.POST or None)
         if request.method == "POST" and form.is_valid():
             d = form.cleaned_data
@@ -110,6 +100,14 @@ class EnvironmentAdmin(admin.ModelAdmin):
             "environment": environment, "rows": access_rows(environment), "opts": self.model._meta,
         }
         return TemplateResponse(request, "admin/environments/environment/access.html", context)
+
+
+def _once(request, name: str, check) -> bool:
+    """Ask the policy once per request (the changelist asks for each action)."""
+    cache = request.__dict__.setdefault("_portal_offers", {})
+    if name not in cache:
+        cache[name] = check(request.user)
+    return cache[name]
 
 
 class ApprovalInline(admin.TabularInline):
@@ -167,10 +165,10 @@ class DeploymentAdmin(admin.ModelAdmin):
 
     def has_decide_permission(self, request):
         """Offer approve / reject / review to releasers; the policy still decides each one."""
-        return request.user.has_perm("environments.change_deployment") or policy.holds_any_grant(request.user)
+        return _once(request, "may_decide", policy.may_decide_somewhere)
 
     def has_cancel_permission(self, request):
-        return request.user.has_perm("environments.add_deployment") or policy.holds_any_grant(request.user)
+        return _once(request, "may_request", policy.may_request_somewhere)
 
     @admin.display(description="environment", ordering="environment__name")
     def environment_name(self, obj):

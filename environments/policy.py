@@ -51,6 +51,13 @@ def _conflict(code: str, detail: str) -> Refusal:
 
 # --- facts the rules need -------------------------------------------------------------------------
 
+def grants_on(environment: Environment):
+    """The explicit deploy/approve grants on one environment: (group grants, user grants) querysets."""
+    where = {"content_type": ContentType.objects.get_for_model(Environment), "object_pk": str(environment.pk),
+             "permission__codename__in": GRANTABLE}
+    return GroupObjectPermission.objects.filter(**where), UserObjectPermission.objects.filter(**where)
+
+
 def environment_grants(user, environment: Environment) -> set[str]:
     """The explicit per-environment grants a user holds, directly or through a group.
 
@@ -58,14 +65,10 @@ def environment_grants(user, environment: Environment) -> set[str]:
     """
     if user is None or not user.is_active:
         return set()
-    ct = ContentType.objects.get_for_model(Environment)
-    direct = UserObjectPermission.objects.filter(
-        user=user, content_type=ct, object_pk=str(environment.pk), permission__codename__in=GRANTABLE
-    ).values_list("permission__codename", flat=True)
-    via_group = GroupObjectPermission.objects.filter(
-        group__user=user, content_type=ct, object_pk=str(environment.pk), permission__codename__in=GRANTABLE
-    ).values_list("permission__codename", flat=True)
-    return set(direct.union(via_group))
+    by_group, direct = grants_on(environment)
+    codenames = "permission__codename"
+    return set(direct.filter(user=user).values_list(codenames, flat=True).union(
+        by_group.filter(group__user=user).values_list(codenames, flat=True)))
 
 
 def holds_any_grant(user) -> bool:
@@ -76,6 +79,17 @@ def holds_any_grant(user) -> bool:
         UserObjectPermission.objects.filter(user=user, permission__codename__in=GRANTABLE).exists()
         or GroupObjectPermission.objects.filter(group__user=user, permission__codename__in=GRANTABLE).exists()
     )
+
+
+def may_request_somewhere(user) -> bool:
+    """Whether the admin should offer a user the deployment request and cancel actions (each is still
+    decided by the rules): the model permission on deployments, or a grant on some environment."""
+    return user.has_perm("environments.add_deployment") or holds_any_grant(user)
+
+
+def may_decide_somewhere(user) -> bool:
+    """Whether the admin should offer a user approve / reject / review (each is still decided by the rules)."""
+    return user.has_perm("environments.change_deployment") or holds_any_grant(user)
 
 
 def person_identities(user) -> set[str]:
@@ -407,6 +421,15 @@ def decide_queue(deployment: Deployment) -> Refusal | None:
     return check_no_freeze(deployment.environment, deployment.emergency) or check_not_busy(deployment.environment)
 
 
+def decide_finish(deployment: Deployment) -> Refusal | None:
+    """Only a running deployment gets a result."""
+    if deployment.state != Deployment.State.RUNNING:
+        return _conflict(
+            "NOT_RUNNING", f"Deployment #{deployment.pk} is {deployment.get_state_display().lower()}, not running."
+        )
+    return None
+
+
 def decide_cancel(*, actor: Actor, deployment: Deployment) -> Refusal | None:
     environment = deployment.environment
     if r := check_token_scope(actor, environment.application) or check_ci_not_restricted(actor, environment):
@@ -461,12 +484,14 @@ def decide_grant(*, actor: Actor, environment: Environment, user=None, group: Gr
     return None
 
 
-def decide_membership(*, actor: Actor, group: Group, user) -> Refusal | None:
+def decide_membership(*, actor: Actor, group: Group, user, add: bool = True) -> Refusal | None:
     """Rule 4 for groups: joining a group that holds deploy/approve grants is receiving those grants."""
     if actor.is_system:
         return None
     if not actor.is_person or not actor.user.has_perm("auth.change_user"):
         return _forbidden("NOT_PERMITTED", "You may not change group membership.")
+    if not add:
+        return None
     holds_grants = GroupObjectPermission.objects.filter(
         group=group, permission__codename__in=GRANTABLE
     ).exists()

@@ -5,13 +5,16 @@ from __future__ import annotations
 from django.db.models import OuterRef, Subquery
 from django.http import Http404
 
-from audit.chain import iso
+from audit.chain import iso_or_none as _time
 from environments.models import Deployment, Environment
 from releases.models import Application, Release
 
 
-def _time(value):
-    return iso(value) if value else None
+def environment_get(application: str, name: str) -> Environment:
+    environment = Environment.objects.filter(application__name=application, name=name).first()
+    if environment is None:
+        raise Http404(f"{application} has no environment {name!r}.")
+    return environment
 
 
 def deployment_get(deployment_id: int) -> Deployment:

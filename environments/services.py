@@ -46,6 +46,12 @@ def _lock_environment(environment_id: int) -> Environment:
     )
 
 
+def _expire(deployment: Deployment, now: dt.datetime) -> None:
+    """An approval request past its expiry time ends `cancelled`."""
+    _set_state(deployment, State.CANCELLED, finished_at=now, result_detail="The approval request expired.")
+    chain.append(actor=Actor.system(), action="deployment.expire", obj=deployment, data=_deployment_data(deployment))
+
+
 def _lock_deployment(deployment_id: int) -> Deployment:
     """Lock a deployment's environment, then the deployment (always in that order)."""
     environment_id = Deployment.objects.values_list("environment_id", flat=True).get(pk=deployment_id)
@@ -122,12 +128,21 @@ def deployment_request(
 
 
 def auto_deploy(*, release: Release, environment: Environment) -> Deployment | None:
-    """The portal asks for a deployment by itself (a new release, or a success one step earlier).
-    A refusal is on record in the audit chain and does not fail the caller."""
+    """The portal asks for a deployment by itself. A refusal is on record in the audit chain and does
+    not fail the caller."""
     try:
         return deployment_request(actor=Actor.system(via="auto"), release=release, environment=environment)
     except PolicyRefusal:
         return None
+
+
+def auto_deploy_next(*, release: Release, after: Environment | None = None) -> None:
+    """A new release (after=None) goes to the auto-deploy environments that start a promotion path;
+    a success in `after` goes on to the auto-deploy environments promoted from it."""
+    targets = Environment.objects.filter(application_id=release.application_id, auto_deploy=True)
+    targets = targets.filter(promotes_from=after) if after else targets.filter(promotes_from__isnull=True)
+    for environment in targets.order_by("id"):
+        auto_deploy(release=release, environment=environment)
 
 
 def _on_finished(deployment: Deployment) -> None:
@@ -149,10 +164,7 @@ def _decide(*, actor: Actor, deployment_id: int, approve: bool, comment: str) ->
         deployment = _lock_deployment(deployment_id)
         refusal, checks = policy.decide_approval(actor=actor, deployment=deployment, approve=approve)
         if refusal is not None and refusal.code == "REQUEST_EXPIRED":
-            _set_state(deployment, State.CANCELLED, finished_at=timezone.now(),
-                       result_detail="The approval request expired.")
-            chain.append(actor=Actor.system(), action="deployment.expire", obj=deployment,
-                         data=_deployment_data(deployment))
+            _expire(deployment, timezone.now())
         approvals = 0
         if refusal is None and approve:
             approvals = deployment.approvals.filter(decision=Approval.Decision.APPROVE).count() + 1
@@ -252,10 +264,7 @@ def deployment_record_result(
     actor = actor or Actor.system(via="task")
     with transaction.atomic():
         deployment = _lock_deployment(deployment_id)
-        if deployment.state != State.RUNNING:
-            refusal = Refusal(
-                "NOT_RUNNING", f"Deployment #{deployment.pk} is {deployment.get_state_display().lower()}, not running."
-            )
+        if refusal := policy.decide_finish(deployment):
             audit_refusal(actor=actor, action="deployment.finish", refusal=refusal, obj=deployment,
                           data=_deployment_data(deployment, result=state))
         else:
@@ -263,10 +272,7 @@ def deployment_record_result(
             chain.append(actor=actor, action="deployment.finish", obj=deployment,
                          data=_deployment_data(deployment, result=state, detail=detail, **(extra or {})))
             if state == State.SUCCEEDED:
-                for environment in Environment.objects.filter(
-                    promotes_from=deployment.environment, auto_deploy=True, restricted=False
-                ):
-                    auto_deploy(release=deployment.release, environment=environment)
+                auto_deploy_next(release=deployment.release, after=deployment.environment)
             _on_finished(deployment)
             return deployment
     raise PolicyRefusal(refusal)
@@ -302,9 +308,7 @@ def deployment_expire_pending(*, now: dt.datetime | None = None) -> int:
             deployment = _lock_deployment(deployment_id)
             if deployment.state != State.AWAITING_APPROVAL or deployment.expires_at > now:
                 continue
-            _set_state(deployment, State.CANCELLED, finished_at=now, result_detail="The approval request expired.")
-            chain.append(actor=Actor.system(), action="deployment.expire", obj=deployment,
-                         data=_deployment_data(deployment))
+            _expire(deployment, now)
             expired += 1
     return expired
 
@@ -342,7 +346,7 @@ def group_membership_change(*, actor: Actor, group: Group, user, add: bool) -> N
     action = "group.add_member" if add else "group.remove_member"
     data = {"group": group.name, "user": user.get_username()}
     with transaction.atomic():
-        refusal = policy.decide_membership(actor=actor, group=group, user=user) if add else None
+        refusal = policy.decide_membership(actor=actor, group=group, user=user, add=add)
         if refusal is None:
             (user.groups.add if add else user.groups.remove)(group)
             chain.append(actor=actor, action=action, obj=group, data=data)

@@ -83,7 +83,7 @@ class ReleaseAdmin(ReadOnlyAdmin):
         return format_html_join(", ", "{}", ((n,) for n in names)) or "-"
 
     def has_request_permission(self, request):
-        return request.user.has_perm("environments.add_deployment") or policy.holds_any_grant(request.user)
+        return policy.may_request_somewhere(request.user)
 
     @admin.action(description="Request deployment to the next environment", permissions=["request"])
     def request_next_environment(self, request, queryset):

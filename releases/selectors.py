@@ -5,13 +5,9 @@ from __future__ import annotations
 from django.db.models import Prefetch, Q
 from django.http import Http404
 
-from audit.chain import iso
+from audit.chain import iso_or_none as _time
 from environments.models import Deployment
 from releases.models import Build, Release
-
-
-def _time(value):
-    return iso(value) if value else None
 
 
 def build_as_dict(build: Build) -> dict:
@@ -61,8 +57,10 @@ def releases_with_details():
     )
 
 
-def release_get(application: str, version: str) -> Release:
-    release = releases_with_details().filter(application__name=application, version=version).first()
+def release_get(application: str, version: str, *, details: bool = True) -> Release:
+    """One release; `details` prefetches what release_as_dict shows."""
+    releases = releases_with_details() if details else Release.objects.select_related("application")
+    release = releases.filter(application__name=application, version=version).first()
     if release is None:
         raise Http404(f"{application} has no release {version!r}.")
     return release

@@ -120,6 +120,8 @@ def release_register(
     """
     from django.utils.dateparse import parse_datetime
 
+    from environments.services import auto_deploy_next  # environments builds on releases
+
     app = application_get(application)
     identities = _norm_identities(implementers)
     keys = sorted({k.strip().upper() for k in issue_keys if k.strip()})
@@ -167,20 +169,9 @@ def release_register(
                 Implementer(release=release, identity=i, user_id=users.get(i)) for i in identities
             )
             chain.append(actor=actor, action="release.register", obj=release, data=payload)
-            _auto_deploy_new_release(release)
+            auto_deploy_next(release=release)
             return release, True
     raise PolicyRefusal(refusal)
-
-
-def _auto_deploy_new_release(release: Release) -> None:
-    """A new release goes to the application's auto-deploy environments that start a promotion path."""
-    from environments.models import Environment
-    from environments.services import auto_deploy
-
-    for environment in Environment.objects.filter(
-        application=release.application, auto_deploy=True, promotes_from__isnull=True, restricted=False
-    ):
-        auto_deploy(release=release, environment=environment)
 
 
 def vcs_alias_add(*, actor: Actor, user, identity: str) -> VcsAlias:

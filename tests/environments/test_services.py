@@ -101,6 +101,9 @@ def test_group_membership_change_is_audited(world, make_user):
     services.group_membership_change(actor=person(admin), group=world.releasers, user=frank, add=False)
     assert last_event().action == "group.remove_member"
     assert not frank.groups.exists()
+    with pytest.raises(PolicyRefusal) as info:  # removing someone needs the same right as adding
+        services.group_membership_change(actor=person(world.dave), group=world.releasers, user=world.bob, add=False)
+    assert info.value.refusal.code == "NOT_PERMITTED" and world.bob.groups.filter(pk=world.releasers.pk).exists()
 
 
 def test_promotion_path_stays_in_one_application_without_cycles(world):
