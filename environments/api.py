@@ -5,7 +5,6 @@ from ninja import Router, Schema, Status
 from pydantic import BaseModel
 
 from environments import selectors, services
-from environments.models import Environment
 from portal.api_common import REFUSALS, Name, Text, actor_of
 from releases import selectors as release_selectors
 from releases.services import application_get
@@ -67,19 +66,10 @@ class EnvironmentStatus(Schema):
     last_deployment: LastDeployment | None
 
 
-def _environment(application: str, name: str) -> Environment:
-    from django.http import Http404
-
-    env = Environment.objects.filter(application__name=application, name=name).first()
-    if env is None:
-        raise Http404(f"{application} has no environment {name!r}.")
-    return env
-
-
 @router.post("/deployments", response={201: DeploymentOut, **REFUSALS}, summary="Request a deployment")
 def request_deployment(request: HttpRequest, body: DeploymentIn):
-    release = release_selectors.release_get(body.application, body.version)
-    environment = _environment(body.application, body.environment)
+    release = release_selectors.release_get(body.application, body.version, details=False)
+    environment = selectors.environment_get(body.application, body.environment)
     deployment = services.deployment_request(
         actor=actor_of(request), release=release, environment=environment, emergency_reason=body.emergency_reason
     )
@@ -94,7 +84,6 @@ def get_deployment(request: HttpRequest, deployment_id: int):
 
 def _decision(service):
     def view(request: HttpRequest, deployment_id: int, body: DecisionIn):
-        selectors.deployment_get(deployment_id)  # 404 before any decision
         service(actor=actor_of(request), deployment_id=deployment_id, comment=body.comment)
         return selectors.deployment_as_dict(selectors.deployment_get(deployment_id))
 

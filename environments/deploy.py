@@ -248,12 +248,12 @@ def execute(deployment_id: int) -> str | None:
         services.deployment_record_playbook(deployment_id=deployment_id, playbook_commit=commit)
         inventory = prepare_inventory(deployment.environment, private_dir / "inventory")
         watcher.progress.group_sizes = inventory_group_sizes(inventory)
-        os.environ["PATH"] = _venv_bin() + os.pathsep + os.environ.get("PATH", "")
         runner = ansible_runner.run(
             private_data_dir=str(private_dir), playbook=deployment.environment.playbook, inventory=inventory,
             extravars=extravars_for(deployment), ident="run", quiet=True, suppress_env_files=True,
             envvars={"ANSIBLE_NOCOLOR": "1", "ANSIBLE_RETRY_FILES_ENABLED": "0",
-                     "ANSIBLE_DEPRECATION_WARNINGS": "0", "PATH": os.environ["PATH"]},
+                     "ANSIBLE_DEPRECATION_WARNINGS": "0",
+                     "PATH": _venv_bin() + os.pathsep + os.environ.get("PATH", "")},
             timeout=settings.PORTAL_DEPLOY_TIMEOUT, event_handler=watcher.event_handler,
             status_handler=watcher.status_handler, cancel_callback=watcher.cancel_callback,
         )

@@ -3,7 +3,7 @@
 
 import logging
 
-from django.core.exceptions import RequestDataTooBig
+from django.core.exceptions import ObjectDoesNotExist, RequestDataTooBig
 from django.http import Http404
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
@@ -38,6 +38,13 @@ def _refused(request, exc: PolicyRefusal):
 @api.exception_handler(Http404)
 def _not_found(request, exc):
     return _error(request, 404, "NOT_FOUND", str(exc) or "Not found.")
+
+
+@api.exception_handler(ObjectDoesNotExist)
+def _no_such_row(request, exc):
+    """A service asked for a row that does not exist (e.g. an unknown deployment id)."""
+    model = type(exc).__qualname__.split(".")[0].lower() or "object"
+    return _error(request, 404, "NOT_FOUND", f"No such {model}.")
 
 
 @api.exception_handler(AuthenticationError)

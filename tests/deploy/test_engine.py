@@ -16,10 +16,14 @@ def queue(world, release, environment=None):
 
 
 def test_demo_playbook_installs_the_verified_artifact(world, deploy_dirs, artifact, client):
+    import os
+
     release = register(world, artifact, "2.0.0")
     deployment = queue(world, release)
+    worker_path = os.environ["PATH"]
 
     assert deploy.execute(deployment.pk) == State.SUCCEEDED
+    assert os.environ["PATH"] == worker_path  # the runner gets the venv on its PATH; the worker's stays as it was
 
     installed = Path(deploy_dirs) / "deploy" / "MAC" / "QA" / "current"
     assert (installed / "VERSION").read_text() == "2.0.0\n"
