@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from django.http import HttpRequest
-from ninja import Router, Schema, Status
+from ninja import Field, Router, Schema, Status
 from pydantic import BaseModel
 
 from environments import selectors, services
@@ -47,6 +47,10 @@ class DeploymentOut(Schema):
     approvals: list[ApprovalOut]
     required_approvals: int
     result: str
+    refusal_code: str
+    superseded_by: int | None
+    position: int | None = Field(None, description="Place in the environment's queue: 0 running, 1 next, ...")
+    waiting_for: str = Field("", description="Why it waits, e.g. 'behind #412', 'frozen until ...'")
     progress: dict
 
 
@@ -58,12 +62,23 @@ class LastDeployment(Schema):
     finished_at: str | None
 
 
+class QueueEntry(Schema):
+    id: int
+    version: str
+    state: str
+    position: int | None
+    waiting_for: str
+    emergency: bool
+    requested_by: str
+
+
 class EnvironmentStatus(Schema):
     name: str
     restricted: bool
     promotes_from: str | None
     current_version: str | None
     last_deployment: LastDeployment | None
+    queue: list[QueueEntry] = Field(description="Open deployments in order: running, waiting, awaiting approval")
 
 
 @router.post("/deployments", response={201: DeploymentOut, **REFUSALS}, summary="Request a deployment")

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,6 +23,9 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+import ansible_runner
+from ansible.inventory.manager import InventoryManager
+from ansible.parsing.dataloader import DataLoader
 from django.conf import settings
 from django.utils import timezone
 
@@ -85,8 +89,7 @@ def extravars_for(deployment: Deployment) -> dict:
     release = deployment.release
     return {
         "application": release.application.name,
-        "environment": deployment.environment.name,
-        # `environment` is also an Ansible play keyword, which wins inside templates: playbooks use this.
+        # `environment` is an Ansible play keyword (a reserved name): playbooks read this instead.
         "environment_name": deployment.environment.name,
         "version": release.version,
         "artifact_url": release.artifact_url,
@@ -149,9 +152,6 @@ class Progress:
 
 def inventory_group_sizes(inventory: str) -> dict[str, int]:
     """Hosts per inventory group, read with Ansible's own inventory parser (for hosts_total)."""
-    from ansible.inventory.manager import InventoryManager
-    from ansible.parsing.dataloader import DataLoader
-
     manager = InventoryManager(loader=DataLoader(), sources=[inventory])
     sizes = {name: len(group.get_hosts()) for name, group in manager.groups.items()}
     sizes["all"] = len(manager.get_hosts("all"))
@@ -230,12 +230,11 @@ def kill_process_group(pid: int | None) -> bool:
 
 
 def execute(deployment_id: int) -> str | None:
-    """Run one deployment. Returns its final state, or None if it was not queued (nothing done)."""
-    import ansible_runner
-
-    deployment = services.deployment_start(deployment_id=deployment_id, actor=ENGINE)
+    """Run one started deployment. Returns its final state, or None if this engine did not claim it
+    (not running, or another engine has it: nothing done)."""
+    deployment = services.deployment_start(deployment_id=deployment_id, engine=services.this_engine(), actor=ENGINE)
     if deployment is None:
-        logger.info("deployment %s is not queued; nothing to do", deployment_id)
+        logger.info("deployment %s is not waiting for an engine; nothing to do", deployment_id)
         return None
     watcher = Watcher(deployment_id)
     private_dir = Path(settings.PORTAL_DEPLOY_DIR) / str(deployment_id)
@@ -276,19 +275,29 @@ def execute(deployment_id: int) -> str | None:
 
 
 def reap_stale(*, stale_after: float | None = None) -> list[int]:
-    """End `interrupted` every running deployment whose deploy job stopped giving signs of life."""
+    """End `interrupted` every running deployment whose deploy job stopped giving signs of life.
+
+    The result is recorded first (which starts the next waiting deployment); then, only on the host
+    whose engine ran it, the playbook it left behind is killed: another host's process ids mean
+    nothing here. A started deployment that no engine took up (its task was lost) is handed over again.
+    """
     stale_after = settings.PORTAL_DEPLOY_STALE_SECONDS if stale_after is None else stale_after
     cutoff = timezone.now() - timedelta(seconds=stale_after)
+    host = socket.gethostname()
     reaped = []
     for deployment in Deployment.objects.filter(state=State.RUNNING, heartbeat_at__lt=cutoff):
-        killed = kill_process_group((deployment.progress or {}).get("pid"))
+        if not deployment.engine:
+            services.deployment_redeliver(deployment_id=deployment.pk, stale_before=cutoff)
+            continue
         try:
             services.deployment_record_result(
                 deployment_id=deployment.pk, state=State.INTERRUPTED, actor=ENGINE,
                 detail="The deploy job stopped (worker died); the deployment was not re-run.",
-                extra={"killed_leftover_process": killed, "heartbeat_at": chain.iso(deployment.heartbeat_at)},
+                extra={"engine": deployment.engine, "heartbeat_at": chain.iso(deployment.heartbeat_at)},
             )
         except services.PolicyRefusal:
             continue  # it ended meanwhile
+        if deployment.engine.rsplit(":", 1)[0] == host:
+            kill_process_group((deployment.progress or {}).get("pid"))
         reaped.append(deployment.pk)
     return reaped

@@ -107,10 +107,13 @@ class Deployment(models.Model):
         CANCELLED = "cancelled", "Cancelled"
         REJECTED = "rejected", "Rejected"
         INTERRUPTED = "interrupted", "Interrupted"
+        SUPERSEDED = "superseded", "Superseded"
+        REFUSED = "refused", "Refused"
 
     ACTIVE_STATES = (State.QUEUED, State.RUNNING)
     OPEN_STATES = (State.AWAITING_APPROVAL, State.QUEUED, State.RUNNING)
-    FINAL_STATES = (State.SUCCEEDED, State.FAILED, State.CANCELLED, State.REJECTED, State.INTERRUPTED)
+    FINAL_STATES = (State.SUCCEEDED, State.FAILED, State.CANCELLED, State.REJECTED, State.INTERRUPTED,
+                    State.SUPERSEDED, State.REFUSED)
 
     release = models.ForeignKey(Release, on_delete=models.PROTECT, related_name="deployments")
     environment = models.ForeignKey(Environment, on_delete=models.PROTECT, related_name="deployments")
@@ -120,9 +123,17 @@ class Deployment(models.Model):
     )
     requested_by_label = models.CharField(max_length=200, help_text="User name, ci:<token name> or system.")
     requested_via = models.CharField(max_length=20)
+    requested_token_id = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="The API token the request came with (a revoked token's requests end)."
+    )
+    automatic = models.BooleanField(
+        default=False, help_text="Asked for by the portal or CI, not by a person: a newer one may supersede it."
+    )
     requested_at = models.DateTimeField(auto_now_add=True)
     expires_at = models.DateTimeField(null=True, blank=True)
-    queued_at = models.DateTimeField(null=True, blank=True)
+    queued_at = models.DateTimeField(
+        null=True, blank=True, help_text="When it passed the rules and joined the queue: the queue's order."
+    )
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     promoted_from = models.ForeignKey(
@@ -140,6 +151,17 @@ class Deployment(models.Model):
     reviewed_at = models.DateTimeField(null=True, blank=True)
     review_comment = models.TextField(blank=True)
     result_detail = models.TextField(blank=True)
+    refusal_code = models.CharField(
+        max_length=40, blank=True, help_text="The rule that refused it when it came to the front of its queue."
+    )
+    superseded_by = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.PROTECT, related_name="+",
+        help_text="The newer automatic deployment that replaced this one while it waited.",
+    )
+    engine = models.CharField(
+        max_length=200, blank=True,
+        help_text="host:pid of the deploy worker running the playbook; only that host kills a leftover playbook.",
+    )
     sod_checks = models.JSONField(
         "separation-of-duties checks", default=list, blank=True, help_text="The checks that were made and passed."
     )
@@ -157,14 +179,15 @@ class Deployment(models.Model):
         ordering = ["-requested_at", "-id"]
         constraints = [
             models.UniqueConstraint(
-                fields=["environment"],
-                condition=Q(state__in=["queued", "running"]),
-                name="deployment_one_active_per_environment",
+                fields=["environment"], condition=Q(state="running"), name="deployment_one_running_per_environment",
             ),
             models.CheckConstraint(
                 condition=Q(state__in=["awaiting_approval", "queued", "running", "succeeded", "failed",
-                                  "cancelled", "rejected", "interrupted"]),
+                                  "cancelled", "rejected", "interrupted", "superseded", "refused"]),
                 name="deployment_state_valid",
+            ),
+            models.CheckConstraint(
+                condition=Q(superseded_by__isnull=True) | Q(state="superseded"), name="deployment_superseded_state",
             ),
             models.CheckConstraint(
                 condition=Q(emergency=False) | ~Q(emergency_reason=""), name="deployment_emergency_has_reason"
@@ -172,6 +195,7 @@ class Deployment(models.Model):
         ]
         indexes = [
             models.Index(fields=["release", "environment", "state"], name="deployment_release_env_idx"),
+            models.Index(fields=["environment", "state", "queued_at"], name="deployment_queue_idx"),
         ]
 
     def __str__(self) -> str:

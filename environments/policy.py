@@ -7,7 +7,8 @@ Each check runs a fixed number of queries, whatever the size of the history.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import datetime as dt
+from dataclasses import dataclass
 
 from django.contrib.auth.models import Group
 from django.contrib.contenttypes.models import ContentType
@@ -281,33 +282,23 @@ def check_promotion_path(release, environment, source: Deployment | None) -> Ref
     return None
 
 
-# --- rules 6 and 7: one at a time, freeze windows -------------------------------------------------
+# --- rules 6 and 7: one at a time, in order; freeze windows ---------------------------------------
 
-def check_not_busy(environment: Environment) -> Refusal | None:
-    active = (
-        Deployment.objects.filter(environment=environment, state__in=Deployment.ACTIVE_STATES)
-        .values_list("id", flat=True)
-        .first()
-    )
-    if active is not None:
-        return _conflict(
-            "ENVIRONMENT_BUSY",
-            f"{environment} is busy with deployment #{active}; try again when it has finished.",
-        )
-    return None
+def active_freeze(environment: Environment, now: dt.datetime | None = None) -> FreezeWindow | None:
+    now = now or timezone.now()
+    return FreezeWindow.objects.filter(environment=environment, starts_at__lte=now, ends_at__gt=now).first()
 
 
-def check_no_freeze(environment: Environment, emergency: bool) -> Refusal | None:
+def freeze_sentence(environment: Environment, window: FreezeWindow) -> str:
+    return (f"{environment} is frozen until {window.ends_at:%Y-%m-%d %H:%M} UTC ({window.reason}); "
+            "only an emergency deployment with a stated reason can go now.")
+
+
+def check_no_freeze(environment: Environment, emergency: bool, now: dt.datetime | None = None) -> Refusal | None:
     if emergency:
         return None
-    now = timezone.now()
-    window = FreezeWindow.objects.filter(environment=environment, starts_at__lte=now, ends_at__gt=now).first()
-    if window is not None:
-        return _conflict(
-            "FREEZE_WINDOW",
-            f"{environment} is frozen until {window.ends_at:%Y-%m-%d %H:%M} UTC ({window.reason}); "
-            "only an emergency deployment with a stated reason can go now.",
-        )
+    if (window := active_freeze(environment, now)) is not None:
+        return _conflict("FREEZE_WINDOW", freeze_sentence(environment, window))
     return None
 
 
@@ -324,60 +315,113 @@ def check_not_already_open(release: Release, environment: Environment) -> Refusa
     return None
 
 
+def check_not_expired(deployment: Deployment, now: dt.datetime | None = None) -> Refusal | None:
+    """Rule 5: a request (and the approvals it gathered) is valid until it expires."""
+    if deployment.expires_at is not None and deployment.expires_at <= (now or timezone.now()):
+        return _conflict("REQUEST_EXPIRED", f"Deployment request #{deployment.pk} has expired; request it again.")
+    return None
+
+
 # --- decisions ------------------------------------------------------------------------------------
 
-@dataclass
-class RequestVerdict:
+# The separation-of-duties checks (rule 3), by the name a deployment records once it passed them.
+REQUESTER_NOT_IMPLEMENTER = "requester_not_implementer"
+APPROVER_NOT_IMPLEMENTER = "approver_not_implementer"
+APPROVER_NOT_REQUESTER = "approver_not_requester"
+APPROVER_DISTINCT = "approver_distinct"
+REVIEWER_NOT_IMPLEMENTER = "reviewer_not_implementer"
+REVIEWER_NOT_REQUESTER = "reviewer_not_requester"
+SOD_CHECKS = {
+    REQUESTER_NOT_IMPLEMENTER: "The requester did not implement the change.",
+    APPROVER_NOT_IMPLEMENTER: "No approver implemented the change.",
+    APPROVER_NOT_REQUESTER: "No approver requested the deployment.",
+    APPROVER_DISTINCT: "Each approval came from a different person.",
+    REVIEWER_NOT_IMPLEMENTER: "The reviewer did not implement the change.",
+    REVIEWER_NOT_REQUESTER: "The reviewer did not request the emergency deployment.",
+}
+APPROVAL_CHECKS = (APPROVER_NOT_IMPLEMENTER, APPROVER_NOT_REQUESTER, APPROVER_DISTINCT)
+REVIEW_CHECKS = (REVIEWER_NOT_IMPLEMENTER, REVIEWER_NOT_REQUESTER)
+
+
+def required_sod_checks(*, restricted: bool, emergency: bool, reviewed: bool) -> set[str]:
+    """The checks a production deployment must have passed to count as controlled (the reports ask this)."""
+    if not restricted:
+        return set()
+    required = {REQUESTER_NOT_IMPLEMENTER} if emergency else {REQUESTER_NOT_IMPLEMENTER, *APPROVAL_CHECKS}
+    if reviewed:
+        required |= set(REVIEW_CHECKS)
+    return required
+
+
+class Next:
+    """What happens after a decision."""
+
+    QUEUE = "queue"  # joins the environment's queue (starts at once when the environment is free)
+    AWAIT_APPROVAL = "await_approval"  # waits for more approvals
+    END = "end"  # the decision ends the deployment (a rejection)
+    EXPIRE = "expire"  # refused because the request expired: it ends
+    START = "start"  # the front of the queue may start now
+    HOLD = "hold"  # stays in the queue (a freeze): asked again later
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The one shape of every answer of the policy: a refusal or nothing, the separation-of-duties
+    checks that were made and passed, and what happens next."""
+
     refusal: Refusal | None = None
+    checks: tuple[str, ...] = ()
+    next: str = ""
+    waiting_for: str = ""  # why it holds, in a sentence
     promoted_from: Deployment | None = None
-    queue_now: bool = False
-    sod_checks: list[str] = field(default_factory=list)
+
+    @property
+    def allowed(self) -> bool:
+        return self.refusal is None
+
+
+def _no(refusal: Refusal, *, next: str = "") -> Decision:  # noqa: A002 - the field's name
+    return Decision(refusal=refusal, next=next)
 
 
 def decide_request(
     *, actor: Actor, release: Release, environment: Environment, emergency_reason: str = ""
-) -> RequestVerdict:
-    """May `actor` ask for `release` to go to `environment`? (rules 1-7, 9)"""
+) -> Decision:
+    """May `actor` ask for `release` to go to `environment`? (rules 1-5, 7, 9). A busy environment is
+    no reason to refuse: the deployment waits its turn (rule 6)."""
     emergency = bool(emergency_reason.strip())
-    verdict = RequestVerdict()
-
-    def refuse(r):
-        verdict.refusal = r
-        return verdict
-
     if r := check_token_scope(actor, environment.application) or check_ci_not_restricted(actor, environment):
-        return refuse(r)
+        return _no(r)
     if environment.application_id != release.application_id:
-        return refuse(_conflict("WRONG_APPLICATION", f"{environment} does not belong to {release.application}."))
+        return _no(_conflict("WRONG_APPLICATION", f"{environment} does not belong to {release.application}."))
     if r := check_build_gate(release.build):
-        return refuse(r)
+        return _no(r)
     grants = environment_grants(actor.user, environment) if actor.is_person else set()
     if r := check_may_request(actor, environment, grants):
-        return refuse(r)
+        return _no(r)
     if emergency and (not actor.is_person or DEPLOY not in grants):
-        return refuse(_forbidden(
+        return _no(_forbidden(
             "EMERGENCY_NOT_RELEASER", f"Only a releaser of {environment} may request an emergency deployment."
         ))
     implementers = implementers_of(release)
+    checks: tuple[str, ...] = ()
     if environment.restricted:
         if r := check_implementers_recorded(release, environment, implementers):
-            return refuse(r)
+            return _no(r)
         if r := check_not_implementer(actor.user, implementers, "SOD_IMPLEMENTER_REQUESTER", "request production of"):
-            return refuse(r)
-        verdict.sod_checks.append("requester_not_implementer")
+            return _no(r)
+        checks = (REQUESTER_NOT_IMPLEMENTER,)
     if r := check_code_review(release, environment, implementers):
-        return refuse(r)
-    verdict.promoted_from = promotion_source(release, environment)
-    if r := check_promotion_path(release, environment, verdict.promoted_from):
-        return refuse(r)
+        return _no(r)
+    source = promotion_source(release, environment)
+    if r := check_promotion_path(release, environment, source):
+        return _no(r)
     if r := check_not_already_open(release, environment):
-        return refuse(r)
+        return _no(r)
     if r := check_no_freeze(environment, emergency):
-        return refuse(r)
-    verdict.queue_now = emergency or environment.required_approvals == 0
-    if verdict.queue_now and (r := check_not_busy(environment)):
-        return refuse(r)
-    return verdict
+        return _no(r)
+    queue_now = emergency or environment.required_approvals == 0
+    return Decision(checks=checks, next=Next.QUEUE if queue_now else Next.AWAIT_APPROVAL, promoted_from=source)
 
 
 def _check_open_for_decision(deployment: Deployment) -> Refusal | None:
@@ -386,39 +430,83 @@ def _check_open_for_decision(deployment: Deployment) -> Refusal | None:
             "NOT_AWAITING_APPROVAL",
             f"Deployment #{deployment.pk} is {deployment.get_state_display().lower()}, not awaiting approval.",
         )
-    if deployment.expires_at is not None and deployment.expires_at <= timezone.now():
-        return _conflict("REQUEST_EXPIRED", f"Deployment request #{deployment.pk} has expired; request it again.")
     return None
 
 
-def decide_approval(*, actor: Actor, deployment: Deployment, approve: bool) -> tuple[Refusal | None, list[str]]:
-    """May `actor` approve (or reject) `deployment`? (rules 3-5)"""
+def approvals_given(deployment: Deployment) -> int:
+    return sum(1 for a in deployment.approvals.all() if a.decision == "approve")
+
+
+def decide_approval(*, actor: Actor, deployment: Deployment, approve: bool) -> Decision:
+    """May `actor` approve (or reject) `deployment`? (rules 3-5). The approval that reaches the
+    environment's threshold queues the deployment, busy environment or not (rule 6)."""
     environment = deployment.environment
     if actor.is_ci:
-        return _forbidden(
-            "CI_TOKEN_RESTRICTED", "A CI token can never approve or reject deployments."
-        ), []
+        return _no(_forbidden("CI_TOKEN_RESTRICTED", "A CI token can never approve or reject deployments."))
     if r := _check_open_for_decision(deployment):
-        return r, []
+        return _no(r)
+    if r := check_not_expired(deployment):
+        return _no(r, next=Next.EXPIRE)
+    if not actor.is_person:
+        return _no(_forbidden("NOT_A_PERSON", "Only a person can approve or reject a deployment."))
     if r := check_may_approve(actor, environment, environment_grants(actor.user, environment)):
-        return r, []
+        return _no(r)
     role = "approve" if approve else "reject"
     implementers = implementers_of(deployment.release)
     if r := check_not_implementer(actor.user, implementers, "SOD_IMPLEMENTER_APPROVER", role):
-        return r, []
+        return _no(r)
     if deployment.requested_by_id == actor.user.pk:
-        return _forbidden("SOD_REQUESTER_APPROVER", f"You requested this deployment, so you may not {role} it."), []
-    if deployment.approvals.filter(approver=actor.user).exists():
-        return _forbidden(
+        return _no(_forbidden("SOD_REQUESTER_APPROVER", f"You requested this deployment, so you may not {role} it."))
+    if any(a.approver_id == actor.user.pk for a in deployment.approvals.all()):
+        return _no(_forbidden(
             "SOD_DISTINCT_APPROVERS", "You have already decided on this deployment; each approval must come "
             "from a different person."
-        ), []
-    return None, ["approver_not_implementer", "approver_not_requester", "approver_distinct"]
+        ))
+    if not approve:
+        next_step = Next.END
+    elif approvals_given(deployment) + 1 >= deployment.required_approvals:
+        next_step = Next.QUEUE
+    else:
+        next_step = Next.AWAIT_APPROVAL
+    return Decision(checks=APPROVAL_CHECKS, next=next_step)
 
 
-def decide_queue(deployment: Deployment) -> Refusal | None:
-    """Can an approved deployment be queued now? (rules 6 and 7)"""
-    return check_no_freeze(deployment.environment, deployment.emergency) or check_not_busy(deployment.environment)
+def decide_start(deployment: Deployment, *, now: dt.datetime | None = None) -> Decision:
+    """Rule 6: the front of an environment's queue starts when the environment is free, after the
+    rules that depend on time are asked again: a freeze holds it (unless it is an emergency); an
+    expired request, rights revoked meanwhile, or a release no longer on the promotion path refuse it."""
+    now = now or timezone.now()
+    environment = deployment.environment
+    if r := check_not_expired(deployment, now):
+        return _no(r)
+    requester = deployment.requested_by
+    if requester is not None:
+        grants = environment_grants(requester, environment)
+        if not requester.is_active or (environment.restricted and DEPLOY not in grants):
+            return _no(_forbidden(
+                "NOT_RELEASER", f"{requester.get_username()} no longer holds the right to deploy to {environment}, "
+                "so the deployment they requested cannot start.",
+            ))
+    if deployment.required_approvals and not deployment.emergency:  # an emergency skips the approval wait
+        approvers = [a.approver for a in deployment.approvals.all() if a.decision == "approve"]
+        valid = [a for a in approvers if APPROVE in environment_grants(a, environment)]
+        if len(valid) < deployment.required_approvals:
+            lost = sorted(a.get_username() for a in approvers if a not in valid)
+            return _no(_forbidden(
+                "NOT_RELEASER", f"The approval of {', '.join(lost) or 'an approver'} no longer counts: they no "
+                f"longer hold the right to approve for {environment}.",
+            ))
+    if r := check_promotion_path(deployment.release, environment, promotion_source(deployment.release, environment)):
+        return _no(r)
+    if not deployment.emergency and (window := active_freeze(environment, now)) is not None:
+        return Decision(next=Next.HOLD,
+                        waiting_for=f"frozen until {window.ends_at:%Y-%m-%d %H:%M} UTC ({window.reason})")
+    return Decision(next=Next.START)
+
+
+def token_revoked_refusal() -> Refusal:
+    return _forbidden("TOKEN_REVOKED",
+                      "The API token that requested this deployment was revoked, so it will not start.")
 
 
 def decide_finish(deployment: Deployment) -> Refusal | None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from django.db.models import OuterRef, Subquery
+from django.db.models import Count, OuterRef, Q, Subquery
 from django.http import Http404
+from django.utils import timezone
 
 from audit.chain import iso_or_none as _time
-from environments.models import Deployment, Environment
+from environments.models import Deployment, Environment, FreezeWindow
 from releases.models import Application, Release
 
 
@@ -28,7 +29,57 @@ def deployment_get(deployment_id: int) -> Deployment:
     return deployment
 
 
+def environment_queues(environment_ids: list[int], *, now=None) -> dict[int, list[dict]]:
+    """Per environment, its open deployments in queue order: the running one, those waiting (with their
+    position and what each waits for), then those awaiting approval. A fixed number of queries."""
+    now = now or timezone.now()
+    rows = (
+        Deployment.objects.filter(environment_id__in=environment_ids, state__in=Deployment.OPEN_STATES)
+        .annotate(approved=Count("approvals", filter=Q(approvals__decision="approve")))
+        .values("id", "environment_id", "state", "release__version", "engine", "emergency", "approved",
+                "required_approvals", "queued_at", "requested_at", "requested_by_label")
+    )
+    frozen = {
+        w.environment_id: w for w in FreezeWindow.objects.filter(
+            environment_id__in=environment_ids, starts_at__lte=now, ends_at__gt=now
+        ).order_by("-ends_at")
+    }
+    order = {Deployment.State.RUNNING: 0, Deployment.State.QUEUED: 1, Deployment.State.AWAITING_APPROVAL: 2}
+    queues: dict[int, list[dict]] = {e: [] for e in environment_ids}
+    for row in sorted(rows, key=lambda r: (order[r["state"]], r["queued_at"] or r["requested_at"], r["id"])):
+        queue = queues[row["environment_id"]]
+        state, position, waiting_for = row["state"], None, ""
+        if state == Deployment.State.RUNNING:
+            position = 0
+            waiting_for = "" if row["engine"] else "a deploy worker to take it up"
+        elif state == Deployment.State.QUEUED:
+            ahead = [q for q in queue if q["state"] in (Deployment.State.RUNNING, Deployment.State.QUEUED)]
+            position = 1 + sum(1 for q in ahead if q["state"] == Deployment.State.QUEUED)
+            window = frozen.get(row["environment_id"])
+            if window is not None and not row["emergency"]:
+                waiting_for = f"frozen until {window.ends_at:%Y-%m-%d %H:%M} UTC ({window.reason})"
+            elif ahead:
+                waiting_for = f"behind #{ahead[-1]['id']}"
+            else:
+                waiting_for = "its start"
+        else:
+            waiting_for = f"approval ({row['approved']} of {row['required_approvals']})"
+        queue.append({"id": row["id"], "version": row["release__version"], "state": state, "position": position,
+                      "waiting_for": waiting_for, "emergency": row["emergency"],
+                      "requested_by": row["requested_by_label"]})
+    return queues
+
+
+def queue_entry(deployment: Deployment) -> dict | None:
+    """Where one open deployment stands in its environment's queue."""
+    if deployment.state not in Deployment.OPEN_STATES:
+        return None
+    entries = environment_queues([deployment.environment_id]).get(deployment.environment_id, [])
+    return next((e for e in entries if e["id"] == deployment.pk), None)
+
+
 def deployment_as_dict(deployment: Deployment) -> dict:
+    entry = queue_entry(deployment) or {}
     return {
         "id": deployment.pk,
         "application": deployment.release.application.name,
@@ -50,6 +101,10 @@ def deployment_as_dict(deployment: Deployment) -> dict:
         ],
         "required_approvals": deployment.required_approvals,
         "result": deployment.result_detail,
+        "refusal_code": deployment.refusal_code,
+        "superseded_by": deployment.superseded_by_id,
+        "position": entry.get("position"),
+        "waiting_for": entry.get("waiting_for", ""),
         "progress": deployment.progress,
     }
 
@@ -65,6 +120,7 @@ def application_environments(application: Application) -> list[dict]:
         last_deployment_id=Subquery(last_any.values("id")[:1]),
     ).order_by("id")
     environments = list(environments)
+    queues = environment_queues([e.pk for e in environments])
     last = {
         d.pk: d for d in Deployment.objects.select_related("release", "environment").filter(
             pk__in=[e.last_deployment_id for e in environments if e.last_deployment_id]
@@ -81,6 +137,7 @@ def application_environments(application: Application) -> list[dict]:
                 "id": d.pk, "version": d.release.version, "state": d.state,
                 "requested_at": _time(d.requested_at), "finished_at": _time(d.finished_at),
             },
+            "queue": queues[env.pk],
         })
     return rows
 

@@ -8,22 +8,26 @@ written to the audit chain and committed before PolicyRefusal is raised.
 from __future__ import annotations
 
 import datetime as dt
+import os
+import socket
 
 from django.conf import settings
 from django.contrib.auth.models import Group
-from django.db import IntegrityError, transaction
+from django.db import transaction
 from django.utils import timezone
+from django_q.tasks import async_task
 from guardian.shortcuts import assign_perm, remove_perm
 
 from audit import chain
 from audit.actors import Actor
 from audit.services import audit_refusal
 from environments import policy
-from environments.models import Approval, Deployment, Environment
-from environments.policy import PolicyRefusal, Refusal
+from environments.models import Approval, Deployment, Environment, NotificationChannel
+from environments.policy import PolicyRefusal
 from releases.models import Release
 
 State = Deployment.State
+ENGINE = Actor.system(via="task")
 
 
 def _deployment_data(deployment: Deployment, **extra) -> dict:
@@ -46,19 +50,14 @@ def _lock_environment(environment_id: int) -> Environment:
     )
 
 
-def _expire(deployment: Deployment, now: dt.datetime) -> None:
-    """An approval request past its expiry time ends `cancelled`."""
-    _set_state(deployment, State.CANCELLED, finished_at=now, result_detail="The approval request expired.")
-    chain.append(actor=Actor.system(), action="deployment.expire", obj=deployment, data=_deployment_data(deployment))
-
-
 def _lock_deployment(deployment_id: int) -> Deployment:
     """Lock a deployment's environment, then the deployment (always in that order)."""
     environment_id = Deployment.objects.values_list("environment_id", flat=True).get(pk=deployment_id)
     environment = _lock_environment(environment_id)
     deployment = (
         Deployment.objects.select_for_update(of=("self",))
-        .select_related("release__build", "release__application")
+        .select_related("release__build", "release__application", "requested_by")
+        .prefetch_related("approvals__approver")
         .get(pk=deployment_id)
     )
     deployment.environment = environment
@@ -72,59 +71,156 @@ def _set_state(deployment: Deployment, state: str, **fields) -> None:
     deployment.save(update_fields=["state", *fields])
 
 
+def _enqueue(task: str, *args, name: str) -> None:
+    """Hand work to the worker once the transaction has committed (ids only; the task re-reads)."""
+    transaction.on_commit(lambda: async_task(f"environments.tasks.{task}", *args, task_name=name))
+
+
+def _expire(deployment: Deployment, now: dt.datetime) -> None:
+    """An approval request past its expiry time ends `cancelled`."""
+    _set_state(deployment, State.CANCELLED, finished_at=now, result_detail="The approval request expired.")
+    chain.append(actor=Actor.system(), action="deployment.expire", obj=deployment, data=_deployment_data(deployment))
+
+
+# --- the queue: one dispatcher ---------------------------------------------------------------------
+
+def _queue_of(environment: Environment):
+    """The deployments waiting for an environment, in the order they became ready (rule 6)."""
+    return (
+        Deployment.objects.filter(environment=environment, state=State.QUEUED)
+        .select_related("release__build", "release__application", "requested_by")
+        .prefetch_related("approvals__approver")
+        .order_by("queued_at", "id")
+    )
+
+
+def _dispatch(environment: Environment, *, now: dt.datetime | None = None) -> Deployment | None:
+    """Start the front of a locked environment's queue if the environment is free.
+
+    The only place a deployment starts. The rules that depend on time are asked again here, in the
+    transaction that starts it: a freeze holds a deployment in the queue, a refusal ends it `refused`
+    and the queue moves on. The deploy engine is told after commit.
+    """
+    if Deployment.objects.filter(environment=environment, state=State.RUNNING).exists():
+        return None
+    now = now or timezone.now()
+    for deployment in _queue_of(environment):
+        deployment.environment = environment
+        decision = policy.decide_start(deployment, now=now)
+        if decision.next == policy.Next.HOLD:
+            continue
+        if not decision.allowed:
+            refusal = decision.refusal
+            _set_state(deployment, State.REFUSED, finished_at=now, result_detail=refusal.detail,
+                       refusal_code=refusal.code)
+            chain.append(actor=ENGINE, action="deployment.refused", obj=deployment, code=refusal.code,
+                         data=_deployment_data(deployment, detail=refusal.detail))
+            _notify(deployment)
+            continue
+        _set_state(deployment, State.RUNNING, started_at=now, heartbeat_at=now)
+        chain.append(actor=ENGINE, action="deployment.start", obj=deployment, data=_deployment_data(deployment))
+        _enqueue("run_deployment", deployment.pk, name=f"deployment-{deployment.pk}")
+        return deployment
+    return None
+
+
+def deployment_dispatch(*, environment_id: int, now: dt.datetime | None = None) -> Deployment | None:
+    """Start the next waiting deployment of an environment, if it is free and the rules allow."""
+    with transaction.atomic():
+        return _dispatch(_lock_environment(environment_id), now=now)
+
+
+def deployment_dispatch_idle(*, now: dt.datetime | None = None) -> list[Deployment]:
+    """Start the front of every queue whose environment is idle: after a freeze ends, or when a worker
+    died between finishing one deployment and starting the next. Run on a schedule and at worker start."""
+    running = Deployment.objects.filter(state=State.RUNNING).values("environment_id")
+    waiting = (
+        Deployment.objects.filter(state=State.QUEUED).exclude(environment_id__in=running)
+        .values_list("environment_id", flat=True).distinct()
+    )
+    started = [deployment_dispatch(environment_id=e, now=now) for e in sorted(set(waiting))]
+    return [d for d in started if d is not None]
+
+
+def _supersede_older(deployment: Deployment, now: dt.datetime) -> None:
+    """Latest wins for automatic deployments: an older release's automatic deployment still waiting
+    for the same environment ends `superseded`. One that a person requested or approved waits its turn."""
+    if not deployment.automatic:
+        return
+    older = (
+        Deployment.objects.select_for_update(of=("self",))
+        .select_related("release__application")
+        .filter(environment=deployment.environment, state=State.QUEUED, automatic=True, required_approvals=0,
+                release_id__lt=deployment.release_id)
+        .exclude(pk=deployment.pk)
+        .order_by("id")
+    )
+    for waiting in older:
+        waiting.environment = deployment.environment
+        _set_state(waiting, State.SUPERSEDED, finished_at=now, superseded_by=deployment,
+                   result_detail=f"Superseded by #{deployment.pk} ({deployment.release.version}) while waiting.")
+        chain.append(actor=ENGINE, action="deployment.supersede", obj=waiting,
+                     data=_deployment_data(waiting, superseded_by=deployment.pk,
+                                           superseded_by_version=deployment.release.version))
+        _notify(waiting)
+
+
+def _join_queue(deployment: Deployment, now: dt.datetime) -> None:
+    _supersede_older(deployment, now)
+    _dispatch(deployment.environment, now=now)
+    deployment.refresh_from_db(fields=["state", "started_at", "heartbeat_at", "finished_at", "result_detail",
+                                       "refusal_code"])
+
+
+# --- requests and decisions ------------------------------------------------------------------------
+
 def deployment_request(
     *, actor: Actor, release: Release, environment: Environment, emergency_reason: str = ""
 ) -> Deployment:
-    """Ask for `release` to go to `environment`. Queued at once where no approval is needed
-    (or for an emergency), otherwise awaiting approval until it expires."""
+    """Ask for `release` to go to `environment`. Joins the environment's queue at once where no approval
+    is needed (or for an emergency), otherwise awaits approval until it expires. A busy environment
+    is no refusal: the deployment waits its turn."""
     emergency_reason = emergency_reason.strip()
     with transaction.atomic():
         environment = _lock_environment(environment.pk)
         release = Release.objects.select_related("build", "application").get(pk=release.pk)
-        verdict = policy.decide_request(
+        decision = policy.decide_request(
             actor=actor, release=release, environment=environment, emergency_reason=emergency_reason
         )
-        if verdict.refusal is None:
+        if decision.allowed:
             now = timezone.now()
-            queue_now = verdict.queue_now
+            queue_now = decision.next == policy.Next.QUEUE
             expiry = dt.timedelta(hours=settings.PORTAL_APPROVAL_EXPIRY_HOURS)
-            try:
-                with transaction.atomic():
-                    deployment = Deployment.objects.create(
-                        release=release, environment=environment,
-                        state=State.QUEUED if queue_now else State.AWAITING_APPROVAL,
-                        requested_by=actor.user if actor.is_person else None,
-                        requested_by_label=actor.label, requested_via=actor.via,
-                        expires_at=None if queue_now else now + expiry,
-                        queued_at=now if queue_now else None,
-                        promoted_from=verdict.promoted_from,
-                        required_approvals=environment.required_approvals,
-                        emergency=bool(emergency_reason), emergency_reason=emergency_reason,
-                        sod_checks=verdict.sod_checks,
-                    )
-            except IntegrityError:
-                # The partial unique index caught a concurrent queue (it backs up the lock).
-                verdict.refusal = policy.check_not_busy(environment) or Refusal(
-                    "ENVIRONMENT_BUSY", f"{environment} is busy; try again when it has finished."
-                )
-            else:
-                chain.append(
-                    actor=actor, action="deployment.request", obj=deployment,
-                    data=_deployment_data(
-                        deployment, emergency=deployment.emergency, emergency_reason=emergency_reason,
-                        promoted_from=verdict.promoted_from.pk if verdict.promoted_from else None,
-                        sod_checks=verdict.sod_checks,
-                    ),
-                )
-                if queue_now:
-                    _on_queued(deployment)
-                return deployment
+            deployment = Deployment.objects.create(
+                release=release, environment=environment,
+                state=State.QUEUED if queue_now else State.AWAITING_APPROVAL,
+                requested_by=actor.user if actor.is_person else None,
+                requested_by_label=actor.label, requested_via=actor.via, requested_token_id=actor.token_id,
+                automatic=not actor.is_person,
+                expires_at=None if queue_now else now + expiry,
+                queued_at=now if queue_now else None,
+                promoted_from=decision.promoted_from,
+                required_approvals=environment.required_approvals,
+                emergency=bool(emergency_reason), emergency_reason=emergency_reason,
+                sod_checks=list(decision.checks),
+            )
+            chain.append(
+                actor=actor, action="deployment.request", obj=deployment,
+                data=_deployment_data(
+                    deployment, emergency=deployment.emergency, emergency_reason=emergency_reason,
+                    promoted_from=decision.promoted_from.pk if decision.promoted_from else None,
+                    sod_checks=list(decision.checks),
+                ),
+            )
+            if queue_now:
+                _join_queue(deployment, now)
+            return deployment
         audit_refusal(
-            actor=actor, action="deployment.request", refusal=verdict.refusal, obj=environment,
+            actor=actor, action="deployment.request", refusal=decision.refusal, obj=environment,
             data={"release": str(release), "version": release.version, "environment": environment.name,
                   "emergency": bool(emergency_reason)},
         )
-    raise PolicyRefusal(verdict.refusal)
+    raise PolicyRefusal(decision.refusal)
 
 
 def auto_deploy(*, release: Release, environment: Environment) -> Deployment | None:
@@ -145,56 +241,51 @@ def auto_deploy_next(*, release: Release, after: Environment | None = None) -> N
         auto_deploy(release=release, environment=environment)
 
 
-def _on_finished(deployment: Deployment) -> None:
-    from environments import tasks
-
-    transaction.on_commit(lambda: tasks.enqueue_notifications(deployment.pk))
-
-
-def _on_queued(deployment: Deployment) -> None:
-    """Hand a queued deployment to the deploy engine once the transaction has committed."""
-    from environments import tasks
-
-    transaction.on_commit(lambda: tasks.enqueue_deployment(deployment.pk))
+def _notify(deployment: Deployment) -> None:
+    """Tell the application's channels how a deployment ended, after commit (one task per channel)."""
+    channels = NotificationChannel.objects.filter(
+        application_id=deployment.release.application_id, enabled=True
+    ).values_list("id", flat=True)
+    for channel_id in channels:
+        _enqueue("send_notification", channel_id, deployment.pk, name=f"notify-{channel_id}-{deployment.pk}")
 
 
 def _decide(*, actor: Actor, deployment_id: int, approve: bool, comment: str) -> Deployment:
     action = "deployment.approve" if approve else "deployment.reject"
     with transaction.atomic():
         deployment = _lock_deployment(deployment_id)
-        refusal, checks = policy.decide_approval(actor=actor, deployment=deployment, approve=approve)
-        if refusal is not None and refusal.code == "REQUEST_EXPIRED":
+        decision = policy.decide_approval(actor=actor, deployment=deployment, approve=approve)
+        if decision.next == policy.Next.EXPIRE:
             _expire(deployment, timezone.now())
-        approvals = 0
-        if refusal is None and approve:
-            approvals = deployment.approvals.filter(decision=Approval.Decision.APPROVE).count() + 1
-            if approvals >= deployment.required_approvals:
-                refusal = policy.decide_queue(deployment)
-        if refusal is None:
+        if decision.allowed:
+            approvals = policy.approvals_given(deployment) + (1 if approve else 0)
             Approval.objects.create(
                 deployment=deployment, approver=actor.user,
                 decision=Approval.Decision.APPROVE if approve else Approval.Decision.REJECT, comment=comment,
             )
+            deployment._prefetched_objects_cache.pop("approvals", None)  # the new one is in the database
             now = timezone.now()
-            sod = sorted({*deployment.sod_checks, *checks})
-            if not approve:
+            sod = sorted({*deployment.sod_checks, *decision.checks})
+            if decision.next == policy.Next.END:
                 _set_state(deployment, State.REJECTED, finished_at=now, sod_checks=sod,
                            result_detail=f"Rejected by {actor.label}: {comment}".strip(" :"))
-            elif approvals >= deployment.required_approvals:
+            elif decision.next == policy.Next.QUEUE:
                 _set_state(deployment, State.QUEUED, queued_at=now, sod_checks=sod)
-                _on_queued(deployment)
             else:
                 _set_state(deployment, State.AWAITING_APPROVAL, sod_checks=sod)
             chain.append(actor=actor, action=action, obj=deployment,
-                         data=_deployment_data(deployment, comment=comment, approvals=approvals, sod_checks=checks))
+                         data=_deployment_data(deployment, comment=comment, approvals=approvals,
+                                               sod_checks=list(decision.checks)))
+            if decision.next == policy.Next.QUEUE:
+                _join_queue(deployment, now)
             return deployment
-        audit_refusal(actor=actor, action=action, refusal=refusal, obj=deployment,
+        audit_refusal(actor=actor, action=action, refusal=decision.refusal, obj=deployment,
                       data=_deployment_data(deployment, comment=comment))
-    raise PolicyRefusal(refusal)
+    raise PolicyRefusal(decision.refusal)
 
 
 def deployment_approve(*, actor: Actor, deployment_id: int, comment: str = "") -> Deployment:
-    """Record one approval; the last one required queues the deployment."""
+    """Record one approval; the last one required puts the deployment in its environment's queue."""
     return _decide(actor=actor, deployment_id=deployment_id, approve=True, comment=comment)
 
 
@@ -204,8 +295,8 @@ def deployment_reject(*, actor: Actor, deployment_id: int, comment: str = "") ->
 
 
 def deployment_cancel(*, actor: Actor, deployment_id: int, comment: str = "") -> Deployment:
-    """Cancel an open deployment. A queued or waiting one ends at once; a running one is flagged and
-    the deploy engine stops its playbook and ends it `cancelled`."""
+    """Cancel an open deployment. A waiting one ends at once; a running one is flagged and the deploy
+    engine stops its playbook and ends it `cancelled`."""
     with transaction.atomic():
         deployment = _lock_deployment(deployment_id)
         refusal = policy.decide_cancel(actor=actor, deployment=deployment)
@@ -226,20 +317,67 @@ def deployment_cancel(*, actor: Actor, deployment_id: int, comment: str = "") ->
     raise PolicyRefusal(refusal)
 
 
-def deployment_start(*, deployment_id: int, actor: Actor | None = None) -> Deployment | None:
-    """Claim a queued deployment for the deploy engine (queued -> running).
+def deployment_refuse_token_requests(*, actor: Actor, token_id: int) -> list[int]:
+    """A revoked token's waiting requests end `refused`: nothing it asked for starts afterwards."""
+    refusal = policy.token_revoked_refusal()
+    ended = []
+    ids = Deployment.objects.filter(
+        requested_token_id=token_id, state__in=(State.AWAITING_APPROVAL, State.QUEUED)
+    ).values_list("id", flat=True)
+    for deployment_id in list(ids):
+        with transaction.atomic():
+            deployment = _lock_deployment(deployment_id)
+            if deployment.state not in (State.AWAITING_APPROVAL, State.QUEUED):
+                continue
+            _set_state(deployment, State.REFUSED, finished_at=timezone.now(), result_detail=refusal.detail,
+                       refusal_code=refusal.code)
+            chain.append(actor=actor, action="deployment.refused", obj=deployment, code=refusal.code,
+                         data=_deployment_data(deployment, detail=refusal.detail))
+            ended.append(deployment_id)
+    return ended
 
-    Returns None when it is no longer queued: a task delivered twice never runs a deployment twice.
+
+# --- the deploy engine's side ----------------------------------------------------------------------
+
+def this_engine() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def deployment_start(*, deployment_id: int, engine: str | None = None, actor: Actor | None = None) -> Deployment | None:
+    """The deploy engine claims a started deployment to run its playbook.
+
+    Returns None when it is not running or another engine has it already: a task delivered twice
+    never runs a deployment twice. A deployment cancelled before any engine took it ends here.
     """
-    actor = actor or Actor.system(via="task")
+    actor = actor or ENGINE
+    engine = engine or this_engine()
     with transaction.atomic():
         deployment = _lock_deployment(deployment_id)
-        if deployment.state != State.QUEUED:
+        if deployment.state != State.RUNNING or deployment.engine:
             return None
         now = timezone.now()
-        _set_state(deployment, State.RUNNING, started_at=now, heartbeat_at=now)
-        chain.append(actor=actor, action="deployment.start", obj=deployment, data=_deployment_data(deployment))
+        if deployment.cancel_requested_at is not None:
+            _finish(deployment, actor=actor, state=State.CANCELLED, detail="Cancelled before the playbook started.")
+            return None
+        deployment.engine, deployment.heartbeat_at = engine, now
+        deployment.save(update_fields=["engine", "heartbeat_at"])
+        chain.append(actor=actor, action="deployment.claim", obj=deployment,
+                     data=_deployment_data(deployment, engine=engine))
         return deployment
+
+
+def deployment_redeliver(*, deployment_id: int, stale_before: dt.datetime) -> bool:
+    """A started deployment that no engine took up (its task was lost with a worker) is handed to the
+    deploy engine again. Safe: the engine's claim is atomic, so it still runs once."""
+    with transaction.atomic():
+        deployment = _lock_deployment(deployment_id)
+        if deployment.state != State.RUNNING or deployment.engine or deployment.heartbeat_at >= stale_before:
+            return False
+        deployment.heartbeat_at = timezone.now()
+        deployment.save(update_fields=["heartbeat_at"])
+        chain.append(actor=ENGINE, action="deployment.redeliver", obj=deployment, data=_deployment_data(deployment))
+        _enqueue("run_deployment", deployment.pk, name=f"deployment-{deployment.pk}")
+        return True
 
 
 def deployment_record_playbook(*, deployment_id: int, playbook_commit: str) -> None:
@@ -248,32 +386,40 @@ def deployment_record_playbook(*, deployment_id: int, playbook_commit: str) -> N
         deployment = _lock_deployment(deployment_id)
         deployment.playbook_commit = playbook_commit
         deployment.save(update_fields=["playbook_commit"])
-        chain.append(actor=Actor.system(via="task"), action="deployment.playbook", obj=deployment,
+        chain.append(actor=ENGINE, action="deployment.playbook", obj=deployment,
                      data=_deployment_data(deployment, playbook_commit=playbook_commit))
 
 
 FINISHED_BY_ENGINE = (State.SUCCEEDED, State.FAILED, State.CANCELLED, State.INTERRUPTED)
 
 
+def _finish(deployment: Deployment, *, actor: Actor, state: str, detail: str = "", extra: dict | None = None):
+    """A running deployment ends: record it, go on along the promotion path, tell the channels, and
+    start the next deployment waiting for the environment."""
+    _set_state(deployment, state, finished_at=timezone.now(), result_detail=detail)
+    chain.append(actor=actor, action="deployment.finish", obj=deployment,
+                 data=_deployment_data(deployment, result=state, detail=detail, **(extra or {})))
+    if state == State.SUCCEEDED:
+        auto_deploy_next(release=deployment.release, after=deployment.environment)
+    _notify(deployment)
+    _dispatch(deployment.environment)
+
+
 def deployment_record_result(
     *, deployment_id: int, state: str, detail: str = "", actor: Actor | None = None, extra: dict | None = None
 ) -> Deployment:
-    """Record how a running deployment ended (succeeded, failed, cancelled or interrupted)."""
+    """Record how a running deployment ended (succeeded, failed, cancelled or interrupted); the next
+    deployment waiting for the environment starts in the same transaction."""
     if state not in FINISHED_BY_ENGINE:
         raise ValueError(f"A deployment cannot end as {state!r}.")
-    actor = actor or Actor.system(via="task")
+    actor = actor or ENGINE
     with transaction.atomic():
         deployment = _lock_deployment(deployment_id)
         if refusal := policy.decide_finish(deployment):
             audit_refusal(actor=actor, action="deployment.finish", refusal=refusal, obj=deployment,
                           data=_deployment_data(deployment, result=state))
         else:
-            _set_state(deployment, state, finished_at=timezone.now(), result_detail=detail)
-            chain.append(actor=actor, action="deployment.finish", obj=deployment,
-                         data=_deployment_data(deployment, result=state, detail=detail, **(extra or {})))
-            if state == State.SUCCEEDED:
-                auto_deploy_next(release=deployment.release, after=deployment.environment)
-            _on_finished(deployment)
+            _finish(deployment, actor=actor, state=state, detail=detail, extra=extra)
             return deployment
     raise PolicyRefusal(refusal)
 
@@ -287,8 +433,7 @@ def deployment_review(*, actor: Actor, deployment_id: int, comment: str = "") ->
             deployment.reviewed_by = actor.user
             deployment.reviewed_at = timezone.now()
             deployment.review_comment = comment
-            deployment.sod_checks = sorted({*deployment.sod_checks, "reviewer_not_implementer",
-                                            "reviewer_not_requester"})
+            deployment.sod_checks = sorted({*deployment.sod_checks, *policy.REVIEW_CHECKS})
             deployment.save(update_fields=["reviewed_by", "reviewed_at", "review_comment", "sod_checks"])
             chain.append(actor=actor, action="deployment.review", obj=deployment,
                          data=_deployment_data(deployment, comment=comment))

@@ -9,6 +9,7 @@ from django.utils import timezone
 
 from audit import chain
 from audit.actors import Actor
+from environments.services import deployment_refuse_token_requests
 from portal.models import ApiToken, hash_token
 from releases.models import Application
 
@@ -45,6 +46,7 @@ def token_revoke(*, actor: Actor, token: ApiToken) -> ApiToken:
             token.revoked_at = timezone.now()
             token.save(update_fields=["revoked_at"])
             chain.append(actor=actor, action="token.revoke", obj=token, data={"key_prefix": token.key_prefix})
+    deployment_refuse_token_requests(actor=actor, token_id=token.pk)
     return token
 
 

@@ -36,7 +36,8 @@ def test_demo_playbook_installs_the_verified_artifact(world, deploy_dirs, artifa
     assert DeploymentEvent.objects.filter(deployment=deployment, event="playbook_on_stats").exists()
     actions = list(AuditEvent.objects.filter(object_id=str(deployment.pk), object_type="environments.deployment")
                    .values_list("action", flat=True))
-    assert actions == ["deployment.request", "deployment.start", "deployment.playbook", "deployment.finish"]
+    assert actions == ["deployment.request", "deployment.start", "deployment.claim", "deployment.playbook",
+                       "deployment.finish"]
     finish = AuditEvent.objects.get(action="deployment.finish", object_id=str(deployment.pk))
     assert finish.data["playbook_commit"] == deployment.playbook_commit and finish.data["rc"] == 0
     assert chain.verify().ok
@@ -60,7 +61,7 @@ def test_a_deployment_runs_once_however_often_it_is_delivered(world, deploy_dirs
     deployment = queue(world, register(world, artifact, "2.0.2"))
     assert deploy.execute(deployment.pk) == State.SUCCEEDED
     assert deploy.execute(deployment.pk) is None
-    assert AuditEvent.objects.filter(action="deployment.start", object_id=str(deployment.pk)).count() == 1
+    assert AuditEvent.objects.filter(action="deployment.claim", object_id=str(deployment.pk)).count() == 1
 
 
 def test_playbooks_from_git_record_their_commit(world, deploy_dirs, artifact, playbook_repo):
@@ -95,10 +96,10 @@ def test_auto_deploy_follows_the_promotion_path_but_never_into_restricted(world,
         services.environment_save(actor=services.Actor.system(), environment=world.production)
     release = register(world, artifact, "2.1.0")
     qa = Deployment.objects.get(release=release)
-    assert (qa.environment, qa.state, qa.requested_by_label) == (world.qa, State.QUEUED, "system")
+    assert (qa.environment, qa.state, qa.requested_by_label) == (world.qa, State.RUNNING, "system")
     assert deploy.execute(qa.pk) == State.SUCCEEDED
     staging = Deployment.objects.get(release=release, environment=world.staging)
-    assert staging.state == State.QUEUED
+    assert staging.state == State.RUNNING
     assert deploy.execute(staging.pk) == State.SUCCEEDED
     assert not Deployment.objects.filter(release=release, environment=world.production).exists()
     # the policy refuses the portal itself on a restricted environment, whatever the configuration

@@ -17,7 +17,7 @@ from audit import chain
 from audit.models import AuditEvent
 from environments import deploy, services, tasks
 from environments.models import Deployment, DeploymentEvent
-from environments.policy import PolicyRefusal
+from tests.conftest import person
 from tests.deploy.conftest import register, use_repo
 
 State = Deployment.State
@@ -109,14 +109,15 @@ def worker_factory(deploy_dirs):
 def test_cancel_while_queued_and_while_running(transactional_audit_db, world, deploy_dirs, artifact, playbook_repo):
     repo, _ = playbook_repo
     use_repo(world.qa, repo, "slow.yml")
-    queued = services.deployment_request(actor=world.ci, release=register(world, artifact, "4.0.0"),
+    running = services.deployment_request(actor=person(world.alice), release=register(world, artifact, "4.0.1"),
+                                          environment=world.qa)
+    queued = services.deployment_request(actor=person(world.alice), release=register(world, artifact, "4.0.0"),
                                          environment=world.qa)
+    assert state_of(queued.pk) == State.QUEUED  # waits behind the first
     services.deployment_cancel(actor=world.ci, deployment_id=queued.pk)
     assert state_of(queued.pk) == State.CANCELLED
     assert deploy.execute(queued.pk) is None  # a cancelled deployment is never run
 
-    running = services.deployment_request(actor=world.ci, release=register(world, artifact, "4.0.1"),
-                                          environment=world.qa)
     outcome = {}
 
     def run():
@@ -154,24 +155,49 @@ def test_worker_killed_mid_deploy_leaves_an_interrupted_deployment(
 
     worker.kill(signal.SIGKILL)  # the worker dies; the playbook it started lives on
     assert alive(pid) and state_of(old.pk) == State.RUNNING
-    with pytest.raises(PolicyRefusal) as busy:
-        services.deployment_request(actor=world.ci, release=register(world, artifact, "5.0.1"),
-                                    environment=world.qa)
-    assert busy.value.refusal.code == "ENVIRONMENT_BUSY"  # never two at once
+    new = services.deployment_request(actor=world.ci, release=register(world, artifact, "5.0.1"),
+                                      environment=world.qa)
+    assert state_of(new.pk) == State.QUEUED  # it waits: never two at once, and never refused for it
+    use_repo(world.qa, repo, "quick.yml")
 
     time.sleep(3)
     reap = subprocess.run([sys.executable, "manage.py", "reap_deployments", "--stale-after", "2"], cwd=ROOT,
                           env=worker_env(deploy_dirs), capture_output=True, text=True, timeout=60)
     assert reap.returncode == 0 and f"[{old.pk}]" in reap.stdout, reap.stderr
     assert state_of(old.pk) == State.INTERRUPTED
+    assert state_of(new.pk) == State.RUNNING  # the interrupted one's end started the next
     assert wait_for(lambda: not alive(pid), timeout=10, what="the leftover playbook to be killed")
     assert tasks.run_deployment(old.pk) is None  # a re-delivered task never re-runs it
 
-    use_repo(world.qa, repo, "quick.yml")
-    new = services.deployment_request(actor=world.ci, release=register(world, artifact, "5.0.2"),
-                                      environment=world.qa)
     worker_factory()
-    wait_for(lambda: state_of(new.pk) == State.SUCCEEDED, timeout=90, what="the new deployment to run")
+    wait_for(lambda: state_of(new.pk) == State.SUCCEEDED, timeout=90, what="the waiting deployment to run")
     assert state_of(old.pk) == State.INTERRUPTED
-    assert AuditEvent.objects.filter(action="deployment.start", object_id=str(old.pk)).count() == 1
+    assert AuditEvent.objects.filter(action="deployment.claim", object_id=str(old.pk)).count() == 1
+    assert chain.verify().ok
+
+
+def test_a_started_deployment_whose_task_was_lost_still_runs_once(
+    transactional_audit_db, world, deploy_dirs, artifact, worker_factory
+):
+    """A worker killed right after one deployment finished: the next one had started, its task is gone."""
+    from django_q.brokers import get_broker
+
+    first = services.deployment_request(actor=world.ci, release=register(world, artifact, "5.1.0"),
+                                        environment=world.qa)
+    second = services.deployment_request(actor=person(world.alice), release=register(world, artifact, "5.1.1"),
+                                         environment=world.qa)
+    services.deployment_start(deployment_id=first.pk, engine="gone:1")
+    services.deployment_record_result(deployment_id=first.pk, state=State.SUCCEEDED)
+    assert state_of(second.pk) == State.RUNNING
+    get_broker().purge_queue()  # the tasks died with the worker
+
+    time.sleep(2)
+    reap = subprocess.run([sys.executable, "manage.py", "reap_deployments", "--stale-after", "1"], cwd=ROOT,
+                          env=worker_env(deploy_dirs), capture_output=True, text=True, timeout=60)
+    assert reap.returncode == 0, reap.stderr
+    assert state_of(second.pk) == State.RUNNING  # never run, so handed over again rather than interrupted
+    worker_factory()
+    wait_for(lambda: state_of(second.pk) == State.SUCCEEDED, timeout=90, what="the waiting deployment to run")
+    assert AuditEvent.objects.filter(action="deployment.claim", object_id=str(second.pk)).count() == 1
+    assert AuditEvent.objects.filter(action="deployment.redeliver", object_id=str(second.pk)).count() == 1
     assert chain.verify().ok

@@ -6,12 +6,12 @@ import pytest
 from django.utils import timezone
 
 from audit.models import AuditEvent
-from environments import services
+from environments import selectors, services
 from environments.models import Deployment, FreezeWindow
 from environments.policy import PolicyRefusal
 from releases.models import VcsAlias
 from releases.services import PullRequest
-from tests.conftest import ci_actor, person
+from tests.conftest import SYSTEM, ci_actor, person
 
 State = Deployment.State
 
@@ -37,7 +37,7 @@ def test_release_must_reach_previous_environment_first(world):
     refusal = refused("PROMOTION_PATH", request, world, release, world.staging)
     assert refusal.status == 409 and "QA" in refusal.detail
     world.deploy(release, world.qa)
-    assert request(world, release, world.staging).state == State.QUEUED
+    assert request(world, release, world.staging).state == State.RUNNING
 
 
 def test_failed_deployment_to_previous_environment_does_not_open_the_path(world):
@@ -80,7 +80,7 @@ def test_implementer_cannot_approve_matched_by_email_any_case_or_alias(world, id
     deployment = request(world, release, world.production, world.bob)
     refused("SOD_IMPLEMENTER_APPROVER", services.deployment_approve, actor=person(world.carol),
             deployment_id=deployment.pk)
-    assert services.deployment_approve(actor=person(world.erin), deployment_id=deployment.pk).state == State.QUEUED
+    assert services.deployment_approve(actor=person(world.erin), deployment_id=deployment.pk).state == State.RUNNING
 
 
 def test_implementer_matched_by_user_link(world):
@@ -121,7 +121,7 @@ def test_each_approval_comes_from_a_distinct_person(world):
     )
     refused("SOD_DISTINCT_APPROVERS", services.deployment_approve, actor=person(world.carol),
             deployment_id=deployment.pk)
-    assert services.deployment_approve(actor=person(world.erin), deployment_id=deployment.pk).state == State.QUEUED
+    assert services.deployment_approve(actor=person(world.erin), deployment_id=deployment.pk).state == State.RUNNING
     assert deployment.approvals.count() == 2
 
 
@@ -230,37 +230,138 @@ def test_expire_pending_cancels_only_expired_requests(world):
     assert AuditEvent.objects.filter(action="deployment.expire", object_id=str(old.pk)).exists()
 
 
-# rule 6: one at a time
-def test_second_deployment_to_busy_environment_is_refused(world):
+# rule 6: one at a time, in order
+def test_busy_environment_takes_requests_in_order(world):
+    first, second, third = world.release(), world.release(), world.release()
+    a = request(world, first, world.qa, world.alice)
+    b = request(world, second, world.qa, world.alice)
+    c = request(world, third, world.qa, world.alice)
+    assert (a.state, b.state, c.state) == (State.RUNNING, State.QUEUED, State.QUEUED)
+    queue = selectors.environment_queues([world.qa.pk])[world.qa.pk]
+    assert [(e["id"], e["position"], e["waiting_for"]) for e in queue] == [
+        (a.pk, 0, "a deploy worker to take it up"), (b.pk, 1, f"behind #{a.pk}"), (c.pk, 2, f"behind #{b.pk}")]
+    services.deployment_record_result(deployment_id=a.pk, state=State.FAILED)  # any end starts the next
+    b.refresh_from_db()
+    c.refresh_from_db()
+    assert (b.state, c.state) == (State.RUNNING, State.QUEUED)
+    services.deployment_cancel(actor=person(world.alice), deployment_id=c.pk)
+    services.deployment_record_result(deployment_id=b.pk, state=State.SUCCEEDED)
+    assert not AuditEvent.objects.filter(code="ENVIRONMENT_BUSY").exists()
+    assert list(Deployment.objects.filter(environment=world.qa).values_list("state", flat=True).order_by("id")) == [
+        State.FAILED, State.SUCCEEDED, State.CANCELLED]
+
+
+def test_latest_automatic_deployment_wins_and_goes_on_by_itself(world):
+    for environment in (world.qa, world.staging):
+        environment.auto_deploy = True
+        environment.save(update_fields=["auto_deploy"])
+    r1, r2, r3 = world.release("9.0.0"), world.release("9.1.0"), world.release("9.2.0")
+    d1, d2, d3 = (Deployment.objects.get(release=r, environment=world.qa) for r in (r1, r2, r3))
+    assert (d1.state, d2.state, d3.state) == (State.RUNNING, State.SUPERSEDED, State.QUEUED)
+    assert d2.superseded_by_id == d3.pk
+    supersede = AuditEvent.objects.get(action="deployment.supersede", object_id=str(d2.pk))
+    assert supersede.data["superseded_by"] == d3.pk and supersede.data["superseded_by_version"] == "9.2.0"
+    services.deployment_record_result(deployment_id=d1.pk, state=State.SUCCEEDED)
+    d3.refresh_from_db()
+    assert d3.state == State.RUNNING  # r1 meanwhile went on to Staging by itself
+    services.deployment_record_result(deployment_id=d3.pk, state=State.SUCCEEDED)
+    staging = Deployment.objects.get(release=r3, environment=world.staging)
+    assert staging.state == State.QUEUED  # behind r1 in Staging: a newer release, not superseded by an older
+    services.deployment_record_result(
+        deployment_id=Deployment.objects.get(release=r1, environment=world.staging).pk, state=State.SUCCEEDED)
+    staging.refresh_from_db()
+    assert staging.state == State.RUNNING
+    assert not AuditEvent.objects.filter(code="ENVIRONMENT_BUSY").exists()
+    # a superseded release can still be requested by hand
+    assert request(world, r2, world.qa, world.alice).state == State.RUNNING
+
+
+def test_a_deployment_a_person_asked_for_is_never_superseded(world):
     first, second = world.release(), world.release()
-    queued = request(world, first, world.qa)
-    assert queued.state == State.QUEUED
-    refused("ENVIRONMENT_BUSY", request, world, second, world.qa)
-    services.deployment_start(deployment_id=queued.pk)
-    refused("ENVIRONMENT_BUSY", request, world, second, world.qa)
-    services.deployment_record_result(deployment_id=queued.pk, state=State.SUCCEEDED)
-    assert request(world, second, world.qa).state == State.QUEUED
+    running = request(world, first, world.qa, world.alice)
+    mine = request(world, second, world.qa, world.alice)
+    world.qa.auto_deploy = True
+    world.qa.save(update_fields=["auto_deploy"])
+    newest = Deployment.objects.get(release=world.release(), environment=world.qa)
+    mine.refresh_from_db()
+    assert (mine.state, newest.state) == (State.QUEUED, State.QUEUED)
+    services.deployment_record_result(deployment_id=running.pk, state=State.SUCCEEDED)
+    mine.refresh_from_db()
+    assert mine.state == State.RUNNING
 
 
-def test_final_approval_waits_while_environment_busy(world):
+def _busy_production(world):
+    """Production running one release, and a second one requested by bob, awaiting approval."""
     first, second = world.release(), world.release()
     world.to_staging(first)
     world.to_staging(second)
     a = request(world, first, world.production, world.bob)
-    b = request(world, second, world.production, world.bob)
     services.deployment_approve(actor=person(world.carol), deployment_id=a.pk)
-    refused("ENVIRONMENT_BUSY", services.deployment_approve, actor=person(world.carol), deployment_id=b.pk)
+    b = request(world, second, world.production, world.bob)
+    return a, b
+
+
+def test_final_approval_on_a_busy_environment_is_accepted_and_waits(world):
+    a, b = _busy_production(world)
+    approved = services.deployment_approve(actor=person(world.carol), deployment_id=b.pk, comment="ok")
+    assert approved.state == State.QUEUED and approved.approvals.count() == 1
+    assert selectors.queue_entry(approved)["waiting_for"] == f"behind #{a.pk}"
+    services.deployment_record_result(deployment_id=a.pk, state=State.SUCCEEDED)
+    approved.refresh_from_db()
+    assert approved.state == State.RUNNING and approved.approvals.count() == 1  # not asked again
+    assert AuditEvent.objects.filter(action="deployment.start", object_id=str(b.pk)).count() == 1
+
+
+def test_waiting_deployment_holds_during_a_freeze_and_starts_when_it_ends(world):
+    a, b = _busy_production(world)
+    services.deployment_approve(actor=person(world.carol), deployment_id=b.pk)
+    now = timezone.now()
+    window = FreezeWindow.objects.create(environment=world.production, starts_at=now,
+                                         ends_at=now + dt.timedelta(hours=2), reason="quarter close")
+    services.deployment_record_result(deployment_id=a.pk, state=State.SUCCEEDED)
     b.refresh_from_db()
-    assert b.state == State.AWAITING_APPROVAL and b.approvals.count() == 0
+    assert b.state == State.QUEUED
+    assert selectors.queue_entry(b)["waiting_for"].startswith("frozen until ")
+    assert services.deployment_dispatch_idle(now=now + dt.timedelta(hours=1)) == []
+    started = services.deployment_dispatch_idle(now=window.ends_at + dt.timedelta(minutes=1))
+    assert [d.pk for d in started] == [b.pk]
+    b.refresh_from_db()
+    assert b.state == State.RUNNING
 
 
-def test_database_refuses_two_active_deployments(world):
+def test_waiting_deployment_whose_request_expired_is_refused_and_the_queue_moves_on(world):
+    a, b = _busy_production(world)
+    services.deployment_approve(actor=person(world.carol), deployment_id=b.pk)
+    third = world.release()
+    world.to_staging(third)
+    c = request(world, third, world.production, world.bob)
+    services.deployment_approve(actor=person(world.erin), deployment_id=c.pk)
+    Deployment.objects.filter(pk=b.pk).update(expires_at=timezone.now() - dt.timedelta(minutes=1))
+    services.deployment_record_result(deployment_id=a.pk, state=State.SUCCEEDED)
+    b.refresh_from_db()
+    c.refresh_from_db()
+    assert (b.state, b.refusal_code, c.state) == (State.REFUSED, "REQUEST_EXPIRED", State.RUNNING)
+    event = AuditEvent.objects.get(action="deployment.refused", object_id=str(b.pk))
+    assert event.code == "REQUEST_EXPIRED" and event.data["detail"] == b.result_detail
+
+
+def test_rights_revoked_while_waiting_refuse_the_start(world):
+    a, b = _busy_production(world)
+    services.deployment_approve(actor=person(world.carol), deployment_id=b.pk)
+    services.group_membership_change(actor=SYSTEM, group=world.releasers, user=world.bob, add=False)
+    services.deployment_record_result(deployment_id=a.pk, state=State.SUCCEEDED)
+    b.refresh_from_db()
+    assert (b.state, b.refusal_code) == (State.REFUSED, "NOT_RELEASER")
+    assert "bob no longer holds the right to deploy" in b.result_detail
+
+
+def test_database_refuses_two_running_deployments(world):
     from django.db import IntegrityError, transaction
 
     first, second = world.release(), world.release()
-    request(world, first, world.qa)
+    assert request(world, first, world.qa).state == State.RUNNING
     with pytest.raises(IntegrityError), transaction.atomic():
-        Deployment.objects.create(release=second, environment=world.qa, state=State.QUEUED,
+        Deployment.objects.create(release=second, environment=world.qa, state=State.RUNNING,
                                   requested_by_label="x", requested_via="test")
 
 
@@ -285,7 +386,7 @@ def test_emergency_skips_freeze_and_approval_but_not_separation_of_duties(world,
     refused("SOD_IMPLEMENTER_REQUESTER", request, world, release, world.production, world.bob,
             emergency_reason="payments down")
     deployment = request(world, release, world.production, world.carol, emergency_reason="payments down")
-    assert deployment.state == State.QUEUED and deployment.emergency
+    assert deployment.state == State.RUNNING and deployment.emergency
 
 
 def test_emergency_needs_a_releaser(world, make_user):
@@ -325,4 +426,4 @@ def test_environment_requiring_code_review(world):
 def test_non_restricted_environment_needs_a_deploy_permission(world):
     release = world.release()
     refused("NOT_PERMITTED", request, world, release, world.qa, world.dave)
-    assert request(world, release, world.qa, world.alice).state == State.QUEUED
+    assert request(world, release, world.qa, world.alice).state == State.RUNNING

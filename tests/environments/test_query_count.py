@@ -9,15 +9,15 @@ from tests.conftest import person
 
 def decide(world, release):
     with CaptureQueriesContext(connection) as captured:
-        verdict = policy.decide_request(actor=person(world.bob), release=release, environment=world.production)
-    assert verdict.refusal is None, verdict.refusal
+        decision = policy.decide_request(actor=person(world.bob), release=release, environment=world.production)
+    assert decision.allowed, decision.refusal
     return len(captured)
 
 
 def approval_queries(world, deployment):
     with CaptureQueriesContext(connection) as captured:
-        refusal, _ = policy.decide_approval(actor=person(world.carol), deployment=deployment, approve=True)
-    assert refusal is None
+        decision = policy.decide_approval(actor=person(world.carol), deployment=deployment, approve=True)
+    assert decision.allowed and decision.next == policy.Next.QUEUE
     return len(captured)
 
 

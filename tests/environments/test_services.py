@@ -26,11 +26,13 @@ def test_request_approve_start_finish_are_audited(world):
                                                                         "awaiting_approval")
     assert event.data["artifact_sha256"] == release.artifact_sha256
     services.deployment_approve(actor=person(world.carol), deployment_id=deployment.pk, comment="fine")
-    event = last_event()
-    assert (event.action, event.actor_username, event.data["state"]) == ("deployment.approve", "carol", "queued")
-    assert event.data["sod_checks"] == ["approver_not_implementer", "approver_not_requester", "approver_distinct"]
-    services.deployment_start(deployment_id=deployment.pk)
-    assert last_event().action == "deployment.start"
+    approve, start = AuditEvent.objects.filter(object_id=str(deployment.pk)).order_by("-seq")[:2][::-1]
+    assert (approve.action, approve.actor_username, approve.data["state"]) == ("deployment.approve", "carol",
+                                                                              "queued")
+    assert approve.data["sod_checks"] == ["approver_not_implementer", "approver_not_requester", "approver_distinct"]
+    assert (start.action, start.actor_username, start.data["state"]) == ("deployment.start", "system", "running")
+    services.deployment_start(deployment_id=deployment.pk, engine="worker-1:42")
+    assert (last_event().action, last_event().data["engine"]) == ("deployment.claim", "worker-1:42")
     services.deployment_record_result(deployment_id=deployment.pk, state=State.SUCCEEDED, detail="3 hosts")
     event = last_event()
     assert (event.action, event.data["result"]) == ("deployment.finish", "succeeded")
@@ -40,29 +42,33 @@ def test_request_approve_start_finish_are_audited(world):
     assert chain.verify().ok
 
 
-def test_start_claims_only_a_queued_deployment(world):
+def test_engine_claims_a_started_deployment_once(world):
     deployment = services.deployment_request(actor=world.ci, release=world.release(), environment=world.qa)
-    assert services.deployment_start(deployment_id=deployment.pk).state == State.RUNNING
-    assert services.deployment_start(deployment_id=deployment.pk) is None  # delivered twice: runs once
-    assert AuditEvent.objects.filter(action="deployment.start", object_id=str(deployment.pk)).count() == 1
+    assert deployment.state == State.RUNNING  # QA was free: it started at once
+    claimed = services.deployment_start(deployment_id=deployment.pk, engine="worker-1:42")
+    assert (claimed.state, claimed.engine) == (State.RUNNING, "worker-1:42")
+    assert services.deployment_start(deployment_id=deployment.pk, engine="worker-2:7") is None  # delivered twice
+    assert AuditEvent.objects.filter(action="deployment.claim", object_id=str(deployment.pk)).count() == 1
 
 
 def test_result_only_for_a_running_deployment(world):
-    deployment = services.deployment_request(actor=world.ci, release=world.release(), environment=world.qa)
+    services.deployment_request(actor=world.ci, release=world.release(), environment=world.qa)
+    waiting = services.deployment_request(actor=world.ci, release=world.release(), environment=world.qa)
+    assert waiting.state == State.QUEUED
     with pytest.raises(PolicyRefusal) as info:
-        services.deployment_record_result(deployment_id=deployment.pk, state=State.SUCCEEDED)
+        services.deployment_record_result(deployment_id=waiting.pk, state=State.SUCCEEDED)
     assert info.value.refusal.code == "NOT_RUNNING"
     with pytest.raises(ValueError):
-        services.deployment_record_result(deployment_id=deployment.pk, state=State.QUEUED)
+        services.deployment_record_result(deployment_id=waiting.pk, state=State.QUEUED)
 
 
 def test_cancel_queued_and_waiting_and_flag_running(world):
+    running = services.deployment_request(actor=world.ci, release=world.release(), environment=world.qa)
     queued = services.deployment_request(actor=world.ci, release=world.release(), environment=world.qa)
     services.deployment_cancel(actor=world.ci, deployment_id=queued.pk, comment="wrong build")
     queued.refresh_from_db()
     assert queued.state == State.CANCELLED and "wrong build" in queued.result_detail
     assert last_event().action == "deployment.cancel"
-    running = services.deployment_request(actor=world.ci, release=world.release(), environment=world.qa)
     services.deployment_start(deployment_id=running.pk)
     services.deployment_cancel(actor=person(world.alice), deployment_id=running.pk)
     running.refresh_from_db()
@@ -71,6 +77,14 @@ def test_cancel_queued_and_waiting_and_flag_running(world):
     with pytest.raises(PolicyRefusal) as info:
         services.deployment_cancel(actor=world.ci, deployment_id=queued.pk)
     assert info.value.refusal.code == "NOT_CANCELLABLE"
+
+
+def test_cancelled_before_an_engine_took_it_ends_without_running(world):
+    started = services.deployment_request(actor=world.ci, release=world.release(), environment=world.qa)
+    services.deployment_cancel(actor=world.ci, deployment_id=started.pk)
+    assert services.deployment_start(deployment_id=started.pk) is None
+    started.refresh_from_db()
+    assert started.state == State.CANCELLED and started.engine == ""
 
 
 def test_only_requester_or_releaser_cancels_a_restricted_request(world):

@@ -38,7 +38,7 @@ def test_analyst_approves_through_the_admin_action(client, analysts):
     response = act(client, analysts.carol, "approve", [deployment.pk], "looks right")
     assert response.status_code == 200
     deployment.refresh_from_db()
-    assert deployment.state == Deployment.State.QUEUED
+    assert deployment.state == Deployment.State.RUNNING  # Production was free: it started at once
     event = AuditEvent.objects.filter(action="deployment.approve").get()
     assert (event.actor_username, event.via, event.data["comment"]) == ("carol", "admin", "looks right")
 

@@ -47,9 +47,9 @@ RELEASE = {"application": "MAC", "version": "3.1.0", "build": "101", "artifact_u
                             "approved_at": "2026-11-29T10:00:00Z"}}
 
 
-def register(ci):
-    assert ci.post("/builds", BUILD).status_code == 201
-    assert ci.post("/releases", RELEASE).status_code == 201
+def register(ci, version="3.1.0", build="101"):
+    assert ci.post("/builds", {**BUILD, "number": build}).status_code == 201
+    assert ci.post("/releases", {**RELEASE, "version": version, "build": build}).status_code == 201
 
 
 def test_build_routes(ci):
@@ -85,7 +85,7 @@ def test_release_from_failed_build_is_422(ci):
 def test_deployment_flow_with_ci_and_personal_tokens(world, client, ci):
     register(ci)
     qa = ci.post("/deployments", {"application": "MAC", "version": "3.1.0", "environment": "QA"})
-    assert qa.status_code == 201 and qa.json()["state"] == "queued"
+    assert qa.status_code == 201 and qa.json()["state"] == "running"  # QA was free: it started at once
     from environments import services
 
     for env_name in ("QA", "Staging"):
@@ -109,13 +109,16 @@ def test_deployment_flow_with_ci_and_personal_tokens(world, client, ci):
     approved = carol.post(f"/deployments/{prod_id}/approve", {"comment": "checked evidence"})
     assert approved.status_code == 200
     body = approved.json()
-    assert body["state"] == "queued" and body["approvals"][0]["approver"] == "carol"
+    assert body["state"] == "running" and body["approvals"][0]["approver"] == "carol"
     assert ci.get(f"/deployments/{prod_id}").json()["requested_by"] == "bob"
 
     envs = ci.get("/applications/MAC/environments").json()
     assert [(e["name"], e["current_version"]) for e in envs] == [("QA", "3.1.0"), ("Staging", "3.1.0"),
                                                                  ("Production", None)]
-    assert envs[2]["last_deployment"]["state"] == "queued" and envs[2]["restricted"] is True
+    assert envs[2]["last_deployment"]["state"] == "running" and envs[2]["restricted"] is True
+    assert envs[2]["queue"] == [{"id": prod_id, "version": "3.1.0", "state": "running", "position": 0,
+                                 "waiting_for": "a deploy worker to take it up", "emergency": False,
+                                 "requested_by": "bob"}]
 
     change = ci.get("/changes/BIZPLAT-64951").json()
     assert [b["number"] for b in change["builds"]] == ["101"]
@@ -124,9 +127,27 @@ def test_deployment_flow_with_ci_and_personal_tokens(world, client, ci):
     assert ci.get("/changes/BIZPLAT-1").status_code == 404
 
 
+def test_busy_environment_answers_with_the_waiting_state_and_position(world, client, ci):
+    register(ci)
+    register(ci, version="3.2.0", build="102")
+    alice = personal(world, client, world.alice)
+    first = alice.post("/deployments", {"application": "MAC", "version": "3.1.0", "environment": "QA"}).json()
+    second = alice.post("/deployments", {"application": "MAC", "version": "3.2.0", "environment": "QA"})
+    assert second.status_code == 201
+    body = second.json()
+    assert (body["state"], body["position"], body["waiting_for"]) == ("queued", 1, f"behind #{first['id']}")
+    queue = ci.get("/applications/MAC/environments").json()[0]["queue"]
+    assert [(e["id"], e["state"], e["position"]) for e in queue] == [(first["id"], "running", 0),
+                                                                      (body["id"], "queued", 1)]
+    assert ci.get(f"/deployments/{body['id']}").json()["waiting_for"] == f"behind #{first['id']}"
+
+
 def test_reject_and_cancel_routes(world, client, ci):
     register(ci)
+    register(ci, version="3.2.0", build="102")
+    ci.post("/deployments", {"application": "MAC", "version": "3.2.0", "environment": "QA"})
     first = ci.post("/deployments", {"application": "MAC", "version": "3.1.0", "environment": "QA"}).json()
+    assert first["state"] == "queued"
     cancelled = ci.post(f"/deployments/{first['id']}/cancel", {"comment": "oops"})
     assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
     again = ci.post(f"/deployments/{first['id']}/cancel", {})
