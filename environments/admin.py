@@ -3,12 +3,13 @@ from django.contrib import admin, messages
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.core.exceptions import PermissionDenied
+from django.db.models import Count, OuterRef, Subquery
 from django.shortcuts import get_object_or_404, redirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
-from environments import policy, services
+from environments import policy, selectors, services
 from environments.models import (
     Approval,
     Deployment,
@@ -54,8 +55,20 @@ class EnvironmentAdmin(admin.ModelAdmin):
                     "requires_code_review"]
     list_filter = ["application", "restricted"]
     list_select_related = ["application", "promotes_from__application"]
-    readonly_fields = ["who_may_deploy_and_approve"]
+    readonly_fields = ["who_may_deploy_and_approve", "queue"]
     inlines = [FreezeWindowInline]
+
+    @admin.display(description="queue")
+    def queue(self, obj):
+        if obj.pk is None:
+            return "-"
+        entries = selectors.environment_queues([obj.pk])[obj.pk]
+        rows = format_html_join(
+            "", '<li><a href="{}">#{}</a> {} {}{}</li>',
+            ((reverse("admin:environments_deployment_change", args=[e["id"]]), e["id"], e["version"], e["state"],
+              f": waiting for {e['waiting_for']}" if e["waiting_for"] else "") for e in entries),
+        )
+        return format_html("<ol>{}</ol>", rows) if entries else "empty"
 
     def has_delete_permission(self, request, obj=None):
         return False
@@ -123,7 +136,7 @@ class ApprovalInline(admin.TabularInline):
 
 @admin.register(Deployment)
 class DeploymentAdmin(admin.ModelAdmin):
-    list_display = ["id", "release", "environment_name", "state", "requested_by_label", "requested_at",
+    list_display = ["id", "release", "environment_name", "state", "in_queue", "requested_by_label", "requested_at",
                     "emergency", "review_status", "finished_at"]
     list_filter = ["state", "environment__application", "environment__name", "emergency"]
     search_fields = ["release__version", "requested_by_label", "release__issues__key"]
@@ -134,7 +147,35 @@ class DeploymentAdmin(admin.ModelAdmin):
     exclude = ["progress"]
 
     def get_readonly_fields(self, request, obj=None):
-        return ["progress_summary", *(f.name for f in self.model._meta.fields if f.name != "progress"), "output_log"]
+        return ["queue_place", "progress_summary", *(f.name for f in self.model._meta.fields if f.name != "progress"),
+                "output_log"]
+
+    def get_queryset(self, request):
+        ahead = Deployment.objects.filter(
+            environment=OuterRef("environment"), state=Deployment.State.QUEUED, queued_at__lte=OuterRef("queued_at"),
+        ).values("environment").annotate(n=Count("id")).values("n")
+        return super().get_queryset(request).annotate(queue_position=Subquery(ahead))
+
+    @admin.display(description="in queue")
+    def in_queue(self, obj):
+        if obj.state == Deployment.State.QUEUED:
+            return f"waiting, {obj.queue_position or 1} in line"
+        if obj.state == Deployment.State.SUPERSEDED:
+            return f"superseded by #{obj.superseded_by_id}"
+        if obj.state == Deployment.State.REFUSED:
+            return f"refused at start ({obj.refusal_code})"
+        return ""
+
+    @admin.display(description="place in the queue")
+    def queue_place(self, obj):
+        entry = selectors.queue_entry(obj)
+        if entry is None:
+            return self.in_queue(obj) or "-"
+        if entry["state"] == Deployment.State.RUNNING:
+            return f"running{'; waiting for ' + entry['waiting_for'] if entry['waiting_for'] else ''}"
+        if entry["state"] == Deployment.State.QUEUED:
+            return f"{entry['position']} in line; waiting for {entry['waiting_for']}"
+        return f"waiting for {entry['waiting_for']}"
 
     @admin.display(description="progress")
     def progress_summary(self, obj):

@@ -8,7 +8,7 @@ from audit.models import AuditEvent
 from environments.models import Deployment
 from portal.models import ApiToken
 from portal.services import token_create, token_revoke
-from tests.conftest import SYSTEM
+from tests.conftest import SYSTEM, person
 
 SHA = "ab" * 32
 
@@ -243,3 +243,17 @@ def test_openapi_lists_every_contract_route(client):
             "/api/v1/deployments/{deployment_id}/reject", "/api/v1/deployments/{deployment_id}/cancel",
             "/api/v1/changes/{issue_key}", "/api/v1/applications/{application}/environments"} <= paths
     assert client.get("/api/v1/docs").status_code == 200
+
+
+def test_a_revoked_tokens_waiting_requests_never_start(world, client, ci):
+    register(ci)
+    register(ci, version="3.2.0", build="102")
+    ci.post("/deployments", {"application": "MAC", "version": "3.2.0", "environment": "QA"})
+    token, raw = token_create(actor=SYSTEM, kind=ApiToken.Kind.PERSONAL, name="script", user=world.alice)
+    waiting = Api(client, raw).post("/deployments", {"application": "MAC", "version": "3.1.0", "environment": "QA"})
+    assert waiting.json()["state"] == "queued"
+    token_revoke(actor=person(world.carol), token=token)
+    body = ci.get(f"/deployments/{waiting.json()['id']}").json()
+    assert (body["state"], body["refusal_code"]) == ("refused", "TOKEN_REVOKED")
+    event = AuditEvent.objects.get(action="deployment.refused", object_id=str(waiting.json()["id"]))
+    assert (event.code, event.actor_username) == ("TOKEN_REVOKED", "carol")

@@ -5,7 +5,7 @@ from django.core.management import call_command
 
 from audit import chain
 from audit.models import AuditEvent
-from environments.models import Environment
+from environments.models import Deployment, Environment
 from environments.policy import environment_grants
 from portal.services import token_actor
 
@@ -34,6 +34,9 @@ def test_demo_data_builds_the_demo_and_twice_changes_nothing(db):
     assert users.get(username="dave").has_perm("audit.export_reports")
     assert not users.get(username="dave").has_perm("environments.change_deployment")
     assert not users.get(username="alice").has_perm("audit.export_reports")
+    qa = {d.release.version: d for d in Deployment.objects.filter(environment__name="QA").select_related("release")}
+    assert (qa["1.0.0"].state, qa["1.1.0"].state, qa["1.2.0"].state) == ("running", "superseded", "queued")
+    assert qa["1.1.0"].superseded_by_id == qa["1.2.0"].pk  # the demo shows the queue: latest wins, the rest waits
     assert chain.verify().ok
 
 

@@ -24,6 +24,11 @@ from releases.services import PullRequest, TestCounts, build_register, release_r
 APPLICATION = "MAC"
 ISSUE_PREFIX = "BIZPLAT"
 RELEASERS = "mac-releasers"
+DEMO_RELEASES = [  # version, issue key, branch
+    ("1.0.0", f"{ISSUE_PREFIX}-101", f"feature/{ISSUE_PREFIX}-101-invoice-rounding"),
+    ("1.1.0", f"{ISSUE_PREFIX}-102", f"feature/{ISSUE_PREFIX}-102-vat-export"),
+    ("1.2.0", f"{ISSUE_PREFIX}-103", f"feature/{ISSUE_PREFIX}-103-ledger-totals"),
+]
 
 # name -> (email, password, groups, superuser)
 USERS = {
@@ -117,22 +122,27 @@ class Command(BaseCommand):
                     group_membership_change(actor=actor, group=group, user=user, add=True)
 
     def _release(self, actor):
+        """Three releases registered back to back, as CI does when changes merge within minutes: the
+        first goes to QA at once, the second waits and is superseded by the third (latest wins), and
+        the third follows the first through QA and Staging, waiting its turn in each."""
         artifact_dir = Path(settings.VAR_DIR) / "artifacts"
         artifact_dir.mkdir(parents=True, exist_ok=True)
-        artifact = artifact_dir / "mac-1.0.0.tar.gz"
-        if not artifact.exists():
-            artifact.write_bytes(b"MAC 1.0.0 demo artifact\n")
-        sha256 = hashlib.sha256(artifact.read_bytes()).hexdigest()
-        if not Build.objects.filter(application__name=APPLICATION, number="1").exists():
-            build_register(
-                actor=actor, application=APPLICATION, number="1", commit="3f2c1a9e" * 5,
-                branch="feature/BIZPLAT-101-invoice-rounding", url="https://ci.example.com/MAC/1",
-                status="successful", tests=TestCounts(412, 0, 3),
-            )
-        if not Release.objects.filter(application__name=APPLICATION, version="1.0.0").exists():
-            release_register(
-                actor=actor, application=APPLICATION, version="1.0.0", build="1",
-                artifact_url=artifact.as_uri(), artifact_sha256=sha256,
-                issue_keys=[f"{ISSUE_PREFIX}-101"], implementers=["alice@example.com"],
-                pull_request=PullRequest("https://vcs.example.com/mac/pull/7", "alice@example.com", ("erin",)),
-            )
+        for number, (version, issue, branch) in enumerate(DEMO_RELEASES, start=1):
+            artifact = artifact_dir / f"mac-{version}.tar.gz"
+            if not artifact.exists():
+                artifact.write_bytes(f"MAC {version} demo artifact\n".encode())
+            sha256 = hashlib.sha256(artifact.read_bytes()).hexdigest()
+            if not Build.objects.filter(application__name=APPLICATION, number=str(number)).exists():
+                build_register(
+                    actor=actor, application=APPLICATION, number=str(number), commit=f"{number:08x}" * 5,
+                    branch=branch, url=f"https://ci.example.com/MAC/{number}",
+                    status="successful", tests=TestCounts(412 + number, 0, 3),
+                )
+            if not Release.objects.filter(application__name=APPLICATION, version=version).exists():
+                release_register(
+                    actor=actor, application=APPLICATION, version=version, build=str(number),
+                    artifact_url=artifact.as_uri(), artifact_sha256=sha256,
+                    issue_keys=[issue], implementers=["alice@example.com"],
+                    pull_request=PullRequest(f"https://vcs.example.com/mac/pull/{6 + number}", "alice@example.com",
+                                             ("erin",)),
+                )
