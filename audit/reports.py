@@ -27,7 +27,7 @@ from audit.actors import Actor
 from audit.chain import iso
 from audit.models import AuditEvent
 from environments import policy
-from environments.models import Approval, Deployment, Environment
+from environments.models import Approval, ControlChange, Deployment, Environment
 from releases.models import Implementer, Release, ReleaseIssue
 
 DANGEROUS_FIRST = ("=", "+", "-", "@", "\t", "\r")
@@ -175,6 +175,17 @@ def exceptions_rows(period: Period) -> Iterator[tuple]:
         what = (f"{e.data.get('permission')} on {e.data.get('environment')} to {who}" if e.action == "environment.grant"
                 else f"{e.data.get('user')} added to group {e.data.get('group')}")
         yield ("grant", "granted", e.created_at, "", "", "", "", e.actor_username, e.action, what, e.seq)
+
+    changes = ControlChange.objects.filter(proposed_at__gte=period.since, proposed_at__lt=period.until).select_related(
+        "environment__application", "proposed_by", "decided_by").order_by("proposed_at", "id")
+    if period.application:
+        changes = changes.filter(environment__application__name=period.application)
+    for c in changes.iterator(chunk_size=ITERATOR_CHUNK):
+        decided = (f"; {c.get_state_display().lower()} by {c.decided_by.username} at {iso(c.decided_at)}"
+                   if c.decided_by_id else "; waiting for a second administrator")
+        yield ("control_change", c.state, c.proposed_at, "", c.environment.application.name, c.environment.name,
+               "", c.proposed_by.username, "CONTROL_WEAKENED",
+               f"{c.summary()}; reason: {c.reason}; proposed by {c.proposed_by.username}{decided}", "")
 
     went_ahead = restricted.exclude(queued_at__isnull=True).order_by("requested_at", "id")
     for d in went_ahead.iterator(chunk_size=ITERATOR_CHUNK):

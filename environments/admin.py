@@ -1,8 +1,10 @@
+import copy
+
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import Count, OuterRef, Subquery
 from django.shortcuts import get_object_or_404, redirect
 from django.template.response import TemplateResponse
@@ -12,6 +14,7 @@ from django.utils.html import format_html, format_html_join
 from environments import policy, selectors, services
 from environments.models import (
     Approval,
+    ControlChange,
     Deployment,
     DeploymentEvent,
     Environment,
@@ -24,8 +27,35 @@ from portal.admin_tools import ReadOnlyAdmin, admin_actor, confirm_with_comment,
 
 
 class FreezeWindowInline(admin.TabularInline):
+    """Freeze windows are saved and removed through the services (see EnvironmentAdmin.save_formset)."""
+
     model = FreezeWindow
     extra = 0
+
+
+class EnvironmentForm(forms.ModelForm):
+    change_reason = forms.CharField(
+        required=False, widget=forms.Textarea(attrs={"rows": 2}),
+        help_text="Why. Required for a change that weakens a control of a restricted environment (it then waits "
+                  "for a second administrator) and for shortening or ending a running freeze.",
+    )
+
+    class Meta:
+        model = Environment
+        fields = ["application", *services.SETTINGS_FIELDS]
+
+    def clean(self):
+        data = super().clean()
+        if self.instance.pk and not data.get("change_reason", "").strip():
+            before = Environment.objects.get(pk=self.instance.pk)
+            after = copy.copy(before)
+            for name, value in data.items():
+                if name in services.SETTINGS_FIELDS:
+                    setattr(after, name, value)
+            if weaker := policy.weakened_controls(before, after):
+                self.add_error("change_reason", "This weakens a control of a restricted environment ("
+                               + ", ".join(sorted(weaker)) + "): say why; a second administrator must approve it.")
+        return data
 
 
 def access_rows(environment: Environment) -> list[tuple[str, str]]:
@@ -57,6 +87,46 @@ class EnvironmentAdmin(admin.ModelAdmin):
     list_select_related = ["application", "promotes_from__application"]
     readonly_fields = ["who_may_deploy_and_approve", "queue"]
     inlines = [FreezeWindowInline]
+    form = EnvironmentForm
+
+    def save_model(self, request, obj, form, change):
+        result = services.environment_save(actor=admin_actor(request), environment=obj, changed=form.changed_data,
+                                           reason=form.cleaned_data.get("change_reason", ""))
+        if isinstance(result, ControlChange):
+            request._portal_proposals = [*getattr(request, "_portal_proposals", []), result]
+
+    def save_formset(self, request, form, formset, change):
+        """Freeze windows through the services: audited, and a running one is only shortened or ended
+        with a reason and a second administrator."""
+        actor, reason = admin_actor(request), form.cleaned_data.get("change_reason", "")
+        proposals = getattr(request, "_portal_proposals", [])
+        formset.new_objects, formset.changed_objects, formset.deleted_objects = [], [], []  # for the admin log
+        for inline_form in formset.forms:
+            if not inline_form.has_changed() and not formset._should_delete_form(inline_form):
+                continue
+            window = inline_form.instance
+            try:
+                if formset._should_delete_form(inline_form):
+                    if window.pk:
+                        result = services.freeze_window_end(actor=actor, window=window, reason=reason)
+                    else:
+                        continue
+                else:
+                    window.environment = form.instance
+                    result = services.freeze_window_save(actor=actor, window=window, reason=reason)
+            except PolicyRefusal as exc:
+                self.message_user(request, f"Refused ({exc.refusal.code}). {exc.refusal.detail}", messages.ERROR)
+                continue
+            except ValidationError as exc:
+                self.message_user(request, " ".join(exc.messages), messages.ERROR)
+                continue
+            if isinstance(result, ControlChange):
+                proposals.append(result)
+        request._portal_proposals = proposals
+        for proposal in proposals:
+            self.message_user(
+                request, f"Proposed, not applied yet: {proposal.summary()}. A different administrator must approve "
+                f"it under Control changes.", messages.WARNING)
 
     @admin.display(description="queue")
     def queue(self, obj):
@@ -72,9 +142,6 @@ class EnvironmentAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
-
-    def save_model(self, request, obj, form, change):
-        services.environment_save(actor=admin_actor(request), environment=obj, changed=form.changed_data)
 
     @admin.display(description="who may deploy and approve")
     def who_may_deploy_and_approve(self, obj):
@@ -281,3 +348,39 @@ class NotificationDeliveryAdmin(ReadOnlyAdmin):
     list_display = ["sent_at", "channel", "deployment", "attempt", "status_code", "delivered", "error"]
     list_filter = ["delivered", "channel__kind"]
     list_select_related = ["channel__application", "deployment__release__application", "deployment__environment"]
+
+
+@admin.register(ControlChange)
+class ControlChangeAdmin(ReadOnlyAdmin):
+    """Weaker controls wait here for a second administrator; approving applies them."""
+
+    list_display = ["id", "environment", "what", "reason", "state", "proposed_by", "proposed_at", "decided_by",
+                    "decided_at"]
+    list_filter = ["state", "environment__application"]
+    list_select_related = ["environment__application", "proposed_by", "decided_by"]
+    actions = ["approve", "reject"]
+
+    @admin.display(description="change")
+    def what(self, obj):
+        return obj.summary()
+
+    def has_decide_permission(self, request):
+        return request.user.has_perm("environments.change_environment")
+
+    def _decide(self, request, queryset, *, action, title, service, done, required=False):
+        comment = confirm_with_comment(self, request, queryset, action=action, title=title, required=required)
+        if not isinstance(comment, str):
+            return comment
+        actor = admin_actor(request)
+        run_each(self, request, queryset, lambda c: service(actor=actor, change_id=c.pk, comment=comment), done)
+        return None
+
+    @admin.action(description="Approve selected control changes (applies them)", permissions=["decide"])
+    def approve(self, request, queryset):
+        return self._decide(request, queryset, action="approve", title="Approve control changes",
+                            service=services.control_change_approve, done="approved and applied.")
+
+    @admin.action(description="Reject selected control changes", permissions=["decide"])
+    def reject(self, request, queryset):
+        return self._decide(request, queryset, action="reject", title="Reject control changes",
+                            service=services.control_change_reject, done="rejected.", required=True)

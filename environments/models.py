@@ -295,3 +295,51 @@ class NotificationDelivery(models.Model):
 
     def __str__(self) -> str:
         return f"{self.channel} #{self.deployment_id} attempt {self.attempt}"
+
+
+class ControlChange(models.Model):
+    """A change that makes a restricted environment's control weaker, proposed by one administrator
+    and applied only when a different one approves it (the four-eyes rule on the controls themselves).
+
+    `changes` holds {field: [from, to]} for an environment's settings, or, for a freeze window,
+    {"ends_at": [from, to]} (shortened) or {"removed": [true, true]} (removed while it runs).
+    Making a control stricter never needs a proposal: it applies at once.
+    """
+
+    class State(models.TextChoices):
+        PROPOSED = "proposed", "Proposed"
+        APPLIED = "applied", "Approved and applied"
+        REJECTED = "rejected", "Rejected"
+
+    environment = models.ForeignKey(Environment, on_delete=models.PROTECT, related_name="control_changes")
+    freeze_window = models.ForeignKey(
+        FreezeWindow, null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
+        help_text="The freeze window to shorten or remove, for a freeze change.",
+    )
+    changes = models.JSONField(help_text="{field: [from, to]}")
+    reason = models.TextField()
+    state = models.CharField(max_length=20, choices=State.choices, default=State.PROPOSED)
+    proposed_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    proposed_at = models.DateTimeField(auto_now_add=True)
+    decided_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    decided_at = models.DateTimeField(null=True, blank=True)
+    decision_comment = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-proposed_at", "-id"]
+        constraints = [
+            models.CheckConstraint(condition=Q(state__in=["proposed", "applied", "rejected"]),
+                                   name="controlchange_state_valid"),
+            models.CheckConstraint(condition=~Q(decided_by=F("proposed_by")), name="controlchange_four_eyes"),
+            models.CheckConstraint(condition=~Q(reason=""), name="controlchange_has_reason"),
+        ]
+
+    def __str__(self) -> str:
+        return f"control change #{self.pk} on {self.environment}"
+
+    def summary(self) -> str:
+        if "removed" in self.changes:
+            return "remove the running freeze window"
+        return "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in sorted(self.changes.items()))

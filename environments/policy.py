@@ -16,7 +16,7 @@ from django.utils import timezone
 from guardian.models import GroupObjectPermission, UserObjectPermission
 
 from audit.actors import Actor
-from environments.models import Deployment, Environment, FreezeWindow
+from environments.models import ControlChange, Deployment, Environment, FreezeWindow
 from releases.models import Build, Release, VcsAlias
 
 DEPLOY = "deploy_environment"
@@ -588,3 +588,71 @@ def decide_membership(*, actor: Actor, group: Group, user, add: bool = True) -> 
             "SELF_GRANT", f"{group.name} holds deploy or approve rights; nobody can add themselves to it."
         )
     return None
+
+
+# --- the controls themselves: four eyes on a weaker control ---------------------------------------
+
+# Fields of an environment whose change alters what runs or how strictly: any change to them on a
+# restricted environment waits for a second administrator.
+EXECUTABLE_SETTINGS = ("playbook", "playbook_repo", "playbook_ref", "inventory")
+
+
+def weakened_controls(before: Environment | None, after: Environment) -> dict[str, list]:
+    """The changes in `after` that make a restricted environment less strict: {field: [from, to]}.
+    Stricter changes (and any change to a non-restricted environment) are not listed."""
+    if before is None or not before.restricted:
+        return {}
+    weaker = {}
+    if not after.restricted:
+        weaker["restricted"] = [True, False]
+    if after.required_approvals < before.required_approvals:
+        weaker["required_approvals"] = [before.required_approvals, after.required_approvals]
+    if before.requires_code_review and not after.requires_code_review:
+        weaker["requires_code_review"] = [True, False]
+    if after.auto_deploy and not before.auto_deploy:
+        weaker["auto_deploy"] = [False, True]
+    if after.promotes_from_id != before.promotes_from_id:
+        weaker["promotes_from"] = [before.promotes_from_id, after.promotes_from_id]
+    for name in EXECUTABLE_SETTINGS:
+        if getattr(after, name) != getattr(before, name):
+            weaker[name] = [getattr(before, name), getattr(after, name)]
+    return weaker
+
+
+def freeze_weakened(window: FreezeWindow, *, new_ends_at=None, removed: bool = False,
+                    now: dt.datetime | None = None) -> dict[str, list]:
+    """Removing or shortening a freeze window while it runs weakens the control."""
+    now = now or timezone.now()
+    if not (window.starts_at <= now < window.ends_at):
+        return {}
+    if removed:
+        return {"removed": [True, True]}
+    if new_ends_at is not None and new_ends_at < window.ends_at:
+        return {"ends_at": [window.ends_at.isoformat(), new_ends_at.isoformat()]}
+    return {}
+
+
+def check_may_administer(actor: Actor) -> Refusal | None:
+    if not actor.is_person or not actor.user.has_perm("environments.change_environment"):
+        return _forbidden("NOT_PERMITTED", "You may not change the settings of environments.")
+    return None
+
+
+def decide_control_change(*, actor: Actor, change: ControlChange, current: dict) -> Decision:
+    """A weaker control takes effect only when a different administrator approves it (or rejects it).
+    `current` is the environment's (or freeze window's) value now, per field of the change."""
+    if r := check_may_administer(actor):
+        return _no(r)
+    if change.state != ControlChange.State.PROPOSED:
+        return _no(_conflict("NOT_PROPOSED", f"{change} is already {change.get_state_display().lower()}."))
+    if change.proposed_by_id == actor.user.pk:
+        return _no(_forbidden(
+            "SOD_PROPOSER_APPROVER", "You proposed this change to a control, so a different administrator must "
+            "decide on it."
+        ))
+    stale = [name for name, (old, _new) in change.changes.items() if name in current and current[name] != old]
+    if stale:
+        return _no(_conflict(
+            "STALE_PROPOSAL", f"{', '.join(sorted(stale))} changed since {change} was proposed; propose it again."
+        ))
+    return Decision(next=Next.END)

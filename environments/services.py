@@ -13,6 +13,7 @@ import socket
 
 from django.conf import settings
 from django.contrib.auth.models import Group
+from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 from django_q.tasks import async_task
@@ -22,7 +23,14 @@ from audit import chain
 from audit.actors import Actor
 from audit.services import audit_refusal
 from environments import policy
-from environments.models import Approval, Deployment, Environment, NotificationChannel
+from environments.models import (
+    Approval,
+    ControlChange,
+    Deployment,
+    Environment,
+    FreezeWindow,
+    NotificationChannel,
+)
 from environments.policy import PolicyRefusal
 from releases.models import Release
 
@@ -500,14 +508,172 @@ def group_membership_change(*, actor: Actor, group: Group, user, add: bool) -> N
     raise PolicyRefusal(refusal)
 
 
-def environment_save(*, actor: Actor, environment: Environment, changed: list[str] | None = None) -> Environment:
-    """Create or change an environment's settings (field history goes to django-auditlog)."""
+SETTINGS_FIELDS = ("name", "promotes_from", "restricted", "auto_deploy", "required_approvals", "requires_code_review",
+                   "playbook", "inventory", "playbook_repo", "playbook_ref")
+
+
+def _settings_of(environment: Environment) -> dict:
+    return {name: getattr(environment, f"{name}_id" if name == "promotes_from" else name) for name in SETTINGS_FIELDS}
+
+
+def environment_save(
+    *, actor: Actor, environment: Environment, changed: list[str] | None = None, reason: str = ""
+) -> Environment | ControlChange:
+    """Create or change an environment's settings; the chain records each changed field from and to.
+
+    A person's change that makes a restricted environment less strict (restricted off, fewer
+    approvals, code review off, auto-deploy on, another promotion path, another playbook or
+    inventory) is not applied: it becomes a ControlChange proposal, returned, that a different
+    administrator must approve. Stricter changes apply at once.
+    """
+    reason = reason.strip()
     with transaction.atomic():
         creating = environment._state.adding
-        if not creating:
-            _lock_environment(environment.pk)
+        before = None if creating else _lock_environment(environment.pk)
         environment.full_clean()
-        environment.save()
-        chain.append(actor=actor, action="environment.create" if creating else "environment.change",
-                     obj=environment, data={"changed": changed or []})
-    return environment
+        if actor.is_person and (weaker := policy.weakened_controls(before, environment)):
+            if refusal := policy.check_may_administer(actor):
+                audit_refusal(actor=actor, action="control_change.propose", refusal=refusal, obj=before,
+                              data={"changes": weaker})
+                error = PolicyRefusal(refusal)
+            elif not reason:
+                raise ValidationError("A change that weakens a control needs a reason, and a second administrator.")
+            else:
+                change = ControlChange.objects.create(environment=before, changes=weaker, reason=reason,
+                                                      proposed_by=actor.user)
+                chain.append(actor=actor, action="control_change.propose", obj=change,
+                             data={"environment": str(before), "changes": weaker, "reason": reason})
+                return change
+        else:
+            old = {} if before is None else _settings_of(before)
+            new = _settings_of(environment)
+            environment.save()
+            diff = {k: [old.get(k), v] for k, v in new.items() if creating or old.get(k) != v}
+            chain.append(actor=actor, action="environment.create" if creating else "environment.change",
+                         obj=environment, data={"changed": diff, "reason": reason} if reason else {"changed": diff})
+            return environment
+    raise error
+
+
+def _apply_control_change(change: ControlChange, environment: Environment, now: dt.datetime) -> dict:
+    if change.freeze_window_id is None:
+        for name, (_old, new) in change.changes.items():
+            setattr(environment, f"{name}_id" if name == "promotes_from" else name, new)
+        environment.full_clean()
+        environment.save(update_fields=[f for f in SETTINGS_FIELDS if f in change.changes])
+        return _settings_of(environment)
+    window = FreezeWindow.objects.select_for_update().get(pk=change.freeze_window_id)
+    new_end = now if "removed" in change.changes else dt.datetime.fromisoformat(change.changes["ends_at"][1])
+    window.ends_at = max(new_end, window.starts_at + dt.timedelta(microseconds=1))
+    window.save(update_fields=["ends_at"])
+    return {"ends_at": window.ends_at}
+
+
+def _current_of(change: ControlChange, environment: Environment) -> dict:
+    if change.freeze_window_id is None:
+        return _settings_of(environment)
+    window = FreezeWindow.objects.filter(pk=change.freeze_window_id).first()
+    if window is None:
+        return {"removed": None}
+    return {"ends_at": window.ends_at.isoformat(), "removed": True}
+
+
+def _control_decision(*, actor: Actor, change_id: int, approve: bool, comment: str) -> ControlChange:
+    action = "control_change.approve" if approve else "control_change.reject"
+    with transaction.atomic():
+        environment_id = ControlChange.objects.values_list("environment_id", flat=True).get(pk=change_id)
+        environment = _lock_environment(environment_id)
+        change = ControlChange.objects.select_for_update().select_related("proposed_by").get(pk=change_id)
+        decision = policy.decide_control_change(actor=actor, change=change, current=_current_of(change, environment))
+        data = {"environment": str(environment), "changes": change.changes, "reason": change.reason,
+                "proposed_by": change.proposed_by.get_username(), "comment": comment}
+        if decision.allowed:
+            now = timezone.now()
+            change.state = ControlChange.State.APPLIED if approve else ControlChange.State.REJECTED
+            change.decided_by, change.decided_at, change.decision_comment = actor.user, now, comment
+            change.save(update_fields=["state", "decided_by", "decided_at", "decision_comment"])
+            if approve:
+                data["now"] = _apply_control_change(change, environment, now)
+            chain.append(actor=actor, action=action, obj=change, data=data)
+            return change
+        audit_refusal(actor=actor, action=action, refusal=decision.refusal, obj=change, data=data)
+    raise PolicyRefusal(decision.refusal)
+
+
+def control_change_approve(*, actor: Actor, change_id: int, comment: str = "") -> ControlChange:
+    """A different administrator approves a weaker control: it takes effect now."""
+    return _control_decision(actor=actor, change_id=change_id, approve=True, comment=comment)
+
+
+def control_change_reject(*, actor: Actor, change_id: int, comment: str = "") -> ControlChange:
+    return _control_decision(actor=actor, change_id=change_id, approve=False, comment=comment)
+
+
+def freeze_window_save(*, actor: Actor, window: FreezeWindow, reason: str = "") -> FreezeWindow | ControlChange:
+    """Create or change a freeze window (stricter: at once). Shortening one while it runs needs a
+    reason and, for a person, a second administrator: a ControlChange proposal is returned."""
+    reason = reason.strip()
+    with transaction.atomic():
+        environment = _lock_environment(window.environment_id)
+        before = None if window._state.adding else FreezeWindow.objects.select_for_update().get(pk=window.pk)
+        window.full_clean()
+        weaker = {} if before is None else policy.freeze_weakened(before, new_ends_at=window.ends_at)
+        result = (_weaken_freeze(actor=actor, environment=environment, window=before, weaker=weaker, reason=reason)
+                  if weaker else None)
+        if result is None:
+            old = {} if before is None else {"starts_at": before.starts_at, "ends_at": before.ends_at,
+                                             "reason": before.reason}
+            window.save()
+            new = {"starts_at": window.starts_at, "ends_at": window.ends_at, "reason": window.reason}
+            diff = {k: [old.get(k), v] for k, v in new.items() if before is None or old.get(k) != v}
+            chain.append(actor=actor, action="freeze.create" if before is None else "freeze.change", obj=window,
+                         data={"environment": str(environment), "changed": diff, "reason": reason})
+            return window
+        if not isinstance(result, policy.Refusal):
+            return result
+    raise PolicyRefusal(result)
+
+
+def freeze_window_end(*, actor: Actor, window: FreezeWindow, reason: str = "") -> FreezeWindow | ControlChange:
+    """Remove a freeze window. One that has not begun (or is over) goes at once; one that runs ends
+    only with a stated reason and, for a person, a second administrator's approval."""
+    reason = reason.strip()
+    with transaction.atomic():
+        environment = _lock_environment(window.environment_id)
+        window = FreezeWindow.objects.select_for_update().get(pk=window.pk)
+        weaker = policy.freeze_weakened(window, removed=True)
+        result = (_weaken_freeze(actor=actor, environment=environment, window=window, weaker=weaker, reason=reason)
+                  if weaker else None)
+        if result is None:
+            chain.append(actor=actor, action="freeze.remove", obj=window,
+                         data={"environment": str(environment), "starts_at": window.starts_at,
+                               "ends_at": window.ends_at, "reason": reason or window.reason})
+            window.delete()
+            return window
+        if not isinstance(result, policy.Refusal):
+            return result
+    raise PolicyRefusal(result)
+
+
+def _weaken_freeze(*, actor: Actor, environment: Environment, window: FreezeWindow, weaker: dict, reason: str):
+    """A running freeze shortened or ended: the portal's own commands apply it (on record); a person's
+    becomes a proposal. Returns the window, the proposal, or the refusal (audited, raised after commit)."""
+    if not reason:
+        raise ValidationError("Shortening or ending a freeze window while it runs needs a stated reason.")
+    if not actor.is_person:
+        new_end = timezone.now() if "removed" in weaker else dt.datetime.fromisoformat(weaker["ends_at"][1])
+        window.ends_at = max(new_end, window.starts_at + dt.timedelta(microseconds=1))
+        window.save(update_fields=["ends_at"])
+        chain.append(actor=actor, action="freeze.change", obj=window,
+                     data={"environment": str(environment), "changed": weaker, "reason": reason})
+        return window
+    if refusal := policy.check_may_administer(actor):
+        audit_refusal(actor=actor, action="control_change.propose", refusal=refusal, obj=window,
+                      data={"changes": weaker})
+        return refusal
+    change = ControlChange.objects.create(environment=environment, freeze_window=window, changes=weaker,
+                                          reason=reason, proposed_by=actor.user)
+    chain.append(actor=actor, action="control_change.propose", obj=change,
+                 data={"environment": str(environment), "freeze_window": window.pk, "changes": weaker,
+                       "reason": reason})
+    return change

@@ -1,0 +1,194 @@
+"""Four eyes on the controls themselves: a weaker control of a restricted environment is a proposal
+that a different administrator must approve; a stricter one applies at once."""
+
+import datetime as dt
+
+import pytest
+from django.contrib.auth.models import Group
+from django.core.exceptions import ValidationError
+from django.urls import reverse
+from django.utils import timezone
+
+from audit import chain
+from audit.models import AuditEvent
+from audit.reports import Period, exceptions_rows
+from environments import services
+from environments.models import ControlChange, Deployment, Environment, FreezeWindow
+from environments.policy import PolicyRefusal
+from tests.conftest import person
+
+FORM = "admin:environments_environment_change"
+
+
+def change_form(environment: Environment, windows=(), **changes) -> dict:
+    """The environment's admin form as the browser posts it, with `changes` applied."""
+    data = {
+        "application": environment.application_id, "name": environment.name,
+        "promotes_from": environment.promotes_from_id or "", "required_approvals": environment.required_approvals,
+        "playbook": environment.playbook, "inventory": environment.inventory,
+        "playbook_repo": environment.playbook_repo, "playbook_ref": environment.playbook_ref,
+        "change_reason": "",
+        "freeze_windows-TOTAL_FORMS": len(windows), "freeze_windows-INITIAL_FORMS": len(windows),
+        "freeze_windows-MIN_NUM_FORMS": 0, "freeze_windows-MAX_NUM_FORMS": 1000,
+    }
+    for flag in ("restricted", "auto_deploy", "requires_code_review"):
+        if getattr(environment, flag):
+            data[flag] = "on"
+    for i, (window, fields) in enumerate(windows):
+        data.update({f"freeze_windows-{i}-id": window.pk, f"freeze_windows-{i}-environment": environment.pk,
+                     f"freeze_windows-{i}-starts_at_0": window.starts_at.strftime("%Y-%m-%d"),
+                     f"freeze_windows-{i}-starts_at_1": window.starts_at.strftime("%H:%M:%S"),
+                     f"freeze_windows-{i}-ends_at_0": window.ends_at.strftime("%Y-%m-%d"),
+                     f"freeze_windows-{i}-ends_at_1": window.ends_at.strftime("%H:%M:%S"),
+                     f"freeze_windows-{i}-reason": window.reason, **fields})
+    for name, value in changes.items():
+        if value is False:
+            data.pop(name, None)
+        else:
+            data[name] = "on" if value is True else value
+    return data
+
+
+@pytest.fixture
+def admins(world, make_user):
+    root = make_user("root", superuser=True)
+    other = make_user("otto", superuser=True)
+    return root, other
+
+
+def test_a_superuser_cannot_weaken_production_alone_then_ship_his_own_change(client, world, admins):
+    root, otto = admins
+    world.production.requires_code_review = True
+    world.production.save(update_fields=["requires_code_review"])
+    client.force_login(root)
+    url = reverse(FORM, args=[world.production.pk])
+    weaker = change_form(world.production, restricted=False, required_approvals=0, requires_code_review=False)
+    refused = client.post(url, weaker)
+    assert refused.status_code == 200 and "say why" in refused.content.decode()  # a reason is required
+
+    response = client.post(url, {**weaker, "change_reason": "faster releases"}, follow=True)
+    assert "Proposed, not applied yet" in response.content.decode()
+    production = Environment.objects.get(pk=world.production.pk)
+    assert (production.restricted, production.required_approvals, production.requires_code_review) == (True, 1, True)
+    proposal = ControlChange.objects.get()
+    assert proposal.changes == {"restricted": [True, False], "required_approvals": [1, 0],
+                                "requires_code_review": [True, False]}
+    assert AuditEvent.objects.filter(action="control_change.propose", actor_username="root").exists()
+
+    # root implemented a change: with Production still restricted he can neither request nor approve it
+    release = world.release(implementers=["root@example.com"])
+    world.to_staging(release)
+    with pytest.raises(PolicyRefusal) as info:
+        services.deployment_request(actor=person(root), release=release, environment=world.production)
+    assert info.value.refusal.code == "NOT_RELEASER"
+
+    # nor approve his own proposal, through the admin action
+    client.post(reverse("admin:environments_controlchange_changelist"),
+                {"action": "approve", "_selected_action": [proposal.pk], "apply": "1", "comment": "me"})
+    proposal.refresh_from_db()
+    assert proposal.state == ControlChange.State.PROPOSED
+    refusal = AuditEvent.objects.get(action="control_change.approve.refused")
+    assert (refusal.code, refusal.actor_username) == ("SOD_PROPOSER_APPROVER", "root")
+
+    # a different administrator approves: applied, both in the chain and in the exceptions report
+    client.force_login(otto)
+    client.post(reverse("admin:environments_controlchange_changelist"),
+                {"action": "approve", "_selected_action": [proposal.pk], "apply": "1", "comment": "agreed"})
+    production.refresh_from_db()
+    assert (production.restricted, production.required_approvals, production.requires_code_review) == (
+        False, 0, False)
+    approved = AuditEvent.objects.get(action="control_change.approve")
+    assert (approved.actor_username, approved.data["proposed_by"]) == ("otto", "root")
+    now = timezone.now()
+    rows = [r for r in exceptions_rows(Period(now - dt.timedelta(days=1), now + dt.timedelta(days=1)))
+            if r[0] == "control_change"]
+    assert len(rows) == 1 and "proposed by root" in rows[0][9] and "by otto" in rows[0][9]
+    assert chain.verify().ok
+
+
+def test_reject_first_then_a_new_proposal_is_approved(world, make_user):
+    root, otto = make_user("root", superuser=True), make_user("otto", superuser=True)
+    world.production.required_approvals = 2
+    world.production.save(update_fields=["required_approvals"])
+    world.production.required_approvals = 1
+    proposal = services.environment_save(actor=person(root), environment=world.production, reason="two is slow")
+    with pytest.raises(PolicyRefusal) as info:
+        services.control_change_reject(actor=person(root), change_id=proposal.pk, comment="hm")
+    assert info.value.refusal.code == "SOD_PROPOSER_APPROVER"
+    services.control_change_reject(actor=person(otto), change_id=proposal.pk, comment="keep two")
+    assert Environment.objects.get(pk=world.production.pk).required_approvals == 2
+    with pytest.raises(PolicyRefusal) as info:
+        services.control_change_approve(actor=person(otto), change_id=proposal.pk)
+    assert info.value.refusal.code == "NOT_PROPOSED"
+
+    production = Environment.objects.get(pk=world.production.pk)
+    production.required_approvals = 1
+    again = services.environment_save(actor=person(otto), environment=production, reason="agreed in the CAB")
+    services.control_change_approve(actor=person(root), change_id=again.pk, comment="ok")
+    assert Environment.objects.get(pk=world.production.pk).required_approvals == 1
+
+
+def test_stricter_applies_at_once_and_a_stale_proposal_is_refused(world, make_user):
+    root, otto = make_user("root", superuser=True), make_user("otto", superuser=True)
+    world.production.playbook = "rolling_upgrade.yml"
+    proposal = services.environment_save(actor=person(root), environment=world.production, reason="new playbook")
+    assert isinstance(proposal, ControlChange) and proposal.changes == {"playbook": ["deploy_demo.yml",
+                                                                                      "rolling_upgrade.yml"]}
+    stricter = Environment.objects.get(pk=world.production.pk)
+    stricter.required_approvals = 2
+    assert services.environment_save(actor=person(root), environment=stricter) == stricter  # applied at once
+    event = AuditEvent.objects.filter(action="environment.change").latest("seq")
+    assert event.data["changed"] == {"required_approvals": [1, 2]}
+    stricter.playbook = "other.yml"
+    Environment.objects.filter(pk=stricter.pk).update(playbook="other.yml")  # changed outside the proposal
+    with pytest.raises(PolicyRefusal) as info:
+        services.control_change_approve(actor=person(otto), change_id=proposal.pk)
+    assert info.value.refusal.code == "STALE_PROPOSAL"
+
+
+def test_someone_without_the_right_cannot_even_propose(world):
+    world.production.restricted, world.production.required_approvals = False, 0
+    with pytest.raises(PolicyRefusal) as info:
+        services.environment_save(actor=person(world.bob), environment=world.production, reason="x")
+    assert info.value.refusal.code == "NOT_PERMITTED"
+    assert AuditEvent.objects.filter(action="control_change.propose.refused", actor_username="bob").exists()
+
+
+def test_a_running_freeze_is_shortened_or_ended_only_with_a_reason_and_a_second_administrator(world, make_user):
+    root, otto = make_user("root", superuser=True), make_user("otto", superuser=True)
+    now = timezone.now()
+    window = services.freeze_window_save(actor=person(root), window=FreezeWindow(
+        environment=world.production, starts_at=now - dt.timedelta(hours=1), ends_at=now + dt.timedelta(hours=3),
+        reason="quarter close"))
+    assert AuditEvent.objects.filter(action="freeze.create").exists()
+    with pytest.raises(ValidationError, match="needs a stated reason"):
+        services.freeze_window_end(actor=person(root), window=window)
+    proposal = services.freeze_window_end(actor=person(root), window=window, reason="close done early")
+    assert isinstance(proposal, ControlChange) and FreezeWindow.objects.get(pk=window.pk).ends_at == window.ends_at
+    services.control_change_approve(actor=person(otto), change_id=proposal.pk)
+    assert FreezeWindow.objects.get(pk=window.pk).ends_at <= timezone.now()
+
+    later = services.freeze_window_save(actor=person(root), window=FreezeWindow(
+        environment=world.production, starts_at=now + dt.timedelta(days=1), ends_at=now + dt.timedelta(days=2),
+        reason="release freeze"))
+    services.freeze_window_end(actor=person(root), window=later)  # not begun: withdrawn at once
+    assert not FreezeWindow.objects.filter(pk=later.pk).exists()
+    assert AuditEvent.objects.filter(action="freeze.remove").exists()
+
+
+def test_a_freeze_edited_in_the_admin_goes_through_the_service(client, world, make_user):
+    root = make_user("root", superuser=True)
+    Group.objects.create(name="unused")
+    now = timezone.now().replace(microsecond=0)
+    window = FreezeWindow.objects.create(environment=world.production, starts_at=now - dt.timedelta(hours=1),
+                                         ends_at=now + dt.timedelta(hours=3), reason="quarter close")
+    client.force_login(root)
+    shorter = {"freeze_windows-0-ends_at_1": (now + dt.timedelta(minutes=5)).strftime("%H:%M:%S"),
+               "freeze_windows-0-ends_at_0": (now + dt.timedelta(minutes=5)).strftime("%Y-%m-%d")}
+    response = client.post(reverse(FORM, args=[world.production.pk]),
+                           {**change_form(world.production, windows=[(window, shorter)]),
+                            "change_reason": "done early"}, follow=True)
+    assert "Proposed, not applied yet" in response.content.decode()
+    assert FreezeWindow.objects.get(pk=window.pk).ends_at == window.ends_at
+    assert ControlChange.objects.get().freeze_window_id == window.pk
+    assert not Deployment.objects.exists()
