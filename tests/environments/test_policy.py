@@ -1,6 +1,7 @@
 """Every rule of DESIGN.md, allowed and refused, through the services that all entry points use."""
 
 import datetime as dt
+import hashlib
 
 import pytest
 from django.utils import timezone
@@ -51,7 +52,12 @@ def test_production_request_records_the_staging_deployment_it_was_promoted_from(
     staging = world.to_staging(release)
     deployment = request(world, release, world.production, world.bob)
     assert deployment.promoted_from_id == staging.pk
-    assert deployment.release.artifact_sha256 == staging.release.artifact_sha256
+    promoted_from = Deployment.objects.select_related("release").get(pk=deployment.promoted_from_id)
+    assert (promoted_from.environment_id, promoted_from.state) == (world.staging.pk, State.SUCCEEDED)
+    assert promoted_from.release_id == deployment.release_id  # the same Release row: the same artifact
+    request_event = AuditEvent.objects.get(action="deployment.request", object_id=str(deployment.pk))
+    assert request_event.data["artifact_sha256"] == hashlib.sha256(release.version.encode()).hexdigest()
+    assert request_event.data["promoted_from"] == staging.pk
 
 
 # rule 2: build gate

@@ -94,7 +94,9 @@ def test_only_requester_or_releaser_cancels_a_restricted_request(world):
     with pytest.raises(PolicyRefusal) as info:
         services.deployment_cancel(actor=person(world.dave), deployment_id=deployment.pk)
     assert info.value.refusal.code == "NOT_RELEASER"
-    services.deployment_cancel(actor=person(world.carol), deployment_id=deployment.pk)
+    assert services.deployment_cancel(actor=person(world.carol), deployment_id=deployment.pk).state == State.CANCELLED
+    event = last_event()
+    assert (event.action, event.actor_username, event.object_id) == ("deployment.cancel", "carol", str(deployment.pk))
 
 
 def test_grant_and_revoke_are_audited(world, make_user):

@@ -50,6 +50,10 @@ def test_refusal_shows_the_rules_sentence(client, analysts):
     assert any("SOD_REQUESTER_APPROVER" in m and "You requested this deployment" in m for m in messages)
     deployment.refresh_from_db()
     assert deployment.state == Deployment.State.AWAITING_APPROVAL
+    event = AuditEvent.objects.get(action="deployment.approve.refused")
+    assert (event.code, event.actor_username, event.via, event.object_id) == (
+        "SOD_REQUESTER_APPROVER", "bob", "admin", str(deployment.pk))
+    assert event.data["detail"] in " ".join(messages)
 
 
 def test_reject_asks_for_a_comment_first(client, analysts):
