@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from audit.actors import Actor
 from audit.models import AuditEvent
+from core.times import iso
 
 GENESIS_HASH = "0" * 64
 # Arbitrary constant naming the advisory lock that serializes appends on PostgreSQL.
@@ -39,14 +40,6 @@ def _plain(value):
     if isinstance(value, float):
         raise TypeError("Audit data may not hold floats: they have no single canonical form.")
     return str(value)
-
-
-def iso(moment: dt.datetime) -> str:
-    return moment.astimezone(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def iso_or_none(moment: dt.datetime | None) -> str | None:
-    return iso(moment) if moment else None
 
 
 def canonical(event: AuditEvent) -> str:

@@ -18,6 +18,7 @@ from django.utils import timezone
 
 from audit import chain
 from audit.models import AuditEvent
+from core.times import iso
 
 
 class CheckpointError(Exception):
@@ -49,7 +50,7 @@ def make() -> dict:
     key = checkpoint_key()
     head = chain.head()
     seq, head_hash = (head.seq, head.hash) if head else (0, chain.GENESIS_HASH)
-    created_at = chain.iso(timezone.now())
+    created_at = iso(timezone.now())
     return {"seq": seq, "hash": head_hash, "created_at": created_at, "hmac": sign(seq, head_hash, created_at, key)}
 
 

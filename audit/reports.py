@@ -24,8 +24,8 @@ from django.utils import timezone
 
 from audit import chain
 from audit.actors import Actor
-from audit.chain import iso
 from audit.models import AuditEvent
+from core.times import iso
 from environments import policy
 from environments.models import Approval, ControlChange, Deployment, Environment
 from releases.models import Implementer, Release, ReleaseIssue

@@ -11,6 +11,7 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
+from core.decisions import PolicyRefusal
 from environments import policy, selectors, services
 from environments.models import (
     Approval,
@@ -22,7 +23,6 @@ from environments.models import (
     NotificationChannel,
     NotificationDelivery,
 )
-from environments.policy import PolicyRefusal
 from portal.admin_tools import ReadOnlyAdmin, admin_actor, confirm_with_comment, run_each
 
 

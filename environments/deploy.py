@@ -29,8 +29,9 @@ from ansible.parsing.dataloader import DataLoader
 from django.conf import settings
 from django.utils import timezone
 
-from audit import chain
 from audit.actors import Actor
+from core.decisions import PolicyRefusal
+from core.times import iso
 from environments import services
 from environments.models import Deployment, DeploymentEvent, Environment
 
@@ -293,9 +294,9 @@ def reap_stale(*, stale_after: float | None = None) -> list[int]:
             services.deployment_record_result(
                 deployment_id=deployment.pk, state=State.INTERRUPTED, actor=ENGINE,
                 detail="The deploy job stopped (worker died); the deployment was not re-run.",
-                extra={"engine": deployment.engine, "heartbeat_at": chain.iso(deployment.heartbeat_at)},
+                extra={"engine": deployment.engine, "heartbeat_at": iso(deployment.heartbeat_at)},
             )
-        except services.PolicyRefusal:
+        except PolicyRefusal:
             continue  # it ended meanwhile
         if deployment.engine.rsplit(":", 1)[0] == host:
             kill_process_group((deployment.progress or {}).get("pid"))

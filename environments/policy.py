@@ -1,8 +1,10 @@
-"""The rules of DESIGN.md, in one place. Every entry point asks these functions through a service.
+"""The rules of DESIGN.md, in one place. Every entry point asks these functions through a service,
+and the pages ask the same functions to decide what to offer.
 
-Each check returns None (allowed) or a Refusal: a stable code, one sentence a person understands,
-and the HTTP status the API answers with (403: who you are; 409: the state of things).
-Each check runs a fixed number of queries, whatever the size of the history.
+Each `check_*` returns None (allowed) or a Refusal: a stable code, one sentence a person understands,
+and the HTTP status the API answers with (403: who you are; 409: the state of things). Each `decide_*`
+answers in one shape, a Decision: the refusal or nothing, the separation-of-duties checks made, and
+what happens next. Each runs a fixed number of queries, whatever the size of the history.
 """
 
 from __future__ import annotations
@@ -16,38 +18,13 @@ from django.utils import timezone
 from guardian.models import GroupObjectPermission, UserObjectPermission
 
 from audit.actors import Actor
+from core.decisions import Decision, Next, Refusal, conflict, forbidden, no
 from environments.models import ControlChange, Deployment, Environment, FreezeWindow
 from releases.models import Build, Release, VcsAlias
 
 DEPLOY = "deploy_environment"
 APPROVE = "approve_environment"
 GRANTABLE = (DEPLOY, APPROVE)
-
-
-@dataclass(frozen=True)
-class Refusal:
-    code: str
-    detail: str
-    status: int = 409
-
-    def as_dict(self) -> dict:
-        return {"code": self.code, "detail": self.detail}
-
-
-class PolicyRefusal(Exception):
-    """Raised by a service when the policy refuses; the refusal is already in the audit chain."""
-
-    def __init__(self, refusal: Refusal):
-        super().__init__(refusal.detail)
-        self.refusal = refusal
-
-
-def _forbidden(code: str, detail: str) -> Refusal:
-    return Refusal(code, detail, 403)
-
-
-def _conflict(code: str, detail: str) -> Refusal:
-    return Refusal(code, detail, 409)
 
 
 # --- facts the rules need -------------------------------------------------------------------------
@@ -138,7 +115,7 @@ def check_build_gate(build: Build) -> Refusal | None:
 def check_finished_build_unchanged(build: Build, changed: dict) -> Refusal | None:
     """A finished build's report never changes (the same report again is fine)."""
     if changed and build.is_finished:
-        return _conflict(
+        return conflict(
             "BUILD_FINISHED",
             f"{build} is already {build.get_status_display().lower()}; a finished build never changes.",
         )
@@ -149,7 +126,7 @@ def check_release_registration(application, version: str, build_number: str, bui
                                existing: Release | None, digest: str) -> Refusal | None:
     """A version names one artifact, cut from a known, successful build (rule 2)."""
     if existing is not None and existing.registration_digest != digest:
-        return _conflict(
+        return conflict(
             "RELEASE_CONFLICT",
             f"{application} {version} is already registered with other content; a version names one artifact only.",
         )
@@ -165,7 +142,7 @@ def check_may_register(actor: Actor, application, permission: str) -> Refusal | 
     if r := check_token_scope(actor, application):
         return r
     if actor.is_person and not actor.user.has_perm(permission):
-        return _forbidden("NOT_PERMITTED", f"You are not allowed to register builds or releases of {application}.")
+        return forbidden("NOT_PERMITTED", f"You are not allowed to register builds or releases of {application}.")
     return None
 
 
@@ -173,13 +150,13 @@ def check_may_register(actor: Actor, application, permission: str) -> Refusal | 
 
 def check_token_scope(actor: Actor, application) -> Refusal | None:
     if actor.is_ci and application.pk not in actor.token_applications:
-        return _forbidden("TOKEN_SCOPE", f"This CI token is not allowed to act on {application}.")
+        return forbidden("TOKEN_SCOPE", f"This CI token is not allowed to act on {application}.")
     return None
 
 
 def check_ci_not_restricted(actor: Actor, environment: Environment) -> Refusal | None:
     if actor.is_ci and environment.restricted:
-        return _forbidden(
+        return forbidden(
             "CI_TOKEN_RESTRICTED",
             f"{environment} is restricted: a CI token can never request, approve or cancel deployments there.",
         )
@@ -191,13 +168,13 @@ def check_may_request(actor: Actor, environment: Environment, grants: set[str]) 
     The portal itself (auto-deploy) deploys only to non-restricted environments."""
     if actor.is_system:
         if environment.restricted:
-            return _forbidden("AUTO_DEPLOY_RESTRICTED", f"{environment} is restricted: it never deploys by itself.")
+            return forbidden("AUTO_DEPLOY_RESTRICTED", f"{environment} is restricted: it never deploys by itself.")
         return None
     if actor.is_ci:
         return None
     if environment.restricted:
         if DEPLOY not in grants:
-            return _forbidden(
+            return forbidden(
                 "NOT_RELEASER",
                 f"You are not a releaser of {environment}: requesting a deployment there needs the "
                 "deploy permission granted on that environment.",
@@ -206,13 +183,13 @@ def check_may_request(actor: Actor, environment: Environment, grants: set[str]) 
     if actor.user is None or not (
         DEPLOY in grants or actor.user.has_perm("environments.add_deployment")
     ):
-        return _forbidden("NOT_PERMITTED", f"You are not allowed to request deployments to {environment}.")
+        return forbidden("NOT_PERMITTED", f"You are not allowed to request deployments to {environment}.")
     return None
 
 
 def check_may_approve(actor: Actor, environment: Environment, grants: set[str]) -> Refusal | None:
     if APPROVE not in grants:
-        return _forbidden(
+        return forbidden(
             "NOT_RELEASER",
             f"You are not a releaser of {environment}: approving there needs the approve permission "
             "granted on that environment.",
@@ -224,7 +201,7 @@ def check_may_approve(actor: Actor, environment: Environment, grants: set[str]) 
 
 def check_implementers_recorded(release: Release, environment: Environment, implementers: Implementers):
     if environment.restricted and not implementers.identities:
-        return _conflict(
+        return conflict(
             "NO_IMPLEMENTERS",
             f"{release} records no implementers, so nobody can show that its approver did not write it; "
             f"it cannot go to {environment}.",
@@ -234,7 +211,7 @@ def check_implementers_recorded(release: Release, environment: Environment, impl
 
 def check_not_implementer(user, implementers: Implementers, code: str, role: str) -> Refusal | None:
     if user is not None and implementers.match(user):
-        return _forbidden(code, f"You implemented this change, so you may not {role} it.")
+        return forbidden(code, f"You implemented this change, so you may not {role} it.")
     return None
 
 
@@ -249,7 +226,7 @@ def check_code_review(release: Release, environment: Environment, implementers: 
         if r.strip().lower() != author and r.strip().lower() not in implementers.identities
     ]
     if not release.pull_request_url or not independent:
-        return _conflict(
+        return conflict(
             "NO_CODE_REVIEW",
             f"{environment} requires a reviewed change: the pull request of {release} needs a reviewer "
             "who is neither its author nor an implementer.",
@@ -274,7 +251,7 @@ def promotion_source(release: Release, environment: Environment) -> Deployment |
 
 def check_promotion_path(release, environment, source: Deployment | None) -> Refusal | None:
     if environment.promotes_from_id is not None and source is None:
-        return _conflict(
+        return conflict(
             "PROMOTION_PATH",
             f"{release} has not been deployed successfully to {environment.promotes_from.name}, "
             f"which comes before {environment.name}.",
@@ -298,7 +275,7 @@ def check_no_freeze(environment: Environment, emergency: bool, now: dt.datetime 
     if emergency:
         return None
     if (window := active_freeze(environment, now)) is not None:
-        return _conflict("FREEZE_WINDOW", freeze_sentence(environment, window))
+        return conflict("FREEZE_WINDOW", freeze_sentence(environment, window))
     return None
 
 
@@ -309,7 +286,7 @@ def check_not_already_open(release: Release, environment: Environment) -> Refusa
         .first()
     )
     if open_id is not None:
-        return _conflict(
+        return conflict(
             "ALREADY_REQUESTED", f"{release} already has an open deployment to {environment.name} (#{open_id})."
         )
     return None
@@ -318,7 +295,7 @@ def check_not_already_open(release: Release, environment: Environment) -> Refusa
 def check_not_expired(deployment: Deployment, now: dt.datetime | None = None) -> Refusal | None:
     """Rule 5: a request (and the approvals it gathered) is valid until it expires."""
     if deployment.expires_at is not None and deployment.expires_at <= (now or timezone.now()):
-        return _conflict("REQUEST_EXPIRED", f"Deployment request #{deployment.pk} has expired; request it again.")
+        return conflict("REQUEST_EXPIRED", f"Deployment request #{deployment.pk} has expired; request it again.")
     return None
 
 
@@ -353,35 +330,8 @@ def required_sod_checks(*, restricted: bool, emergency: bool, reviewed: bool) ->
     return required
 
 
-class Next:
-    """What happens after a decision."""
-
-    QUEUE = "queue"  # joins the environment's queue (starts at once when the environment is free)
-    AWAIT_APPROVAL = "await_approval"  # waits for more approvals
-    END = "end"  # the decision ends the deployment (a rejection)
-    EXPIRE = "expire"  # refused because the request expired: it ends
-    START = "start"  # the front of the queue may start now
-    HOLD = "hold"  # stays in the queue (a freeze): asked again later
-
-
-@dataclass(frozen=True)
-class Decision:
-    """The one shape of every answer of the policy: a refusal or nothing, the separation-of-duties
-    checks that were made and passed, and what happens next."""
-
-    refusal: Refusal | None = None
-    checks: tuple[str, ...] = ()
-    next: str = ""
-    waiting_for: str = ""  # why it holds, in a sentence
-    promoted_from: Deployment | None = None
-
-    @property
-    def allowed(self) -> bool:
-        return self.refusal is None
-
-
-def _no(refusal: Refusal, *, next: str = "") -> Decision:  # noqa: A002 - the field's name
-    return Decision(refusal=refusal, next=next)
+def _as_decision(refusal: Refusal | None, next_step: str = Next.APPLY, checks: tuple[str, ...] = ()) -> Decision:
+    return no(refusal) if refusal is not None else Decision(checks=checks, next=next_step)
 
 
 def decide_request(
@@ -391,42 +341,42 @@ def decide_request(
     no reason to refuse: the deployment waits its turn (rule 6)."""
     emergency = bool(emergency_reason.strip())
     if r := check_token_scope(actor, environment.application) or check_ci_not_restricted(actor, environment):
-        return _no(r)
+        return no(r)
     if environment.application_id != release.application_id:
-        return _no(_conflict("WRONG_APPLICATION", f"{environment} does not belong to {release.application}."))
+        return no(conflict("WRONG_APPLICATION", f"{environment} does not belong to {release.application}."))
     if r := check_build_gate(release.build):
-        return _no(r)
+        return no(r)
     grants = environment_grants(actor.user, environment) if actor.is_person else set()
     if r := check_may_request(actor, environment, grants):
-        return _no(r)
+        return no(r)
     if emergency and (not actor.is_person or DEPLOY not in grants):
-        return _no(_forbidden(
+        return no(forbidden(
             "EMERGENCY_NOT_RELEASER", f"Only a releaser of {environment} may request an emergency deployment."
         ))
     implementers = implementers_of(release)
     checks: tuple[str, ...] = ()
     if environment.restricted:
         if r := check_implementers_recorded(release, environment, implementers):
-            return _no(r)
+            return no(r)
         if r := check_not_implementer(actor.user, implementers, "SOD_IMPLEMENTER_REQUESTER", "request production of"):
-            return _no(r)
+            return no(r)
         checks = (REQUESTER_NOT_IMPLEMENTER,)
     if r := check_code_review(release, environment, implementers):
-        return _no(r)
+        return no(r)
     source = promotion_source(release, environment)
     if r := check_promotion_path(release, environment, source):
-        return _no(r)
+        return no(r)
     if r := check_not_already_open(release, environment):
-        return _no(r)
+        return no(r)
     if r := check_no_freeze(environment, emergency):
-        return _no(r)
+        return no(r)
     queue_now = emergency or environment.required_approvals == 0
     return Decision(checks=checks, next=Next.QUEUE if queue_now else Next.AWAIT_APPROVAL, promoted_from=source)
 
 
 def _check_open_for_decision(deployment: Deployment) -> Refusal | None:
     if deployment.state != Deployment.State.AWAITING_APPROVAL:
-        return _conflict(
+        return conflict(
             "NOT_AWAITING_APPROVAL",
             f"Deployment #{deployment.pk} is {deployment.get_state_display().lower()}, not awaiting approval.",
         )
@@ -442,23 +392,23 @@ def decide_approval(*, actor: Actor, deployment: Deployment, approve: bool) -> D
     environment's threshold queues the deployment, busy environment or not (rule 6)."""
     environment = deployment.environment
     if actor.is_ci:
-        return _no(_forbidden("CI_TOKEN_RESTRICTED", "A CI token can never approve or reject deployments."))
+        return no(forbidden("CI_TOKEN_RESTRICTED", "A CI token can never approve or reject deployments."))
     if r := _check_open_for_decision(deployment):
-        return _no(r)
+        return no(r)
     if r := check_not_expired(deployment):
-        return _no(r, next=Next.EXPIRE)
+        return no(r, next=Next.EXPIRE)
     if not actor.is_person:
-        return _no(_forbidden("NOT_A_PERSON", "Only a person can approve or reject a deployment."))
+        return no(forbidden("NOT_A_PERSON", "Only a person can approve or reject a deployment."))
     if r := check_may_approve(actor, environment, environment_grants(actor.user, environment)):
-        return _no(r)
+        return no(r)
     role = "approve" if approve else "reject"
     implementers = implementers_of(deployment.release)
     if r := check_not_implementer(actor.user, implementers, "SOD_IMPLEMENTER_APPROVER", role):
-        return _no(r)
+        return no(r)
     if deployment.requested_by_id == actor.user.pk:
-        return _no(_forbidden("SOD_REQUESTER_APPROVER", f"You requested this deployment, so you may not {role} it."))
+        return no(forbidden("SOD_REQUESTER_APPROVER", f"You requested this deployment, so you may not {role} it."))
     if any(a.approver_id == actor.user.pk for a in deployment.approvals.all()):
-        return _no(_forbidden(
+        return no(forbidden(
             "SOD_DISTINCT_APPROVERS", "You have already decided on this deployment; each approval must come "
             "from a different person."
         ))
@@ -478,12 +428,12 @@ def decide_start(deployment: Deployment, *, now: dt.datetime | None = None) -> D
     now = now or timezone.now()
     environment = deployment.environment
     if r := check_not_expired(deployment, now):
-        return _no(r)
+        return no(r)
     requester = deployment.requested_by
     if requester is not None:
         grants = environment_grants(requester, environment)
         if not requester.is_active or (environment.restricted and DEPLOY not in grants):
-            return _no(_forbidden(
+            return no(forbidden(
                 "NOT_RELEASER", f"{requester.get_username()} no longer holds the right to deploy to {environment}, "
                 "so the deployment they requested cannot start.",
             ))
@@ -492,12 +442,12 @@ def decide_start(deployment: Deployment, *, now: dt.datetime | None = None) -> D
         valid = [a for a in approvers if APPROVE in environment_grants(a, environment)]
         if len(valid) < deployment.required_approvals:
             lost = sorted(a.get_username() for a in approvers if a not in valid)
-            return _no(_forbidden(
+            return no(forbidden(
                 "NOT_RELEASER", f"The approval of {', '.join(lost) or 'an approver'} no longer counts: they no "
                 f"longer hold the right to approve for {environment}.",
             ))
     if r := check_promotion_path(deployment.release, environment, promotion_source(deployment.release, environment)):
-        return _no(r)
+        return no(r)
     if not deployment.emergency and (window := active_freeze(environment, now)) is not None:
         return Decision(next=Next.HOLD,
                         waiting_for=f"frozen until {window.ends_at:%Y-%m-%d %H:%M} UTC ({window.reason})")
@@ -505,25 +455,29 @@ def decide_start(deployment: Deployment, *, now: dt.datetime | None = None) -> D
 
 
 def token_revoked_refusal() -> Refusal:
-    return _forbidden("TOKEN_REVOKED",
+    return forbidden("TOKEN_REVOKED",
                       "The API token that requested this deployment was revoked, so it will not start.")
 
 
-def decide_finish(deployment: Deployment) -> Refusal | None:
+def decide_finish(deployment: Deployment) -> Decision:
     """Only a running deployment gets a result."""
     if deployment.state != Deployment.State.RUNNING:
-        return _conflict(
+        return no(conflict(
             "NOT_RUNNING", f"Deployment #{deployment.pk} is {deployment.get_state_display().lower()}, not running."
-        )
-    return None
+        ))
+    return Decision(next=Next.END)
 
 
-def decide_cancel(*, actor: Actor, deployment: Deployment) -> Refusal | None:
+def decide_cancel(*, actor: Actor, deployment: Deployment) -> Decision:
+    return _as_decision(_cancel_refusal(actor=actor, deployment=deployment), Next.END)
+
+
+def _cancel_refusal(*, actor: Actor, deployment: Deployment) -> Refusal | None:
     environment = deployment.environment
     if r := check_token_scope(actor, environment.application) or check_ci_not_restricted(actor, environment):
         return r
     if deployment.state not in Deployment.OPEN_STATES:
-        return _conflict(
+        return conflict(
             "NOT_CANCELLABLE",
             f"Deployment #{deployment.pk} is {deployment.get_state_display().lower()} and can no longer be cancelled.",
         )
@@ -533,58 +487,70 @@ def decide_cancel(*, actor: Actor, deployment: Deployment) -> Refusal | None:
         return None
     grants = environment_grants(actor.user, environment)
     if environment.restricted and DEPLOY not in grants:
-        return _forbidden("NOT_RELEASER", f"Only the requester or a releaser of {environment} may cancel this.")
+        return forbidden("NOT_RELEASER", f"Only the requester or a releaser of {environment} may cancel this.")
     return check_may_request(actor, environment, grants)
 
 
-def decide_review(*, actor: Actor, deployment: Deployment) -> Refusal | None:
+def decide_review(*, actor: Actor, deployment: Deployment) -> Decision:
     """Rule 7: an emergency deployment is reviewed afterwards by a different eligible person."""
+    return _as_decision(_review_refusal(actor=actor, deployment=deployment), Next.APPLY, REVIEW_CHECKS)
+
+
+def _review_refusal(*, actor: Actor, deployment: Deployment) -> Refusal | None:
     if not actor.is_person:
-        return _forbidden("NOT_A_PERSON", "Only a person can review an emergency deployment.")
+        return forbidden("NOT_A_PERSON", "Only a person can review an emergency deployment.")
     if not deployment.emergency:
-        return _conflict("NOT_EMERGENCY", f"Deployment #{deployment.pk} is not an emergency deployment.")
+        return conflict("NOT_EMERGENCY", f"Deployment #{deployment.pk} is not an emergency deployment.")
     if deployment.reviewed_at is not None:
-        return _conflict("ALREADY_REVIEWED", f"Deployment #{deployment.pk} has already been reviewed.")
+        return conflict("ALREADY_REVIEWED", f"Deployment #{deployment.pk} has already been reviewed.")
     if deployment.state == Deployment.State.AWAITING_APPROVAL:
-        return _conflict("NOT_STARTED", "An emergency deployment is reviewed after it has been queued.")
+        return conflict("NOT_STARTED", "An emergency deployment is reviewed after it has been queued.")
     if r := check_may_approve(actor, deployment.environment, environment_grants(actor.user, deployment.environment)):
         return r
     if r := check_not_implementer(actor.user, implementers_of(deployment.release), "SOD_IMPLEMENTER_REVIEWER",
                                   "review"):
         return r
     if deployment.requested_by_id == actor.user.pk:
-        return _forbidden("SOD_REQUESTER_REVIEWER", "You requested this emergency deployment; someone else must "
+        return forbidden("SOD_REQUESTER_REVIEWER", "You requested this emergency deployment; someone else must "
                           "review it.")
     return None
 
 
-def decide_grant(*, actor: Actor, environment: Environment, user=None, group: Group | None = None) -> Refusal | None:
+def decide_grant(*, actor: Actor, environment: Environment, user=None, group: Group | None = None) -> Decision:
     """Rule 4: only an administrator of environments grants, and never to themselves or their group."""
+    return _as_decision(_grant_refusal(actor=actor, user=user, group=group))
+
+
+def _grant_refusal(*, actor: Actor, user=None, group: Group | None = None) -> Refusal | None:
     if not actor.is_system:
         if not actor.is_person or not actor.user.has_perm("environments.change_environment"):
-            return _forbidden("NOT_PERMITTED", "You may not change who can deploy or approve.")
+            return forbidden("NOT_PERMITTED", "You may not change who can deploy or approve.")
         if user is not None and user.pk == actor.user.pk:
-            return _forbidden("SELF_GRANT", "Nobody can grant deploy or approve rights to themselves.")
+            return forbidden("SELF_GRANT", "Nobody can grant deploy or approve rights to themselves.")
         if group is not None and actor.user.groups.filter(pk=group.pk).exists():
-            return _forbidden(
+            return forbidden(
                 "SELF_GRANT", f"You belong to {group.name}; nobody can grant rights to a group they belong to."
             )
     return None
 
 
-def decide_membership(*, actor: Actor, group: Group, user, add: bool = True) -> Refusal | None:
+def decide_membership(*, actor: Actor, group: Group, user, add: bool = True) -> Decision:
     """Rule 4 for groups: joining a group that holds deploy/approve grants is receiving those grants."""
+    return _as_decision(_membership_refusal(actor=actor, group=group, user=user, add=add))
+
+
+def _membership_refusal(*, actor: Actor, group: Group, user, add: bool) -> Refusal | None:
     if actor.is_system:
         return None
     if not actor.is_person or not actor.user.has_perm("auth.change_user"):
-        return _forbidden("NOT_PERMITTED", "You may not change group membership.")
+        return forbidden("NOT_PERMITTED", "You may not change group membership.")
     if not add:
         return None
     holds_grants = GroupObjectPermission.objects.filter(
         group=group, permission__codename__in=GRANTABLE
     ).exists()
     if holds_grants and user.pk == actor.user.pk:
-        return _forbidden(
+        return forbidden(
             "SELF_GRANT", f"{group.name} holds deploy or approve rights; nobody can add themselves to it."
         )
     return None
@@ -634,7 +600,7 @@ def freeze_weakened(window: FreezeWindow, *, new_ends_at=None, removed: bool = F
 
 def check_may_administer(actor: Actor) -> Refusal | None:
     if not actor.is_person or not actor.user.has_perm("environments.change_environment"):
-        return _forbidden("NOT_PERMITTED", "You may not change the settings of environments.")
+        return forbidden("NOT_PERMITTED", "You may not change the settings of environments.")
     return None
 
 
@@ -642,17 +608,17 @@ def decide_control_change(*, actor: Actor, change: ControlChange, current: dict)
     """A weaker control takes effect only when a different administrator approves it (or rejects it).
     `current` is the environment's (or freeze window's) value now, per field of the change."""
     if r := check_may_administer(actor):
-        return _no(r)
+        return no(r)
     if change.state != ControlChange.State.PROPOSED:
-        return _no(_conflict("NOT_PROPOSED", f"{change} is already {change.get_state_display().lower()}."))
+        return no(conflict("NOT_PROPOSED", f"{change} is already {change.get_state_display().lower()}."))
     if change.proposed_by_id == actor.user.pk:
-        return _no(_forbidden(
+        return no(forbidden(
             "SOD_PROPOSER_APPROVER", "You proposed this change to a control, so a different administrator must "
             "decide on it."
         ))
     stale = [name for name, (old, _new) in change.changes.items() if name in current and current[name] != old]
     if stale:
-        return _no(_conflict(
+        return no(conflict(
             "STALE_PROPOSAL", f"{', '.join(sorted(stale))} changed since {change} was proposed; propose it again."
         ))
     return Decision(next=Next.END)

@@ -6,7 +6,7 @@ from django.db.models import Count, OuterRef, Q, Subquery
 from django.http import Http404
 from django.utils import timezone
 
-from audit.chain import iso_or_none as _time
+from core.times import iso_or_none as _time
 from environments.models import Deployment, Environment, FreezeWindow
 from releases.models import Application, Release
 

@@ -21,7 +21,8 @@ from guardian.shortcuts import assign_perm, remove_perm
 
 from audit import chain
 from audit.actors import Actor
-from audit.services import audit_refusal
+from audit.services import audit_refusal, refused
+from core.decisions import Next, PolicyRefusal, Refusal
 from environments import policy
 from environments.models import (
     Approval,
@@ -31,7 +32,6 @@ from environments.models import (
     FreezeWindow,
     NotificationChannel,
 )
-from environments.policy import PolicyRefusal
 from releases.models import Release
 
 State = Deployment.State
@@ -115,7 +115,7 @@ def _dispatch(environment: Environment, *, now: dt.datetime | None = None) -> De
     for deployment in _queue_of(environment):
         deployment.environment = environment
         decision = policy.decide_start(deployment, now=now)
-        if decision.next == policy.Next.HOLD:
+        if decision.next == Next.HOLD:
             continue
         if not decision.allowed:
             refusal = decision.refusal
@@ -197,7 +197,7 @@ def deployment_request(
         )
         if decision.allowed:
             now = timezone.now()
-            queue_now = decision.next == policy.Next.QUEUE
+            queue_now = decision.next == Next.QUEUE
             expiry = dt.timedelta(hours=settings.PORTAL_APPROVAL_EXPIRY_HOURS)
             deployment = Deployment.objects.create(
                 release=release, environment=environment,
@@ -223,12 +223,12 @@ def deployment_request(
             if queue_now:
                 _join_queue(deployment, now)
             return deployment
-        audit_refusal(
+        error = refused(
             actor=actor, action="deployment.request", refusal=decision.refusal, obj=environment,
             data={"release": str(release), "version": release.version, "environment": environment.name,
                   "emergency": bool(emergency_reason)},
         )
-    raise PolicyRefusal(decision.refusal)
+    raise error
 
 
 def auto_deploy(*, release: Release, environment: Environment) -> Deployment | None:
@@ -263,7 +263,7 @@ def _decide(*, actor: Actor, deployment_id: int, approve: bool, comment: str) ->
     with transaction.atomic():
         deployment = _lock_deployment(deployment_id)
         decision = policy.decide_approval(actor=actor, deployment=deployment, approve=approve)
-        if decision.next == policy.Next.EXPIRE:
+        if decision.next == Next.EXPIRE:
             _expire(deployment, timezone.now())
         if decision.allowed:
             approvals = policy.approvals_given(deployment) + (1 if approve else 0)
@@ -274,22 +274,22 @@ def _decide(*, actor: Actor, deployment_id: int, approve: bool, comment: str) ->
             deployment._prefetched_objects_cache.pop("approvals", None)  # the new one is in the database
             now = timezone.now()
             sod = sorted({*deployment.sod_checks, *decision.checks})
-            if decision.next == policy.Next.END:
+            if decision.next == Next.END:
                 _set_state(deployment, State.REJECTED, finished_at=now, sod_checks=sod,
                            result_detail=f"Rejected by {actor.label}: {comment}".strip(" :"))
-            elif decision.next == policy.Next.QUEUE:
+            elif decision.next == Next.QUEUE:
                 _set_state(deployment, State.QUEUED, queued_at=now, sod_checks=sod)
             else:
                 _set_state(deployment, State.AWAITING_APPROVAL, sod_checks=sod)
             chain.append(actor=actor, action=action, obj=deployment,
                          data=_deployment_data(deployment, comment=comment, approvals=approvals,
                                                sod_checks=list(decision.checks)))
-            if decision.next == policy.Next.QUEUE:
+            if decision.next == Next.QUEUE:
                 _join_queue(deployment, now)
             return deployment
-        audit_refusal(actor=actor, action=action, refusal=decision.refusal, obj=deployment,
-                      data=_deployment_data(deployment, comment=comment))
-    raise PolicyRefusal(decision.refusal)
+        error = refused(actor=actor, action=action, refusal=decision.refusal, obj=deployment,
+                        data=_deployment_data(deployment, comment=comment))
+    raise error
 
 
 def deployment_approve(*, actor: Actor, deployment_id: int, comment: str = "") -> Deployment:
@@ -307,8 +307,8 @@ def deployment_cancel(*, actor: Actor, deployment_id: int, comment: str = "") ->
     engine stops its playbook and ends it `cancelled`."""
     with transaction.atomic():
         deployment = _lock_deployment(deployment_id)
-        refusal = policy.decide_cancel(actor=actor, deployment=deployment)
-        if refusal is None:
+        decision = policy.decide_cancel(actor=actor, deployment=deployment)
+        if decision.allowed:
             detail = f"Cancelled by {actor.label}: {comment}".strip(" :")
             if deployment.state == State.RUNNING:
                 deployment.cancel_requested_at = timezone.now()
@@ -320,9 +320,9 @@ def deployment_cancel(*, actor: Actor, deployment_id: int, comment: str = "") ->
                 chain.append(actor=actor, action="deployment.cancel", obj=deployment,
                              data=_deployment_data(deployment, comment=comment))
             return deployment
-        audit_refusal(actor=actor, action="deployment.cancel", refusal=refusal, obj=deployment,
-                      data=_deployment_data(deployment, comment=comment))
-    raise PolicyRefusal(refusal)
+        error = refused(actor=actor, action="deployment.cancel", refusal=decision.refusal, obj=deployment,
+                        data=_deployment_data(deployment, comment=comment))
+    raise error
 
 
 def deployment_refuse_token_requests(*, actor: Actor, token_id: int) -> list[int]:
@@ -423,32 +423,32 @@ def deployment_record_result(
     actor = actor or ENGINE
     with transaction.atomic():
         deployment = _lock_deployment(deployment_id)
-        if refusal := policy.decide_finish(deployment):
-            audit_refusal(actor=actor, action="deployment.finish", refusal=refusal, obj=deployment,
-                          data=_deployment_data(deployment, result=state))
-        else:
+        decision = policy.decide_finish(deployment)
+        if decision.allowed:
             _finish(deployment, actor=actor, state=state, detail=detail, extra=extra)
             return deployment
-    raise PolicyRefusal(refusal)
+        error = refused(actor=actor, action="deployment.finish", refusal=decision.refusal, obj=deployment,
+                        data=_deployment_data(deployment, result=state))
+    raise error
 
 
 def deployment_review(*, actor: Actor, deployment_id: int, comment: str = "") -> Deployment:
     """Review an emergency deployment afterwards; closes it as an exception."""
     with transaction.atomic():
         deployment = _lock_deployment(deployment_id)
-        refusal = policy.decide_review(actor=actor, deployment=deployment)
-        if refusal is None:
+        decision = policy.decide_review(actor=actor, deployment=deployment)
+        if decision.allowed:
             deployment.reviewed_by = actor.user
             deployment.reviewed_at = timezone.now()
             deployment.review_comment = comment
-            deployment.sod_checks = sorted({*deployment.sod_checks, *policy.REVIEW_CHECKS})
+            deployment.sod_checks = sorted({*deployment.sod_checks, *decision.checks})
             deployment.save(update_fields=["reviewed_by", "reviewed_at", "review_comment", "sod_checks"])
             chain.append(actor=actor, action="deployment.review", obj=deployment,
                          data=_deployment_data(deployment, comment=comment))
             return deployment
-        audit_refusal(actor=actor, action="deployment.review", refusal=refusal, obj=deployment,
-                      data=_deployment_data(deployment, comment=comment))
-    raise PolicyRefusal(refusal)
+        error = refused(actor=actor, action="deployment.review", refusal=decision.refusal, obj=deployment,
+                        data=_deployment_data(deployment, comment=comment))
+    raise error
 
 
 def deployment_expire_pending(*, now: dt.datetime | None = None) -> int:
@@ -476,13 +476,13 @@ def _grant_change(*, actor: Actor, environment: Environment, codename: str, user
             "user": user.get_username() if user else None, "group": group.name if group else None}
     with transaction.atomic():
         environment = _lock_environment(environment.pk)
-        refusal = policy.decide_grant(actor=actor, environment=environment, user=user, group=group)
-        if refusal is None:
+        decision = policy.decide_grant(actor=actor, environment=environment, user=user, group=group)
+        if decision.allowed:
             (assign_perm if grant else remove_perm)(f"environments.{codename}", user or group, environment)
             chain.append(actor=actor, action=action, obj=environment, data=data)
             return
-        audit_refusal(actor=actor, action=action, refusal=refusal, obj=environment, data=data)
-    raise PolicyRefusal(refusal)
+        error = refused(actor=actor, action=action, refusal=decision.refusal, obj=environment, data=data)
+    raise error
 
 
 def environment_grant(*, actor: Actor, environment: Environment, codename: str, user=None, group=None) -> None:
@@ -499,13 +499,13 @@ def group_membership_change(*, actor: Actor, group: Group, user, add: bool) -> N
     action = "group.add_member" if add else "group.remove_member"
     data = {"group": group.name, "user": user.get_username()}
     with transaction.atomic():
-        refusal = policy.decide_membership(actor=actor, group=group, user=user, add=add)
-        if refusal is None:
+        decision = policy.decide_membership(actor=actor, group=group, user=user, add=add)
+        if decision.allowed:
             (user.groups.add if add else user.groups.remove)(group)
             chain.append(actor=actor, action=action, obj=group, data=data)
             return
-        audit_refusal(actor=actor, action=action, refusal=refusal, obj=group, data=data)
-    raise PolicyRefusal(refusal)
+        error = refused(actor=actor, action=action, refusal=decision.refusal, obj=group, data=data)
+    raise error
 
 
 SETTINGS_FIELDS = ("name", "promotes_from", "restricted", "auto_deploy", "required_approvals", "requires_code_review",
@@ -533,9 +533,8 @@ def environment_save(
         environment.full_clean()
         if actor.is_person and (weaker := policy.weakened_controls(before, environment)):
             if refusal := policy.check_may_administer(actor):
-                audit_refusal(actor=actor, action="control_change.propose", refusal=refusal, obj=before,
-                              data={"changes": weaker})
-                error = PolicyRefusal(refusal)
+                error = refused(actor=actor, action="control_change.propose", refusal=refusal, obj=before,
+                                data={"changes": weaker})
             elif not reason:
                 raise ValidationError("A change that weakens a control needs a reason, and a second administrator.")
             else:
@@ -596,8 +595,8 @@ def _control_decision(*, actor: Actor, change_id: int, approve: bool, comment: s
                 data["now"] = _apply_control_change(change, environment, now)
             chain.append(actor=actor, action=action, obj=change, data=data)
             return change
-        audit_refusal(actor=actor, action=action, refusal=decision.refusal, obj=change, data=data)
-    raise PolicyRefusal(decision.refusal)
+        error = refused(actor=actor, action=action, refusal=decision.refusal, obj=change, data=data)
+    raise error
 
 
 def control_change_approve(*, actor: Actor, change_id: int, comment: str = "") -> ControlChange:
@@ -629,7 +628,7 @@ def freeze_window_save(*, actor: Actor, window: FreezeWindow, reason: str = "") 
             chain.append(actor=actor, action="freeze.create" if before is None else "freeze.change", obj=window,
                          data={"environment": str(environment), "changed": diff, "reason": reason})
             return window
-        if not isinstance(result, policy.Refusal):
+        if not isinstance(result, Refusal):
             return result
     raise PolicyRefusal(result)
 
@@ -650,7 +649,7 @@ def freeze_window_end(*, actor: Actor, window: FreezeWindow, reason: str = "") -
                                "ends_at": window.ends_at, "reason": reason or window.reason})
             window.delete()
             return window
-        if not isinstance(result, policy.Refusal):
+        if not isinstance(result, Refusal):
             return result
     raise PolicyRefusal(result)
 

@@ -5,8 +5,8 @@ from django.contrib.auth.admin import UserAdmin
 from django.contrib.auth.forms import UserChangeForm
 
 from audit.actors import Actor
+from core.decisions import PolicyRefusal
 from environments import policy
-from environments.policy import PolicyRefusal
 from environments.services import group_membership_change
 from portal.admin_tools import admin_actor, run_each
 from portal.models import ApiToken
@@ -54,10 +54,10 @@ class MembershipCheckedUserForm(UserChangeForm):
         current = set(self.instance.groups.values_list("pk", flat=True))
         for group in groups:
             if group.pk not in current:
-                refusal = policy.decide_membership(actor=Actor(user=self.request_user, via="admin"),
-                                                   group=group, user=self.instance)
-                if refusal is not None:
-                    raise forms.ValidationError(f"{refusal.detail} ({refusal.code})")
+                decision = policy.decide_membership(actor=Actor(user=self.request_user, via="admin"),
+                                                    group=group, user=self.instance)
+                if not decision.allowed:
+                    raise forms.ValidationError(f"{decision.refusal.detail} ({decision.refusal.code})")
         return groups
 
 

@@ -8,7 +8,7 @@ from django.contrib import admin, messages
 from django.template.response import TemplateResponse
 
 from audit.actors import Actor
-from environments.policy import PolicyRefusal
+from core.decisions import PolicyRefusal
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):

@@ -8,8 +8,8 @@ from django.http import Http404
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 
+from core.decisions import PolicyRefusal
 from environments.api import router as environments_router
-from environments.policy import PolicyRefusal
 from portal.api_common import BearerToken
 from releases.api import router as releases_router
 

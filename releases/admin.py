@@ -1,9 +1,9 @@
 from django.contrib import admin
 from django.utils.html import format_html_join
 
+from core.decisions import PolicyRefusal, Refusal
 from environments import policy
 from environments import selectors as env_selectors
-from environments.policy import PolicyRefusal, Refusal
 from environments.services import deployment_request
 from portal.admin_tools import ReadOnlyAdmin, admin_actor, run_each
 from releases.models import Application, Build, Implementer, Release, ReleaseIssue, VcsAlias

@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.db.models import Prefetch, Q
 from django.http import Http404
 
-from audit.chain import iso_or_none as _time
+from core.times import iso_or_none as _time
 from environments.models import Deployment
 from releases.models import Build, Release
 

@@ -14,8 +14,8 @@ from django.http import Http404
 from audit import chain
 from audit.actors import Actor
 from audit.services import audit_refusal
+from core.decisions import PolicyRefusal, Refusal
 from environments import policy
-from environments.policy import PolicyRefusal, Refusal
 from releases.models import Application, Build, Implementer, Release, ReleaseIssue, VcsAlias
 
 

@@ -20,9 +20,10 @@ from django.utils import timezone
 from audit import chain, triggers
 from audit.models import AuditEvent
 from audit.reports import Export, Period, safe_cell
+from core.decisions import PolicyRefusal
+from core.times import iso
 from environments import services
 from environments.models import Deployment, FreezeWindow
-from environments.policy import PolicyRefusal
 from releases.services import PullRequest
 from tests.conftest import SYSTEM, person
 
@@ -89,7 +90,7 @@ def test_changes_is_the_population_of_restricted_attempts(world, history):
     assert (done["approvers"], done["required_approvals"], done["result"]) == ("carol", "1", "succeeded")
     assert done["code_reviewers"] == "erin" and done["pull_request_url"] == "https://vcs/pr/1"
     assert done["promoted_from_deployment_id"] == str(staging.pk)
-    assert done["promoted_from_finished_at"] == chain.iso(staging.finished_at)
+    assert done["promoted_from_finished_at"] == iso(staging.finished_at)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", done["requested_at"])
     assert set(done["sod_checks"].split(";")) == {"requester_not_implementer", "approver_not_implementer",
                                                   "approver_not_requester", "approver_distinct"}
@@ -144,7 +145,7 @@ def test_access_shows_who_can_deploy_since_when_and_conflicts(world, history, ma
     assert table[("bob", "deploy_environment")]["via"] == "group mac-releasers"
     dave = table[("dave", "approve_environment")]
     added = AuditEvent.objects.get(action="group.add_member", data__user="dave")
-    assert int(dave["since_audit_seq"]) == added.seq and dave["since"] == chain.iso(added.created_at)
+    assert int(dave["since_audit_seq"]) == added.seq and dave["since"] == iso(added.created_at)
     assert table[("bob", "deploy_environment")]["since"] == ""  # joined outside the services: unknown
     assert table[("carol", "approve_environment")]["conflict"] == "true"
     assert table[("carol", "approve_environment")]["conflict_releases"] == carol_impl.version

@@ -9,9 +9,9 @@ from django.db import connection, connections
 
 from audit import chain
 from audit.models import AuditEvent
+from core.decisions import PolicyRefusal
 from environments import services
 from environments.models import Deployment
-from environments.policy import PolicyRefusal
 from tests.conftest import person
 
 pytestmark = [

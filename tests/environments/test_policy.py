@@ -7,9 +7,9 @@ import pytest
 from django.utils import timezone
 
 from audit.models import AuditEvent
+from core.decisions import PolicyRefusal
 from environments import selectors, services
 from environments.models import Deployment, FreezeWindow
-from environments.policy import PolicyRefusal
 from releases.models import VcsAlias
 from releases.services import PullRequest
 from tests.conftest import SYSTEM, ci_actor, person

@@ -3,6 +3,7 @@
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
+from core.decisions import Next
 from environments import policy
 from tests.conftest import person
 
@@ -17,7 +18,7 @@ def decide(world, release):
 def approval_queries(world, deployment):
     with CaptureQueriesContext(connection) as captured:
         decision = policy.decide_approval(actor=person(world.carol), deployment=deployment, approve=True)
-    assert decision.allowed and decision.next == policy.Next.QUEUE
+    assert decision.allowed and decision.next == Next.QUEUE
     return len(captured)
 
 

@@ -4,9 +4,9 @@ import pytest
 
 from audit import chain
 from audit.models import AuditEvent
+from core.decisions import PolicyRefusal
 from environments import services
 from environments.models import Deployment, Environment
-from environments.policy import PolicyRefusal
 from tests.conftest import SYSTEM, person
 
 State = Deployment.State

@@ -2,7 +2,7 @@ import pytest
 from django.db import DatabaseError, connection, transaction
 
 from audit.models import AuditEvent
-from environments.policy import PolicyRefusal
+from core.decisions import PolicyRefusal
 from releases import services
 from releases.models import Build, ImmutableError, Release
 from tests.conftest import SYSTEM, ci_actor, person
