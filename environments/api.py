@@ -7,7 +7,6 @@ from pydantic import BaseModel
 from environments import selectors, services
 from portal.api_common import REFUSALS, Name, Text, actor_of
 from releases import selectors as release_selectors
-from releases.services import application_get
 
 router = Router(tags=["deployments"])
 
@@ -115,4 +114,4 @@ for verb, service in (("approve", services.deployment_approve), ("reject", servi
 @router.get("/applications/{application}/environments", response={200: list[EnvironmentStatus], **REFUSALS},
             summary="What is deployed where")
 def application_environments(request: HttpRequest, application: Name):
-    return selectors.application_environments(application_get(application))
+    return selectors.application_environments(release_selectors.application_get(application))

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from django.db.models import Count, OuterRef, Q, Subquery
-from django.http import Http404
 from django.utils import timezone
 
+from core.decisions import NotFound
 from core.times import iso_or_none as _time
 from environments.models import Deployment, Environment, FreezeWindow
 from releases.models import Application, Release
@@ -14,7 +14,7 @@ from releases.models import Application, Release
 def environment_get(application: str, name: str) -> Environment:
     environment = Environment.objects.filter(application__name=application, name=name).first()
     if environment is None:
-        raise Http404(f"{application} has no environment {name!r}.")
+        raise NotFound(f"{application} has no environment {name!r}.")
     return environment
 
 
@@ -25,7 +25,7 @@ def deployment_get(deployment_id: int) -> Deployment:
         .filter(pk=deployment_id).first()
     )
     if deployment is None:
-        raise Http404(f"No deployment #{deployment_id}.")
+        raise NotFound(f"No deployment #{deployment_id}.")
     return deployment
 
 

@@ -22,7 +22,7 @@ from guardian.shortcuts import assign_perm, remove_perm
 from audit import chain
 from audit.actors import Actor
 from audit.services import audit_refusal, refused
-from core.decisions import Next, PolicyRefusal, Refusal
+from core.decisions import Next, NotFound, PolicyRefusal, Refusal
 from environments import policy
 from environments.models import (
     Approval,
@@ -60,7 +60,9 @@ def _lock_environment(environment_id: int) -> Environment:
 
 def _lock_deployment(deployment_id: int) -> Deployment:
     """Lock a deployment's environment, then the deployment (always in that order)."""
-    environment_id = Deployment.objects.values_list("environment_id", flat=True).get(pk=deployment_id)
+    environment_id = Deployment.objects.filter(pk=deployment_id).values_list("environment_id", flat=True).first()
+    if environment_id is None:
+        raise NotFound(f"No deployment #{deployment_id}.")
     environment = _lock_environment(environment_id)
     deployment = (
         Deployment.objects.select_for_update(of=("self",))

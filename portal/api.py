@@ -8,7 +8,7 @@ from django.http import Http404
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 
-from core.decisions import PolicyRefusal
+from core.decisions import NotFound, PolicyRefusal
 from environments.api import router as environments_router
 from portal.api_common import BearerToken
 from releases.api import router as releases_router
@@ -35,6 +35,7 @@ def _refused(request, exc: PolicyRefusal):
     return _error(request, exc.refusal.status, exc.refusal.code, exc.refusal.detail)
 
 
+@api.exception_handler(NotFound)
 @api.exception_handler(Http404)
 def _not_found(request, exc):
     return _error(request, 404, "NOT_FOUND", str(exc) or "Not found.")

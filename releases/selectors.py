@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from django.db.models import Prefetch, Q
-from django.http import Http404
 
+from core.decisions import NotFound
 from core.times import iso_or_none as _time
 from environments.models import Deployment
-from releases.models import Build, Release
+from releases.models import Application, Build, Release
+
+
+def application_get(name: str) -> Application:
+    try:
+        return Application.objects.get(name=name)
+    except Application.DoesNotExist:
+        raise NotFound(f"No application named {name!r}.") from None
 
 
 def build_as_dict(build: Build) -> dict:
@@ -22,7 +29,7 @@ def build_as_dict(build: Build) -> dict:
 def build_get(application: str, number: str) -> Build:
     build = Build.objects.select_related("application").filter(application__name=application, number=number).first()
     if build is None:
-        raise Http404(f"{application} has no build {number!r}.")
+        raise NotFound(f"{application} has no build {number!r}.")
     return build
 
 
@@ -62,7 +69,7 @@ def release_get(application: str, version: str, *, details: bool = True) -> Rele
     releases = releases_with_details() if details else Release.objects.select_related("application")
     release = releases.filter(application__name=application, version=version).first()
     if release is None:
-        raise Http404(f"{application} has no release {version!r}.")
+        raise NotFound(f"{application} has no release {version!r}.")
     return release
 
 
@@ -77,7 +84,7 @@ def change_detail(issue_key: str) -> dict:
         .distinct().order_by("created_at", "id")
     )
     if not releases and not builds:
-        raise Http404(f"No build or release carries {key}.")
+        raise NotFound(f"No build or release carries {key}.")
     reached: dict[str, dict] = {}
     for release in releases:
         for d in release.deployments.all():

@@ -9,21 +9,16 @@ from dataclasses import dataclass
 from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
 from django.db.models import Q
-from django.http import Http404
+from django.utils.dateparse import parse_datetime
 
 from audit import chain
 from audit.actors import Actor
 from audit.services import audit_refusal
+from core import events
 from core.decisions import PolicyRefusal, Refusal
 from environments import policy
-from releases.models import Application, Build, Implementer, Release, ReleaseIssue, VcsAlias
-
-
-def application_get(name: str) -> Application:
-    try:
-        return Application.objects.get(name=name)
-    except Application.DoesNotExist:
-        raise Http404(f"No application named {name!r}.") from None
+from releases.models import Build, Implementer, Release, ReleaseIssue, VcsAlias
+from releases.selectors import application_get
 
 
 @dataclass(frozen=True)
@@ -118,10 +113,6 @@ def release_register(
     The same registration again is accepted unchanged (CI retries); the same version with any other
     content is refused: a version names exactly one artifact.
     """
-    from django.utils.dateparse import parse_datetime
-
-    from environments.services import auto_deploy_next  # environments builds on releases
-
     app = application_get(application)
     identities = _norm_identities(implementers)
     keys = sorted({k.strip().upper() for k in issue_keys if k.strip()})
@@ -169,7 +160,7 @@ def release_register(
                 Implementer(release=release, identity=i, user_id=users.get(i)) for i in identities
             )
             chain.append(actor=actor, action="release.register", obj=release, data=payload)
-            auto_deploy_next(release=release)
+            events.publish(events.RELEASE_REGISTERED, release=release)
             return release, True
     raise PolicyRefusal(refusal)
 
