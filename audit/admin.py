@@ -11,7 +11,7 @@ from django.utils import timezone
 from audit.downloads import zip_stream
 from audit.models import AuditEvent
 from audit.reports import REPORTS, Export, Period
-from portal.admin_tools import ReadOnlyAdmin, admin_actor
+from edge.admin import ReadOnlyAdmin, admin_actor
 from releases.models import Application
 
 

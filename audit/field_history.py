@@ -1,13 +1,16 @@
-"""django-auditlog wiring: which models keep field history, and how entries enter the chain.
+"""django-auditlog wiring (imported by AuditConfig.ready, once the apps are loaded): which models keep field history, and how entries enter the chain.
 
 auditlog writes its LogEntry rows from model signals; each new entry is copied into the hash
 chain here (library wiring, not business logic). The business decisions themselves are written
 to the chain explicitly by the services.
 """
 
+from auditlog.models import LogEntry
+from auditlog.registry import auditlog
 from django.apps import apps
 from django.db.models.signals import post_save
 
+from audit import chain
 from audit.actors import Actor
 
 TRACKED = [
@@ -25,8 +28,6 @@ TRACKED = [
 def _entry_to_chain(sender, instance, created, raw=False, **kwargs):
     if not created or raw:
         return
-    from audit import chain
-
     actor = Actor.person(instance.actor, via="admin") if instance.actor_id else Actor.system()
     chain.append(
         actor=actor,
@@ -39,9 +40,6 @@ def _entry_to_chain(sender, instance, created, raw=False, **kwargs):
 
 
 def wire() -> None:
-    from auditlog.models import LogEntry
-    from auditlog.registry import auditlog
-
     for label, options in TRACKED:
         model = apps.get_model(label)
         if not auditlog.contains(model):

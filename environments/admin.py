@@ -12,6 +12,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
 from core.decisions import PolicyRefusal
+from edge.admin import ReadOnlyAdmin, admin_actor, confirm_with_comment, run_each
 from environments import policy, selectors, services
 from environments.models import (
     Approval,
@@ -23,7 +24,6 @@ from environments.models import (
     NotificationChannel,
     NotificationDelivery,
 )
-from portal.admin_tools import ReadOnlyAdmin, admin_actor, confirm_with_comment, run_each
 
 
 class FreezeWindowInline(admin.TabularInline):

@@ -4,8 +4,8 @@ from django.http import HttpRequest
 from ninja import Field, Router, Schema, Status
 from pydantic import BaseModel
 
+from edge.api import REFUSALS, Name, Text, actor_of
 from environments import selectors, services
-from portal.api_common import REFUSALS, Name, Text, actor_of
 from releases import selectors as release_selectors
 
 router = Router(tags=["deployments"])

@@ -6,9 +6,9 @@ from django.contrib.auth.forms import UserChangeForm
 
 from audit.actors import Actor
 from core.decisions import PolicyRefusal
+from edge.admin import admin_actor, run_each
 from environments import policy
 from environments.services import group_membership_change
-from portal.admin_tools import admin_actor, run_each
 from portal.models import ApiToken
 from portal.services import token_revoke
 

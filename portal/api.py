@@ -9,8 +9,8 @@ from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 
 from core.decisions import NotFound, PolicyRefusal
+from edge.api import BearerToken
 from environments.api import router as environments_router
-from portal.api_common import BearerToken
 from releases.api import router as releases_router
 
 logger = logging.getLogger(__name__)

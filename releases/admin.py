@@ -2,10 +2,10 @@ from django.contrib import admin
 from django.utils.html import format_html_join
 
 from core.decisions import PolicyRefusal, Refusal
+from edge.admin import ReadOnlyAdmin, admin_actor, run_each
 from environments import policy
 from environments import selectors as env_selectors
 from environments.services import deployment_request
-from portal.admin_tools import ReadOnlyAdmin, admin_actor, run_each
 from releases.models import Application, Build, Implementer, Release, ReleaseIssue, VcsAlias
 from releases.services import vcs_alias_add
 

@@ -7,7 +7,7 @@ from django.http import HttpRequest
 from ninja import Field, Router, Schema, Status
 from pydantic import AfterValidator, BaseModel
 
-from portal.api_common import REFUSALS, Name, Text, actor_of
+from edge.api import REFUSALS, Name, Text, actor_of
 from releases import selectors, services
 
 router = Router(tags=["builds and releases"])
