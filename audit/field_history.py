@@ -1,4 +1,5 @@
-"""django-auditlog wiring (imported by AuditConfig.ready, once the apps are loaded): which models keep field history, and how entries enter the chain.
+"""django-auditlog wiring: which models keep field history, and how entries enter the chain.
+Imported by AuditConfig.ready, once the apps are loaded.
 
 auditlog writes its LogEntry rows from model signals; each new entry is copied into the hash
 chain here (library wiring, not business logic). The business decisions themselves are written

@@ -249,6 +249,25 @@ def promotion_source(release: Release, environment: Environment) -> Deployment |
     )
 
 
+def next_on_path(release: Release) -> Environment | None:
+    """The next environment on the promotion path that this release has not reached yet."""
+    reached = set(
+        Deployment.objects.filter(release=release, state=Deployment.State.SUCCEEDED).values_list(
+            "environment_id", flat=True
+        )
+    )
+    for environment in Environment.objects.filter(application_id=release.application_id).order_by("id"):
+        if environment.pk not in reached and (
+            environment.promotes_from_id is None or environment.promotes_from_id in reached
+        ):
+            return environment
+    return None
+
+
+def path_complete_refusal(release: Release) -> Refusal:
+    return conflict("PATH_COMPLETE", f"{release} has reached every environment of its promotion path.")
+
+
 def check_promotion_path(release, environment, source: Deployment | None) -> Refusal | None:
     if environment.promotes_from_id is not None and source is None:
         return conflict(

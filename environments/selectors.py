@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from django.db.models import Count, OuterRef, Q, Subquery
+from django.db.models import Count, OuterRef, Prefetch, Q, Subquery
 from django.utils import timezone
 
 from core.decisions import NotFound
@@ -142,28 +142,18 @@ def application_environments(application: Application) -> list[dict]:
     return rows
 
 
-def environments_reached(release_ids: list[int]) -> dict[int, list[str]]:
-    """For each release, the names of the environments it was deployed to successfully (one query)."""
-    reached: dict[int, list[str]] = {}
-    rows = (
-        Deployment.objects.filter(release_id__in=release_ids, state=Deployment.State.SUCCEEDED)
-        .values_list("release_id", "environment__name").order_by("environment_id").distinct()
+def succeeded_deployments_prefetch() -> Prefetch:
+    """For a list of releases: their succeeded deployments with the environment (one query)."""
+    return Prefetch(
+        "deployments", to_attr="succeeded_deployments",
+        queryset=Deployment.objects.filter(state=Deployment.State.SUCCEEDED).select_related("environment")
+        .order_by("environment_id"),
     )
-    for release_id, name in rows:
-        reached.setdefault(release_id, []).append(name)
-    return reached
 
 
-def next_environment(release: Release) -> Environment | None:
-    """The next environment on the promotion path that this release has not reached yet."""
-    reached = set(
-        Deployment.objects.filter(release=release, state=Deployment.State.SUCCEEDED).values_list(
-            "environment_id", flat=True
-        )
-    )
-    for env in Environment.objects.filter(application_id=release.application_id).order_by("id"):
-        if env.pk in reached:
-            continue
-        if env.promotes_from_id is None or env.promotes_from_id in reached:
-            return env
-    return None
+def environments_reached_by(release: Release) -> list[str]:
+    """The environments a release was deployed to successfully, in path order (prefetched or not)."""
+    deployments = getattr(release, "succeeded_deployments", None)
+    if deployments is None:
+        deployments = release.deployments.filter(state=Deployment.State.SUCCEEDED).select_related("environment")
+    return list(dict.fromkeys(d.environment.name for d in sorted(deployments, key=lambda d: d.environment_id)))

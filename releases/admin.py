@@ -1,11 +1,10 @@
 from django.contrib import admin
 from django.utils.html import format_html_join
 
-from core.decisions import PolicyRefusal, Refusal
 from edge.admin import ReadOnlyAdmin, admin_actor, run_each
 from environments import policy
 from environments import selectors as env_selectors
-from environments.services import deployment_request
+from environments.services import deployment_request_next
 from releases.models import Application, Build, Implementer, Release, ReleaseIssue, VcsAlias
 from releases.services import vcs_alias_add
 
@@ -56,12 +55,8 @@ class ReleaseAdmin(ReadOnlyAdmin):
     readonly_fields = ["environments_reached"]
 
     def get_queryset(self, request):
-        return super().get_queryset(request).select_related("application", "build").prefetch_related("issues")
-
-    def get_changelist_instance(self, request):
-        changelist = super().get_changelist_instance(request)
-        self._reached = env_selectors.environments_reached([r.pk for r in changelist.result_list])
-        return changelist
+        return super().get_queryset(request).select_related("application", "build").prefetch_related(
+            "issues", env_selectors.succeeded_deployments_prefetch())
 
     @admin.display(description="build")
     def build_number(self, obj):
@@ -77,9 +72,7 @@ class ReleaseAdmin(ReadOnlyAdmin):
 
     @admin.display(description="environments reached")
     def environments_reached(self, obj):
-        reached = getattr(self, "_reached", None)
-        names = reached.get(obj.pk, []) if reached is not None else env_selectors.environments_reached([obj.pk]).get(
-            obj.pk, [])
+        names = env_selectors.environments_reached_by(obj)
         return format_html_join(", ", "{}", ((n,) for n in names)) or "-"
 
     def has_request_permission(self, request):
@@ -89,15 +82,8 @@ class ReleaseAdmin(ReadOnlyAdmin):
     def request_next_environment(self, request, queryset):
         actor = admin_actor(request)
 
-        def request_one(release):
-            target = env_selectors.next_environment(release)
-            if target is None:
-                raise PolicyRefusal(Refusal(
-                    "PATH_COMPLETE", f"{release} has reached every environment of its promotion path."
-                ))
-            deployment_request(actor=actor, release=release, environment=target)
-
-        run_each(self, request, queryset, request_one, "deployment requested to the next environment.")
+        run_each(self, request, queryset, lambda release: deployment_request_next(actor=actor, release=release),
+                 "deployment requested to the next environment.")
 
 
 @admin.register(VcsAlias)

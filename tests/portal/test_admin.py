@@ -178,3 +178,17 @@ def test_deployment_pages_show_the_queue(client, world, make_user):
     assert f"1 in line; waiting for behind #{running.pk}" in page
     env_page = client.get(reverse("admin:environments_environment_change", args=[world.qa.pk])).content.decode()
     assert f"#{waiting.pk}</a> {second.version} queued: waiting for behind #{running.pk}" in env_page
+
+
+def test_a_release_that_reached_every_environment_is_refused_and_audited(client, world, make_user):
+    release = world.release()
+    world.to_staging(release)
+    world.deploy(release, world.production, actor=person(world.bob))
+    client.force_login(make_user("root", superuser=True))
+    response = client.post(reverse("admin:releases_release_changelist"),
+                           {"action": "request_next_environment", "_selected_action": [release.pk]}, follow=True)
+    assert "has reached every environment of its promotion path" in response.content.decode()
+    event = AuditEvent.objects.get(action="deployment.request.refused", code="PATH_COMPLETE")
+    assert (event.actor_username, event.object_id) == ("root", str(release.pk))
+    page = client.get(reverse("admin:releases_release_change", args=[release.pk])).content.decode()
+    assert "QA, Staging, Production" in page  # each request reads its own data
