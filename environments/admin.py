@@ -31,6 +31,7 @@ class FreezeWindowInline(admin.TabularInline):
 
     model = FreezeWindow
     extra = 0
+    fields = ["starts_at", "ends_at", "reason", "recurrence", "duration", "timezone"]
 
 
 class EnvironmentForm(forms.ModelForm):

@@ -1,3 +1,10 @@
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from dateutil.rrule import rrulestr
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
@@ -77,22 +84,106 @@ class Environment(models.Model):
             source = source.promotes_from
 
 
-class FreezeWindow(models.Model):
-    """A period in which an environment takes no deployment except an emergency one (rule 7)."""
+@dataclass(frozen=True)
+class FreezeOccurrence:
+    """One concrete period of a freeze window (a one-off window has one)."""
 
-    environment = models.ForeignKey(Environment, on_delete=models.CASCADE, related_name="freeze_windows")
+    window: FreezeWindow
+    starts_at: dt.datetime
+    ends_at: dt.datetime
+
+    @property
+    def reason(self) -> str:
+        return self.window.reason
+
+
+class FreezeWindow(models.Model):
+    """A period in which an environment takes no deployment except an emergency one (rule 7).
+
+    For one environment, or for every environment of an application. One-off: from `starts_at` to
+    `ends_at`. Recurring: an iCalendar recurrence rule (RFC 5545 RRULE, e.g.
+    `FREQ=WEEKLY;BYDAY=FR;BYHOUR=16;BYMINUTE=0` for every Friday 16:00) read in `timezone`, each
+    occurrence lasting `duration` of wall-clock time (so "Friday 16:00 to Monday 06:00" stays so across
+    a daylight-saving change); the series runs from `starts_at` and stops at `ends_at`.
+    """
+
+    environment = models.ForeignKey(
+        Environment, null=True, blank=True, on_delete=models.CASCADE, related_name="freeze_windows"
+    )
+    application = models.ForeignKey(
+        Application, null=True, blank=True, on_delete=models.CASCADE, related_name="freeze_windows",
+        help_text="Freeze every environment of this application (instead of one environment).",
+    )
     starts_at = models.DateTimeField()
-    ends_at = models.DateTimeField()
+    ends_at = models.DateTimeField(help_text="End of the window; for a recurring one, when the series stops.")
     reason = models.CharField(max_length=255)
+    recurrence = models.CharField(
+        max_length=500, blank=True,
+        help_text="iCalendar RRULE, e.g. FREQ=WEEKLY;BYDAY=FR;BYHOUR=16;BYMINUTE=0 (empty: one-off).",
+    )
+    duration = models.DurationField(null=True, blank=True, help_text="Length of each occurrence (recurring).")
+    timezone = models.CharField(max_length=64, default="UTC", help_text="IANA time zone the rule is read in.")
 
     class Meta:
         ordering = ["starts_at"]
         constraints = [
-            models.CheckConstraint(condition=Q(ends_at__gt=F("starts_at")), name="freezewindow_ends_after_start")
+            models.CheckConstraint(condition=Q(ends_at__gt=F("starts_at")), name="freezewindow_ends_after_start"),
+            models.CheckConstraint(
+                condition=Q(environment__isnull=True, application__isnull=False)
+                | Q(environment__isnull=False, application__isnull=True),
+                name="freezewindow_one_target",
+            ),
+            models.CheckConstraint(
+                condition=Q(recurrence="") | Q(duration__isnull=False), name="freezewindow_recurring_has_duration"
+            ),
         ]
 
     def __str__(self) -> str:
-        return f"{self.environment} frozen {self.starts_at:%Y-%m-%d %H:%M} - {self.ends_at:%Y-%m-%d %H:%M}"
+        target = self.environment or f"{self.application} (all environments)"
+        if self.recurrence:
+            return f"{target} frozen {self.recurrence} for {self.duration} ({self.timezone})"
+        return f"{target} frozen {self.starts_at:%Y-%m-%d %H:%M} - {self.ends_at:%Y-%m-%d %H:%M}"
+
+    def clean(self):
+        if (self.environment_id is None) == (self.application_id is None):
+            raise ValidationError("A freeze window is for one environment or for all environments of an application.")
+        try:
+            zone = ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValidationError({"timezone": f"Unknown time zone {self.timezone!r}."}) from None
+        if self.recurrence:
+            if not self.duration or self.duration <= dt.timedelta(0):
+                raise ValidationError({"duration": "A recurring freeze needs the length of each occurrence."})
+            try:
+                self._rule(zone)
+            except (ValueError, TypeError) as exc:
+                raise ValidationError({"recurrence": f"Not an iCalendar recurrence rule: {exc}"}) from None
+
+    def _rule(self, zone: ZoneInfo):
+        start = self.starts_at.astimezone(zone).replace(tzinfo=None)
+        return rrulestr(self.recurrence, dtstart=start, ignoretz=True)
+
+    def occurrences(self, since: dt.datetime, until: dt.datetime) -> list[FreezeOccurrence]:
+        """The periods of this window that overlap [since, until), in order."""
+        if not self.recurrence:
+            if self.starts_at < until and self.ends_at > since:
+                return [FreezeOccurrence(self, self.starts_at, self.ends_at)]
+            return []
+        zone = ZoneInfo(self.timezone)
+        rule = self._rule(zone)
+        local_since = (since.astimezone(zone) - self.duration).replace(tzinfo=None)
+        local_until = until.astimezone(zone).replace(tzinfo=None)
+        found = []
+        for start in rule.between(local_since, local_until, inc=True):
+            begins = start.replace(tzinfo=zone).astimezone(dt.UTC)
+            ends = min((start + self.duration).replace(tzinfo=zone).astimezone(dt.UTC), self.ends_at)
+            if begins < self.ends_at and begins < until and ends > since and begins >= self.starts_at:
+                found.append(FreezeOccurrence(self, begins, ends))
+        return found
+
+    def active_at(self, moment: dt.datetime) -> FreezeOccurrence | None:
+        occurrences = self.occurrences(moment, moment + dt.timedelta(microseconds=1))
+        return occurrences[-1] if occurrences else None
 
 
 class Deployment(models.Model):
@@ -311,7 +402,11 @@ class ControlChange(models.Model):
         APPLIED = "applied", "Approved and applied"
         REJECTED = "rejected", "Rejected"
 
-    environment = models.ForeignKey(Environment, on_delete=models.PROTECT, related_name="control_changes")
+    application = models.ForeignKey(Application, on_delete=models.PROTECT, related_name="control_changes")
+    environment = models.ForeignKey(
+        Environment, null=True, blank=True, on_delete=models.PROTECT, related_name="control_changes",
+        help_text="Empty for a freeze window of every environment of the application.",
+    )
     freeze_window = models.ForeignKey(
         FreezeWindow, null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
         help_text="The freeze window to shorten or remove, for a freeze change.",
@@ -337,9 +432,9 @@ class ControlChange(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"control change #{self.pk} on {self.environment}"
+        return f"control change #{self.pk} on {self.environment or self.application}"
 
     def summary(self) -> str:
         if "removed" in self.changes:
-            return "remove the running freeze window"
+            return "end the running freeze window"
         return "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in sorted(self.changes.items()))

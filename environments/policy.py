@@ -14,12 +14,13 @@ from dataclasses import dataclass
 
 from django.contrib.auth.models import Group
 from django.contrib.contenttypes.models import ContentType
+from django.db.models import Q
 from django.utils import timezone
 from guardian.models import GroupObjectPermission, UserObjectPermission
 
 from audit.actors import Actor
 from core.decisions import Decision, Next, Refusal, conflict, forbidden, no
-from environments.models import ControlChange, Deployment, Environment, FreezeWindow
+from environments.models import ControlChange, Deployment, Environment, FreezeOccurrence, FreezeWindow
 from releases.models import Build, Release, VcsAlias
 
 DEPLOY = "deploy_environment"
@@ -280,21 +281,73 @@ def check_promotion_path(release, environment, source: Deployment | None) -> Ref
 
 # --- rules 6 and 7: one at a time, in order; freeze windows ---------------------------------------
 
-def active_freeze(environment: Environment, now: dt.datetime | None = None) -> FreezeWindow | None:
+LONGEST_FREEZE = dt.timedelta(days=62)  # an occurrence of a recurring freeze that began this long ago is over
+
+
+def _freeze_windows_of(environments, since: dt.datetime, until: dt.datetime) -> list[FreezeWindow]:
+    """The freeze windows (one-off or recurring) that may touch [since, until) for these environments:
+    their own and their applications'. One query."""
+    environments = list(environments)
+    if not environments:
+        return []
+    return list(
+        FreezeWindow.objects.filter(
+            Q(environment__in=environments)
+            | Q(application_id__in={e.application_id for e in environments}, environment__isnull=True),
+            starts_at__lt=until, ends_at__gt=since - LONGEST_FREEZE,
+        ).order_by("starts_at", "id")
+    )
+
+
+def _applies_to(window: FreezeWindow, environment: Environment) -> bool:
+    return window.environment_id == environment.pk or (
+        window.environment_id is None and window.application_id == environment.application_id
+    )
+
+
+def active_freezes(environments, now: dt.datetime | None = None) -> dict[int, FreezeOccurrence]:
+    """Per environment, the freeze that holds it now (the one that ends last), if any."""
     now = now or timezone.now()
-    return FreezeWindow.objects.filter(environment=environment, starts_at__lte=now, ends_at__gt=now).first()
+    environments = list(environments)
+    windows = _freeze_windows_of(environments, now, now + dt.timedelta(microseconds=1))
+    active: dict[int, FreezeOccurrence] = {}
+    for environment in environments:
+        for window in windows:
+            if _applies_to(window, environment) and (occurrence := window.active_at(now)) is not None:
+                current = active.get(environment.pk)
+                if current is None or occurrence.ends_at > current.ends_at:
+                    active[environment.pk] = occurrence
+    return active
 
 
-def freeze_sentence(environment: Environment, window: FreezeWindow) -> str:
-    return (f"{environment} is frozen until {window.ends_at:%Y-%m-%d %H:%M} UTC ({window.reason}); "
+def active_freeze(environment: Environment, now: dt.datetime | None = None) -> FreezeOccurrence | None:
+    return active_freezes([environment], now).get(environment.pk)
+
+
+def upcoming_freezes(environments, since: dt.datetime, until: dt.datetime) -> list[tuple]:
+    """Every freeze period touching [since, until) for these environments, in time order:
+    (environment, FreezeOccurrence) pairs."""
+    environments = list(environments)
+    windows = _freeze_windows_of(environments, since, until)
+    found = [(environment, occurrence) for window in windows for occurrence in window.occurrences(since, until)
+             for environment in environments if _applies_to(window, environment)]
+    return sorted(found, key=lambda pair: (pair[1].starts_at, pair[0].pk))
+
+
+def freeze_sentence(environment: Environment, freeze: FreezeOccurrence) -> str:
+    return (f"{environment} is frozen until {freeze.ends_at:%Y-%m-%d %H:%M} UTC ({freeze.reason}); "
             "only an emergency deployment with a stated reason can go now.")
+
+
+def waiting_for_freeze(freeze: FreezeOccurrence) -> str:
+    return f"frozen until {freeze.ends_at:%Y-%m-%d %H:%M} UTC ({freeze.reason})"
 
 
 def check_no_freeze(environment: Environment, emergency: bool, now: dt.datetime | None = None) -> Refusal | None:
     if emergency:
         return None
-    if (window := active_freeze(environment, now)) is not None:
-        return conflict("FREEZE_WINDOW", freeze_sentence(environment, window))
+    if (freeze := active_freeze(environment, now)) is not None:
+        return conflict("FREEZE_WINDOW", freeze_sentence(environment, freeze))
     return None
 
 
@@ -467,9 +520,8 @@ def decide_start(deployment: Deployment, *, now: dt.datetime | None = None) -> D
             ))
     if r := check_promotion_path(deployment.release, environment, promotion_source(deployment.release, environment)):
         return no(r)
-    if not deployment.emergency and (window := active_freeze(environment, now)) is not None:
-        return Decision(next=Next.HOLD,
-                        waiting_for=f"frozen until {window.ends_at:%Y-%m-%d %H:%M} UTC ({window.reason})")
+    if not deployment.emergency and (freeze := active_freeze(environment, now)) is not None:
+        return Decision(next=Next.HOLD, waiting_for=waiting_for_freeze(freeze))
     return Decision(next=Next.START)
 
 
@@ -604,17 +656,38 @@ def weakened_controls(before: Environment | None, after: Environment) -> dict[st
     return weaker
 
 
-def freeze_weakened(window: FreezeWindow, *, new_ends_at=None, removed: bool = False,
+FREEZE_FIELDS = ("starts_at", "ends_at", "reason", "recurrence", "duration", "timezone", "environment_id",
+                 "application_id")
+
+
+def freeze_fields(window: FreezeWindow) -> dict:
+    """A freeze window's settings as JSON-safe values (times in ISO 8601, durations in seconds)."""
+    values = {}
+    for name in FREEZE_FIELDS:
+        value = getattr(window, name)
+        if isinstance(value, dt.datetime):
+            value = value.isoformat()
+        elif isinstance(value, dt.timedelta):
+            value = int(value.total_seconds())
+        values[name] = value
+    return values
+
+
+def freeze_weakened(before: FreezeWindow, after: FreezeWindow | None = None, *,
                     now: dt.datetime | None = None) -> dict[str, list]:
-    """Removing or shortening a freeze window while it runs weakens the control."""
+    """Removing a freeze while it holds (after=None), or changing it so that it ends sooner now,
+    weakens the control: {field: [from, to]} of what changes, or {} (stricter, or not running)."""
     now = now or timezone.now()
-    if not (window.starts_at <= now < window.ends_at):
+    running = before.active_at(now)
+    if running is None:
         return {}
-    if removed:
+    if after is None:
         return {"removed": [True, True]}
-    if new_ends_at is not None and new_ends_at < window.ends_at:
-        return {"ends_at": [window.ends_at.isoformat(), new_ends_at.isoformat()]}
-    return {}
+    still = after.active_at(now)
+    if still is not None and still.ends_at >= running.ends_at:
+        return {}
+    old, new = freeze_fields(before), freeze_fields(after)
+    return {name: [old[name], new[name]] for name in FREEZE_FIELDS if old[name] != new[name]}
 
 
 def check_may_administer(actor: Actor) -> Refusal | None:

@@ -7,7 +7,8 @@ from django.utils import timezone
 
 from core.decisions import NotFound
 from core.times import iso_or_none as _time
-from environments.models import Deployment, Environment, FreezeWindow
+from environments import policy
+from environments.models import Deployment, Environment
 from releases.models import Application, Release
 
 
@@ -39,11 +40,7 @@ def environment_queues(environment_ids: list[int], *, now=None) -> dict[int, lis
         .values("id", "environment_id", "state", "release__version", "engine", "emergency", "approved",
                 "required_approvals", "queued_at", "requested_at", "requested_by_label")
     )
-    frozen = {
-        w.environment_id: w for w in FreezeWindow.objects.filter(
-            environment_id__in=environment_ids, starts_at__lte=now, ends_at__gt=now
-        ).order_by("-ends_at")
-    }
+    frozen = policy.active_freezes(Environment.objects.filter(pk__in=environment_ids), now)
     order = {Deployment.State.RUNNING: 0, Deployment.State.QUEUED: 1, Deployment.State.AWAITING_APPROVAL: 2}
     queues: dict[int, list[dict]] = {e: [] for e in environment_ids}
     for row in sorted(rows, key=lambda r: (order[r["state"]], r["queued_at"] or r["requested_at"], r["id"])):
@@ -55,9 +52,9 @@ def environment_queues(environment_ids: list[int], *, now=None) -> dict[int, lis
         elif state == Deployment.State.QUEUED:
             ahead = [q for q in queue if q["state"] in (Deployment.State.RUNNING, Deployment.State.QUEUED)]
             position = 1 + sum(1 for q in ahead if q["state"] == Deployment.State.QUEUED)
-            window = frozen.get(row["environment_id"])
-            if window is not None and not row["emergency"]:
-                waiting_for = f"frozen until {window.ends_at:%Y-%m-%d %H:%M} UTC ({window.reason})"
+            freeze = frozen.get(row["environment_id"])
+            if freeze is not None and not row["emergency"]:
+                waiting_for = policy.waiting_for_freeze(freeze)
             elif ahead:
                 waiting_for = f"behind #{ahead[-1]['id']}"
             else:

@@ -551,8 +551,8 @@ def environment_save(
             elif not reason:
                 raise ValidationError("A change that weakens a control needs a reason, and a second administrator.")
             else:
-                change = ControlChange.objects.create(environment=before, changes=weaker, reason=reason,
-                                                      proposed_by=actor.user)
+                change = ControlChange.objects.create(application_id=before.application_id, environment=before,
+                                                      changes=weaker, reason=reason, proposed_by=actor.user)
                 chain.append(actor=actor, action="control_change.propose", obj=change,
                              data={"environment": str(before), "changes": weaker, "reason": reason})
                 return change
@@ -567,7 +567,7 @@ def environment_save(
     raise error
 
 
-def _apply_control_change(change: ControlChange, environment: Environment, now: dt.datetime) -> dict:
+def _apply_control_change(change: ControlChange, environment: Environment | None, now: dt.datetime) -> dict:
     if change.freeze_window_id is None:
         for name, (_old, new) in change.changes.items():
             setattr(environment, f"{name}_id" if name == "promotes_from" else name, new)
@@ -575,30 +575,46 @@ def _apply_control_change(change: ControlChange, environment: Environment, now: 
         environment.save(update_fields=[f for f in SETTINGS_FIELDS if f in change.changes])
         return _settings_of(environment)
     window = FreezeWindow.objects.select_for_update().get(pk=change.freeze_window_id)
-    new_end = now if "removed" in change.changes else dt.datetime.fromisoformat(change.changes["ends_at"][1])
-    window.ends_at = max(new_end, window.starts_at + dt.timedelta(microseconds=1))
-    window.save(update_fields=["ends_at"])
-    return {"ends_at": window.ends_at}
+    if "removed" in change.changes:
+        window.ends_at = max(now, window.starts_at + dt.timedelta(microseconds=1))
+    else:
+        _set_freeze_fields(window, {name: new for name, (_old, new) in change.changes.items()})
+    window.full_clean()
+    window.save()
+    return policy.freeze_fields(window)
 
 
-def _current_of(change: ControlChange, environment: Environment) -> dict:
+def _set_freeze_fields(window: FreezeWindow, values: dict) -> None:
+    for name, value in values.items():
+        if name in ("starts_at", "ends_at") and isinstance(value, str):
+            value = dt.datetime.fromisoformat(value)
+        elif name == "duration" and value is not None:
+            value = dt.timedelta(seconds=value)
+        setattr(window, name, value)
+
+
+def _current_of(change: ControlChange, environment: Environment | None) -> dict:
     if change.freeze_window_id is None:
         return _settings_of(environment)
     window = FreezeWindow.objects.filter(pk=change.freeze_window_id).first()
-    if window is None:
-        return {"removed": None}
-    return {"ends_at": window.ends_at.isoformat(), "removed": True}
+    return {"removed": None} if window is None else {**policy.freeze_fields(window), "removed": True}
 
 
 def _control_decision(*, actor: Actor, change_id: int, approve: bool, comment: str) -> ControlChange:
     action = "control_change.approve" if approve else "control_change.reject"
     with transaction.atomic():
-        environment_id = ControlChange.objects.values_list("environment_id", flat=True).get(pk=change_id)
-        environment = _lock_environment(environment_id)
-        change = ControlChange.objects.select_for_update().select_related("proposed_by").get(pk=change_id)
+        change = ControlChange.objects.select_related("proposed_by", "application").filter(pk=change_id).first()
+        if change is None:
+            raise NotFound(f"No control change #{change_id}.")
+        locked = {e.pk: e for e in _lock_application(change.application_id)}  # pk order, like every lock here
+        environment = locked.get(change.environment_id)
+        if environment is not None:
+            environment = _lock_environment(environment.pk)  # with its relations, already locked
+        change = ControlChange.objects.select_for_update().select_related("proposed_by", "application").get(
+            pk=change_id)
         decision = policy.decide_control_change(actor=actor, change=change, current=_current_of(change, environment))
-        data = {"environment": str(environment), "changes": change.changes, "reason": change.reason,
-                "proposed_by": change.proposed_by.get_username(), "comment": comment}
+        data = {"environment": str(environment or change.application), "changes": change.changes,
+                "reason": change.reason, "proposed_by": change.proposed_by.get_username(), "comment": comment}
         if decision.allowed:
             now = timezone.now()
             change.state = ControlChange.State.APPLIED if approve else ControlChange.State.REJECTED
@@ -621,25 +637,38 @@ def control_change_reject(*, actor: Actor, change_id: int, comment: str = "") ->
     return _control_decision(actor=actor, change_id=change_id, approve=False, comment=comment)
 
 
+def _lock_application(application_id: int) -> list[Environment]:
+    """Lock every environment of an application (in pk order): what a freeze of all of them touches."""
+    return list(Environment.objects.select_for_update(of=("self",)).filter(application_id=application_id)
+                .order_by("id"))
+
+
+def _lock_freeze_target(window: FreezeWindow) -> str:
+    if window.environment_id is not None:
+        return str(_lock_environment(window.environment_id))
+    _lock_application(window.application_id)
+    return f"{window.application} (all environments)"
+
+
 def freeze_window_save(*, actor: Actor, window: FreezeWindow, reason: str = "") -> FreezeWindow | ControlChange:
-    """Create or change a freeze window (stricter: at once). Shortening one while it runs needs a
-    reason and, for a person, a second administrator: a ControlChange proposal is returned."""
+    """Create or change a freeze window, one-off or recurring (stricter: at once). Changing one so
+    that it ends sooner while it holds needs a reason and, for a person, a second administrator:
+    a ControlChange proposal is returned."""
     reason = reason.strip()
     with transaction.atomic():
-        environment = _lock_environment(window.environment_id)
+        target = _lock_freeze_target(window)
         before = None if window._state.adding else FreezeWindow.objects.select_for_update().get(pk=window.pk)
         window.full_clean()
-        weaker = {} if before is None else policy.freeze_weakened(before, new_ends_at=window.ends_at)
-        result = (_weaken_freeze(actor=actor, environment=environment, window=before, weaker=weaker, reason=reason)
-                  if weaker else None)
+        weaker = {} if before is None else policy.freeze_weakened(before, window)
+        result = _weaken_freeze(actor=actor, target=target, window=before, weaker=weaker, reason=reason) if weaker \
+            else None
         if result is None:
-            old = {} if before is None else {"starts_at": before.starts_at, "ends_at": before.ends_at,
-                                             "reason": before.reason}
+            old = {} if before is None else policy.freeze_fields(before)
             window.save()
-            new = {"starts_at": window.starts_at, "ends_at": window.ends_at, "reason": window.reason}
+            new = policy.freeze_fields(window)
             diff = {k: [old.get(k), v] for k, v in new.items() if before is None or old.get(k) != v}
             chain.append(actor=actor, action="freeze.create" if before is None else "freeze.change", obj=window,
-                         data={"environment": str(environment), "changed": diff, "reason": reason})
+                         data={"target": target, "changed": diff, "reason": reason})
             return window
         if not isinstance(result, Refusal):
             return result
@@ -647,19 +676,18 @@ def freeze_window_save(*, actor: Actor, window: FreezeWindow, reason: str = "") 
 
 
 def freeze_window_end(*, actor: Actor, window: FreezeWindow, reason: str = "") -> FreezeWindow | ControlChange:
-    """Remove a freeze window. One that has not begun (or is over) goes at once; one that runs ends
-    only with a stated reason and, for a person, a second administrator's approval."""
+    """Remove a freeze window. One that does not hold now goes at once; one that holds ends only with
+    a stated reason and, for a person, a second administrator's approval."""
     reason = reason.strip()
     with transaction.atomic():
-        environment = _lock_environment(window.environment_id)
+        target = _lock_freeze_target(window)
         window = FreezeWindow.objects.select_for_update().get(pk=window.pk)
-        weaker = policy.freeze_weakened(window, removed=True)
-        result = (_weaken_freeze(actor=actor, environment=environment, window=window, weaker=weaker, reason=reason)
-                  if weaker else None)
+        weaker = policy.freeze_weakened(window)
+        result = _weaken_freeze(actor=actor, target=target, window=window, weaker=weaker, reason=reason) if weaker \
+            else None
         if result is None:
             chain.append(actor=actor, action="freeze.remove", obj=window,
-                         data={"environment": str(environment), "starts_at": window.starts_at,
-                               "ends_at": window.ends_at, "reason": reason or window.reason})
+                         data={"target": target, **policy.freeze_fields(window), "reason": reason or window.reason})
             window.delete()
             return window
         if not isinstance(result, Refusal):
@@ -667,25 +695,28 @@ def freeze_window_end(*, actor: Actor, window: FreezeWindow, reason: str = "") -
     raise PolicyRefusal(result)
 
 
-def _weaken_freeze(*, actor: Actor, environment: Environment, window: FreezeWindow, weaker: dict, reason: str):
-    """A running freeze shortened or ended: the portal's own commands apply it (on record); a person's
+def _weaken_freeze(*, actor: Actor, target: str, window: FreezeWindow, weaker: dict, reason: str):
+    """A holding freeze shortened or ended: the portal's own commands apply it (on record); a person's
     becomes a proposal. Returns the window, the proposal, or the refusal (audited, raised after commit)."""
     if not reason:
-        raise ValidationError("Shortening or ending a freeze window while it runs needs a stated reason.")
+        raise ValidationError("Shortening or ending a freeze window while it holds needs a stated reason.")
     if not actor.is_person:
-        new_end = timezone.now() if "removed" in weaker else dt.datetime.fromisoformat(weaker["ends_at"][1])
-        window.ends_at = max(new_end, window.starts_at + dt.timedelta(microseconds=1))
-        window.save(update_fields=["ends_at"])
+        if "removed" in weaker:
+            window.ends_at = max(timezone.now(), window.starts_at + dt.timedelta(microseconds=1))
+        else:
+            _set_freeze_fields(window, {name: new for name, (_old, new) in weaker.items()})
+        window.save()
         chain.append(actor=actor, action="freeze.change", obj=window,
-                     data={"environment": str(environment), "changed": weaker, "reason": reason})
+                     data={"target": target, "changed": weaker, "reason": reason})
         return window
     if refusal := policy.check_may_administer(actor):
         audit_refusal(actor=actor, action="control_change.propose", refusal=refusal, obj=window,
                       data={"changes": weaker})
         return refusal
-    change = ControlChange.objects.create(environment=environment, freeze_window=window, changes=weaker,
-                                          reason=reason, proposed_by=actor.user)
+    change = ControlChange.objects.create(
+        application_id=window.application_id or window.environment.application_id,
+        environment_id=window.environment_id, freeze_window=window, changes=weaker, reason=reason,
+        proposed_by=actor.user)
     chain.append(actor=actor, action="control_change.propose", obj=change,
-                 data={"environment": str(environment), "freeze_window": window.pk, "changes": weaker,
-                       "reason": reason})
+                 data={"target": target, "freeze_window": window.pk, "changes": weaker, "reason": reason})
     return change

@@ -40,7 +40,8 @@ def change_form(environment: Environment, windows=(), **changes) -> dict:
                      f"freeze_windows-{i}-starts_at_1": window.starts_at.strftime("%H:%M:%S"),
                      f"freeze_windows-{i}-ends_at_0": window.ends_at.strftime("%Y-%m-%d"),
                      f"freeze_windows-{i}-ends_at_1": window.ends_at.strftime("%H:%M:%S"),
-                     f"freeze_windows-{i}-reason": window.reason, **fields})
+                     f"freeze_windows-{i}-reason": window.reason, f"freeze_windows-{i}-recurrence": "",
+                     f"freeze_windows-{i}-duration": "", f"freeze_windows-{i}-timezone": "UTC", **fields})
     for name, value in changes.items():
         if value is False:
             data.pop(name, None)
