@@ -17,7 +17,10 @@ from environments import metrics, services
 from environments.metrics import MetricsPeriod
 from environments.models import Deployment
 from portal.demo_history import moved_time
-from tests.conftest import person
+from portal.models import ApiToken
+from portal.services import token_create
+from releases.models import Application
+from tests.conftest import SYSTEM, person
 
 State = Deployment.State
 HOUR = 3600.0
@@ -194,3 +197,48 @@ def test_the_query_count_does_not_grow_with_the_history(world):
         h.early(release, at(day, 2))
         h.production(release, at(day, 3), at(day, 4), at(day, 5), State.FAILED if day % 3 == 0 else State.SUCCEEDED)
     assert count_queries(world) == small == 5
+
+
+def bearer(raw: str) -> dict:
+    return {"HTTP_AUTHORIZATION": f"Bearer {raw}"}
+
+
+def test_the_api_answers_the_same_numbers_and_a_ci_token_only_for_its_application(world, client):
+    hand_checked_history(world)
+    _, raw = token_create(actor=SYSTEM, kind=ApiToken.Kind.CI, name="jenkins", applications=[world.app])
+    response = client.get("/api/v1/applications/MAC/metrics?since=2026-03-04&until=2026-03-18&environment=Production",
+                          **bearer(raw))
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert (body["application"], body["since"], body["until"]) == ("MAC", "2026-03-02", "2026-03-22")
+    (production,) = body["environments"]
+    assert [w["week"] for w in production["weeks"]] == ["2026-W10", "2026-W11", "2026-W12"]
+    assert production["weeks"][0]["lead_time_seconds"] == 14 * 3600
+    assert production["total"]["change_failure_rate"] == round(4 / 7, 4)
+
+    every = client.get("/api/v1/applications/MAC/metrics?until=2026-03-22&weeks=2", **bearer(raw)).json()
+    assert [e["environment"] for e in every["environments"]] == ["QA", "Staging", "Production"]
+    assert every["since"] == "2026-03-09" and len(every["environments"][0]["weeks"]) == 2
+
+    other = Application.objects.create(name="HAMS", issue_key_prefix="HAMS")
+    refused = client.get("/api/v1/applications/HAMS/metrics", **bearer(raw))
+    assert (refused.status_code, refused.json()["code"]) == (403, "TOKEN_SCOPE")
+    _, theirs = token_create(actor=SYSTEM, kind=ApiToken.Kind.CI, name="hams-ci", applications=[other])
+    assert client.get("/api/v1/applications/HAMS/metrics", **bearer(theirs)).status_code == 200
+    _, carol = token_create(actor=SYSTEM, kind=ApiToken.Kind.PERSONAL, name="carol", user=world.carol)
+    assert client.get("/api/v1/applications/MAC/metrics", **bearer(carol)).status_code == 200
+
+
+@pytest.mark.parametrize("query", ["weeks=0", "weeks=500", "since=1066-10-14", "until=9999-12-31", "since=x",
+                                   "environment=Nowhere"])
+def test_bad_metrics_queries_are_4xx(world, client, query):
+    _, raw = token_create(actor=SYSTEM, kind=ApiToken.Kind.CI, name="jenkins", applications=[world.app])
+    response = client.get(f"/api/v1/applications/MAC/metrics?{query}", **bearer(raw))
+    assert response.status_code in (404, 422), response.content
+    assert response.json()["code"] in ("INVALID", "NOT_FOUND")
+
+
+def test_the_metrics_route_is_in_the_openapi_document(client):
+    document = client.get("/api/v1/openapi.json").json()
+    operation = document["paths"]["/api/v1/applications/{application}/metrics"]["get"]
+    assert {p["name"] for p in operation["parameters"]} >= {"application", "since", "until", "weeks", "environment"}

@@ -18,6 +18,7 @@ from audit.actors import Actor
 from environments import policy
 from environments.models import Environment
 from environments.services import environment_grant, environment_save, group_membership_change
+from portal import demo_history
 from releases.models import Application, Build, Release
 from releases.services import PullRequest, TestCounts, build_register, release_register
 
@@ -68,6 +69,7 @@ class Command(BaseCommand):
             qa, staging, production = self._environments(actor, app)
             self._groups(actor, production)
             self._users(actor)
+            demo_history.build(application=app, production=production)
             self._release(actor)
         self.stdout.write(self.style.SUCCESS(
             f"Demo data ready: {app} with {qa.name} -> {staging.name} -> {production.name}; "
