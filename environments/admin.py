@@ -1,4 +1,7 @@
 import copy
+import csv
+import datetime as dt
+import io
 
 from django import forms
 from django.contrib import admin, messages
@@ -6,14 +9,19 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import Count, OuterRef, Subquery
+from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
+from django.utils import timezone
 from django.utils.html import format_html, format_html_join
+from django.utils.http import urlencode
 
+from audit.reports import safe_cell
 from core.decisions import PolicyRefusal
+from edge import charts
 from edge.admin import ReadOnlyAdmin, admin_actor, confirm_with_comment, run_each
-from environments import policy, selectors, services
+from environments import metrics, policy, selectors, services
 from environments.models import (
     Approval,
     ControlChange,
@@ -24,6 +32,7 @@ from environments.models import (
     NotificationChannel,
     NotificationDelivery,
 )
+from releases.models import Application
 
 
 class FreezeWindowInline(admin.TabularInline):
@@ -154,10 +163,14 @@ class EnvironmentAdmin(admin.ModelAdmin):
 
     def get_urls(self):
         return [
+            path("metrics/", self.admin_site.admin_view(self.metrics_view), name="environments_metrics"),
             path("<int:pk>/access/", self.admin_site.admin_view(self.access_view),
                  name="environments_environment_access"),
             *super().get_urls(),
         ]
+
+    def metrics_view(self, request):
+        return metrics_page(self.admin_site, request)
 
     def access_view(self, request, pk):
         """Grant or revoke deploy/approve rights through the service (audited, no self-grants)."""
@@ -385,3 +398,138 @@ class ControlChangeAdmin(ReadOnlyAdmin):
     def reject(self, request, queryset):
         return self._decide(request, queryset, action="reject", title="Reject control changes",
                             service=services.control_change_reject, done="rejected.", required=True)
+
+
+# --- delivery metrics ----------------------------------------------------------------------------------
+
+FIRST_DAY, LAST_DAY = dt.date(2000, 1, 1), dt.date(2099, 12, 31)
+DATE_INPUT = forms.DateInput(attrs={"type": "date"}, format="%Y-%m-%d")
+
+
+class MetricsForm(forms.Form):
+    application = forms.ChoiceField()
+    environment = forms.ChoiceField()
+    since = forms.DateField(required=False, widget=DATE_INPUT, help_text="First day; its ISO week is included.")
+    until = forms.DateField(required=False, widget=DATE_INPUT, help_text="Last day (default: today).")
+
+    def __init__(self, data, *, applications, environments):
+        super().__init__(data)
+        self.fields["application"].choices = [(a.name, a.name) for a in applications]
+        self.fields["environment"].choices = [(e.name, e.name) for e in environments]
+
+    def _bounded(self, name):
+        day = self.cleaned_data.get(name)
+        if day is not None and not FIRST_DAY <= day <= LAST_DAY:
+            raise forms.ValidationError(f"Choose a day between {FIRST_DAY} and {LAST_DAY}.")
+        return day
+
+    def clean_since(self):
+        return self._bounded("since")
+
+    def clean_until(self):
+        return self._bounded("until")
+
+
+METRICS_COLUMNS = ["Week", "Succeeded", "Failed", "Change failure rate", "Emergencies", "Emergency share", "Changes",
+                   "Lead time", "Outages", "Restored", "Time to restore", "Approval decisions", "Approval wait"]
+
+
+def _metrics_row(w: metrics.WeekMetrics) -> list:
+    return [w.label, w.succeeded, w.failed, charts.percent_text(w.change_failure_rate), w.emergencies,
+            charts.percent_text(w.emergency_share), w.changes, charts.duration_text(w.lead_time),
+            w.failures_to_restore, w.restored, charts.duration_text(w.time_to_restore), w.approval_decisions,
+            charts.duration_text(w.approval_wait)]
+
+
+def _duration_chart(key, title, description, labels, values):
+    per, unit = charts.duration_unit(max((v for v in values if v is not None), default=0))
+    return charts.bar_chart(
+        key=key, title=title, description=description, labels=labels,
+        series=[charts.Series(title, "bar-primary", [None if v is None else v / per for v in values])],
+        text=lambda v: f"{v:.3g} {unit}")
+
+
+def metrics_charts(found: metrics.EnvironmentMetrics) -> list[charts.Chart]:
+    weeks = found.weeks
+    labels = [w.label.split("-")[1] for w in weeks]
+    count = lambda v: f"{v:g}"  # noqa: E731
+    return [
+        charts.bar_chart(
+            key="frequency", title="Deployments per week", labels=labels, text=count,
+            description="Succeeded (the deployment frequency) and failed, in the week they finished.",
+            series=[charts.Series("succeeded", "bar-ok", [w.succeeded for w in weeks]),
+                    charts.Series("failed", "bar-failed", [w.failed for w in weeks])]),
+        _duration_chart("lead-time", "Lead time for changes", "First successful build of a change to its "
+                        "arrival here (average).", labels, [w.lead_time for w in weeks]),
+        charts.bar_chart(
+            key="failure-rate", title="Change failure rate", labels=labels, text=charts.percent_text, maximum=1,
+            description="Failed among succeeded + failed deployments.",
+            series=[charts.Series("change failure rate", "bar-failed", [w.change_failure_rate for w in weeks])]),
+        _duration_chart("restore", "Time to restore", "A failed deployment to the next succeeded one "
+                        "(average, in the week of the failure).", labels, [w.time_to_restore for w in weeks]),
+        _duration_chart("approval-wait", "Time waiting for approval", "Request to the deciding approval or "
+                        "rejection (average, in the week of the request).", labels, [w.approval_wait for w in weeks]),
+        charts.bar_chart(
+            key="emergency-share", title="Emergency share", labels=labels, text=charts.percent_text, maximum=1,
+            description="Emergency deployments among succeeded + failed.",
+            series=[charts.Series("emergency share", "bar-emergency", [w.emergency_share for w in weeks])]),
+    ]
+
+
+def _headline(found: metrics.EnvironmentMetrics) -> list[dict]:
+    total = found.total
+    return [
+        {"what": "deployments a week", "value": f"{total.succeeded / max(len(found.weeks), 1):.1f}"},
+        {"what": "lead time for changes", "value": charts.duration_text(total.lead_time)},
+        {"what": "change failure rate", "value": charts.percent_text(total.change_failure_rate)},
+        {"what": "time to restore", "value": charts.duration_text(total.time_to_restore)},
+        {"what": "waiting for approval", "value": charts.duration_text(total.approval_wait)},
+        {"what": "emergency share", "value": charts.percent_text(total.emergency_share)},
+    ]
+
+
+def metrics_csv(application: Application, found: metrics.EnvironmentMetrics, period: metrics.MetricsPeriod):
+    """The page's numbers as CSV (durations in seconds, rates as fractions), formula cells neutralized."""
+    rows = [w.as_dict() for w in [*found.weeks, found.total]]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(["application", "environment", *rows[0]])
+    for row in rows:
+        writer.writerow([safe_cell(v) for v in (application.name, found.environment.name, *row.values())])
+    name = f"metrics-{application.name}-{found.environment.name}-{period.first_monday}-{period.last_day}.csv"
+    response = HttpResponse(out.getvalue(), content_type="text/csv; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="{"".join(c for c in name if c.isalnum() or c in "-._")}"'
+    return response
+
+
+def metrics_page(admin_site, request):
+    """Delivery metrics of one environment over whole ISO weeks: charts, a table and a CSV of the
+    same numbers, and the coming freezes of the application. A fixed number of queries."""
+    if not request.user.has_perm("environments.view_deployment"):
+        raise PermissionDenied
+    applications = list(Application.objects.order_by("name"))
+    application = next((a for a in applications if a.name == request.GET.get("application")),
+                       applications[0] if applications else None)
+    environments = list(Environment.objects.filter(application=application).order_by("id")) if application else []
+    environment = next((e for e in environments if e.name == request.GET.get("environment")),
+                       metrics.production_of(environments))
+    data = {"application": application.name if application else "",
+            "environment": environment.name if environment else "",
+            "since": request.GET.get("since", ""), "until": request.GET.get("until", "")}
+    form = MetricsForm(data, applications=applications, environments=environments)
+    period = metrics.MetricsPeriod.last_weeks()
+    if form.is_valid() and (form.cleaned_data["since"] or form.cleaned_data["until"]):
+        until = form.cleaned_data["until"] or timezone.now().date()
+        since = form.cleaned_data["since"] or until - dt.timedelta(weeks=metrics.DEFAULT_WEEKS - 1)
+        period = metrics.MetricsPeriod.covering(since, until)
+    context = {**admin_site.each_context(request), "title": "Delivery metrics", "form": form,
+               "application": application, "environment": environment, "period": period,
+               "csv_url": "?" + urlencode({**data, "format": "csv"})}
+    if environment is not None:
+        (found,) = metrics.delivery_metrics(application, period=period, environment=environment)
+        if request.GET.get("format") == "csv":
+            return metrics_csv(application, found, period)
+        context.update(charts=metrics_charts(found), headline=_headline(found), columns=METRICS_COLUMNS,
+                       rows=[_metrics_row(w) for w in [*found.weeks, found.total]],
+                       first_week=found.weeks[0].label, last_week=found.weeks[-1].label)
+    return TemplateResponse(request, "admin/environments/metrics.html", context)

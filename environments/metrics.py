@@ -27,7 +27,6 @@ from django.db.models import Avg, Count, Exists, F, FloatField, Func, OuterRef, 
 from django.db.models.functions import Coalesce, TruncWeek
 from django.utils import timezone
 
-from environments import policy
 from environments.models import Approval, Deployment, Environment
 from releases.models import Application, Build, ReleaseIssue
 
@@ -311,55 +310,3 @@ def production_of(environments: list[Environment]) -> Environment | None:
         return None
     restricted = [e for e in environments if e.restricted]
     return (restricted or environments)[-1]
-
-
-# --- the coming freezes ----------------------------------------------------------------------------
-
-CALENDAR_DAYS = 30
-
-
-@dataclass(frozen=True)
-class FreezeEntry:
-    """One coming (or running) freeze period, with the environments it holds."""
-
-    starts_at: dt.datetime
-    ends_at: dt.datetime
-    reason: str
-    application: str
-    environments: tuple[str, ...]
-    recurring: bool
-    running: bool
-    window_id: int
-
-    @property
-    def day(self) -> dt.date:
-        return self.starts_at.date()
-
-
-def freeze_calendar(*, application: Application | None = None, days: int = CALENDAR_DAYS,
-                    now: dt.datetime | None = None) -> list[dict]:
-    """The freezes of the next `days` days (and the ones running now), per application: a list of
-    {"application", "entries": [FreezeEntry...]} in time order. Two queries, whatever the history."""
-    now = now or timezone.now()
-    until = now + dt.timedelta(days=days)
-    environments = Environment.objects.select_related("application").order_by("application__name", "id")
-    if application is not None:
-        environments = environments.filter(application=application)
-    environments = list(environments)
-    merged: dict[tuple, dict] = {}
-    for environment, occurrence in policy.upcoming_freezes(environments, now, until):
-        key = (environment.application_id, occurrence.window.pk, occurrence.starts_at)
-        entry = merged.setdefault(key, {"occurrence": occurrence, "application": environment.application.name,
-                                        "environments": []})
-        entry["environments"].append(environment.name)
-    by_application: dict[str, list[FreezeEntry]] = {}
-    for value in merged.values():
-        occurrence = value["occurrence"]
-        by_application.setdefault(value["application"], []).append(FreezeEntry(
-            starts_at=occurrence.starts_at, ends_at=occurrence.ends_at, reason=occurrence.reason,
-            application=value["application"], environments=tuple(value["environments"]),
-            recurring=bool(occurrence.window.recurrence), running=occurrence.starts_at <= now,
-            window_id=occurrence.window.pk,
-        ))
-    return [{"application": name, "entries": sorted(entries, key=lambda e: (e.starts_at, e.window_id))}
-            for name, entries in sorted(by_application.items())]

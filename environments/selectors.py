@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
+from dataclasses import dataclass
+
 from django.db.models import Count, OuterRef, Prefetch, Q, Subquery
 from django.utils import timezone
 
@@ -154,3 +157,54 @@ def environments_reached_by(release: Release) -> list[str]:
     if deployments is None:
         deployments = release.deployments.filter(state=Deployment.State.SUCCEEDED).select_related("environment")
     return list(dict.fromkeys(d.environment.name for d in sorted(deployments, key=lambda d: d.environment_id)))
+
+
+# --- the coming freezes ----------------------------------------------------------------------------
+
+CALENDAR_DAYS = 30
+
+
+@dataclass(frozen=True)
+class FreezeEntry:
+    """One coming (or running) period of a freeze window, with the environments it holds."""
+
+    starts_at: dt.datetime
+    ends_at: dt.datetime
+    reason: str
+    application: str
+    environments: tuple[str, ...]
+    recurring: bool
+    running: bool
+    window_id: int
+    zone: str  # the time zone the window is planned in
+
+    @property
+    def day(self) -> dt.date:
+        return self.starts_at.date()
+
+
+def freeze_calendar(*, application: Application | str | None = None, days: int = CALENDAR_DAYS,
+                    now: dt.datetime | None = None) -> list[dict]:
+    """The freezes of the next `days` days and those holding now, per application (all, or one given
+    by row or name): [{"application": name, "entries": [FreezeEntry, ...]}] in time order. A window
+    for every environment of an application is one entry naming them all. Two queries."""
+    now = now or timezone.now()
+    environments = Environment.objects.select_related("application").order_by("application__name", "id")
+    if isinstance(application, Application):
+        environments = environments.filter(application=application)
+    elif application:
+        environments = environments.filter(application__name=application)
+    found = policy.upcoming_freezes(list(environments), now, now + dt.timedelta(days=days))
+    merged: dict[tuple, tuple] = {}
+    for environment, occurrence in found:
+        key = (environment.application.name, occurrence.window.pk, occurrence.starts_at)
+        merged.setdefault(key, (occurrence, []))[1].append(environment.name)
+    by_application: dict[str, list[FreezeEntry]] = {}
+    for (name, window_id, _), (occurrence, names) in merged.items():
+        by_application.setdefault(name, []).append(FreezeEntry(
+            starts_at=occurrence.starts_at, ends_at=occurrence.ends_at, reason=occurrence.reason, application=name,
+            environments=tuple(names), recurring=bool(occurrence.window.recurrence),
+            running=occurrence.starts_at <= now, window_id=window_id, zone=occurrence.window.timezone,
+        ))
+    return [{"application": name, "entries": sorted(entries, key=lambda e: (e.starts_at, e.window_id))}
+            for name, entries in sorted(by_application.items())]

@@ -7,11 +7,14 @@ W10 = Mon 2026-03-02, W11 = Mon 2026-03-09, W12 = Mon 2026-03-16.
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import io
 
 import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
+from django.urls import reverse
 
 from environments import metrics, services
 from environments.metrics import MetricsPeriod
@@ -242,3 +245,65 @@ def test_the_metrics_route_is_in_the_openapi_document(client):
     document = client.get("/api/v1/openapi.json").json()
     operation = document["paths"]["/api/v1/applications/{application}/metrics"]["get"]
     assert {p["name"] for p in operation["parameters"]} >= {"application", "since", "until", "weeks", "environment"}
+
+
+def page(client, user, query=""):
+    client.force_login(user)
+    return client.get(reverse("admin:environments_metrics") + query)
+
+
+@pytest.fixture
+def analyst(world, make_user):
+    return make_user("nina", perms=["environments.view_deployment", "environments.view_freezewindow"])
+
+
+def test_the_page_draws_the_charts_and_the_table(world, client, analyst):
+    hand_checked_history(world)
+    response = page(client, analyst, "?application=MAC&since=2026-03-02&until=2026-03-22")
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert html.count('<figure class="metrics-chart"') == html.count('role="img"') == 6
+    for title in ("Deployments per week", "Lead time for changes", "Change failure rate", "Time to restore",
+                  "Time waiting for approval", "Emergency share"):
+        assert title in html
+    assert "<rect class=\"bar-failed\"" in html and "<title>W11: 22 h</title>" in html  # the time to restore bar
+    assert "Production week by week" in html  # the restricted end of the path by default
+    table = response.context["rows"]
+    assert table[0][:4] == ["2026-W10", 2, 1, "33%"] and table[0][7] == "14 h"
+    assert table[-1][0] == "total" and table[-1][3] == "57%"
+    assert "http://" not in html.replace("http://www.w3.org/2000/svg", "") and "https://" not in html  # no CDN
+    assert 'id="freeze-calendar"' in html
+
+
+def test_the_csv_has_the_same_numbers_with_formula_cells_neutralized(world, client, analyst):
+    hand_checked_history(world)
+    world.production.name = "=HYPERLINK(1)"
+    world.production.save()
+    response = page(client, analyst, "?application=MAC&environment=%3DHYPERLINK(1)&since=2026-03-02&until=2026-03-22"
+                                     "&format=csv")
+    assert response["Content-Type"].startswith("text/csv")
+    rows = list(csv.reader(io.StringIO(response.content.decode())))
+    assert rows[0][:4] == ["application", "environment", "week", "starts_on"]
+    assert [r[2] for r in rows[1:]] == ["2026-W10", "2026-W11", "2026-W12", "total"]
+    assert rows[1][1] == "'=HYPERLINK(1)"
+    week11 = dict(zip(rows[0], rows[2], strict=True))
+    assert (week11["lead_time_seconds"], week11["time_to_restore_seconds"], week11["change_failure_rate"]) == (
+        str(26 * 3600), str(22 * 3600), "0.6667")
+
+
+def test_the_page_needs_the_right_to_see_deployments(world, client, make_user):
+    assert page(client, make_user("nobody")).status_code == 403
+
+
+def test_the_page_costs_the_same_queries_whatever_the_history(world, client, analyst):
+    client.force_login(analyst)
+
+    def queries():
+        with CaptureQueriesContext(connection) as captured:
+            url = reverse("admin:environments_metrics") + "?application=MAC&since=2026-03-02&until=2026-03-22"
+            assert client.get(url).status_code == 200
+        return len(captured)
+
+    empty = queries()
+    hand_checked_history(world)
+    assert queries() == empty == 12  # session, user, permissions (2), and the page's own 8

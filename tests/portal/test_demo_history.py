@@ -8,7 +8,7 @@ from django.utils import timezone
 
 from audit import chain
 from audit.models import AuditEvent
-from environments import metrics, policy
+from environments import metrics, policy, selectors
 from environments.models import Deployment, Environment, FreezeWindow
 from portal import demo_history
 from releases.models import Application
@@ -42,7 +42,7 @@ def test_the_demo_has_weeks_of_history_that_the_audit_chain_verifies(db):
 
     weekend = FreezeWindow.objects.get(environment=production, recurrence__startswith="FREQ=WEEKLY")
     assert (weekend.timezone, weekend.duration) == ("Europe/Berlin", dt.timedelta(hours=62))
-    calendar = metrics.freeze_calendar(now=now)
+    calendar = selectors.freeze_calendar(now=now)
     assert [c["application"] for c in calendar] == ["MAC"]
     reasons = {e.reason for e in calendar[0]["entries"]}
     assert any(r.startswith("Weekend") for r in reasons) and any(r.startswith("Quarter-end") for r in reasons)
