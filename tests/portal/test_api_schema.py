@@ -54,7 +54,7 @@ def in_process(world):
 
 
 schema = schemathesis.openapi.from_wsgi("/api/v1/openapi.json", application)
-BOUNDED = settings(max_examples=30, deadline=None, derandomize=True, database=None,
+BOUNDED = settings(max_examples=20, deadline=None, derandomize=True, database=None,
                    suppress_health_check=list(HealthCheck))
 
 
