@@ -191,7 +191,9 @@ def exceptions_rows(period: Period) -> Iterator[tuple]:
 ACCESS_COLUMNS = ["application", "environment", "username", "email", "permission", "via", "since", "since_audit_seq",
                   "conflict", "conflict_releases", "changed_by", "change"]
 ACCOUNT_ACTIONS = ("user.create", "user.change", "user.set_password", "user.permissions")
-ACCOUNT_FLAGS = ("is_active", "is_staff", "is_superuser")
+# What identifies a person (separation of duties matches implementers by user name and e-mail) and
+# what lets them in.
+ACCOUNT_FIELDS = ("is_active", "is_staff", "is_superuser", "username", "email")
 
 
 def _since(environment: Environment, codename: str, group: str | None, user: str) -> AuditEvent | None:
@@ -245,22 +247,23 @@ def _account_changes(event: AuditEvent) -> Iterator[tuple[str, str, bool]]:
             usable = (data.get("usable_password") or {}).get("to", True)
             yield "password", "set by another person" if usable else "password sign-in switched off", True
     elif event.action == "user.change":
-        for flag in ACCOUNT_FLAGS:
-            if flag in data.get("changed", {}):
-                change = data["changed"][flag]
-                yield flag, f"{safe_cell(change['from'])} -> {safe_cell(change['to'])}", not by_other
+        for name in ACCOUNT_FIELDS:
+            if name in data.get("changed", {}):
+                change = data["changed"][name]
+                yield name, f"{safe_cell(change['from'])} -> {safe_cell(change['to'])}", not by_other
     elif event.action == "user.permissions":
         parts = [f"{label}: {', '.join(data[key])}" for key, label in (("added", "added"), ("removed", "removed"))
                  if data.get(key)]
         yield "user_permissions", "; ".join(parts), not by_other
     elif event.action == "user.create":
-        flags = [flag for flag in ACCOUNT_FLAGS if data.get(flag)]
+        flags = [flag for flag in ACCOUNT_FIELDS if data.get(flag) is True]
         yield "account", "created" + "".join(f"; {flag}" for flag in flags), False
 
 
 def account_rows(period: Period) -> Iterator[tuple]:
     """Administrator actions on accounts in the period: passwords set for another person, activation,
-    staff and superuser flags, permission changes (whatever the application: a person is not)."""
+    staff and superuser flags, user name and e-mail, permission changes (whatever the application: a
+    person is not)."""
     events = AuditEvent.objects.filter(created_at__gte=period.since, created_at__lt=period.until,
                                        action__in=ACCOUNT_ACTIONS).order_by("seq")
     emails = dict(get_user_model().objects.filter(

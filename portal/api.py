@@ -94,8 +94,9 @@ _CODES = {400: "BAD_REQUEST", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: 
 
 
 class JsonAnswersMiddleware:
-    """Under /api/v1/, an error page Django or django-ninja writes itself (no route for the path,
-    e.g. a malformed id; a method the path does not have) is answered as {"code", "detail"} too."""
+    """Under /api/v1/, an error page Django or django-ninja writes itself (no route for the path, e.g.
+    a path parameter holding a slash; a method the path does not have) is answered as {"code", "detail"}
+    too, keeping the `Allow` header of a 405."""
 
     def __init__(self, get_response):
         self.get_response = get_response

@@ -245,6 +245,7 @@ def test_account_flags_and_permissions_changed_in_the_user_admin_are_audited(cli
     rows = {r["permission"]: r for r in access_report() if r["username"] == "dave" and r["changed_by"]}
     assert rows["is_active"]["change"] == "true -> false" and rows["is_superuser"]["change"] == "false -> true"
     assert rows["user_permissions"]["change"] == "added: audit.view_auditevent"
+    assert rows["email"]["change"] == "dave@example.com -> dave@corp.example.com"
     assert {r["changed_by"] for r in rows.values()} == {"root"}
 
     data = change_form_data(client, dave)
