@@ -5,7 +5,7 @@ from ninja import Router, Schema, Status
 from pydantic import BaseModel
 
 from environments import selectors, services
-from portal.api_common import REFUSALS, Name, Text, actor_of
+from portal.api_common import REFUSALS, Name, Text, actor_of, readable
 from releases import selectors as release_selectors
 from releases.services import application_get
 
@@ -79,7 +79,7 @@ def request_deployment(request: HttpRequest, body: DeploymentIn):
 @router.get("/deployments/{int:deployment_id}", response={200: DeploymentOut, **REFUSALS},
             summary="A deployment: state, approvals, times, result, progress")
 def get_deployment(request: HttpRequest, deployment_id: int):
-    return selectors.deployment_as_dict(selectors.deployment_get(deployment_id))
+    return selectors.deployment_as_dict(selectors.deployment_get(deployment_id, within=readable(request)))
 
 
 def _decision(service):
@@ -100,4 +100,4 @@ for verb, service in (("approve", services.deployment_approve), ("reject", servi
 @router.get("/applications/{application}/environments", response={200: list[EnvironmentStatus], **REFUSALS},
             summary="What is deployed where")
 def application_environments(request: HttpRequest, application: Name):
-    return selectors.application_environments(application_get(application))
+    return selectors.application_environments(application_get(application, within=readable(request)))

@@ -170,6 +170,15 @@ def check_may_register(actor: Actor, application, permission: str) -> Refusal | 
 
 # --- who may ask ----------------------------------------------------------------------------------
 
+def readable_applications(actor: Actor) -> frozenset[int] | None:
+    """The applications whose builds, releases and deployments an actor may read (None: all).
+
+    A CI token reads only the applications it is scoped to; anything else answers as if it did not
+    exist (404, not 403), so a token learns nothing about other applications.
+    """
+    return actor.token_applications if actor.is_ci else None
+
+
 def check_token_scope(actor: Actor, application) -> Refusal | None:
     if actor.is_ci and application.pk not in actor.token_applications:
         return _forbidden("TOKEN_SCOPE", f"This CI token is not allowed to act on {application}.")

@@ -11,6 +11,7 @@ from ninja.security import HttpBearer
 from pydantic import AfterValidator, StringConstraints
 
 from audit.actors import Actor
+from environments.policy import readable_applications
 from portal.services import token_actor
 
 
@@ -42,6 +43,11 @@ class BearerToken(HttpBearer):
 
 def actor_of(request: HttpRequest) -> Actor:
     return request.auth
+
+
+def readable(request: HttpRequest) -> frozenset[int] | None:
+    """The application ids the caller may read (None: all); see policy.readable_applications."""
+    return readable_applications(actor_of(request))
 
 
 REFUSALS = {401: Error, 403: Error, 404: Error, 409: Error, 422: Error}

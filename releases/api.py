@@ -7,7 +7,7 @@ from django.http import HttpRequest
 from ninja import Field, Router, Schema, Status
 from pydantic import AfterValidator, BaseModel
 
-from portal.api_common import REFUSALS, Name, Text, actor_of
+from portal.api_common import REFUSALS, Name, Text, actor_of, readable
 from releases import selectors, services
 
 router = Router(tags=["builds and releases"])
@@ -112,7 +112,7 @@ def register_build(request: HttpRequest, body: BuildIn):
 
 @router.get("/builds/{application}/{number}", response={200: BuildOut, **REFUSALS}, summary="One build")
 def get_build(request: HttpRequest, application: Name, number: Text(64, 1)):
-    return selectors.build_as_dict(selectors.build_get(application, number))
+    return selectors.build_as_dict(selectors.build_get(application, number, within=readable(request)))
 
 
 @router.post("/releases", response={200: ReleaseOut, 201: ReleaseOut, **REFUSALS}, summary="Register a release")
@@ -133,10 +133,10 @@ def register_release(request: HttpRequest, body: ReleaseIn):
 @router.get("/releases/{application}/{version}", response={200: ReleaseOut, **REFUSALS},
             summary="A release and its deployments")
 def get_release(request: HttpRequest, application: Name, version: Text(100, 1)):
-    return selectors.release_as_dict(selectors.release_get(application, version))
+    return selectors.release_as_dict(selectors.release_get(application, version, within=readable(request)))
 
 
 @router.get("/changes/{issue_key}", response={200: ChangeOut, **REFUSALS},
             summary="One change from concept to deployment")
 def get_change(request: HttpRequest, issue_key: Text(64, 1)):
-    return selectors.change_detail(issue_key)
+    return selectors.change_detail(issue_key, within=readable(request))

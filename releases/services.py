@@ -19,11 +19,15 @@ from environments.policy import PolicyRefusal, Refusal
 from releases.models import Application, Build, Implementer, Release, ReleaseIssue, VcsAlias
 
 
-def application_get(name: str) -> Application:
-    try:
-        return Application.objects.get(name=name)
-    except Application.DoesNotExist:
-        raise Http404(f"No application named {name!r}.") from None
+def application_get(name: str, *, within: frozenset[int] | None = None) -> Application:
+    """The application named `name`; `within` limits it to these ids (what a reader may see)."""
+    applications = Application.objects.filter(name=name)
+    if within is not None:
+        applications = applications.filter(pk__in=within)
+    application = applications.first()
+    if application is None:
+        raise Http404(f"No application named {name!r}.")
+    return application
 
 
 @dataclass(frozen=True)
