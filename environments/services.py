@@ -19,7 +19,7 @@ from audit import chain
 from audit.actors import Actor
 from audit.services import audit_refusal
 from environments import policy
-from environments.models import Approval, Deployment, Environment
+from environments.models import Approval, Deployment, Environment, NotificationChannel
 from environments.policy import PolicyRefusal, Refusal
 from releases.models import Release
 
@@ -355,14 +355,48 @@ def group_membership_change(*, actor: Actor, group: Group, user, add: bool) -> N
     raise PolicyRefusal(refusal)
 
 
+# What a deploy job executes: the playbook source and the hosts it runs on.
+EXECUTABLE_SETTINGS = ("playbook_repo", "playbook_ref", "playbook", "inventory")
+
+
+def _from_to(before, after, fields: tuple[str, ...]) -> dict:
+    """{field: {"from", "to"}} for each field whose value differs (before None: a new row)."""
+    return {
+        name: {"from": None if before is None else getattr(before, name), "to": getattr(after, name)}
+        for name in fields
+        if before is None or getattr(before, name) != getattr(after, name)
+    }
+
+
 def environment_save(*, actor: Actor, environment: Environment, changed: list[str] | None = None) -> Environment:
-    """Create or change an environment's settings (field history goes to django-auditlog)."""
+    """Create or change an environment's settings (field history goes to django-auditlog). A change
+    to what its deploy jobs execute is in the chain with both values."""
     with transaction.atomic():
         creating = environment._state.adding
-        if not creating:
-            _lock_environment(environment.pk)
+        before = None if creating else _lock_environment(environment.pk)
         environment.full_clean()
         environment.save()
         chain.append(actor=actor, action="environment.create" if creating else "environment.change",
-                     obj=environment, data={"changed": changed or []})
+                     obj=environment, data={"changed": changed or [],
+                                            "executable": _from_to(before, environment, EXECUTABLE_SETTINGS)})
     return environment
+
+
+def notification_channel_save(*, actor: Actor, channel: NotificationChannel) -> NotificationChannel:
+    """Create or change where an application's deployments are announced. Each change of target is in
+    the chain with both values; the credential only as "set" or "changed", never its value."""
+    with transaction.atomic():
+        creating = channel._state.adding
+        before = None if creating else NotificationChannel.objects.select_for_update().get(pk=channel.pk)
+        channel.full_clean()
+        channel.save()
+        changes = _from_to(before, channel, ("kind", "url", "enabled"))
+        if before is None or before.application_id != channel.application_id:
+            changes["application"] = {"from": before and before.application.name, "to": channel.application.name}
+        if before is None:
+            changes["credential"] = "set" if channel.credential else "not set"
+        elif before.credential != channel.credential:
+            changes["credential"] = "changed"
+        chain.append(actor=actor, action="notification_channel.create" if creating else "notification_channel.change",
+                     obj=channel, data={"application": channel.application.name, "changes": changes})
+    return channel
