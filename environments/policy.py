@@ -122,6 +122,29 @@ def implementers_of(release: Release) -> Implementers:
     return Implementers(frozenset(i for i, _ in rows), frozenset(u for _, u in rows if u is not None))
 
 
+# --- the worker ---------------------------------------------------------------------------------
+
+def task_function_name(func) -> str:
+    """A queued task's function as a dotted name (it may be queued as a name or as a pickled callable)."""
+    if isinstance(func, str):
+        return func
+    return f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', type(func).__name__)}"
+
+
+def check_portal_task(func, hook, portal_tasks: frozenset[str]) -> Refusal | None:
+    """The worker runs only the portal's own tasks: a function named by its dotted path on the
+    portal's list (never a pickled callable), without a result hook (which the cluster would call
+    too). Anything else in the queue came from outside the portal: a schedule or a resubmitted task
+    naming any importable function would otherwise run with the worker's rights."""
+    if isinstance(func, str) and func in portal_tasks and not hook:
+        return None
+    with_hook = f" with the result hook {hook}" if hook else ""
+    return _forbidden(
+        "NOT_A_PORTAL_TASK",
+        f"The worker runs only the portal's own tasks; {task_function_name(func)}{with_hook} is not one of them.",
+    )
+
+
 # --- rule 2: build gate ---------------------------------------------------------------------------
 
 def check_build_gate(build: Build) -> Refusal | None:

@@ -3,6 +3,7 @@ from django.contrib import admin, messages
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin
 from django.contrib.auth.forms import UserChangeForm
+from django_q.models import Failure, OrmQ, Schedule, Success
 
 from audit.actors import Actor
 from environments import policy
@@ -87,3 +88,9 @@ class PortalUserAdmin(UserAdmin):
 
 admin.site.unregister(User)
 admin.site.register(User, PortalUserAdmin)
+
+# django-q2's own pages would let whoever may add a schedule, resubmit a task or edit the queue make
+# the worker call any importable function; the portal's schedules come from its migrations.
+for _model in (Schedule, Success, Failure, OrmQ):
+    if admin.site.is_registered(_model):
+        admin.site.unregister(_model)

@@ -158,10 +158,13 @@ Q_CLUSTER = {
     "save_limit": 1000,
     "poll": 0.5,
 }
+# The broker classes refuse (and audit) any task that is not one of the portal's own.
 if os.environ.get("PORTAL_QUEUE_BROKER", "orm") == "redis":
     Q_CLUSTER["redis"] = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    Q_CLUSTER["broker_class"] = "environments.tasks.PortalRedisBroker"
 else:
     Q_CLUSTER["orm"] = "default"
+    Q_CLUSTER["broker_class"] = "environments.tasks.PortalOrmBroker"
 
 LOGGING = {
     "version": 1,
