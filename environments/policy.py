@@ -9,14 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from auditlog.models import LogEntry
 from django.contrib.auth.models import Group
 from django.contrib.contenttypes.models import ContentType
+from django.db.models import Q
 from django.utils import timezone
 from guardian.models import GroupObjectPermission, UserObjectPermission
 
 from audit.actors import Actor
-from environments.models import Deployment, Environment, FreezeWindow
-from releases.models import Build, Release, VcsAlias
+from audit.models import AuditEvent
+from environments.models import Approval, Deployment, Environment, FreezeWindow
+from releases.models import Build, Implementer, Release, VcsAlias
 
 DEPLOY = "deploy_environment"
 APPROVE = "approve_environment"
@@ -530,5 +533,32 @@ def decide_membership(*, actor: Actor, group: Group, user, add: bool = True) -> 
     if holds_grants and user.pk == actor.user.pk:
         return _forbidden(
             "SELF_GRANT", f"{group.name} holds deploy or approve rights; nobody can add themselves to it."
+        )
+    return None
+
+
+def evidence_of(user) -> list[str]:
+    """What makes a user part of the evidence: the rows that name them and must stay as they are."""
+    facts = [
+        ("requested or reviewed deployments",
+         Deployment.objects.filter(Q(requested_by=user) | Q(reviewed_by=user))),
+        ("decided on deployments", Approval.objects.filter(approver=user)),
+        ("implemented releases", Implementer.objects.filter(user=user)),
+        ("acted in the audit log", AuditEvent.objects.filter(actor_id=user.pk)),
+        ("changed settings (field history)", LogEntry.objects.filter(actor=user)),
+    ]
+    return [fact for fact, rows in facts if rows.exists()]
+
+
+def decide_user_delete(*, actor: Actor, user) -> Refusal | None:
+    """A user who is part of the evidence is never deleted (the evidence would lose them, or the
+    database refuses): they are deactivated instead."""
+    if not actor.is_system and not (actor.is_person and actor.user.has_perm("auth.delete_user")):
+        return _forbidden("NOT_PERMITTED", "You may not delete users.")
+    if evidence := evidence_of(user):
+        return _conflict(
+            "USER_IS_EVIDENCE",
+            f"{user.get_username()} {' and '.join(evidence)}, so they are part of the evidence and cannot be "
+            "deleted; deactivate the account instead (untick Active).",
         )
     return None

@@ -1,8 +1,11 @@
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin import actions as admin_actions
+from django.contrib.admin.utils import unquote
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin
 from django.contrib.auth.forms import UserChangeForm
+from django.shortcuts import redirect
 from django_q.models import Failure, OrmQ, Schedule, Success
 
 from audit.actors import Actor
@@ -11,7 +14,7 @@ from environments.policy import PolicyRefusal
 from environments.services import group_membership_change
 from portal.admin_tools import admin_actor, run_each
 from portal.models import ApiToken
-from portal.services import token_revoke
+from portal.services import token_revoke, user_delete
 
 User = get_user_model()
 
@@ -63,7 +66,49 @@ class MembershipCheckedUserForm(UserChangeForm):
 
 
 class PortalUserAdmin(UserAdmin):
+    """Group changes through group_membership_change; deletion through user_delete, which refuses to
+    delete a user who is part of the evidence (deactivate instead) rather than failing."""
+
     form = MembershipCheckedUserForm
+    actions = ["delete_selected"]
+
+    def delete_view(self, request, object_id, extra_context=None):
+        user = self.get_object(request, unquote(object_id))
+        if user is not None and self.has_delete_permission(request, user):
+            actor = admin_actor(request)
+            refusal = policy.decide_user_delete(actor=actor, user=user)
+            if refusal is not None and request.method == "POST":
+                try:
+                    user_delete(actor=actor, user=user)  # refused again, and on record
+                except PolicyRefusal as exc:
+                    refusal = exc.refusal
+            if refusal is not None:
+                self.message_user(request, f"Refused ({refusal.code}). {refusal.detail}", messages.ERROR)
+                return redirect("admin:auth_user_change", user.pk)
+        return super().delete_view(request, object_id, extra_context)
+
+    def delete_model(self, request, obj):
+        user_delete(actor=admin_actor(request), user=obj)
+
+    def delete_queryset(self, request, queryset):
+        for user in queryset:
+            user_delete(actor=admin_actor(request), user=user)
+
+    @admin.action(description="Delete selected users", permissions=["delete"])
+    def delete_selected(self, request, queryset):
+        """Django's confirmation and deletion, unless a selected user is part of the evidence: then
+        nobody is deleted and each refusal is shown (and, once confirmed, on record)."""
+        actor = admin_actor(request)
+        refused = [u for u in queryset if policy.decide_user_delete(actor=actor, user=u)]
+        if not refused:
+            return admin_actions.delete_selected(self, request, queryset)
+        if request.POST.get("post"):
+            run_each(self, request, refused, lambda u: user_delete(actor=actor, user=u), "deleted.")
+        else:
+            for user in refused:
+                refusal = policy.decide_user_delete(actor=actor, user=user)
+                self.message_user(request, f"{user}: refused ({refusal.code}). {refusal.detail}", messages.ERROR)
+        return None
 
     def get_form(self, request, obj=None, **kwargs):
         form = super().get_form(request, obj, **kwargs)

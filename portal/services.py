@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import secrets
 
+from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.utils import timezone
 
 from audit import chain
 from audit.actors import Actor
+from audit.services import audit_refusal
+from environments import policy
+from environments.policy import PolicyRefusal
 from portal.models import ApiToken, hash_token
 from releases.models import Application
 
@@ -67,3 +71,17 @@ def token_actor(raw: str, *, remote_addr: str = "") -> Actor | None:
                      token_kind="personal", remote_addr=remote_addr)
     return Actor(via="api", token_id=token.pk, token_name=token.name, token_kind="ci",
                  token_applications=frozenset(a.pk for a in token.applications.all()), remote_addr=remote_addr)
+
+
+def user_delete(*, actor: Actor, user) -> None:
+    """Delete a user who is not part of the evidence (policy.decide_user_delete); otherwise refuse."""
+    data = {"username": user.get_username(), "email": user.email}
+    with transaction.atomic():
+        user = get_user_model().objects.select_for_update().get(pk=user.pk)  # no new evidence meanwhile
+        refusal = policy.decide_user_delete(actor=actor, user=user)
+        if refusal is None:
+            chain.append(actor=actor, action="user.delete", obj=user, data=data)
+            user.delete()
+            return
+        audit_refusal(actor=actor, action="user.delete", refusal=refusal, obj=user, data=data)
+    raise PolicyRefusal(refusal)
