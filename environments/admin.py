@@ -133,6 +133,9 @@ class DeploymentAdmin(admin.ModelAdmin):
     date_hierarchy = "requested_at"
     exclude = ["progress"]
 
+    class Media:
+        css = {"all": ["environments/admin.css"]}
+
     def get_readonly_fields(self, request, obj=None):
         return ["progress_summary", *(f.name for f in self.model._meta.fields if f.name != "progress"), "output_log"]
 
@@ -152,7 +155,7 @@ class DeploymentAdmin(admin.ModelAdmin):
     def output_log(self, obj):
         lines = DeploymentEvent.objects.filter(deployment=obj).exclude(stdout="").values_list("stdout", flat=True)
         text = "\n".join(lines[:2000])
-        return format_html('<pre style="max-height:30em;overflow:auto;white-space:pre-wrap">{}</pre>', text or "-")
+        return format_html('<pre class="output-log">{}</pre>', text or "-")
 
     def has_add_permission(self, request):
         return False
