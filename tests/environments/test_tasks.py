@@ -52,6 +52,13 @@ def test_the_broker_is_the_portals(db):
     assert isinstance(get_broker(), tasks.PortalTasksOnly)
 
 
+def test_the_portals_schedules_are_on_its_list(db):
+    """The schedules migration 0003 creates run; a list that forgot one would refuse it every time."""
+    funcs = set(Schedule.objects.values_list("func", flat=True))
+    assert funcs == {"environments.tasks.reap_stale_deployments", "environments.tasks.expire_pending_approvals"}
+    assert funcs <= tasks.PORTAL_TASKS
+
+
 def test_scheduled_calls_of_any_function_are_refused_audited_and_never_run(transactional_audit_db, tmp_path,
                                                                              victim):
     marker = tmp_path / "pwned"
