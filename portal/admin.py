@@ -82,6 +82,8 @@ class PortalUserAdmin(UserAdmin):
                     user_delete(actor=actor, user=user)  # refused again, and on record
                 except PolicyRefusal as exc:
                     refusal = exc.refusal
+                else:
+                    return self.response_delete(request, str(user), user.pk)
             if refusal is not None:
                 self.message_user(request, f"Refused ({refusal.code}). {refusal.detail}", messages.ERROR)
                 return redirect("admin:auth_user_change", user.pk)
