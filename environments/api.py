@@ -5,17 +5,19 @@ import datetime as dt
 from django.http import HttpRequest
 from django.utils import timezone
 from ninja import Field, Query, Router, Schema, Status
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
-from core.decisions import PolicyRefusal
-from edge.api import REFUSALS, Name, Text, actor_of
-from environments import metrics, policy, selectors, services
+from edge.api import REFUSALS, ApplicationName, Name, ObjectId, Text, actor_of, readable
+from environments import metrics, selectors, services
 from releases import selectors as release_selectors
 
 router = Router(tags=["deployments"])
 
 
 class DeploymentIn(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"application": "MAC", "version": "3.1.0", "environment": "QA"}]})
+
     application: Name
     version: Text(100, 1)
     environment: Name
@@ -23,6 +25,8 @@ class DeploymentIn(BaseModel):
 
 
 class DecisionIn(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"comment": "Change tickets and test results checked."}]})
+
     comment: Text(2000) = ""
 
 
@@ -94,14 +98,14 @@ def request_deployment(request: HttpRequest, body: DeploymentIn):
     return Status(201, selectors.deployment_as_dict(selectors.deployment_get(deployment.pk)))
 
 
-@router.get("/deployments/{int:deployment_id}", response={200: DeploymentOut, **REFUSALS},
+@router.get("/deployments/{deployment_id}", response={200: DeploymentOut, **REFUSALS},
             summary="A deployment: state, approvals, times, result, progress")
-def get_deployment(request: HttpRequest, deployment_id: int):
-    return selectors.deployment_as_dict(selectors.deployment_get(deployment_id))
+def get_deployment(request: HttpRequest, deployment_id: ObjectId):
+    return selectors.deployment_as_dict(selectors.deployment_get(deployment_id, within=readable(request)))
 
 
 def _decision(service):
-    def view(request: HttpRequest, deployment_id: int, body: DecisionIn):
+    def view(request: HttpRequest, deployment_id: ObjectId, body: DecisionIn):
         service(actor=actor_of(request), deployment_id=deployment_id, comment=body.comment)
         return selectors.deployment_as_dict(selectors.deployment_get(deployment_id))
 
@@ -111,14 +115,15 @@ def _decision(service):
 
 for verb, service in (("approve", services.deployment_approve), ("reject", services.deployment_reject),
                       ("cancel", services.deployment_cancel)):
-    router.post(f"/deployments/{{int:deployment_id}}/{verb}", response={200: DeploymentOut, **REFUSALS},
+    router.post(f"/deployments/{{deployment_id}}/{verb}", response={200: DeploymentOut, **REFUSALS},
                 summary=f"{verb.capitalize()} a deployment")(_decision(service))
 
 
 @router.get("/applications/{application}/environments", response={200: list[EnvironmentStatus], **REFUSALS},
             summary="What is deployed where")
-def application_environments(request: HttpRequest, application: Name):
-    return selectors.application_environments(release_selectors.application_get(application))
+def application_environments(request: HttpRequest, application: ApplicationName):
+    app = release_selectors.application_get(application, within=readable(request))
+    return selectors.application_environments(app)
 
 
 class MetricsQuery(Schema):
@@ -165,13 +170,11 @@ class MetricsOut(Schema):
 
 @router.get("/applications/{application}/metrics", response={200: MetricsOut, **REFUSALS},
             summary="Delivery metrics per environment and ISO week")
-def application_metrics(request: HttpRequest, application: Name, query: Query[MetricsQuery]):
+def application_metrics(request: HttpRequest, application: ApplicationName, query: Query[MetricsQuery]):
     """Deployment frequency, lead time for changes, change failure rate, time to restore, approval wait
     and emergency share, per environment and ISO week (durations in seconds). A CI token reads only
-    the applications it is scoped to."""
-    app = release_selectors.application_get(application)
-    if refusal := policy.check_token_scope(actor_of(request), app):
-        raise PolicyRefusal(refusal)
+    the applications it is scoped to (another one is not found)."""
+    app = release_selectors.application_get(application, within=readable(request))
     until = query.until or timezone.now().date()
     if query.since is not None:
         period = metrics.MetricsPeriod.covering(query.since, until)

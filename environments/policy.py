@@ -12,6 +12,8 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
+from auditlog.models import LogEntry
+from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.contrib.contenttypes.models import ContentType
 from django.db.models import Q
@@ -19,9 +21,10 @@ from django.utils import timezone
 from guardian.models import GroupObjectPermission, UserObjectPermission
 
 from audit.actors import Actor
+from audit.models import AuditEvent
 from core.decisions import Decision, Next, Refusal, conflict, forbidden, no
-from environments.models import ControlChange, Deployment, Environment, FreezeOccurrence, FreezeWindow
-from releases.models import Build, Release, VcsAlias
+from environments.models import Approval, ControlChange, Deployment, Environment, FreezeOccurrence, FreezeWindow
+from releases.models import Build, Implementer, Release, VcsAlias
 
 DEPLOY = "deploy_environment"
 APPROVE = "approve_environment"
@@ -80,6 +83,48 @@ def person_identities(user) -> set[str]:
     return identities
 
 
+def identity_users(identities) -> dict[str, set[int]]:
+    """The people each VCS identity (lower-case) may be: by VCS alias, e-mail or user name, any case.
+    Two queries, whatever the number of identities."""
+    identities = sorted(set(identities))
+    found: dict[str, set[int]] = {}
+    if not identities:
+        return found
+    for alias, user_id in VcsAlias.objects.filter(identity__in=identities).values_list("identity", "user_id"):
+        found.setdefault(alias, set()).add(user_id)
+    q = Q()
+    for identity in identities:
+        q |= Q(email__iexact=identity) | Q(username__iexact=identity)
+    wanted = set(identities)
+    for user_id, email, username in get_user_model().objects.filter(q).values_list("id", "email", "username"):
+        for identity in {(email or "").strip().lower(), username.lower()} & wanted:
+            found.setdefault(identity, set()).add(user_id)
+    return found
+
+
+def resolve_identity_users(identities) -> dict[str, int]:
+    """One portal user per VCS identity, where one is known: the VCS alias first, else the user whose
+    e-mail or user name it is (case-insensitive)."""
+    aliased = dict(VcsAlias.objects.filter(identity__in=list(identities)).values_list("identity", "user_id"))
+    return {identity: aliased.get(identity, min(users)) for identity, users in identity_users(identities).items()}
+
+
+def identities_of_users(user_ids) -> dict[int, set[str]]:
+    """`person_identities` of many people at once (two queries)."""
+    user_ids = sorted(set(user_ids))
+    found: dict[int, set[str]] = {pk: set() for pk in user_ids}
+    if not user_ids:
+        return found
+    for pk, username, email in get_user_model().objects.filter(pk__in=user_ids).values_list("pk", "username",
+                                                                                            "email"):
+        found[pk].add(username.lower())
+        if email:
+            found[pk].add(email.strip().lower())
+    for user_id, identity in VcsAlias.objects.filter(user_id__in=user_ids).values_list("user_id", "identity"):
+        found[user_id].add(identity)
+    return found
+
+
 @dataclass(frozen=True)
 class Implementers:
     identities: frozenset[str]
@@ -99,6 +144,29 @@ class Implementers:
 def implementers_of(release: Release) -> Implementers:
     rows = list(release.implementers.values_list("identity", "user_id"))
     return Implementers(frozenset(i for i, _ in rows), frozenset(u for _, u in rows if u is not None))
+
+
+# --- the worker ---------------------------------------------------------------------------------
+
+def task_function_name(func) -> str:
+    """A queued task's function as a dotted name (it may be queued as a name or as a pickled callable)."""
+    if isinstance(func, str):
+        return func
+    return f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', type(func).__name__)}"
+
+
+def check_portal_task(func, hook, portal_tasks: frozenset[str]) -> Refusal | None:
+    """The worker runs only the portal's own tasks: a function named by its dotted path on the
+    portal's list (never a pickled callable), without a result hook (which the cluster would call
+    too). Anything else in the queue came from outside the portal: a schedule or a resubmitted task
+    naming any importable function would otherwise run with the worker's rights."""
+    if isinstance(func, str) and func in portal_tasks and not hook:
+        return None
+    with_hook = f" with the result hook {hook}" if hook else ""
+    return forbidden(
+        "NOT_A_PORTAL_TASK",
+        f"The worker runs only the portal's own tasks; {task_function_name(func)}{with_hook} is not one of them.",
+    )
 
 
 # --- rule 2: build gate ---------------------------------------------------------------------------
@@ -148,6 +216,15 @@ def check_may_register(actor: Actor, application, permission: str) -> Refusal | 
 
 
 # --- who may ask ----------------------------------------------------------------------------------
+
+def readable_applications(actor: Actor) -> frozenset[int] | None:
+    """The applications whose builds, releases and deployments an actor may read (None: all).
+
+    A CI token reads only the applications it is scoped to; anything else answers as if it did not
+    exist (404, not 403), so a token learns nothing about other applications.
+    """
+    return actor.token_applications if actor.is_ci else None
+
 
 def check_token_scope(actor: Actor, application) -> Refusal | None:
     if actor.is_ci and application.pk not in actor.token_applications:
@@ -218,15 +295,32 @@ def check_not_implementer(user, implementers: Implementers, code: str, role: str
 
 # --- rule 9: reviewed change ----------------------------------------------------------------------
 
+def independent_reviewers(release: Release, implementers: Implementers) -> list[str]:
+    """The pull request's reviewers who are neither its author nor an implementer, under any identity.
+
+    Reviewers are resolved to people exactly like implementers (user, e-mail or user name in any
+    case, VCS aliases); a reviewer who is the author's person or an implementer's person does not count.
+    A fixed number of queries, whatever the number of reviewers.
+    """
+    author = release.pull_request_author.strip().lower()
+    reviewers = {r.strip().lower() for r in release.pull_request_reviewers if r and r.strip()}
+    candidates = reviewers - {author} - implementers.identities
+    if not candidates:
+        return []
+    people = identity_users(candidates | {author} if author else candidates)
+    excluded_users = set(implementers.user_ids) | people.get(author, set())
+    excluded_identities = set(implementers.identities) | ({author} if author else set())
+    identities = identities_of_users(pk for r in candidates for pk in people.get(r, ()))
+    return sorted(
+        r for r in candidates
+        if not any(pk in excluded_users or identities[pk] & excluded_identities for pk in people.get(r, ()))
+    )
+
+
 def check_code_review(release: Release, environment: Environment, implementers: Implementers):
     if not environment.requires_code_review:
         return None
-    author = release.pull_request_author.strip().lower()
-    independent = [
-        r for r in release.pull_request_reviewers
-        if r.strip().lower() != author and r.strip().lower() not in implementers.identities
-    ]
-    if not release.pull_request_url or not independent:
+    if not release.pull_request_url or not independent_reviewers(release, implementers):
         return conflict(
             "NO_CODE_REVIEW",
             f"{environment} requires a reviewed change: the pull request of {release} needs a reviewer "
@@ -714,3 +808,34 @@ def decide_control_change(*, actor: Actor, change: ControlChange, current: dict)
             "STALE_PROPOSAL", f"{', '.join(sorted(stale))} changed since {change} was proposed; propose it again."
         ))
     return Decision(next=Next.END)
+
+
+def evidence_of(user) -> list[str]:
+    """What makes a user part of the evidence: the rows that name them and must stay as they are."""
+    facts = [
+        ("requested or reviewed deployments",
+         Deployment.objects.filter(Q(requested_by=user) | Q(reviewed_by=user))),
+        ("decided on deployments", Approval.objects.filter(approver=user)),
+        ("implemented releases", Implementer.objects.filter(user=user)),
+        ("acted in the audit log", AuditEvent.objects.filter(actor_id=user.pk)),
+        ("changed settings (field history)", LogEntry.objects.filter(actor=user)),
+    ]
+    return [fact for fact, rows in facts if rows.exists()]
+
+
+def decide_user_delete(*, actor: Actor, user) -> Decision:
+    """A user who is part of the evidence is never deleted (the evidence would lose them, or the
+    database refuses): they are deactivated instead."""
+    return _as_decision(_user_delete_refusal(actor=actor, user=user))
+
+
+def _user_delete_refusal(*, actor: Actor, user) -> Refusal | None:
+    if not actor.is_system and not (actor.is_person and actor.user.has_perm("auth.delete_user")):
+        return forbidden("NOT_PERMITTED", "You may not delete users.")
+    if evidence := evidence_of(user):
+        return conflict(
+            "USER_IS_EVIDENCE",
+            f"{user.get_username()} {' and '.join(evidence)}, so they are part of the evidence and cannot be "
+            "deleted; deactivate the account instead (untick Active).",
+        )
+    return None

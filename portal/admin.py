@@ -1,8 +1,14 @@
 from django import forms
 from django.contrib import admin, messages
-from django.contrib.auth import get_user_model
-from django.contrib.auth.admin import UserAdmin
+from django.contrib.admin import actions as admin_actions
+from django.contrib.admin.utils import unquote
+from django.contrib.auth import get_user_model, update_session_auth_hash
+from django.contrib.auth.admin import UserAdmin, csrf_protect_m, sensitive_post_parameters_m
 from django.contrib.auth.forms import UserChangeForm
+from django.http import HttpResponseRedirect
+from django.shortcuts import redirect
+from django.urls import reverse
+from django_q.models import Failure, OrmQ, Schedule, Success
 
 from audit.actors import Actor
 from core.decisions import PolicyRefusal
@@ -10,7 +16,7 @@ from edge.admin import admin_actor, run_each
 from environments import policy
 from environments.services import group_membership_change
 from portal.models import ApiToken
-from portal.services import token_revoke
+from portal.services import token_revoke, user_delete, user_permissions_change, user_save, user_set_password
 
 User = get_user_model()
 
@@ -62,28 +68,105 @@ class MembershipCheckedUserForm(UserChangeForm):
 
 
 class PortalUserAdmin(UserAdmin):
+    """Every change to an account goes through an audited service: its fields and flags (user_save),
+    its password (user_set_password), its permissions and its groups (group_membership_change); deletion
+    through user_delete, which refuses to delete a user who is part of the evidence (deactivate instead)."""
+
     form = MembershipCheckedUserForm
+    actions = ["delete_selected"]
+
+    def delete_view(self, request, object_id, extra_context=None):
+        user = self.get_object(request, unquote(object_id))
+        if user is not None and self.has_delete_permission(request, user):
+            actor = admin_actor(request)
+            refusal = policy.decide_user_delete(actor=actor, user=user).refusal
+            if refusal is not None and request.method == "POST":
+                try:
+                    user_delete(actor=actor, user=user)  # refused again, and on record
+                except PolicyRefusal as exc:
+                    refusal = exc.refusal
+                else:
+                    return self.response_delete(request, str(user), user.pk)
+            if refusal is not None:
+                self.message_user(request, f"Refused ({refusal.code}). {refusal.detail}", messages.ERROR)
+                return redirect("admin:auth_user_change", user.pk)
+        return super().delete_view(request, object_id, extra_context)
+
+    def delete_model(self, request, obj):
+        user_delete(actor=admin_actor(request), user=obj)
+
+    def delete_queryset(self, request, queryset):
+        for user in queryset:
+            user_delete(actor=admin_actor(request), user=user)
+
+    @admin.action(description="Delete selected users", permissions=["delete"])
+    def delete_selected(self, request, queryset):
+        """Django's confirmation and deletion, unless a selected user is part of the evidence: then
+        nobody is deleted and each refusal is shown (and, once confirmed, on record)."""
+        actor = admin_actor(request)
+        refused = [u for u in queryset if not policy.decide_user_delete(actor=actor, user=u).allowed]
+        if not refused:
+            return admin_actions.delete_selected(self, request, queryset)
+        if request.POST.get("post"):
+            run_each(self, request, refused, lambda u: user_delete(actor=actor, user=u), "deleted.")
+        else:
+            for user in refused:
+                refusal = policy.decide_user_delete(actor=actor, user=user).refusal
+                self.message_user(request, f"{user}: refused ({refusal.code}). {refusal.detail}", messages.ERROR)
+        return None
 
     def get_form(self, request, obj=None, **kwargs):
         form = super().get_form(request, obj, **kwargs)
         form.request_user = request.user
         return form
 
+    def save_model(self, request, obj, form, change):
+        user_save(actor=admin_actor(request), user=obj)
+
     def save_related(self, request, form, formsets, change):
-        wanted = form.cleaned_data.pop("groups", None)
+        wanted_groups = form.cleaned_data.pop("groups", None)
+        wanted_permissions = form.cleaned_data.pop("user_permissions", None)
         super().save_related(request, form, formsets, change)
-        if wanted is None:
-            return
         user = form.instance
-        current = set(user.groups.all())
         actor = admin_actor(request)
-        for group in sorted(set(wanted) ^ current, key=lambda g: g.name):
+        if wanted_permissions is not None:
+            user_permissions_change(actor=actor, user=user, permissions=wanted_permissions)
+        if wanted_groups is None:
+            return
+        current = set(user.groups.all())
+        for group in sorted(set(wanted_groups) ^ current, key=lambda g: g.name):
             try:
-                group_membership_change(actor=actor, group=group, user=user, add=group in wanted)
+                group_membership_change(actor=actor, group=group, user=user, add=group in wanted_groups)
             except PolicyRefusal as exc:
                 self.message_user(request, f"{group}: refused ({exc.refusal.code}). {exc.refusal.detail}",
                                   messages.ERROR)
 
+    @sensitive_post_parameters_m
+    @csrf_protect_m
+    def user_change_password(self, request, id, form_url=""):
+        """Django's page, with the valid submission handed to user_set_password (audited)."""
+        user = self.get_object(request, unquote(id))
+        if request.method != "POST" or user is None or not self.has_change_permission(request, user):
+            return super().user_change_password(request, id, form_url)
+        form = self.change_password_form(user, request.POST)
+        if not form.is_valid() or not (form.cleaned_data["set_usable_password"] or "unset-password" in request.POST):
+            return super().user_change_password(request, id, form_url)  # shows the errors
+        usable = form.cleaned_data["set_usable_password"]
+        user = user_set_password(actor=admin_actor(request), user=user,
+                                 password=form.cleaned_data["password1"] if usable else None)
+        self.log_change(request, user, self.construct_change_message(request, form, None))
+        self.message_user(request, "Password changed successfully." if usable
+                          else "Password-based authentication was disabled.", messages.SUCCESS)
+        update_session_auth_hash(request, user)
+        return HttpResponseRedirect(reverse(f"{self.admin_site.name}:{user._meta.app_label}_{user._meta.model_name}"
+                                            "_change", args=(user.pk,)))
+
 
 admin.site.unregister(User)
 admin.site.register(User, PortalUserAdmin)
+
+# django-q2's own pages would let whoever may add a schedule, resubmit a task or edit the queue make
+# the worker call any importable function; the portal's schedules come from its migrations.
+for _model in (Schedule, Success, Failure, OrmQ):
+    if admin.site.is_registered(_model):
+        admin.site.unregister(_model)

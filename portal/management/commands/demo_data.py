@@ -1,5 +1,7 @@
 """Demo data: one application on a QA -> Staging -> Production path, its releasers, and a release.
 
+Only in demo mode (settings.DEMO, PORTAL_DEMO=1): the demo users have known passwords.
+
 Running it twice changes nothing: every step looks before it writes, and writes through services
 (so the demo's own setup is in the audit chain like everything else).
 """
@@ -10,7 +12,7 @@ from pathlib import Path
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group, Permission
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
 from audit import chain
@@ -63,6 +65,11 @@ class Command(BaseCommand):
     help = "Load the demo: application MAC, its environments, releasers, users and a first release."
 
     def handle(self, *args, **options):
+        if not settings.DEMO:
+            raise CommandError(
+                "demo_data creates users whose password is their name (admin/admin among them): it runs only "
+                "in demo mode (PORTAL_DEMO=1), never against a real portal."
+            )
         actor = Actor.system(via="command")
         with transaction.atomic():
             app = self._application(actor)
