@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("engine and evidence", ("environments.deploy", "environments.notifications", "environments.cluster",
                              "environments.demo_app.*", "evidence", "evidence.*")),
     ("edges", ("*.admin", "*.api", "*.tasks", "*.apps", "*.middleware", "*.downloads", "*.management", "edge",
-               "edge.*")),
+               "edge.*", "*.templatetags")),
     ("assembly", ("portal", "portal.*")),
 ]
 

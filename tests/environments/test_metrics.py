@@ -19,7 +19,7 @@ from django.urls import reverse
 from environments import metrics, services
 from environments.metrics import MetricsPeriod
 from environments.models import Deployment
-from portal.demo_history import moved_time
+from portal.management.demo_history import moved_time
 from portal.models import ApiToken
 from portal.services import token_create
 from releases.models import Application

@@ -10,13 +10,14 @@ from audit import chain
 from audit.models import AuditEvent
 from environments import metrics, policy, selectors
 from environments.models import Deployment, Environment, FreezeWindow
-from portal import demo_history
+from portal.management import demo_history
 from releases.models import Application
 
 State = Deployment.State
 
 
-def test_the_demo_has_weeks_of_history_that_the_audit_chain_verifies(db):
+def test_the_demo_has_weeks_of_history_that_the_audit_chain_verifies(db, settings):
+    settings.DEMO = True
     call_command("demo_data", stdout=StringIO())
     events = AuditEvent.objects.count()
     call_command("demo_data", stdout=StringIO())

@@ -20,7 +20,7 @@ from audit.actors import Actor
 from environments import policy
 from environments.models import Environment
 from environments.services import environment_grant, environment_save, group_membership_change
-from portal import demo_history
+from portal.management import demo_history
 from releases.models import Application, Build, Release
 from releases.services import PullRequest, TestCounts, build_register, release_register
 
