@@ -8,7 +8,7 @@ from django.contrib import admin, messages
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.db.models import Count, OuterRef, Subquery
+from django.db.models import Count, OuterRef, Q, Subquery
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect
 from django.template.response import TemplateResponse
@@ -66,6 +66,204 @@ class EnvironmentForm(forms.ModelForm):
                 self.add_error("change_reason", "This weakens a control of a restricted environment ("
                                + ", ".join(sorted(weaker)) + "): say why; a second administrator must approve it.")
         return data
+
+
+# --- freeze windows as analysts plan them -------------------------------------------------------------
+
+WEEKEND_RULE = "FREQ=WEEKLY;BYDAY=FR;BYHOUR=16;BYMINUTE=0"
+MONTH_END_RULE = "FREQ=MONTHLY;BYDAY=MO,TU,WE,TH,FR;BYSETPOS=-2,-1;BYHOUR=0;BYMINUTE=0"
+FREEZE_PRESETS = {  # name: (label, rule, length of each occurrence, time zone or None for the chosen one)
+    "weekend": ("Every Friday 16:00 to Monday 06:00, Europe/Berlin", WEEKEND_RULE, dt.timedelta(hours=62),
+                "Europe/Berlin"),
+    "month_end": ("The last 2 working days of the month, whole days in the chosen time zone", MONTH_END_RULE,
+                  dt.timedelta(days=1), None),
+}
+
+
+class FreezeWindowForm(forms.ModelForm):
+    preset = forms.ChoiceField(
+        required=False, choices=[("", "none: a one-off window, or the rule typed below"),
+                                 *((name, label) for name, (label, *_rest) in FREEZE_PRESETS.items())],
+        help_text="Fills the rule, the length and (for the weekend) the time zone.",
+    )
+    change_reason = forms.CharField(
+        required=False, widget=forms.Textarea(attrs={"rows": 2}),
+        help_text="Why. Required to shorten or end a freeze while it holds (a second administrator then "
+                  "approves it under Control changes).",
+    )
+
+    class Meta:
+        model = FreezeWindow
+        fields = ["environment", "application", "reason", "preset", "starts_at", "ends_at", "recurrence", "duration",
+                  "timezone", "change_reason"]
+        help_texts = {
+            "environment": "Freeze one environment, or leave empty and choose an application below.",
+            "starts_at": "One-off: when it begins (UTC). Recurring: when the series begins; the rule's times are "
+                         "read in the time zone below.",
+            "ends_at": "One-off: when it ends (UTC). Recurring: when the series stops.",
+            "recurrence": (
+                "Empty for a one-off window. An iCalendar RRULE read in the time zone below. Presets: every Friday "
+                f"16:00 to Monday 06:00 Europe/Berlin is {WEEKEND_RULE} with a length of 2 days, 14:00:00 (62 "
+                f"hours) in Europe/Berlin; the last 2 working days of the month is {MONTH_END_RULE} with a length "
+                "of 1 day."),
+            "duration": "Recurring: the length of each occurrence in wall-clock time, e.g. 62:00:00 or "
+                        "\"2 14:00:00\" (Friday 16:00 to Monday 06:00), \"1 00:00:00\" (a whole day).",
+            "timezone": "IANA time zone the rule is read in, e.g. Europe/Berlin (daylight saving follows it).",
+        }
+
+    def clean(self):
+        data = super().clean()
+        if preset := FREEZE_PRESETS.get(data.get("preset") or ""):
+            _label, data["recurrence"], data["duration"], zone = preset
+            if zone:
+                data["timezone"] = zone
+            for name in ("recurrence", "duration", "timezone"):
+                self.errors.pop(name, None)
+        if self.instance.pk and not data.get("change_reason", "").strip():
+            before = FreezeWindow.objects.get(pk=self.instance.pk)
+            after = copy.copy(before)
+            for name in ("environment", "application", "starts_at", "ends_at", "recurrence", "duration",
+                         "timezone", "reason"):
+                if name in data:
+                    setattr(after, name, data[name])
+            try:
+                weaker = policy.freeze_weakened(before, after)
+            except (TypeError, ValueError, KeyError):  # an invalid rule or zone: the model names it
+                weaker = {}
+            if weaker:
+                self.add_error("change_reason", "This freeze holds now and would end sooner: say why; a second "
+                                                "administrator must approve it.")
+        return data
+
+
+class FreezeApplicationFilter(admin.SimpleListFilter):
+    title = "application"
+    parameter_name = "application"
+
+    def lookups(self, request, model_admin):
+        return [(a.name, a.name) for a in Application.objects.order_by("name")]
+
+    def queryset(self, request, queryset):
+        if self.value():
+            return queryset.filter(Q(environment__application__name=self.value()) | Q(application__name=self.value()))
+        return queryset
+
+
+@admin.register(FreezeWindow)
+class FreezeWindowAdmin(admin.ModelAdmin):
+    """Freeze windows planned ahead, one-off or recurring. Saving and ending go through the services:
+    audited, and a freeze that holds now is shortened or ended only with a reason and a second
+    administrator (the change becomes a proposal under Control changes)."""
+
+    form = FreezeWindowForm
+    list_display = ["target", "schedule", "reason", "starts_at", "ends_at", "holds_now"]
+    list_filter = [FreezeApplicationFilter]
+    list_select_related = ["environment__application", "application"]
+    search_fields = ["reason"]
+    actions = ["end_or_remove"]
+    change_list_template = "admin/environments/freezewindow/change_list.html"
+    fieldsets = [
+        (None, {"fields": ["environment", "application", "reason"]}),
+        ("When", {"fields": ["preset", "starts_at", "ends_at", "recurrence", "duration", "timezone"]}),
+        ("Changing a freeze that holds now", {"fields": ["change_reason"]}),
+    ]
+
+    class Media:
+        css = {"all": ["environments/metrics.css"]}
+
+    @admin.display(description="frozen")
+    def target(self, obj):
+        return obj.environment or f"{obj.application} (all environments)"
+
+    @admin.display(description="schedule")
+    def schedule(self, obj):
+        if not obj.recurrence:
+            return "one-off"
+        for label, rule, duration, zone in FREEZE_PRESETS.values():
+            if obj.recurrence == rule and obj.duration == duration and (zone is None or zone == obj.timezone):
+                return label if zone else f"{label} ({obj.timezone})"
+        return f"{obj.recurrence}, {obj.duration} each ({obj.timezone})"
+
+    @admin.display(description="holds now")
+    def holds_now(self, obj):
+        occurrence = obj.active_at(timezone.now())
+        return f"until {occurrence.ends_at:%Y-%m-%d %H:%M} UTC" if occurrence else ""
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # ending a freeze is the action below, through the service
+
+    def has_end_permission(self, request):
+        return request.user.has_perm("environments.delete_freezewindow")
+
+    def save_model(self, request, obj, form, change):
+        try:
+            result = services.freeze_window_save(actor=admin_actor(request), window=obj,
+                                                 reason=form.cleaned_data.get("change_reason", ""))
+        except PolicyRefusal as exc:
+            request._freeze_outcome = (messages.ERROR, f"Refused ({exc.refusal.code}). {exc.refusal.detail}")
+        except ValidationError as exc:
+            request._freeze_outcome = (messages.ERROR, " ".join(exc.messages))
+        else:
+            if isinstance(result, ControlChange):
+                request._freeze_outcome = (messages.WARNING, _proposed(result))
+
+    def log_addition(self, request, obj, message):
+        if not hasattr(request, "_freeze_outcome"):
+            return super().log_addition(request, obj, message)
+        return None
+
+    def log_change(self, request, obj, message):
+        if not hasattr(request, "_freeze_outcome"):
+            return super().log_change(request, obj, message)
+        return None
+
+    def _outcome(self, request, default):
+        """A refused or proposed change is not "saved successfully": say what happened instead."""
+        if not hasattr(request, "_freeze_outcome"):
+            return default()
+        level, text = request._freeze_outcome
+        self.message_user(request, text, level)
+        return redirect("admin:environments_freezewindow_changelist")
+
+    def response_add(self, request, obj, post_url_continue=None):
+        return self._outcome(request, lambda: super(FreezeWindowAdmin, self).response_add(request, obj,
+                                                                                           post_url_continue))
+
+    def response_change(self, request, obj):
+        return self._outcome(request, lambda: super(FreezeWindowAdmin, self).response_change(request, obj))
+
+    @admin.action(description="End or remove selected freeze windows", permissions=["end"])
+    def end_or_remove(self, request, queryset):
+        windows = list(queryset.select_related("environment__application", "application"))
+        now = timezone.now()
+        holding = [w for w in windows if w.active_at(now) is not None]
+        reason = confirm_with_comment(
+            self, request, queryset, action="end_or_remove", title="End or remove freeze windows",
+            required=bool(holding), label="Reason" + (
+                f" ({len(holding)} of these hold now: they end only when a second administrator approves)"
+                if holding else ""))
+        if not isinstance(reason, str):
+            return reason
+        actor = admin_actor(request)
+        for window in windows:
+            try:
+                result = services.freeze_window_end(actor=actor, window=window, reason=reason)
+            except PolicyRefusal as exc:
+                self.message_user(request, f"{window}: refused ({exc.refusal.code}). {exc.refusal.detail}",
+                                  messages.ERROR)
+            except ValidationError as exc:
+                self.message_user(request, f"{window}: {' '.join(exc.messages)}", messages.ERROR)
+            else:
+                if isinstance(result, ControlChange):
+                    self.message_user(request, f"{window}: {_proposed(result)}", messages.WARNING)
+                else:
+                    self.message_user(request, f"{window}: removed.", messages.SUCCESS)
+        return None
+
+
+def _proposed(change: ControlChange) -> str:
+    return (f"Proposed, not applied yet: {change.summary()}. A different administrator must approve it under "
+            "Control changes.")
 
 
 def access_rows(environment: Environment) -> list[tuple[str, str]]:
