@@ -648,8 +648,8 @@ class MetricsForm(forms.Form):
         return self._bounded("until")
 
 
-METRICS_COLUMNS = ["Week", "Succeeded", "Failed", "Change failure rate", "Emergencies", "Emergency share", "Changes",
-                   "Lead time", "Outages", "Restored", "Time to restore", "Approval decisions", "Approval wait"]
+METRICS_COLUMNS = ["Week", "Succeeded", "Failed", "Failure rate", "Emergencies", "Emergency share", "Changes",
+                   "Lead time", "Outages", "Restored", "Time to restore", "Decided requests", "Approval wait"]
 
 
 def _metrics_row(w: metrics.WeekMetrics) -> list:
