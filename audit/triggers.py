@@ -11,6 +11,8 @@ Installed by migrations. `drop_all` exists for the test suite only: a transactio
 empty the tables afterwards (see tests/conftest.py); nothing in the portal calls it.
 """
 
+from django.db import migrations
+
 PG_FUNCTION = """
 CREATE OR REPLACE FUNCTION portal_refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -122,7 +124,6 @@ def migration_operation(table: str, *, reinstall: bool = False):
 
     `reinstall` brings the triggers of an already guarded table up to date; its reverse leaves them.
     """
-    from django.db import migrations
 
     def forward(apps, schema_editor):
         install(schema_editor.connection, table)

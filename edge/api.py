@@ -17,9 +17,9 @@ from ninja import Schema
 from ninja.security import HttpBearer
 from pydantic import AfterValidator, Field, StringConstraints
 
+from access.services import token_actor
 from audit.actors import Actor
 from environments.policy import readable_applications
-from portal.services import token_actor
 
 # Python's str.strip() removes exactly these (str.isspace()); written out so that every regular
 # expression engine (the JSON Schema one of a client, Python's, Rust's) reads the same class.

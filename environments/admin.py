@@ -17,7 +17,6 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
 
-from audit.reports import safe_cell
 from core.decisions import PolicyRefusal
 from edge import charts
 from edge.admin import ReadOnlyAdmin, admin_actor, confirm_with_comment, run_each
@@ -32,6 +31,7 @@ from environments.models import (
     NotificationChannel,
     NotificationDelivery,
 )
+from evidence.reports import safe_cell
 from releases.models import Application
 
 

@@ -60,6 +60,7 @@ INSTALLED_APPS = [
     "audit",
     "releases",
     "environments",
+    "access",
     "portal",
 ]
 

@@ -16,12 +16,12 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
+from access.models import ApiToken
+from access.services import token_create
 from environments import metrics, services
 from environments.metrics import MetricsPeriod
 from environments.models import Deployment
 from portal.management.demo_history import moved_time
-from portal.models import ApiToken
-from portal.services import token_create
 from releases.models import Application
 from tests.conftest import SYSTEM, person
 

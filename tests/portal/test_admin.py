@@ -12,9 +12,9 @@ from django.urls import reverse
 from django.utils import timezone
 
 from audit.models import AuditEvent
-from audit.reports import Export, Period
 from environments import services
 from environments.models import Deployment
+from evidence.reports import Export, Period
 from tests.conftest import SYSTEM, person
 
 CHANGELIST = "admin:environments_deployment_changelist"

@@ -6,11 +6,11 @@ import sys
 
 import pytest
 
+from access.models import ApiToken
+from access.services import token_create, token_revoke
 from audit.models import AuditEvent
 from edge.api import SPACE
 from environments.models import Deployment
-from portal.models import ApiToken
-from portal.services import token_create, token_revoke
 from releases.models import Release
 from tests.conftest import SYSTEM, person
 

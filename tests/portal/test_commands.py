@@ -8,11 +8,11 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.core.management import CommandError, call_command
 
+from access.services import token_actor
 from audit import chain
 from audit.models import AuditEvent
 from environments.models import Deployment, Environment
 from environments.policy import environment_grants
-from portal.services import token_actor
 
 
 def run(*args) -> str:

@@ -10,12 +10,12 @@ from django.contrib.auth.models import Permission
 from django.db import transaction
 from django.utils import timezone
 
+from access.models import ApiToken, hash_token
 from audit import chain
 from audit.actors import Actor
 from audit.services import refused
 from environments import policy
 from environments.services import deployment_refuse_token_requests
-from portal.models import ApiToken, hash_token
 from releases.models import Application
 
 TOKEN_PREFIX = "rp_"

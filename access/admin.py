@@ -10,13 +10,13 @@ from django.shortcuts import redirect
 from django.urls import reverse
 from django_q.models import Failure, OrmQ, Schedule, Success
 
+from access.models import ApiToken
+from access.services import token_revoke, user_delete, user_permissions_change, user_save, user_set_password
 from audit.actors import Actor
 from core.decisions import PolicyRefusal
 from edge.admin import admin_actor, run_each
 from environments import policy
 from environments.services import group_membership_change
-from portal.models import ApiToken
-from portal.services import token_revoke, user_delete, user_permissions_change, user_save, user_set_password
 
 User = get_user_model()
 
