@@ -6,6 +6,8 @@ import datetime as dt
 
 import pytest
 from django.contrib.messages import get_messages
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
@@ -131,3 +133,19 @@ def test_the_calendar_lists_the_next_30_days_per_application(world):
     assert selectors.freeze_calendar(application="HAMS", now=now) == []
     saturday = selectors.freeze_calendar(now=dt.datetime(2026, 3, 21, 12, tzinfo=dt.UTC))[0]["entries"][0]
     assert saturday.running and saturday.ends_at == dt.datetime(2026, 3, 23, 5, tzinfo=dt.UTC)
+
+
+def test_the_list_and_its_calendar_cost_the_same_queries_whatever_the_windows(world, client, planner):
+    def queries():
+        with CaptureQueriesContext(connection) as captured:
+            assert client.get(reverse("admin:environments_freezewindow_changelist")).status_code == 200
+        return len(captured)
+
+    running_freeze(world)
+    few = queries()
+    for day in range(1, 12):
+        services.freeze_window_save(actor=SYSTEM, window=FreezeWindow(
+            application=world.app, reason=f"close {day}", recurrence="FREQ=WEEKLY;BYDAY=MO;BYHOUR=8",
+            duration=dt.timedelta(hours=day), starts_at=timezone.now() - dt.timedelta(days=day),
+            ends_at=timezone.now() + dt.timedelta(days=90)))
+    assert queries() == few
