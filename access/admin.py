@@ -13,6 +13,7 @@ from django_q.models import Failure, OrmQ, Schedule, Success
 from access.models import ApiToken
 from access.services import token_revoke, user_delete, user_permissions_change, user_save, user_set_password
 from audit.actors import Actor
+from audit.services import audit_refusal
 from core.decisions import PolicyRefusal
 from edge.admin import admin_actor, run_each
 from environments import policy
@@ -60,9 +61,11 @@ class MembershipCheckedUserForm(UserChangeForm):
         current = set(self.instance.groups.values_list("pk", flat=True))
         for group in groups:
             if group.pk not in current:
-                decision = policy.decide_membership(actor=Actor(user=self.request_user, via="admin"),
-                                                    group=group, user=self.instance)
-                if not decision.allowed:
+                actor = Actor(user=self.request_user, via="admin")
+                decision = policy.decide_membership(actor=actor, group=group, user=self.instance)
+                if not decision.allowed:  # on record, like every refusal (the admin's transaction commits)
+                    audit_refusal(actor=actor, action="group.add_member", refusal=decision.refusal, obj=group,
+                                  data={"group": group.name, "user": self.instance.get_username()})
                     raise forms.ValidationError(f"{decision.refusal.detail} ({decision.refusal.code})")
         return groups
 

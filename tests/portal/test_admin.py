@@ -112,6 +112,8 @@ def test_superuser_cannot_add_themselves_to_a_releasers_group(client, world, mak
     response = client.post(url, data)
     assert response.status_code == 200 and b"SELF_GRANT" in response.content
     assert not admin.groups.exists()
+    refusal = AuditEvent.objects.get(action="group.add_member.refused")
+    assert (refusal.code, refusal.actor_username, refusal.data["user"]) == ("SELF_GRANT", "root", "root")
     other = make_user("newbie")
     data_other = {**data, "username": "newbie", "email": "newbie@example.com"}
     client.post(reverse("admin:auth_user_change", args=[other.pk]), data_other)
