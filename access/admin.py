@@ -124,7 +124,10 @@ class PortalUserAdmin(UserAdmin):
         return form
 
     def save_model(self, request, obj, form, change):
-        user_save(actor=admin_actor(request), user=obj)
+        try:
+            user_save(actor=admin_actor(request), user=obj)
+        except PolicyRefusal as exc:  # on record; the admin's transaction commits the refusal
+            self.message_user(request, f"Refused ({exc.refusal.code}). {exc.refusal.detail}", messages.ERROR)
 
     def save_related(self, request, form, formsets, change):
         wanted_groups = form.cleaned_data.pop("groups", None)
@@ -133,7 +136,10 @@ class PortalUserAdmin(UserAdmin):
         user = form.instance
         actor = admin_actor(request)
         if wanted_permissions is not None:
-            user_permissions_change(actor=actor, user=user, permissions=wanted_permissions)
+            try:
+                user_permissions_change(actor=actor, user=user, permissions=wanted_permissions)
+            except PolicyRefusal as exc:
+                self.message_user(request, f"Refused ({exc.refusal.code}). {exc.refusal.detail}", messages.ERROR)
         if wanted_groups is None:
             return
         current = set(user.groups.all())
