@@ -22,7 +22,7 @@ from environments.models import Environment
 from environments.services import environment_grant, environment_save, group_membership_change
 from portal.management import demo_history
 from releases.models import Application, Build, Release
-from releases.services import PullRequest, TestCounts, build_register, release_register
+from releases.services import PullRequest, TestCounts, application_save, build_register, release_register
 
 APPLICATION = "MAC"
 ISSUE_PREFIX = "BIZPLAT"
@@ -86,9 +86,9 @@ class Command(BaseCommand):
     def _application(self, actor):
         app = Application.objects.filter(name=APPLICATION).first()
         if app is None:
-            app = Application.objects.create(name=APPLICATION, issue_key_prefix=ISSUE_PREFIX,
-                                             description="Demo application released by the portal.")
-            chain.append(actor=actor, action="application.create", obj=app, data={"name": app.name})
+            app = application_save(actor=actor, application=Application(
+                name=APPLICATION, issue_key_prefix=ISSUE_PREFIX,
+                description="Demo application released by the portal."))
         return app
 
     def _environments(self, actor, app):
