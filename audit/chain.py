@@ -236,7 +236,7 @@ class VerifyResult:
 # The columns verify reads, in this order: the twelve hashed fields, then the stored text and links.
 VERIFY_COLUMNS = ("seq", "created_at", "actor_id", "actor_username", "actor_email", "via", "action", "object_type",
                   "object_id", "object_repr", "code", "data", "canonical", "prev_hash", "hash")
-VERIFY_CHUNK = 5000
+VERIFY_CHUNK = 2000
 
 
 def _event_rows(events: Iterable[AuditEvent]) -> Iterator[tuple]:
