@@ -109,7 +109,11 @@ def run_wrk(wrk: str, url: str, endpoint: Endpoint, seconds: int, run_id: str, t
             command += ["-H", f"Authorization: Bearer {token}"]
         command += [url]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
-    out = done.stdout
+    return {**parse_wrk(done.stdout), "command": command}
+
+
+def parse_wrk(out: str) -> dict:
+    """requests, req/s, p50 and p99 in ms (None without answers), failed (non-2xx, socket errors, timeouts)."""
     requests = int(re.search(r"(\d+) requests in", out).group(1))
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     p50 = re.search(r"^\s+50%\s+(\S+)", out, re.M)
@@ -117,7 +121,7 @@ def run_wrk(wrk: str, url: str, endpoint: Endpoint, seconds: int, run_id: str, t
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     failed = (int(non_2xx.group(1)) if non_2xx else 0) + (sum(int(g) for g in errors.groups()) if errors else 0)
-    return {"rate": rate, "requests": requests, "failed": failed, "command": command,
+    return {"rate": rate, "requests": requests, "failed": failed,
             "p50_ms": _ms(p50.group(1)) if requests and p50 else None,
             "p99_ms": _ms(p99.group(1)) if requests and p99 else None}
 
