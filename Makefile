@@ -73,10 +73,11 @@ clean:
 # gunicorn, next to a bare Django app), pages at scale, audit appends and verify_audit; prints a table and
 # writes the figures into docs/benchmarks.md. BENCH_SERVER=postgres://user@host:port, BENCH_ARGS="--only api".
 bench: venv
-	@command -v wrk >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get install -y wrk >/dev/null; } || \
+	@command -v wrk >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    { apt-get install -y -qq wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }; }; } || \
 	    echo "wrk is missing and cannot be installed here: apt-get install -y wrk (the API figures are skipped)"
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
-# Report exports against PostgreSQL's COPY on 1,000,000 rows (BENCH_ROWS=... to change).
+# Report exports against PostgreSQL's COPY on 1,000,000 rows (BENCH_ROWS=... to change), on make bench's database.
 bench-reports: venv
 	$(BIN)/python bench/bench_reports.py

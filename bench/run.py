@@ -76,9 +76,10 @@ def api_section(args, token_holder: dict) -> tuple[str, list[str], list[list[str
         ["endpoint", "requests", "req/s", "p50 ms", "p99 ms", "failed", "ratio", "target"],
         [[r["name"], f"{r['requests']:,}", f"{r['rate']:,.1f}", _ms(r["p50_ms"]), _ms(r["p99_ms"]), str(r["failed"]),
           "" if r["ratio"] is None else f"{r['ratio']:.2f}", r["target"]] for r in rows],
-        f"{args.seconds} s per endpoint after a 2 s warm-up; `failed`: non-2xx answers, socket errors and timeouts"
-        " (10 s); `-`: no request answered in time. Ratio: to the bare view of the same kind (writes: bare insert,"
-        " reads: bare JSON).",
+        f"{args.seconds} s per endpoint after a 2 s warm-up, each run starting once the workers' backlog of the one"
+        " before is served; `failed`: non-2xx answers, socket errors and timeouts (10 s); requests still waiting when"
+        " a run ends are not counted; `-`: no request answered in time. Ratio: to the bare view of the same kind"
+        " (writes: bare insert, reads: bare JSON).",
     )
 
 
