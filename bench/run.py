@@ -243,7 +243,9 @@ def main() -> None:
         parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
     setup_django()
     seed.ensure(args.releases, args.deployments, args.events, log=log)
-    command = "make bench" + (f" BENCH_ARGS={shlex.quote(' '.join(sys.argv[1:]))}" if sys.argv[1:] else "")
+    command = " ".join([*(f"{name}={shlex.quote(os.environ[name])}" for name in ("BENCH_DATABASE", "BENCH_SERVER")
+                          if os.environ.get(name)), "make bench"]
+                       + ([f"BENCH_ARGS={shlex.quote(' '.join(sys.argv[1:]))}"] if sys.argv[1:] else []))
     t0, load_at_start = time.monotonic(), os.getloadavg()[0]
     blocks, holder = [], {}
     for name in SECTIONS:
