@@ -85,8 +85,8 @@ def extravars_for(deployment: Deployment) -> dict:
     release = deployment.release
     return {
         "application": release.application.name,
-        "environment": deployment.environment.name,
-        # `environment` is also an Ansible play keyword, which wins inside templates: playbooks use this.
+        # Not `environment`: that is an Ansible play keyword, and a variable of that name makes Ansible
+        # warn ("reserved name") in every deployment log.
         "environment_name": deployment.environment.name,
         "version": release.version,
         "artifact_url": release.artifact_url,
