@@ -18,6 +18,7 @@ GUARDED_TABLES: dict[str, tuple[str, ...]] = {
     "audit_auditevent": ("UPDATE", "DELETE"),
     "auditlog_logentry": ("UPDATE", "DELETE"),
     "releases_release": ("UPDATE", "DELETE"),
+    "releases_buildissue": ("UPDATE", "DELETE"),
 }
 
 

@@ -6,7 +6,7 @@ from environments import selectors as env_selectors
 from environments.policy import PolicyRefusal, Refusal
 from environments.services import deployment_request
 from portal.admin_tools import ReadOnlyAdmin, admin_actor, run_each
-from releases.models import Application, Build, Implementer, Release, ReleaseIssue, VcsAlias
+from releases.models import Application, Build, BuildIssue, Implementer, Release, ReleaseIssue, VcsAlias
 from releases.services import vcs_alias_add
 
 
@@ -17,14 +17,6 @@ class ApplicationAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
-
-
-@admin.register(Build)
-class BuildAdmin(ReadOnlyAdmin):
-    list_display = ["application", "number", "branch", "status", "tests_passed", "tests_failed", "created_at"]
-    list_filter = ["application", "status"]
-    search_fields = ["number", "commit", "branch"]
-    list_select_related = ["application"]
 
 
 class ReleaseIssueInline(admin.TabularInline):
@@ -38,6 +30,19 @@ class ReleaseIssueInline(admin.TabularInline):
 
     def has_change_permission(self, request, obj=None):
         return False
+
+
+class BuildIssueInline(ReleaseIssueInline):
+    model = BuildIssue
+
+
+@admin.register(Build)
+class BuildAdmin(ReadOnlyAdmin):
+    list_display = ["application", "number", "branch", "status", "tests_passed", "tests_failed", "created_at"]
+    list_filter = ["application", "status"]
+    search_fields = ["number", "commit", "branch"]
+    list_select_related = ["application"]
+    inlines = [BuildIssueInline]
 
 
 class ImplementerInline(ReleaseIssueInline):

@@ -67,13 +67,14 @@ def release_get(application: str, version: str, *, details: bool = True) -> Rele
 
 
 def change_detail(issue_key: str) -> dict:
-    """One change from concept to deployment: its branch builds, the releases carrying it, and
-    the environments those releases reached."""
+    """One change from concept to deployment: the builds of branches named after it and the builds
+    of the releases carrying it, those releases, and the environments they reached. A fixed number
+    of queries, whatever the history."""
     key = issue_key.strip().upper()
     releases = list(releases_with_details().filter(issues__key=key).order_by("registered_at", "id"))
     builds = list(
         Build.objects.select_related("application")
-        .filter(Q(branch__icontains=key) | Q(releases__in=releases))
+        .filter(Q(issues__key=key) | Q(releases__in=releases))
         .distinct().order_by("created_at", "id")
     )
     if not releases and not builds:

@@ -117,11 +117,28 @@ def test_deployment_flow_with_ci_and_personal_tokens(world, client, ci):
                                                                  ("Production", None)]
     assert envs[2]["last_deployment"]["state"] == "queued" and envs[2]["restricted"] is True
 
-    change = ci.get("/changes/BIZPLAT-64951").json()
-    assert [b["number"] for b in change["builds"]] == ["101"]
+    ci.post("/builds", {**BUILD, "number": "102", "branch": "bugfix/bizplat-64951-again", "status": "failed",
+                        "tests": {"passed": 10, "failed": 2}})
+    ci.post("/builds", {**BUILD, "number": "103", "branch": "feature/BIZPLAT-649510-other"})
+    change = ci.get("/changes/bizplat-64951").json()
+    assert [b["number"] for b in change["builds"]] == ["101", "102"]
+    failed = change["builds"][1]
+    assert (failed["status"], failed["tests"], failed["branch"], failed["commit"], failed["url"]) == (
+        "failed", {"passed": 10, "failed": 2, "skipped": 0}, "bugfix/bizplat-64951-again", "a1b2c3",
+        "https://ci.example.com/101")
     assert [r["version"] for r in change["releases"]] == ["3.1.0"]
     assert {e["environment"] for e in change["environments_reached"]} == {"QA", "Staging"}
     assert ci.get("/changes/BIZPLAT-1").status_code == 404
+
+
+def test_a_change_is_found_by_its_branch_builds_before_any_release(ci):
+    assert ci.post("/builds", {**BUILD, "number": "7", "branch": "BIZPLAT-77/fix", "status": "in_progress"}
+                   ).status_code == 201
+    change = ci.get("/changes/BIZPLAT-77")
+    assert change.status_code == 200
+    body = change.json()
+    assert ([b["number"] for b in body["builds"]], body["releases"], body["environments_reached"]) == (["7"], [], [])
+    assert body["builds"][0]["status"] == "in_progress"
 
 
 def test_reject_and_cancel_routes(world, client, ci):
