@@ -46,6 +46,7 @@ INSTALLED_APPS = [
     "guardian",
     "auditlog",
     "django_q",
+    "ninja",  # its own Swagger UI files for /api/v1/docs (without it, django-ninja loads them from a CDN)
     "audit",
     "releases",
     "environments",
