@@ -4,7 +4,8 @@ Each child runs in a process group of its own, so a terminal's Ctrl-C reaches th
 this command signals each child exactly once and waits for it. qcluster handles SIGINT itself (a
 second signal floods its log with RecursionError; a SIGTERM to its whole group kills its sentinel
 without a clean stop), gunicorn stops gracefully on SIGTERM. A child still running after the grace
-period is killed with its group; a second Ctrl-C kills them at once.
+period is killed with its group (the worker lets a running deployment finish until then); a second
+Ctrl-C kills them at once.
 """
 
 from __future__ import annotations
@@ -94,5 +95,8 @@ class Command(BaseCommand):
         for child in children:
             if child.running:
                 self.stderr.write(f"The {child.name} did not stop in time: killed.")
+                if child.name == "worker":
+                    self.stderr.write("A deployment it was running ends `interrupted` (reap_deployments) when its "
+                                      f"heartbeat is {settings.PORTAL_DEPLOY_STALE_SECONDS} seconds old.")
             child.kill_group()
             child.process.wait()
