@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from django.core.management import call_command
-from django.db import connection
+from django.db import connection, connections
 
 from audit import triggers
 from environments.models import Deployment
@@ -72,6 +72,7 @@ def portal(django_db_setup, django_db_blocker, tmp_path_factory):
     var_dir = tmp_path_factory.mktemp("portal")
     env = portal_env(var_dir, PORTAL_DEMO="1", PORTAL_DEPLOY_DIR=str(var_dir / "deployments"),
                      PORTAL_DEPLOY_ROOT=str(var_dir / "deploy"))
+    env.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)  # the tests' allowance (below), not the portal's
     with django_db_blocker.unblock():
         _manage(env, "collectstatic", "--no-input", "--verbosity", "0")
         _manage(env, "demo_data")
@@ -97,6 +98,9 @@ def portal(django_db_setup, django_db_blocker, tmp_path_factory):
                 call_command("flush", interactive=False, verbosity=0)
             finally:
                 triggers.install_all(connection)
+                # opened beside Playwright's event loop, it is not the connection closed before the test
+                # database is dropped (PostgreSQL then refuses the drop)
+                connections.close_all()
 
 
 def _let_deployments_finish(timeout: float = 90.0) -> None:
