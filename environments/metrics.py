@@ -8,7 +8,8 @@ of measures). Each measure is counted in the week its event happened:
 - change failure rate: failed / (succeeded + failed), in the week they finished;
 - emergency share: emergency deployments among those (succeeded + failed);
 - lead time for changes: for each change (an issue key) the first time a release carrying it
-  reached the environment, minus the first successful build of that change, in the week it arrived;
+  reached the environment, minus the first successful build of that change (a build of a branch
+  naming the key, or of a release carrying it), in the week it arrived;
 - time to restore: from a failed deployment (the first of a run of failures) to the next succeeded
   deployment of the same environment, in the week of the failure;
 - time waiting for approval: from the request to the deciding approval (the one that queued it,
@@ -24,7 +25,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 
 from django.db.models import Avg, Count, Exists, F, FloatField, Func, OuterRef, Q, Subquery, Value
-from django.db.models.functions import Coalesce, TruncWeek
+from django.db.models.functions import Coalesce, Least, TruncWeek
 from django.utils import timezone
 
 from environments.models import Approval, Deployment, Environment
@@ -225,11 +226,10 @@ def _lead_times(application: Application, environment_ids, period: MetricsPeriod
         environment_id=OuterRef("arrived_in"), state=State.SUCCEEDED, release__issues__key=OuterRef("key"),
         finished_at__lt=OuterRef("arrived_at"),
     )
-    first_build = (
-        Build.objects.filter(application=application, status=Build.Status.SUCCESSFUL,
-                             releases__issues__key=OuterRef("key"))
-        .order_by("created_at").values("created_at")[:1]
-    )
+    successful = Build.objects.filter(application=application, status=Build.Status.SUCCESSFUL).order_by("created_at")
+    on_its_branch = Subquery(successful.filter(issues__key=OuterRef("key")).values("created_at")[:1])
+    released_from = Subquery(successful.filter(releases__issues__key=OuterRef("key")).values("created_at")[:1])
+    first_build = Least(Coalesce(on_its_branch, released_from), Coalesce(released_from, on_its_branch))
     return (
         ReleaseIssue.objects.filter(
             release__application=application, release__deployments__environment_id__in=environment_ids,
@@ -239,7 +239,7 @@ def _lead_times(application: Application, environment_ids, period: MetricsPeriod
         .annotate(arrived_in=F("release__deployments__environment_id"),
                   arrived_at=F("release__deployments__finished_at"))
         .filter(~Exists(earlier))
-        .annotate(first_build=Subquery(first_build))
+        .annotate(first_build=first_build)
         .order_by().values("arrived_in", week=_week("arrived_at"))
         .annotate(changes=Count("key", distinct=True),
                   lead_time=Avg(SecondsBetween(F("arrived_at"), F("first_build"))))

@@ -41,10 +41,10 @@ class History:
         self.number = 0
 
     def release(self, built: dt.datetime, keys: list[str]):
-        """A successful build at `built`, and the release cut from it right away."""
+        """A successful build at `built` (of a branch naming the last key), and the release cut from it."""
         self.number += 1
         with moved_time(built):
-            build = self.world.build(number=f"h{self.number}")
+            build = self.world.build(number=f"h{self.number}", branch=f"feature/{keys[-1]}-change")
             return self.world.release(f"9.{self.number}.0", issue_keys=keys, build=build)
 
     def run(self, deployment, finished: dt.datetime, result=State.SUCCEEDED):
@@ -163,6 +163,20 @@ def test_a_first_failure_begins_an_outage_too(world):
     (only,) = metrics.delivery_metrics(world.app, period=PERIOD, environment=world.production)
     assert (only.weeks[0].failures_to_restore, only.weeks[0].time_to_restore) == (1, pytest.approx(3 * HOUR))
     assert (only.weeks[0].changes, only.weeks[0].lead_time) == (1, pytest.approx(7 * HOUR))  # 09:00 -> 16:00
+
+
+def test_a_change_counts_from_the_first_build_of_its_branch(world):
+    h = History(world)
+    with moved_time(at(1, 9)):  # Sunday: the branch's first green build, long before the release
+        world.build(number="branch-1", branch="bugfix/bizplat-7-rounding")
+    with moved_time(at(1, 10)):  # a red one before it does not count
+        world.build(number="branch-0", branch="bugfix/BIZPLAT-8", status="failed")
+    release = h.release(at(2, 9), ["BIZPLAT-7", "BIZPLAT-8"])
+    h.early(release, at(2, 10))
+    h.production(release, at(2, 11), at(2, 12), at(2, 13))
+    (only,) = metrics.delivery_metrics(world.app, period=PERIOD, environment=world.production)
+    # BIZPLAT-7: 03-01 09:00 -> 03-02 13:00 = 28 h; BIZPLAT-8: its release's build 03-02 09:00 -> 13:00 = 4 h
+    assert (only.weeks[0].changes, only.weeks[0].lead_time) == (2, pytest.approx(16 * HOUR))
 
 
 def test_one_environment_and_the_dictionary_the_api_answers(world):
