@@ -7,7 +7,7 @@ from django.utils import timezone
 from ninja import Field, Query, Router, Schema, Status
 from pydantic import BaseModel, ConfigDict
 
-from edge.api import REFUSALS, ApplicationName, Name, ObjectId, Text, actor_of, readable
+from edge.api import REFUSALS, ApplicationName, Day, Name, ObjectId, Text, actor_of, readable
 from environments import metrics, selectors, services
 from releases import selectors as release_selectors
 
@@ -127,10 +127,8 @@ def application_environments(request: HttpRequest, application: ApplicationName)
 
 
 class MetricsQuery(Schema):
-    since: dt.date | None = Field(None, ge=dt.date(2000, 1, 1), le=dt.date(2099, 12, 31),
-                                  description="First day; the period starts on the Monday of its ISO week.")
-    until: dt.date | None = Field(None, ge=dt.date(2000, 1, 1), le=dt.date(2099, 12, 31),
-                                  description="Last day (default today); the period ends with its ISO week.")
+    since: Day | None = Field(None, description="First day; the period starts on the Monday of its ISO week.")
+    until: Day | None = Field(None, description="Last day (default today); the period ends with its ISO week.")
     weeks: int = Field(metrics.DEFAULT_WEEKS, ge=1, le=metrics.MAX_WEEKS,
                        description="Without `since`: this many ISO weeks up to `until`.")
     environment: Name | None = Field(None, description="One environment (default: all of the application's).")
