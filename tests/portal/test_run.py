@@ -32,6 +32,7 @@ def test_make_run_stops_the_web_server_and_the_worker(transactional_audit_db, se
     # The demo is loaded already and its first deployment cancelled, so the worker is idle when it is
     # stopped (a running deployment is let finish, which takes as long as its playbook).
     settings.VAR_DIR = var_dir
+    settings.DEMO = True
     call_command("demo_data", stdout=StringIO())
     for pk in Deployment.objects.values_list("pk", flat=True):
         deployment_cancel(actor=SYSTEM, deployment_id=pk)
