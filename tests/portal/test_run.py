@@ -34,7 +34,7 @@ def test_make_run_stops_the_web_server_and_the_worker(transactional_audit_db, se
     settings.VAR_DIR = var_dir
     settings.DEMO = True
     call_command("demo_data", stdout=StringIO())
-    for pk in Deployment.objects.values_list("pk", flat=True):
+    for pk in Deployment.objects.filter(state__in=Deployment.OPEN_STATES).values_list("pk", flat=True):
         deployment_cancel(actor=SYSTEM, deployment_id=pk)
     port = free_ports(5)  # the web server, then HAProxy and three app instances when haproxy is installed
     env = portal_env(var_dir)
