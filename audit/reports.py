@@ -17,6 +17,7 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from django.contrib.auth import get_user_model
 from django.db import connection, transaction
 from django.db.models import Aggregate, CharField, F, Max, Min, OuterRef, Q, Subquery
 from django.db.models.functions import Cast
@@ -199,7 +200,11 @@ def exceptions_rows(period: Period) -> Iterator[tuple]:
 # --- access ----------------------------------------------------------------------------------------
 
 ACCESS_COLUMNS = ["application", "environment", "username", "email", "permission", "via", "since", "since_audit_seq",
-                  "conflict", "conflict_releases"]
+                  "conflict", "conflict_releases", "changed_by", "change"]
+ACCOUNT_ACTIONS = ("user.create", "user.change", "user.set_password", "user.permissions")
+# What identifies a person (separation of duties matches implementers by user name and e-mail) and
+# what lets them in.
+ACCOUNT_FIELDS = ("is_active", "is_staff", "is_superuser", "username", "email")
 
 
 def _since(environment: Environment, codename: str, group: str | None, user: str) -> AuditEvent | None:
@@ -239,7 +244,46 @@ def access_rows(period: Period) -> Iterator[tuple]:
             conflicts = sorted(v for v, imp in implementers.items() if imp.match(user))
             yield (env.application.name, env.name, user.username, user.email, codename,
                    f"group {group}" if group else "direct", since.created_at if since else "",
-                   since.seq if since else "", bool(conflicts), conflicts)
+                   since.seq if since else "", bool(conflicts), conflicts, "", "")
+    yield from account_rows(period)
+
+
+def _account_changes(event: AuditEvent) -> Iterator[tuple[str, str, bool]]:
+    """(what, change, conflict) for one administrator action on an account. A conflict is a password
+    someone set for another person (they can sign in as them) or a change to one's own account."""
+    data = event.data
+    by_other = data.get("by_another_person", True)
+    if event.action == "user.set_password":
+        if by_other:
+            usable = (data.get("usable_password") or {}).get("to", True)
+            yield "password", "set by another person" if usable else "password sign-in switched off", True
+    elif event.action == "user.change":
+        for name in ACCOUNT_FIELDS:
+            if name in data.get("changed", {}):
+                change = data["changed"][name]
+                yield name, f"{safe_cell(change['from'])} -> {safe_cell(change['to'])}", not by_other
+    elif event.action == "user.permissions":
+        parts = [f"{label}: {', '.join(data[key])}" for key, label in (("added", "added"), ("removed", "removed"))
+                 if data.get(key)]
+        yield "user_permissions", "; ".join(parts), not by_other
+    elif event.action == "user.create":
+        flags = [flag for flag in ACCOUNT_FIELDS if data.get(flag) is True]
+        yield "account", "created" + "".join(f"; {flag}" for flag in flags), False
+
+
+def account_rows(period: Period) -> Iterator[tuple]:
+    """Administrator actions on accounts in the period: passwords set for another person, activation,
+    staff and superuser flags, user name and e-mail, permission changes (whatever the application: a
+    person is not)."""
+    events = AuditEvent.objects.filter(created_at__gte=period.since, created_at__lt=period.until,
+                                       action__in=ACCOUNT_ACTIONS).order_by("seq")
+    emails = dict(get_user_model().objects.filter(
+        username__in=events.values_list("object_repr", flat=True)).values_list("username", "email"))
+    for e in events.iterator(chunk_size=ITERATOR_CHUNK):
+        target = e.data.get("user", e.object_repr)
+        for what, change, conflict in _account_changes(e):
+            yield ("", "", target, emails.get(target, ""), what, e.via, e.created_at, e.seq, conflict, "",
+                   e.actor_username, change)
 
 
 # --- audit -----------------------------------------------------------------------------------------

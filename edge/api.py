@@ -1,38 +1,121 @@
 """Pieces the apps' routers share: bearer-token auth, input types that cannot reach a 500, and
-the error body {"code", "detail"}."""
+the error bodies {"code", "detail"}.
+
+Every rule an input type applies is in the OpenAPI document too: each pattern below is both the JSON
+Schema `pattern` a client reads and the expression the API matches (as a full match, which is what
+JSON Schema means), and each description says what the API does with the value.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
+import re
 from typing import Annotated
 
 from django.http import HttpRequest
 from ninja import Schema
 from ninja.security import HttpBearer
-from pydantic import AfterValidator, StringConstraints
+from pydantic import AfterValidator, Field, StringConstraints
 
 from audit.actors import Actor
 from portal.services import token_actor
 
+# Python's str.strip() removes exactly these (str.isspace()); written out so that every regular
+# expression engine (the JSON Schema one of a client, Python's, Rust's) reads the same class.
+SPACE = r"\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+NO_NUL = r"^[^\x00]*$"
+NOT_BLANK = rf"^[{SPACE}]*[^\x00{SPACE}][^\x00]*$"
+TEXT_RULES = "Leading and trailing whitespace is stripped; NUL characters are refused."
 
-def _no_nul(value: str) -> str:
-    if "\x00" in value:
-        raise ValueError("must not contain NUL characters")
-    return value
+# Dates a person or a CI server can mean: RFC 3339 with a time zone, years 2000 to 2099.
+DATE_TIME = (r"^20[0-9]{2}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
+             r"(\.[0-9]{1,6})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$")
+DATE_TIME_RULES = "RFC 3339 date-time with a time zone (Z or +hh:mm), in the years 2000 to 2099."
 
 
-def Text(max_length: int, min_length: int = 0):  # noqa: N802 - reads as a type
+def matching(pattern: str, message: str):
+    """A validator that refuses a value the pattern does not fully match."""
+    compiled = re.compile(pattern)
+
+    def check(value: str) -> str:
+        if not compiled.fullmatch(value):
+            raise ValueError(message)
+        return value
+
+    return AfterValidator(check)
+
+
+def _strip(value: str) -> str:
+    return value.strip()
+
+
+def Text(max_length: int, min_length: int = 0, description: str = ""):  # noqa: N802 - reads as a type
+    """A string of at most `max_length` characters as sent, without NUL, stripped of surrounding
+    whitespace; with `min_length=1`, not blank."""
+    if min_length not in (0, 1):
+        raise ValueError("A longer minimum would hold only before stripping: use a pattern.")
+    pattern, message = (NOT_BLANK, "must not be blank or contain NUL characters") if min_length else (
+        NO_NUL, "must not contain NUL characters")
+    rules = f"{description} {TEXT_RULES}{' Must not be blank.' if min_length else ''}".strip()
     return Annotated[
-        str, StringConstraints(strip_whitespace=True, min_length=min_length, max_length=max_length),
-        AfterValidator(_no_nul),
+        str, StringConstraints(min_length=min_length, max_length=max_length), matching(pattern, message),
+        AfterValidator(_strip), Field(description=rules, json_schema_extra={"pattern": pattern}),
     ]
 
+
+def fits_lowercased(max_length: int):
+    """Identities are stored lower-case; lower-casing can grow a string ('İ' becomes two characters)."""
+
+    def check(value: str) -> str:
+        if len(value.lower()) > max_length:
+            raise ValueError(f"must be at most {max_length} characters once lower-cased")
+        return value
+
+    return AfterValidator(check)
+
+
+def Identity(description: str):  # noqa: N802 - reads as a type
+    """A VCS identity (e-mail address, login or name), compared and stored lower-case."""
+    return Annotated[Text(254, 1, f"{description} Compared and stored lower-case; at most 254 characters "
+                                  "once lower-cased."), fits_lowercased(254)]
+
+
+def _parse_date_time(value: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(value)
+
+
+DateTime = Annotated[
+    str, matching(DATE_TIME, "must be an " + DATE_TIME_RULES[0].lower() + DATE_TIME_RULES[1:-1]),
+    AfterValidator(_parse_date_time),
+    Field(description=DATE_TIME_RULES, json_schema_extra={"format": "date-time", "pattern": DATE_TIME}),
+]
 
 Name = Text(100, 1)
 
 
+def example(value) -> Field:
+    """An example for the OpenAPI document (and the examples schemathesis sends first)."""
+    return Field(json_schema_extra={"example": value})
+
+
+ApplicationName = Annotated[Name, example("MAC")]
+ObjectId = Annotated[int, Field(ge=1, le=2**63 - 1, description="A positive 64-bit integer.")]
+
+
 class Error(Schema):
-    code: str
-    detail: str
+    code: str = Field(description="Stable code of the rule or failure, e.g. NOT_RELEASER, INVALID, NOT_FOUND.")
+    detail: str = Field(description="One sentence a person understands.")
+
+
+class FieldError(Schema):
+    field: str = Field(description="Dotted path of the field in the request, e.g. pull_request.approved_at.")
+    message: str
+
+
+class Invalid(Error):
+    """422: INVALID (each invalid field in `errors`), or a rule about the content (e.g. UNKNOWN_BUILD)."""
+
+    errors: list[FieldError] = Field(default_factory=list, description="Each invalid field and why.")
 
 
 class BearerToken(HttpBearer):
@@ -44,4 +127,5 @@ def actor_of(request: HttpRequest) -> Actor:
     return request.auth
 
 
-REFUSALS = {401: Error, 403: Error, 404: Error, 409: Error, 422: Error}
+# Every operation may answer these (a refusal, or a request the API cannot read).
+REFUSALS = {400: Error, 401: Error, 403: Error, 404: Error, 409: Error, 413: Error, 422: Invalid}

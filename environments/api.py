@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from django.http import HttpRequest
 from ninja import Field, Router, Schema, Status
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
-from edge.api import REFUSALS, Name, Text, actor_of
+from edge.api import REFUSALS, ApplicationName, Name, ObjectId, Text, actor_of
 from environments import selectors, services
 from releases import selectors as release_selectors
 
@@ -12,6 +12,9 @@ router = Router(tags=["deployments"])
 
 
 class DeploymentIn(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"application": "MAC", "version": "3.1.0", "environment": "QA"}]})
+
     application: Name
     version: Text(100, 1)
     environment: Name
@@ -19,6 +22,8 @@ class DeploymentIn(BaseModel):
 
 
 class DecisionIn(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"comment": "Change tickets and test results checked."}]})
+
     comment: Text(2000) = ""
 
 
@@ -90,14 +95,14 @@ def request_deployment(request: HttpRequest, body: DeploymentIn):
     return Status(201, selectors.deployment_as_dict(selectors.deployment_get(deployment.pk)))
 
 
-@router.get("/deployments/{int:deployment_id}", response={200: DeploymentOut, **REFUSALS},
+@router.get("/deployments/{deployment_id}", response={200: DeploymentOut, **REFUSALS},
             summary="A deployment: state, approvals, times, result, progress")
-def get_deployment(request: HttpRequest, deployment_id: int):
+def get_deployment(request: HttpRequest, deployment_id: ObjectId):
     return selectors.deployment_as_dict(selectors.deployment_get(deployment_id))
 
 
 def _decision(service):
-    def view(request: HttpRequest, deployment_id: int, body: DecisionIn):
+    def view(request: HttpRequest, deployment_id: ObjectId, body: DecisionIn):
         service(actor=actor_of(request), deployment_id=deployment_id, comment=body.comment)
         return selectors.deployment_as_dict(selectors.deployment_get(deployment_id))
 
@@ -107,11 +112,11 @@ def _decision(service):
 
 for verb, service in (("approve", services.deployment_approve), ("reject", services.deployment_reject),
                       ("cancel", services.deployment_cancel)):
-    router.post(f"/deployments/{{int:deployment_id}}/{verb}", response={200: DeploymentOut, **REFUSALS},
+    router.post(f"/deployments/{{deployment_id}}/{verb}", response={200: DeploymentOut, **REFUSALS},
                 summary=f"{verb.capitalize()} a deployment")(_decision(service))
 
 
 @router.get("/applications/{application}/environments", response={200: list[EnvironmentStatus], **REFUSALS},
             summary="What is deployed where")
-def application_environments(request: HttpRequest, application: Name):
+def application_environments(request: HttpRequest, application: ApplicationName):
     return selectors.application_environments(release_selectors.application_get(application))

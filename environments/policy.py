@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
+from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.contrib.contenttypes.models import ContentType
 from django.db.models import Q
@@ -78,6 +79,48 @@ def person_identities(user) -> set[str]:
         identities.add(user.email.strip().lower())
     identities.update(VcsAlias.objects.filter(user=user).values_list("identity", flat=True))
     return identities
+
+
+def identity_users(identities) -> dict[str, set[int]]:
+    """The people each VCS identity (lower-case) may be: by VCS alias, e-mail or user name, any case.
+    Two queries, whatever the number of identities."""
+    identities = sorted(set(identities))
+    found: dict[str, set[int]] = {}
+    if not identities:
+        return found
+    for alias, user_id in VcsAlias.objects.filter(identity__in=identities).values_list("identity", "user_id"):
+        found.setdefault(alias, set()).add(user_id)
+    q = Q()
+    for identity in identities:
+        q |= Q(email__iexact=identity) | Q(username__iexact=identity)
+    wanted = set(identities)
+    for user_id, email, username in get_user_model().objects.filter(q).values_list("id", "email", "username"):
+        for identity in {(email or "").strip().lower(), username.lower()} & wanted:
+            found.setdefault(identity, set()).add(user_id)
+    return found
+
+
+def resolve_identity_users(identities) -> dict[str, int]:
+    """One portal user per VCS identity, where one is known: the VCS alias first, else the user whose
+    e-mail or user name it is (case-insensitive)."""
+    aliased = dict(VcsAlias.objects.filter(identity__in=list(identities)).values_list("identity", "user_id"))
+    return {identity: aliased.get(identity, min(users)) for identity, users in identity_users(identities).items()}
+
+
+def identities_of_users(user_ids) -> dict[int, set[str]]:
+    """`person_identities` of many people at once (two queries)."""
+    user_ids = sorted(set(user_ids))
+    found: dict[int, set[str]] = {pk: set() for pk in user_ids}
+    if not user_ids:
+        return found
+    for pk, username, email in get_user_model().objects.filter(pk__in=user_ids).values_list("pk", "username",
+                                                                                            "email"):
+        found[pk].add(username.lower())
+        if email:
+            found[pk].add(email.strip().lower())
+    for user_id, identity in VcsAlias.objects.filter(user_id__in=user_ids).values_list("user_id", "identity"):
+        found[user_id].add(identity)
+    return found
 
 
 @dataclass(frozen=True)
@@ -218,15 +261,32 @@ def check_not_implementer(user, implementers: Implementers, code: str, role: str
 
 # --- rule 9: reviewed change ----------------------------------------------------------------------
 
+def independent_reviewers(release: Release, implementers: Implementers) -> list[str]:
+    """The pull request's reviewers who are neither its author nor an implementer, under any identity.
+
+    Reviewers are resolved to people exactly like implementers (user, e-mail or user name in any
+    case, VCS aliases); a reviewer who is the author's person or an implementer's person does not count.
+    A fixed number of queries, whatever the number of reviewers.
+    """
+    author = release.pull_request_author.strip().lower()
+    reviewers = {r.strip().lower() for r in release.pull_request_reviewers if r and r.strip()}
+    candidates = reviewers - {author} - implementers.identities
+    if not candidates:
+        return []
+    people = identity_users(candidates | {author} if author else candidates)
+    excluded_users = set(implementers.user_ids) | people.get(author, set())
+    excluded_identities = set(implementers.identities) | ({author} if author else set())
+    identities = identities_of_users(pk for r in candidates for pk in people.get(r, ()))
+    return sorted(
+        r for r in candidates
+        if not any(pk in excluded_users or identities[pk] & excluded_identities for pk in people.get(r, ()))
+    )
+
+
 def check_code_review(release: Release, environment: Environment, implementers: Implementers):
     if not environment.requires_code_review:
         return None
-    author = release.pull_request_author.strip().lower()
-    independent = [
-        r for r in release.pull_request_reviewers
-        if r.strip().lower() != author and r.strip().lower() not in implementers.identities
-    ]
-    if not release.pull_request_url or not independent:
+    if not release.pull_request_url or not independent_reviewers(release, implementers):
         return conflict(
             "NO_CODE_REVIEW",
             f"{environment} requires a reviewed change: the pull request of {release} needs a reviewer "

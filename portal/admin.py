@@ -1,8 +1,11 @@
 from django import forms
 from django.contrib import admin, messages
-from django.contrib.auth import get_user_model
-from django.contrib.auth.admin import UserAdmin
+from django.contrib.admin.utils import unquote
+from django.contrib.auth import get_user_model, update_session_auth_hash
+from django.contrib.auth.admin import UserAdmin, csrf_protect_m, sensitive_post_parameters_m
 from django.contrib.auth.forms import UserChangeForm
+from django.http import HttpResponseRedirect
+from django.urls import reverse
 
 from audit.actors import Actor
 from core.decisions import PolicyRefusal
@@ -10,7 +13,7 @@ from edge.admin import admin_actor, run_each
 from environments import policy
 from environments.services import group_membership_change
 from portal.models import ApiToken
-from portal.services import token_revoke
+from portal.services import token_revoke, user_permissions_change, user_save, user_set_password
 
 User = get_user_model()
 
@@ -62,6 +65,9 @@ class MembershipCheckedUserForm(UserChangeForm):
 
 
 class PortalUserAdmin(UserAdmin):
+    """Every change to an account goes through an audited service: its fields and flags (user_save),
+    its password (user_set_password), its permissions and its groups."""
+
     form = MembershipCheckedUserForm
 
     def get_form(self, request, obj=None, **kwargs):
@@ -69,20 +75,46 @@ class PortalUserAdmin(UserAdmin):
         form.request_user = request.user
         return form
 
+    def save_model(self, request, obj, form, change):
+        user_save(actor=admin_actor(request), user=obj)
+
     def save_related(self, request, form, formsets, change):
-        wanted = form.cleaned_data.pop("groups", None)
+        wanted_groups = form.cleaned_data.pop("groups", None)
+        wanted_permissions = form.cleaned_data.pop("user_permissions", None)
         super().save_related(request, form, formsets, change)
-        if wanted is None:
-            return
         user = form.instance
-        current = set(user.groups.all())
         actor = admin_actor(request)
-        for group in sorted(set(wanted) ^ current, key=lambda g: g.name):
+        if wanted_permissions is not None:
+            user_permissions_change(actor=actor, user=user, permissions=wanted_permissions)
+        if wanted_groups is None:
+            return
+        current = set(user.groups.all())
+        for group in sorted(set(wanted_groups) ^ current, key=lambda g: g.name):
             try:
-                group_membership_change(actor=actor, group=group, user=user, add=group in wanted)
+                group_membership_change(actor=actor, group=group, user=user, add=group in wanted_groups)
             except PolicyRefusal as exc:
                 self.message_user(request, f"{group}: refused ({exc.refusal.code}). {exc.refusal.detail}",
                                   messages.ERROR)
+
+    @sensitive_post_parameters_m
+    @csrf_protect_m
+    def user_change_password(self, request, id, form_url=""):
+        """Django's page, with the valid submission handed to user_set_password (audited)."""
+        user = self.get_object(request, unquote(id))
+        if request.method != "POST" or user is None or not self.has_change_permission(request, user):
+            return super().user_change_password(request, id, form_url)
+        form = self.change_password_form(user, request.POST)
+        if not form.is_valid() or not (form.cleaned_data["set_usable_password"] or "unset-password" in request.POST):
+            return super().user_change_password(request, id, form_url)  # shows the errors
+        usable = form.cleaned_data["set_usable_password"]
+        user = user_set_password(actor=admin_actor(request), user=user,
+                                 password=form.cleaned_data["password1"] if usable else None)
+        self.log_change(request, user, self.construct_change_message(request, form, None))
+        self.message_user(request, "Password changed successfully." if usable
+                          else "Password-based authentication was disabled.", messages.SUCCESS)
+        update_session_auth_hash(request, user)
+        return HttpResponseRedirect(reverse(f"{self.admin_site.name}:{user._meta.app_label}_{user._meta.model_name}"
+                                            "_change", args=(user.pk,)))
 
 
 admin.site.unregister(User)

@@ -1,10 +1,12 @@
 """The JSON API under /api/v1/: assembles the apps' routers and maps every failure to
-{"code", "detail"} with a 4xx status. Nothing a client sends may produce a 500."""
+{"code", "detail"} with a 4xx status. Nothing a client sends may produce a 500, and every answer
+is JSON and in the OpenAPI document (Django's own 404 and 405 pages included)."""
 
 import logging
+from http import HTTPStatus
 
 from django.core.exceptions import ObjectDoesNotExist, RequestDataTooBig
-from django.http import Http404
+from django.http import Http404, JsonResponse
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 
@@ -15,10 +17,16 @@ from releases.api import router as releases_router
 
 logger = logging.getLogger(__name__)
 
+PREFIX = "/api/v1/"
+
 api = NinjaAPI(
     title="Release Portal API",
     version="1",
-    description="CI registers builds and releases and requests deployments; people approve with personal tokens.",
+    description="CI registers builds and releases and requests deployments; people approve with personal tokens. "
+    "Every answer is JSON; a failure is {\"code\", \"detail\"} with a 4xx status: 400 INVALID_JSON (a body that "
+    "is not JSON), 401 UNAUTHENTICATED, 403 and 409 for the rules (who you are; the state of things), 404 "
+    "NOT_FOUND, 413 TOO_LARGE (a body over the size limit), 422 INVALID naming each field (or a rule about the "
+    "content, e.g. UNKNOWN_BUILD). Text fields are stripped of surrounding whitespace and refuse NUL characters.",
     auth=BearerToken(),
     urls_namespace="api-v1",
 )
@@ -81,3 +89,30 @@ def _too_big(request, exc):
 def _unexpected(request, exc):
     logger.exception("Unexpected error in the API")
     return _error(request, 500, "INTERNAL", "Unexpected error; it has been logged.")
+
+
+_CODES = {400: "BAD_REQUEST", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "TOO_LARGE"}
+
+
+class JsonAnswersMiddleware:
+    """Under /api/v1/, an error page Django or django-ninja writes itself (no route for the path, e.g.
+    a path parameter holding a slash; a method the path does not have) is answered as {"code", "detail"}
+    too, keeping the `Allow` header of a 405."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        response = self.get_response(request)
+        if (response.status_code < 400 or not request.path_info.startswith(PREFIX)
+                or response.get("Content-Type", "").startswith("application/json")):
+            return response
+        status = response.status_code
+        try:
+            reason = HTTPStatus(status).phrase
+        except ValueError:
+            reason = "Error"
+        answer = JsonResponse({"code": _CODES.get(status, "ERROR"), "detail": f"{reason}."}, status=status)
+        if response.has_header("Allow"):
+            answer["Allow"] = response["Allow"]
+        return answer

@@ -1,9 +1,12 @@
-"""API tokens: created (shown once), checked, revoked. Creation and revocation are audited."""
+"""API tokens (created and shown once, checked, revoked) and people's accounts (fields, flags,
+passwords, permissions). Every change is audited with who made it, for whom, from what to what."""
 
 from __future__ import annotations
 
 import secrets
 
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Permission
 from django.db import transaction
 from django.utils import timezone
 
@@ -69,3 +72,84 @@ def token_actor(raw: str, *, remote_addr: str = "") -> Actor | None:
                      token_kind="personal", remote_addr=remote_addr)
     return Actor(via="api", token_id=token.pk, token_name=token.name, token_kind="ci",
                  token_applications=frozenset(a.pk for a in token.applications.all()), remote_addr=remote_addr)
+
+
+# --- people's accounts -----------------------------------------------------------------------------
+# An administrator who can set someone's password, re-activate an account or make it staff or
+# superuser can act as that person: each such change is an audit event naming both people, and the
+# access report lists them. Group membership goes through environments.services.group_membership_change.
+
+ACCOUNT_FLAGS = ("is_active", "is_staff", "is_superuser")
+
+
+def _account_fields(user) -> list[str]:
+    """The fields an administrator edits on the account form (never the password hash)."""
+    return [f.attname for f in user._meta.concrete_fields if not f.primary_key and f.attname != "password"]
+
+
+def _is_someone_else(actor: Actor, user) -> bool:
+    return actor.user is None or actor.user.pk != user.pk
+
+
+def user_save(*, actor: Actor, user):
+    """Create an account, or save the changes an administrator made to one (user name, e-mail, names,
+    active / staff / superuser flags, dates); the event holds each changed field from what to what."""
+    with transaction.atomic():
+        if user._state.adding:
+            user.save()
+            chain.append(actor=actor, action="user.create", obj=user, data={
+                "user": user.get_username(), "usable_password": user.has_usable_password(),
+                **{flag: getattr(user, flag) for flag in ACCOUNT_FLAGS},
+            })
+            return user
+        before = get_user_model().objects.select_for_update().get(pk=user.pk)
+        changed = {
+            name: {"from": getattr(before, name), "to": getattr(user, name)}
+            for name in _account_fields(user) if getattr(before, name) != getattr(user, name)
+        }
+        if changed:
+            user.save(update_fields=list(changed))
+            chain.append(actor=actor, action="user.change", obj=user, data={
+                "user": before.get_username(), "changed": changed, "by_another_person": _is_someone_else(actor, user),
+            })
+    return user
+
+
+def user_set_password(*, actor: Actor, user, password: str | None):
+    """Set someone's password (None: password sign-in switched off). Whoever sets another person's
+    password can sign in as them: the event says who did it for whom, never the hash."""
+    with transaction.atomic():
+        locked = get_user_model().objects.select_for_update().get(pk=user.pk)
+        had_usable = locked.has_usable_password()
+        if password is None:
+            locked.set_unusable_password()
+        else:
+            locked.set_password(password)
+        locked.save(update_fields=["password"])
+        chain.append(actor=actor, action="user.set_password", obj=locked, data={
+            "user": locked.get_username(), "usable_password": {"from": had_usable, "to": password is not None},
+            "by_another_person": _is_someone_else(actor, locked),
+        })
+    user.password = locked.password
+    return locked
+
+
+def _permission_label(permission: Permission) -> str:
+    return f"{permission.content_type.app_label}.{permission.codename}"
+
+
+def user_permissions_change(*, actor: Actor, user, permissions) -> None:
+    """Give a user exactly these model permissions; the event lists what was added and removed."""
+    with transaction.atomic():
+        get_user_model().objects.select_for_update().get(pk=user.pk)
+        current = set(user.user_permissions.select_related("content_type"))
+        wanted = set(Permission.objects.filter(pk__in=[p.pk for p in permissions]).select_related("content_type"))
+        added, removed = wanted - current, current - wanted
+        if not (added or removed):
+            return
+        user.user_permissions.add(*added)
+        user.user_permissions.remove(*removed)
+        chain.append(actor=actor, action="user.permissions", obj=user, data={
+            "user": user.get_username(), "added": sorted(map(_permission_label, added)),
+            "removed": sorted(map(_permission_label, removed)), "by_another_person": _is_someone_else(actor, user),
+        })

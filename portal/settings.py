@@ -62,6 +62,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "audit.middleware.FieldHistoryActorMiddleware",
+    "portal.api.JsonAnswersMiddleware",
 ]
 
 ROOT_URLCONF = "portal.urls"

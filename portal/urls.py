@@ -2,10 +2,10 @@ from django.contrib import admin
 from django.urls import path
 from django.views.generic import RedirectView
 
-from portal.api import api
+from portal.api import PREFIX, api
 
 urlpatterns = [
     path("", RedirectView.as_view(pattern_name="admin:index", permanent=False)),
-    path("api/v1/", api.urls),
+    path(PREFIX.lstrip("/"), api.urls),
     path("admin/", admin.site.urls),
 ]

@@ -1,26 +1,39 @@
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Literal
 
 from django.http import HttpRequest
 from ninja import Field, Router, Schema, Status
-from pydantic import AfterValidator, BaseModel
+from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints
 
-from edge.api import REFUSALS, Name, Text, actor_of
+from edge.api import REFUSALS, ApplicationName, DateTime, Identity, Name, Text, actor_of, example, matching
 from releases import selectors, services
 
 router = Router(tags=["builds and releases"])
 
 NonNegative = Annotated[int, Field(ge=0, le=2_147_483_647)]
-IssueKey = Annotated[Text(64, 3), AfterValidator(lambda v: _issue_key(v))]
+ISSUE_KEY = r"^[A-Za-z][A-Za-z0-9_]*-[0-9]+$"
+IssueKey = Annotated[
+    str, StringConstraints(max_length=64), matching(ISSUE_KEY, "must look like PROJECT-123"),
+    AfterValidator(str.upper),
+    Field(description="A change ticket, PROJECT-123 (ASCII letters, digits, underscore); stored upper-case.",
+          json_schema_extra={"pattern": ISSUE_KEY}),
+]
 
 
-def _issue_key(value: str) -> str:
-    head, _, number = value.rpartition("-")
-    if not head or not number.isdigit() or not head.replace("_", "").isalnum():
-        raise ValueError("must look like PROJECT-123")
-    return value.upper()
+BUILD_EXAMPLE = {
+    "application": "MAC", "number": "101", "commit": "a1b2c3d4", "branch": "feature/BIZPLAT-64951-fix",
+    "url": "https://ci.example.com/mac/101", "status": "successful", "tests": {"passed": 12, "failed": 0, "skipped": 1},
+}
+RELEASE_EXAMPLE = {
+    "application": "MAC", "version": "3.1.0", "build": "101",
+    "artifact_url": "https://artifacts.example.com/mac-3.1.0.tar.gz", "artifact_sha256": "ab" * 32,
+    "issue_keys": ["BIZPLAT-64951"], "implementers": ["alice@example.com"],
+    "pull_request": {"url": "https://vcs.example.com/mac/pull/9", "author": "alice@example.com",
+                     "reviewers": ["erin@example.com"], "approved_at": "2026-11-29T10:00:00Z"},
+}
+BuildNumber = Annotated[Text(64, 1), example("101")]
+Version = Annotated[Text(100, 1), example("3.1.0")]
 
 
 class Tests(BaseModel):
@@ -30,6 +43,8 @@ class Tests(BaseModel):
 
 
 class BuildIn(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [BUILD_EXAMPLE]})
+
     application: Name
     number: Text(64, 1)
     commit: Text(64, 1)
@@ -53,19 +68,23 @@ class BuildOut(Schema):
 
 class PullRequestIn(BaseModel):
     url: Text(1000, 1)
-    author: Text(254, 1)
-    reviewers: list[Text(254, 1)] = Field(default_factory=list, max_length=100)
-    approved_at: datetime | None = None
+    author: Identity("Who opened the pull request.")
+    reviewers: list[Identity("Who reviewed it; a reviewer who is the author or an implementer under any identity "
+                             "does not count as a review.")] = Field(default_factory=list, max_length=100)
+    approved_at: DateTime | None = None
 
 
 class ReleaseIn(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [RELEASE_EXAMPLE]})
+
     application: Name
     version: Text(100, 1)
     build: Text(64, 1)
     artifact_url: Text(1000, 1)
-    artifact_sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")]
+    artifact_sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$", description="Stored lower-case.")]
     issue_keys: list[IssueKey] = Field(default_factory=list, max_length=500)
-    implementers: list[Text(254, 1)] = Field(default_factory=list, max_length=500)
+    implementers: list[Identity("Who wrote or committed the change (commit authors, committers, pull request "
+                                "author).")] = Field(default_factory=list, max_length=500)
     pull_request: PullRequestIn | None = None
 
 
@@ -79,6 +98,13 @@ class DeploymentSummary(Schema):
     finished_at: str | None
 
 
+class PullRequestOut(Schema):
+    url: str
+    author: str
+    reviewers: list[str]
+    approved_at: str | None
+
+
 class ReleaseOut(Schema):
     application: str
     version: str
@@ -87,20 +113,31 @@ class ReleaseOut(Schema):
     artifact_sha256: str
     issue_keys: list[str]
     implementers: list[str]
-    pull_request: dict | None
+    pull_request: PullRequestOut | None
     registered_by: str
     registered_at: str
     deployments: list[DeploymentSummary]
+
+
+class EnvironmentReached(Schema):
+    application: str
+    environment: str
+    version: str
+    deployment_id: int
+    finished_at: str | None
 
 
 class ChangeOut(Schema):
     issue_key: str
     builds: list[BuildOut]
     releases: list[ReleaseOut]
-    environments_reached: list[dict]
+    environments_reached: list[EnvironmentReached]
 
 
-@router.post("/builds", response={200: BuildOut, 201: BuildOut, **REFUSALS}, summary="Register or update a build")
+@router.post("/builds", response={200: BuildOut, 201: BuildOut, **REFUSALS}, summary="Register or update a build",
+             description="201 for a new build, 200 for a build in progress updated or the same report again; a "
+             "finished build never changes (409 BUILD_FINISHED). A CI token registers only for its applications "
+             "(403 TOKEN_SCOPE).")
 def register_build(request: HttpRequest, body: BuildIn):
     build, created = services.build_register(
         actor=actor_of(request), application=body.application, number=body.number, commit=body.commit,
@@ -111,11 +148,15 @@ def register_build(request: HttpRequest, body: BuildIn):
 
 
 @router.get("/builds/{application}/{number}", response={200: BuildOut, **REFUSALS}, summary="One build")
-def get_build(request: HttpRequest, application: Name, number: Text(64, 1)):
+def get_build(request: HttpRequest, application: ApplicationName, number: BuildNumber):
     return selectors.build_as_dict(selectors.build_get(application, number))
 
 
-@router.post("/releases", response={200: ReleaseOut, 201: ReleaseOut, **REFUSALS}, summary="Register a release")
+@router.post("/releases", response={200: ReleaseOut, 201: ReleaseOut, **REFUSALS}, summary="Register a release",
+             description="Registers an immutable release cut from a build of the application. The build must be "
+             "registered first (422 UNKNOWN_BUILD) and successful (422 BUILD_NOT_SUCCESSFUL). The same "
+             "registration again answers 200 unchanged; the same version with other content answers 409 "
+             "RELEASE_CONFLICT. A CI token registers only for its applications (403 TOKEN_SCOPE).")
 def register_release(request: HttpRequest, body: ReleaseIn):
     pr = body.pull_request
     approved_at = pr.approved_at.isoformat() if pr and pr.approved_at else None
@@ -132,11 +173,11 @@ def register_release(request: HttpRequest, body: ReleaseIn):
 
 @router.get("/releases/{application}/{version}", response={200: ReleaseOut, **REFUSALS},
             summary="A release and its deployments")
-def get_release(request: HttpRequest, application: Name, version: Text(100, 1)):
+def get_release(request: HttpRequest, application: ApplicationName, version: Version):
     return selectors.release_as_dict(selectors.release_get(application, version))
 
 
 @router.get("/changes/{issue_key}", response={200: ChangeOut, **REFUSALS},
             summary="One change from concept to deployment")
-def get_change(request: HttpRequest, issue_key: Text(64, 1)):
+def get_change(request: HttpRequest, issue_key: Annotated[Text(64, 1), example("BIZPLAT-64951")]):
     return selectors.change_detail(issue_key)

@@ -6,9 +6,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
-from django.db.models import Q
 from django.utils.dateparse import parse_datetime
 
 from audit import chain
@@ -87,23 +85,6 @@ def _registration_digest(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def resolve_identity_users(identities: list[str]) -> dict[str, int]:
-    """Map VCS identities to portal users by e-mail (case-insensitive), user name or VCS alias."""
-    User = get_user_model()
-    found: dict[str, int] = {}
-    for alias, user_id in VcsAlias.objects.filter(identity__in=identities).values_list("identity", "user_id"):
-        found[alias] = user_id
-    q = Q()
-    for identity in identities:
-        q |= Q(email__iexact=identity) | Q(username__iexact=identity)
-    if identities:
-        for user_id, email, username in User.objects.filter(q).values_list("id", "email", "username"):
-            for identity in identities:
-                if identity in {(email or "").lower(), username.lower()}:
-                    found.setdefault(identity, user_id)
-    return found
-
-
 def release_register(
     *, actor: Actor, application: str, version: str, build: str, artifact_url: str, artifact_sha256: str,
     issue_keys: list[str], implementers: list[str], pull_request: PullRequest | None = None,
@@ -155,7 +136,7 @@ def release_register(
                     return existing, False
                 raise
             ReleaseIssue.objects.bulk_create(ReleaseIssue(release=release, key=k) for k in keys)
-            users = resolve_identity_users(identities)
+            users = policy.resolve_identity_users(identities)
             Implementer.objects.bulk_create(
                 Implementer(release=release, identity=i, user_id=users.get(i)) for i in identities
             )

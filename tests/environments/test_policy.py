@@ -429,6 +429,61 @@ def test_environment_requiring_code_review(world):
     assert request(world, reviewed, world.production, world.bob).state == State.AWAITING_APPROVAL
 
 
+NO_REVIEW_SENTENCE = ("MAC Production requires a reviewed change: the pull request of MAC {version} needs a reviewer "
+                      "who is neither its author nor an implementer.")
+
+
+@pytest.fixture
+def review_required(world):
+    world.production.requires_code_review = True
+    world.production.save(update_fields=["requires_code_review"])
+    VcsAlias.objects.create(user=world.alice, identity="alice-gh")
+    return world
+
+
+def reviewed_by(world, author, *reviewers, implementers=("dev2@example.com",)):
+    release = world.release(pull_request=PullRequest("https://vcs/pr/9", author, reviewers),
+                            implementers=implementers)
+    world.to_staging(release)
+    return release
+
+
+def refused_review(world, release):
+    refusal = refused("NO_CODE_REVIEW", request, world, release, world.production, world.bob)
+    assert refusal.status == 409 and refusal.detail == NO_REVIEW_SENTENCE.format(version=release.version)
+    event = AuditEvent.objects.order_by("-seq").first()
+    assert event.action == "deployment.request.refused" and event.actor_username == "bob"
+    assert not Deployment.objects.filter(release=release, environment=world.production).exists()
+
+
+def test_author_reviewing_under_her_vcs_alias_is_no_review(review_required):
+    refused_review(review_required, reviewed_by(review_required, "alice@example.com", "alice-gh"))
+
+
+def test_author_reviewing_under_her_user_name_in_capitals_is_no_review(review_required):
+    refused_review(review_required, reviewed_by(review_required, "alice-gh", "ALICE"))
+
+
+def test_author_reviewing_under_her_email_in_other_case_is_no_review(review_required, make_user):
+    make_user("frank", email="Frank.Miller@Example.COM")
+    refused_review(review_required, reviewed_by(review_required, "frank", "frank.miller@EXAMPLE.com"))
+
+
+def test_implementer_reviewing_under_another_identity_is_no_review(review_required):
+    w = review_required
+    refused_review(w, reviewed_by(w, "erin", "alice-gh", implementers=("alice@example.com",)))
+    refused_review(w, reviewed_by(w, "erin", "Alice", implementers=("alice-gh",)))
+
+
+def test_an_independent_reviewer_passes_among_self_reviews(review_required):
+    w = review_required
+    release = reviewed_by(w, "alice@example.com", "ALICE", "alice-gh", "Erin@Example.com",
+                          implementers=("alice@example.com",))
+    assert request(w, release, w.production, w.bob).state == State.AWAITING_APPROVAL
+    outsider = reviewed_by(w, "alice@example.com", "reviewer-without-account", implementers=("alice@example.com",))
+    assert request(w, outsider, w.production, w.bob).state == State.AWAITING_APPROVAL
+
+
 def test_non_restricted_environment_needs_a_deploy_permission(world):
     release = world.release()
     refused("NOT_PERMITTED", request, world, release, world.qa, world.dave)

@@ -45,3 +45,23 @@ def test_policy_queries_do_not_grow_with_history(world):
     pending = services.deployment_request(actor=person(world.bob), release=large, environment=world.production)
     assert approval_queries(world, pending) == small_approval
     assert small_count <= 10
+
+
+def test_code_review_check_costs_the_same_for_one_reviewer_or_many(world):
+    from releases.models import VcsAlias
+    from releases.services import PullRequest
+
+    world.production.requires_code_review = True
+    world.production.save(update_fields=["requires_code_review"])
+    VcsAlias.objects.create(user=world.alice, identity="alice-gh")
+
+    def review_queries(*reviewers):
+        release = world.release(pull_request=PullRequest("https://vcs/pr/1", "alice-gh", reviewers))
+        implementers = policy.implementers_of(release)
+        release.refresh_from_db()
+        with CaptureQueriesContext(connection) as captured:
+            assert policy.check_code_review(release, world.production, implementers) is None
+        return len(captured)
+
+    many = [f"reviewer{i}@example.com" for i in range(20)] + ["ALICE", "erin", "carol@example.com", "bob"]
+    assert review_queries("erin") == review_queries(*many) <= 4

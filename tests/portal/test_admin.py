@@ -1,13 +1,19 @@
 """The admin as analysts use it: actions call services, refusals show the rule's sentence."""
 
+import csv
+import datetime as dt
+import io
+
 import pytest
 from django.contrib.auth.models import Permission
 from django.urls import reverse
+from django.utils import timezone
 
 from audit.models import AuditEvent
+from audit.reports import Export, Period
 from environments import services
 from environments.models import Deployment
-from tests.conftest import person
+from tests.conftest import SYSTEM, person
 
 CHANGELIST = "admin:environments_deployment_changelist"
 
@@ -192,3 +198,113 @@ def test_a_release_that_reached_every_environment_is_refused_and_audited(client,
     assert (event.actor_username, event.object_id) == ("root", str(release.pk))
     page = client.get(reverse("admin:releases_release_change", args=[release.pk])).content.decode()
     assert "QA, Staging, Production" in page  # each request reads its own data
+
+
+def change_form_data(client, user) -> dict:
+    form = client.get(reverse("admin:auth_user_change", args=[user.pk])).context["adminform"].form
+    data = {k: v for k, v in form.initial.items() if v is not None and k not in ("groups", "user_permissions",
+                                                                                 "password", "last_login",
+                                                                                 "date_joined")}
+    data.update({"date_joined_0": "2026-01-01", "date_joined_1": "00:00:00"})
+    data.update({k: "on" for k in ("is_active", "is_staff", "is_superuser") if data.pop(k, False)})
+    data["user_permissions"] = list(user.user_permissions.values_list("pk", flat=True))
+    data["groups"] = list(user.groups.values_list("pk", flat=True))
+    return data
+
+
+def access_report():
+    now = timezone.now()
+    export = Export("access", Period(now - dt.timedelta(days=1), now + dt.timedelta(days=1)), SYSTEM)
+    return list(csv.DictReader(io.StringIO(b"".join(export.chunks()).decode())))
+
+
+def test_password_reset_by_a_superuser_is_in_the_chain_and_the_access_report(client, world, make_user):
+    root = make_user("root", superuser=True)
+    client.force_login(root)
+    old_hash = world.bob.password
+    url = reverse("admin:auth_user_password_change", args=[world.bob.pk])
+    assert client.get(url).status_code == 200
+    mismatch = client.post(url, {"password1": "N3w-secret-pass", "password2": "other", "set_usable_password": "true"})
+    assert mismatch.status_code == 200 and not AuditEvent.objects.filter(action="user.set_password").exists()
+    response = client.post(url, {"password1": "N3w-secret-pass", "password2": "N3w-secret-pass",
+                                 "set_usable_password": "true"})
+    assert response.status_code == 302
+    world.bob.refresh_from_db()
+    assert world.bob.check_password("N3w-secret-pass")
+    event = AuditEvent.objects.get(action="user.set_password")
+    assert (event.actor_username, event.via, event.object_repr) == ("root", "admin", "bob")
+    assert event.data["user"] == "bob" and event.data["by_another_person"] is True
+    assert old_hash not in event.canonical and world.bob.password not in event.canonical
+    assert "N3w-secret-pass" not in event.canonical
+    (row,) = [r for r in access_report() if r["permission"] == "password"]
+    assert (row["username"], row["email"], row["changed_by"], row["change"]) == (
+        "bob", "bob@example.com", "root", "set by another person")
+    assert row["conflict"] == "true" and int(row["since_audit_seq"]) == event.seq
+    assert client.login(username="bob", password="N3w-secret-pass")
+
+
+def test_own_password_change_is_audited_but_not_an_administrator_action(client, world, make_user):
+    root = make_user("root", superuser=True)
+    client.force_login(root)
+    url = reverse("admin:auth_user_password_change", args=[root.pk])
+    client.post(url, {"password1": "N3w-secret-pass", "password2": "N3w-secret-pass", "set_usable_password": "true"})
+    assert AuditEvent.objects.get(action="user.set_password").data["by_another_person"] is False
+    assert not [r for r in access_report() if r["permission"] == "password"]
+
+
+def test_account_flags_and_permissions_changed_in_the_user_admin_are_audited(client, world, make_user):
+    root = make_user("root", superuser=True)
+    client.force_login(root)
+    dave = world.dave
+    data = change_form_data(client, dave)
+    data.pop("is_active")
+    data.update({"is_superuser": "on", "email": "dave@corp.example.com"})
+    data["user_permissions"] = [Permission.objects.get(codename="view_auditevent").pk]
+    response = client.post(reverse("admin:auth_user_change", args=[dave.pk]), data)
+    assert response.status_code == 302, response.context["adminform"].form.errors
+    dave.refresh_from_db()
+    assert (dave.is_active, dave.is_superuser, dave.email) == (False, True, "dave@corp.example.com")
+    change = AuditEvent.objects.get(action="user.change")
+    assert change.actor_username == "root" and change.data["user"] == "dave"
+    assert change.data["changed"]["is_active"] == {"from": True, "to": False}
+    assert change.data["changed"]["is_superuser"] == {"from": False, "to": True}
+    assert change.data["changed"]["email"] == {"from": "dave@example.com", "to": "dave@corp.example.com"}
+    assert "password" not in change.data["changed"]
+    perms = AuditEvent.objects.get(action="user.permissions")
+    assert perms.data == {"user": "dave", "added": ["audit.view_auditevent"], "removed": [],
+                          "by_another_person": True, "remote_addr": "127.0.0.1"}
+    rows = {r["permission"]: r for r in access_report() if r["username"] == "dave" and r["changed_by"]}
+    assert rows["is_active"]["change"] == "true -> false" and rows["is_superuser"]["change"] == "false -> true"
+    assert rows["user_permissions"]["change"] == "added: audit.view_auditevent"
+    assert rows["email"]["change"] == "dave@example.com -> dave@corp.example.com"
+    assert {r["changed_by"] for r in rows.values()} == {"root"}
+
+    data = change_form_data(client, dave)
+    data.update({"is_active": "on"})
+    data["user_permissions"] = []
+    client.post(reverse("admin:auth_user_change", args=[dave.pk]), data)
+    rows = [r for r in access_report() if r["username"] == "dave" and r["changed_by"]]
+    assert [(r["permission"], r["change"]) for r in rows][-2:] == [
+        ("is_active", "false -> true"), ("user_permissions", "removed: audit.view_auditevent")]
+
+
+def test_staff_flag_on_ones_own_account_is_flagged(client, world, make_user):
+    admin = make_user("helpdesk", perms=["auth.change_user", "auth.view_user"])
+    client.force_login(admin)
+    data = change_form_data(client, admin)
+    data["is_superuser"] = "on"
+    client.post(reverse("admin:auth_user_change", args=[admin.pk]), data)
+    (row,) = [r for r in access_report() if r["permission"] == "is_superuser"]
+    assert (row["username"], row["changed_by"], row["conflict"]) == ("helpdesk", "helpdesk", "true")
+
+
+def test_account_created_in_the_admin_is_audited(client, world, make_user):
+    root = make_user("root", superuser=True)
+    client.force_login(root)
+    response = client.post(reverse("admin:auth_user_add"), {
+        "username": "newcomer", "password1": "N3w-secret-pass", "password2": "N3w-secret-pass",
+        "usable_password": "true"})
+    assert response.status_code == 302
+    event = AuditEvent.objects.get(action="user.create")
+    assert event.data["user"] == "newcomer" and event.data["usable_password"] is True
+    assert event.actor_username == "root"

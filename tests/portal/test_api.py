@@ -1,13 +1,17 @@
 """The API contract of DESIGN.md, through real HTTP requests with real tokens."""
 
 import json
+import re
+import sys
 
 import pytest
 
 from audit.models import AuditEvent
+from edge.api import SPACE
 from environments.models import Deployment
 from portal.models import ApiToken
 from portal.services import token_create, token_revoke
+from releases.models import Release
 from tests.conftest import SYSTEM, person
 
 SHA = "ab" * 32
@@ -257,3 +261,112 @@ def test_a_revoked_tokens_waiting_requests_never_start(world, client, ci):
     assert (body["state"], body["refusal_code"]) == ("refused", "TOKEN_REVOKED")
     event = AuditEvent.objects.get(action="deployment.refused", object_id=str(waiting.json()["id"]))
     assert (event.code, event.actor_username) == ("TOKEN_REVOKED", "carol")
+
+
+def invalid_field(response, field):
+    assert response.status_code == 422, response.content
+    body = response.json()
+    assert body["code"] == "INVALID" and field in [e["field"] for e in body["errors"]], body
+    assert field in body["detail"]
+    return body
+
+
+@pytest.mark.parametrize("approved_at", [
+    "0001-01-01T00:00:00+05:00", "0001-01-01T00:00:00-05:00", "9999-12-31T23:59:59-05:00",
+    "9999-12-31T23:59:59+05:00", "1999-12-31T23:59:59Z", "2100-01-01T00:00:00Z", "2026-11-29T10:00:00",
+    "2026-02-30T10:00:00Z", "1700000000",
+])
+def test_pull_request_dates_out_of_range_are_422_naming_the_field(ci, approved_at):
+    ci.post("/builds", BUILD)
+    pull_request = {**RELEASE["pull_request"], "approved_at": approved_at}
+    invalid_field(ci.post("/releases", {**RELEASE, "pull_request": pull_request}), "pull_request.approved_at")
+    assert not Release.objects.exists()
+
+
+def test_pull_request_dates_inside_the_range_keep_their_instant(ci):
+    ci.post("/builds", BUILD)
+    pull_request = {**RELEASE["pull_request"], "approved_at": "2000-01-01T00:30:00+01:00"}
+    assert ci.post("/releases", {**RELEASE, "pull_request": pull_request}).status_code == 201
+    assert ci.get("/releases/MAC/3.1.0").json()["pull_request"]["approved_at"] == "1999-12-31T23:30:00.000000Z"
+
+
+@pytest.mark.parametrize(("patch", "field"), [
+    ({"issue_keys": ["ß" * 30 + "-1"]}, "issue_keys.0"),
+    ({"issue_keys": ["BİZPLAT-1"]}, "issue_keys.0"),
+    ({"implementers": ["alice@example.com", "İ" * 200]}, "implementers.1"),
+    ({"pull_request": {**RELEASE["pull_request"], "author": "İ" * 254}}, "pull_request.author"),
+    ({"pull_request": {**RELEASE["pull_request"], "reviewers": ["erin", "x" * 253 + "İ"]}},
+     "pull_request.reviewers.1"),
+])
+def test_values_that_grow_when_case_mapped_are_422_naming_the_field(ci, patch, field):
+    ci.post("/builds", BUILD)
+    body = invalid_field(ci.post("/releases", {**RELEASE, **patch}), field)
+    assert "once lower-cased" in body["detail"] or "PROJECT-123" in body["detail"]
+    assert not Release.objects.exists()
+
+
+def test_identities_that_fit_once_lower_cased_are_stored_lower_case(ci):
+    ci.post("/builds", BUILD)
+    identity = "İ" * 127
+    response = ci.post("/releases", {**RELEASE, "implementers": [identity]})
+    assert response.status_code == 201 and response.json()["implementers"] == [identity.lower()]
+
+
+@pytest.mark.parametrize("value", ["   ", "\t\u3000\u2028", "a\x00b"])
+def test_blank_text_and_nul_are_422(ci, value):
+    invalid_field(ci.post("/builds", {**BUILD, "commit": value}), "commit")
+
+
+def test_surrounding_whitespace_is_stripped(ci):
+    assert ci.post("/builds", {**BUILD, "application": " MAC\u3000", "number": "\t7 "}).status_code == 201
+    assert ci.get("/builds/MAC/7").json()["number"] == "7"
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("get", "/deployments/abc", 422), ("get", "/deployments/0", 422), ("get", "/deployments/9223372036854775808", 422),
+    ("post", "/deployments/abc/approve", 422), ("post", "/deployments/1.5/cancel", 422),
+    ("get", "/deployments/9223372036854775807", 404), ("get", "/no/such/route", 404),
+    ("get", "/builds/MAC/a%2Fb", 404), ("get", "/releases/MAC/", 404),
+])
+def test_malformed_ids_and_unknown_paths_answer_json(ci, method, path, status):
+    response = getattr(ci, method)(path) if method == "get" else ci.post(path, {})
+    assert response.status_code == status and response["Content-Type"].startswith("application/json"), response.content
+    assert {"code", "detail"} <= set(response.json())
+    if status == 422:
+        assert response.json()["errors"][0]["field"] == "deployment_id"
+
+
+def test_unsupported_method_answers_json_with_allow(ci):
+    response = ci.client.put("/api/v1/builds", "{}", content_type="application/json",
+                             HTTP_AUTHORIZATION=f"Bearer {ci.token}")
+    assert response.status_code == 405 and response["Allow"] == "POST"
+    assert response.json()["code"] == "METHOD_NOT_ALLOWED"
+
+
+def test_bad_json_and_oversize_bodies_answer_json(ci):
+    bad = ci.post("/builds", "{not json", raw=True)
+    assert bad.status_code == 400 and bad.json()["code"] == "INVALID_JSON"
+    big = ci.post("/releases", {**RELEASE, "artifact_url": "x" * 400_000})
+    assert big.status_code == 413 and big.json()["code"] == "TOO_LARGE"
+
+
+def test_openapi_documents_every_answer_and_input_rule(client):
+    schema = client.get("/api/v1/openapi.json").json()
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            assert {"400", "401", "403", "404", "409", "413", "422"} <= set(operation["responses"]), (method, path)
+    components = schema["components"]["schemas"]
+    build = components["BuildIn"]["properties"]
+    assert "NUL characters are refused" in build["commit"]["description"]
+    assert "whitespace is stripped" in build["commit"]["description"]
+    assert "UNKNOWN_BUILD" in schema["paths"]["/api/v1/releases"]["post"]["description"]
+    approved_at = components["PullRequestIn"]["properties"]["approved_at"]["anyOf"][0]
+    assert approved_at["format"] == "date-time" and "2000" in approved_at["description"]
+    assert "errors" in components["Invalid"]["properties"]
+    author = components["PullRequestIn"]["properties"]["author"]
+    assert "once lower-cased" in author["description"]
+
+
+def test_the_documented_whitespace_is_what_stripping_removes():
+    space = re.compile(f"[{SPACE}]")
+    assert [c for c in map(chr, range(sys.maxunicode + 1)) if c.isspace() != bool(space.fullmatch(c))] == []
