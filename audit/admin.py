@@ -10,8 +10,8 @@ from django.utils import timezone
 
 from audit.downloads import zip_stream
 from audit.models import AuditEvent
-from audit.reports import REPORTS, Export, Period
 from edge.admin import ReadOnlyAdmin, admin_actor
+from evidence.reports import REPORTS, Export, Period
 from releases.models import Application
 
 

@@ -6,7 +6,7 @@ import io
 import zipfile
 from collections.abc import Iterator
 
-from audit.reports import Export
+from evidence.reports import Export
 
 
 class _Sink(io.RawIOBase):

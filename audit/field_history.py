@@ -18,12 +18,19 @@ TRACKED = [
     ("releases.Application", {}),
     ("environments.Environment", {}),
     ("environments.FreezeWindow", {}),
-    ("environments.NotificationChannel", {"mask_fields": ["credential"]}),
+    ("environments.NotificationChannel", {"mask_fields": ["credential"],
+                                          "mask_callable": "audit.field_history.secret_state"}),
     ("auth.User", {"m2m_fields": {"groups"}, "exclude_fields": ["password", "last_login"]}),
     ("auth.Group", {"m2m_fields": {"permissions"}}),
     ("guardian.UserObjectPermission", {}),
     ("guardian.GroupObjectPermission", {}),
 ]
+
+
+def secret_state(value: str) -> str:
+    """How field history shows a secret: whether it is set, never a part of it (auditlog's own mask
+    keeps the second half in clear). A change from one secret to another reads ("set", "set")."""
+    return "not set" if value in ("", "None") else "set"
 
 
 def _entry_to_chain(sender, instance, created, raw=False, **kwargs):

@@ -1,8 +1,17 @@
 """Database triggers that make tables append-only, on PostgreSQL and SQLite.
 
+Every guarded table refuses UPDATE and DELETE row by row and, on PostgreSQL, TRUNCATE (a row
+trigger does not fire on TRUNCATE). On PostgreSQL `INSERT ... ON CONFLICT DO UPDATE` and MERGE
+fire the UPDATE trigger. SQLite's `INSERT OR REPLACE` / `REPLACE INTO` / `ON CONFLICT REPLACE`
+delete the old row without firing DELETE triggers (recursive_triggers is off), so each guarded
+table there also has a BEFORE INSERT trigger refusing a row whose primary key or a unique key
+already exists (a plain INSERT of a duplicate fails the same way, with an IntegrityError).
+
 Installed by migrations. `drop_all` exists for the test suite only: a transactional test must
 empty the tables afterwards (see tests/conftest.py); nothing in the portal calls it.
 """
+
+from django.db import migrations
 
 PG_FUNCTION = """
 CREATE OR REPLACE FUNCTION portal_refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -13,15 +22,46 @@ END
 $$;
 """
 
-# table -> operations refused on it
+APPEND_ONLY = ("UPDATE", "DELETE")
+
+# table -> operations refused on it. The evidence of a release (the row itself with its pull
+# request, its issue keys and implementers) and of a deployment's sign-off (approvals) is as
+# permanent as the audit chain.
 GUARDED_TABLES: dict[str, tuple[str, ...]] = {
-    "audit_auditevent": ("UPDATE", "DELETE"),
-    "auditlog_logentry": ("UPDATE", "DELETE"),
-    "releases_release": ("UPDATE", "DELETE"),
+    "audit_auditevent": APPEND_ONLY,
+    "auditlog_logentry": APPEND_ONLY,
+    "releases_release": APPEND_ONLY,
+    "releases_releaseissue": APPEND_ONLY,
+    "releases_implementer": APPEND_ONLY,
+    "environments_approval": APPEND_ONLY,
 }
 
 
-def _statements(vendor: str, table: str, operations: tuple[str, ...]) -> list[str]:
+def unique_keys(connection, table: str) -> list[tuple[str, ...]]:
+    """The primary key and every unique constraint of a table (read from the database)."""
+    with connection.cursor() as cursor:
+        keys = [(connection.introspection.get_primary_key_column(cursor, table),)]
+        for constraint in connection.introspection.get_constraints(cursor, table).values():
+            columns = tuple(constraint["columns"] or ())
+            if constraint["unique"] and columns and columns not in keys:
+                keys.append(columns)
+    return keys
+
+
+def _sqlite_replace_guard(connection, table: str) -> str:
+    def exists(columns):
+        match = " AND ".join(f'"{c}" = NEW."{c}"' for c in columns)
+        return f'EXISTS (SELECT 1 FROM "{table}" WHERE {match})'
+
+    when = " OR ".join(exists(columns) for columns in unique_keys(connection, table))
+    return (
+        f'CREATE TRIGGER {table}_no_replace BEFORE INSERT ON "{table}" WHEN {when} '
+        f"BEGIN SELECT RAISE(ABORT, 'append-only table {table}: INSERT over an existing row refused'); END"
+    )
+
+
+def _statements(connection, table: str, operations: tuple[str, ...]) -> list[str]:
+    vendor = connection.vendor
     if vendor == "postgresql":
         ops = " OR ".join(operations)
         return [
@@ -42,7 +82,7 @@ def _statements(vendor: str, table: str, operations: tuple[str, ...]) -> list[st
                 f'CREATE TRIGGER {name} BEFORE {op} ON "{table}" '
                 f"BEGIN SELECT RAISE(ABORT, 'append-only table {table}: {op} refused'); END",
             ]
-        return statements
+        return [*statements, f"DROP TRIGGER IF EXISTS {table}_no_replace", _sqlite_replace_guard(connection, table)]
     raise NotImplementedError(f"No append-only triggers for database vendor {vendor!r}.")
 
 
@@ -52,12 +92,14 @@ def _drop_statements(vendor: str, table: str, operations: tuple[str, ...]) -> li
             f'DROP TRIGGER IF EXISTS {table}_append_only ON "{table}"',
             f'DROP TRIGGER IF EXISTS {table}_no_truncate ON "{table}"',
         ]
-    return [f"DROP TRIGGER IF EXISTS {table}_no_{op.lower()}" for op in operations]
+    return [f"DROP TRIGGER IF EXISTS {table}_no_{op.lower()}" for op in (*operations, "REPLACE")]
 
 
 def install(connection, table: str) -> None:
+    """Install (or reinstall) the triggers of one guarded table."""
+    statements = _statements(connection, table, GUARDED_TABLES[table])
     with connection.cursor() as cursor:
-        for sql in _statements(connection.vendor, table, GUARDED_TABLES[table]):
+        for sql in statements:
             cursor.execute(sql)
 
 
@@ -77,9 +119,11 @@ def drop_all(connection) -> None:
         drop(connection, table)
 
 
-def migration_operation(table: str):
-    """A RunPython operation installing the triggers of one table (dropping them on reverse)."""
-    from django.db import migrations
+def migration_operation(table: str, *, reinstall: bool = False):
+    """A RunPython operation installing the triggers of one table (dropping them on reverse).
+
+    `reinstall` brings the triggers of an already guarded table up to date; its reverse leaves them.
+    """
 
     def forward(apps, schema_editor):
         install(schema_editor.connection, table)
@@ -87,4 +131,4 @@ def migration_operation(table: str):
     def backward(apps, schema_editor):
         drop(schema_editor.connection, table)
 
-    return migrations.RunPython(forward, backward)
+    return migrations.RunPython(forward, migrations.RunPython.noop if reinstall else backward)

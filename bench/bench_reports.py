@@ -132,7 +132,7 @@ def load(rows: int) -> None:
 
 
 def period(fraction: float):
-    from audit.reports import Period
+    from evidence.reports import Period
 
     return Period(START, START + SPAN * fraction + dt.timedelta(seconds=1))
 
@@ -140,7 +140,7 @@ def period(fraction: float):
 def export_in_this_process(report: str, fraction: float) -> None:
     """Child process: stream one export to /dev/null and print rows, seconds and peak RSS."""
     from audit.actors import Actor
-    from audit.reports import Export
+    from evidence.reports import Export
 
     export = Export(report, period(fraction), Actor.system(via="bench"))
     t0 = time.monotonic()
@@ -160,7 +160,7 @@ def copy_same_rows(report: str, fraction: float) -> dict:
     from django.db import connection
 
     from audit.models import AuditEvent
-    from audit.reports import _changes_queryset
+    from evidence.reports import _changes_queryset
 
     p = period(fraction)
     if report == "changes":

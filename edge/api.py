@@ -17,8 +17,9 @@ from ninja import Schema
 from ninja.security import HttpBearer
 from pydantic import AfterValidator, Field, StringConstraints
 
+from access.services import token_actor
 from audit.actors import Actor
-from portal.services import token_actor
+from environments.policy import readable_applications
 
 # Python's str.strip() removes exactly these (str.isspace()); written out so that every regular
 # expression engine (the JSON Schema one of a client, Python's, Rust's) reads the same class.
@@ -128,4 +129,9 @@ def actor_of(request: HttpRequest) -> Actor:
 
 
 # Every operation may answer these (a refusal, or a request the API cannot read).
+def readable(request: HttpRequest) -> frozenset[int] | None:
+    """The application ids the caller may read (None: all); see policy.readable_applications."""
+    return readable_applications(actor_of(request))
+
+
 REFUSALS = {400: Error, 401: Error, 403: Error, 404: Error, 409: Error, 413: Error, 422: Invalid}

@@ -347,12 +347,29 @@ class NotificationChannelForm(forms.ModelForm):
 
 @admin.register(NotificationChannel)
 class NotificationChannelAdmin(admin.ModelAdmin):
-    """Where deployments are announced. The credential is write-only here and masked in the history."""
+    """Where deployments are announced. The credential is write-only: no page renders it, to anyone;
+    it shows as "set" / "not set" (a view-only page would print every field it lists in clear)."""
 
     form = NotificationChannelForm
-    list_display = ["application", "kind", "url", "enabled"]
+    list_display = ["application", "kind", "url", "enabled", "credential_status"]
     list_filter = ["application", "kind", "enabled"]
     list_select_related = ["application"]
+    readonly_fields = ["credential_status"]
+
+    def get_fields(self, request, obj=None):
+        may_write = self.has_change_permission(request, obj) if obj else self.has_add_permission(request)
+        return ["application", "kind", "url", *(["credential"] if may_write else []), "credential_status",
+                "enabled"]
+
+    @admin.display(description="credential")
+    def credential_status(self, obj):
+        return "set" if obj is not None and obj.credential else "not set"
+
+    def save_model(self, request, obj, form, change):
+        services.notification_channel_save(actor=admin_actor(request), channel=obj)
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # a channel is disabled (audited), never deleted with its delivery history
 
 
 @admin.register(NotificationDelivery)

@@ -4,7 +4,7 @@ from django.http import HttpRequest
 from ninja import Field, Router, Schema, Status
 from pydantic import BaseModel, ConfigDict
 
-from edge.api import REFUSALS, ApplicationName, Name, ObjectId, Text, actor_of
+from edge.api import REFUSALS, ApplicationName, Name, ObjectId, Text, actor_of, readable
 from environments import selectors, services
 from releases import selectors as release_selectors
 
@@ -98,7 +98,7 @@ def request_deployment(request: HttpRequest, body: DeploymentIn):
 @router.get("/deployments/{deployment_id}", response={200: DeploymentOut, **REFUSALS},
             summary="A deployment: state, approvals, times, result, progress")
 def get_deployment(request: HttpRequest, deployment_id: ObjectId):
-    return selectors.deployment_as_dict(selectors.deployment_get(deployment_id))
+    return selectors.deployment_as_dict(selectors.deployment_get(deployment_id, within=readable(request)))
 
 
 def _decision(service):
@@ -119,4 +119,5 @@ for verb, service in (("approve", services.deployment_approve), ("reject", servi
 @router.get("/applications/{application}/environments", response={200: list[EnvironmentStatus], **REFUSALS},
             summary="What is deployed where")
 def application_environments(request: HttpRequest, application: ApplicationName):
-    return selectors.application_environments(release_selectors.application_get(application))
+    app = release_selectors.application_get(application, within=readable(request))
+    return selectors.application_environments(app)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
+from auditlog.models import LogEntry
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.contrib.contenttypes.models import ContentType
@@ -20,9 +21,10 @@ from django.utils import timezone
 from guardian.models import GroupObjectPermission, UserObjectPermission
 
 from audit.actors import Actor
+from audit.models import AuditEvent
 from core.decisions import Decision, Next, Refusal, conflict, forbidden, no
-from environments.models import ControlChange, Deployment, Environment, FreezeOccurrence, FreezeWindow
-from releases.models import Build, Release, VcsAlias
+from environments.models import Approval, ControlChange, Deployment, Environment, FreezeOccurrence, FreezeWindow
+from releases.models import Build, Implementer, Release, VcsAlias
 
 DEPLOY = "deploy_environment"
 APPROVE = "approve_environment"
@@ -133,6 +135,29 @@ def implementers_of(release: Release) -> Implementers:
     return Implementers(frozenset(i for i, _ in rows), frozenset(u for _, u in rows if u is not None))
 
 
+# --- the worker ---------------------------------------------------------------------------------
+
+def task_function_name(func) -> str:
+    """A queued task's function as a dotted name (it may be queued as a name or as a pickled callable)."""
+    if isinstance(func, str):
+        return func
+    return f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', type(func).__name__)}"
+
+
+def check_portal_task(func, hook, portal_tasks: frozenset[str]) -> Refusal | None:
+    """The worker runs only the portal's own tasks: a function named by its dotted path on the
+    portal's list (never a pickled callable), without a result hook (which the cluster would call
+    too). Anything else in the queue came from outside the portal: a schedule or a resubmitted task
+    naming any importable function would otherwise run with the worker's rights."""
+    if isinstance(func, str) and func in portal_tasks and not hook:
+        return None
+    with_hook = f" with the result hook {hook}" if hook else ""
+    return forbidden(
+        "NOT_A_PORTAL_TASK",
+        f"The worker runs only the portal's own tasks; {task_function_name(func)}{with_hook} is not one of them.",
+    )
+
+
 # --- rule 2: build gate ---------------------------------------------------------------------------
 
 def check_build_gate(build: Build) -> Refusal | None:
@@ -180,6 +205,15 @@ def check_may_register(actor: Actor, application, permission: str) -> Refusal | 
 
 
 # --- who may ask ----------------------------------------------------------------------------------
+
+def readable_applications(actor: Actor) -> frozenset[int] | None:
+    """The applications whose builds, releases and deployments an actor may read (None: all).
+
+    A CI token reads only the applications it is scoped to; anything else answers as if it did not
+    exist (404, not 403), so a token learns nothing about other applications.
+    """
+    return actor.token_applications if actor.is_ci else None
+
 
 def check_token_scope(actor: Actor, application) -> Refusal | None:
     if actor.is_ci and application.pk not in actor.token_applications:
@@ -744,3 +778,34 @@ def decide_control_change(*, actor: Actor, change: ControlChange, current: dict)
             "STALE_PROPOSAL", f"{', '.join(sorted(stale))} changed since {change} was proposed; propose it again."
         ))
     return Decision(next=Next.END)
+
+
+def evidence_of(user) -> list[str]:
+    """What makes a user part of the evidence: the rows that name them and must stay as they are."""
+    facts = [
+        ("requested or reviewed deployments",
+         Deployment.objects.filter(Q(requested_by=user) | Q(reviewed_by=user))),
+        ("decided on deployments", Approval.objects.filter(approver=user)),
+        ("implemented releases", Implementer.objects.filter(user=user)),
+        ("acted in the audit log", AuditEvent.objects.filter(actor_id=user.pk)),
+        ("changed settings (field history)", LogEntry.objects.filter(actor=user)),
+    ]
+    return [fact for fact, rows in facts if rows.exists()]
+
+
+def decide_user_delete(*, actor: Actor, user) -> Decision:
+    """A user who is part of the evidence is never deleted (the evidence would lose them, or the
+    database refuses): they are deactivated instead."""
+    return _as_decision(_user_delete_refusal(actor=actor, user=user))
+
+
+def _user_delete_refusal(*, actor: Actor, user) -> Refusal | None:
+    if not actor.is_system and not (actor.is_person and actor.user.has_perm("auth.delete_user")):
+        return forbidden("NOT_PERMITTED", "You may not delete users.")
+    if evidence := evidence_of(user):
+        return conflict(
+            "USER_IS_EVIDENCE",
+            f"{user.get_username()} {' and '.join(evidence)}, so they are part of the evidence and cannot be "
+            "deleted; deactivate the account instead (untick Active).",
+        )
+    return None

@@ -28,14 +28,18 @@ def environment_get(application: str, name: str) -> Environment:
     return environment
 
 
-def deployment_get(deployment_id: int) -> Deployment:
-    """One deployment with what its page, its API body and the policy read (no further queries)."""
-    deployment = (
+def deployment_get(deployment_id: int, *, within: frozenset[int] | None = None) -> Deployment:
+    """One deployment with what its page, its API body and the policy read (no further queries);
+    `within` limits it to these applications (what a reader may see)."""
+    deployments = (
         Deployment.objects.select_related("release__application", "release__build", "environment__application",
                                           "environment__promotes_from", "requested_by", "reviewed_by")
         .prefetch_related("approvals__approver")
-        .filter(pk=deployment_id).first()
+        .filter(pk=deployment_id)
     )
+    if within is not None:
+        deployments = deployments.filter(release__application_id__in=within)
+    deployment = deployments.first()
     if deployment is None:
         raise NotFound(f"No deployment #{deployment_id}.")
     return deployment

@@ -510,6 +510,15 @@ def group_membership_change(*, actor: Actor, group: Group, user, add: bool) -> N
     raise error
 
 
+def _from_to(before, after, fields: tuple[str, ...]) -> dict:
+    """{field: {"from", "to"}} for each field whose value differs (before None: a new row)."""
+    return {
+        name: {"from": None if before is None else getattr(before, name), "to": getattr(after, name)}
+        for name in fields
+        if before is None or getattr(before, name) != getattr(after, name)
+    }
+
+
 SETTINGS_FIELDS = ("name", "promotes_from", "restricted", "auto_deploy", "required_approvals", "requires_code_review",
                    "playbook", "inventory", "playbook_repo", "playbook_ref")
 
@@ -550,8 +559,9 @@ def environment_save(
             new = _settings_of(environment)
             environment.save()
             diff = {k: [old.get(k), v] for k, v in new.items() if creating or old.get(k) != v}
+            data = {"changed": diff, "executable": _from_to(before, environment, policy.EXECUTABLE_SETTINGS)}
             chain.append(actor=actor, action="environment.create" if creating else "environment.change",
-                         obj=environment, data={"changed": diff, "reason": reason} if reason else {"changed": diff})
+                         obj=environment, data={**data, "reason": reason} if reason else data)
             return environment
     raise error
 
@@ -709,3 +719,23 @@ def _weaken_freeze(*, actor: Actor, target: str, window: FreezeWindow, weaker: d
     chain.append(actor=actor, action="control_change.propose", obj=change,
                  data={"target": target, "freeze_window": window.pk, "changes": weaker, "reason": reason})
     return change
+
+
+def notification_channel_save(*, actor: Actor, channel: NotificationChannel) -> NotificationChannel:
+    """Create or change where an application's deployments are announced. Each change of target is in
+    the chain with both values; the credential only as "set" or "changed", never its value."""
+    with transaction.atomic():
+        creating = channel._state.adding
+        before = None if creating else NotificationChannel.objects.select_for_update().get(pk=channel.pk)
+        channel.full_clean()
+        channel.save()
+        changes = _from_to(before, channel, ("kind", "url", "enabled"))
+        if before is None or before.application_id != channel.application_id:
+            changes["application"] = {"from": before and before.application.name, "to": channel.application.name}
+        if before is None:
+            changes["credential"] = "set" if channel.credential else "not set"
+        elif before.credential != channel.credential:
+            changes["credential"] = "changed"
+        chain.append(actor=actor, action="notification_channel.create" if creating else "notification_channel.change",
+                     obj=channel, data={"application": channel.application.name, "changes": changes})
+    return channel

@@ -1,6 +1,7 @@
 """Queued work of the environments app (django-q2). Tasks get ids only, re-read their rows, and
 refuse to act unless the row is in the state they expect. The services enqueue them by name after
-commit; the reaper and the queue's clock run on a schedule."""
+commit; the reaper and the queue's clock run on a schedule. environments/broker.py makes sure the
+worker runs nothing else."""
 
 from __future__ import annotations
 

@@ -5,20 +5,29 @@ SECRET_KEY     required unless PORTAL_DEMO=1 or PORTAL_DEBUG=1
 PORTAL_DEBUG   1 turns Django's DEBUG on (never in production)
 PORTAL_DEMO    1 for the local demo (`make run`): a throwaway secret key is allowed
 ALLOWED_HOSTS  comma-separated host names (default: localhost,127.0.0.1)
+
+HTTPS (secure by default; off in demo and debug mode, which serve plain http on loopback):
+PORTAL_SSL_REDIRECT            1/0: redirect http to https (default 1)
+PORTAL_HSTS_SECONDS            Strict-Transport-Security max-age (default one year; 0 turns it off)
+PORTAL_HSTS_INCLUDE_SUBDOMAINS 1/0 (default 1)
+PORTAL_HSTS_PRELOAD            1/0 (default 1)
+PORTAL_TLS_PROXY               1 when a TLS-terminating proxy sets X-Forwarded-Proto (and strips it from clients)
 """
 
 import os
 from pathlib import Path
 
 import dj_database_url
+from csp.constants import NONE, SELF
 from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("PORTAL_VAR_DIR", BASE_DIR / "var"))
 
 
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+def _flag(name: str, default: bool = False) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    return value in {"1", "true", "yes", "on"} if value else default
 
 
 DEBUG = _flag("PORTAL_DEBUG")
@@ -46,14 +55,18 @@ INSTALLED_APPS = [
     "guardian",
     "auditlog",
     "django_q",
+    "ninja",  # Swagger UI from its bundled static files (no CDN)
+    "csp",
     "audit",
     "releases",
     "environments",
+    "access",
     "portal",
 ]
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "csp.middleware.CSPMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -125,8 +138,33 @@ LOGIN_URL = "admin:login"
 # Bodies larger than this are refused with 413 before any parsing.
 DATA_UPLOAD_MAX_MEMORY_SIZE = 256 * 1024
 
-SESSION_COOKIE_SECURE = not (DEBUG or DEMO)
-CSRF_COOKIE_SECURE = not (DEBUG or DEMO)
+# HTTPS only, except for the demo and debugging on loopback.
+_PLAIN_HTTP = DEBUG or DEMO
+SESSION_COOKIE_SECURE = not _PLAIN_HTTP
+CSRF_COOKIE_SECURE = not _PLAIN_HTTP
+SECURE_SSL_REDIRECT = _flag("PORTAL_SSL_REDIRECT", default=not _PLAIN_HTTP)
+SECURE_HSTS_SECONDS = int(os.environ.get("PORTAL_HSTS_SECONDS", "0" if _PLAIN_HTTP else str(365 * 24 * 3600)))
+SECURE_HSTS_INCLUDE_SUBDOMAINS = _flag("PORTAL_HSTS_INCLUDE_SUBDOMAINS", default=True)
+SECURE_HSTS_PRELOAD = _flag("PORTAL_HSTS_PRELOAD", default=True)
+if _flag("PORTAL_TLS_PROXY"):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+
+# Content security policy (django-csp): the admin, the portal's pages and the bundled Swagger UI load
+# everything from the portal itself; no inline script or style, no CDN, no framing.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [SELF],
+        "script-src": [SELF],
+        "style-src": [SELF],
+        "img-src": [SELF, "data:"],  # Swagger UI's stylesheet embeds its icons as data: URIs
+        "font-src": [SELF],
+        "connect-src": [SELF],
+        "object-src": [NONE],
+        "base-uri": [SELF],
+        "form-action": [SELF],
+        "frame-ancestors": [NONE],
+    },
+}
 
 # django-auditlog: field history of settings models; the client address is REMOTE_ADDR (see audit.middleware).
 AUDITLOG_INCLUDE_ALL_MODELS = False
@@ -160,10 +198,13 @@ Q_CLUSTER = {
     "save_limit": 1000,
     "poll": 0.5,
 }
+# The broker classes refuse (and audit) any task that is not one of the portal's own.
 if os.environ.get("PORTAL_QUEUE_BROKER", "orm") == "redis":
     Q_CLUSTER["redis"] = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    Q_CLUSTER["broker_class"] = "environments.broker.PortalRedisBroker"
 else:
     Q_CLUSTER["orm"] = "default"
+    Q_CLUSTER["broker_class"] = "environments.broker.PortalOrmBroker"
 
 LOGGING = {
     "version": 1,

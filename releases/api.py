@@ -6,7 +6,7 @@ from django.http import HttpRequest
 from ninja import Field, Router, Schema, Status
 from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints
 
-from edge.api import REFUSALS, ApplicationName, DateTime, Identity, Name, Text, actor_of, example, matching
+from edge.api import REFUSALS, ApplicationName, DateTime, Identity, Name, Text, actor_of, example, matching, readable
 from releases import selectors, services
 
 router = Router(tags=["builds and releases"])
@@ -166,7 +166,7 @@ def register_build(request: HttpRequest, body: BuildIn):
 
 @router.get("/builds/{application}/{number}", response={200: BuildOut, **REFUSALS}, summary="One build")
 def get_build(request: HttpRequest, application: ApplicationName, number: BuildNumber):
-    return selectors.build_as_dict(selectors.build_get(application, number))
+    return selectors.build_as_dict(selectors.build_get(application, number, within=readable(request)))
 
 
 @router.post("/releases", response={200: ReleaseOut, 201: ReleaseOut, **REFUSALS}, summary="Register a release",
@@ -191,10 +191,10 @@ def register_release(request: HttpRequest, body: ReleaseIn):
 @router.get("/releases/{application}/{version}", response={200: ReleaseOut, **REFUSALS},
             summary="A release and its deployments")
 def get_release(request: HttpRequest, application: ApplicationName, version: Version):
-    return selectors.release_as_dict(selectors.release_get(application, version))
+    return selectors.release_as_dict(selectors.release_get(application, version, within=readable(request)))
 
 
 @router.get("/changes/{issue_key}", response={200: ChangeOut, **REFUSALS},
             summary="One change from concept to deployment")
 def get_change(request: HttpRequest, issue_key: Annotated[Text(64, 1), example("BIZPLAT-64951")]):
-    return selectors.change_detail(issue_key)
+    return selectors.change_detail(issue_key, within=readable(request))

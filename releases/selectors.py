@@ -13,11 +13,12 @@ from environments.models import Deployment, Environment
 from releases.models import Application, Build, Release
 
 
-def application_get(name: str) -> Application:
-    try:
-        return Application.objects.get(name=name)
-    except Application.DoesNotExist:
-        raise NotFound(f"No application named {name!r}.") from None
+def application_get(name: str, *, within: frozenset[int] | None = None) -> Application:
+    """The application named `name`; `within` limits it to these ids (what a reader may see)."""
+    application = _within(Application.objects.filter(name=name), within, "pk").first()
+    if application is None:
+        raise NotFound(f"No application named {name!r}.")
+    return application
 
 
 def build_as_dict(build: Build) -> dict:
@@ -29,8 +30,14 @@ def build_as_dict(build: Build) -> dict:
     }
 
 
-def build_get(application: str, number: str) -> Build:
-    build = Build.objects.select_related("application").filter(application__name=application, number=number).first()
+def _within(queryset, within: frozenset[int] | None, field: str = "application_id"):
+    """Only the rows of the applications a reader may see (`within` None: all of them)."""
+    return queryset if within is None else queryset.filter(**{f"{field}__in": within})
+
+
+def build_get(application: str, number: str, *, within: frozenset[int] | None = None) -> Build:
+    builds = Build.objects.select_related("application").filter(application__name=application, number=number)
+    build = _within(builds, within).first()
     if build is None:
         raise NotFound(f"{application} has no build {number!r}.")
     return build
@@ -69,10 +76,11 @@ def releases_with_details(*, approvals: bool = False):
     )
 
 
-def release_get(application: str, version: str, *, details: bool = True) -> Release:
-    """One release; `details` prefetches what release_as_dict shows."""
+def release_get(application: str, version: str, *, details: bool = True,
+                within: frozenset[int] | None = None) -> Release:
+    """One release; `details` prefetches what release_as_dict shows; `within` limits the applications."""
     releases = releases_with_details() if details else Release.objects.select_related("application")
-    release = releases.filter(application__name=application, version=version).first()
+    release = _within(releases.filter(application__name=application, version=version), within).first()
     if release is None:
         raise NotFound(f"{application} has no release {version!r}.")
     return release
@@ -175,14 +183,14 @@ def _summary(key: str, builds: list[Build], releases: list[Release], now: list[d
     return f"{key} " + "; ".join(parts) + "." if parts else f"{key} is released; nothing more to say."
 
 
-def change_journey(issue_key: str) -> ChangeJourney:
-    """One change from concept to deployment. A fixed number of queries, whatever the history."""
+def change_journey(issue_key: str, *, within: frozenset[int] | None = None) -> ChangeJourney:
+    """One change from concept to deployment (of the applications in `within`, None: all). A fixed
+    number of queries, whatever the history."""
     key = issue_key.strip().upper()
-    releases = list(
-        releases_with_details(approvals=True).filter(issues__key=key).order_by("registered_at", "id")
-    )
+    releases = list(_within(releases_with_details(approvals=True).filter(issues__key=key), within)
+                    .order_by("registered_at", "id"))
     builds = list(
-        Build.objects.select_related("application")
+        _within(Build.objects.select_related("application"), within)
         .filter(Q(branch__icontains=key) | Q(releases__in=releases))
         .distinct().order_by("created_at", "id")
     )
@@ -192,6 +200,6 @@ def change_journey(issue_key: str) -> ChangeJourney:
     return ChangeJourney(key, builds, releases, _reached(releases), now, _summary(key, builds, releases, now))
 
 
-def change_detail(issue_key: str) -> dict:
+def change_detail(issue_key: str, *, within: frozenset[int] | None = None) -> dict:
     """The journey of one change, as the API answers it."""
-    return change_journey(issue_key).as_dict()
+    return change_journey(issue_key, within=within).as_dict()

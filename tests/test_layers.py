@@ -19,8 +19,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("services", ("*.services", "*.selectors", "audit.field_history")),
     ("engine and evidence", ("environments.deploy", "environments.notifications", "environments.cluster",
                              "environments.demo_app.*", "evidence", "evidence.*")),
-    ("edges", ("*.admin", "*.api", "*.tasks", "*.apps", "*.middleware", "*.downloads", "*.management", "edge",
-               "edge.*")),
+    ("edges", ("*.admin", "*.api", "*.tasks", "*.broker", "*.apps", "*.middleware", "*.downloads", "*.management",
+               "edge", "edge.*")),
     ("assembly", ("portal", "portal.*")),
 ]
 

@@ -19,11 +19,11 @@ from django.utils import timezone
 
 from audit import chain, triggers
 from audit.models import AuditEvent
-from audit.reports import Export, Period, safe_cell
 from core.decisions import PolicyRefusal
 from core.times import iso
 from environments import services
 from environments.models import Deployment, FreezeWindow
+from evidence.reports import Export, Period, safe_cell
 from releases.services import PullRequest
 from tests.conftest import SYSTEM, person
 

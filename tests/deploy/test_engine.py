@@ -114,8 +114,8 @@ def test_auto_deploy_follows_the_promotion_path_but_never_into_restricted(world,
 
 
 def test_progress_is_visible_in_the_api(world, deploy_dirs, artifact, client):
-    from portal.models import ApiToken
-    from portal.services import token_create
+    from access.models import ApiToken
+    from access.services import token_create
     from tests.conftest import SYSTEM
 
     deployment = queue(world, register(world, artifact, "2.0.5"))

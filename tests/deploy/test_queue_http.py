@@ -5,12 +5,12 @@ import hashlib
 
 import requests
 
+from access.models import ApiToken
+from access.services import token_create
 from audit import chain
 from audit.models import AuditEvent
 from environments.models import Deployment
 from environments.services import environment_save
-from portal.models import ApiToken
-from portal.services import token_create
 from tests.conftest import SYSTEM
 from tests.deploy.conftest import state_of, wait_for
 

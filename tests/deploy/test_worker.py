@@ -8,6 +8,8 @@ import threading
 import time
 
 from django.db import connections
+from django_q.models import Task
+from django_q.tasks import async_task
 
 from audit import chain
 from audit.models import AuditEvent
@@ -113,4 +115,27 @@ def test_a_started_deployment_whose_task_was_lost_still_runs_once(
     wait_for(lambda: state_of(second.pk) == State.SUCCEEDED, timeout=90, what="the waiting deployment to run")
     assert AuditEvent.objects.filter(action="deployment.claim", object_id=str(second.pk)).count() == 1
     assert AuditEvent.objects.filter(action="deployment.redeliver", object_id=str(second.pk)).count() == 1
+    assert chain.verify().ok
+
+
+def test_qcluster_runs_only_the_portals_tasks(transactional_audit_db, world, deploy_dirs, tmp_path,
+                                              worker_factory):
+    """Tasks naming any function, as a resubmit from django-q's admin pages or a row written into the
+    queue would: the real cluster (with the configured broker) refuses and audits them, never runs
+    them, and still runs the portal's own. (Schedules: tests/environments/test_tasks.py.)"""
+    victim, marker = tmp_path / "victim", tmp_path / "pwned"
+    victim.write_text("keep me")
+    async_task("os.remove", str(victim))
+    async_task("builtins.exec", f"open({str(marker)!r}, 'w').write('pwned')")
+    async_task("environments.tasks.expire_pending_approvals")
+    worker_factory()
+
+    wait_for(lambda: AuditEvent.objects.filter(action="task.refused").count() == 2, timeout=90,
+             what="both tasks to be refused")
+    wait_for(lambda: Task.objects.filter(func="environments.tasks.expire_pending_approvals", success=True).exists(),
+             timeout=90, what="the portal's own task to run")
+    assert victim.exists() and not marker.exists()
+    assert set(AuditEvent.objects.filter(action="task.refused").values_list("data__func", flat=True)) == {
+        "os.remove", "builtins.exec"}
+    assert not Task.objects.filter(func__in=["os.remove", "builtins.exec"]).exists()
     assert chain.verify().ok

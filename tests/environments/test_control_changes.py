@@ -11,10 +11,10 @@ from django.utils import timezone
 
 from audit import chain
 from audit.models import AuditEvent
-from audit.reports import Period, exceptions_rows
 from core.decisions import PolicyRefusal
 from environments import services
 from environments.models import ControlChange, Deployment, Environment, FreezeWindow
+from evidence.reports import Period, exceptions_rows
 from tests.conftest import person
 
 FORM = "admin:environments_environment_change"

@@ -5,14 +5,16 @@ import datetime as dt
 import io
 
 import pytest
+from auditlog.context import set_actor
+from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
 from django.urls import reverse
 from django.utils import timezone
 
 from audit.models import AuditEvent
-from audit.reports import Export, Period
 from environments import services
 from environments.models import Deployment
+from evidence.reports import Export, Period
 from tests.conftest import SYSTEM, person
 
 CHANGELIST = "admin:environments_deployment_changelist"
@@ -259,3 +261,51 @@ def test_account_created_in_the_admin_is_audited(client, world, make_user):
     event = AuditEvent.objects.get(action="user.create")
     assert event.data["user"] == "newcomer" and event.data["usable_password"] is True
     assert event.actor_username == "root"
+
+
+def test_deleting_a_user_with_field_history_is_refused_not_a_500(client, world, make_user):
+    admin = make_user("root", superuser=True)
+    frank = make_user("frank", superuser=True)
+    with set_actor(frank):  # frank changed a setting once: his name is in the field history
+        world.qa.auto_deploy = True
+        world.qa.save()
+    client.force_login(admin)
+    url = reverse("admin:auth_user_delete", args=[frank.pk])
+    offered = client.get(url, follow=True)
+    assert b"deactivate the account instead" in offered.content
+    response = client.post(url, {"post": "yes"}, follow=True)
+    assert response.status_code == 200
+    messages = [str(m) for m in response.context["messages"]]
+    assert any("USER_IS_EVIDENCE" in m and "changed settings (field history)" in m and "deactivate" in m
+               for m in messages)
+    assert get_user_model().objects.filter(pk=frank.pk).exists()
+    event = AuditEvent.objects.get(action="user.delete.refused")
+    assert (event.code, event.actor_username, event.data["username"]) == ("USER_IS_EVIDENCE", "root", "frank")
+
+
+def test_delete_selected_refuses_implementers_and_approvers(client, world, make_user):
+    release = world.release()  # alice implemented it
+    world.to_staging(release)
+    world.deploy(release, world.production, actor=person(world.bob))  # bob requested, carol approved
+    admin = make_user("root", superuser=True)
+    client.force_login(admin)
+    ids = [world.alice.pk, world.bob.pk, world.carol.pk]
+    response = client.post(reverse("admin:auth_user_changelist"),
+                           {"action": "delete_selected", "_selected_action": ids, "post": "yes"}, follow=True)
+    assert response.status_code == 200
+    messages = " ".join(str(m) for m in response.context["messages"])
+    assert "alice implemented releases" in messages and "bob requested or reviewed deployments" in messages
+    assert "carol decided on deployments" in messages and "deactivate" in messages
+    assert get_user_model().objects.filter(pk__in=ids).count() == 3
+    assert AuditEvent.objects.filter(action="user.delete.refused").count() == 3
+
+
+def test_a_user_outside_the_evidence_is_deleted_and_audited(client, world, make_user):
+    admin = make_user("root", superuser=True)
+    newbie = make_user("newbie")
+    client.force_login(admin)
+    response = client.post(reverse("admin:auth_user_delete", args=[newbie.pk]), {"post": "yes"})
+    assert response.status_code == 302
+    assert not get_user_model().objects.filter(username="newbie").exists()
+    event = AuditEvent.objects.get(action="user.delete")
+    assert (event.actor_username, event.data["username"]) == ("root", "newbie")

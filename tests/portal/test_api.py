@@ -6,11 +6,11 @@ import sys
 
 import pytest
 
+from access.models import ApiToken
+from access.services import token_create, token_revoke
 from audit.models import AuditEvent
 from edge.api import SPACE
 from environments.models import Deployment
-from portal.models import ApiToken
-from portal.services import token_create, token_revoke
 from releases.models import Release
 from tests.conftest import SYSTEM, person
 
@@ -370,3 +370,47 @@ def test_openapi_documents_every_answer_and_input_rule(client):
 def test_the_documented_whitespace_is_what_stripping_removes():
     space = re.compile(f"[{SPACE}]")
     assert [c for c in map(chr, range(sys.maxunicode + 1)) if c.isspace() != bool(space.fullmatch(c))] == []
+
+
+@pytest.fixture
+def other_application(world):
+    """HAMS, with a build, a release carrying BIZPLAT-64951 too, and a succeeded QA deployment."""
+    from environments import services
+    from environments.models import Environment
+    from releases.models import Application
+    from releases.services import build_register, release_register
+
+    hams = Application.objects.create(name="HAMS", issue_key_prefix="HAMS")
+    qa = Environment.objects.create(application=hams, name="QA")
+    build_register(actor=SYSTEM, application="HAMS", number="7", commit="beef" * 10, branch="feature/HAMS-5-x",
+                   url="https://ci/7", status="successful")
+    release, _ = release_register(actor=SYSTEM, application="HAMS", version="9.9.9", build="7",
+                                  artifact_url="file:///a/hams.tgz", artifact_sha256=SHA,
+                                  issue_keys=["HAMS-5", "BIZPLAT-64951"], implementers=["zed@example.com"])
+    deployment = services.deployment_request(actor=SYSTEM, release=release, environment=qa)
+    services.deployment_start(deployment_id=deployment.pk)
+    services.deployment_record_result(deployment_id=deployment.pk, state="succeeded")
+    return deployment
+
+
+def test_ci_token_reads_only_its_applications(world, client, ci, other_application):
+    """Another application's data answers exactly like data that does not exist: 404, nothing leaked."""
+    register(ci)
+    hams_ci = Api(client, token_create(actor=SYSTEM, kind=ApiToken.Kind.CI, name="hams",
+                                       applications=[other_application.release.application])[1])
+    hidden = {
+        "/builds/HAMS/7": "HAMS has no build '7'.",
+        "/releases/HAMS/9.9.9": "HAMS has no release '9.9.9'.",
+        f"/deployments/{other_application.pk}": f"No deployment #{other_application.pk}.",
+        "/applications/HAMS/environments": "No application named 'HAMS'.",
+        "/changes/HAMS-5": "No build or release carries HAMS-5.",
+    }
+    for path, detail in hidden.items():
+        response = ci.get(path)
+        assert (response.status_code, response.json()) == (404, {"code": "NOT_FOUND", "detail": detail}), path
+        assert hams_ci.get(path).status_code == 200, path
+
+    shared = ci.get("/changes/BIZPLAT-64951").json()  # the key is on a release of each application
+    assert [r["application"] for r in shared["releases"]] == ["MAC"]
+    assert {b["application"] for b in shared["builds"]} == {"MAC"}
+    assert hams_ci.get("/changes/BIZPLAT-64951").json()["releases"][0]["application"] == "HAMS"

@@ -11,8 +11,8 @@ from django.db import close_old_connections
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import CHECKS, load_all_checks
 
-from portal.models import ApiToken
-from portal.services import token_create
+from access.models import ApiToken
+from access.services import token_create
 from portal.wsgi import application
 from releases import services as rel_services
 from releases.api import BUILD_EXAMPLE, RELEASE_EXAMPLE

@@ -1,13 +1,18 @@
+import os
+import subprocess
+import sys
 from io import StringIO
+from pathlib import Path
 
+import pytest
 from django.contrib.auth import get_user_model
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 
+from access.services import token_actor
 from audit import chain
 from audit.models import AuditEvent
 from environments.models import Deployment, Environment
 from environments.policy import environment_grants
-from portal.services import token_actor
 from releases.models import Application, Release
 
 
@@ -17,7 +22,32 @@ def run(*args) -> str:
     return out.getvalue()
 
 
-def test_demo_data_builds_the_demo_and_twice_changes_nothing(db):
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def demo_mode(settings):
+    settings.DEMO = True
+
+
+def test_demo_data_refuses_outside_demo_mode(db, settings):
+    settings.DEMO = False
+    with pytest.raises(CommandError, match="only in demo mode"):
+        run("demo_data")
+    assert not get_user_model().objects.filter(username="admin").exists()
+    assert not AuditEvent.objects.exists()
+
+
+def test_demo_data_command_exits_non_zero_outside_demo_mode(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTAL_") and k != "DATABASE_URL"}
+    env.update(DJANGO_SETTINGS_MODULE="portal.settings", SECRET_KEY="x" * 60, PORTAL_VAR_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "manage.py", "demo_data"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode != 0
+    assert "only in demo mode (PORTAL_DEMO=1)" in done.stderr
+
+
+def test_demo_data_builds_the_demo_and_twice_changes_nothing(db, demo_mode):
     run("demo_data")
     events = AuditEvent.objects.count()
     run("demo_data")
@@ -53,7 +83,7 @@ def test_demo_data_builds_the_demo_and_twice_changes_nothing(db):
     assert chain.verify().ok
 
 
-def test_create_token_prints_the_token_last(db):
+def test_create_token_prints_the_token_last(db, demo_mode):
     run("demo_data")
     ci = run("create_token", "--ci", "--application", "MAC", "--name", "jenkins").strip().splitlines()[-1]
     actor = token_actor(ci)

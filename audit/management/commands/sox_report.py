@@ -6,7 +6,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.utils.dateparse import parse_date, parse_datetime
 
 from audit.actors import Actor
-from audit.reports import REPORTS, Export, Period
+from evidence.reports import REPORTS, Export, Period
 
 
 def parse_moment(text: str, *, end: bool) -> dt.datetime:

@@ -4,7 +4,7 @@ from pathlib import Path
 from django.core.management.base import BaseCommand, CommandError
 
 from audit import chain
-from audit.checkpoint import CheckpointError, check
+from evidence.checkpoint import CheckpointError, check
 
 
 class Command(BaseCommand):

@@ -10,6 +10,8 @@ starts: 1.3.0, whose artifact in the store is damaged, fails in QA (the playbook
 checksum), and 1.3.1, the fix for the same change, goes through QA and Staging by itself and then
 waits for someone to request Production.
 
+Only in demo mode (settings.DEMO, PORTAL_DEMO=1): the demo users have known passwords.
+
 Running it twice changes nothing: every step looks before it writes, and writes through services.
 """
 
@@ -99,6 +101,11 @@ class Command(BaseCommand):
     help = "Load the demo: application MAC, its environments, releasers, users and a first release."
 
     def handle(self, *args, **options):
+        if not settings.DEMO:
+            raise CommandError(
+                "demo_data creates users whose password is their name (admin/admin among them): it runs only "
+                "in demo mode (PORTAL_DEMO=1), never against a real portal."
+            )
         actor = Actor.system(via="command")
         with transaction.atomic():
             app = self._application(actor)

@@ -10,10 +10,12 @@ from django.contrib.auth.models import Permission
 from django.db import transaction
 from django.utils import timezone
 
+from access.models import ApiToken, hash_token
 from audit import chain
 from audit.actors import Actor
+from audit.services import refused
+from environments import policy
 from environments.services import deployment_refuse_token_requests
-from portal.models import ApiToken, hash_token
 from releases.models import Application
 
 TOKEN_PREFIX = "rp_"
@@ -153,3 +155,17 @@ def user_permissions_change(*, actor: Actor, user, permissions) -> None:
             "user": user.get_username(), "added": sorted(map(_permission_label, added)),
             "removed": sorted(map(_permission_label, removed)), "by_another_person": _is_someone_else(actor, user),
         })
+
+
+def user_delete(*, actor: Actor, user) -> None:
+    """Delete a user who is not part of the evidence (policy.decide_user_delete); otherwise refuse."""
+    data = {"username": user.get_username(), "email": user.email}
+    with transaction.atomic():
+        user = get_user_model().objects.select_for_update().get(pk=user.pk)  # no new evidence meanwhile
+        decision = policy.decide_user_delete(actor=actor, user=user)
+        if decision.allowed:
+            chain.append(actor=actor, action="user.delete", obj=user, data=data)
+            user.delete()
+            return
+        error = refused(actor=actor, action="user.delete", refusal=decision.refusal, obj=user, data=data)
+    raise error

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import psycopg
 from django.db import connection
 
-from audit.reports import AUDIT_COLUMNS, CHANGES_COLUMNS, Period
+from evidence.columns import AUDIT_COLUMNS, CHANGES_COLUMNS, Period
 
 _STARTS = "'=', '+', '-', '@', E'\\t', E'\\r'"
 

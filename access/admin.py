@@ -1,19 +1,22 @@
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin import actions as admin_actions
 from django.contrib.admin.utils import unquote
 from django.contrib.auth import get_user_model, update_session_auth_hash
 from django.contrib.auth.admin import UserAdmin, csrf_protect_m, sensitive_post_parameters_m
 from django.contrib.auth.forms import UserChangeForm
 from django.http import HttpResponseRedirect
+from django.shortcuts import redirect
 from django.urls import reverse
+from django_q.models import Failure, OrmQ, Schedule, Success
 
+from access.models import ApiToken
+from access.services import token_revoke, user_delete, user_permissions_change, user_save, user_set_password
 from audit.actors import Actor
 from core.decisions import PolicyRefusal
 from edge.admin import admin_actor, run_each
 from environments import policy
 from environments.services import group_membership_change
-from portal.models import ApiToken
-from portal.services import token_revoke, user_permissions_change, user_save, user_set_password
 
 User = get_user_model()
 
@@ -66,9 +69,51 @@ class MembershipCheckedUserForm(UserChangeForm):
 
 class PortalUserAdmin(UserAdmin):
     """Every change to an account goes through an audited service: its fields and flags (user_save),
-    its password (user_set_password), its permissions and its groups."""
+    its password (user_set_password), its permissions and its groups (group_membership_change); deletion
+    through user_delete, which refuses to delete a user who is part of the evidence (deactivate instead)."""
 
     form = MembershipCheckedUserForm
+    actions = ["delete_selected"]
+
+    def delete_view(self, request, object_id, extra_context=None):
+        user = self.get_object(request, unquote(object_id))
+        if user is not None and self.has_delete_permission(request, user):
+            actor = admin_actor(request)
+            refusal = policy.decide_user_delete(actor=actor, user=user).refusal
+            if refusal is not None and request.method == "POST":
+                try:
+                    user_delete(actor=actor, user=user)  # refused again, and on record
+                except PolicyRefusal as exc:
+                    refusal = exc.refusal
+                else:
+                    return self.response_delete(request, str(user), user.pk)
+            if refusal is not None:
+                self.message_user(request, f"Refused ({refusal.code}). {refusal.detail}", messages.ERROR)
+                return redirect("admin:auth_user_change", user.pk)
+        return super().delete_view(request, object_id, extra_context)
+
+    def delete_model(self, request, obj):
+        user_delete(actor=admin_actor(request), user=obj)
+
+    def delete_queryset(self, request, queryset):
+        for user in queryset:
+            user_delete(actor=admin_actor(request), user=user)
+
+    @admin.action(description="Delete selected users", permissions=["delete"])
+    def delete_selected(self, request, queryset):
+        """Django's confirmation and deletion, unless a selected user is part of the evidence: then
+        nobody is deleted and each refusal is shown (and, once confirmed, on record)."""
+        actor = admin_actor(request)
+        refused = [u for u in queryset if not policy.decide_user_delete(actor=actor, user=u).allowed]
+        if not refused:
+            return admin_actions.delete_selected(self, request, queryset)
+        if request.POST.get("post"):
+            run_each(self, request, refused, lambda u: user_delete(actor=actor, user=u), "deleted.")
+        else:
+            for user in refused:
+                refusal = policy.decide_user_delete(actor=actor, user=user).refusal
+                self.message_user(request, f"{user}: refused ({refusal.code}). {refusal.detail}", messages.ERROR)
+        return None
 
     def get_form(self, request, obj=None, **kwargs):
         form = super().get_form(request, obj, **kwargs)
@@ -119,3 +164,9 @@ class PortalUserAdmin(UserAdmin):
 
 admin.site.unregister(User)
 admin.site.register(User, PortalUserAdmin)
+
+# django-q2's own pages would let whoever may add a schedule, resubmit a task or edit the queue make
+# the worker call any importable function; the portal's schedules come from its migrations.
+for _model in (Schedule, Success, Failure, OrmQ):
+    if admin.site.is_registered(_model):
+        admin.site.unregister(_model)

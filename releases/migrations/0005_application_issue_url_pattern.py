@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('releases', '0003_labels'),
+        ('releases', '0004_release_evidence_append_only'),
     ]
 
     operations = [

@@ -29,6 +29,8 @@ from audit.models import AuditEvent
 from core.times import iso
 from environments import policy
 from environments.models import Approval, ControlChange, Deployment, Environment
+from evidence import pg_reports
+from evidence.columns import AUDIT_COLUMNS, CHANGES_COLUMNS, Period
 from releases.models import Implementer, Release, ReleaseIssue
 
 DANGEROUS_FIRST = ("=", "+", "-", "@", "\t", "\r")
@@ -68,26 +70,9 @@ def _sorted_list(text: str | None) -> str:
     return ";".join(sorted(text.split(";"))) if text else ""
 
 
-@dataclass(frozen=True)
-class Period:
-    since: dt.datetime
-    until: dt.datetime
-    application: str | None = None
-
-    def as_dict(self) -> dict:
-        return {"since": iso(self.since), "until": iso(self.until), "application": self.application}
-
-
 # --- changes ---------------------------------------------------------------------------------------
 
-CHANGES_COLUMNS = [
-    "deployment_id", "application", "environment", "version", "artifact_sha256", "build_number", "build_url",
-    "tests_passed", "tests_failed", "issue_keys", "implementers", "pull_request_url", "code_reviewers",
-    "playbook_commit", "requested_by", "requested_at", "approvers", "approved_at", "required_approvals",
-    "emergency", "emergency_reason", "reviewed_by", "reviewed_at", "promoted_from_deployment_id",
-    "promoted_from_finished_at", "started_at", "finished_at", "result", "sod_checks", "audit_seq_first",
-    "audit_seq_last",
-]
+
 
 
 def _per_release(model, field_name):
@@ -288,8 +273,7 @@ def account_rows(period: Period) -> Iterator[tuple]:
 
 # --- audit -----------------------------------------------------------------------------------------
 
-AUDIT_COLUMNS = ["seq", "created_at", "actor_id", "actor_username", "actor_email", "via", "action", "object_type",
-                 "object_id", "object_repr", "code", "canonical", "prev_hash", "hash"]
+
 
 
 def audit_rows(period: Period, up_to_seq: int) -> Iterator[tuple]:
@@ -352,8 +336,6 @@ class Export:
     def _csv(self, head_seq: int) -> Iterator[bytes]:
         """The CSV in chunks of about 64 KiB, counting rows."""
         if self.fast and connection.vendor == "postgresql" and self.report in ("changes", "audit"):
-            from audit import pg_reports
-
             sql, params = (pg_reports.changes_sql(self.period) if self.report == "changes"
                            else pg_reports.audit_sql(self.period, head_seq))
             pending, size, rows = [], 0, -1  # the header is not a row

@@ -1,9 +1,9 @@
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
+from access.models import ApiToken
+from access.services import token_create
 from audit.actors import Actor
-from portal.models import ApiToken
-from portal.services import token_create
 from releases.models import Application
 
 

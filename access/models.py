@@ -37,6 +37,7 @@ class ApiToken(models.Model):
     revoked_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
+        db_table = "portal_apitoken"  # the table it had when the portal app held it
         verbose_name = "API token"
         constraints = [
             models.CheckConstraint(
