@@ -14,7 +14,7 @@ from environments import selectors as env_selectors
 from environments.models import Environment
 from environments.services import deployment_request
 from releases.models import Application, Build, Release, VcsAlias
-from releases.services import vcs_alias_add
+from releases.services import application_save, vcs_alias_add
 
 
 @admin.register(Application)
@@ -24,6 +24,9 @@ class ApplicationAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+    def save_model(self, request, obj, form, change):
+        application_save(actor=admin_actor(request), application=obj)
 
 
 @admin.register(Build)

@@ -15,7 +15,7 @@ from audit.services import audit_refusal
 from core import events
 from core.decisions import PolicyRefusal, Refusal
 from environments import policy
-from releases.models import Build, Implementer, Release, ReleaseIssue, VcsAlias
+from releases.models import Application, Build, Implementer, Release, ReleaseIssue, VcsAlias
 from releases.selectors import application_get
 
 
@@ -144,6 +144,23 @@ def release_register(
             events.publish(events.RELEASE_REGISTERED, release=release)
             return release, True
     raise PolicyRefusal(refusal)
+
+
+APPLICATION_FIELDS = ("name", "issue_key_prefix", "issue_url_pattern", "description")
+
+
+def application_save(*, actor: Actor, application: Application) -> Application:
+    """Create or change an application; the chain records each changed field from and to."""
+    with transaction.atomic():
+        before = None if application._state.adding else Application.objects.select_for_update().get(pk=application.pk)
+        application.full_clean()
+        application.save()
+        old = {} if before is None else {name: getattr(before, name) for name in APPLICATION_FIELDS}
+        changed = {name: [old.get(name), getattr(application, name)] for name in APPLICATION_FIELDS
+                   if before is None or old[name] != getattr(application, name)}
+        chain.append(actor=actor, action="application.create" if before is None else "application.change",
+                     obj=application, data={"changed": changed})
+    return application
 
 
 def vcs_alias_add(*, actor: Actor, user, identity: str) -> VcsAlias:

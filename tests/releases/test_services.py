@@ -102,3 +102,13 @@ def test_implementers_are_resolved_to_users_by_alias(world):
     resolved = dict(release.implementers.values_list("identity", "user_id"))
     assert resolved == {"csmith": world.carol.pk, "unknown@example.com": None}
     assert AuditEvent.objects.filter(action="vcs_alias.add").exists()
+
+
+def test_an_application_change_is_audited_from_and_to(world):
+    from audit.models import AuditEvent
+    from releases.services import application_save
+
+    world.app.issue_key_prefix = "FIN"
+    application_save(actor=SYSTEM, application=world.app)
+    event = AuditEvent.objects.filter(action="application.change").get()
+    assert event.data["changed"] == {"issue_key_prefix": ["BIZPLAT", "FIN"]}

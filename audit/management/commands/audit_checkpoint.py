@@ -4,8 +4,9 @@ from pathlib import Path
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from audit import chain, checkpoint
+from audit import chain
 from audit.actors import Actor
+from evidence import checkpoint
 
 
 class Command(BaseCommand):

@@ -31,7 +31,7 @@ from environments import policy, services
 from environments.models import Deployment, Environment
 from environments.services import environment_grant, environment_save, group_membership_change
 from releases.models import Application, Build, Release
-from releases.services import PullRequest, TestCounts, build_register, release_register
+from releases.services import PullRequest, TestCounts, application_save, build_register, release_register
 
 APPLICATION = "MAC"
 ISSUE_PREFIX = "BIZPLAT"
@@ -122,10 +122,9 @@ class Command(BaseCommand):
     def _application(self, actor):
         app = Application.objects.filter(name=APPLICATION).first()
         if app is None:
-            app = Application.objects.create(name=APPLICATION, issue_key_prefix=ISSUE_PREFIX,
-                                             issue_url_pattern=ISSUE_URL,
-                                             description="Demo application released by the portal.")
-            chain.append(actor=actor, action="application.create", obj=app, data={"name": app.name})
+            app = application_save(actor=actor, application=Application(
+                name=APPLICATION, issue_key_prefix=ISSUE_PREFIX, issue_url_pattern=ISSUE_URL,
+                description="Demo application released by the portal."))
         return app
 
     def _environments(self, actor, app):
