@@ -184,6 +184,12 @@ class EnvironmentAdmin(admin.ModelAdmin):
         return TemplateResponse(request, "admin/environments/environment/access.html", context)
 
 
+class EnvironmentNameFilter(admin.AllValuesFieldListFilter):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.title = "environment"
+
+
 DEPLOYMENT_ACTIONS = {  # action -> (service, what the page says when it is done, a comment is required)
     "approve": (services.deployment_approve, "approved", False),
     "reject": (services.deployment_reject, "rejected", True),
@@ -215,9 +221,9 @@ class DeploymentAdmin(admin.ModelAdmin):
     where the policy allows them (the rule's sentence where it does not). Every change goes through a
     service; the list only shows."""
 
-    list_display = ["id", "release", "environment_name", "state", "in_queue", "requested_by_name", "requested_at",
-                    "finished_at", "emergency_status"]
-    list_filter = ["state", "environment__application", "environment__name", "emergency"]
+    list_display = ["id", "release_to_environment", "state_and_place", "requested_by_name", "requested_at",
+                    "finished_at"]
+    list_filter = ["state", "environment__application", ("environment__name", EnvironmentNameFilter), "emergency"]
     search_fields = ["release__version", "requested_by_label", "release__issues__key"]
     list_select_related = ["release__application", "environment", "reviewed_by"]
     date_hierarchy = "requested_at"
@@ -229,15 +235,20 @@ class DeploymentAdmin(admin.ModelAdmin):
         ).values("environment").annotate(n=Count("id")).values("n")
         return super().get_queryset(request).annotate(queue_position=Subquery(ahead))
 
-    @admin.display(description="in queue")
-    def in_queue(self, obj):
+    @admin.display(description="state", ordering="state")
+    def state_and_place(self, obj):
+        """The state, with its place in the queue, what replaced it, the rule that refused it, or the
+        emergency's review: one column, so that the list fits an analyst's screen."""
+        label = obj.get_state_display()
         if obj.state == Deployment.State.QUEUED:
-            return f"waiting, {obj.queue_position or 1} in line"
-        if obj.state == Deployment.State.SUPERSEDED:
-            return f"superseded by #{obj.superseded_by_id}"
-        if obj.state == Deployment.State.REFUSED:
-            return f"refused at start ({obj.refusal_code})"
-        return ""
+            label += f", {obj.queue_position or 1} in line"
+        elif obj.state == Deployment.State.SUPERSEDED:
+            label += f" by #{obj.superseded_by_id}"
+        elif obj.state == Deployment.State.REFUSED:
+            label += f" at start ({obj.refusal_code})"
+        if obj.emergency:
+            label += "; emergency, " + (f"reviewed by {obj.reviewed_by}" if obj.reviewed_at else "awaiting review")
+        return label
 
     @admin.display(description="requested by", ordering="requested_by_label")
     def requested_by_name(self, obj):
@@ -252,15 +263,9 @@ class DeploymentAdmin(admin.ModelAdmin):
     def has_change_permission(self, request, obj=None):
         return False  # every change is an action of the deployment's page, through a service
 
-    @admin.display(description="environment", ordering="environment__name")
-    def environment_name(self, obj):
-        return obj.environment.name
-
-    @admin.display(description="emergency", ordering="emergency")
-    def emergency_status(self, obj):
-        if not obj.emergency:
-            return ""
-        return f"reviewed by {obj.reviewed_by}" if obj.reviewed_at else "awaiting review"
+    @admin.display(description="deployment", ordering="release__version")
+    def release_to_environment(self, obj):
+        return f"{obj.release} to {obj.environment.name}"
 
     def get_urls(self):
         return [

@@ -125,6 +125,7 @@ LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
+FORMAT_MODULE_PATH = ["portal.formats"]  # dates and times as 2026-11-30 14:05:00 (UTC)
 
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"

@@ -147,7 +147,7 @@ def test_deployment_pages_show_the_queue(client, world, make_user):
     waiting = services.deployment_request(actor=person(world.alice), release=second, environment=world.qa)
     client.force_login(make_user("root", superuser=True))
     listing = client.get(reverse(CHANGELIST)).content.decode()
-    assert "waiting, 1 in line" in listing
+    assert "Queued, 1 in line" in listing
     page = client.get(reverse("admin:environments_deployment_change", args=[waiting.pk])).content.decode()
     assert f"1 in line; waiting for behind #{running.pk}" in page
     env_page = client.get(reverse("admin:environments_environment_change", args=[world.qa.pk])).content.decode()
