@@ -13,6 +13,7 @@ from django_q.models import Failure, OrmQ, Schedule, Success
 from access.models import ApiToken
 from access.services import token_revoke, user_delete, user_permissions_change, user_save, user_set_password
 from audit.actors import Actor
+from audit.services import audit_refusal
 from core.decisions import PolicyRefusal
 from edge.admin import admin_actor, run_each
 from environments import policy
@@ -60,9 +61,11 @@ class MembershipCheckedUserForm(UserChangeForm):
         current = set(self.instance.groups.values_list("pk", flat=True))
         for group in groups:
             if group.pk not in current:
-                decision = policy.decide_membership(actor=Actor(user=self.request_user, via="admin"),
-                                                    group=group, user=self.instance)
-                if not decision.allowed:
+                actor = Actor(user=self.request_user, via="admin")
+                decision = policy.decide_membership(actor=actor, group=group, user=self.instance)
+                if not decision.allowed:  # on record, like every refusal (the admin's transaction commits)
+                    audit_refusal(actor=actor, action="group.add_member", refusal=decision.refusal, obj=group,
+                                  data={"group": group.name, "user": self.instance.get_username()})
                     raise forms.ValidationError(f"{decision.refusal.detail} ({decision.refusal.code})")
         return groups
 
@@ -121,7 +124,10 @@ class PortalUserAdmin(UserAdmin):
         return form
 
     def save_model(self, request, obj, form, change):
-        user_save(actor=admin_actor(request), user=obj)
+        try:
+            user_save(actor=admin_actor(request), user=obj)
+        except PolicyRefusal as exc:  # on record; the admin's transaction commits the refusal
+            self.message_user(request, f"Refused ({exc.refusal.code}). {exc.refusal.detail}", messages.ERROR)
 
     def save_related(self, request, form, formsets, change):
         wanted_groups = form.cleaned_data.pop("groups", None)
@@ -130,7 +136,10 @@ class PortalUserAdmin(UserAdmin):
         user = form.instance
         actor = admin_actor(request)
         if wanted_permissions is not None:
-            user_permissions_change(actor=actor, user=user, permissions=wanted_permissions)
+            try:
+                user_permissions_change(actor=actor, user=user, permissions=wanted_permissions)
+            except PolicyRefusal as exc:
+                self.message_user(request, f"Refused ({exc.refusal.code}). {exc.refusal.detail}", messages.ERROR)
         if wanted_groups is None:
             return
         current = set(user.groups.all())

@@ -109,12 +109,22 @@ def user_save(*, actor: Actor, user):
             name: {"from": getattr(before, name), "to": getattr(user, name)}
             for name in _account_fields(user) if getattr(before, name) != getattr(user, name)
         }
-        if changed:
-            user.save(update_fields=list(changed))
-            chain.append(actor=actor, action="user.change", obj=user, data={
-                "user": before.get_username(), "changed": changed, "by_another_person": _is_someone_else(actor, user),
-            })
-    return user
+        raised = [flag for flag in ("is_staff", "is_superuser") if getattr(user, flag) and not getattr(before, flag)]
+        decision = policy.decide_account_change(actor=actor, user=before, raised=raised)
+        if not decision.allowed:
+            error = refused(actor=actor, action="user.change", refusal=decision.refusal, obj=before,
+                            data={"user": before.get_username(), "attempted": changed})
+        else:
+            if changed:
+                user.save(update_fields=list(changed))
+                chain.append(actor=actor, action="user.change", obj=user, data={
+                    "user": before.get_username(), "changed": changed,
+                    "by_another_person": _is_someone_else(actor, user),
+                })
+            return user
+    for flag in raised:  # the caller's object keeps what the database has
+        setattr(user, flag, False)
+    raise error
 
 
 def user_set_password(*, actor: Actor, user, password: str | None):
@@ -149,12 +159,24 @@ def user_permissions_change(*, actor: Actor, user, permissions) -> None:
         added, removed = wanted - current, current - wanted
         if not (added or removed):
             return
-        user.user_permissions.add(*added)
-        user.user_permissions.remove(*removed)
-        chain.append(actor=actor, action="user.permissions", obj=user, data={
-            "user": user.get_username(), "added": sorted(map(_permission_label, added)),
-            "removed": sorted(map(_permission_label, removed)), "by_another_person": _is_someone_else(actor, user),
-        })
+        decision = policy.decide_account_change(actor=actor, user=user,
+                                                raised=sorted(map(_permission_label, added)))
+        if not decision.allowed:
+            error = refused(actor=actor, action="user.permissions", refusal=decision.refusal, obj=user,
+                            data={"user": user.get_username(), "attempted": sorted(map(_permission_label, added))})
+        else:
+            _apply_permissions(actor, user, added, removed)
+            return
+    raise error
+
+
+def _apply_permissions(actor: Actor, user, added, removed) -> None:
+    user.user_permissions.add(*added)
+    user.user_permissions.remove(*removed)
+    chain.append(actor=actor, action="user.permissions", obj=user, data={
+        "user": user.get_username(), "added": sorted(map(_permission_label, added)),
+        "removed": sorted(map(_permission_label, removed)), "by_another_person": _is_someone_else(actor, user),
+    })
 
 
 def user_delete(*, actor: Actor, user) -> None:

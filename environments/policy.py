@@ -691,6 +691,17 @@ def _membership_refusal(*, actor: Actor, group: Group, user, add: bool) -> Refus
     return None
 
 
+def decide_account_change(*, actor: Actor, user, raised: list[str]) -> Decision:
+    """Rule 4 for accounts: nobody raises their own rights (superuser, staff, model permissions such as
+    the right to grant deploy and approve); an administrator does it for them, on record."""
+    if raised and actor.is_person and actor.user.pk == user.pk:
+        return no(forbidden(
+            "SELF_GRANT", f"Nobody can raise their own rights ({', '.join(sorted(raised))}); another administrator "
+            "must do it.",
+        ))
+    return Decision()
+
+
 # --- the controls themselves: four eyes on a weaker control ---------------------------------------
 
 # Fields of an environment whose change alters what runs or how strictly: any change to them on a

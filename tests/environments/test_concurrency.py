@@ -122,3 +122,53 @@ def test_storm_of_finishing_cancelling_and_requesting(transactional_audit_db, wo
     states = Counter(drain(world.qa))
     assert set(states) <= {"succeeded", "cancelled"} and sum(states.values()) == requested, states
     assert chain.verify().ok
+
+
+def test_storm_of_fifty_conflicting_calls_on_production(transactional_audit_db, world, make_user):
+    """50 calls at once on one restricted environment: requests, approvals, rejections, cancels and
+    results. At most one runs, no request is lost, approvers are distinct, the queue drains, the chain
+    verifies."""
+    approvers = [world.carol, world.erin, *(make_user(f"approver{i}", groups=[world.releasers]) for i in range(3))]
+    releases = [world.release() for _ in range(20)]
+    for release in releases:
+        world.to_staging(release)
+    pending = [services.deployment_request(actor=person(world.bob), release=r, environment=world.production)
+               for r in releases[:10]]
+    later = releases[10:]
+
+    def work(i):
+        kind = i % 5
+        if kind == 0:
+            return services.deployment_request(actor=person(world.bob), release=later[i // 5],
+                                               environment=world.production).state
+        if kind in (1, 2):  # two approvals race on the same request
+            target = pending[(i // 5) % len(pending)]
+            return services.deployment_approve(actor=person(approvers[i % len(approvers)]),
+                                               deployment_id=target.pk).state
+        if kind == 3:
+            target = pending[(i // 5 + 5) % len(pending)]
+            decide = services.deployment_reject if i % 2 else services.deployment_cancel
+            actor = person(approvers[(i + 1) % len(approvers)]) if decide is services.deployment_reject \
+                else person(world.bob)
+            return decide(actor=actor, deployment_id=target.pk, comment="storm").state
+        running = Deployment.objects.filter(environment=world.production, state="running").first()
+        if running is None:
+            return "idle"
+        return services.deployment_record_result(deployment_id=running.pk, state="succeeded").state
+
+    outcomes = run_at_once(work, count=50)
+
+    assert not [o for o in outcomes if str(o).startswith("ERROR")], outcomes
+    production = Deployment.objects.filter(environment=world.production)
+    assert production.count() == 10 + len({i // 5 for i in range(50) if i % 5 == 0})  # nothing lost
+    assert production.filter(state="running").count() <= 1
+    for deployment in production:
+        approvers_of = list(deployment.approvals.values_list("approver_id", flat=True))
+        assert len(approvers_of) == len(set(approvers_of))  # distinct people
+        assert world.bob.pk not in approvers_of
+    for deployment in production.filter(state="awaiting_approval"):
+        services.deployment_approve(actor=person(world.carol), deployment_id=deployment.pk)
+    final = Counter(drain(world.production))
+    assert set(final) <= {"succeeded", "cancelled", "rejected"}, final
+    result = chain.verify()
+    assert result.ok, result.problem

@@ -78,6 +78,8 @@ def test_superuser_cannot_add_themselves_to_a_releasers_group(client, world, mak
     response = client.post(url, data)
     assert response.status_code == 200 and b"SELF_GRANT" in response.content
     assert not admin.groups.exists()
+    refusal = AuditEvent.objects.get(action="group.add_member.refused")
+    assert (refusal.code, refusal.actor_username, refusal.data["user"]) == ("SELF_GRANT", "root", "root")
     other = make_user("newbie")
     data_other = {**data, "username": "newbie", "email": "newbie@example.com"}
     client.post(reverse("admin:auth_user_change", args=[other.pk]), data_other)
@@ -241,14 +243,20 @@ def test_account_flags_and_permissions_changed_in_the_user_admin_are_audited(cli
         ("is_active", "false -> true"), ("user_permissions", "removed: audit.view_auditevent")]
 
 
-def test_staff_flag_on_ones_own_account_is_flagged(client, world, make_user):
+def test_nobody_raises_their_own_rights_in_the_user_admin(client, world, make_user):
     admin = make_user("helpdesk", perms=["auth.change_user", "auth.view_user"])
     client.force_login(admin)
     data = change_form_data(client, admin)
     data["is_superuser"] = "on"
-    client.post(reverse("admin:auth_user_change", args=[admin.pk]), data)
-    (row,) = [r for r in access_report() if r["permission"] == "is_superuser"]
-    assert (row["username"], row["changed_by"], row["conflict"]) == ("helpdesk", "helpdesk", "true")
+    data["user_permissions"] = [*data["user_permissions"],
+                                Permission.objects.get(codename="change_environment").pk]
+    response = client.post(reverse("admin:auth_user_change", args=[admin.pk]), data, follow=True)
+    assert "SELF_GRANT" in response.content.decode()
+    admin.refresh_from_db()
+    assert not admin.is_superuser and not admin.has_perm("environments.change_environment")
+    refusals = AuditEvent.objects.filter(code="SELF_GRANT", actor_username="helpdesk")
+    assert set(refusals.values_list("action", flat=True)) == {"user.change.refused", "user.permissions.refused"}
+    assert not [r for r in access_report() if r["permission"] == "is_superuser"]
 
 
 def test_account_created_in_the_admin_is_audited(client, world, make_user):

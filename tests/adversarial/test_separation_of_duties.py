@@ -1,0 +1,145 @@
+"""Every way around separation of duties, tried the way an insider would, on every entry point.
+Each attempt is refused, nothing changes, and the refusal is in the audit chain with its rule."""
+
+import pytest
+from django.contrib.auth.models import Permission
+from django.core.management import call_command
+from django.urls import reverse
+
+from access.models import ApiToken
+from access.services import token_create, user_permissions_change
+from audit import chain
+from audit.models import AuditEvent
+from core.decisions import PolicyRefusal
+from environments import services
+from environments.models import Deployment
+from releases.models import VcsAlias
+from tests.conftest import SYSTEM, person
+
+CHANGELIST = "admin:environments_deployment_changelist"
+
+
+@pytest.fixture(autouse=True)
+def analysts_see_deployments(world):
+    view = Permission.objects.filter(codename__in=["view_deployment", "view_release", "add_deployment"])
+    for user in (world.bob, world.carol):
+        user.user_permissions.add(*view)
+
+
+def refused_in_chain(code, *, actor, action_prefix="") -> AuditEvent:
+    event = AuditEvent.objects.filter(code=code, actor_username=actor).order_by("-seq").first()
+    assert event is not None, f"no {code} refusal by {actor} in the chain"
+    assert event.action.endswith(".refused") and event.action.startswith(action_prefix)
+    assert event.data["detail"]
+    return event
+
+
+@pytest.fixture
+def carols_change(world):
+    """A change carol implemented under her VCS alias, waiting in Production for approval by bob."""
+    VcsAlias.objects.create(user=world.carol, identity="c.smith-vcs")
+    release = world.release(implementers=["c.smith-vcs"])
+    world.to_staging(release)
+    deployment = services.deployment_request(actor=person(world.bob), release=release, environment=world.production)
+    return release, deployment
+
+
+def test_admin_action_approval_by_the_implementer_under_an_alias(client, world, carols_change):
+    _, deployment = carols_change
+    client.force_login(world.carol)
+    client.post(reverse(CHANGELIST), {"action": "approve", "_selected_action": [deployment.pk], "apply": "1",
+                                      "comment": "mine"}, follow=True)
+    deployment.refresh_from_db()
+    assert deployment.state == Deployment.State.AWAITING_APPROVAL
+    refused_in_chain("SOD_IMPLEMENTER_APPROVER", actor="carol", action_prefix="deployment.approve")
+
+
+def test_bulk_action_approving_ones_own_requests(client, world):
+    releases = [world.release(), world.release()]
+    mine = []
+    for release in releases:
+        world.to_staging(release)
+        mine.append(services.deployment_request(actor=person(world.bob), release=release,
+                                                environment=world.production))
+    client.force_login(world.bob)
+    client.post(reverse(CHANGELIST), {"action": "approve", "_selected_action": [d.pk for d in mine], "apply": "1"})
+    assert set(Deployment.objects.filter(pk__in=[d.pk for d in mine]).values_list("state", flat=True)) == {
+        "awaiting_approval"}
+    assert AuditEvent.objects.filter(code="SOD_REQUESTER_APPROVER", actor_username="bob").count() == 2
+
+
+def test_implementer_matched_only_by_email_case_cannot_request(world):
+    release = world.release(implementers=["BOB@Example.COM"])
+    world.to_staging(release)
+    with pytest.raises(PolicyRefusal):
+        services.deployment_request(actor=person(world.bob), release=release, environment=world.production)
+    refused_in_chain("SOD_IMPLEMENTER_REQUESTER", actor="bob", action_prefix="deployment.request")
+
+
+@pytest.mark.parametrize("kind", ["ci", "implementer", "requester"])
+def test_the_api_with_each_kind_of_token(client, world, carols_change, kind):
+    _, deployment = carols_change
+    if kind == "ci":
+        _, raw = token_create(actor=SYSTEM, kind=ApiToken.Kind.CI, name="ci", applications=[world.app])
+        expected, who = "CI_TOKEN_RESTRICTED", "ci:ci"
+    else:
+        user = world.carol if kind == "implementer" else world.bob
+        _, raw = token_create(actor=SYSTEM, kind=ApiToken.Kind.PERSONAL, name=user.username, user=user)
+        expected = "SOD_IMPLEMENTER_APPROVER" if kind == "implementer" else "SOD_REQUESTER_APPROVER"
+        who = user.username
+    response = client.post(f"/api/v1/deployments/{deployment.pk}/approve", {"comment": "x"},
+                           content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {raw}")
+    assert response.status_code == 403 and response.json()["code"] == expected
+    refused_in_chain(expected, actor=who, action_prefix="deployment.approve")
+
+
+def test_a_token_made_with_a_management_command_acts_with_its_users_rights_only(client, world, carols_change, capsys):
+    _, deployment = carols_change
+    call_command("create_token", "--user", "carol")
+    raw = capsys.readouterr().out.strip().splitlines()[-1]
+    response = client.post(f"/api/v1/deployments/{deployment.pk}/approve", {},
+                           content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {raw}")
+    assert response.json()["code"] == "SOD_IMPLEMENTER_APPROVER"
+    refused_in_chain("SOD_IMPLEMENTER_APPROVER", actor="carol")
+
+
+def test_a_superuser_has_no_bypass(world, make_user):
+    root = make_user("root", superuser=True)
+    release = world.release(implementers=["root@example.com"])
+    world.to_staging(release)
+    with pytest.raises(PolicyRefusal):
+        services.deployment_request(actor=person(root), release=release, environment=world.production)
+    refused_in_chain("NOT_RELEASER", actor="root", action_prefix="deployment.request")
+    pending = services.deployment_request(actor=person(world.bob), release=release, environment=world.production)
+    with pytest.raises(PolicyRefusal):
+        services.deployment_approve(actor=person(root), deployment_id=pending.pk)
+    refused_in_chain("NOT_RELEASER", actor="root", action_prefix="deployment.approve")
+
+
+def test_granting_oneself_or_ones_group_the_right_to_deploy_approve_or_grant(client, world, make_user):
+    root = make_user("root", superuser=True)
+    for grantee in ({"user": root}, {"group": world.releasers}):
+        if "group" in grantee:
+            services.group_membership_change(actor=SYSTEM, group=world.releasers, user=root, add=True)
+        for codename in ("deploy_environment", "approve_environment"):
+            with pytest.raises(PolicyRefusal):
+                services.environment_grant(actor=person(root), environment=world.production, codename=codename,
+                                           **grantee)
+    assert AuditEvent.objects.filter(code="SELF_GRANT", action="environment.grant.refused").count() == 4
+    helpdesk = make_user("helpdesk", perms=["auth.change_user"])
+    grant = Permission.objects.get(codename="change_environment")
+    with pytest.raises(PolicyRefusal):
+        user_permissions_change(actor=person(helpdesk), user=helpdesk, permissions=[grant])
+    refused_in_chain("SELF_GRANT", actor="helpdesk", action_prefix="user.permissions")
+    assert not helpdesk.has_perm("environments.change_environment")
+
+
+def test_weakening_the_control_to_ship_ones_own_change_needs_a_second_person(world, make_user):
+    root = make_user("root", superuser=True)
+    world.production.restricted, world.production.required_approvals = False, 0
+    proposal = services.environment_save(actor=person(root), environment=world.production, reason="speed")
+    assert proposal.state == "proposed"
+    with pytest.raises(PolicyRefusal):
+        services.control_change_approve(actor=person(root), change_id=proposal.pk)
+    refused_in_chain("SOD_PROPOSER_APPROVER", actor="root", action_prefix="control_change.approve")
+    assert chain.verify().ok
