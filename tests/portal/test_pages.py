@@ -100,6 +100,18 @@ def test_board_shows_what_runs_where_its_queues_and_the_releases_on_their_way(cl
     assert 'id="releases-release"' in body  # the app list stays below: settings remain reachable
 
 
+def test_board_counts_every_release_on_its_way_and_shows_the_latest(client, people):
+    live = in_staging(people)
+    people.deploy(live, people.production, actor=person(people.bob))
+    waiting = awaiting(people)  # registered early, but open: always shown
+    newer = [people.release() for _ in range(10)]
+    (mac,) = page(client, people.dave, reverse("admin:index")).context["board"]
+    shown = [row["release"] for row in mac["on_the_way"]]
+    assert mac["on_the_way_count"] == 11
+    assert shown == [*reversed(newer[-7:]), waiting.release]  # the open one first, then the latest 7
+    assert "the latest 8 shown" in text(page(client, people.dave, reverse("admin:index")))
+
+
 def test_waiting_for_me_lists_only_what_the_policy_lets_each_person_decide(client, people):
     pending = awaiting(people)
     mine = awaiting(people, in_staging(people, implementers=["carol@example.com"]))  # carol implemented it
