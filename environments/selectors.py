@@ -291,7 +291,7 @@ def awaiting_decision_of(actor: Actor) -> list[Deployment]:
         Deployment.objects.filter(state=State.AWAITING_APPROVAL)
         .select_related("release__application", "release__build", "environment__application",
                         "environment__promotes_from", "requested_by")
-        .prefetch_related("approvals__approver").order_by("requested_at", "id")
+        .prefetch_related("approvals__approver", "release__issues").order_by("requested_at", "id")
     )
     return [d for d in pending if policy.decide_approval(actor=actor, deployment=d, approve=True).allowed]
 
