@@ -198,6 +198,14 @@ DEPLOYMENT_ACTIONS = {  # action -> (service, what the page says when it is done
 }
 
 
+def _outcome(deployment: Deployment, done: str) -> str:
+    """What a person's decision did, in a few words: "approved, now running", "cancelled"."""
+    state = deployment.get_state_display().lower()
+    if done == "cancelled" and deployment.state == Deployment.State.RUNNING:
+        return "cancel requested, the playbook is being stopped"
+    return done if state == done else f"{done}, now {state}"
+
+
 def deployment_offers(actor, deployment: Deployment) -> list[Offer]:
     """What a deployment's page may offer the person: the policy's own answers (decide_approval,
     decide_cancel, decide_review), only for the actions its state makes relevant."""
@@ -330,8 +338,8 @@ class DeploymentAdmin(admin.ModelAdmin):
             return redirect(back)
         call_service(request, lambda: service(actor=admin_actor(request), deployment_id=deployment.pk,
                                               comment=comment),
-                     lambda d: format_html('{} to {}: {}, now {}. <a href="{}">Follow deployment #{}</a>', d.release,
-                                           d.environment.name, done, d.get_state_display().lower(), page_url, d.pk))
+                     lambda d: format_html('{} to {}: {}. <a href="{}">Follow deployment #{}</a>', d.release,
+                                           d.environment.name, _outcome(d, done), page_url, d.pk))
         return redirect(back)
 
 

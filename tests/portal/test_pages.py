@@ -9,6 +9,7 @@ import re
 
 import pytest
 from django.contrib.auth.models import Permission
+from django.core.exceptions import ValidationError
 from django.urls import reverse
 from django.utils import timezone
 
@@ -294,6 +295,39 @@ def test_deployment_page_offers_approve_reject_cancel_the_way_the_policy_decides
         assert buttons(response) == [] and NOT_RELEASER_APPROVE in text(response)
 
 
+def test_the_requester_cancels_from_the_page(client, people):
+    pending = awaiting(people)
+    client.force_login(people.bob)
+    response = client.post(reverse("admin:environments_deployment_act", args=[pending.pk]), {"action": "cancel"},
+                           follow=True)
+    pending.refresh_from_db()
+    assert pending.state == State.CANCELLED and f"{pending.release} to Production: cancelled." in text(response)
+    assert offers(page(client, people.bob, deployment_url(pending))) == {}  # nothing left to do
+    event = AuditEvent.objects.get(action="deployment.cancel", object_id=str(pending.pk))
+    assert (event.actor_username, event.via) == ("bob", "admin")
+
+
+def test_an_emergency_is_reviewed_from_its_page_by_someone_else(client, people):
+    release = in_staging(people)
+    emergency = services.deployment_request(actor=person(people.bob), release=release,
+                                            environment=people.production, emergency_reason="payments down")
+    services.deployment_start(deployment_id=emergency.pk)
+    services.deployment_record_result(deployment_id=emergency.pk, state=State.SUCCEEDED)
+    url = deployment_url(emergency)
+    assert offers(page(client, people.bob, url)) == {"review": "SOD_REQUESTER_REVIEWER"}
+    assert offers(page(client, people.alice, url)) == {"review": "NOT_RELEASER"}
+    carol = page(client, people.carol, url)
+    assert offers(carol) == {"review": "offered"} and buttons(carol) == ["Mark as reviewed"]
+    assert "Awaiting review" in text(carol) and "payments down" in text(carol)
+    client.force_login(people.carol)
+    act = reverse("admin:environments_deployment_act", args=[emergency.pk])
+    assert "Say why" in text(client.post(act, {"action": "review"}, follow=True))
+    client.post(act, {"action": "review", "comment": "outage ticket INC-7 checked"})
+    emergency.refresh_from_db()
+    assert (emergency.reviewed_by, emergency.review_comment) == (people.carol, "outage ticket INC-7 checked")
+    assert "Reviewed by carol" in text(page(client, people.dave, url))
+
+
 def test_a_forged_approval_is_refused_with_the_rules_sentence_and_audited(client, people):
     pending = awaiting(people)
     client.force_login(people.alice)
@@ -358,6 +392,21 @@ def test_pages_need_view_permission(client, people, make_user):
 
 
 # --- lists and the audit events ------------------------------------------------------------------
+
+def test_issue_keys_link_to_the_applications_tracker(client, people):
+    people.app.issue_url_pattern = "https://jira.example.com/browse/{key}"
+    people.app.full_clean()
+    people.app.save()
+    release = people.release(issue_keys=["BIZPLAT-77"])
+    body = page(client, people.dave, release_url(release)).content.decode()
+    assert 'href="https://jira.example.com/browse/BIZPLAT-77"' in body
+    assert f'href="{reverse("admin:change_journey", args=["BIZPLAT-77"])}"' in body
+    journey = page(client, people.dave, reverse("admin:change_journey", args=["BIZPLAT-77"])).content.decode()
+    assert 'href="https://jira.example.com/browse/BIZPLAT-77"' in journey
+    people.app.issue_url_pattern = "jira.example.com/browse/"
+    with pytest.raises(ValidationError, match=r"\{key\}"):
+        people.app.full_clean()
+
 
 def test_lists_offer_no_action_that_the_pages_do_better(client, people):
     release = in_staging(people)
