@@ -8,7 +8,7 @@ PORT ?= 8000
 # ansible-runner starts `ansible-playbook`: it must be on PATH.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: run test test-postgres test-deploy-redis lint venv cluster cluster-stop clean bench-reports
+.PHONY: run test test-postgres test-deploy-redis lint venv cluster cluster-stop clean bench bench-reports
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -68,6 +68,16 @@ lint: venv
 clean:
 	rm -rf $(VENV) var
 
-# Report exports against PostgreSQL's COPY on 1,000,000 rows (BENCH_ROWS=... to change).
+# The benchmarks on PostgreSQL (docs/benchmarks.md): seeds BENCH_DATABASE (default portal_bench) once with
+# 100,000 releases, 1,000,000 deployments and 1,000,000 audit events, then measures the API (wrk against
+# gunicorn, next to a bare Django app), pages at scale, audit appends and verify_audit; prints a table and
+# writes the figures into docs/benchmarks.md. BENCH_SERVER=postgres://user@host:port, BENCH_ARGS="--only api".
+bench: venv
+	@command -v wrk >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    { apt-get install -y -qq wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }; }; } || \
+	    echo "wrk is missing and cannot be installed here: apt-get install -y wrk (the API figures are skipped)"
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# Report exports against PostgreSQL's COPY on 1,000,000 rows (BENCH_ROWS=... to change), on make bench's database.
 bench-reports: venv
 	$(BIN)/python bench/bench_reports.py

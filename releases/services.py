@@ -11,9 +11,8 @@ from django.utils.dateparse import parse_datetime
 
 from audit import chain
 from audit.actors import Actor
-from audit.services import audit_refusal
+from audit.services import refused
 from core import events
-from core.decisions import PolicyRefusal, Refusal
 from environments import policy
 from releases.models import Application, Build, Implementer, Release, ReleaseIssue, VcsAlias
 from releases.selectors import application_get
@@ -39,10 +38,9 @@ def build_register(
         "commit": commit, "branch": branch, "url": url, "status": status,
         "tests_passed": tests.passed, "tests_failed": tests.failed, "tests_skipped": tests.skipped,
     }
-    refusal: Refusal | None = None
     with transaction.atomic():
         if refusal := policy.check_may_register(actor, app, "releases.add_build"):
-            audit_refusal(actor=actor, action="build.register", refusal=refusal, obj=app, data={"number": number})
+            error = refused(actor=actor, action="build.register", refusal=refusal, obj=app, data={"number": number})
         else:
             build = Build.objects.select_for_update().filter(application=app, number=number).first()
             if build is None:
@@ -58,15 +56,15 @@ def build_register(
             if not changed:
                 return build, False
             if refusal := policy.check_finished_build_unchanged(build, changed):
-                audit_refusal(actor=actor, action="build.update", refusal=refusal, obj=build,
-                              data={"attempted": changed})
+                error = refused(actor=actor, action="build.update", refusal=refusal, obj=build,
+                                data={"attempted": changed})
             else:
                 for k, v in changed.items():
                     setattr(build, k, v)
                 build.save(update_fields=[*changed, "updated_at"])
                 chain.append(actor=actor, action="build.update", obj=build, data={"changed": changed})
                 return build, False
-    raise PolicyRefusal(refusal)
+    raise error
 
 
 @dataclass(frozen=True)
@@ -106,7 +104,6 @@ def release_register(
         },
     }
     digest = _registration_digest(payload)
-    refusal: Refusal | None = None
     with transaction.atomic():
         the_build = Build.objects.filter(application=app, number=build).first()
         existing = Release.objects.filter(application=app, version=version).first()
@@ -116,8 +113,8 @@ def release_register(
         if refusal is None and existing is not None:
             return existing, False  # the same registration again (a CI retry)
         if refusal is not None:
-            audit_refusal(actor=actor, action="release.register", refusal=refusal, obj=app,
-                          data={"version": version, "build": build})
+            error = refused(actor=actor, action="release.register", refusal=refusal, obj=app,
+                            data={"version": version, "build": build})
         else:
             pr = payload["pull_request"] or {}
             try:
@@ -143,7 +140,7 @@ def release_register(
             chain.append(actor=actor, action="release.register", obj=release, data=payload)
             events.publish(events.RELEASE_REGISTERED, release=release)
             return release, True
-    raise PolicyRefusal(refusal)
+    raise error
 
 
 APPLICATION_FIELDS = ("name", "issue_key_prefix", "issue_url_pattern", "description")
