@@ -175,9 +175,8 @@ def reserved_section(name: str):
 
 def _token(holder: dict) -> str:
     if "token" not in holder:
-        from portal.models import ApiToken
-        from portal.services import token_create
-
+        from access.models import ApiToken
+        from access.services import token_create
         from audit.actors import Actor
         from releases.models import Application
 
