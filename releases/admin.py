@@ -13,7 +13,7 @@ from environments import policy
 from environments import selectors as env_selectors
 from environments.models import Environment
 from environments.services import deployment_request
-from releases.models import Application, Build, Release, VcsAlias
+from releases.models import Application, Build, BuildIssue, Release, VcsAlias
 from releases.services import application_save, vcs_alias_add
 
 
@@ -29,12 +29,28 @@ class ApplicationAdmin(admin.ModelAdmin):
         application_save(actor=admin_actor(request), application=obj)
 
 
+class BuildIssueInline(admin.TabularInline):
+    """The issue keys named in a build's branch (read only, like the build)."""
+
+    model = BuildIssue
+    extra = 0
+    can_delete = False
+    fields = ["key"]
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
 @admin.register(Build)
 class BuildAdmin(ReadOnlyAdmin):
     list_display = ["application", "number", "branch", "status", "tests_passed", "tests_failed", "created_at"]
     list_filter = ["application", "status"]
     search_fields = ["number", "commit", "branch"]
     list_select_related = ["application"]
+    inlines = [BuildIssueInline]
 
 
 class ReleaseChangeList(ChangeList):

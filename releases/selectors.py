@@ -184,14 +184,15 @@ def _summary(key: str, builds: list[Build], releases: list[Release], now: list[d
 
 
 def change_journey(issue_key: str, *, within: frozenset[int] | None = None) -> ChangeJourney:
-    """One change from concept to deployment (of the applications in `within`, None: all). A fixed
-    number of queries, whatever the history."""
+    """One change from concept to deployment: the builds of branches named after it and the builds of
+    the releases carrying it, those releases, the environments they reached and where it is now (of
+    the applications in `within`, None: all). A fixed number of queries, whatever the history."""
     key = issue_key.strip().upper()
     releases = list(_within(releases_with_details(approvals=True).filter(issues__key=key), within)
                     .order_by("registered_at", "id"))
     builds = list(
         _within(Build.objects.select_related("application"), within)
-        .filter(Q(branch__icontains=key) | Q(releases__in=releases))
+        .filter(Q(issues__key=key) | Q(releases__in=releases))
         .distinct().order_by("created_at", "id")
     )
     if not releases and not builds:
