@@ -13,9 +13,7 @@ from playwright.sync_api import Error as PlaywrightError
 
 from audit.models import AuditEvent
 from environments.models import Deployment
-
-wait_for = pytest.importorskip("tests.processes", reason="needs the browser fixtures (tests/browser/conftest.py, "
-                               "tests/processes.py)").wait_for
+from tests.processes import wait_for
 
 R = "1.3.1"  # the demo's release that the worker takes through QA and Staging
 NOT_RELEASER_APPROVE = ("You are not a releaser of MAC Production: approving there needs the approve permission "

@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('releases', '0004_release_evidence_append_only'),
+        ('releases', '0005_build_issues'),
     ]
 
     operations = [
