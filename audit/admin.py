@@ -32,7 +32,7 @@ class ReportForm(forms.Form):
 class AuditEventAdmin(ReadOnlyAdmin):
     """Read-only: the chain is written by services and verified by `verify_audit`."""
 
-    list_display = ["seq", "created_at", "actor_username", "via", "action", "code", "object_repr"]
+    list_display = ["seq", "created_at", "who", "what", "code", "object_repr"]
     list_filter = ["action", "code", "via"]
     search_fields = ["actor_username", "object_repr", "object_id", "action", "code"]
     date_hierarchy = "created_at"
@@ -41,6 +41,16 @@ class AuditEventAdmin(ReadOnlyAdmin):
 
     def get_readonly_fields(self, request, obj=None):
         return [f.name for f in self.model._meta.fields]
+
+    @admin.display(description="who (via)", ordering="actor_username")
+    def who(self, obj):
+        return f"{obj.actor_username} ({obj.via})" if obj.via else obj.actor_username
+
+    @admin.display(description="action", ordering="action")
+    def what(self, obj):
+        """The action, and how it ended where the action alone does not say (a deployment's finish)."""
+        result = (obj.data or {}).get("result") if obj.action == "deployment.finish" else None
+        return f"{obj.action}: {result}" if result else obj.action
 
     def get_urls(self):
         return [path("reports/", self.admin_site.admin_view(self.reports_view), name="audit_reports"),

@@ -28,6 +28,8 @@ PAGES = [
     Page("release page", "/admin/releases/release/{release}/change/"),
     Page("deployment page", "/admin/environments/deployment/{deployment}/change/"),
     Page("change journey (API)", "/api/v1/changes/{epic_key}", auth="token"),
+    Page("change journey (page)", "/admin/changes/{epic_key}/"),
+    Page("deployment page's live refresh (JSON)", "/admin/environments/deployment/{deployment}/live/"),
 ]
 REPEATS = 5
 SLOW_SECONDS = 2.0  # a page slower than this is timed once, not REPEATS times

@@ -115,8 +115,9 @@ def _relational(releases: int, deployments: int) -> None:
         approver = c.fetchone()[0]
         c.execute("SELECT id FROM auth_user WHERE username = 'bench-requester'")
         requester = c.fetchone()[0]
-        c.execute("INSERT INTO releases_application (name, issue_key_prefix, description)"
-                  " VALUES ('MAC', 'BIZPLAT', 'Seeded for the benchmarks') RETURNING id")
+        c.execute("INSERT INTO releases_application (name, issue_key_prefix, issue_url_pattern, description)"
+                  " VALUES ('MAC', 'BIZPLAT', 'https://jira.example.com/browse/{key}', 'Seeded for the benchmarks')"
+                  " RETURNING id")
         app = c.fetchone()[0]
         env_columns = ("application_id, name, promotes_from_id, restricted, auto_deploy, required_approvals,"
                        " requires_code_review, playbook, inventory, playbook_repo, playbook_ref")
@@ -165,7 +166,7 @@ def _relational(releases: int, deployments: int) -> None:
             "INSERT INTO environments_deployment (release_id, environment_id, state, requested_by_id,"
             " requested_by_label, requested_via, requested_at, queued_at, started_at, finished_at, promoted_from_id,"
             " required_approvals, emergency, emergency_reason, review_comment, result_detail, sod_checks, progress,"
-            " playbook_commit)"
+            " playbook_commit, automatic, engine, refusal_code)"
             " SELECT (g - 1) / %(per)s + 1, CASE WHEN p < 4 THEN %(qa)s WHEN p < 7 THEN %(staging)s"
             "  ELSE %(production)s END,"
             " CASE WHEN g %% 50 = 0 THEN 'failed' ELSE 'succeeded' END,"
@@ -176,7 +177,7 @@ def _relational(releases: int, deployments: int) -> None:
             " false, '', '', CASE WHEN g %% 50 = 0 THEN 'deploy task failed on host app1' ELSE '' END,"
             " CASE WHEN p >= 7 THEN '[\"requester_not_implementer\", \"approver_not_implementer\","
             "  \"approver_not_requester\", \"approver_distinct\"]' ELSE '[]' END::jsonb,"
-            " '{\"hosts\": 3, \"done\": 3}', 'bundled:' || md5('playbooks')"
+            " '{\"hosts\": 3, \"done\": 3}', 'bundled:' || md5('playbooks'), p < 7, 'bench:1', ''"
             " FROM generate_series(1, %(deployments)s) g,"
             " LATERAL (SELECT (g - 1) %% %(per)s p, %(start)s + (g * %(step)s) t) x ORDER BY g",
             {"per": per, "qa": qa, "staging": staging, "production": production, "requester": requester,

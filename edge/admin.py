@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from django.contrib import admin, messages
 from django.template.response import TemplateResponse
+from django.utils.http import url_has_allowed_host_and_scheme
 
 from audit.actors import Actor
-from core.decisions import PolicyRefusal
+from core.decisions import Decision, PolicyRefusal
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -53,3 +55,43 @@ def confirm_with_comment(modeladmin, request, queryset, *, action: str, title: s
         "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
     }
     return TemplateResponse(request, "admin/portal/confirm_with_comment.html", context)
+
+
+@dataclass(frozen=True)
+class Offer:
+    """An action a page may show: offered when the policy allows it now, otherwise the rule's sentence
+    says why not. The page asks the same decide_* function that the service will ask."""
+
+    action: str
+    label: str
+    decision: Decision
+    target: object = None  # what the action is about (e.g. the environment of a deployment request)
+
+    @property
+    def allowed(self) -> bool:
+        return self.decision.allowed
+
+    @property
+    def refusal(self):
+        return self.decision.refusal
+
+
+def call_service(request, call: Callable, done: Callable[[object], str]):
+    """Call a service for a page's form; show its success, or the refusal in the rule's sentence (the
+    refusal is already in the audit chain). Returns the service's result, or None when refused."""
+    try:
+        result = call()
+    except PolicyRefusal as exc:
+        messages.error(request, f"Refused ({exc.refusal.code}). {exc.refusal.detail}")
+        return None
+    messages.success(request, done(result))
+    return result
+
+
+def next_url(request, default: str) -> str:
+    """Where a page's form returns to: its `next` field when it points into this site, else `default`."""
+    target = request.POST.get("next") or request.GET.get("next") or ""
+    if target and url_has_allowed_host_and_scheme(target, allowed_hosts={request.get_host()},
+                                                  require_https=request.is_secure()):
+        return target
+    return default

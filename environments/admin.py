@@ -5,11 +5,12 @@ import io
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.utils import unquote
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import Count, OuterRef, Q, Subquery
-from django.http import HttpResponse
+from django.http import Http404, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
@@ -17,15 +18,14 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
 
-from core.decisions import PolicyRefusal
+from core.decisions import NotFound, PolicyRefusal
 from edge import charts
-from edge.admin import ReadOnlyAdmin, admin_actor, confirm_with_comment, run_each
+from edge.admin import Offer, ReadOnlyAdmin, admin_actor, call_service, confirm_with_comment, next_url, run_each
 from environments import metrics, policy, selectors, services
 from environments.models import (
     Approval,
     ControlChange,
     Deployment,
-    DeploymentEvent,
     Environment,
     FreezeWindow,
     NotificationChannel,
@@ -394,43 +394,58 @@ class EnvironmentAdmin(admin.ModelAdmin):
         return TemplateResponse(request, "admin/environments/environment/access.html", context)
 
 
-def _once(request, name: str, check) -> bool:
-    """Ask the policy once per request (the changelist asks for each action)."""
-    cache = request.__dict__.setdefault("_portal_offers", {})
-    if name not in cache:
-        cache[name] = check(request.user)
-    return cache[name]
+class EnvironmentNameFilter(admin.AllValuesFieldListFilter):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.title = "environment"
 
 
-class ApprovalInline(admin.TabularInline):
-    model = Approval
-    extra = 0
-    can_delete = False
-    fields = ["approver", "decision", "comment", "decided_at"]
-    readonly_fields = fields
+DEPLOYMENT_ACTIONS = {  # action -> (service, what the page says when it is done, a comment is required)
+    "approve": (services.deployment_approve, "approved", False),
+    "reject": (services.deployment_reject, "rejected", True),
+    "cancel": (services.deployment_cancel, "cancelled", False),
+    "review": (services.deployment_review, "reviewed", True),
+}
 
-    def has_add_permission(self, request, obj=None):
-        return False
+
+def _outcome(deployment: Deployment, done: str) -> str:
+    """What a person's decision did, in a few words: "approved, now running", "cancelled"."""
+    state = deployment.get_state_display().lower()
+    if done == "cancelled" and deployment.state == Deployment.State.RUNNING:
+        return "cancel requested, the playbook is being stopped"
+    return done if state == done else f"{done}, now {state}"
+
+
+def deployment_offers(actor, deployment: Deployment) -> list[Offer]:
+    """What a deployment's page may offer the person: the policy's own answers (decide_approval,
+    decide_cancel, decide_review), only for the actions its state makes relevant."""
+    offers = []
+    if deployment.state == Deployment.State.AWAITING_APPROVAL:
+        offers.append(Offer("approve", "Approve", policy.decide_approval(actor=actor, deployment=deployment,
+                                                                         approve=True)))
+        offers.append(Offer("reject", "Reject", policy.decide_approval(actor=actor, deployment=deployment,
+                                                                       approve=False)))
+    if deployment.state in Deployment.OPEN_STATES and not deployment.cancel_requested_at:
+        offers.append(Offer("cancel", "Cancel", policy.decide_cancel(actor=actor, deployment=deployment)))
+    if deployment.emergency and deployment.reviewed_at is None:
+        offers.append(Offer("review", "Mark as reviewed", policy.decide_review(actor=actor, deployment=deployment)))
+    return offers
 
 
 @admin.register(Deployment)
 class DeploymentAdmin(admin.ModelAdmin):
-    list_display = ["id", "release", "environment_name", "state", "in_queue", "requested_by_label", "requested_at",
-                    "emergency", "review_status", "finished_at"]
-    list_filter = ["state", "environment__application", "environment__name", "emergency"]
+    """A deployment's page: its place in the queue, approvals, separation-of-duties checks, progress
+    refreshed while it runs, the latest lines of its output log, and Approve / Reject / Cancel / Review
+    where the policy allows them (the rule's sentence where it does not). Every change goes through a
+    service; the list only shows."""
+
+    list_display = ["id", "release_to_environment", "state_and_place", "requested_by_name", "requested_at",
+                    "finished_at"]
+    list_filter = ["state", "environment__application", ("environment__name", EnvironmentNameFilter), "emergency"]
     search_fields = ["release__version", "requested_by_label", "release__issues__key"]
     list_select_related = ["release__application", "environment", "reviewed_by"]
-    inlines = [ApprovalInline]
-    actions = ["approve", "reject", "cancel", "review"]
     date_hierarchy = "requested_at"
-    exclude = ["progress"]
-
-    class Media:
-        css = {"all": ["environments/admin.css"]}
-
-    def get_readonly_fields(self, request, obj=None):
-        return ["queue_place", "progress_summary", *(f.name for f in self.model._meta.fields if f.name != "progress"),
-                "output_log"]
+    actions = None
 
     def get_queryset(self, request):
         ahead = Deployment.objects.filter(
@@ -438,44 +453,24 @@ class DeploymentAdmin(admin.ModelAdmin):
         ).values("environment").annotate(n=Count("id")).values("n")
         return super().get_queryset(request).annotate(queue_position=Subquery(ahead))
 
-    @admin.display(description="in queue")
-    def in_queue(self, obj):
+    @admin.display(description="state", ordering="state")
+    def state_and_place(self, obj):
+        """The state, with its place in the queue, what replaced it, the rule that refused it, or the
+        emergency's review: one column, so that the list fits an analyst's screen."""
+        label = obj.get_state_display()
         if obj.state == Deployment.State.QUEUED:
-            return f"waiting, {obj.queue_position or 1} in line"
-        if obj.state == Deployment.State.SUPERSEDED:
-            return f"superseded by #{obj.superseded_by_id}"
-        if obj.state == Deployment.State.REFUSED:
-            return f"refused at start ({obj.refusal_code})"
-        return ""
+            label += f", {obj.queue_position or 1} in line"
+        elif obj.state == Deployment.State.SUPERSEDED:
+            label += f" by #{obj.superseded_by_id}"
+        elif obj.state == Deployment.State.REFUSED:
+            label += f" at start ({obj.refusal_code})"
+        if obj.emergency:
+            label += "; emergency, " + (f"reviewed by {obj.reviewed_by}" if obj.reviewed_at else "awaiting review")
+        return label
 
-    @admin.display(description="place in the queue")
-    def queue_place(self, obj):
-        entry = selectors.queue_entry(obj)
-        if entry is None:
-            return self.in_queue(obj) or "-"
-        if entry["state"] == Deployment.State.RUNNING:
-            return f"running{'; waiting for ' + entry['waiting_for'] if entry['waiting_for'] else ''}"
-        if entry["state"] == Deployment.State.QUEUED:
-            return f"{entry['position']} in line; waiting for {entry['waiting_for']}"
-        return f"waiting for {entry['waiting_for']}"
-
-    @admin.display(description="progress")
-    def progress_summary(self, obj):
-        p = obj.progress or {}
-        if not p:
-            return "-"
-        hosts = ", ".join(f"{h}: {s}" for h, s in sorted((p.get("hosts") or {}).items())) or "-"
-        return format_html(
-            "{} of {} hosts done; current task: {}; failed host: {}<br>hosts: {}",
-            p.get("hosts_done", 0), p.get("hosts_total", 0), p.get("current_task") or "-",
-            p.get("failed_host") or "-", hosts,
-        )
-
-    @admin.display(description="output log")
-    def output_log(self, obj):
-        lines = DeploymentEvent.objects.filter(deployment=obj).exclude(stdout="").values_list("stdout", flat=True)
-        text = "\n".join(lines[:2000])
-        return format_html('<pre class="output-log">{}</pre>', text or "-")
+    @admin.display(description="requested by", ordering="requested_by_label")
+    def requested_by_name(self, obj):
+        return obj.requested_by_label
 
     def has_add_permission(self, request):
         return False
@@ -484,53 +479,78 @@ class DeploymentAdmin(admin.ModelAdmin):
         return False
 
     def has_change_permission(self, request, obj=None):
-        return False  # every change is an action below, through a service
+        return False  # every change is an action of the deployment's page, through a service
 
-    def has_decide_permission(self, request):
-        """Offer approve / reject / review to releasers; the policy still decides each one."""
-        return _once(request, "may_decide", policy.may_decide_somewhere)
+    @admin.display(description="deployment", ordering="release__version")
+    def release_to_environment(self, obj):
+        return f"{obj.release} to {obj.environment.name}"
 
-    def has_cancel_permission(self, request):
-        return _once(request, "may_request", policy.may_request_somewhere)
+    def get_urls(self):
+        return [
+            path("<int:pk>/act/", self.admin_site.admin_view(self.act_view), name="environments_deployment_act"),
+            path("<int:pk>/live/", self.admin_site.admin_view(self.live_view), name="environments_deployment_live"),
+            path("<int:pk>/log/", self.admin_site.admin_view(self.log_view), name="environments_deployment_log"),
+            *super().get_urls(),
+        ]
 
-    @admin.display(description="environment", ordering="environment__name")
-    def environment_name(self, obj):
-        return obj.environment.name
+    def _viewable(self, request, pk) -> Deployment:
+        try:
+            deployment = selectors.deployment_get(int(pk))
+        except (NotFound, ValueError):
+            raise Http404(f"No deployment #{pk}.") from None
+        if not self.has_view_permission(request, deployment):
+            raise PermissionDenied
+        return deployment
 
-    @admin.display(description="review")
-    def review_status(self, obj):
-        if not obj.emergency:
-            return ""
-        return f"reviewed by {obj.reviewed_by}" if obj.reviewed_at else "AWAITING REVIEW"
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        deployment = self._viewable(request, unquote(object_id))
+        live = selectors.deployment_live(deployment)
+        context = {
+            **self.admin_site.each_context(request), "title": f"Deployment #{deployment.pk}", "opts": self.opts,
+            "original": deployment, "deployment": deployment, "live": live,
+            "offers": deployment_offers(admin_actor(request), deployment),
+            "sod_checks": [sentence for name, sentence in policy.SOD_CHECKS.items() if name in deployment.sod_checks]
+            + [name for name in deployment.sod_checks if name not in policy.SOD_CHECKS],
+            "approved": sum(1 for a in deployment.approvals.all() if a.decision == Approval.Decision.APPROVE),
+            "promoted_from": deployment.promoted_from_id and Deployment.objects.select_related("environment").filter(
+                pk=deployment.promoted_from_id).first(),
+            **(extra_context or {}),
+        }
+        return TemplateResponse(request, "admin/environments/deployment/page.html", context)
 
-    def _decide(self, request, queryset, *, action, title, service, done, required=False):
-        comment = confirm_with_comment(self, request, queryset, action=action, title=title, required=required)
-        if not isinstance(comment, str):
-            return comment
-        actor = admin_actor(request)
-        run_each(self, request, queryset,
-                 lambda d: service(actor=actor, deployment_id=d.pk, comment=comment), done)
-        return None
+    def live_view(self, request, pk: int):
+        """The deployment page's live part, as JSON (its script polls this while the deployment is open)."""
+        return JsonResponse(selectors.deployment_live(self._viewable(request, pk)))
 
-    @admin.action(description="Approve selected deployments", permissions=["decide"])
-    def approve(self, request, queryset):
-        return self._decide(request, queryset, action="approve", title="Approve deployments",
-                            service=services.deployment_approve, done="approved.")
+    def log_view(self, request, pk: int):
+        """The whole output log as plain text."""
+        deployment = self._viewable(request, pk)
+        response = StreamingHttpResponse(selectors.deployment_log(deployment.pk),
+                                         content_type="text/plain; charset=utf-8")
+        response["Content-Disposition"] = f'inline; filename="deployment-{deployment.pk}.log"'
+        return response
 
-    @admin.action(description="Reject selected deployments", permissions=["decide"])
-    def reject(self, request, queryset):
-        return self._decide(request, queryset, action="reject", title="Reject deployments",
-                            service=services.deployment_reject, done="rejected.", required=True)
-
-    @admin.action(description="Cancel selected deployments", permissions=["cancel"])
-    def cancel(self, request, queryset):
-        return self._decide(request, queryset, action="cancel", title="Cancel deployments",
-                            service=services.deployment_cancel, done="cancelled.")
-
-    @admin.action(description="Review selected emergency deployments", permissions=["decide"])
-    def review(self, request, queryset):
-        return self._decide(request, queryset, action="review", title="Review emergency deployments",
-                            service=services.deployment_review, done="reviewed.", required=True)
+    def act_view(self, request, pk: int):
+        """Approve, reject, cancel or review, through the service: it asks the policy again, so a forged
+        or stale form is refused with the rule's sentence (and the refusal is in the audit chain)."""
+        deployment = self._viewable(request, pk)
+        page_url = reverse("admin:environments_deployment_change", args=[deployment.pk])
+        if request.method != "POST":
+            return redirect(page_url)
+        back = next_url(request, page_url)
+        action, comment = request.POST.get("action", ""), request.POST.get("comment", "").strip()
+        if action not in DEPLOYMENT_ACTIONS:
+            messages.error(request, "Unknown action.")
+            return redirect(back)
+        service, done, needs_comment = DEPLOYMENT_ACTIONS[action]
+        if needs_comment and not comment:
+            messages.error(request, f"Say why in the comment: a deployment is {done} with a comment.")
+            return redirect(back)
+        call_service(request, lambda: service(actor=admin_actor(request), deployment_id=deployment.pk,
+                                              comment=comment),
+                     lambda d: format_html('{} to {}: {}. <a href="{}">Follow deployment #{}</a>', d.release,
+                                           d.environment.name, _outcome(d, done), page_url, d.pk))
+        return redirect(back)
 
 
 class NotificationChannelForm(forms.ModelForm):

@@ -44,6 +44,7 @@ RESULT_EVENTS = {
     "runner_on_skipped": "skipped",
 }
 MAX_STDOUT = 20_000
+MAX_MESSAGE = 600
 
 
 def _venv_bin() -> str:
@@ -110,6 +111,8 @@ class Progress:
     current_task: str = ""
     current_host: str = ""
     failed_host: str = ""
+    failed_task: str = ""
+    failed_message: str = ""  # Ansible's own words for the first failure
     pid: int | None = None
     hosts: dict[str, str] = field(default_factory=dict)  # host -> upgrading | done | failed
     runner_status: str = ""
@@ -119,7 +122,8 @@ class Progress:
         done = sum(1 for s in self.hosts.values() if s == "done")
         return {
             "hosts_total": self.hosts_total, "hosts_done": done, "current_task": self.current_task,
-            "current_host": self.current_host, "failed_host": self.failed_host, "hosts": self.hosts,
+            "current_host": self.current_host, "failed_host": self.failed_host, "failed_task": self.failed_task,
+            "failed_message": self.failed_message, "hosts": self.hosts,
             "pid": self.pid, "runner_status": self.runner_status,
         }
 
@@ -144,12 +148,44 @@ class Progress:
                 self.hosts[host] = "upgrading"
             if RESULT_EVENTS[kind] in ("failed", "unreachable") and not data.get("ignore_errors"):
                 self.hosts[host] = "failed"
-                self.failed_host = self.failed_host or host
+                if not self.failed_host:
+                    self.failed_host, self.failed_task = host, data.get("task", "") or self.current_task
+                    self.failed_message = ansible_message(data.get("res"))
         elif kind == "playbook_on_stats":
             failed = set(data.get("failures") or {}) | set(data.get("dark") or {})
             for host in set(data.get("ok") or {}) | failed:
                 self.hosts[host] = "failed" if host in failed else "done"
             self.current_task = ""
+
+
+def ansible_message(result) -> str:
+    """What Ansible said about a failed task: its `msg`, with the command's error output when the
+    message alone says little ("non-zero return code"). One line, at most MAX_MESSAGE characters."""
+    if not isinstance(result, dict):
+        return ""
+    message = result.get("msg") or ""
+    if not isinstance(message, str):
+        message = str(message)
+    stderr = str(result.get("stderr") or "").strip()
+    if stderr and stderr not in message:
+        message = f"{message}: {stderr}" if message else stderr
+    message = " ".join(message.split())
+    return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 1] + "…"
+
+
+def result_detail(status: str, rc, progress: dict) -> str:
+    """The result a person reads: on failure the host, the task and Ansible's message first, then the
+    runner's status and how far it got."""
+    counts = (f"ansible-runner {status}, rc {rc}; {progress['hosts_done']} of {progress['hosts_total']} "
+              "hosts done")
+    if not progress.get("failed_host"):
+        return counts
+    failure = f"Failed on {progress['failed_host']}"
+    if progress.get("failed_task"):
+        failure += f", task \"{progress['failed_task']}\""
+    if progress.get("failed_message"):
+        failure += f": {progress['failed_message']}"
+    return f"{failure} ({counts})"
 
 
 def inventory_group_sizes(inventory: str) -> dict[str, int]:
@@ -260,9 +296,7 @@ def execute(deployment_id: int) -> str | None:
         )
         outcome = _runner_outcome(runner.status, runner.rc, watcher.cancelled)
         p = watcher.progress.as_dict()
-        detail = f"ansible-runner {runner.status}, rc {runner.rc}; {p['hosts_done']} of {p['hosts_total']} hosts done"
-        if p["failed_host"]:
-            detail += f"; failed on {p['failed_host']}"
+        detail = result_detail(runner.status, runner.rc, p)
         extra = {"runner_status": runner.status, "rc": runner.rc, "hosts": p["hosts"], "playbook_commit": commit}
     except Exception as exc:  # noqa: BLE001 - any failure ends the deployment `failed`, with the reason
         logger.exception("deployment %s failed to run", deployment_id)

@@ -287,6 +287,9 @@ class Deployment(models.Model):
         indexes = [
             models.Index(fields=["release", "environment", "state"], name="deployment_release_env_idx"),
             models.Index(fields=["environment", "state", "queued_at"], name="deployment_queue_idx"),
+            # what runs in an environment now: its last succeeded deployment (the board, the API)
+            models.Index(fields=["environment", "state", "-finished_at", "-id"], name="deployment_current_idx"),
+            models.Index(fields=["-requested_at", "-id"], name="deployment_latest_idx"),  # the list, newest first
         ]
 
     def __str__(self) -> str:

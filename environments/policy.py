@@ -63,17 +63,6 @@ def holds_any_grant(user) -> bool:
     )
 
 
-def may_request_somewhere(user) -> bool:
-    """Whether the admin should offer a user the deployment request and cancel actions (each is still
-    decided by the rules): the model permission on deployments, or a grant on some environment."""
-    return user.has_perm("environments.add_deployment") or holds_any_grant(user)
-
-
-def may_decide_somewhere(user) -> bool:
-    """Whether the admin should offer a user approve / reject / review (each is still decided by the rules)."""
-    return user.has_perm("environments.change_deployment") or holds_any_grant(user)
-
-
 def person_identities(user) -> set[str]:
     """Everything a person may appear as in VCS metadata, lower-case."""
     identities = {user.get_username().lower()}
@@ -342,25 +331,6 @@ def promotion_source(release: Release, environment: Environment) -> Deployment |
         .order_by("-finished_at", "-id")
         .first()
     )
-
-
-def next_on_path(release: Release) -> Environment | None:
-    """The next environment on the promotion path that this release has not reached yet."""
-    reached = set(
-        Deployment.objects.filter(release=release, state=Deployment.State.SUCCEEDED).values_list(
-            "environment_id", flat=True
-        )
-    )
-    for environment in Environment.objects.filter(application_id=release.application_id).order_by("id"):
-        if environment.pk not in reached and (
-            environment.promotes_from_id is None or environment.promotes_from_id in reached
-        ):
-            return environment
-    return None
-
-
-def path_complete_refusal(release: Release) -> Refusal:
-    return conflict("PATH_COMPLETE", f"{release} has reached every environment of its promotion path.")
 
 
 def check_promotion_path(release, environment, source: Deployment | None) -> Refusal | None:

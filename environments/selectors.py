@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections import defaultdict
 from dataclasses import dataclass
 
-from django.db.models import Count, OuterRef, Prefetch, Q, Subquery
+from django.db.models import Case, Count, F, IntegerField, OuterRef, Prefetch, Q, Subquery, Value, When, Window
+from django.db.models.functions import RowNumber
 from django.utils import timezone
 
+from audit.actors import Actor
 from core.decisions import NotFound
 from core.times import iso_or_none as _time
 from environments import policy
-from environments.models import Deployment, Environment
-from releases.models import Application, Release
+from environments.models import Approval, Deployment, DeploymentEvent, Environment
+from releases.models import Application, Implementer, Release
+
+State = Deployment.State
+ON_THE_WAY = 8  # releases on their way shown per application (the count says how many there are)
+MY_REQUESTS = 8
+LOG_TAIL_LINES = 200
 
 
 def environment_get(application: str, name: str) -> Environment:
@@ -23,9 +31,11 @@ def environment_get(application: str, name: str) -> Environment:
 
 
 def deployment_get(deployment_id: int, *, within: frozenset[int] | None = None) -> Deployment:
-    """One deployment; `within` limits it to these applications (what a reader may see)."""
+    """One deployment with what its page, its API body and the policy read (no further queries);
+    `within` limits it to these applications (what a reader may see)."""
     deployments = (
-        Deployment.objects.select_related("release__application", "release__build", "environment", "requested_by")
+        Deployment.objects.select_related("release__application", "release__build", "environment__application",
+                                          "environment__promotes_from", "requested_by", "reviewed_by")
         .prefetch_related("approvals__approver")
         .filter(pk=deployment_id)
     )
@@ -44,7 +54,7 @@ def environment_queues(environment_ids: list[int], *, now=None) -> dict[int, lis
     rows = (
         Deployment.objects.filter(environment_id__in=environment_ids, state__in=Deployment.OPEN_STATES)
         .annotate(approved=Count("approvals", filter=Q(approvals__decision="approve")))
-        .values("id", "environment_id", "state", "release__version", "engine", "emergency", "approved",
+        .values("id", "environment_id", "state", "release_id", "release__version", "engine", "emergency", "approved",
                 "required_approvals", "queued_at", "requested_at", "requested_by_label")
     )
     frozen = policy.active_freezes(Environment.objects.filter(pk__in=environment_ids), now)
@@ -68,9 +78,11 @@ def environment_queues(environment_ids: list[int], *, now=None) -> dict[int, lis
                 waiting_for = "its start"
         else:
             waiting_for = f"approval ({row['approved']} of {row['required_approvals']})"
-        queue.append({"id": row["id"], "version": row["release__version"], "state": state, "position": position,
+        queue.append({"id": row["id"], "release_id": row["release_id"], "version": row["release__version"],
+                      "state": state, "position": position,
                       "waiting_for": waiting_for, "emergency": row["emergency"],
-                      "requested_by": row["requested_by_label"]})
+                      "requested_by": row["requested_by_label"], "approved": row["approved"],
+                      "required_approvals": row["required_approvals"]})
     return queues
 
 
@@ -212,3 +224,217 @@ def freeze_calendar(*, application: Application | str | None = None, days: int =
         ))
     return [{"application": name, "entries": sorted(entries, key=lambda e: (e.starts_at, e.window_id))}
             for name, entries in sorted(by_application.items())]
+
+
+# --- the pages: the release board, a release, a deployment ----------------------------------------
+
+def in_promotion_order(environments) -> list[Environment]:
+    """One application's environments, each after the one it is promoted from (siblings by id)."""
+    environments = sorted(environments, key=lambda e: e.pk)
+    children: dict[int | None, list[Environment]] = defaultdict(list)
+    for environment in environments:
+        children[environment.promotes_from_id].append(environment)
+    ordered: list[Environment] = []
+    pending = list(reversed(children[None]))
+    while pending:
+        environment = pending.pop()
+        if environment in ordered:
+            continue
+        ordered.append(environment)
+        pending.extend(reversed(children[environment.pk]))
+    return ordered + [e for e in environments if e not in ordered]
+
+
+def approved_prefetch() -> Prefetch:
+    """A deployment's approvals (not rejections), with the approver, as `approved`."""
+    return Prefetch("approvals", to_attr="approved",
+                    queryset=Approval.objects.filter(decision=Approval.Decision.APPROVE).select_related("approver"))
+
+
+def current_deployments(environment_ids) -> dict[int, Deployment]:
+    """Per environment, the deployment whose release runs there now: its last succeeded one. Three queries."""
+    last = Deployment.objects.filter(environment=OuterRef("pk"), state=State.SUCCEEDED).order_by("-finished_at", "-id")
+    pairs = list(Environment.objects.filter(pk__in=list(environment_ids))
+                 .annotate(current=Subquery(last.values("id")[:1])).values_list("pk", "current"))
+    deployments = Deployment.objects.filter(pk__in=[c for _, c in pairs if c]).select_related(
+        "release", "requested_by").prefetch_related(approved_prefetch())
+    by_id = {d.pk: d for d in deployments}
+    return {environment: by_id[current] for environment, current in pairs if current in by_id}
+
+
+def step_label(state: str, entry: dict | None = None, approved: int = 0, required: int = 0) -> str:
+    """How far a release got in one environment, in a few words."""
+    if state == State.SUCCEEDED:
+        return "done"
+    if state == State.AWAITING_APPROVAL:
+        return f"waiting, {approved} of {required} approval{'s' if required != 1 else ''}"
+    if state == State.QUEUED:
+        return f"queued, {entry['position']} in line" if entry and entry.get("position") else "queued"
+    return State(state).label.lower()
+
+
+def _on_their_way(applications, ordered: dict[int, list[Environment]], current: dict[int, Deployment],
+                  entries: dict[int, dict], limit: int) -> tuple[dict[int, list[dict]], dict[int, int]]:
+    """Per application, the releases on their way: those with an open deployment, and those registered
+    after the release that runs at the end of the promotion path. The latest `limit` of each (open ones
+    first), each with its step in every environment; and how many there are. Three queries."""
+    open_ids = {e["release_id"] for e in entries.values()}
+    where = Q(pk__in=open_ids)
+    for application in applications:
+        environments = ordered.get(application.pk, [])
+        sources = {e.promotes_from_id for e in environments}
+        ends = [e for e in environments if e.pk not in sources]
+        after = min((current[e.pk].release_id if e.pk in current else 0) for e in ends) if ends else 0
+        where |= Q(application_id=application.pk, pk__gt=after)
+    counts = dict(Release.objects.filter(where).values("application_id").annotate(n=Count("id"))
+                  .values_list("application_id", "n"))
+    first_open = Case(When(pk__in=open_ids, then=Value(0)), default=Value(1), output_field=IntegerField())
+    releases = list(
+        Release.objects.filter(where).select_related("application")
+        .annotate(rank=Window(RowNumber(), partition_by=[F("application_id")], order_by=[first_open, F("id").desc()]))
+        .filter(rank__lte=limit).order_by("application_id", "-id")
+    )
+    latest: dict[tuple[int, int], dict] = {}
+    rows = (Deployment.objects.filter(release__in=releases)
+            .annotate(approved=Count("approvals", filter=Q(approvals__decision=Approval.Decision.APPROVE)))
+            .values("id", "release_id", "environment_id", "state", "required_approvals", "approved").order_by("id"))
+    for row in rows:
+        latest[(row["release_id"], row["environment_id"])] = row
+    way: dict[int, list[dict]] = defaultdict(list)
+    for release in releases:
+        steps = []
+        for environment in ordered.get(release.application_id, []):
+            row = latest.get((release.pk, environment.pk))
+            steps.append({"environment": environment, "state": row["state"] if row else "",
+                          "deployment_id": row["id"] if row else None,
+                          "label": step_label(row["state"], entries.get(row["id"]), row["approved"],
+                                              row["required_approvals"]) if row else ""})
+        way[release.application_id].append({"release": release, "steps": steps})
+    return way, counts
+
+
+def release_board(*, now=None, limit: int = ON_THE_WAY) -> list[dict]:
+    """What is deployed where, per application: its environments in promotion order, each with the
+    deployment that runs there now and its queue; then the releases on their way. A fixed number of
+    queries, whatever the history."""
+    applications = list(Application.objects.order_by("name"))
+    environments = list(Environment.objects.all())
+    ordered: dict[int, list[Environment]] = defaultdict(list)
+    for environment in environments:
+        ordered[environment.application_id].append(environment)
+    ordered = {app_id: in_promotion_order(envs) for app_id, envs in ordered.items()}
+    ids = [e.pk for e in environments]
+    current = current_deployments(ids)
+    queues = environment_queues(ids, now=now)
+    entries = {entry["id"]: entry for queue in queues.values() for entry in queue}
+    way, counts = _on_their_way(applications, ordered, current, entries, limit)
+    return [{
+        "application": application,
+        "environments": [{"environment": e, "current": current.get(e.pk), "queue": queues[e.pk]}
+                         for e in ordered.get(application.pk, [])],
+        "on_the_way": way.get(application.pk, []),
+        "on_the_way_count": counts.get(application.pk, 0),
+    } for application in applications]
+
+
+def awaiting_decision_of(actor: Actor) -> list[Deployment]:
+    """The requests `actor` may approve or reject now: the policy is asked for each one awaiting
+    approval (so an implementer, the requester or a non-releaser never sees it)."""
+    pending = (
+        Deployment.objects.filter(state=State.AWAITING_APPROVAL)
+        .select_related("release__application", "release__build", "environment__application",
+                        "environment__promotes_from", "requested_by")
+        .prefetch_related("approvals__approver", "release__issues").order_by("requested_at", "id")
+    )
+    return [d for d in pending if policy.decide_approval(actor=actor, deployment=d, approve=True).allowed]
+
+
+def requests_of(user, *, limit: int = MY_REQUESTS) -> tuple[list[Deployment], int]:
+    """A person's latest deployment requests (with their approvals counted), and how many are still open."""
+    mine = Deployment.objects.filter(requested_by=user)
+    latest = list(
+        mine.select_related("release__application", "environment")
+        .annotate(approved_count=Count("approvals", filter=Q(approvals__decision=Approval.Decision.APPROVE)))
+        .order_by("-requested_at", "-id")[:limit]
+    )
+    return latest, mine.filter(state__in=Deployment.OPEN_STATES).count()
+
+
+def release_page(release_id: int) -> dict:
+    """A release with everything its page shows: build, pull request, issues, implementers, every
+    deployment with its approvals, and where it stands in each environment of its path. Fixed queries."""
+    release = (
+        Release.objects.select_related("application", "build")
+        .prefetch_related(
+            "issues",
+            Prefetch("implementers", queryset=Implementer.objects.select_related("user").order_by("identity")),
+            Prefetch("deployments", queryset=Deployment.objects.select_related(
+                "environment", "requested_by", "reviewed_by").prefetch_related("approvals__approver")
+                .order_by("requested_at", "id")),
+        ).filter(pk=release_id).first()
+    )
+    if release is None:
+        raise NotFound(f"No release #{release_id}.")
+    environments = in_promotion_order(
+        Environment.objects.filter(application_id=release.application_id).select_related("application", "promotes_from")
+    )
+    current = current_deployments([e.pk for e in environments])
+    queues = environment_queues([e.pk for e in environments])
+    entries = {entry["id"]: entry for queue in queues.values() for entry in queue}
+    deployments = list(release.deployments.all())
+    standing = []
+    for environment in environments:
+        own = [d for d in deployments if d.environment_id == environment.pk]
+        latest = own[-1] if own else None
+        approved = sum(1 for a in latest.approvals.all() if a.decision == "approve") if latest else 0
+        standing.append({
+            "environment": environment, "current": current.get(environment.pk), "latest": latest,
+            "label": step_label(latest.state, entries.get(latest.pk), approved, latest.required_approvals)
+            if latest else "",
+            "reached": any(d.state == State.SUCCEEDED for d in own),
+        })
+    for deployment in deployments:
+        deployment.queue_entry = entries.get(deployment.pk)
+    return {"release": release, "environments": environments, "standing": standing, "deployments": deployments}
+
+
+def queue_sentence(deployment: Deployment, entry: dict | None) -> str:
+    """Where an open deployment stands, in a sentence ("" once it ended)."""
+    if entry is None:
+        return ""
+    if entry["state"] == State.RUNNING:
+        return f"Running{'; waiting for ' + entry['waiting_for'] if entry['waiting_for'] else ''}."
+    if entry["state"] == State.QUEUED:
+        return f"{entry['position']} in line; waiting for {entry['waiting_for']}."
+    return f"Waiting for {entry['waiting_for']}."
+
+
+def deployment_log_tail(deployment_id: int, *, lines: int = LOG_TAIL_LINES) -> tuple[list[str], bool]:
+    """The latest `lines` lines of a deployment's output log, and whether earlier lines were left out."""
+    chunks = list(DeploymentEvent.objects.filter(deployment_id=deployment_id).exclude(stdout="")
+                  .order_by("-counter").values_list("stdout", flat=True)[: lines + 1])
+    text = [line for chunk in reversed(chunks) for line in chunk.splitlines()]
+    return text[-lines:], len(text) > lines
+
+
+def deployment_log(deployment_id: int):
+    """The whole output log, chunk by chunk, in order (streamed: a long log is never held in memory)."""
+    events = DeploymentEvent.objects.filter(deployment_id=deployment_id).exclude(stdout="").order_by("counter")
+    for stdout in events.values_list("stdout", flat=True).iterator(chunk_size=500):
+        yield stdout + "\n"
+
+
+def deployment_live(deployment: Deployment) -> dict:
+    """What a deployment's page refreshes while it runs: state, place in the queue, progress, log tail."""
+    entry = queue_entry(deployment)
+    progress = deployment.progress or {}
+    tail, cut = deployment_log_tail(deployment.pk)
+    return {
+        "id": deployment.pk, "state": deployment.state, "state_label": deployment.get_state_display(),
+        "open": deployment.state in Deployment.OPEN_STATES, "place": queue_sentence(deployment, entry),
+        "hosts_done": progress.get("hosts_done", 0), "hosts_total": progress.get("hosts_total", 0),
+        "current_task": progress.get("current_task", ""), "current_host": progress.get("current_host", ""),
+        "failed_host": progress.get("failed_host", ""), "hosts": progress.get("hosts", {}),
+        "log": "\n".join(tail), "log_cut": cut, "result": deployment.result_detail,
+        "finished_at": _time(deployment.finished_at),
+    }

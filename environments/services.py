@@ -233,17 +233,6 @@ def deployment_request(
     raise error
 
 
-def deployment_request_next(*, actor: Actor, release: Release) -> Deployment:
-    """Ask for `release` to go to the next environment of its promotion path that it has not reached."""
-    target = policy.next_on_path(release)
-    if target is not None:
-        return deployment_request(actor=actor, release=release, environment=target)
-    with transaction.atomic():
-        error = refused(actor=actor, action="deployment.request", refusal=policy.path_complete_refusal(release),
-                        obj=release, data={"release": str(release), "version": release.version})
-    raise error
-
-
 def auto_deploy(*, release: Release, environment: Environment) -> Deployment | None:
     """The portal asks for a deployment by itself. A refusal is on record in the audit chain and does
     not fail the caller."""

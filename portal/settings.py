@@ -45,7 +45,7 @@ CSRF_TRUSTED_ORIGINS = [
 ]
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    "edge.apps.PortalAdminConfig",  # django.contrib.admin with the portal's site (the release board)
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -92,6 +92,7 @@ TEMPLATES = [
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
             ],
+            "libraries": {"portal": "edge.templatetags"},
         },
     },
 ]
@@ -124,6 +125,7 @@ LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
+FORMAT_MODULE_PATH = ["portal.formats"]  # dates and times as 2026-11-30 14:05:00 (UTC)
 
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"

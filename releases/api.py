@@ -124,7 +124,22 @@ class EnvironmentReached(Schema):
     environment: str
     version: str
     deployment_id: int
+    requested_by: str
+    approved_by: list[str] = Field(description="Who approved that deployment (restricted environments).")
     finished_at: str | None
+
+
+class ChangeNow(Schema):
+    application: str
+    environment: str
+    state: str = Field(description="deployed (a release carrying the change runs there now), awaiting_approval, "
+                                   "queued or running (on its way there), replaced (it was there; another release "
+                                   "runs there now) or not_reached.")
+    version: str | None = Field(description="The release carrying the change that is there or on its way.")
+    deployment_id: int | None
+    since: str | None = Field(description="When it was deployed there (state deployed).")
+    waiting_for: str = Field(description="What an open deployment waits for, e.g. 'approval (0 of 1)'.")
+    current_version: str | None = Field(description="The version that runs in the environment now.")
 
 
 class ChangeOut(Schema):
@@ -132,6 +147,8 @@ class ChangeOut(Schema):
     builds: list[BuildOut]
     releases: list[ReleaseOut]
     environments_reached: list[EnvironmentReached]
+    now: list[ChangeNow] = Field(description="Where the change is now, per environment in promotion order.")
+    summary: str = Field(description="Where the change is now, in a sentence.")
 
 
 @router.post("/builds", response={200: BuildOut, 201: BuildOut, **REFUSALS}, summary="Register or update a build",

@@ -1,6 +1,8 @@
 import re
+from urllib.parse import quote
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
 
@@ -27,6 +29,11 @@ class Application(models.Model):
 
     name = models.CharField(max_length=64, unique=True)
     issue_key_prefix = models.CharField(max_length=32, help_text="Issue-tracker key prefix, e.g. BIZPLAT.")
+    issue_url_pattern = models.CharField(
+        "issue link", max_length=500, blank=True,
+        help_text="Where an issue key opens in the tracker: {key} is replaced by the key, "
+                  "e.g. https://jira.example.com/browse/{key}. Empty: keys are not linked.",
+    )
     description = models.TextField(blank=True)
 
     class Meta:
@@ -34,6 +41,18 @@ class Application(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def clean(self):
+        if self.issue_url_pattern and (
+            "{key}" not in self.issue_url_pattern or not self.issue_url_pattern.startswith(("https://", "http://"))
+        ):
+            raise ValidationError({"issue_url_pattern": "An http(s) address containing {key}."})
+
+    def issue_url(self, key: str) -> str:
+        """The tracker's address of one issue key, or "" when the application links none."""
+        if not self.issue_url_pattern:
+            return ""
+        return self.issue_url_pattern.replace("{key}", quote(key, safe=""))
 
     def issue_keys_in(self, text: str) -> list[str]:
         return issue_keys_in(self.issue_key_prefix, text)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from django.db.models import Prefetch, Q
 
 from core.decisions import NotFound
 from core.times import iso_or_none as _time
-from environments.models import Deployment
+from environments import selectors as env_selectors
+from environments.models import Deployment, Environment
 from releases.models import Application, Build, Release
 
 
@@ -64,10 +67,12 @@ def release_as_dict(release: Release) -> dict:
     }
 
 
-def releases_with_details():
+def releases_with_details(*, approvals: bool = False):
+    deployments = Deployment.objects.select_related("environment").order_by("id")
+    if approvals:
+        deployments = deployments.prefetch_related("approvals__approver")
     return Release.objects.select_related("application", "build").prefetch_related(
-        "issues", "implementers",
-        Prefetch("deployments", queryset=Deployment.objects.select_related("environment").order_by("id")),
+        "issues", "implementers", Prefetch("deployments", queryset=deployments),
     )
 
 
@@ -81,12 +86,110 @@ def release_get(application: str, version: str, *, details: bool = True,
     return release
 
 
-def change_detail(issue_key: str, *, within: frozenset[int] | None = None) -> dict:
-    """One change from concept to deployment: the builds of branches named after it and the builds
-    of the releases carrying it, those releases, and the environments they reached (of the
-    applications in `within`, None: all). A fixed number of queries, whatever the history."""
+@dataclass
+class ChangeJourney:
+    """One change (an issue key) from concept to deployment: the builds of its branch and of the
+    releases carrying it, those releases with their deployments, the environments it reached, and
+    where it is now. The journey page and `GET /api/v1/changes/{issue_key}` show the same."""
+
+    key: str
+    builds: list[Build]
+    releases: list[Release]
+    reached: list[dict]
+    now: list[dict]
+    summary: str
+
+    def as_dict(self) -> dict:
+        return {
+            "issue_key": self.key,
+            "builds": [build_as_dict(b) for b in self.builds],
+            "releases": [release_as_dict(r) for r in self.releases],
+            "environments_reached": self.reached,
+            "now": self.now,
+            "summary": self.summary,
+        }
+
+
+def _reached(releases: list[Release]) -> list[dict]:
+    """Per environment, the latest succeeded deployment of a release carrying the change."""
+    reached: dict[str, dict] = {}
+    for release in releases:
+        for d in release.deployments.all():
+            if d.state == Deployment.State.SUCCEEDED:
+                reached[f"{release.application.name}/{d.environment.name}"] = {
+                    "application": release.application.name, "environment": d.environment.name,
+                    "version": release.version, "deployment_id": d.pk, "requested_by": d.requested_by_label,
+                    "approved_by": [a.approver.get_username() for a in d.approvals.all() if a.decision == "approve"],
+                    "finished_at": _time(d.finished_at),
+                }
+    return sorted(reached.values(), key=lambda r: (r["finished_at"] or "", r["environment"]))
+
+
+def _where_now(releases: list[Release]) -> list[dict]:
+    """Per environment of the applications concerned (in promotion order): whether a release carrying
+    the change runs there now, waits for it, reached it before, or has not reached it."""
+    carrying = {r.pk: r for r in releases}
+    environments = Environment.objects.filter(application_id__in={r.application_id for r in releases}).select_related(
+        "application")
+    ordered = [e for app_id in sorted({r.application_id for r in releases})
+               for e in env_selectors.in_promotion_order([e for e in environments if e.application_id == app_id])]
+    current = env_selectors.current_deployments([e.pk for e in ordered])
+    queues = env_selectors.environment_queues([e.pk for e in ordered])
+    rows = []
+    for environment in ordered:
+        running = current.get(environment.pk)
+        mine = [e for e in queues[environment.pk] if e["release_id"] in carrying]
+        row = {"application": environment.application.name, "environment": environment.name,
+               "current_version": running.release.version if running else None}
+        if running is not None and running.release_id in carrying:
+            row.update(state="deployed", version=running.release.version, deployment_id=running.pk,
+                       since=_time(running.finished_at), waiting_for="")
+        elif mine:
+            entry = mine[0]
+            row.update(state=entry["state"], version=entry["version"], deployment_id=entry["id"], since=None,
+                       waiting_for=entry["waiting_for"])
+        else:
+            reached = any(d.environment_id == environment.pk and d.state == Deployment.State.SUCCEEDED
+                          for r in releases for d in r.deployments.all())
+            row.update(state="replaced" if reached else "not_reached", version=None, deployment_id=None, since=None,
+                       waiting_for="")
+        rows.append(row)
+    return rows
+
+
+def _names(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _summary(key: str, builds: list[Build], releases: list[Release], now: list[dict]) -> str:
+    """Where the change is, in a sentence."""
+    if not releases:
+        return f"{key} is built on its branch; no release carries it yet."
+    parts = []
+    deployed = [n for n in now if n["state"] == "deployed"]
+    for version in dict.fromkeys(n["version"] for n in deployed):
+        names = [n["environment"] for n in deployed if n["version"] == version]
+        parts.append(f"runs in {_names(names)} ({version})")
+    for n in now:
+        if n["state"] == Deployment.State.AWAITING_APPROVAL:
+            parts.append(f"waits for {n['waiting_for']} in {n['environment']} ({n['version']})")
+        elif n["state"] == Deployment.State.QUEUED:
+            parts.append(f"is queued for {n['environment']} ({n['version']}), waiting for {n['waiting_for']}")
+        elif n["state"] == Deployment.State.RUNNING:
+            parts.append(f"is being deployed to {n['environment']} ({n['version']})")
+    later = [n["environment"] for n in now if n["state"] == "not_reached"]
+    if later:
+        parts.append(f"has not reached {_names(later)} yet")
+    return f"{key} " + "; ".join(parts) + "." if parts else f"{key} is released; nothing more to say."
+
+
+def change_journey(issue_key: str, *, within: frozenset[int] | None = None) -> ChangeJourney:
+    """One change from concept to deployment: the builds of branches named after it and the builds of
+    the releases carrying it, those releases, the environments they reached and where it is now (of
+    the applications in `within`, None: all). A fixed number of queries, whatever the history."""
     key = issue_key.strip().upper()
-    releases = list(_within(releases_with_details().filter(issues__key=key), within).order_by("registered_at", "id"))
+    releases = list(_within(releases_with_details(approvals=True).filter(issues__key=key), within)
+                    .order_by("registered_at", "id"))
     builds = list(
         _within(Build.objects.select_related("application"), within)
         .filter(Q(issues__key=key) | Q(releases__in=releases))
@@ -94,16 +197,10 @@ def change_detail(issue_key: str, *, within: frozenset[int] | None = None) -> di
     )
     if not releases and not builds:
         raise NotFound(f"No build or release carries {key}.")
-    reached: dict[str, dict] = {}
-    for release in releases:
-        for d in release.deployments.all():
-            if d.state == Deployment.State.SUCCEEDED:
-                name = f"{release.application.name}/{d.environment.name}"
-                reached[name] = {"application": release.application.name, "environment": d.environment.name,
-                                 "version": release.version, "deployment_id": d.pk, "finished_at": _time(d.finished_at)}
-    return {
-        "issue_key": key,
-        "builds": [build_as_dict(b) for b in builds],
-        "releases": [release_as_dict(r) for r in releases],
-        "environments_reached": sorted(reached.values(), key=lambda r: (r["finished_at"] or "", r["environment"])),
-    }
+    now = _where_now(releases) if releases else []
+    return ChangeJourney(key, builds, releases, _reached(releases), now, _summary(key, builds, releases, now))
+
+
+def change_detail(issue_key: str, *, within: frozenset[int] | None = None) -> dict:
+    """The journey of one change, as the API answers it."""
+    return change_journey(issue_key, within=within).as_dict()

@@ -156,7 +156,7 @@ def release_register(
     raise error
 
 
-APPLICATION_FIELDS = ("name", "issue_key_prefix", "description")
+APPLICATION_FIELDS = ("name", "issue_key_prefix", "issue_url_pattern", "description")
 
 
 def application_save(*, actor: Actor, application: Application) -> Application:

@@ -44,17 +44,19 @@ def carols_change(world):
     return release, deployment
 
 
-def test_admin_action_approval_by_the_implementer_under_an_alias(client, world, carols_change):
+def test_admin_approval_by_the_implementer_under_an_alias(client, world, carols_change):
     _, deployment = carols_change
     client.force_login(world.carol)
-    client.post(reverse(CHANGELIST), {"action": "approve", "_selected_action": [deployment.pk], "apply": "1",
-                                      "comment": "mine"}, follow=True)
+    page = client.get(reverse("admin:environments_deployment_change", args=[deployment.pk]))
+    assert [o.action for o in page.context["offers"] if o.allowed] == ["cancel"]  # no Approve offered to her
+    client.post(reverse("admin:environments_deployment_act", args=[deployment.pk]),
+                {"action": "approve", "comment": "mine"}, follow=True)  # the form forged anyway
     deployment.refresh_from_db()
     assert deployment.state == Deployment.State.AWAITING_APPROVAL
     refused_in_chain("SOD_IMPLEMENTER_APPROVER", actor="carol", action_prefix="deployment.approve")
 
 
-def test_bulk_action_approving_ones_own_requests(client, world):
+def test_approving_ones_own_requests_in_bulk_or_one_by_one(client, world):
     releases = [world.release(), world.release()]
     mine = []
     for release in releases:
@@ -62,7 +64,11 @@ def test_bulk_action_approving_ones_own_requests(client, world):
         mine.append(services.deployment_request(actor=person(world.bob), release=release,
                                                 environment=world.production))
     client.force_login(world.bob)
-    client.post(reverse(CHANGELIST), {"action": "approve", "_selected_action": [d.pk for d in mine], "apply": "1"})
+    listing = client.post(reverse(CHANGELIST), {"action": "approve", "_selected_action": [d.pk for d in mine],
+                                                "apply": "1"})
+    assert listing.status_code == 200  # the list has no actions: a forged bulk approval does nothing
+    for deployment in mine:
+        client.post(reverse("admin:environments_deployment_act", args=[deployment.pk]), {"action": "approve"})
     assert set(Deployment.objects.filter(pk__in=[d.pk for d in mine]).values_list("state", flat=True)) == {
         "awaiting_approval"}
     assert AuditEvent.objects.filter(code="SOD_REQUESTER_APPROVER", actor_username="bob").count() == 2

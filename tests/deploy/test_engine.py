@@ -50,8 +50,13 @@ def test_checksum_mismatch_is_refused_by_the_playbook(world, deploy_dirs, artifa
     assert deploy.execute(deployment.pk) == State.FAILED
 
     deployment.refresh_from_db()
-    assert "failed on localhost" in deployment.result_detail
+    detail = deployment.result_detail  # the host, the task and Ansible's own message, then the runner's rc
+    assert detail.startswith('Failed on localhost, task "Refuse an artifact whose SHA-256 differs from the '
+                             "release's\": Checksum mismatch for mac-2.0.1.tar.gz: got ")
+    assert detail.endswith("Nothing was installed. (ansible-runner failed, rc 2; 0 of 1 hosts done)")
     assert deployment.progress["failed_host"] == "localhost"
+    finish = AuditEvent.objects.get(action="deployment.finish", object_id=str(deployment.pk))
+    assert finish.data["detail"] == detail
     assert not (Path(deploy_dirs) / "deploy" / "MAC" / "QA" / "current").exists()
     failed = DeploymentEvent.objects.get(deployment=deployment, status="failed")
     assert "Checksum mismatch" in failed.stdout

@@ -127,4 +127,4 @@ def test_failing_health_check_stops_the_roll(world, deploy_dirs, artifact, clust
     deployment.refresh_from_db()
     assert deployment.progress["hosts"] == {"web1": "done", "web2": "failed"}
     assert deployment.progress["failed_host"] == "web2"
-    assert "failed on web2" in deployment.result_detail
+    assert deployment.result_detail.startswith('Failed on web2, task "Health check": ')

@@ -35,25 +35,15 @@ def pending_production(world):
     return services.deployment_request(actor=person(world.bob), release=release, environment=world.production)
 
 
-def act(client, user, action, ids, comment=""):
+def act(client, user, action, deployment, comment=""):
     client.force_login(user)
-    return client.post(reverse(CHANGELIST), {"action": action, "_selected_action": ids, "apply": "1",
-                                             "comment": comment}, follow=True)
-
-
-def test_analyst_approves_through_the_admin_action(client, analysts):
-    deployment = pending_production(analysts)
-    response = act(client, analysts.carol, "approve", [deployment.pk], "looks right")
-    assert response.status_code == 200
-    deployment.refresh_from_db()
-    assert deployment.state == Deployment.State.RUNNING  # Production was free: it started at once
-    event = AuditEvent.objects.filter(action="deployment.approve").get()
-    assert (event.actor_username, event.via, event.data["comment"]) == ("carol", "admin", "looks right")
+    return client.post(reverse("admin:environments_deployment_act", args=[deployment.pk]),
+                       {"action": action, "comment": comment}, follow=True)
 
 
 def test_refusal_shows_the_rules_sentence(client, analysts):
     deployment = pending_production(analysts)
-    response = act(client, analysts.bob, "approve", [deployment.pk])
+    response = act(client, analysts.bob, "approve", deployment)
     messages = [str(m) for m in response.context["messages"]]
     assert any("SOD_REQUESTER_APPROVER" in m and "You requested this deployment" in m for m in messages)
     deployment.refresh_from_db()
@@ -62,30 +52,6 @@ def test_refusal_shows_the_rules_sentence(client, analysts):
     assert (event.code, event.actor_username, event.via, event.object_id) == (
         "SOD_REQUESTER_APPROVER", "bob", "admin", str(deployment.pk))
     assert event.data["detail"] in " ".join(messages)
-
-
-def test_reject_asks_for_a_comment_first(client, analysts):
-    deployment = pending_production(analysts)
-    client.force_login(analysts.carol)
-    page = client.post(reverse(CHANGELIST), {"action": "reject", "_selected_action": [deployment.pk]})
-    assert page.status_code == 200 and b'name="comment"' in page.content
-    missing = client.post(reverse(CHANGELIST), {"action": "reject", "_selected_action": [deployment.pk],
-                                                "apply": "1", "comment": ""})
-    assert b"is required" in missing.content
-    act(client, analysts.carol, "reject", [deployment.pk], "wrong ticket")
-    deployment.refresh_from_db()
-    assert deployment.state == Deployment.State.REJECTED
-
-
-def test_request_next_environment_action_on_releases(client, analysts):
-    release = analysts.release()
-    client.force_login(analysts.alice)
-    analysts.alice.user_permissions.add(Permission.objects.get(codename="view_release"))
-    client.post(reverse("admin:releases_release_changelist"),
-                {"action": "request_next_environment", "_selected_action": [release.pk]}, follow=True)
-    assert Deployment.objects.get(release=release).environment == analysts.qa
-    page = client.get(reverse("admin:releases_release_changelist"))
-    assert page.status_code == 200 and release.version.encode() in page.content
 
 
 def test_deployment_and_audit_pages_are_read_only(client, analysts):
@@ -183,26 +149,11 @@ def test_deployment_pages_show_the_queue(client, world, make_user):
     waiting = services.deployment_request(actor=person(world.alice), release=second, environment=world.qa)
     client.force_login(make_user("root", superuser=True))
     listing = client.get(reverse(CHANGELIST)).content.decode()
-    assert "waiting, 1 in line" in listing
+    assert "Queued, 1 in line" in listing
     page = client.get(reverse("admin:environments_deployment_change", args=[waiting.pk])).content.decode()
     assert f"1 in line; waiting for behind #{running.pk}" in page
     env_page = client.get(reverse("admin:environments_environment_change", args=[world.qa.pk])).content.decode()
     assert f"#{waiting.pk}</a> {second.version} queued: waiting for behind #{running.pk}" in env_page
-
-
-def test_a_release_that_reached_every_environment_is_refused_and_audited(client, world, make_user):
-    release = world.release()
-    world.to_staging(release)
-    world.deploy(release, world.production, actor=person(world.bob))
-    client.force_login(make_user("root", superuser=True))
-    response = client.post(reverse("admin:releases_release_changelist"),
-                           {"action": "request_next_environment", "_selected_action": [release.pk]}, follow=True)
-    assert "has reached every environment of its promotion path" in response.content.decode()
-    event = AuditEvent.objects.get(action="deployment.request.refused", code="PATH_COMPLETE")
-    assert (event.actor_username, event.object_id) == ("root", str(release.pk))
-    page = client.get(reverse("admin:releases_release_change", args=[release.pk])).content.decode()
-    assert "QA, Staging, Production" in page  # each request reads its own data
-
 
 def change_form_data(client, user) -> dict:
     form = client.get(reverse("admin:auth_user_change", args=[user.pk])).context["adminform"].form

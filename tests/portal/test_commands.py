@@ -14,6 +14,7 @@ from audit import chain
 from audit.models import AuditEvent
 from environments.models import Deployment, Environment
 from environments.policy import environment_grants
+from releases.models import Application, Release
 from tests.conftest import SYSTEM
 
 
@@ -66,9 +67,21 @@ def test_demo_data_builds_the_demo_and_twice_changes_nothing(db, demo_mode):
     assert users.get(username="dave").has_perm("audit.export_reports")
     assert not users.get(username="dave").has_perm("environments.change_deployment")
     assert not users.get(username="alice").has_perm("audit.export_reports")
-    qa = {d.release.version: d for d in Deployment.objects.filter(environment__name="QA").select_related("release")}
-    assert (qa["1.0.0"].state, qa["1.1.0"].state, qa["1.2.0"].state) == ("running", "superseded", "queued")
-    assert qa["1.1.0"].superseded_by_id == qa["1.2.0"].pk  # the demo shows the queue: latest wins, the rest waits
+    states = {(d.release.version, d.environment.name): d.state
+              for d in Deployment.objects.select_related("release", "environment")}
+    assert states == {  # the demo's recorded past, and what it leaves to the worker
+        ("1.0.0", "QA"): "succeeded", ("1.0.0", "Staging"): "succeeded", ("1.0.0", "Production"): "succeeded",
+        ("1.1.0", "QA"): "succeeded", ("1.1.0", "Staging"): "succeeded",
+        ("1.2.0", "QA"): "succeeded", ("1.2.0", "Staging"): "succeeded", ("1.2.0", "Production"): "awaiting_approval",
+        ("1.3.0", "QA"): "running", ("1.3.1", "QA"): "queued",
+    }
+    production = Deployment.objects.get(release__version="1.0.0", environment__name="Production")
+    assert (production.requested_by.username, [a.approver.username for a in production.approvals.all()]) == (
+        "bob", ["carol"])
+    assert Deployment.objects.get(release__version="1.2.0", environment__name="Production").requested_by_label == "bob"
+    assert sorted(Release.objects.get(version="1.1.0").implementers.values_list("identity", flat=True)) == [
+        "alice@example.com", "bob@example.com"]  # bob implemented it: he may not request it
+    assert Application.objects.get(name="MAC").issue_url("BIZPLAT-104") == "https://jira.example.com/browse/BIZPLAT-104"
     assert chain.verify().ok
 
 

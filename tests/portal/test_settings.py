@@ -56,11 +56,18 @@ def test_pages_load_scripts_and_styles_from_the_portal_only(client, path):
     assert ' style="' not in html
 
 
-def test_deployment_page_has_no_inline_style(client, world, make_user):
-    """The output log is styled from the portal's stylesheet: an inline style would be blocked."""
-    release = world.release()
+def test_the_portals_pages_have_no_inline_style_or_script(client, world, make_user):
+    """The pages are styled from the portal's stylesheet and refreshed by its own script file: an inline
+    style or script would be blocked."""
+    release = world.release(issue_keys=["BIZPLAT-9"])
     deployment = world.deploy(release, world.qa)
     client.force_login(make_user("root", superuser=True))
+    for url in (reverse("admin:index"), reverse("admin:releases_release_change", args=[release.pk]),
+                reverse("admin:environments_deployment_change", args=[deployment.pk]),
+                reverse("admin:change_journey", args=["BIZPLAT-9"])):
+        html = client.get(url).content.decode()
+        assert "portal/portal.css" in html and ' style="' not in html, url
+        for attributes, _body in re.findall(r"<script([^>]*)>(.*?)</script>", html, flags=re.S):
+            assert 'src="/static/' in attributes, (url, attributes)
     html = client.get(reverse("admin:environments_deployment_change", args=[deployment.pk])).content.decode()
-    assert 'class="output-log"' in html and "environments/admin.css" in html
-    assert ' style="' not in html
+    assert 'class="output-log"' in html and 'src="/static/portal/live.js"' in html

@@ -1,12 +1,22 @@
-"""Demo data: one application on a QA -> Staging -> Production path, its releasers, and a release.
+"""Demo data: one application on a QA -> Staging -> Production path, its releasers, and releases
+that leave something for each step of README's walk-through.
+
+The releases' past is recorded through the services, in the audit chain like everything else: 1.0.0
+reached Production (requested by bob, approved by carol), 1.1.0 (implemented by alice and bob)
+reached Staging, 1.2.0 reached Staging and waits for an approval to go to Production. Those past
+deployments are recorded by this command through the deploy engine's own services, without running
+a playbook (their result says so). The two newest releases are left to the worker that `make run`
+starts: 1.3.0, whose artifact in the store is damaged, fails in QA (the playbook refuses its
+checksum), and 1.3.1, the fix for the same change, goes through QA and Staging by itself and then
+waits for someone to request Production.
 
 Only in demo mode (settings.DEMO, PORTAL_DEMO=1): the demo users have known passwords.
 
-Running it twice changes nothing: every step looks before it writes, and writes through services
-(so the demo's own setup is in the audit chain like everything else).
+Running it twice changes nothing: every step looks before it writes, and writes through services.
 """
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 from django.conf import settings
@@ -17,8 +27,8 @@ from django.db import transaction
 
 from audit import chain
 from audit.actors import Actor
-from environments import policy
-from environments.models import Environment
+from environments import policy, services
+from environments.models import Deployment, Environment
 from environments.services import environment_grant, environment_save, group_membership_change
 from portal.management import demo_history
 from releases.models import Application, Build, Release
@@ -26,11 +36,38 @@ from releases.services import PullRequest, TestCounts, application_save, build_r
 
 APPLICATION = "MAC"
 ISSUE_PREFIX = "BIZPLAT"
+ISSUE_URL = "https://jira.example.com/browse/{key}"
 RELEASERS = "mac-releasers"
-DEMO_RELEASES = [  # version, issue key, branch
-    ("1.0.0", f"{ISSUE_PREFIX}-101", f"feature/{ISSUE_PREFIX}-101-invoice-rounding"),
-    ("1.1.0", f"{ISSUE_PREFIX}-102", f"feature/{ISSUE_PREFIX}-102-vat-export"),
-    ("1.2.0", f"{ISSUE_PREFIX}-103", f"feature/{ISSUE_PREFIX}-103-ledger-totals"),
+HISTORY = Actor.system(via="command")
+HISTORY_DETAIL = "Recorded by demo_data as the demo's history; no playbook ran."
+
+
+@dataclass(frozen=True)
+class DemoRelease:
+    version: str
+    issue: int
+    topic: str
+    implementers: tuple[str, ...]
+    reached: tuple[str, ...] = ()  # the environments its recorded history reached
+    production_request: bool = False  # bob asked for Production (it awaits an approval)
+    damaged_artifact: bool = False  # the artifact store holds a truncated file: the playbook refuses it
+
+    @property
+    def key(self) -> str:
+        return f"{ISSUE_PREFIX}-{self.issue}"
+
+    @property
+    def branch(self) -> str:
+        return f"feature/{self.key}-{self.topic}"
+
+
+ALICE, BOB = "alice@example.com", "bob@example.com"
+DEMO_RELEASES = [  # in the order CI registered them; the last two are deployed by the worker
+    DemoRelease("1.0.0", 101, "invoice-rounding", (ALICE,), ("QA", "Staging", "Production")),
+    DemoRelease("1.1.0", 102, "vat-export", (ALICE, BOB), ("QA", "Staging")),
+    DemoRelease("1.2.0", 103, "ledger-totals", (ALICE,), ("QA", "Staging"), production_request=True),
+    DemoRelease("1.3.0", 104, "payment-batches", (ALICE,), damaged_artifact=True),
+    DemoRelease("1.3.1", 104, "payment-batches", (ALICE,)),
 ]
 
 # name -> (email, password, groups, superuser)
@@ -77,7 +114,8 @@ class Command(BaseCommand):
             self._groups(actor, production)
             self._users(actor)
             demo_history.build(application=app, production=production)
-            self._release(actor)
+        for number, demo in enumerate(DEMO_RELEASES, start=1):
+            self._release(actor, number, demo)
         self.stdout.write(self.style.SUCCESS(
             f"Demo data ready: {app} with {qa.name} -> {staging.name} -> {production.name}; "
             f"users {', '.join(USERS)} (password = user name)."
@@ -87,7 +125,7 @@ class Command(BaseCommand):
         app = Application.objects.filter(name=APPLICATION).first()
         if app is None:
             app = application_save(actor=actor, application=Application(
-                name=APPLICATION, issue_key_prefix=ISSUE_PREFIX,
+                name=APPLICATION, issue_key_prefix=ISSUE_PREFIX, issue_url_pattern=ISSUE_URL,
                 description="Demo application released by the portal."))
         return app
 
@@ -130,28 +168,55 @@ class Command(BaseCommand):
                 if not user.groups.filter(pk=group.pk).exists():
                     group_membership_change(actor=actor, group=group, user=user, add=True)
 
-    def _release(self, actor):
-        """Three releases registered back to back, as CI does when changes merge within minutes: the
-        first goes to QA at once, the second waits and is superseded by the third (latest wins), and
-        the third follows the first through QA and Staging, waiting its turn in each."""
+    def _release(self, actor, number: int, demo: DemoRelease):
+        """Register one release (as CI does) with its build; a new one with a past gets its past
+        recorded in the same transaction. Registration requests QA by itself (auto-deploy)."""
         artifact_dir = Path(settings.VAR_DIR) / "artifacts"
         artifact_dir.mkdir(parents=True, exist_ok=True)
-        for number, (version, issue, branch) in enumerate(DEMO_RELEASES, start=1):
-            artifact = artifact_dir / f"mac-{version}.tar.gz"
-            if not artifact.exists():
-                artifact.write_bytes(f"MAC {version} demo artifact\n".encode())
-            sha256 = hashlib.sha256(artifact.read_bytes()).hexdigest()
+        artifact = artifact_dir / f"mac-{demo.version}.tar.gz"
+        content = f"MAC {demo.version} demo artifact\n".encode()
+        if not artifact.exists():
+            artifact.write_bytes(content[:-6] if demo.damaged_artifact else content)
+        if Release.objects.filter(application__name=APPLICATION, version=demo.version).exists():
+            return
+        with transaction.atomic():
             if not Build.objects.filter(application__name=APPLICATION, number=str(number)).exists():
                 build_register(
                     actor=actor, application=APPLICATION, number=str(number), commit=f"{number:08x}" * 5,
-                    branch=branch, url=f"https://ci.example.com/MAC/{number}",
-                    status="successful", tests=TestCounts(412 + number, 0, 3),
+                    branch=demo.branch, url=f"https://ci.example.com/MAC/{number}",
+                    status="successful", tests=TestCounts(412 + 7 * number, 0, 3),
                 )
-            if not Release.objects.filter(application__name=APPLICATION, version=version).exists():
-                release_register(
-                    actor=actor, application=APPLICATION, version=version, build=str(number),
-                    artifact_url=artifact.as_uri(), artifact_sha256=sha256,
-                    issue_keys=[issue], implementers=["alice@example.com"],
-                    pull_request=PullRequest(f"https://vcs.example.com/mac/pull/{6 + number}", "alice@example.com",
-                                             ("erin",)),
-                )
+            release, _ = release_register(
+                actor=actor, application=APPLICATION, version=demo.version, build=str(number),
+                artifact_url=artifact.as_uri(), artifact_sha256=hashlib.sha256(content).hexdigest(),
+                issue_keys=[demo.key], implementers=list(demo.implementers),
+                pull_request=PullRequest(f"https://vcs.example.com/mac/pull/{6 + number}", ALICE, ("erin",)),
+            )
+            self._history(release, demo)
+
+    def _history(self, release: Release, demo: DemoRelease):
+        User = get_user_model()
+        bob, carol = Actor(user=User.objects.get(username="bob"), via="command"), \
+            Actor(user=User.objects.get(username="carol"), via="command")
+        for name in demo.reached:
+            environment = Environment.objects.get(application=release.application, name=name)
+            deployment = Deployment.objects.filter(release=release, environment=environment).first()
+            if deployment is None:  # auto-deploy asked for QA and Staging; Production is asked for by bob
+                deployment = services.deployment_request(actor=bob, release=release, environment=environment)
+            if deployment.state == Deployment.State.AWAITING_APPROVAL:
+                deployment = services.deployment_approve(actor=carol, deployment_id=deployment.pk,
+                                                         comment="Change tickets and test results checked.")
+            self._record_success(deployment)
+        if demo.production_request:
+            production = Environment.objects.get(application=release.application, name="Production")
+            services.deployment_request(actor=bob, release=release, environment=production)
+
+    def _record_success(self, deployment: Deployment):
+        """A past deployment, recorded through the deploy engine's services (claim, then result)."""
+        deployment.refresh_from_db()
+        if deployment.state != Deployment.State.RUNNING:
+            raise CommandError(f"{deployment} is {deployment.state}, not running: load the demo into a fresh "
+                               "database (make clean) while no worker runs.")
+        services.deployment_start(deployment_id=deployment.pk, engine="demo_data", actor=HISTORY)
+        services.deployment_record_result(deployment_id=deployment.pk, state=Deployment.State.SUCCEEDED,
+                                          detail=HISTORY_DETAIL, actor=HISTORY)

@@ -1,0 +1,76 @@
+"""The portal's admin site. Its front page is the release board (what runs where, what waits in each
+queue, the releases on their way, what waits for the signed-in person and what they asked for), with
+a search for a change's issue key; a change's journey has a page of its own."""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlencode
+
+from django.contrib import admin
+from django.core.exceptions import PermissionDenied
+from django.http import Http404
+from django.shortcuts import redirect
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+
+from core.decisions import NotFound
+from edge.admin import admin_actor
+from environments import selectors as env_selectors
+from releases import selectors as release_selectors
+
+ISSUE_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_]*-[0-9]+$")
+BOARD_PERMISSIONS = ("releases.view_release", "environments.view_deployment")
+
+
+def may_see_board(user) -> bool:
+    return user.has_perms(BOARD_PERMISSIONS)
+
+
+class PortalAdminSite(admin.AdminSite):
+    site_header = "Release Portal"
+    site_title = "Release Portal"
+    index_title = "Release board"
+
+    def get_urls(self):
+        return [
+            path("changes/<str:issue_key>/", self.admin_view(self.change_journey_view), name="change_journey"),
+            *super().get_urls(),
+        ]
+
+    def index(self, request, extra_context=None):
+        """The release board; `?q=` opens a change's journey (an issue key) or searches the releases."""
+        query = request.GET.get("q", "").strip()
+        if query:
+            if ISSUE_KEY.match(query):
+                return redirect("admin:change_journey", issue_key=query.upper())
+            return redirect(reverse("admin:releases_release_changelist") + "?" + urlencode({"q": query}))
+        return super().index(request, extra_context={**self.board_context(request), **(extra_context or {})})
+
+    def board_context(self, request) -> dict:
+        if not may_see_board(request.user):
+            return {"board": None}
+        mine, mine_open = env_selectors.requests_of(request.user)
+        board = env_selectors.release_board()
+        entries = {e["id"]: e for app in board for env in app["environments"] for e in env["queue"]}
+        for deployment in mine:
+            deployment.queue_entry = entries.get(deployment.pk)
+        return {
+            "board": board,
+            "waiting_for_me": env_selectors.awaiting_decision_of(admin_actor(request)),
+            "my_requests": mine, "my_open_requests": mine_open,
+        }
+
+    def change_journey_view(self, request, issue_key: str):
+        """Where is my change: its branch builds, pull request, releases, every environment it reached
+        and where it is now (the same selector as GET /api/v1/changes/{issue_key})."""
+        if not may_see_board(request.user):
+            raise PermissionDenied
+        try:
+            journey = release_selectors.change_journey(issue_key)
+        except NotFound as exc:
+            raise Http404(str(exc)) from None
+        applications = [r.application for r in journey.releases] + [b.application for b in journey.builds]
+        context = {**self.each_context(request), "title": f"Where is {journey.key}?", "journey": journey,
+                   "issue_url": next((url for a in applications if (url := a.issue_url(journey.key))), "")}
+        return TemplateResponse(request, "admin/releases/change_journey.html", context)

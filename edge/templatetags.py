@@ -1,0 +1,54 @@
+"""Template filters of the portal's pages (registered in settings.TEMPLATES as the library `portal`)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from django import template
+
+from environments.models import Deployment
+
+register = template.Library()
+
+
+@register.filter
+def state_label(state: str) -> str:
+    """A deployment state as people read it: "awaiting_approval" -> "awaiting approval"."""
+    try:
+        return Deployment.State(state).label.lower()
+    except ValueError:
+        return str(state).replace("_", " ")
+
+
+@register.filter
+def requester(deployment: Deployment) -> str:
+    """Who asked for a deployment: a person's name, a CI token, or the portal itself (auto-deploy)."""
+    if deployment.requested_by_id is None and not deployment.requested_by_label.startswith("ci:"):
+        return "the portal (automatic)"
+    return deployment.requested_by_label
+
+
+@register.filter
+def took(end: dt.datetime | None, start: dt.datetime | None) -> str:
+    """How long from `start` to `end`, in words: "4 s", "2 min 5 s", "3 h 10 min"."""
+    if not end or not start:
+        return ""
+    seconds = max(0, int((end - start).total_seconds()))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+@register.filter
+def moment(value: str | dt.datetime | None) -> str:
+    """A time as the pages write it, "2026-11-30 14:05 UTC", from a datetime or an ISO 8601 string."""
+    if not value:
+        return ""
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.fromisoformat(value)
+        except ValueError:
+            return value
+    return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")

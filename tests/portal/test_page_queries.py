@@ -1,0 +1,62 @@
+"""Every page keeps a fixed number of queries, whatever the size of the history: the board, a release,
+a deployment and a change's journey are counted with a short history and with a longer one."""
+
+from django.contrib.auth.models import Permission
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.urls import reverse
+
+from environments import services
+from environments.models import Deployment
+from tests.conftest import person
+
+
+def queries(client, url) -> int:
+    client.get(url)  # warm the caches a long-running process keeps (content types, permissions)
+    with CaptureQueriesContext(connection) as captured:
+        assert client.get(url).status_code == 200
+    return len(captured)
+
+
+def grow_history(world, releases: int):
+    """Releases that went all the way to Production, each with its approvals and audit events."""
+    for _ in range(releases):
+        release = world.release(issue_keys=["BIZPLAT-1", "BIZPLAT-2"])
+        world.to_staging(release)
+        world.deploy(release, world.production, actor=person(world.bob))
+
+
+def scene(world, key: str) -> dict[str, str]:
+    """The same situation at any history size: a release carrying `key` in Staging and waiting for an
+    approval to Production, and the pages that show it."""
+    release = world.release(issue_keys=[key])
+    world.to_staging(release)
+    pending = services.deployment_request(actor=person(world.bob), release=release, environment=world.production)
+    return {
+        "board": reverse("admin:index"),
+        "release": reverse("admin:releases_release_change", args=[release.pk]),
+        "deployment": reverse("admin:environments_deployment_change", args=[pending.pk]),
+        "live": reverse("admin:environments_deployment_live", args=[pending.pk]),
+        "journey": reverse("admin:change_journey", args=[key]),
+        "releases": reverse("admin:releases_release_changelist"),
+        "deployments": reverse("admin:environments_deployment_changelist"),
+    }
+
+
+def test_pages_keep_a_fixed_query_count_as_history_grows(client, world):
+    world.carol.user_permissions.add(*Permission.objects.filter(codename__in=[
+        "view_deployment", "view_release", "view_environment", "add_deployment"]))
+    client.force_login(world.carol)
+
+    grow_history(world, 2)
+    urls = scene(world, "BIZPLAT-100")
+    short = {name: queries(client, url) for name, url in urls.items()}
+    services.deployment_cancel(actor=person(world.bob), deployment_id=Deployment.objects.get(
+        state=Deployment.State.AWAITING_APPROVAL).pk)
+
+    grow_history(world, 12)
+    urls = scene(world, "BIZPLAT-200")
+    long = {name: queries(client, url) for name, url in urls.items()}
+
+    assert long == short
+    assert short["board"] <= 40 and short["release"] <= 60, short  # a few per environment, none per release

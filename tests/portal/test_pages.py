@@ -1,0 +1,430 @@
+"""The analysts' pages, as bob, carol (releasers), alice (developer, implementer) and dave (auditor) see
+them: the release board, a release, a deployment, a change's journey. What a page offers is what the
+policy allows; what it does not offer, it explains in the rule's sentence; a forged form is refused
+by the service with that sentence and is in the audit chain."""
+
+import datetime as dt
+import html
+import re
+
+import pytest
+from django.contrib.auth.models import Permission
+from django.core.exceptions import ValidationError
+from django.urls import reverse
+from django.utils import timezone
+
+from audit.models import AuditEvent
+from environments import services
+from environments.models import Deployment, DeploymentEvent, Environment, FreezeWindow
+from releases import selectors as release_selectors
+from releases.models import Application
+from tests.conftest import SYSTEM, person
+
+State = Deployment.State
+VIEW = ["view_deployment", "view_release", "view_auditevent", "view_environment", "view_build", "view_application"]
+NOT_RELEASER_REQUEST = ("You are not a releaser of MAC Production: requesting a deployment there needs the deploy "
+                        "permission granted on that environment.")
+NOT_RELEASER_APPROVE = ("You are not a releaser of MAC Production: approving there needs the approve permission "
+                        "granted on that environment.")
+
+
+@pytest.fixture
+def people(world):
+    """The world's people with the view rights the demo gives them (analysts may also request)."""
+    view = Permission.objects.filter(codename__in=VIEW)
+    for user in (world.alice, world.bob, world.carol, world.dave):
+        user.user_permissions.add(*view)
+    add = Permission.objects.get(codename="add_deployment")
+    world.bob.user_permissions.add(add)
+    world.carol.user_permissions.add(add)
+    return world
+
+
+def page(client, user, url, **params):
+    client.force_login(user)
+    response = client.get(url, params)
+    assert response.status_code == 200, response.status_code
+    return response
+
+
+def text(response) -> str:
+    return re.sub(r"\s+", " ", html.unescape(response.content.decode()))
+
+
+def buttons(response) -> list[str]:
+    """The labels of the buttons that change something (the search's Find and Log out change nothing)."""
+    labels = re.findall(r'<button type="submit"[^>]*>\s*([^<]*?)\s*</button>', response.content.decode())
+    return [label for label in labels if label not in ("Find", "Log out")]
+
+
+def release_url(release):
+    return reverse("admin:releases_release_change", args=[release.pk])
+
+
+def deployment_url(deployment):
+    return reverse("admin:environments_deployment_change", args=[deployment.pk])
+
+
+def in_staging(world, **kw):
+    release = world.release(**kw)
+    world.to_staging(release)
+    return release
+
+
+def awaiting(world, release=None):
+    release = release or in_staging(world)
+    return services.deployment_request(actor=person(world.bob), release=release, environment=world.production)
+
+
+# --- the release board ---------------------------------------------------------------------------
+
+def test_board_shows_what_runs_where_its_queues_and_the_releases_on_their_way(client, people):
+    live = people.release("2.0.0")
+    people.to_staging(live)
+    people.deploy(live, people.production, actor=person(people.bob))
+    newer = in_staging(people, version="2.1.0")
+    pending = awaiting(people, newer)
+    response = page(client, people.dave, reverse("admin:index"))
+    board = response.context["board"]
+    (mac,) = board
+    columns = {c["environment"].name: c for c in mac["environments"]}
+    assert list(columns) == ["QA", "Staging", "Production"]  # promotion order
+    assert columns["Production"]["current"].release == live
+    assert columns["Staging"]["current"].release == newer
+    assert [e["id"] for e in columns["Production"]["queue"]] == [pending.pk]
+    way = {row["release"].version: [s["label"] for s in row["steps"]] for row in mac["on_the_way"]}
+    assert way == {"2.1.0": ["done", "done", "waiting, 0 of 1 approval"]}  # 2.0.0 reached the end of the path
+    assert mac["on_the_way_count"] == 1
+    body = text(response)
+    assert "deployed by bob, approved by carol" in body
+    assert "waiting for approval (0 of 1)" in body
+    assert 'id="releases-release"' in body  # the app list stays below: settings remain reachable
+
+
+def test_board_counts_every_release_on_its_way_and_shows_the_latest(client, people):
+    live = in_staging(people)
+    people.deploy(live, people.production, actor=person(people.bob))
+    waiting = awaiting(people)  # registered early, but open: always shown
+    newer = [people.release() for _ in range(10)]
+    (mac,) = page(client, people.dave, reverse("admin:index")).context["board"]
+    shown = [row["release"] for row in mac["on_the_way"]]
+    assert mac["on_the_way_count"] == 11
+    assert shown == [*reversed(newer[-7:]), waiting.release]  # the open one first, then the latest 7
+    assert "the latest 8 shown" in text(page(client, people.dave, reverse("admin:index")))
+
+
+def test_waiting_for_me_lists_only_what_the_policy_lets_each_person_decide(client, people):
+    pending = awaiting(people)
+    mine = awaiting(people, in_staging(people, implementers=["carol@example.com"]))  # carol implemented it
+    waiting = {u.username: [d.pk for d in page(client, u, reverse("admin:index")).context["waiting_for_me"]]
+               for u in (people.alice, people.bob, people.carol, people.dave)}
+    assert waiting == {"alice": [], "bob": [], "carol": [pending.pk], "dave": []}
+    assert mine.pk not in waiting["carol"]
+    bob = page(client, people.bob, reverse("admin:index"))
+    assert [d.pk for d in bob.context["my_requests"]] == [mine.pk, pending.pk] and bob.context["my_open_requests"] == 2
+    assert buttons(bob) == []  # nothing for bob to decide, so no button
+    carol = page(client, people.carol, reverse("admin:index"))
+    assert buttons(carol) == ["Approve", "Reject"]
+
+
+def test_carol_approves_in_place_from_the_board(client, people):
+    pending = awaiting(people)
+    client.force_login(people.carol)
+    response = client.post(reverse("admin:environments_deployment_act", args=[pending.pk]),
+                           {"action": "approve", "comment": "checked", "next": reverse("admin:index")}, follow=True)
+    assert response.redirect_chain[-1][0] == reverse("admin:index")
+    pending.refresh_from_db()
+    assert pending.state == State.RUNNING  # Production was free: it started at once
+    event = AuditEvent.objects.get(action="deployment.approve")
+    assert (event.actor_username, event.via, event.data["comment"]) == ("carol", "admin", "checked")
+    assert "approved, now running" in text(response)
+    assert response.context["waiting_for_me"] == []
+
+
+def test_a_rejection_from_the_board_needs_a_comment(client, people):
+    pending = awaiting(people)
+    client.force_login(people.carol)
+    url = reverse("admin:environments_deployment_act", args=[pending.pk])
+    response = client.post(url, {"action": "reject", "comment": " ", "next": "/admin/"}, follow=True)
+    assert "Say why in the comment" in text(response)
+    pending.refresh_from_db()
+    assert pending.state == State.AWAITING_APPROVAL
+    client.post(url, {"action": "reject", "comment": "wrong ticket"})
+    pending.refresh_from_db()
+    assert pending.state == State.REJECTED
+
+
+def test_searching_an_issue_key_opens_the_changes_journey(client, people):
+    release = in_staging(people, issue_keys=["BIZPLAT-64951"])
+    client.force_login(people.alice)
+    response = client.get(reverse("admin:index"), {"q": " bizplat-64951 "}, follow=True)
+    assert response.redirect_chain[-1][0] == reverse("admin:change_journey", args=["BIZPLAT-64951"])
+    journey = response.context["journey"]
+    assert journey.as_dict() == release_selectors.change_detail("BIZPLAT-64951")  # one selector for both
+    assert journey.summary == (f"BIZPLAT-64951 runs in QA and Staging ({release.version}); "
+                               "has not reached Production yet.")
+    assert journey.summary in text(response)
+    versions = client.get(reverse("admin:index"), {"q": release.version})
+    assert versions.url == reverse("admin:releases_release_changelist") + f"?q={release.version}"
+    assert client.get(reverse("admin:change_journey", args=["BIZPLAT-404"])).status_code == 404
+
+
+def test_journey_says_who_approved_and_where_the_change_is_now(client, people):
+    release = in_staging(people, issue_keys=["BIZPLAT-7"])
+    people.deploy(release, people.production, actor=person(people.bob))
+    journey = page(client, people.dave, reverse("admin:change_journey", args=["BIZPLAT-7"])).context["journey"]
+    production = next(r for r in journey.reached if r["environment"] == "Production")
+    assert (production["requested_by"], production["approved_by"]) == ("bob", ["carol"])
+    assert [n["state"] for n in journey.now] == ["deployed", "deployed", "deployed"]
+    assert journey.summary == f"BIZPLAT-7 runs in QA, Staging and Production ({release.version})."
+
+
+# --- a release's page: Deploy to ... or why not --------------------------------------------------
+
+def standing(response) -> dict[str, dict]:
+    """Per environment: the offered buttons and the refusal sentences shown."""
+    return {s["environment"].name: {"offered": [o.label for o in s["offers"] if o.allowed],
+                                    "why_not": [o.refusal.detail for o in s["offers"] if not o.allowed]}
+            for s in response.context["page"]["standing"]}
+
+
+def test_release_page_offers_each_person_what_the_policy_allows_and_says_why_not(client, people):
+    release = in_staging(people)
+    seen = {u.username: standing(page(client, u, release_url(release)))
+            for u in (people.alice, people.bob, people.carol, people.dave)}
+    assert seen["bob"]["Production"] == {"offered": ["Deploy to Production"], "why_not": []}
+    assert seen["carol"]["Production"] == {"offered": ["Deploy to Production"], "why_not": []}
+    assert seen["alice"]["Production"] == {"offered": [], "why_not": [NOT_RELEASER_REQUEST]}
+    assert seen["alice"]["QA"]["offered"] == ["Deploy to QA"]  # a developer redeploys where she may
+    assert seen["dave"] == {name: {"offered": [], "why_not": [f"You are not allowed to request deployments to "
+                                                               f"MAC {name}."]} for name in ("QA", "Staging")} | {
+        "Production": {"offered": [], "why_not": [NOT_RELEASER_REQUEST]}}
+    dave = page(client, people.dave, release_url(release))
+    assert buttons(dave) == [] and NOT_RELEASER_REQUEST in text(dave)
+    alice = page(client, people.alice, release_url(release))
+    assert "Deploy to Production" not in text(alice) and NOT_RELEASER_REQUEST in text(alice)
+
+
+def test_release_page_explains_separation_of_duties_and_the_promotion_path(client, people):
+    bobs = in_staging(people, implementers=["alice@example.com", "bob@example.com"])
+    assert standing(page(client, people.bob, release_url(bobs)))["Production"] == {
+        "offered": [], "why_not": ["You implemented this change, so you may not request production of it."]}
+    assert standing(page(client, people.carol, release_url(bobs)))["Production"]["offered"] == ["Deploy to Production"]
+    fresh = people.release()
+    seen = standing(page(client, people.bob, release_url(fresh)))
+    assert seen["Staging"]["why_not"] == [f"MAC {fresh.version} has not been deployed successfully to QA, which "
+                                          "comes before Staging."]
+    assert seen["QA"]["offered"] == ["Deploy to QA"]
+
+
+def test_bob_deploys_to_production_from_the_release_page(client, people):
+    release = in_staging(people)
+    client.force_login(people.bob)
+    response = client.post(reverse("admin:releases_release_deploy", args=[release.pk]),
+                           {"environment": people.production.pk}, follow=True)
+    deployment = Deployment.objects.get(release=release, environment=people.production)
+    assert response.redirect_chain[-1][0] == deployment_url(deployment)
+    assert deployment.state == State.AWAITING_APPROVAL and deployment.requested_by == people.bob
+    assert "requested for Production" in text(response)
+    event = AuditEvent.objects.get(action="deployment.request", object_id=str(deployment.pk))
+    assert (event.actor_username, event.via) == ("bob", "admin")
+
+
+def test_a_forged_deploy_form_is_refused_with_the_rules_sentence_and_audited(client, people):
+    release = in_staging(people)
+    client.force_login(people.alice)
+    response = client.post(reverse("admin:releases_release_deploy", args=[release.pk]),
+                           {"environment": people.production.pk}, follow=True)
+    assert response.redirect_chain[-1][0] == release_url(release)
+    assert f"Refused (NOT_RELEASER). {NOT_RELEASER_REQUEST}" in text(response)
+    event = AuditEvent.objects.get(action="deployment.request.refused")
+    assert (event.code, event.actor_username, event.via, event.data["detail"]) == (
+        "NOT_RELEASER", "alice", "admin", NOT_RELEASER_REQUEST)
+    assert not Deployment.objects.filter(environment=people.production).exists()
+    other = Environment.objects.create(application=Application.objects.create(name="HAMS", issue_key_prefix="HAMS"),
+                                       name="QA")
+    response = client.post(reverse("admin:releases_release_deploy", args=[release.pk]), {"environment": other.pk},
+                           follow=True)
+    assert "Choose an environment of this release's application." in text(response)
+
+
+def test_under_a_freeze_a_releaser_is_offered_an_emergency_deployment(client, people):
+    release = in_staging(people)
+    now = timezone.now()
+    services.freeze_window_save(actor=SYSTEM, window=FreezeWindow(
+        environment=people.production, reason="year-end close", starts_at=now - dt.timedelta(hours=1),
+        ends_at=now + dt.timedelta(days=1)))
+    bob = page(client, people.bob, release_url(release))
+    offers = [(o.action, o.allowed) for s in bob.context["page"]["standing"] for o in s["offers"]
+              if s["environment"] == people.production]
+    assert offers == [("deploy", False), ("emergency", True)]
+    assert "is frozen until" in text(bob) and "Emergency deployment to Production" in text(bob)
+    assert "Emergency deployment" not in text(page(client, people.alice, release_url(release)))
+    client.force_login(people.bob)
+    url = reverse("admin:releases_release_deploy", args=[release.pk])
+    assert "needs its reason" in text(client.post(url, {"environment": people.production.pk, "emergency": "1"},
+                                                  follow=True))
+    client.post(url, {"environment": people.production.pk, "emergency": "1", "emergency_reason": "payments down"})
+    deployment = Deployment.objects.get(release=release, environment=people.production)
+    assert (deployment.emergency, deployment.emergency_reason, deployment.state) == (True, "payments down", "running")
+
+
+# --- a deployment's page -------------------------------------------------------------------------
+
+def offers(response) -> dict[str, str]:
+    return {o.action: "offered" if o.allowed else o.refusal.code for o in response.context["offers"]}
+
+
+def test_deployment_page_offers_approve_reject_cancel_the_way_the_policy_decides(client, people):
+    pending = awaiting(people)
+    url = deployment_url(pending)
+    seen = {u.username: offers(page(client, u, url)) for u in (people.alice, people.bob, people.carol, people.dave)}
+    assert seen == {
+        "alice": {"approve": "NOT_RELEASER", "reject": "NOT_RELEASER", "cancel": "NOT_RELEASER"},
+        "bob": {"approve": "SOD_REQUESTER_APPROVER", "reject": "SOD_REQUESTER_APPROVER", "cancel": "offered"},
+        "carol": {"approve": "offered", "reject": "offered", "cancel": "offered"},
+        "dave": {"approve": "NOT_RELEASER", "reject": "NOT_RELEASER", "cancel": "NOT_RELEASER"},
+    }
+    carol = page(client, people.carol, url)
+    assert buttons(carol) == ["Approve", "Reject", "Cancel this deployment"]
+    bob = page(client, people.bob, url)
+    assert buttons(bob) == ["Cancel this deployment"]
+    assert "You requested this deployment, so you may not approve it." in text(bob)
+    for user in (people.alice, people.dave):
+        response = page(client, user, url)
+        assert buttons(response) == [] and NOT_RELEASER_APPROVE in text(response)
+
+
+def test_the_requester_cancels_from_the_page(client, people):
+    pending = awaiting(people)
+    client.force_login(people.bob)
+    response = client.post(reverse("admin:environments_deployment_act", args=[pending.pk]), {"action": "cancel"},
+                           follow=True)
+    pending.refresh_from_db()
+    assert pending.state == State.CANCELLED and f"{pending.release} to Production: cancelled." in text(response)
+    assert offers(page(client, people.bob, deployment_url(pending))) == {}  # nothing left to do
+    event = AuditEvent.objects.get(action="deployment.cancel", object_id=str(pending.pk))
+    assert (event.actor_username, event.via) == ("bob", "admin")
+
+
+def test_an_emergency_is_reviewed_from_its_page_by_someone_else(client, people):
+    release = in_staging(people)
+    emergency = services.deployment_request(actor=person(people.bob), release=release,
+                                            environment=people.production, emergency_reason="payments down")
+    services.deployment_start(deployment_id=emergency.pk)
+    services.deployment_record_result(deployment_id=emergency.pk, state=State.SUCCEEDED)
+    url = deployment_url(emergency)
+    assert offers(page(client, people.bob, url)) == {"review": "SOD_REQUESTER_REVIEWER"}
+    assert offers(page(client, people.alice, url)) == {"review": "NOT_RELEASER"}
+    carol = page(client, people.carol, url)
+    assert offers(carol) == {"review": "offered"} and buttons(carol) == ["Mark as reviewed"]
+    assert "Awaiting review" in text(carol) and "payments down" in text(carol)
+    client.force_login(people.carol)
+    act = reverse("admin:environments_deployment_act", args=[emergency.pk])
+    assert "Say why" in text(client.post(act, {"action": "review"}, follow=True))
+    client.post(act, {"action": "review", "comment": "outage ticket INC-7 checked"})
+    emergency.refresh_from_db()
+    assert (emergency.reviewed_by, emergency.review_comment) == (people.carol, "outage ticket INC-7 checked")
+    assert "Reviewed by carol" in text(page(client, people.dave, url))
+
+
+def test_a_forged_approval_is_refused_with_the_rules_sentence_and_audited(client, people):
+    pending = awaiting(people)
+    client.force_login(people.alice)
+    response = client.post(reverse("admin:environments_deployment_act", args=[pending.pk]),
+                           {"action": "approve", "comment": "lgtm"}, follow=True)
+    assert f"Refused (NOT_RELEASER). {NOT_RELEASER_APPROVE}" in text(response)
+    pending.refresh_from_db()
+    assert pending.state == State.AWAITING_APPROVAL
+    event = AuditEvent.objects.get(action="deployment.approve.refused")
+    assert (event.code, event.actor_username, event.via, event.object_id, event.data["detail"]) == (
+        "NOT_RELEASER", "alice", "admin", str(pending.pk), NOT_RELEASER_APPROVE)
+
+
+def test_deployment_page_reads_as_sentences(client, people):
+    pending = awaiting(people)
+    before = text(page(client, people.dave, deployment_url(pending)))
+    assert "Expires" in before and "Emergency" not in before and "icon-no" not in before
+    assert before.count("Requested by") == 1
+    done = services.deployment_approve(actor=person(people.carol), deployment_id=pending.pk)
+    services.deployment_start(deployment_id=done.pk)
+    services.deployment_record_result(deployment_id=done.pk, state=State.SUCCEEDED)
+    after = text(page(client, people.dave, deployment_url(pending)))
+    assert "Expires" not in after  # decided: the expiry no longer matters
+    for sentence in ("The requester did not implement the change.", "No approver implemented the change.",
+                     "No approver requested the deployment.", "Each approval came from a different person."):
+        assert f"✓ {sentence}" in after
+    assert "approver_not_requester" not in after
+
+
+def test_deployment_page_shows_progress_and_the_latest_log_lines(client, people):
+    deployment = services.deployment_request(actor=people.ci, release=people.release(), environment=people.qa)
+    services.deployment_start(deployment_id=deployment.pk, engine="test:1")
+    DeploymentEvent.objects.bulk_create(DeploymentEvent(deployment=deployment, counter=n, event="verbose",
+                                                        stdout=f"line {n}") for n in range(1, 301))
+    Deployment.objects.filter(pk=deployment.pk).update(progress={
+        "hosts_total": 3, "hosts_done": 1, "current_task": "Health check", "current_host": "web2",
+        "hosts": {"web1": "done", "web2": "upgrading"}})
+    response = page(client, people.dave, deployment_url(deployment))
+    body = text(response)
+    assert '<progress data-live="hosts_done" value="1" max="3">' in body and "Health check" in body
+    assert "line 300" in body and "line 101" in body and "line 100 " not in body  # the tail, not the head
+    assert 'data-live-url="' + reverse("admin:environments_deployment_live", args=[deployment.pk]) in body
+    assert 'src="/static/portal/live.js"' in body and "<script>" not in body  # the project's own file, no inline
+    live = client.get(reverse("admin:environments_deployment_live", args=[deployment.pk])).json()
+    assert (live["state"], live["open"], live["hosts_done"], live["hosts_total"], live["current_task"]) == (
+        "running", True, 1, 3, "Health check")
+    assert live["log"].splitlines()[-1] == "line 300" and len(live["log"].splitlines()) == 200 and live["log_cut"]
+    whole = b"".join(client.get(reverse("admin:environments_deployment_log", args=[deployment.pk])).streaming_content)
+    assert whole.decode().splitlines() == [f"line {n}" for n in range(1, 301)]
+
+
+def test_pages_need_view_permission(client, people, make_user):
+    pending = awaiting(people)
+    nobody = make_user("nobody")
+    client.force_login(nobody)
+    assert client.get(deployment_url(pending)).status_code == 403
+    assert client.get(reverse("admin:environments_deployment_live", args=[pending.pk])).status_code == 403
+    assert client.post(reverse("admin:environments_deployment_act", args=[pending.pk]),
+                       {"action": "approve"}).status_code == 403
+    assert client.get(reverse("admin:change_journey", args=["BIZPLAT-1"])).status_code == 403
+    assert client.get(reverse("admin:index")).context["board"] is None
+
+
+# --- lists and the audit events ------------------------------------------------------------------
+
+def test_issue_keys_link_to_the_applications_tracker(client, people):
+    people.app.issue_url_pattern = "https://jira.example.com/browse/{key}"
+    people.app.full_clean()
+    people.app.save()
+    release = people.release(issue_keys=["BIZPLAT-77"])
+    body = page(client, people.dave, release_url(release)).content.decode()
+    assert 'href="https://jira.example.com/browse/BIZPLAT-77"' in body
+    assert f'href="{reverse("admin:change_journey", args=["BIZPLAT-77"])}"' in body
+    journey = page(client, people.dave, reverse("admin:change_journey", args=["BIZPLAT-77"])).content.decode()
+    assert 'href="https://jira.example.com/browse/BIZPLAT-77"' in journey
+    people.app.issue_url_pattern = "jira.example.com/browse/"
+    with pytest.raises(ValidationError, match=r"\{key\}"):
+        people.app.full_clean()
+
+
+def test_lists_offer_no_action_that_the_pages_do_better(client, people):
+    release = in_staging(people)
+    for url in (reverse("admin:environments_deployment_changelist"), reverse("admin:releases_release_changelist")):
+        response = page(client, people.carol, url)
+        assert 'name="action"' not in response.content.decode()
+    listing = page(client, people.dave, reverse("admin:releases_release_changelist"))
+    row = next(r for r in listing.context["cl"].result_list if r.pk == release.pk)
+    assert row.runs_in == ["QA", "Staging"]
+    newer = in_staging(people)
+    listing = page(client, people.dave, reverse("admin:releases_release_changelist"))
+    rows = {r.pk: r.runs_in for r in listing.context["cl"].result_list}
+    assert (rows[release.pk], rows[newer.pk]) == ([], ["QA", "Staging"])  # where it runs now, not where it has been
+
+
+def test_audit_list_says_how_a_deployment_ended(client, people):
+    release = people.release()
+    people.deploy(release, people.qa)
+    people.deploy(release, people.staging, result=State.FAILED)
+    body = text(page(client, people.dave, reverse("admin:audit_auditevent_changelist")))
+    assert "deployment.finish: succeeded" in body and "deployment.finish: failed" in body
