@@ -23,6 +23,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
+from zoneinfo import ZoneInfo
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -105,13 +106,26 @@ class History:
         day = self.first_monday + dt.timedelta(weeks=step.week, days=step.weekday)
         return dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC) + dt.timedelta(hours=step.hour + hours_later)
 
-    def weekend_freeze(self) -> None:
+    def weekend_freeze(self, now: dt.datetime) -> None:
+        """Every weekend of the past weeks. The series stops now: a freeze holding when someone walks
+        through the demo (or a test runs it) would refuse the walk-through's Production requests."""
         start = dt.datetime.combine(self.first_monday, dt.time(), tzinfo=dt.UTC)
         with moved_time(start - dt.timedelta(days=3)):
             services.freeze_window_save(actor=self.ci, window=FreezeWindow(
                 environment=self.production, reason="Weekend: nobody on call to watch a release",
                 recurrence="FREQ=WEEKLY;BYDAY=FR;BYHOUR=16;BYMINUTE=0", duration=dt.timedelta(hours=62),
-                timezone="Europe/Berlin", starts_at=start, ends_at=start + dt.timedelta(days=730)))
+                timezone="Europe/Berlin", starts_at=start, ends_at=now))
+
+    def month_end_freeze(self, now: dt.datetime) -> None:
+        """The month-end close, every month from the next one on (the last 2 working days), so the
+        calendar shows a recurring freeze that never holds while the demo is being set up."""
+        first = (now.replace(day=1) + dt.timedelta(days=32)).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        with moved_time(now - dt.timedelta(days=1)):
+            services.freeze_window_save(actor=self.ci, window=FreezeWindow(
+                environment=self.production, reason="Month-end close: the last 2 working days of the month",
+                recurrence="FREQ=MONTHLY;BYDAY=MO,TU,WE,TH,FR;BYSETPOS=-2,-1;BYHOUR=0;BYMINUTE=0",
+                duration=dt.timedelta(days=1), timezone="Europe/Berlin",
+                starts_at=first.replace(tzinfo=ZoneInfo("Europe/Berlin")), ends_at=first + dt.timedelta(days=730)))
 
     def quarter_end_freeze(self, now: dt.datetime) -> None:
         """A one-off freeze a few weeks ahead, so the calendar shows more than weekends."""
@@ -206,7 +220,8 @@ def build(*, application: Application, production: Environment) -> None:
     now = timezone.now()
     history = History(application, production, now)
     with mock.patch.object(services, "_enqueue", lambda *args, **kwargs: None):
-        history.weekend_freeze()
+        history.weekend_freeze(now)
         for number, step in enumerate(PLAN, start=1):
             history.play(number, step)
         history.quarter_end_freeze(now)
+        history.month_end_freeze(now)
