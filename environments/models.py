@@ -287,6 +287,9 @@ class Deployment(models.Model):
         indexes = [
             models.Index(fields=["release", "environment", "state"], name="deployment_release_env_idx"),
             models.Index(fields=["environment", "state", "queued_at"], name="deployment_queue_idx"),
+            # what is deployed where: an environment's last deployment, and its last success
+            models.Index(fields=["environment", "-requested_at", "-id"], name="deployment_env_last_idx"),
+            models.Index(fields=["environment", "state", "-finished_at", "-id"], name="deployment_env_finished_idx"),
         ]
 
     def __str__(self) -> str:
