@@ -10,9 +10,11 @@ from environments.models import Deployment
 from releases.models import Application, Build, Implementer, Release, ReleaseIssue
 
 
-def application_get(name: str, *, within: frozenset[int] | None = None) -> Application:
-    """The application named `name`; `within` limits it to these ids (what a reader may see)."""
-    application = _within(Application.objects.filter(name=name), within, "pk").first()
+def application_get(name: str, *, within: frozenset[int] | None = None, lock: bool = False) -> Application:
+    """The application named `name`; `within` limits it to these ids (what a reader may see); `lock`
+    holds its row until the caller's transaction ends."""
+    applications = Application.objects.select_for_update() if lock else Application.objects
+    application = _within(applications.filter(name=name), within, "pk").first()
     if application is None:
         raise NotFound(f"No application named {name!r}.")
     return application
