@@ -70,6 +70,7 @@ EXPECTED = {
     "ci": {"build": 6, "release": 15, "environments": 6, "release_read": 4},
     "personal": {"build": 8, "release": 17, "environments": 6, "release_read": 4},
 }
+AUTO_DEPLOY = (30, 26, 28)
 APPENDS = {"build": 1, "release": 1, "environments": 0, "release_read": 0}
 
 
@@ -93,3 +94,18 @@ def test_what_ci_calls_costs_the_same_at_any_history(world, client, kind, histor
     per_append = append_cost()
     measured = counts(world, client, token, history)
     assert {name: n - APPENDS[name] * per_append for name, n in measured.items()} == EXPECTED[kind]
+
+
+@pytest.mark.parametrize("history", [1, 12])
+def test_a_release_that_deploys_itself_costs_the_same_at_any_history(world, client, history):
+    """With QA deploying each new release by itself, registering a release also requests, queues and
+    starts (or supersedes) a deployment in the same transaction: still a fixed number of queries."""
+    _, token = token_create(actor=SYSTEM, kind=ApiToken.Kind.CI, name="jenkins", applications=[world.app])
+    grow_history(world, history)
+    world.qa.auto_deploy = True
+    world.qa.save(update_fields=["auto_deploy"])
+    per_append = append_cost()
+    first = counts(world, client, token, history)["release"]  # QA is free: the new release starts there
+    second = counts(world, client, token, history + 100)["release"]  # QA is busy: it waits in the queue
+    third = counts(world, client, token, history + 200)["release"]  # and supersedes the one waiting
+    assert (first - 3 * per_append, second - 2 * per_append, third - 3 * per_append) == AUTO_DEPLOY
