@@ -5,10 +5,12 @@ BIN := $(VENV)/bin
 MANAGE := $(BIN)/python manage.py
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# The demo cluster: HAProxy on CLUSTER_PORT, its three app instances on the next three ports.
+CLUSTER_PORT ?= 18080
 # ansible-runner starts `ansible-playbook`: it must be on PATH.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: run test test-postgres test-deploy-redis lint venv cluster cluster-stop clean bench-reports
+.PHONY: run test test-postgres test-deploy-redis lint venv cluster cluster-stop clean bench bench-reports
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,32 +20,12 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed
 
-# Install, migrate, load the demo, start the HAProxy cluster (when haproxy is installed), then run
-# the web server (gunicorn) and the deploy worker (django-q2) together; Ctrl-C stops both.
+# Install, then in one process (manage.py run_demo): migrate, collect the static files, load the demo,
+# start the HAProxy cluster (when haproxy is installed), keep a CI token in var/demo-ci-token, and run
+# the web server (gunicorn) and the deploy worker (django-q2) together; Ctrl-C or SIGTERM stops both.
+# Every step is idempotent, so a second `make run` starts in seconds.
 run: venv
-	mkdir -p var
-	PORTAL_DEMO=1 $(MANAGE) migrate --no-input
-	PORTAL_DEMO=1 $(MANAGE) collectstatic --no-input --verbosity 0
-	PORTAL_DEMO=1 $(MANAGE) demo_data
-	@if command -v haproxy >/dev/null 2>&1; then \
-	    PORTAL_DEMO=1 $(MANAGE) cluster start --bind; \
-	else \
-	    echo "haproxy is not installed: Staging and Production use the demo playbook."; \
-	    echo "For the rolling-upgrade cluster: apt-get install haproxy, then make run again."; \
-	fi
-	@PORTAL_DEMO=1 $(MANAGE) create_token --ci --application MAC --name demo-ci > var/demo-ci-token
-	PORTAL_DEMO=1 $(MANAGE) reap_deployments
-	@echo ""
-	@echo "  Release Portal: http://$(HOST):$(PORT)/admin/"
-	@echo "  Logins (password = user name): alice (developer), bob and carol (releasers), dave (auditor), admin"
-	@echo "  API docs: http://$(HOST):$(PORT)/api/v1/docs"
-	@echo "  CI token for MAC: $$(tail -n 1 var/demo-ci-token)"
-	@echo "  Ctrl-C stops the web server and the worker (the demo cluster keeps running: make cluster-stop)."
-	@echo ""
-	PORTAL_DEMO=1 sh -c 'trap "kill 0" INT TERM; \
-	    $(MANAGE) qcluster & \
-	    $(BIN)/gunicorn portal.wsgi --bind $(HOST):$(PORT) --workers 2 --access-logfile - & \
-	    wait'
+	PORTAL_DEMO=1 exec $(MANAGE) run_demo --bind $(HOST):$(PORT) --cluster-port $(CLUSTER_PORT)
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -57,7 +39,7 @@ test-deploy-redis: venv
 	    $(BIN)/python -m pytest -m deploy $(PYTEST_ARGS)
 
 cluster: venv
-	PORTAL_DEMO=1 $(MANAGE) cluster start --bind
+	PORTAL_DEMO=1 $(MANAGE) cluster start --bind --port $(CLUSTER_PORT)
 
 cluster-stop: venv
 	PORTAL_DEMO=1 $(MANAGE) cluster stop
@@ -68,6 +50,16 @@ lint: venv
 clean:
 	rm -rf $(VENV) var
 
-# Report exports against PostgreSQL's COPY on 1,000,000 rows (BENCH_ROWS=... to change).
+# The benchmarks on PostgreSQL (docs/benchmarks.md): seeds BENCH_DATABASE (default portal_bench) once with
+# 100,000 releases, 1,000,000 deployments and 1,000,000 audit events, then measures the API (wrk against
+# gunicorn, next to a bare Django app), pages at scale, audit appends and verify_audit; prints a table and
+# writes the figures into docs/benchmarks.md. BENCH_SERVER=postgres://user@host:port, BENCH_ARGS="--only api".
+bench: venv
+	@command -v wrk >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    { apt-get install -y -qq wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }; }; } || \
+	    echo "wrk is missing and cannot be installed here: apt-get install -y wrk (the API figures are skipped)"
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# Report exports against PostgreSQL's COPY on 1,000,000 rows (BENCH_ROWS=... to change), on make bench's database.
 bench-reports: venv
 	$(BIN)/python bench/bench_reports.py

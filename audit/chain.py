@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from decimal import Decimal
 from uuid import UUID
 
 from django.db import connection, transaction
 from django.utils import timezone
+from psycopg.types.string import TextLoader
 
 from audit.actors import Actor
 from audit.models import AuditEvent
@@ -42,36 +47,87 @@ def _plain(value):
     return str(value)
 
 
-def canonical(event: AuditEvent) -> str:
-    """The exact text that is hashed: sorted keys, no whitespace, UTF-8, times in UTC."""
+def postgresql_iso(column: str) -> str:
+    """SQL giving, on PostgreSQL, the same text as `iso` for a timestamptz column (verify reads times
+    so, without building a datetime per event); NULL outside the years Python can represent, which
+    no canonical text then matches. tests/audit/test_chain.py holds the two to the same output."""
+    return (f"CASE WHEN {column} >= '0001-01-01 00:00:00+00' AND {column} < '10000-01-01 00:00:00+00'"
+            f" THEN to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') END")
+
+
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+_string = json.encoder.encode_basestring  # the encoder's own string form (ensure_ascii=False)
+
+
+def canonical_text(seq: int, created_at: str, actor_id: int | None, actor_username: str, actor_email: str,
+                   via: str, action: str, object_type: str, object_id: str, object_repr: str, code: str,
+                   data) -> str:
+    """The exact text that is hashed: the JSON object of these twelve fields with sorted keys, no
+    whitespace, UTF-8 (not ASCII-escaped), times in UTC (`created_at` as given by `iso`).
+
+    Byte for byte what `json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)`
+    gives for the dict of these fields; written out in sorted key order because it is twice as fast,
+    and verify builds it once per event.
+    """
+    if type(seq) is not int or not (actor_id is None or type(actor_id) is int):
+        return _canonical_dict(seq, created_at, actor_id, actor_username, actor_email, via, action, object_type,
+                               object_id, object_repr, code, data)
+    try:
+        return (
+            f'{{"action":{_string(action)},"actor_email":{_string(actor_email)},'
+            f'"actor_id":{"null" if actor_id is None else actor_id},"actor_username":{_string(actor_username)},'
+            f'"code":{_string(code)},"created_at":{_string(created_at)},"data":{_ENCODER.encode(data)},'
+            f'"object_id":{_string(object_id)},"object_repr":{_string(object_repr)},'
+            f'"object_type":{_string(object_type)},"seq":{seq},"via":{_string(via)}}}'
+        )
+    except TypeError:  # a value that is not a string where one is expected: the general form decides
+        return _canonical_dict(seq, created_at, actor_id, actor_username, actor_email, via, action, object_type,
+                               object_id, object_repr, code, data)
+
+
+def _canonical_dict(seq, created_at, actor_id, actor_username, actor_email, via, action, object_type, object_id,
+                    object_repr, code, data) -> str:
     body = {
-        "seq": event.seq,
-        "created_at": iso(event.created_at),
-        "actor_id": event.actor_id,
-        "actor_username": event.actor_username,
-        "actor_email": event.actor_email,
-        "via": event.via,
-        "action": event.action,
-        "object_type": event.object_type,
-        "object_id": event.object_id,
-        "object_repr": event.object_repr,
-        "code": event.code,
-        "data": event.data,
+        "seq": seq, "created_at": created_at, "actor_id": actor_id, "actor_username": actor_username,
+        "actor_email": actor_email, "via": via, "action": action, "object_type": object_type,
+        "object_id": object_id, "object_repr": object_repr, "code": code, "data": data,
     }
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def link_hash(prev_hash: str, canonical_text: str) -> str:
-    return hashlib.sha256(f"{prev_hash}\n{canonical_text}".encode()).hexdigest()
+def canonical(event: AuditEvent) -> str:
+    """The exact text that is hashed for one event (see canonical_text)."""
+    return canonical_text(
+        event.seq, iso(event.created_at), event.actor_id, event.actor_username, event.actor_email, event.via,
+        event.action, event.object_type, event.object_id, event.object_repr, event.code, event.data,
+    )
 
 
-def _lock_chain() -> None:
-    """Serialize appends. PostgreSQL: a transaction-scoped advisory lock held until commit.
+def link_hash(prev_hash: str, text: str) -> str:
+    return hashlib.sha256(f"{prev_hash}\n{text}".encode()).hexdigest()
+
+
+def _lock_chain_and_read_head() -> tuple[int, str] | None:
+    """Serialize appends and read the head of the chain: (seq, hash), or None for an empty chain.
+
+    PostgreSQL: a transaction-scoped advisory lock held until commit. The lock and the read go in
+    one round trip as two statements of one simple query: each statement takes its own snapshot
+    (READ COMMITTED), so the read, which starts once the lock is granted, sees the event that the
+    previous holder committed. (One statement would read with the snapshot it took before waiting for
+    the lock, and number its event like the previous holder's.)
     SQLite: the settings open every transaction with BEGIN IMMEDIATE, so the writer holds the
-    database write lock already."""
+    database write lock already.
+    """
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [CHAIN_LOCK_KEY])
+            cursor.execute(
+                f"SELECT pg_advisory_xact_lock({int(CHAIN_LOCK_KEY)}); "
+                "SELECT seq, hash FROM audit_auditevent ORDER BY seq DESC LIMIT 1"
+            )
+            if not cursor.nextset():
+                raise RuntimeError("The chain head query returned no result set.")
+            return cursor.fetchone()
+    return AuditEvent.objects.order_by("-seq").values_list("seq", "hash").first()
 
 
 def head() -> AuditEvent | None:
@@ -89,7 +145,11 @@ def append(
     object_id: str = "",
     object_repr: str = "",
 ) -> AuditEvent:
-    """Append one event to the chain in the caller's transaction."""
+    """Append one event to the chain in the caller's transaction.
+
+    What runs under the chain lock is kept to one round trip for the lock and the head, one INSERT,
+    and the caller's commit: appends are serialized, so each round trip there is paid by every writer.
+    """
     if obj is not None:
         object_type = object_type or obj._meta.label_lower
         object_id = object_id or str(obj.pk)
@@ -101,35 +161,59 @@ def append(
         username, email, actor_id = user.get_username(), user.email or "", user.pk
     else:
         username, email, actor_id = "system", "", None
+    # _plain gives exactly what the database gives back from the JSON column (string keys, lists,
+    # no floats), so hashing it is hashing what verify will read.
     payload = _plain(dict(data or {}))
     if actor.token_id is not None:
         payload.setdefault("token_id", actor.token_id)
     if actor.remote_addr:
         payload.setdefault("remote_addr", actor.remote_addr)
-    with transaction.atomic():
-        _lock_chain()
-        last = head()
-        event = AuditEvent(
-            seq=(last.seq + 1) if last else 1,
-            created_at=timezone.now(),
-            actor_id=actor_id,
-            actor_username=username[:150],
-            actor_email=email[:254],
-            via=actor.via[:20],
-            action=action,
-            object_type=object_type[:100],
-            object_id=object_id[:64],
-            object_repr=object_repr[:300],
-            code=code,
-            data=payload,
-            prev_hash=last.hash if last else GENESIS_HASH,
-        )
-        # Hash what the database will give back: JSON round trip of data.
-        event.data = json.loads(json.dumps(event.data))
+    event = AuditEvent(
+        actor_id=actor_id,
+        actor_username=username[:150],
+        actor_email=email[:254],
+        via=actor.via[:20],
+        action=action,
+        object_type=object_type[:100],
+        object_id=object_id[:64],
+        object_repr=object_repr[:300],
+        code=code,
+        data=payload,
+    )
+    # No savepoint: an append that fails leaves the caller's transaction to roll back as a whole.
+    with transaction.atomic(savepoint=False):
+        last = _lock_chain_and_read_head()
+        event.seq, event.prev_hash = (last[0] + 1, last[1]) if last else (1, GENESIS_HASH)
+        event.created_at = timezone.now()
         event.canonical = canonical(event)
         event.hash = link_hash(event.prev_hash, event.canonical)
-        event.save(force_insert=True)
+        _insert(event)
     return event
+
+
+def _insert(event: AuditEvent) -> None:
+    """One INSERT ... RETURNING id, without the model's save machinery (no signal listens to audit
+    events); the instance is then as if saved, so saving it again raises AppendOnlyError."""
+    fields = _insert_fields()
+    sql = _insert_sql(connection.vendor)
+    params = [field.get_db_prep_save(getattr(event, field.attname), connection) for field in fields]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        event.pk = cursor.fetchone()[0]
+    event._state.adding, event._state.db = False, connection.alias
+
+
+@functools.cache
+def _insert_fields() -> tuple:
+    return tuple(field for field in AuditEvent._meta.concrete_fields if not field.primary_key)
+
+
+@functools.cache
+def _insert_sql(vendor: str) -> str:
+    quote, opts = connection.ops.quote_name, AuditEvent._meta
+    columns = ", ".join(quote(field.column) for field in _insert_fields())
+    values = ", ".join(["%s"] * len(_insert_fields()))
+    return f"INSERT INTO {quote(opts.db_table)} ({columns}) VALUES ({values}) RETURNING {quote(opts.pk.column)}"
 
 
 @dataclass(frozen=True)
@@ -142,29 +226,106 @@ class VerifyResult:
     bad_seq: int | None = None
 
 
-def verify(events: Iterator[AuditEvent] | None = None) -> VerifyResult:
-    """Recompute the whole chain; report the first event whose link or content does not match."""
-    if events is None:
-        events = AuditEvent.objects.order_by("seq").iterator(chunk_size=2000)
-    prev_hash, expected_seq, count = GENESIS_HASH, 1, 0
+# The columns verify reads, in this order: the twelve hashed fields, then the stored text and links.
+VERIFY_COLUMNS = ("seq", "created_at", "actor_id", "actor_username", "actor_email", "via", "action", "object_type",
+                  "object_id", "object_repr", "code", "data", "canonical", "prev_hash", "hash")
+VERIFY_CHUNK = 2000
+
+
+def _event_rows(events: Iterable[AuditEvent]) -> Iterator[tuple]:
     for event in events:
-        if event.seq != expected_seq:
+        yield tuple(getattr(event, column) for column in VERIFY_COLUMNS)
+
+
+def verify(events: Iterable[AuditEvent] | None = None) -> VerifyResult:
+    """Recompute the whole chain; report the first event whose link or content does not match.
+
+    Reads plain rows in chunks and builds each canonical text from the columns, without model
+    instances, so memory stays flat whatever the length of the chain. On PostgreSQL: a server-side
+    cursor inside one transaction (so it streams rather than being materialized, as a cursor
+    declared WITH HOLD is), times rendered by the database as `iso` renders them (postgresql_iso),
+    JSON decoded here.
+    """
+    if events is not None:
+        return _verify_rows(_event_rows(events))
+    if connection.vendor == "postgresql":
+        with transaction.atomic(), closing(_postgresql_rows()) as rows:
+            return _verify_rows(rows, from_text=True)
+    # SQLite: no transaction here, it would take the database's write lock.
+    rows = AuditEvent.objects.order_by("seq").values_list(*VERIFY_COLUMNS)
+    return _verify_rows(rows.iterator(chunk_size=VERIFY_CHUNK))
+
+
+def _postgresql_rows() -> Iterator[tuple]:
+    """The chain's rows in seq order, from a server-side cursor read by a second thread: while this
+    thread hashes one chunk, that one waits for the next (at most two chunks are held)."""
+    connection.ensure_connection()
+    raw = connection.connection
+    table = connection.ops.quote_name(AuditEvent._meta.db_table)
+    chunks: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                chunks.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    columns = ", ".join(postgresql_iso(c) if c == "created_at" else c for c in VERIFY_COLUMNS)
+
+    def fetch() -> None:
+        try:
+            with raw.cursor(name="audit_chain_verify") as cursor:
+                cursor.adapters.register_loader("jsonb", TextLoader)  # decoded by the reading thread
+                cursor.execute(f"SELECT {columns} FROM {table} ORDER BY seq")
+                while rows := cursor.fetchmany(VERIFY_CHUNK):
+                    if not put(rows):
+                        return
+            put(None)
+        except BaseException as exc:  # handed to the reading thread, which raises it
+            put(exc)
+
+    fetcher = threading.Thread(target=fetch, name="audit-verify-fetch", daemon=True)
+    fetcher.start()
+    try:
+        while (item := chunks.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield from item
+    finally:
+        stop.set()
+        fetcher.join()
+
+
+def _verify_rows(rows: Iterable[tuple], *, from_text: bool = False) -> VerifyResult:
+    """`from_text`: the rows hold created_at as iso text already and data as JSON text."""
+    prev_hash, expected_seq, count = GENESIS_HASH, 1, 0
+    sha256, loads = hashlib.sha256, json.loads
+    for (seq, created_at, actor_id, actor_username, actor_email, via, action, object_type, object_id, object_repr,
+         code, data, stored_text, stored_prev, stored_hash) in rows:
+        if seq != expected_seq:
             return VerifyResult(
                 False, count, expected_seq - 1, prev_hash,
-                f"event seq {event.seq}: expected seq {expected_seq} (an event is missing)", event.seq,
+                f"event seq {seq}: expected seq {expected_seq} (an event is missing)", seq,
             )
-        if event.prev_hash != prev_hash:
+        if stored_prev != prev_hash:
             return VerifyResult(
-                False, count, event.seq - 1, prev_hash,
-                f"event seq {event.seq}: prev_hash does not match the hash of event {event.seq - 1}",
-                event.seq,
+                False, count, seq - 1, prev_hash,
+                f"event seq {seq}: prev_hash does not match the hash of event {seq - 1}", seq,
             )
-        text = canonical(event)
-        if text != event.canonical or link_hash(prev_hash, text) != event.hash:
+        if from_text:
+            data = loads(data)
+        else:
+            created_at = iso(created_at)
+        text = canonical_text(seq, created_at, actor_id, actor_username, actor_email, via, action, object_type,
+                              object_id, object_repr, code, data)
+        if text != stored_text or sha256(f"{prev_hash}\n{text}".encode()).hexdigest() != stored_hash:
             return VerifyResult(
-                False, count, event.seq - 1, prev_hash,
-                f"event seq {event.seq}: content does not match its hash (changed after it was written)",
-                event.seq,
+                False, count, seq - 1, prev_hash,
+                f"event seq {seq}: content does not match its hash (changed after it was written)", seq,
             )
-        prev_hash, expected_seq, count = event.hash, expected_seq + 1, count + 1
+        prev_hash, expected_seq, count = stored_hash, expected_seq + 1, count + 1
     return VerifyResult(True, count, expected_seq - 1, prev_hash)

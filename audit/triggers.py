@@ -34,6 +34,7 @@ GUARDED_TABLES: dict[str, tuple[str, ...]] = {
     "releases_releaseissue": APPEND_ONLY,
     "releases_implementer": APPEND_ONLY,
     "environments_approval": APPEND_ONLY,
+    "releases_buildissue": APPEND_ONLY,
 }
 
 

@@ -2,7 +2,8 @@
 
     make bench-reports            # 1,000,000 deployments and audit events (BENCH_ROWS to change)
 
-Loads the rows into a separate database (portal_bench; reused when it already holds them), then
+Uses the database of `make bench` (bench/seed.py: BENCH_DATABASE, default portal_bench, seeded
+once with rows / 10 releases, rows deployments and rows audit events, reused afterwards), then
 for `changes` and `audit` at 10% and 100% of the rows: the portal's streamed export (each in a
 fresh process, so its peak memory is its own) and `COPY (same SELECT) TO STDOUT WITH CSV`.
 Prints rows per second, the ratio to COPY, and peak memory (RSS).
@@ -19,116 +20,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-BENCH_DB = os.environ.get("BENCH_DATABASE", "portal_bench")
-SERVER = os.environ.get("BENCH_SERVER", "postgres://postgres@127.0.0.1:5432")
-START = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
-SPAN = dt.timedelta(days=360)
+
+from bench import seed  # noqa: E402
+from bench.seed import SPAN, START  # noqa: E402
 
 
 def setup_django():
-    os.environ["DATABASE_URL"] = f"{SERVER}/{BENCH_DB}"
+    os.environ["DATABASE_URL"] = seed.database_url()
     os.environ.setdefault("SECRET_KEY", "benchmark-only")
     os.environ["DJANGO_SETTINGS_MODULE"] = "portal.settings"
     import django
 
     django.setup()
-
-
-def ensure_database():
-    import psycopg
-
-    with psycopg.connect(f"{SERVER}/postgres", autocommit=True) as conn:
-        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [BENCH_DB]).fetchone():
-            conn.execute(f'CREATE DATABASE "{BENCH_DB}"')
-
-
-def load(rows: int) -> None:
-    from django.core.management import call_command
-    from django.db import connection
-
-    from audit import chain
-    from environments.models import Deployment
-
-    call_command("migrate", verbosity=0)
-    if Deployment.objects.count() == rows:
-        print(f"reusing {rows:,} deployments in {BENCH_DB}")
-        return
-    print(f"loading {rows:,} deployments, approvals and audit events into {BENCH_DB} ...", flush=True)
-    t0 = time.monotonic()
-    with connection.cursor() as c:
-        from audit import triggers
-
-        triggers.drop_all(connection)
-        c.execute("TRUNCATE audit_auditevent, environments_approval, environments_deployment, releases_implementer,"
-                  " releases_releaseissue, releases_release, releases_build, environments_environment,"
-                  " releases_application CASCADE")
-        triggers.install_all(connection)
-        c.execute("INSERT INTO auth_user (password, is_superuser, username, first_name, last_name, email, is_staff,"
-                  " is_active, date_joined) VALUES ('!', false, 'bench-approver', '', '', 'a@example.com', true, true,"
-                  " now()) ON CONFLICT (username) DO NOTHING")
-        c.execute("SELECT id FROM auth_user WHERE username = 'bench-approver'")
-        approver = c.fetchone()[0]
-        c.execute("INSERT INTO releases_application (name, issue_key_prefix, description)"
-                  " VALUES ('MAC', 'BIZPLAT', '') RETURNING id")
-        app = c.fetchone()[0]
-        c.execute("INSERT INTO environments_environment (application_id, name, restricted, auto_deploy,"
-                  " required_approvals, requires_code_review, playbook, inventory, playbook_repo, playbook_ref)"
-                  " VALUES (%s, 'Production', true, false, 1, true, 'deploy_demo.yml', '', '', '') RETURNING id", [app])
-        env = c.fetchone()[0]
-        c.execute("INSERT INTO releases_build (application_id, number, commit, branch, url, status, tests_passed,"
-                  " tests_failed, tests_skipped, created_at, updated_at) SELECT %s, g::text, md5(g::text),"
-                  " 'feature/BIZPLAT-' || g, 'https://ci.example.com/' || g, 'successful', 1000, 0, 3, now(), now()"
-                  " FROM generate_series(1, 1000) g", [app])
-        c.execute("INSERT INTO releases_release (application_id, version, build_id, artifact_url, artifact_sha256,"
-                  " pull_request_url, pull_request_author, pull_request_reviewers, registration_digest, registered_by,"
-                  " registered_at) SELECT %s, '1.' || b.number, b.id, 'https://artifacts/mac-1.' || b.number,"
-                  " encode(sha256(b.number::bytea), 'hex'), 'https://vcs/pr/' || b.number, 'dev@example.com',"
-                  " '[\"reviewer\"]', md5(b.number), 'ci:bench', now() FROM releases_build b", [app])
-        c.execute("INSERT INTO releases_releaseissue (release_id, key)"
-                  " SELECT id, 'BIZPLAT-' || id FROM releases_release"
-                  " UNION ALL SELECT id, 'BIZPLAT-' || (id + 100000) FROM releases_release")
-        c.execute("INSERT INTO releases_implementer (release_id, identity) SELECT id, 'dev@example.com' FROM"
-                  " releases_release UNION ALL SELECT id, 'dev' || id || '@example.com' FROM releases_release")
-        c.execute(
-            "INSERT INTO environments_deployment (release_id, environment_id, state, requested_by_label, requested_via,"
-            " requested_at, queued_at, started_at, finished_at, required_approvals, emergency, emergency_reason,"
-            " review_comment, result_detail, sod_checks, progress, playbook_commit)"
-            " SELECT r.ids[1 + g %% 1000], %s, CASE WHEN g %% 50 = 0 THEN 'failed' ELSE 'succeeded' END, 'analyst',"
-            " 'admin', %s + (g * interval '1 second') * %s, %s + (g * interval '1 second') * %s,"
-            " %s + (g * interval '1 second') * %s, %s + (g * interval '1 second') * %s + interval '1 minute', 1,"
-            " false, '', '', '', '[\"requester_not_implementer\", \"approver_not_implementer\","
-            " \"approver_not_requester\", \"approver_distinct\"]', '{}', 'bundled:abc'"
-            " FROM generate_series(1, %s) g, (SELECT array_agg(id ORDER BY id) ids FROM releases_release) r",
-            [env, *[START, SPAN.total_seconds() / rows] * 4, rows])
-        c.execute("INSERT INTO environments_approval (deployment_id, approver_id, decision, comment, decided_at)"
-                  " SELECT id, %s, 'approve', 'ok', queued_at FROM environments_deployment", [approver])
-    print(f"  relational rows in {time.monotonic() - t0:.0f}s; computing and copying the audit chain ...", flush=True)
-    t1 = time.monotonic()
-    raw = connection.connection
-    with connection.cursor() as c:
-        c.execute("SELECT id, requested_at FROM environments_deployment ORDER BY id")
-        deployments = c.fetchall()
-    prev = chain.GENESIS_HASH
-    from audit.models import AuditEvent
-
-    with raw.cursor() as cur, cur.copy(
-        "COPY audit_auditevent (seq, created_at, actor_username, actor_email, via, action, object_type, object_id,"
-        " object_repr, code, data, canonical, prev_hash, hash) FROM STDIN"
-    ) as copy:
-        for seq, (dep_id, at) in enumerate(deployments, start=1):
-            event = AuditEvent(seq=seq, created_at=at, actor_id=None, actor_username="analyst", actor_email="",
-                               via="admin", action="deployment.request", object_type="environments.deployment",
-                               object_id=str(dep_id), object_repr=f"#{dep_id}", code="",
-                               data={"deployment_id": dep_id, "state": "awaiting_approval"}, prev_hash=prev)
-            text = chain.canonical(event)
-            event.hash = chain.link_hash(prev, text)
-            copy.write_row((seq, at, "analyst", "", "admin", "deployment.request", "environments.deployment",
-                            str(dep_id), f"#{dep_id}", "", json.dumps(event.data), text, prev, event.hash))
-            prev = event.hash
-    raw.commit()
-    with connection.cursor() as c:
-        c.execute("ANALYZE")
-    print(f"  audit chain in {time.monotonic() - t1:.0f}s", flush=True)
 
 
 def period(fraction: float):
@@ -188,9 +91,8 @@ def main():
         setup_django()
         export_in_this_process(args.child[0], float(args.child[1]))
         return
-    ensure_database()
     setup_django()
-    load(args.rows)
+    seed.ensure(max(1, args.rows // 10), args.rows, args.rows)
     print(f"\n{'report':8} {'rows':>10} {'portal rows/s':>14} {'COPY rows/s':>12} {'ratio':>6} {'peak MB':>8}")
     for report in ("changes", "audit"):
         for fraction in (0.1, 1.0):

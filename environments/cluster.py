@@ -61,6 +61,18 @@ def _alive(pidfile: Path) -> int | None:
         return None
 
 
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an instance this process started is reaped here)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _wait_port(port: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -122,11 +134,18 @@ class Cluster:
         )
         _wait_port(port)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop HAProxy and the app instances, and wait until they are gone (their ports free again)."""
+        pids = set()
         for pidfile in [self.directory / "haproxy.pid", *(root / "app.pid" for _, _, root in self.hosts())]:
             pid = _alive(pidfile)
             if pid:
                 os.kill(pid, signal.SIGTERM)
+                pids.add(pid)
+        deadline = time.monotonic() + timeout
+        while pids and time.monotonic() < deadline:
+            pids = {pid for pid in pids if _running(pid)}
+            time.sleep(0.05)
 
     def admin(self, command: str) -> str:
         """One command on HAProxy's runtime API."""

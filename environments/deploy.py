@@ -90,7 +90,8 @@ def extravars_for(deployment: Deployment) -> dict:
     release = deployment.release
     return {
         "application": release.application.name,
-        # `environment` is an Ansible play keyword (a reserved name): playbooks read this instead.
+        # Not `environment`: that is an Ansible play keyword, and a variable of that name makes Ansible
+        # warn ("reserved name") in every deployment log.
         "environment_name": deployment.environment.name,
         "version": release.version,
         "artifact_url": release.artifact_url,

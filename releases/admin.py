@@ -5,7 +5,7 @@ from edge.admin import ReadOnlyAdmin, admin_actor, run_each
 from environments import policy
 from environments import selectors as env_selectors
 from environments.services import deployment_request_next
-from releases.models import Application, Build, Implementer, Release, ReleaseIssue, VcsAlias
+from releases.models import Application, Build, BuildIssue, Implementer, Release, ReleaseIssue, VcsAlias
 from releases.services import application_save, vcs_alias_add
 
 
@@ -21,14 +21,6 @@ class ApplicationAdmin(admin.ModelAdmin):
         application_save(actor=admin_actor(request), application=obj)
 
 
-@admin.register(Build)
-class BuildAdmin(ReadOnlyAdmin):
-    list_display = ["application", "number", "branch", "status", "tests_passed", "tests_failed", "created_at"]
-    list_filter = ["application", "status"]
-    search_fields = ["number", "commit", "branch"]
-    list_select_related = ["application"]
-
-
 class ReleaseIssueInline(admin.TabularInline):
     model = ReleaseIssue
     extra = 0
@@ -40,6 +32,19 @@ class ReleaseIssueInline(admin.TabularInline):
 
     def has_change_permission(self, request, obj=None):
         return False
+
+
+class BuildIssueInline(ReleaseIssueInline):
+    model = BuildIssue
+
+
+@admin.register(Build)
+class BuildAdmin(ReadOnlyAdmin):
+    list_display = ["application", "number", "branch", "status", "tests_passed", "tests_failed", "created_at"]
+    list_filter = ["application", "status"]
+    search_fields = ["number", "commit", "branch"]
+    list_select_related = ["application"]
+    inlines = [BuildIssueInline]
 
 
 class ImplementerInline(ReleaseIssueInline):

@@ -1,6 +1,21 @@
+import re
+
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
+
+ISSUE_KEY_MAX = 64
+
+
+def issue_keys_in(prefix: str, text: str) -> list[str]:
+    """The issue keys with this prefix named in `text` (a branch name), upper-cased:
+    `feature/BIZPLAT-64951-rounding`, `BIZPLAT-12/fix` and `bugfix/bizplat-7-x` all count."""
+    prefix = prefix.strip()
+    if not prefix or not text:
+        return []
+    pattern = rf"(?<![A-Za-z0-9]){re.escape(prefix)}-([0-9]{{1,20}})(?![0-9])"
+    keys = {f"{prefix.upper()}-{n}" for n in re.findall(pattern, text, flags=re.IGNORECASE)}
+    return sorted(k for k in keys if len(k) <= ISSUE_KEY_MAX)  # upper() can grow a string
 
 
 class ImmutableError(Exception):
@@ -19,6 +34,9 @@ class Application(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def issue_keys_in(self, text: str) -> list[str]:
+        return issue_keys_in(self.issue_key_prefix, text)
 
 
 class VcsAlias(models.Model):
@@ -78,6 +96,20 @@ class Build(models.Model):
     @property
     def is_finished(self) -> bool:
         return self.status != self.Status.IN_PROGRESS
+
+
+class BuildIssue(models.Model):
+    """An issue key named in a build's branch (`feature/BIZPLAT-64951-rounding`): where a change is
+    before it is released. Append-only, like the other evidence."""
+
+    build = models.ForeignKey(Build, on_delete=models.PROTECT, related_name="issues")
+    key = models.CharField(max_length=ISSUE_KEY_MAX, db_index=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["build", "key"], name="buildissue_unique_key")]
+
+    def __str__(self) -> str:
+        return self.key
 
 
 class Release(models.Model):

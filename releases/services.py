@@ -14,7 +14,7 @@ from audit.actors import Actor
 from audit.services import refused
 from core import events
 from environments import policy
-from releases.models import Application, Build, Implementer, Release, ReleaseIssue, VcsAlias
+from releases.models import Application, Build, BuildIssue, Implementer, Release, ReleaseIssue, VcsAlias
 from releases.selectors import application_get
 
 
@@ -47,7 +47,9 @@ def build_register(
             build = Build.objects.select_for_update().filter(application=app, number=number).first()
             if build is None:
                 build = Build.objects.create(application=app, number=number, **fields)
-                chain.append(actor=actor, action="build.register", obj=build, data={**fields, "number": number})
+                keys = _record_build_issues(app, build, new=True)
+                chain.append(actor=actor, action="build.register", obj=build,
+                             data={**fields, "number": number, "issue_keys": keys})
                 return build, True
             changed = {k: v for k, v in fields.items() if getattr(build, k) != v}
             if not changed:
@@ -59,9 +61,21 @@ def build_register(
                 for k, v in changed.items():
                     setattr(build, k, v)
                 build.save(update_fields=[*changed, "updated_at"])
-                chain.append(actor=actor, action="build.update", obj=build, data={"changed": changed})
+                data = {"changed": changed}
+                if "branch" in changed:
+                    data["issue_keys"] = _record_build_issues(app, build)
+                chain.append(actor=actor, action="build.update", obj=build, data=data)
                 return build, False
     raise error
+
+
+def _record_build_issues(app: Application, build: Build, *, new: bool = False) -> list[str]:
+    """Store the issue keys named in the build's branch (those not stored yet; the rows are append-only;
+    a `new` build has none)."""
+    keys = app.issue_keys_in(build.branch)
+    have = set(BuildIssue.objects.filter(build=build).values_list("key", flat=True)) if keys and not new else set()
+    BuildIssue.objects.bulk_create(BuildIssue(build=build, key=k) for k in keys if k not in have)
+    return keys
 
 
 @dataclass(frozen=True)

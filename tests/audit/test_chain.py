@@ -149,3 +149,86 @@ def test_group_membership_and_grants_are_field_history_too(world, make_user):
     assert AuditEvent.objects.filter(action="field_history.create",
                                      object_type="guardian.groupobjectpermission").count() == 2
     assert Environment.objects.count() == 3
+
+
+TRICKY_DATA = {
+    "text": "ünïcode \"quoted\" back\\slash\ttab\nnewline \x01 \u2028 😀",
+    "nested": {"b": [1, -2, 10**30, True, False, None], "a": {"z": "", "é": "x"}},
+    "list": [], "empty": {},
+}
+
+
+def old_canonical(event: AuditEvent) -> str:
+    """The canonical text as the chain first wrote it: json.dumps of the event's fields."""
+    body = {
+        "seq": event.seq, "created_at": chain.iso(event.created_at), "actor_id": event.actor_id,
+        "actor_username": event.actor_username, "actor_email": event.actor_email, "via": event.via,
+        "action": event.action, "object_type": event.object_type, "object_id": event.object_id,
+        "object_repr": event.object_repr, "code": event.code, "data": event.data,
+    }
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+@pytest.mark.parametrize("actor_id", [None, 7])
+def test_canonical_text_is_byte_for_byte_the_sorted_json_form(actor_id):
+    import datetime as dt
+
+    event = AuditEvent(seq=12, created_at=dt.datetime(2026, 3, 1, 12, 0, 0, 5, tzinfo=dt.UTC), actor_id=actor_id,
+                       actor_username="Zoë \"z\"", actor_email="z@example.com", via="admin", action="test.event",
+                       object_type="environments.deployment", object_id="42", object_repr="#42 MAC 1.0 -> QA\\",
+                       code="SOD_IMPLEMENTER_APPROVER", data=TRICKY_DATA)
+    assert chain.canonical(event) == old_canonical(event)
+
+
+def test_appended_event_is_stored_as_hashed_and_cannot_be_saved_again(db):
+    event = chain.append(actor=ACTOR, action="test.event", data=TRICKY_DATA, object_type="x", object_id="1")
+    stored = AuditEvent.objects.get(pk=event.pk)
+    assert stored.data == TRICKY_DATA and stored.seq == event.seq and stored.hash == event.hash
+    assert stored.canonical == event.canonical == old_canonical(stored)
+    with pytest.raises(AppendOnlyError):
+        event.save()
+
+
+def test_verify_accepts_a_chain_written_by_the_first_append(db):
+    """Events hashed by the chain's first append (model save, json.dumps form) still verify."""
+    import datetime as dt
+
+    prev = chain.GENESIS_HASH
+    for seq in (1, 2):
+        event = AuditEvent(seq=seq, created_at=dt.datetime(2025, 12, 31, 23, 59, 59, tzinfo=dt.UTC),
+                           actor_username="system", via="test", action="test.old", data=json.loads(
+                               json.dumps({"n": seq, "text": "ünïcode"})), prev_hash=prev)
+        event.canonical = old_canonical(event)
+        event.hash = chain.link_hash(prev, event.canonical)
+        event.save(force_insert=True)
+        prev = event.hash
+    newest = chain.append(actor=ACTOR, action="test.new", data={"n": 3})
+    result = chain.verify()
+    assert (result.ok, result.count, result.head_hash) == (True, 3, newest.hash)
+
+
+def test_verify_reads_the_chain_in_chunks_and_names_a_bad_event_in_a_later_chunk(db, monkeypatch):
+    import threading
+
+    monkeypatch.setattr(chain, "VERIFY_CHUNK", 3)
+    events = [chain.append(actor=ACTOR, action="test.event", data={"n": n}) for n in range(11)]
+    assert chain.verify().ok and chain.verify().count == 11
+    tamper("UPDATE audit_auditevent SET object_repr = %s WHERE seq = %s", ["edited", 8])
+    result = chain.verify()
+    assert (result.ok, result.bad_seq, result.head_hash) == (False, 8, events[6].hash)
+    assert not [t for t in threading.enumerate() if t.name == "audit-verify-fetch"]
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="verify renders times in SQL on PostgreSQL only")
+def test_postgresql_renders_times_as_iso_does(db):
+    import datetime as dt
+
+    moments = [dt.datetime(2026, 1, 1, tzinfo=dt.UTC), dt.datetime(2026, 6, 30, 23, 59, 59, 999999, tzinfo=dt.UTC),
+               dt.datetime(1999, 12, 31, 22, 0, 0, 10, tzinfo=dt.timezone(dt.timedelta(hours=-5))),
+               dt.datetime(1, 1, 1, 0, 0, 1, tzinfo=dt.UTC), dt.datetime(9999, 12, 31, 12, tzinfo=dt.UTC)]
+    with connection.cursor() as cursor:
+        for moment in moments:
+            cursor.execute(f"SELECT {chain.postgresql_iso('t')} FROM (SELECT %s::timestamptz t) x", [moment])
+            assert cursor.fetchone()[0] == chain.iso(moment)
+        cursor.execute(f"SELECT {chain.postgresql_iso('t')} FROM (SELECT '0001-01-01 BC'::timestamptz t) x")
+        assert cursor.fetchone()[0] is None  # no canonical text can match it

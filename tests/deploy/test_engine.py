@@ -151,3 +151,15 @@ def test_notification_credential_is_write_only_and_masked(world, client, make_us
     assert (channel.url, channel.credential) == ("http://127.0.0.1:9/hook2", "s3cr3t-token")
     history = AuditEvent.objects.filter(object_type="environments.notificationchannel")
     assert history.exists() and all("s3cr3t-token" not in str(e.data) for e in history)
+
+
+def test_no_reserved_name_warning_in_the_deployment_log(world, deploy_dirs, artifact):
+    """Ansible warns in every log when a variable is named after a play keyword (`environment`)."""
+    deployment = queue(world, register(world, artifact, "2.0.7"))
+    assert deploy.execute(deployment.pk) == State.SUCCEEDED
+
+    log = "\n".join(DeploymentEvent.objects.filter(deployment=deployment).values_list("stdout", flat=True))
+    assert "PLAY RECAP" in log
+    assert "reserved name" not in log.lower() and "[warning]" not in log.lower(), log
+    stdout = Path(deploy_dirs) / "deployments" / str(deployment.pk) / "artifacts" / "run" / "stdout"
+    assert "reserved name" not in stdout.read_text().lower()

@@ -107,6 +107,8 @@ def test_rolling_deploy_under_load_has_no_failed_request(world, deploy_dirs, art
     assert served == {"web1", "web2", "web3"}
     deployment.refresh_from_db()
     assert deployment.progress["hosts_done"] == deployment.progress["hosts_total"] == 3
+    log = "\n".join(deployment.events.values_list("stdout", flat=True))
+    assert "PLAY RECAP" in log and "reserved name" not in log.lower()
 
 
 def test_failing_health_check_stops_the_roll(world, deploy_dirs, artifact, cluster):

@@ -172,3 +172,28 @@ def test_storm_of_fifty_conflicting_calls_on_production(transactional_audit_db, 
     assert set(final) <= {"succeeded", "cancelled", "rejected"}, final
     result = chain.verify()
     assert result.ok, result.problem
+
+
+def test_eight_writers_appending_at_once_never_fork_the_chain(transactional_audit_db):
+    """The chain lock serializes appends: every event is numbered once, linked to the one before."""
+    from django.db import transaction
+
+    from audit.actors import Actor
+
+    writers, each = 8, 25
+    actor = Actor.system(via="test")
+
+    def append_many(i):
+        for n in range(each):
+            with transaction.atomic():
+                chain.append(actor=actor, action="test.concurrent", data={"writer": i, "n": n})
+        return "ok"
+
+    outcomes = run_at_once(append_many, count=writers)
+
+    assert outcomes == ["ok"] * writers, outcomes
+    result = chain.verify()
+    assert result.ok and result.count == writers * each, result.problem
+    assert list(AuditEvent.objects.values_list("seq", flat=True)) == list(range(1, writers * each + 1))
+    per_writer = Counter(AuditEvent.objects.values_list("data__writer", flat=True))
+    assert per_writer == dict.fromkeys(range(writers), each)

@@ -124,8 +124,15 @@ def test_deployment_flow_with_ci_and_personal_tokens(world, client, ci):
                                  "waiting_for": "a deploy worker to take it up", "emergency": False,
                                  "requested_by": "bob"}]
 
-    change = ci.get("/changes/BIZPLAT-64951").json()
-    assert [b["number"] for b in change["builds"]] == ["101"]
+    ci.post("/builds", {**BUILD, "number": "102", "branch": "bugfix/bizplat-64951-again", "status": "failed",
+                        "tests": {"passed": 10, "failed": 2}})
+    ci.post("/builds", {**BUILD, "number": "103", "branch": "feature/BIZPLAT-649510-other"})
+    change = ci.get("/changes/bizplat-64951").json()
+    assert [b["number"] for b in change["builds"]] == ["101", "102"]
+    failed = change["builds"][1]
+    assert (failed["status"], failed["tests"], failed["branch"], failed["commit"], failed["url"]) == (
+        "failed", {"passed": 10, "failed": 2, "skipped": 0}, "bugfix/bizplat-64951-again", "a1b2c3",
+        "https://ci.example.com/101")
     assert [r["version"] for r in change["releases"]] == ["3.1.0"]
     assert {e["environment"] for e in change["environments_reached"]} == {"QA", "Staging"}
     assert ci.get("/changes/BIZPLAT-1").status_code == 404
@@ -144,6 +151,16 @@ def test_busy_environment_answers_with_the_waiting_state_and_position(world, cli
     assert [(e["id"], e["state"], e["position"]) for e in queue] == [(first["id"], "running", 0),
                                                                       (body["id"], "queued", 1)]
     assert ci.get(f"/deployments/{body['id']}").json()["waiting_for"] == f"behind #{first['id']}"
+
+
+def test_a_change_is_found_by_its_branch_builds_before_any_release(ci):
+    assert ci.post("/builds", {**BUILD, "number": "7", "branch": "BIZPLAT-77/fix", "status": "in_progress"}
+                   ).status_code == 201
+    change = ci.get("/changes/BIZPLAT-77")
+    assert change.status_code == 200
+    body = change.json()
+    assert ([b["number"] for b in body["builds"]], body["releases"], body["environments_reached"]) == (["7"], [], [])
+    assert body["builds"][0]["status"] == "in_progress"
 
 
 def test_reject_and_cancel_routes(world, client, ci):
@@ -414,3 +431,9 @@ def test_ci_token_reads_only_its_applications(world, client, ci, other_applicati
     assert [r["application"] for r in shared["releases"]] == ["MAC"]
     assert {b["application"] for b in shared["builds"]} == {"MAC"}
     assert hams_ci.get("/changes/BIZPLAT-64951").json()["releases"][0]["application"] == "HAMS"
+
+
+    docs = client.get("/api/v1/docs")
+    assert docs.status_code == 200
+    page = docs.content.decode()
+    assert "/static/ninja/swagger-ui-bundle.js" in page and "cdn" not in page.lower()  # works offline

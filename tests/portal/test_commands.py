@@ -8,11 +8,13 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.core.management import CommandError, call_command
 
-from access.services import token_actor
+from access.models import ApiToken
+from access.services import token_actor, token_revoke
 from audit import chain
 from audit.models import AuditEvent
 from environments.models import Deployment, Environment
 from environments.policy import environment_grants
+from tests.conftest import SYSTEM
 
 
 def run(*args) -> str:
@@ -78,3 +80,21 @@ def test_create_token_prints_the_token_last(db, demo_mode):
     mine = run("create_token", "--user", "carol").strip().splitlines()[-1]
     assert token_actor(mine).user.username == "carol"
     assert AuditEvent.objects.filter(action="token.create").count() == 2
+
+
+def test_create_token_reuses_the_token_kept_in_its_file_while_it_is_valid(db, tmp_path, demo_mode):
+    run("demo_data")
+    kept = tmp_path / "demo-ci-token"
+    ci = ("create_token", "--ci", "--application", "MAC", "--name", "demo-ci", "--reuse-file", str(kept))
+    first = run(*ci)
+    token = first.strip().splitlines()[-1]
+    assert kept.read_text() == first and kept.stat().st_mode & 0o777 == 0o600
+    assert run(*ci) == first  # shown again, not created again
+    assert AuditEvent.objects.filter(action="token.create").count() == 1
+
+    other = run("create_token", "--ci", "--application", "MAC", "--name", "other", "--reuse-file", str(kept))
+    assert other.strip().splitlines()[-1] != token  # another name: a new token
+    token_revoke(actor=SYSTEM, token=ApiToken.objects.get(name="other"))
+    renewed = run(*ci).strip().splitlines()[-1]  # the file holds a revoked token: a new one
+    assert renewed not in (token, other.strip().splitlines()[-1]) and token_actor(renewed).token_name == "demo-ci"
+    assert AuditEvent.objects.filter(action="token.create").count() == 3

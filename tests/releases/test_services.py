@@ -4,7 +4,7 @@ from django.db import DatabaseError, connection, transaction
 from audit.models import AuditEvent
 from core.decisions import PolicyRefusal
 from releases import services
-from releases.models import Build, ImmutableError, Release
+from releases.models import Build, BuildIssue, ImmutableError, Release
 from tests.conftest import SYSTEM, ci_actor, person
 
 
@@ -22,6 +22,40 @@ def test_build_registration_is_idempotent_and_audited(world):
     done, created = register_build(world, status="successful", tests=services.TestCounts(10, 0, 1))
     assert not created and (done.status, done.tests_passed) == ("successful", 10)
     assert AuditEvent.objects.filter(action="build.update", object_id=str(build.pk)).count() == 1
+
+
+@pytest.mark.parametrize(("branch", "keys"), [
+    ("feature/BIZPLAT-64951-rounding", ["BIZPLAT-64951"]),
+    ("BIZPLAT-12/fix", ["BIZPLAT-12"]),
+    ("bugfix/bizplat-7-x", ["BIZPLAT-7"]),
+    ("feature/BIZPLAT-3-and-BIZPLAT-4", ["BIZPLAT-3", "BIZPLAT-4"]),
+    ("main", []),
+    ("feature/XBIZPLAT-5-other-project", []),
+    ("feature/BIZPLAT-x", []),
+])
+def test_builds_take_issue_keys_from_their_branch_names(world, branch, keys):
+    build, _ = services.build_register(actor=world.ci, application="MAC", number="1", commit="abc123",
+                                       branch=branch, status="successful")
+    assert sorted(BuildIssue.objects.filter(build=build).values_list("key", flat=True)) == keys
+    assert AuditEvent.objects.get(action="build.register", object_id=str(build.pk)).data["issue_keys"] == keys
+
+
+def test_a_build_keeps_its_issue_keys_when_its_branch_is_corrected(world):
+    build, _ = register_build(world)
+    assert not build.issues.exists()
+    build, _ = services.build_register(actor=world.ci, application="MAC", number="7", commit="abc123",
+                                       branch="feature/BIZPLAT-8-x", status="successful")
+    assert list(build.issues.values_list("key", flat=True)) == ["BIZPLAT-8"]
+    assert AuditEvent.objects.get(action="build.update", object_id=str(build.pk)).data["issue_keys"] == ["BIZPLAT-8"]
+
+
+def test_build_issue_keys_are_append_only(world):
+    world.build(branch="feature/BIZPLAT-9-x")
+    for sql in ("UPDATE releases_buildissue SET key = 'BIZPLAT-10'", "DELETE FROM releases_buildissue"):
+        with pytest.raises(DatabaseError, match="append-only"), transaction.atomic():
+            with connection.cursor() as cursor:
+                cursor.execute(sql)
+    assert list(BuildIssue.objects.values_list("key", flat=True)) == ["BIZPLAT-9"]
 
 
 def test_finished_build_never_changes(world):

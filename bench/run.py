@@ -1,0 +1,274 @@
+"""The portal's benchmarks on PostgreSQL: `make bench` (see docs/benchmarks.md).
+
+    make bench                                   # everything, on the database portal_bench
+    make bench BENCH_ARGS="--only api,pages"     # some sections
+    BENCH_DATABASE=other make bench              # another database (created and seeded when needed)
+
+Seeds (or reuses) a database with 100,000 releases, 1,000,000 deployments and 1,000,000 audit
+events, then measures, each comparison in the same run:
+  api      wrk, 16 connections, against gunicorn (2 sync workers, persistent connections): the portal's
+           API next to a bare Django app served the same way
+  pages    query count and server time of admin pages and the change journey at 1,000,000 deployments
+  appends  8 threads appending to the audit chain
+  verify   verify_audit over the whole chain next to COPY of the same table; peak memory
+  dispatch reserved (not measured yet)
+  rolling  a 3-host rolling upgrade through HAProxy under wrk load: requests per second, failed requests
+Prints a table per section and writes the figures and the command into docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import seed  # noqa: E402
+
+SECTIONS = ("api", "pages", "appends", "verify", "dispatch", "rolling")
+DOCS = ROOT / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- bench results: written by bench/run.py -->", "<!-- end of bench results -->"
+
+
+def setup_django() -> None:
+    os.environ["DATABASE_URL"] = seed.database_url()
+    os.environ.setdefault("SECRET_KEY", "benchmark-only")
+    os.environ["ALLOWED_HOSTS"] = "127.0.0.1,localhost,testserver"
+    os.environ.setdefault("PORTAL_LOG_LEVEL", "WARNING")
+    os.environ["DJANGO_SETTINGS_MODULE"] = "portal.settings"
+    import django
+
+    django.setup()
+
+
+def log(*args, **kwargs) -> None:
+    print(*args, **kwargs, file=sys.stderr)
+
+
+def table(headers: list[str], rows: list[list[str]]) -> tuple[str, str]:
+    """The same rows as aligned text (for the terminal) and as a Markdown table (for the docs)."""
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=True)]
+    text = "\n".join(
+        "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        for row in [headers, *rows]
+    )
+    markdown = "\n".join(["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+                         + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+    return text, markdown
+
+
+def api_section(args, token_holder: dict) -> tuple[str, list[str], list[list[str]], str]:
+    from bench import api_bench
+
+    rows = api_bench.measure(seed.database_url(), (args.port, args.port + 1), args.seconds, ROOT / "var", log=log)
+    if not rows:
+        return ("API", [], [], "wrk is not installed: `apt-get install -y wrk`, then run again.")
+    return (
+        "API: wrk -t2 -c16, gunicorn 2 sync workers, persistent connections",
+        ["endpoint", "requests", "req/s", "p50 ms", "p99 ms", "failed", "ratio", "target"],
+        [[r["name"], f"{r['requests']:,}", f"{r['rate']:,.1f}", _ms(r["p50_ms"]), _ms(r["p99_ms"]), str(r["failed"]),
+          "" if r["ratio"] is None else f"{r['ratio']:.2f}", r["target"]] for r in rows],
+        f"{args.seconds} s per endpoint after a 2 s warm-up, each run starting once the workers' backlog of the one"
+        " before is served; `failed`: non-2xx answers, socket errors and timeouts (10 s); requests still waiting when"
+        " a run ends are not counted; `-`: no request answered in time. Ratio: to the bare view of the same kind"
+        " (writes: bare insert, reads: bare JSON).",
+    )
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def pages_section(args, token_holder: dict):
+    from bench import pages_bench
+
+    rows = pages_bench.measure(_token(token_holder), log=log)
+    return (
+        "Pages at 1,000,000 deployments (in process, logged in as a superuser)",
+        ["page", "status", "queries", "median ms", "max ms", "slowest query ms", "target"],
+        [[r["name"], str(r["status"]), str(r["queries"]), f"{r['median_ms']:.0f}", f"{r['max_ms']:.0f}",
+          f"{r['slowest_query_ms']:.0f}", f"< {pages_bench.TARGET_MS} ms, fixed queries"] for r in rows],
+        f"Server time of the whole request (median of up to {pages_bench.REPEATS} after one warm-up request; a page"
+        f" over {pages_bench.SLOW_SECONDS:.0f} s is timed once).",
+    )
+
+
+def appends_section(args, token_holder: dict):
+    from bench import chain_bench
+
+    rows = []
+    for mode in ("processes", "threads"):
+        r = chain_bench.appends(writers=args.writers, per_writer=args.appends, mode=mode)
+        if r["errors"]:
+            log("  append errors:", *r["errors"][:5], sep="\n    ")
+        log(f"  {r['events']:,} events by {r['writers']} {mode} in {r['seconds']:.1f} s: {r['rate']:,.0f}/s",
+            flush=True)
+        rows.append([f"{r['writers']} {mode}", f"{r['events']:,}", f"{r['seconds']:.1f}", f"{r['rate']:,.0f}",
+                     str(len(r["errors"])), ">= 1,000/s, verify passes after"])
+    return (
+        "Audit appends (PostgreSQL, one transaction per event)",
+        ["writers", "events", "seconds", "events/s", "errors", "target"],
+        rows,
+        "Each writer has its own connection; processes write as gunicorn's workers do, threads share one"
+        " interpreter lock. verify_audit below runs over the chain these appends extended.",
+    )
+
+
+def verify_section(args, token_holder: dict):
+    from bench import chain_bench
+
+    r = chain_bench.verify_vs_copy()
+    log(f"  verify {r['count']:,} events in {r['seconds']:.1f} s ({r['rate']:,.0f}/s), COPY {r['copy_rate']:,.0f}"
+        f" rows/s, peak {r['peak_mb']:.0f} MB: {r['line'][:40]}", flush=True)
+    return (
+        "verify_audit over the whole chain, next to COPY of the same table",
+        ["events", "verify s", "verify events/s", "COPY s", "COPY rows/s", "ratio", "MB at 10%", "peak MB",
+         "idle MB", "result", "target"],
+        [[f"{r['count']:,}", f"{r['seconds']:.1f}", f"{r['rate']:,.0f}", f"{r['copy_seconds']:.1f}",
+          f"{r['copy_rate']:,.0f}", f"{r['rate'] / r['copy_rate']:.2f}", f"{r['early_mb']:.0f}", f"{r['peak_mb']:.0f}",
+          f"{r['idle_mb']:.0f}", "OK" if r["ok"] else "FAILED", ">= 0.25 of COPY, memory flat"]],
+        "verify_audit runs in a fresh process: `MB at 10%` is its largest RSS in the first tenth of the run, `peak MB`"
+        " its VmHWM (flat memory: the two are the same); `idle MB` is the peak of a process that sets up Django and"
+        " reads one event. COPY: `COPY audit_auditevent TO STDOUT`, read to the end, just before and just after"
+        " verify; the faster of the two counts.",
+    )
+
+
+def rolling_section(args, token_holder: dict):
+    from bench import api_bench, rolling_bench
+
+    wrk = api_bench.wrk_or_none()
+    r = rolling_bench.measure(args.port + 9, wrk, log=log) if wrk else None
+    title = "Rolling upgrade under load (3 hosts behind HAProxy, tests/deploy/test_rolling.py's setup)"
+    if r is None:
+        return (title, [], [], "Not measured: needs haproxy and wrk (apt-get install -y haproxy wrk).")
+    return (
+        title,
+        ["roll", "roll s", "hosts upgraded", "requests", "req/s", "p50 ms", "p99 ms", "failed", "target"],
+        [[r["state"], f"{r['roll_seconds']:.1f}", f"{r['hosts_upgraded']}/{r['hosts']}", f"{r['requests']:,}",
+          f"{r['rate']:,.0f}", _ms(r["p50_ms"]), _ms(r["p99_ms"]), str(r["failed"]), "0 failed"]],
+        f"wrk -t1 -c{rolling_bench.CONNECTIONS} through HAProxy from 1 s before the roll to 1 s after it; the roll is"
+        " the real deploy engine running the bundled rolling_upgrade.yml (drain, upgrade, health check, enable,"
+        " one host at a time).",
+    )
+
+
+def reserved_section(name: str):
+    def section(args, token_holder: dict):
+        what = {
+            "dispatch": ("Dispatch latency", "from the last approval to ansible-playbook starting, and from one"
+                         " deployment's end to the next queued one starting (target: median under 1 s)"),
+        }[name]
+        return (what[0], ["figure", "value"], [[what[1], "not measured yet"]],
+                "Reserved: to be filled by the dispatch benchmark.")
+
+    return section
+
+
+def _token(holder: dict) -> str:
+    if "token" not in holder:
+        from access.models import ApiToken
+        from access.services import token_create
+
+        from audit.actors import Actor
+        from releases.models import Application
+
+        _, holder["token"] = token_create(actor=Actor.system(via="bench"), kind=ApiToken.Kind.CI, name="bench-pages",
+                                          applications=[Application.objects.get(name="MAC")])
+    return holder["token"]
+
+
+RUNNERS = {"api": api_section, "pages": pages_section, "appends": appends_section, "verify": verify_section,
+           "dispatch": reserved_section("dispatch"), "rolling": rolling_section}
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or "unknown CPU")
+    mem_kb = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
+                      if line.startswith("MemTotal:")))
+    try:
+        pg = subprocess.run(["psql", seed.database_url(), "-Atc", "SHOW server_version"], capture_output=True,
+                            text=True, timeout=10).stdout.strip()
+    except OSError:
+        pg = "?"
+    return (f"{os.cpu_count()} cores ({cpu}), {mem_kb / 1024 / 1024:.0f} GB RAM, {platform.system()}"
+            f" {platform.release()}, Python {platform.python_version()}, PostgreSQL {pg}")
+
+
+def write_docs(command: str, blocks: list[str], seconds: float, load: tuple[float, float]) -> None:
+    when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    body = "\n".join([BEGIN, f"Last run: {when}, `{command}`, {seconds / 60:.1f} minutes (after seeding).", "",
+                      f"Machine: {machine()}; load average {load[0]:.1f} at the start, {load[1]:.1f} at the end"
+                      " (the machine is shared: figures of one run are compared with each other).", "",
+                      *blocks, END])
+    text = DOCS.read_text() if DOCS.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text:
+        text += f"\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    DOCS.write_text(head + body + tail)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections: " + ", ".join(SECTIONS))
+    parser.add_argument("--seconds", type=int, default=10, help="wrk duration per endpoint")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("BENCH_PORT", "8121")),
+                        help="the portal's gunicorn; the bare app uses the next port")
+    parser.add_argument("--writers", type=int, default=8)
+    parser.add_argument("--appends", type=int, default=500, help="events per writer")
+    parser.add_argument("--releases", type=int, default=100_000)
+    parser.add_argument("--deployments", type=int, default=1_000_000)
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        setup_django()
+        from bench import chain_bench
+
+        {"verify": chain_bench.verify_in_this_process, "idle": chain_bench.idle_in_this_process}[args.child]()
+        return
+    wanted = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(wanted) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
+    setup_django()
+    seed.ensure(args.releases, args.deployments, args.events, log=log)
+    command = " ".join([*(f"{name}={shlex.quote(os.environ[name])}" for name in ("BENCH_DATABASE", "BENCH_SERVER")
+                          if os.environ.get(name)), "make bench"]
+                       + ([f"BENCH_ARGS={shlex.quote(' '.join(sys.argv[1:]))}"] if sys.argv[1:] else []))
+    t0, load_at_start = time.monotonic(), os.getloadavg()[0]
+    blocks, holder = [], {}
+    for name in SECTIONS:
+        if name not in wanted:
+            continue
+        log(f"\n== {name}", flush=True)
+        title, headers, rows, note = RUNNERS[name](args, holder)
+        print(f"\n{title}")
+        if rows:
+            text, markdown = table(headers, rows)
+            print(text)
+            blocks += [f"### {title}", "", markdown, "", note, ""]
+        else:
+            blocks += [f"### {title}", "", note, ""]
+        print(note, flush=True)
+    seconds = time.monotonic() - t0
+    print(f"\nmeasured in {seconds / 60:.1f} minutes; load average {load_at_start:.1f} at the start,"
+          f" {os.getloadavg()[0]:.1f} at the end")
+    if not args.no_docs:
+        write_docs(command, blocks, seconds, (load_at_start, os.getloadavg()[0]))
+        print(f"figures written to {DOCS.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
