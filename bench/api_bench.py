@@ -151,9 +151,9 @@ def _fmt(ms: float | None) -> str:
 def prepare() -> tuple[str, str]:
     """A CI token for MAC (created through the portal's service, so it is audited) and the bare table."""
     from django.db import connection
+
     from access.models import ApiToken
     from access.services import token_create
-
     from audit.actors import Actor
     from bench.bare.urls import CREATE_TABLE
     from releases.models import Application, Release

@@ -177,7 +177,6 @@ def _token(holder: dict) -> str:
     if "token" not in holder:
         from access.models import ApiToken
         from access.services import token_create
-
         from audit.actors import Actor
         from releases.models import Application
 
