@@ -165,7 +165,7 @@ def _relational(releases: int, deployments: int) -> None:
             "INSERT INTO environments_deployment (release_id, environment_id, state, requested_by_id,"
             " requested_by_label, requested_via, requested_at, queued_at, started_at, finished_at, promoted_from_id,"
             " required_approvals, emergency, emergency_reason, review_comment, result_detail, sod_checks, progress,"
-            " playbook_commit)"
+            " playbook_commit, automatic, engine, refusal_code)"
             " SELECT (g - 1) / %(per)s + 1, CASE WHEN p < 4 THEN %(qa)s WHEN p < 7 THEN %(staging)s"
             "  ELSE %(production)s END,"
             " CASE WHEN g %% 50 = 0 THEN 'failed' ELSE 'succeeded' END,"
@@ -176,7 +176,7 @@ def _relational(releases: int, deployments: int) -> None:
             " false, '', '', CASE WHEN g %% 50 = 0 THEN 'deploy task failed on host app1' ELSE '' END,"
             " CASE WHEN p >= 7 THEN '[\"requester_not_implementer\", \"approver_not_implementer\","
             "  \"approver_not_requester\", \"approver_distinct\"]' ELSE '[]' END::jsonb,"
-            " '{\"hosts\": 3, \"done\": 3}', 'bundled:' || md5('playbooks')"
+            " '{\"hosts\": 3, \"done\": 3}', 'bundled:' || md5('playbooks'), p < 7, '', ''"
             " FROM generate_series(1, %(deployments)s) g,"
             " LATERAL (SELECT (g - 1) %% %(per)s p, %(start)s + (g * %(step)s) t) x ORDER BY g",
             {"per": per, "qa": qa, "staging": staging, "production": production, "requester": requester,
