@@ -75,12 +75,19 @@ def person_identities(user) -> set[str]:
 def identity_users(identities) -> dict[str, set[int]]:
     """The people each VCS identity (lower-case) may be: by VCS alias, e-mail or user name, any case.
     Two queries, whatever the number of identities."""
+    return _identity_users(identities)[0]
+
+
+def _identity_users(identities) -> tuple[dict[str, set[int]], dict[str, int]]:
+    """identity_users, and the user each identity is a VCS alias of."""
     identities = sorted(set(identities))
     found: dict[str, set[int]] = {}
+    aliased: dict[str, int] = {}
     if not identities:
-        return found
+        return found, aliased
     for alias, user_id in VcsAlias.objects.filter(identity__in=identities).values_list("identity", "user_id"):
         found.setdefault(alias, set()).add(user_id)
+        aliased[alias] = user_id
     q = Q()
     for identity in identities:
         q |= Q(email__iexact=identity) | Q(username__iexact=identity)
@@ -88,14 +95,14 @@ def identity_users(identities) -> dict[str, set[int]]:
     for user_id, email, username in get_user_model().objects.filter(q).values_list("id", "email", "username"):
         for identity in {(email or "").strip().lower(), username.lower()} & wanted:
             found.setdefault(identity, set()).add(user_id)
-    return found
+    return found, aliased
 
 
 def resolve_identity_users(identities) -> dict[str, int]:
     """One portal user per VCS identity, where one is known: the VCS alias first, else the user whose
     e-mail or user name it is (case-insensitive)."""
-    aliased = dict(VcsAlias.objects.filter(identity__in=list(identities)).values_list("identity", "user_id"))
-    return {identity: aliased.get(identity, min(users)) for identity, users in identity_users(identities).items()}
+    found, aliased = _identity_users(identities)
+    return {identity: aliased.get(identity, min(users)) for identity, users in found.items()}
 
 
 def identities_of_users(user_ids) -> dict[int, set[str]]:
