@@ -29,10 +29,9 @@ def stop_cluster(env):
 
 @pytest.mark.parametrize("stop", ["SIGTERM to make", "Ctrl-C"])
 def test_make_run_stops_the_web_server_and_the_worker(transactional_audit_db, settings, var_dir, tmp_path, stop):
-    # The demo is loaded already and its first deployment cancelled, so the worker is idle when it is
+    # The demo is loaded already and what it left open cancelled, so the worker is idle when it is
     # stopped (a running deployment is let finish, which takes as long as its playbook).
-    settings.VAR_DIR = var_dir
-    settings.DEMO = True
+    settings.VAR_DIR, settings.DEMO = var_dir, True
     call_command("demo_data", stdout=StringIO())
     for pk in Deployment.objects.filter(state__in=Deployment.OPEN_STATES).values_list("pk", flat=True):
         deployment_cancel(actor=SYSTEM, deployment_id=pk)

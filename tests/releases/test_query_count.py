@@ -26,4 +26,4 @@ def test_change_detail_queries_do_not_grow_with_history(world):
     large, change = journey_queries("BIZPLAT-200")
     assert (len(change["builds"]), len(change["releases"])) == (16, 8)
     assert {e["environment"] for e in change["environments_reached"]} == {"QA", "Staging"}
-    assert large == small <= 5
+    assert large == small <= 15  # with where it is now: environments, what runs there, their queues
