@@ -13,6 +13,7 @@ import datetime as dt
 from dataclasses import dataclass
 
 from auditlog.models import LogEntry
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.contrib.contenttypes.models import ContentType
@@ -631,6 +632,13 @@ def _cancel_refusal(*, actor: Actor, deployment: Deployment) -> Refusal | None:
     if environment.restricted and DEPLOY not in grants:
         return forbidden("NOT_RELEASER", f"Only the requester or a releaser of {environment} may cancel this.")
     return check_may_request(actor, environment, grants)
+
+
+def review_overdue(deployment_requested_at: dt.datetime, *, reviewed_at: dt.datetime | None = None,
+                   now: dt.datetime | None = None) -> bool:
+    """Rule 7: an emergency deployment is reviewed within PORTAL_REVIEW_DUE_DAYS days (default 5)."""
+    due = deployment_requested_at + dt.timedelta(days=settings.PORTAL_REVIEW_DUE_DAYS)
+    return (reviewed_at or now or timezone.now()) > due
 
 
 def decide_review(*, actor: Actor, deployment: Deployment) -> Decision:

@@ -447,3 +447,16 @@ def deployment_live(deployment: Deployment) -> dict:
         "log": "\n".join(tail), "log_cut": cut, "result": deployment.result_detail,
         "finished_at": _time(deployment.finished_at),
     }
+
+
+def open_exceptions(*, now: dt.datetime | None = None) -> list[dict]:
+    """Emergency deployments not reviewed yet (rule 7), oldest first, with their age in days and
+    whether the review is overdue. One query."""
+    now = now or timezone.now()
+    rows = (
+        Deployment.objects.filter(emergency=True, reviewed_at__isnull=True)
+        .exclude(state=State.AWAITING_APPROVAL)
+        .select_related("release__application", "environment").order_by("requested_at", "id")
+    )
+    return [{"deployment": d, "age_days": (now - d.requested_at).days,
+             "overdue": policy.review_overdue(d.requested_at, now=now)} for d in rows]
