@@ -226,15 +226,20 @@ def test_invalid_body_names_the_field(ci):
     assert response.json()["code"] == "INVALID" and "status" in response.json()["detail"]
 
 
-@pytest.mark.parametrize("patch", [
-    {"artifact_sha256": "xyz"}, {"artifact_sha256": "a" * 65}, {"issue_keys": ["not a key"]},
-    {"issue_keys": "BIZPLAT-1"}, {"implementers": [None]}, {"pull_request": {"url": "u"}},
-    {"pull_request": {"url": "u", "author": "a", "approved_at": "yesterday"}}, {"version": ""},
+@pytest.mark.parametrize(("patch", "field"), [
+    ({"artifact_sha256": "xyz"}, "artifact_sha256"), ({"artifact_sha256": "a" * 65}, "artifact_sha256"),
+    ({"issue_keys": ["not a key"]}, "issue_keys.0"), ({"issue_keys": "BIZPLAT-1"}, "issue_keys"),
+    ({"implementers": [None]}, "implementers.0"), ({"pull_request": {"url": "u"}}, "pull_request.author"),
+    ({"pull_request": {"url": "u", "author": "a", "approved_at": "yesterday"}}, "pull_request.approved_at"),
+    ({"version": ""}, "version"),
 ])
-def test_bad_release_bodies_are_422(ci, patch):
+def test_bad_release_bodies_are_422_naming_the_field(ci, patch, field):
     ci.post("/builds", BUILD)
     response = ci.post("/releases", {**RELEASE, **patch})
     assert response.status_code == 422, response.content
+    body = response.json()
+    assert body["code"] == "INVALID" and field in [e["field"] for e in body["errors"]], body
+    assert not Release.objects.exists()
 
 
 def test_unknown_application_is_404(ci):
