@@ -337,9 +337,11 @@ def release_board(*, now=None, limit: int = ON_THE_WAY) -> list[dict]:
     queues = environment_queues(ids, now=now)
     entries = {entry["id"]: entry for queue in queues.values() for entry in queue}
     way, counts = _on_their_way(applications, ordered, current, entries, limit)
+    frozen = policy.active_freezes(environments, now)
     return [{
         "application": application,
-        "environments": [{"environment": e, "current": current.get(e.pk), "queue": queues[e.pk]}
+        "environments": [{"environment": e, "current": current.get(e.pk), "queue": queues[e.pk],
+                          "freeze": frozen.get(e.pk)}
                          for e in ordered.get(application.pk, [])],
         "on_the_way": way.get(application.pk, []),
         "on_the_way_count": counts.get(application.pk, 0),

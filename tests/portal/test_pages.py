@@ -442,6 +442,7 @@ def test_an_emergency_is_an_open_exception_on_the_board_until_someone_else_revie
                                             emergency_reason="payments down")
     board = text(page(client, world.carol, reverse("admin:index")))
     assert "Open exceptions (1)" in board and f"#{emergency.pk}" in board and "awaiting review" in board
+    assert '<p class="frozen">' in board and "UTC: quarter close" in board  # the freeze on Production's column
     Deployment.objects.filter(pk=emergency.pk).update(
         requested_at=now - dt.timedelta(days=settings.PORTAL_REVIEW_DUE_DAYS + 1))
     board = page(client, world.carol, reverse("admin:index")).content.decode()
