@@ -8,6 +8,7 @@ import secrets
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
 from django.db import transaction
+from django.db.models import F
 from django.utils import timezone
 
 from access.models import ApiToken, hash_token
@@ -59,21 +60,23 @@ def token_actor(raw: str, *, remote_addr: str = "") -> Actor | None:
     """The actor a bearer token stands for, or None if it is unknown, revoked or its user inactive."""
     if not raw.startswith(TOKEN_PREFIX) or len(raw) > 200:
         return None
-    token = (
+    # One query: the token, its user and one row per application it is scoped to (a LEFT JOIN).
+    rows = list(
         ApiToken.objects.select_related("user")
-        .prefetch_related("applications")
         .filter(key_hash=hash_token(raw), revoked_at__isnull=True)
-        .first()
+        .annotate(scoped_application_id=F("applications__id"))
     )
-    if token is None:
+    if not rows:
         return None
+    token = rows[0]
     if token.kind == ApiToken.Kind.PERSONAL:
         if not token.user.is_active:
             return None
         return Actor(user=token.user, via="api", token_id=token.pk, token_name=token.name,
                      token_kind="personal", remote_addr=remote_addr)
     return Actor(via="api", token_id=token.pk, token_name=token.name, token_kind="ci",
-                 token_applications=frozenset(a.pk for a in token.applications.all()), remote_addr=remote_addr)
+                 token_applications=frozenset(r.scoped_application_id for r in rows if r.scoped_application_id),
+                 remote_addr=remote_addr)
 
 
 # --- people's accounts -----------------------------------------------------------------------------

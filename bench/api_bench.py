@@ -61,7 +61,8 @@ class Server:
     def __enter__(self):
         env = {**os.environ, "DATABASE_URL": self.database_url, "DATABASE_CONN_MAX_AGE": "600",
                "SECRET_KEY": os.environ.get("SECRET_KEY", "benchmark-only"),
-               "ALLOWED_HOSTS": "127.0.0.1,localhost", "PORTAL_LOG_LEVEL": "WARNING"}
+               "ALLOWED_HOSTS": "127.0.0.1,localhost", "PORTAL_LOG_LEVEL": "WARNING",
+               "PORTAL_SSL_REDIRECT": "0"}  # plain HTTP on loopback, as behind a proxy that ends TLS
         env.pop("DJANGO_SETTINGS_MODULE", None)
         gunicorn = str(Path(sys.executable).parent / "gunicorn")
         self.process = subprocess.Popen(

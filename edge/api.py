@@ -29,6 +29,8 @@ NOT_BLANK = rf"^[{SPACE}]*[^\x00{SPACE}][^\x00]*$"
 TEXT_RULES = "Leading and trailing whitespace is stripped; NUL characters are refused."
 
 # Dates a person or a CI server can mean: RFC 3339 with a time zone, years 2000 to 2099.
+DAY = r"^20[0-9]{2}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])$"
+DAY_RULES = "A day, YYYY-MM-DD, in the years 2000 to 2099."
 DATE_TIME = (r"^20[0-9]{2}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
              r"(\.[0-9]{1,6})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$")
 DATE_TIME_RULES = "RFC 3339 date-time with a time zone (Z or +hh:mm), in the years 2000 to 2099."
@@ -89,6 +91,11 @@ DateTime = Annotated[
     str, matching(DATE_TIME, "must be an " + DATE_TIME_RULES[0].lower() + DATE_TIME_RULES[1:-1]),
     AfterValidator(_parse_date_time),
     Field(description=DATE_TIME_RULES, json_schema_extra={"format": "date-time", "pattern": DATE_TIME}),
+]
+
+Day = Annotated[
+    str, matching(DAY, "must be a day, YYYY-MM-DD, in the years 2000 to 2099"), AfterValidator(dt.date.fromisoformat),
+    Field(description=DAY_RULES, json_schema_extra={"format": "date", "pattern": DAY}),
 ]
 
 Name = Text(100, 1)

@@ -59,6 +59,7 @@ class PortalAdminSite(admin.AdminSite):
             "board": board,
             "waiting_for_me": env_selectors.awaiting_decision_of(admin_actor(request)),
             "my_requests": mine, "my_open_requests": mine_open,
+            "open_exceptions": env_selectors.open_exceptions(),
         }
 
     def change_journey_view(self, request, issue_key: str):

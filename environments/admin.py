@@ -1,4 +1,7 @@
 import copy
+import csv
+import datetime as dt
+import io
 
 from django import forms
 from django.contrib import admin, messages
@@ -6,16 +9,19 @@ from django.contrib.admin.utils import unquote
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.db.models import Count, OuterRef, Subquery
-from django.http import Http404, JsonResponse, StreamingHttpResponse
+from django.db.models import Count, OuterRef, Q, Subquery
+from django.http import Http404, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
+from django.utils import timezone
 from django.utils.html import format_html, format_html_join
+from django.utils.http import urlencode
 
 from core.decisions import NotFound, PolicyRefusal
+from edge import charts
 from edge.admin import Offer, ReadOnlyAdmin, admin_actor, call_service, confirm_with_comment, next_url, run_each
-from environments import policy, selectors, services
+from environments import metrics, policy, selectors, services
 from environments.models import (
     Approval,
     ControlChange,
@@ -25,6 +31,8 @@ from environments.models import (
     NotificationChannel,
     NotificationDelivery,
 )
+from evidence.reports import safe_cell
+from releases.models import Application
 
 
 class FreezeWindowInline(admin.TabularInline):
@@ -58,6 +66,204 @@ class EnvironmentForm(forms.ModelForm):
                 self.add_error("change_reason", "This weakens a control of a restricted environment ("
                                + ", ".join(sorted(weaker)) + "): say why; a second administrator must approve it.")
         return data
+
+
+# --- freeze windows as analysts plan them -------------------------------------------------------------
+
+WEEKEND_RULE = "FREQ=WEEKLY;BYDAY=FR;BYHOUR=16;BYMINUTE=0"
+MONTH_END_RULE = "FREQ=MONTHLY;BYDAY=MO,TU,WE,TH,FR;BYSETPOS=-2,-1;BYHOUR=0;BYMINUTE=0"
+FREEZE_PRESETS = {  # name: (label, rule, length of each occurrence, time zone or None for the chosen one)
+    "weekend": ("Every Friday 16:00 to Monday 06:00, Europe/Berlin", WEEKEND_RULE, dt.timedelta(hours=62),
+                "Europe/Berlin"),
+    "month_end": ("The last 2 working days of the month, whole days in the chosen time zone", MONTH_END_RULE,
+                  dt.timedelta(days=1), None),
+}
+
+
+class FreezeWindowForm(forms.ModelForm):
+    preset = forms.ChoiceField(
+        required=False, choices=[("", "none: a one-off window, or the rule typed below"),
+                                 *((name, label) for name, (label, *_rest) in FREEZE_PRESETS.items())],
+        help_text="Fills the rule, the length and (for the weekend) the time zone.",
+    )
+    change_reason = forms.CharField(
+        required=False, widget=forms.Textarea(attrs={"rows": 2}),
+        help_text="Why. Required to shorten or end a freeze while it holds (a second administrator then "
+                  "approves it under Control changes).",
+    )
+
+    class Meta:
+        model = FreezeWindow
+        fields = ["environment", "application", "reason", "preset", "starts_at", "ends_at", "recurrence", "duration",
+                  "timezone", "change_reason"]
+        help_texts = {
+            "environment": "Freeze one environment, or leave empty and choose an application below.",
+            "starts_at": "One-off: when it begins (UTC). Recurring: when the series begins; the rule's times are "
+                         "read in the time zone below.",
+            "ends_at": "One-off: when it ends (UTC). Recurring: when the series stops.",
+            "recurrence": (
+                "Empty for a one-off window. An iCalendar RRULE read in the time zone below. Presets: every Friday "
+                f"16:00 to Monday 06:00 Europe/Berlin is {WEEKEND_RULE} with a length of 2 days, 14:00:00 (62 "
+                f"hours) in Europe/Berlin; the last 2 working days of the month is {MONTH_END_RULE} with a length "
+                "of 1 day."),
+            "duration": "Recurring: the length of each occurrence in wall-clock time, e.g. 62:00:00 or "
+                        "\"2 14:00:00\" (Friday 16:00 to Monday 06:00), \"1 00:00:00\" (a whole day).",
+            "timezone": "IANA time zone the rule is read in, e.g. Europe/Berlin (daylight saving follows it).",
+        }
+
+    def clean(self):
+        data = super().clean()
+        if preset := FREEZE_PRESETS.get(data.get("preset") or ""):
+            _label, data["recurrence"], data["duration"], zone = preset
+            if zone:
+                data["timezone"] = zone
+            for name in ("recurrence", "duration", "timezone"):
+                self.errors.pop(name, None)
+        if self.instance.pk and not data.get("change_reason", "").strip():
+            before = FreezeWindow.objects.get(pk=self.instance.pk)
+            after = copy.copy(before)
+            for name in ("environment", "application", "starts_at", "ends_at", "recurrence", "duration",
+                         "timezone", "reason"):
+                if name in data:
+                    setattr(after, name, data[name])
+            try:
+                weaker = policy.freeze_weakened(before, after)
+            except (TypeError, ValueError, KeyError):  # an invalid rule or zone: the model names it
+                weaker = {}
+            if weaker:
+                self.add_error("change_reason", "This freeze holds now and would end sooner: say why; a second "
+                                                "administrator must approve it.")
+        return data
+
+
+class FreezeApplicationFilter(admin.SimpleListFilter):
+    title = "application"
+    parameter_name = "application"
+
+    def lookups(self, request, model_admin):
+        return [(a.name, a.name) for a in Application.objects.order_by("name")]
+
+    def queryset(self, request, queryset):
+        if self.value():
+            return queryset.filter(Q(environment__application__name=self.value()) | Q(application__name=self.value()))
+        return queryset
+
+
+@admin.register(FreezeWindow)
+class FreezeWindowAdmin(admin.ModelAdmin):
+    """Freeze windows planned ahead, one-off or recurring. Saving and ending go through the services:
+    audited, and a freeze that holds now is shortened or ended only with a reason and a second
+    administrator (the change becomes a proposal under Control changes)."""
+
+    form = FreezeWindowForm
+    list_display = ["target", "schedule", "reason", "starts_at", "ends_at", "holds_now"]
+    list_filter = [FreezeApplicationFilter]
+    list_select_related = ["environment__application", "application"]
+    search_fields = ["reason"]
+    actions = ["end_or_remove"]
+    change_list_template = "admin/environments/freezewindow/change_list.html"
+    fieldsets = [
+        (None, {"fields": ["environment", "application", "reason"]}),
+        ("When", {"fields": ["preset", "starts_at", "ends_at", "recurrence", "duration", "timezone"]}),
+        ("Changing a freeze that holds now", {"fields": ["change_reason"]}),
+    ]
+
+    class Media:
+        css = {"all": ["environments/metrics.css"]}
+
+    @admin.display(description="frozen")
+    def target(self, obj):
+        return obj.environment or f"{obj.application} (all environments)"
+
+    @admin.display(description="schedule")
+    def schedule(self, obj):
+        if not obj.recurrence:
+            return "one-off"
+        for label, rule, duration, zone in FREEZE_PRESETS.values():
+            if obj.recurrence == rule and obj.duration == duration and (zone is None or zone == obj.timezone):
+                return label if zone else f"{label} ({obj.timezone})"
+        return f"{obj.recurrence}, {obj.duration} each ({obj.timezone})"
+
+    @admin.display(description="holds now")
+    def holds_now(self, obj):
+        occurrence = obj.active_at(timezone.now())
+        return f"until {occurrence.ends_at:%Y-%m-%d %H:%M} UTC" if occurrence else ""
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # ending a freeze is the action below, through the service
+
+    def has_end_permission(self, request):
+        return request.user.has_perm("environments.delete_freezewindow")
+
+    def save_model(self, request, obj, form, change):
+        try:
+            result = services.freeze_window_save(actor=admin_actor(request), window=obj,
+                                                 reason=form.cleaned_data.get("change_reason", ""))
+        except PolicyRefusal as exc:
+            request._freeze_outcome = (messages.ERROR, f"Refused ({exc.refusal.code}). {exc.refusal.detail}")
+        except ValidationError as exc:
+            request._freeze_outcome = (messages.ERROR, " ".join(exc.messages))
+        else:
+            if isinstance(result, ControlChange):
+                request._freeze_outcome = (messages.WARNING, _proposed(result))
+
+    def log_addition(self, request, obj, message):
+        if not hasattr(request, "_freeze_outcome"):
+            return super().log_addition(request, obj, message)
+        return None
+
+    def log_change(self, request, obj, message):
+        if not hasattr(request, "_freeze_outcome"):
+            return super().log_change(request, obj, message)
+        return None
+
+    def _outcome(self, request, default):
+        """A refused or proposed change is not "saved successfully": say what happened instead."""
+        if not hasattr(request, "_freeze_outcome"):
+            return default()
+        level, text = request._freeze_outcome
+        self.message_user(request, text, level)
+        return redirect("admin:environments_freezewindow_changelist")
+
+    def response_add(self, request, obj, post_url_continue=None):
+        return self._outcome(request, lambda: super(FreezeWindowAdmin, self).response_add(request, obj,
+                                                                                           post_url_continue))
+
+    def response_change(self, request, obj):
+        return self._outcome(request, lambda: super(FreezeWindowAdmin, self).response_change(request, obj))
+
+    @admin.action(description="End or remove selected freeze windows", permissions=["end"])
+    def end_or_remove(self, request, queryset):
+        windows = list(queryset.select_related("environment__application", "application"))
+        now = timezone.now()
+        holding = [w for w in windows if w.active_at(now) is not None]
+        reason = confirm_with_comment(
+            self, request, queryset, action="end_or_remove", title="End or remove freeze windows",
+            required=bool(holding), label="Reason" + (
+                f" ({len(holding)} of these hold now: they end only when a second administrator approves)"
+                if holding else ""))
+        if not isinstance(reason, str):
+            return reason
+        actor = admin_actor(request)
+        for window in windows:
+            try:
+                result = services.freeze_window_end(actor=actor, window=window, reason=reason)
+            except PolicyRefusal as exc:
+                self.message_user(request, f"{window}: refused ({exc.refusal.code}). {exc.refusal.detail}",
+                                  messages.ERROR)
+            except ValidationError as exc:
+                self.message_user(request, f"{window}: {' '.join(exc.messages)}", messages.ERROR)
+            else:
+                if isinstance(result, ControlChange):
+                    self.message_user(request, f"{window}: {_proposed(result)}", messages.WARNING)
+                else:
+                    self.message_user(request, f"{window}: removed.", messages.SUCCESS)
+        return None
+
+
+def _proposed(change: ControlChange) -> str:
+    return (f"Proposed, not applied yet: {change.summary()}. A different administrator must approve it under "
+            "Control changes.")
 
 
 def access_rows(environment: Environment) -> list[tuple[str, str]]:
@@ -155,10 +361,14 @@ class EnvironmentAdmin(admin.ModelAdmin):
 
     def get_urls(self):
         return [
+            path("metrics/", self.admin_site.admin_view(self.metrics_view), name="environments_metrics"),
             path("<int:pk>/access/", self.admin_site.admin_view(self.access_view),
                  name="environments_environment_access"),
             *super().get_urls(),
         ]
+
+    def metrics_view(self, request):
+        return metrics_page(self.admin_site, request)
 
     def access_view(self, request, pk):
         """Grant or revoke deploy/approve rights through the service (audited, no self-grants)."""
@@ -426,3 +636,138 @@ class ControlChangeAdmin(ReadOnlyAdmin):
     def reject(self, request, queryset):
         return self._decide(request, queryset, action="reject", title="Reject control changes",
                             service=services.control_change_reject, done="rejected.", required=True)
+
+
+# --- delivery metrics ----------------------------------------------------------------------------------
+
+FIRST_DAY, LAST_DAY = dt.date(2000, 1, 1), dt.date(2099, 12, 31)
+DATE_INPUT = forms.DateInput(attrs={"type": "date"}, format="%Y-%m-%d")
+
+
+class MetricsForm(forms.Form):
+    application = forms.ChoiceField()
+    environment = forms.ChoiceField()
+    since = forms.DateField(required=False, widget=DATE_INPUT, help_text="First day; its ISO week is included.")
+    until = forms.DateField(required=False, widget=DATE_INPUT, help_text="Last day (default: today).")
+
+    def __init__(self, data, *, applications, environments):
+        super().__init__(data)
+        self.fields["application"].choices = [(a.name, a.name) for a in applications]
+        self.fields["environment"].choices = [(e.name, e.name) for e in environments]
+
+    def _bounded(self, name):
+        day = self.cleaned_data.get(name)
+        if day is not None and not FIRST_DAY <= day <= LAST_DAY:
+            raise forms.ValidationError(f"Choose a day between {FIRST_DAY} and {LAST_DAY}.")
+        return day
+
+    def clean_since(self):
+        return self._bounded("since")
+
+    def clean_until(self):
+        return self._bounded("until")
+
+
+METRICS_COLUMNS = ["Week", "Succeeded", "Failed", "Failure rate", "Emergencies", "Emergency share", "Changes",
+                   "Lead time", "Outages", "Restored", "Time to restore", "Decided requests", "Approval wait"]
+
+
+def _metrics_row(w: metrics.WeekMetrics) -> list:
+    return [w.label, w.succeeded, w.failed, charts.percent_text(w.change_failure_rate), w.emergencies,
+            charts.percent_text(w.emergency_share), w.changes, charts.duration_text(w.lead_time),
+            w.failures_to_restore, w.restored, charts.duration_text(w.time_to_restore), w.approval_decisions,
+            charts.duration_text(w.approval_wait)]
+
+
+def _duration_chart(key, title, description, labels, values):
+    per, unit = charts.duration_unit(max((v for v in values if v is not None), default=0))
+    return charts.bar_chart(
+        key=key, title=title, description=description, labels=labels,
+        series=[charts.Series(title, "bar-primary", [None if v is None else v / per for v in values])],
+        text=lambda v: f"{v:.3g} {unit}")
+
+
+def metrics_charts(found: metrics.EnvironmentMetrics) -> list[charts.Chart]:
+    weeks = found.weeks
+    labels = [w.label.split("-")[1] for w in weeks]
+    count = lambda v: f"{v:g}"  # noqa: E731
+    return [
+        charts.bar_chart(
+            key="frequency", title="Deployments per week", labels=labels, text=count,
+            description="Succeeded (the deployment frequency) and failed, in the week they finished.",
+            series=[charts.Series("succeeded", "bar-ok", [w.succeeded for w in weeks]),
+                    charts.Series("failed", "bar-failed", [w.failed for w in weeks])]),
+        _duration_chart("lead-time", "Lead time for changes", "First successful build of a change to its "
+                        "arrival here (average).", labels, [w.lead_time for w in weeks]),
+        charts.bar_chart(
+            key="failure-rate", title="Change failure rate", labels=labels, text=charts.percent_text, maximum=1,
+            description="Failed among succeeded + failed deployments.",
+            series=[charts.Series("change failure rate", "bar-failed", [w.change_failure_rate for w in weeks])]),
+        _duration_chart("restore", "Time to restore", "A failed deployment to the next succeeded one "
+                        "(average, in the week of the failure).", labels, [w.time_to_restore for w in weeks]),
+        _duration_chart("approval-wait", "Time waiting for approval", "Request to the deciding approval or "
+                        "rejection (average, in the week of the request).", labels, [w.approval_wait for w in weeks]),
+        charts.bar_chart(
+            key="emergency-share", title="Emergency share", labels=labels, text=charts.percent_text, maximum=1,
+            description="Emergency deployments among succeeded + failed.",
+            series=[charts.Series("emergency share", "bar-emergency", [w.emergency_share for w in weeks])]),
+    ]
+
+
+def _headline(found: metrics.EnvironmentMetrics) -> list[dict]:
+    total = found.total
+    return [
+        {"what": "deployments a week", "value": f"{total.succeeded / max(len(found.weeks), 1):.1f}"},
+        {"what": "lead time for changes", "value": charts.duration_text(total.lead_time)},
+        {"what": "change failure rate", "value": charts.percent_text(total.change_failure_rate)},
+        {"what": "time to restore", "value": charts.duration_text(total.time_to_restore)},
+        {"what": "waiting for approval", "value": charts.duration_text(total.approval_wait)},
+        {"what": "emergency share", "value": charts.percent_text(total.emergency_share)},
+    ]
+
+
+def metrics_csv(application: Application, found: metrics.EnvironmentMetrics, period: metrics.MetricsPeriod):
+    """The page's numbers as CSV (durations in seconds, rates as fractions), formula cells neutralized."""
+    rows = [w.as_dict() for w in [*found.weeks, found.total]]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(["application", "environment", *rows[0]])
+    for row in rows:
+        writer.writerow([safe_cell(v) for v in (application.name, found.environment.name, *row.values())])
+    name = f"metrics-{application.name}-{found.environment.name}-{period.first_monday}-{period.last_day}.csv"
+    response = HttpResponse(out.getvalue(), content_type="text/csv; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="{"".join(c for c in name if c.isalnum() or c in "-._")}"'
+    return response
+
+
+def metrics_page(admin_site, request):
+    """Delivery metrics of one environment over whole ISO weeks: charts, a table and a CSV of the
+    same numbers, and the coming freezes of the application. A fixed number of queries."""
+    if not request.user.has_perm("environments.view_deployment"):
+        raise PermissionDenied
+    applications = list(Application.objects.order_by("name"))
+    application = next((a for a in applications if a.name == request.GET.get("application")),
+                       applications[0] if applications else None)
+    environments = list(Environment.objects.filter(application=application).order_by("id")) if application else []
+    environment = next((e for e in environments if e.name == request.GET.get("environment")),
+                       metrics.production_of(environments))
+    data = {"application": application.name if application else "",
+            "environment": environment.name if environment else "",
+            "since": request.GET.get("since", ""), "until": request.GET.get("until", "")}
+    form = MetricsForm(data, applications=applications, environments=environments)
+    period = metrics.MetricsPeriod.last_weeks()
+    if form.is_valid() and (form.cleaned_data["since"] or form.cleaned_data["until"]):
+        until = form.cleaned_data["until"] or timezone.now().date()
+        since = form.cleaned_data["since"] or until - dt.timedelta(weeks=metrics.DEFAULT_WEEKS - 1)
+        period = metrics.MetricsPeriod.covering(since, until)
+    context = {**admin_site.each_context(request), "title": "Delivery metrics", "form": form,
+               "application": application, "environment": environment, "period": period,
+               "csv_url": "?" + urlencode({**data, "format": "csv"})}
+    if environment is not None:
+        (found,) = metrics.delivery_metrics(application, period=period, environment=environment)
+        if request.GET.get("format") == "csv":
+            return metrics_csv(application, found, period)
+        context.update(charts=metrics_charts(found), headline=_headline(found), columns=METRICS_COLUMNS,
+                       rows=[_metrics_row(w) for w in [*found.weeks, found.total]],
+                       first_week=found.weeks[0].label, last_week=found.weeks[-1].label)
+    return TemplateResponse(request, "admin/environments/metrics.html", context)

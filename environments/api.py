@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import datetime as dt
+
 from django.http import HttpRequest
-from ninja import Field, Router, Schema, Status
+from django.utils import timezone
+from ninja import Field, Query, Router, Schema, Status
 from pydantic import BaseModel, ConfigDict
 
-from edge.api import REFUSALS, ApplicationName, Name, ObjectId, Text, actor_of, readable
-from environments import selectors, services
+from edge.api import REFUSALS, ApplicationName, Day, Name, ObjectId, Text, actor_of, readable
+from environments import metrics, selectors, services
 from releases import selectors as release_selectors
 
 router = Router(tags=["deployments"])
@@ -121,3 +124,61 @@ for verb, service in (("approve", services.deployment_approve), ("reject", servi
 def application_environments(request: HttpRequest, application: ApplicationName):
     app = release_selectors.application_get(application, within=readable(request))
     return selectors.application_environments(app)
+
+
+class MetricsQuery(Schema):
+    since: Day | None = Field(None, description="First day; the period starts on the Monday of its ISO week.")
+    until: Day | None = Field(None, description="Last day (default today); the period ends with its ISO week.")
+    weeks: int = Field(metrics.DEFAULT_WEEKS, ge=1, le=metrics.MAX_WEEKS,
+                       description="Without `since`: this many ISO weeks up to `until`.")
+    environment: Name | None = Field(None, description="One environment (default: all of the application's).")
+
+
+class MetricsWeek(Schema):
+    week: str = Field(description="ISO week, e.g. 2026-W11, or 'total' for the whole period")
+    starts_on: dt.date | None = Field(description="The week's Monday (none for the total)")
+    deployments_succeeded: int
+    deployments_failed: int
+    deployment_frequency: int = Field(description="Succeeded deployments (in the week they finished)")
+    change_failure_rate: float | None = Field(description="failed / (succeeded + failed); none without any")
+    emergency_deployments: int
+    emergency_share: float | None = Field(description="Emergency deployments among succeeded + failed")
+    changes: int = Field(description="Changes (issue keys) that reached the environment for the first time")
+    lead_time_seconds: int | None = Field(description="Average, first successful build of a change to its arrival")
+    failures: int = Field(description="Failed deployments that began an outage (the first of a run of failures)")
+    restored: int
+    time_to_restore_seconds: int | None = Field(description="Average, a failure to the next succeeded deployment")
+    approval_decisions: int
+    approval_wait_seconds: int | None = Field(description="Average, request to the deciding approval or rejection")
+
+
+class EnvironmentMetricsOut(Schema):
+    environment: str
+    restricted: bool
+    weeks: list[MetricsWeek]
+    total: MetricsWeek
+
+
+class MetricsOut(Schema):
+    application: str
+    since: dt.date = Field(description="The first Monday of the period")
+    until: dt.date = Field(description="The last day of the period (a Sunday)")
+    environments: list[EnvironmentMetricsOut]
+
+
+@router.get("/applications/{application}/metrics", response={200: MetricsOut, **REFUSALS},
+            summary="Delivery metrics per environment and ISO week")
+def application_metrics(request: HttpRequest, application: ApplicationName, query: Query[MetricsQuery]):
+    """Deployment frequency, lead time for changes, change failure rate, time to restore, approval wait
+    and emergency share, per environment and ISO week (durations in seconds). A CI token reads only
+    the applications it is scoped to (another one is not found)."""
+    app = release_selectors.application_get(application, within=readable(request))
+    until = query.until or timezone.now().date()
+    if query.since is not None:
+        period = metrics.MetricsPeriod.covering(query.since, until)
+    else:
+        period = metrics.MetricsPeriod.last_weeks(query.weeks, today=until)
+    environment = selectors.environment_get(app.name, query.environment) if query.environment else None
+    found = metrics.delivery_metrics(app, period=period, environment=environment)
+    return {"application": app.name, "since": period.first_monday, "until": period.last_day,
+            "environments": [m.as_dict() for m in found]}

@@ -290,6 +290,7 @@ class Deployment(models.Model):
             # what runs in an environment now: its last succeeded deployment (the board, the API)
             models.Index(fields=["environment", "state", "-finished_at", "-id"], name="deployment_current_idx"),
             models.Index(fields=["-requested_at", "-id"], name="deployment_latest_idx"),  # the list, newest first
+            models.Index(fields=["environment", "-requested_at", "-id"], name="deployment_env_last_idx"),  # its last
         ]
 
     def __str__(self) -> str:

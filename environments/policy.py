@@ -13,6 +13,7 @@ import datetime as dt
 from dataclasses import dataclass
 
 from auditlog.models import LogEntry
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.contrib.contenttypes.models import ContentType
@@ -75,12 +76,19 @@ def person_identities(user) -> set[str]:
 def identity_users(identities) -> dict[str, set[int]]:
     """The people each VCS identity (lower-case) may be: by VCS alias, e-mail or user name, any case.
     Two queries, whatever the number of identities."""
+    return _identity_users(identities)[0]
+
+
+def _identity_users(identities) -> tuple[dict[str, set[int]], dict[str, int]]:
+    """identity_users, and the user each identity is a VCS alias of."""
     identities = sorted(set(identities))
     found: dict[str, set[int]] = {}
+    aliased: dict[str, int] = {}
     if not identities:
-        return found
+        return found, aliased
     for alias, user_id in VcsAlias.objects.filter(identity__in=identities).values_list("identity", "user_id"):
         found.setdefault(alias, set()).add(user_id)
+        aliased[alias] = user_id
     q = Q()
     for identity in identities:
         q |= Q(email__iexact=identity) | Q(username__iexact=identity)
@@ -88,14 +96,14 @@ def identity_users(identities) -> dict[str, set[int]]:
     for user_id, email, username in get_user_model().objects.filter(q).values_list("id", "email", "username"):
         for identity in {(email or "").strip().lower(), username.lower()} & wanted:
             found.setdefault(identity, set()).add(user_id)
-    return found
+    return found, aliased
 
 
 def resolve_identity_users(identities) -> dict[str, int]:
     """One portal user per VCS identity, where one is known: the VCS alias first, else the user whose
     e-mail or user name it is (case-insensitive)."""
-    aliased = dict(VcsAlias.objects.filter(identity__in=list(identities)).values_list("identity", "user_id"))
-    return {identity: aliased.get(identity, min(users)) for identity, users in identity_users(identities).items()}
+    found, aliased = _identity_users(identities)
+    return {identity: aliased.get(identity, min(users)) for identity, users in found.items()}
 
 
 def identities_of_users(user_ids) -> dict[int, set[str]]:
@@ -624,6 +632,13 @@ def _cancel_refusal(*, actor: Actor, deployment: Deployment) -> Refusal | None:
     if environment.restricted and DEPLOY not in grants:
         return forbidden("NOT_RELEASER", f"Only the requester or a releaser of {environment} may cancel this.")
     return check_may_request(actor, environment, grants)
+
+
+def review_overdue(deployment_requested_at: dt.datetime, *, reviewed_at: dt.datetime | None = None,
+                   now: dt.datetime | None = None) -> bool:
+    """Rule 7: an emergency deployment is reviewed within PORTAL_REVIEW_DUE_DAYS days (default 5)."""
+    due = deployment_requested_at + dt.timedelta(days=settings.PORTAL_REVIEW_DUE_DAYS)
+    return (reviewed_at or now or timezone.now()) > due
 
 
 def decide_review(*, actor: Actor, deployment: Deployment) -> Decision:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections import defaultdict
+from dataclasses import dataclass
 
 from django.db.models import Case, Count, F, IntegerField, OuterRef, Prefetch, Q, Subquery, Value, When, Window
 from django.db.models.functions import RowNumber
@@ -45,9 +47,11 @@ def deployment_get(deployment_id: int, *, within: frozenset[int] | None = None) 
     return deployment
 
 
-def environment_queues(environment_ids: list[int], *, now=None) -> dict[int, list[dict]]:
+def environment_queues(environment_ids: list[int], *, now=None, application_id: int | None = None
+                       ) -> dict[int, list[dict]]:
     """Per environment, its open deployments in queue order: the running one, those waiting (with their
-    position and what each waits for), then those awaiting approval. A fixed number of queries."""
+    position and what each waits for), then those awaiting approval. Two queries (three unless the
+    caller names the application all the environments belong to)."""
     now = now or timezone.now()
     rows = (
         Deployment.objects.filter(environment_id__in=environment_ids, state__in=Deployment.OPEN_STATES)
@@ -55,7 +59,11 @@ def environment_queues(environment_ids: list[int], *, now=None) -> dict[int, lis
         .values("id", "environment_id", "state", "release_id", "release__version", "engine", "emergency", "approved",
                 "required_approvals", "queued_at", "requested_at", "requested_by_label")
     )
-    frozen = policy.active_freezes(Environment.objects.filter(pk__in=environment_ids), now)
+    if application_id is None:
+        environments = Environment.objects.filter(pk__in=environment_ids).only("id", "application_id")
+    else:
+        environments = [Environment(pk=pk, application_id=application_id) for pk in environment_ids]
+    frozen = policy.active_freezes(environments, now)
     order = {Deployment.State.RUNNING: 0, Deployment.State.QUEUED: 1, Deployment.State.AWAITING_APPROVAL: 2}
     queues: dict[int, list[dict]] = {e: [] for e in environment_ids}
     for row in sorted(rows, key=lambda r: (order[r["state"]], r["queued_at"] or r["requested_at"], r["id"])):
@@ -124,34 +132,37 @@ def deployment_as_dict(deployment: Deployment) -> dict:
 
 
 def application_environments(application: Application) -> list[dict]:
-    """What is deployed where: per environment, the version of the last succeeded deployment."""
+    """What is deployed where: per environment, the version of the last succeeded deployment, the last
+    deployment and the queue. Four queries of a few columns each, whatever the history."""
     last_success = Deployment.objects.filter(environment=OuterRef("pk"), state=Deployment.State.SUCCEEDED).order_by(
         "-finished_at", "-id"
     )
     last_any = Deployment.objects.filter(environment=OuterRef("pk")).order_by("-requested_at", "-id")
-    environments = Environment.objects.filter(application=application).select_related("promotes_from").annotate(
-        current_version=Subquery(last_success.values("release__version")[:1]),
-        last_deployment_id=Subquery(last_any.values("id")[:1]),
-    ).order_by("id")
-    environments = list(environments)
-    queues = environment_queues([e.pk for e in environments])
+    environments = list(
+        Environment.objects.filter(application=application).annotate(
+            current_version=Subquery(last_success.values("release__version")[:1]),
+            last_deployment_id=Subquery(last_any.values("id")[:1]),
+        ).order_by("id").values("id", "name", "restricted", "promotes_from__name", "current_version",
+                                "last_deployment_id")
+    )
+    queues = environment_queues([e["id"] for e in environments], application_id=application.pk)
+    wanted = [e["last_deployment_id"] for e in environments if e["last_deployment_id"]]
     last = {
-        d.pk: d for d in Deployment.objects.select_related("release", "environment").filter(
-            pk__in=[e.last_deployment_id for e in environments if e.last_deployment_id]
-        )
-    }
+        d["id"]: d for d in Deployment.objects.filter(pk__in=wanted).order_by().values(
+            "id", "release__version", "state", "requested_at", "finished_at")
+    } if wanted else {}
     rows = []
     for env in environments:
-        d = last.get(env.last_deployment_id)
+        d = last.get(env["last_deployment_id"])
         rows.append({
-            "name": env.name, "restricted": env.restricted,
-            "promotes_from": env.promotes_from.name if env.promotes_from_id else None,
-            "current_version": env.current_version,
+            "name": env["name"], "restricted": env["restricted"],
+            "promotes_from": env["promotes_from__name"],
+            "current_version": env["current_version"],
             "last_deployment": None if d is None else {
-                "id": d.pk, "version": d.release.version, "state": d.state,
-                "requested_at": _time(d.requested_at), "finished_at": _time(d.finished_at),
+                "id": d["id"], "version": d["release__version"], "state": d["state"],
+                "requested_at": _time(d["requested_at"]), "finished_at": _time(d["finished_at"]),
             },
-            "queue": queues[env.pk],
+            "queue": queues[env["id"]],
         })
     return rows
 
@@ -171,6 +182,57 @@ def environments_reached_by(release: Release) -> list[str]:
     if deployments is None:
         deployments = release.deployments.filter(state=Deployment.State.SUCCEEDED).select_related("environment")
     return list(dict.fromkeys(d.environment.name for d in sorted(deployments, key=lambda d: d.environment_id)))
+
+
+# --- the coming freezes ----------------------------------------------------------------------------
+
+CALENDAR_DAYS = 30
+
+
+@dataclass(frozen=True)
+class FreezeEntry:
+    """One coming (or running) period of a freeze window, with the environments it holds."""
+
+    starts_at: dt.datetime
+    ends_at: dt.datetime
+    reason: str
+    application: str
+    environments: tuple[str, ...]
+    recurring: bool
+    running: bool
+    window_id: int
+    zone: str  # the time zone the window is planned in
+
+    @property
+    def day(self) -> dt.date:
+        return self.starts_at.date()
+
+
+def freeze_calendar(*, application: Application | str | None = None, days: int = CALENDAR_DAYS,
+                    now: dt.datetime | None = None) -> list[dict]:
+    """The freezes of the next `days` days and those holding now, per application (all, or one given
+    by row or name): [{"application": name, "entries": [FreezeEntry, ...]}] in time order. A window
+    for every environment of an application is one entry naming them all. Two queries."""
+    now = now or timezone.now()
+    environments = Environment.objects.select_related("application").order_by("application__name", "id")
+    if isinstance(application, Application):
+        environments = environments.filter(application=application)
+    elif application:
+        environments = environments.filter(application__name=application)
+    found = policy.upcoming_freezes(list(environments), now, now + dt.timedelta(days=days))
+    merged: dict[tuple, tuple] = {}
+    for environment, occurrence in found:
+        key = (environment.application.name, occurrence.window.pk, occurrence.starts_at)
+        merged.setdefault(key, (occurrence, []))[1].append(environment.name)
+    by_application: dict[str, list[FreezeEntry]] = {}
+    for (name, window_id, _), (occurrence, names) in merged.items():
+        by_application.setdefault(name, []).append(FreezeEntry(
+            starts_at=occurrence.starts_at, ends_at=occurrence.ends_at, reason=occurrence.reason, application=name,
+            environments=tuple(names), recurring=bool(occurrence.window.recurrence),
+            running=occurrence.starts_at <= now, window_id=window_id, zone=occurrence.window.timezone,
+        ))
+    return [{"application": name, "entries": sorted(entries, key=lambda e: (e.starts_at, e.window_id))}
+            for name, entries in sorted(by_application.items())]
 
 
 # --- the pages: the release board, a release, a deployment ----------------------------------------
@@ -385,3 +447,16 @@ def deployment_live(deployment: Deployment) -> dict:
         "log": "\n".join(tail), "log_cut": cut, "result": deployment.result_detail,
         "finished_at": _time(deployment.finished_at),
     }
+
+
+def open_exceptions(*, now: dt.datetime | None = None) -> list[dict]:
+    """Emergency deployments not reviewed yet (rule 7), oldest first, with their age in days and
+    whether the review is overdue. One query."""
+    now = now or timezone.now()
+    rows = (
+        Deployment.objects.filter(emergency=True, reviewed_at__isnull=True)
+        .exclude(state=State.AWAITING_APPROVAL)
+        .select_related("release__application", "environment").order_by("requested_at", "id")
+    )
+    return [{"deployment": d, "age_days": (now - d.requested_at).days,
+             "overdue": policy.review_overdue(d.requested_at, now=now)} for d in rows]

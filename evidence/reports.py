@@ -144,7 +144,13 @@ def exceptions_rows(period: Period) -> Iterator[tuple]:
         restricted = restricted.filter(release__application__name=period.application)
     emergencies = restricted.filter(emergency=True).order_by(F("reviewed_at").asc(nulls_first=True), "requested_at")
     for d in emergencies.iterator(chunk_size=ITERATOR_CHUNK):
-        status = f"reviewed by {d.reviewed_by.username} at {iso(d.reviewed_at)}" if d.reviewed_at else "UNREVIEWED"
+        if d.reviewed_at:
+            took = (d.reviewed_at - d.requested_at).days
+            late = " (LATE)" if policy.review_overdue(d.requested_at, reviewed_at=d.reviewed_at) else ""
+            status = f"reviewed by {d.reviewed_by.username} at {iso(d.reviewed_at)}, after {took} days{late}"
+        else:
+            age = (timezone.now() - d.requested_at).days
+            status = f"UNREVIEWED, {age} days old" + (" (OVERDUE)" if policy.review_overdue(d.requested_at) else "")
         yield ("emergency", status, d.requested_at, d.pk, d.release.application.name, d.environment.name,
                d.release.version, d.requested_by_label, "EMERGENCY", d.emergency_reason, "")
 

@@ -172,6 +172,8 @@ AUDITLOG_INCLUDE_ALL_MODELS = False
 
 # The portal's own knobs.
 PORTAL_APPROVAL_EXPIRY_HOURS = int(os.environ.get("PORTAL_APPROVAL_EXPIRY_HOURS", "72"))
+# An emergency deployment not reviewed within this many days is overdue (the board, the exceptions report).
+PORTAL_REVIEW_DUE_DAYS = int(os.environ.get("PORTAL_REVIEW_DUE_DAYS", "5"))
 
 # The deploy engine.
 PORTAL_DEPLOY_DIR = Path(os.environ.get("PORTAL_DEPLOY_DIR", VAR_DIR / "deployments"))  # runner private dirs

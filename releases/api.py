@@ -183,15 +183,13 @@ def register_release(request: HttpRequest, body: ReleaseIn):
         issue_keys=body.issue_keys, implementers=body.implementers,
         pull_request=None if pr is None else services.PullRequest(pr.url, pr.author, tuple(pr.reviewers), approved_at),
     )
-    return Status(201 if created else 200, selectors.release_as_dict(
-        selectors.release_get(release.application.name, release.version)
-    ))
+    return Status(201 if created else 200, selectors.release_detail(release.application.name, release.version))
 
 
 @router.get("/releases/{application}/{version}", response={200: ReleaseOut, **REFUSALS},
             summary="A release and its deployments")
 def get_release(request: HttpRequest, application: ApplicationName, version: Version):
-    return selectors.release_as_dict(selectors.release_get(application, version, within=readable(request)))
+    return selectors.release_detail(application, version, within=readable(request))
 
 
 @router.get("/changes/{issue_key}", response={200: ChangeOut, **REFUSALS},

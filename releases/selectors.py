@@ -4,18 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from django.db.models import Prefetch, Q
+from django.db.models import Prefetch, Q, Value
 
 from core.decisions import NotFound
 from core.times import iso_or_none as _time
 from environments import selectors as env_selectors
 from environments.models import Deployment, Environment
-from releases.models import Application, Build, Release
+from releases.models import Application, Build, Implementer, Release, ReleaseIssue
 
 
-def application_get(name: str, *, within: frozenset[int] | None = None) -> Application:
-    """The application named `name`; `within` limits it to these ids (what a reader may see)."""
-    application = _within(Application.objects.filter(name=name), within, "pk").first()
+def application_get(name: str, *, within: frozenset[int] | None = None, lock: bool = False) -> Application:
+    """The application named `name`; `within` limits it to these ids (what a reader may see); `lock`
+    holds its row until the caller's transaction ends."""
+    applications = Application.objects.select_for_update() if lock else Application.objects
+    application = _within(applications.filter(name=name), within, "pk").first()
     if application is None:
         raise NotFound(f"No application named {name!r}.")
     return application
@@ -44,27 +46,65 @@ def build_get(application: str, number: str, *, within: frozenset[int] | None = 
 
 
 def deployment_summary(deployment: Deployment) -> dict:
+    return _deployment_summary(deployment.pk, deployment.environment.name, deployment.state, deployment.requested_at,
+                               deployment.queued_at, deployment.started_at, deployment.finished_at)
+
+
+def _deployment_summary(pk, environment, state, requested_at, queued_at, started_at, finished_at) -> dict:
     return {
-        "id": deployment.pk, "environment": deployment.environment.name, "state": deployment.state,
-        "requested_at": _time(deployment.requested_at), "queued_at": _time(deployment.queued_at),
-        "started_at": _time(deployment.started_at), "finished_at": _time(deployment.finished_at),
+        "id": pk, "environment": environment, "state": state,
+        "requested_at": _time(requested_at), "queued_at": _time(queued_at),
+        "started_at": _time(started_at), "finished_at": _time(finished_at),
     }
+
+
+def _release_dict(r: dict, issue_keys, implementers, deployments: list[dict]) -> dict:
+    return {
+        "application": r["application"], "version": r["version"], "build": r["build"],
+        "artifact_url": r["artifact_url"], "artifact_sha256": r["artifact_sha256"],
+        "issue_keys": sorted(issue_keys),
+        "implementers": sorted(implementers),
+        "pull_request": {
+            "url": r["pull_request_url"], "author": r["pull_request_author"],
+            "reviewers": r["pull_request_reviewers"], "approved_at": _time(r["pull_request_approved_at"]),
+        } if r["pull_request_url"] else None,
+        "registered_by": r["registered_by"], "registered_at": _time(r["registered_at"]),
+        "deployments": deployments,
+    }
+
+
+_RELEASE_COLUMNS = ("version", "artifact_url", "artifact_sha256", "pull_request_url", "pull_request_author",
+                    "pull_request_reviewers", "pull_request_approved_at", "registered_by", "registered_at")
 
 
 def release_as_dict(release: Release) -> dict:
     """`release` should come from releases_with_details() so this runs no further queries."""
-    return {
-        "application": release.application.name, "version": release.version, "build": release.build.number,
-        "artifact_url": release.artifact_url, "artifact_sha256": release.artifact_sha256,
-        "issue_keys": sorted(i.key for i in release.issues.all()),
-        "implementers": sorted(i.identity for i in release.implementers.all()),
-        "pull_request": {
-            "url": release.pull_request_url, "author": release.pull_request_author,
-            "reviewers": release.pull_request_reviewers, "approved_at": _time(release.pull_request_approved_at),
-        } if release.pull_request_url else None,
-        "registered_by": release.registered_by, "registered_at": _time(release.registered_at),
-        "deployments": [deployment_summary(d) for d in release.deployments.all()],
-    }
+    row = {name: getattr(release, name) for name in _RELEASE_COLUMNS}
+    return _release_dict(
+        {**row, "application": release.application.name, "build": release.build.number},
+        (i.key for i in release.issues.all()), (i.identity for i in release.implementers.all()),
+        [deployment_summary(d) for d in release.deployments.all()],
+    )
+
+
+def release_detail(application: str, version: str, *, within: frozenset[int] | None = None) -> dict:
+    """release_as_dict of one release in three queries of the columns it shows: the release with its
+    application's name and build's number, its issue keys and implementers together, its deployments."""
+    releases = Release.objects.filter(application__name=application, version=version).order_by()
+    row = _within(releases, within).values(
+        "id", "application__name", "build__number", *_RELEASE_COLUMNS).first()
+    if row is None:
+        raise NotFound(f"{application} has no release {version!r}.")
+    issues = ReleaseIssue.objects.filter(release_id=row["id"]).order_by().values_list(Value("issue"), "key")
+    implementers = Implementer.objects.filter(release_id=row["id"]).order_by().values_list(
+        Value("implementer"), "identity")
+    named: dict[str, list[str]] = {"issue": [], "implementer": []}
+    for kind, value in issues.union(implementers, all=True):
+        named[kind].append(value)
+    deployments = Deployment.objects.filter(release_id=row["id"]).order_by("id").values_list(
+        "id", "environment__name", "state", "requested_at", "queued_at", "started_at", "finished_at")
+    row.update(application=row.pop("application__name"), build=row.pop("build__number"))
+    return _release_dict(row, named["issue"], named["implementer"], [_deployment_summary(*d) for d in deployments])
 
 
 def releases_with_details(*, approvals: bool = False):

@@ -6,7 +6,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from django.db import IntegrityError, transaction
+from django.db import transaction
 from django.utils.dateparse import parse_datetime
 
 from audit import chain
@@ -33,27 +33,24 @@ def build_register(
 
     A finished build never changes: the same report again is accepted, anything else refused.
     """
-    app = application_get(application)
     fields = {
         "commit": commit, "branch": branch, "url": url, "status": status,
         "tests_passed": tests.passed, "tests_failed": tests.failed, "tests_skipped": tests.skipped,
     }
     with transaction.atomic():
+        # The application's row lock serializes registrations of its builds, so a build that is not
+        # there yet cannot be created concurrently: a plain INSERT, no savepoint.
+        app = application_get(application, lock=True)
         if refusal := policy.check_may_register(actor, app, "releases.add_build"):
             error = refused(actor=actor, action="build.register", refusal=refusal, obj=app, data={"number": number})
         else:
             build = Build.objects.select_for_update().filter(application=app, number=number).first()
             if build is None:
-                try:
-                    with transaction.atomic():
-                        build = Build.objects.create(application=app, number=number, **fields)
-                except IntegrityError:  # registered concurrently: take the normal path with the lock
-                    build = Build.objects.select_for_update().get(application=app, number=number)
-                else:
-                    keys = _record_build_issues(app, build)
-                    chain.append(actor=actor, action="build.register", obj=build,
-                                 data={**fields, "number": number, "issue_keys": keys})
-                    return build, True
+                build = Build.objects.create(application=app, number=number, **fields)
+                keys = _record_build_issues(app, build, new=True)
+                chain.append(actor=actor, action="build.register", obj=build,
+                             data={**fields, "number": number, "issue_keys": keys})
+                return build, True
             changed = {k: v for k, v in fields.items() if getattr(build, k) != v}
             if not changed:
                 return build, False
@@ -72,10 +69,11 @@ def build_register(
     raise error
 
 
-def _record_build_issues(app: Application, build: Build) -> list[str]:
-    """Store the issue keys named in the build's branch (those not stored yet; the rows are append-only)."""
+def _record_build_issues(app: Application, build: Build, *, new: bool = False) -> list[str]:
+    """Store the issue keys named in the build's branch (those not stored yet; the rows are append-only;
+    a `new` build has none)."""
     keys = app.issue_keys_in(build.branch)
-    have = set(BuildIssue.objects.filter(build=build).values_list("key", flat=True)) if keys else set()
+    have = set(BuildIssue.objects.filter(build=build).values_list("key", flat=True)) if keys and not new else set()
     BuildIssue.objects.bulk_create(BuildIssue(build=build, key=k) for k in keys if k not in have)
     return keys
 
@@ -105,19 +103,22 @@ def release_register(
     The same registration again is accepted unchanged (CI retries); the same version with any other
     content is refused: a version names exactly one artifact.
     """
-    app = application_get(application)
     identities = _norm_identities(implementers)
     keys = sorted({k.strip().upper() for k in issue_keys if k.strip()})
     payload = {
-        "application": app.name, "version": version, "build": build, "artifact_url": artifact_url,
+        "application": None, "version": version, "build": build, "artifact_url": artifact_url,
         "artifact_sha256": artifact_sha256.lower(), "issue_keys": keys, "implementers": identities,
         "pull_request": None if pull_request is None else {
             "url": pull_request.url, "author": pull_request.author.strip().lower(),
             "reviewers": _norm_identities(pull_request.reviewers), "approved_at": pull_request.approved_at,
         },
     }
-    digest = _registration_digest(payload)
     with transaction.atomic():
+        # The application's row lock serializes registrations of its releases: a version that is not
+        # there yet cannot be registered concurrently (a plain INSERT, no savepoint).
+        app = application_get(application, lock=True)
+        payload["application"] = app.name
+        digest = _registration_digest(payload)
         the_build = Build.objects.filter(application=app, number=build).first()
         existing = Release.objects.filter(application=app, version=version).first()
         refusal = policy.check_may_register(actor, app, "releases.add_release") or policy.check_release_registration(
@@ -130,21 +131,14 @@ def release_register(
                             data={"version": version, "build": build})
         else:
             pr = payload["pull_request"] or {}
-            try:
-                with transaction.atomic():
-                    release = Release.objects.create(
-                        application=app, version=version, build=the_build, artifact_url=artifact_url,
-                        artifact_sha256=payload["artifact_sha256"],
-                        pull_request_url=pr.get("url", ""), pull_request_author=pr.get("author", ""),
-                        pull_request_reviewers=pr.get("reviewers", []),
-                        pull_request_approved_at=parse_datetime(pr["approved_at"]) if pr.get("approved_at") else None,
-                        registration_digest=digest, registered_by=actor.label,
-                    )
-            except IntegrityError:  # the same version registered concurrently
-                existing = Release.objects.get(application=app, version=version)
-                if existing.registration_digest == digest:
-                    return existing, False
-                raise
+            release = Release.objects.create(
+                application=app, version=version, build=the_build, artifact_url=artifact_url,
+                artifact_sha256=payload["artifact_sha256"],
+                pull_request_url=pr.get("url", ""), pull_request_author=pr.get("author", ""),
+                pull_request_reviewers=pr.get("reviewers", []),
+                pull_request_approved_at=parse_datetime(pr["approved_at"]) if pr.get("approved_at") else None,
+                registration_digest=digest, registered_by=actor.label,
+            )
             ReleaseIssue.objects.bulk_create(ReleaseIssue(release=release, key=k) for k in keys)
             users = policy.resolve_identity_users(identities)
             Implementer.objects.bulk_create(

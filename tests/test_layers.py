@@ -16,11 +16,11 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("audit chain", ("audit.models", "audit.chain", "audit.actors", "audit.services", "audit.triggers")),
     ("domain models", ("releases.models", "environments.models", "access.models")),
     ("rules", ("environments.policy",)),
-    ("services", ("*.services", "*.selectors", "audit.field_history")),
+    ("services", ("*.services", "*.selectors", "environments.metrics", "audit.field_history")),
     ("engine and evidence", ("environments.deploy", "environments.notifications", "environments.cluster",
                              "environments.demo_app.*", "evidence", "evidence.*")),
     ("edges", ("*.admin", "*.api", "*.tasks", "*.broker", "*.apps", "*.middleware", "*.downloads", "*.management",
-               "edge", "edge.*")),
+               "edge", "edge.*", "*.templatetags")),
     ("assembly", ("portal", "portal.*")),
 ]
 

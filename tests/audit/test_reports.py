@@ -116,8 +116,8 @@ def test_exceptions_lists_emergencies_refusals_and_grants(world, history):
     _, _, rows = export("exceptions")
     kinds = [r["kind"] for r in rows]
     assert kinds[:2] == ["emergency", "emergency"]
-    assert rows[0]["status"] == "UNREVIEWED" and int(rows[0]["deployment_id"]) == history["unreviewed"].pk
-    assert rows[1]["status"].startswith("reviewed by erin")
+    assert rows[0]["status"] == "UNREVIEWED, 0 days old" and int(rows[0]["deployment_id"]) == history["unreviewed"].pk
+    assert rows[1]["status"].startswith("reviewed by erin") and rows[1]["status"].endswith("after 0 days")
     refusals = [r for r in rows if r["kind"] == "refusal"]
     assert any(r["rule"] == "NOT_RELEASER" and r["actor"] == "dave" for r in refusals)
     grants = [r for r in rows if r["kind"] == "grant"]
@@ -378,3 +378,17 @@ def test_postgres_fast_audit_export_gives_the_same_bytes(world, history, make_us
     (extra,) = slow_lines[len(fast_lines) - 1 : -1]  # the first export is itself on record
     assert b"report.export" in extra
     assert slow.manifest["row_count"] == fast.manifest["row_count"] + 1
+
+
+def test_exceptions_show_the_age_of_an_unreviewed_emergency_and_a_late_review(world, history, settings):
+    """An emergency not reviewed within PORTAL_REVIEW_DUE_DAYS (default 5) is overdue; one reviewed after
+    it is listed as late. Times moved with the rows (Deployment is not append-only)."""
+    assert settings.PORTAL_REVIEW_DUE_DAYS == 5
+    old = timezone.now() - dt.timedelta(days=9)
+    Deployment.objects.filter(pk=history["unreviewed"].pk).update(requested_at=old)
+    Deployment.objects.filter(pk=history["reviewed"].pk).update(requested_at=old - dt.timedelta(days=1, hours=1))
+    period = Period(old - dt.timedelta(days=2), timezone.now() + dt.timedelta(days=1))
+    _, _, rows = export("exceptions", period)
+    emergencies = {int(r["deployment_id"]): r["status"] for r in rows if r["kind"] == "emergency"}
+    assert emergencies[history["unreviewed"].pk] == "UNREVIEWED, 9 days old (OVERDUE)"
+    assert emergencies[history["reviewed"].pk].endswith("after 10 days (LATE)")

@@ -3,10 +3,12 @@ django-q2's own code in this process: the scheduler makes tasks of due schedules
 them off the broker, a worker runs them, the monitor saves the results."""
 
 import datetime as dt
+import importlib
 import os
 from multiprocessing import Event, Value
 
 import pytest
+from django.apps import apps as django_apps
 from django.urls import reverse
 from django.utils import timezone
 from django_q.brokers import get_broker
@@ -53,7 +55,9 @@ def test_the_broker_is_the_portals(db):
 
 
 def test_the_portals_schedules_are_on_its_list(db):
-    """The schedules migration 0003 creates run; a list that forgot one would refuse it every time."""
+    """The schedules migration 0003 creates run; a list that forgot one would refuse it every time.
+    (Created again here: a transactional test before this one may have emptied the table.)"""
+    importlib.import_module("environments.migrations.0003_schedules").create_schedules(django_apps, None)
     funcs = set(Schedule.objects.values_list("func", flat=True))
     assert funcs == {"environments.tasks.reap_stale_deployments", "environments.tasks.expire_pending_approvals"}
     assert funcs <= broker.PORTAL_TASKS

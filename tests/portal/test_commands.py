@@ -67,8 +67,9 @@ def test_demo_data_builds_the_demo_and_twice_changes_nothing(db, demo_mode):
     assert users.get(username="dave").has_perm("audit.export_reports")
     assert not users.get(username="dave").has_perm("environments.change_deployment")
     assert not users.get(username="alice").has_perm("audit.export_reports")
-    states = {(d.release.version, d.environment.name): d.state
-              for d in Deployment.objects.select_related("release", "environment")}
+    states = {(d.release.version, d.environment.name): d.state  # the walk-through's releases (not the history)
+              for d in Deployment.objects.select_related("release", "environment").exclude(
+                  release__version__startswith="0.")}
     assert states == {  # the demo's recorded past, and what it leaves to the worker
         ("1.0.0", "QA"): "succeeded", ("1.0.0", "Staging"): "succeeded", ("1.0.0", "Production"): "succeeded",
         ("1.1.0", "QA"): "succeeded", ("1.1.0", "Staging"): "succeeded",

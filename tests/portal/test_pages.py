@@ -428,3 +428,23 @@ def test_audit_list_says_how_a_deployment_ended(client, people):
     people.deploy(release, people.staging, result=State.FAILED)
     body = text(page(client, people.dave, reverse("admin:audit_auditevent_changelist")))
     assert "deployment.finish: succeeded" in body and "deployment.finish: failed" in body
+
+
+def test_an_emergency_is_an_open_exception_on_the_board_until_someone_else_reviews_it(client, people, settings):
+    world = people
+    release = world.release()
+    world.to_staging(release)
+    now = timezone.now()
+    services.freeze_window_save(actor=SYSTEM, window=FreezeWindow(
+        environment=world.production, reason="quarter close", starts_at=now - dt.timedelta(hours=1),
+        ends_at=now + dt.timedelta(hours=2)))
+    emergency = services.deployment_request(actor=person(world.bob), release=release, environment=world.production,
+                                            emergency_reason="payments down")
+    board = text(page(client, world.carol, reverse("admin:index")))
+    assert "Open exceptions (1)" in board and f"#{emergency.pk}" in board and "awaiting review" in board
+    Deployment.objects.filter(pk=emergency.pk).update(
+        requested_at=now - dt.timedelta(days=settings.PORTAL_REVIEW_DUE_DAYS + 1))
+    board = page(client, world.carol, reverse("admin:index")).content.decode()
+    assert 'class="overdue"' in board and "review overdue" in board
+    services.deployment_review(actor=person(world.carol), deployment_id=emergency.pk, comment="checked")
+    assert "Open exceptions (0)" in text(page(client, world.carol, reverse("admin:index")))

@@ -30,6 +30,7 @@ from audit.actors import Actor
 from environments import policy, services
 from environments.models import Deployment, Environment
 from environments.services import environment_grant, environment_save, group_membership_change
+from portal.management import demo_history
 from releases.models import Application, Build, Release
 from releases.services import PullRequest, TestCounts, application_save, build_register, release_register
 
@@ -112,6 +113,7 @@ class Command(BaseCommand):
             qa, staging, production = self._environments(actor, app)
             self._groups(actor, production)
             self._users(actor)
+            demo_history.build(application=app, production=production)
         for number, demo in enumerate(DEMO_RELEASES, start=1):
             self._release(actor, number, demo)
         self.stdout.write(self.style.SUCCESS(
