@@ -26,10 +26,17 @@ def database_url() -> str:
     return f"postgres://{s['USER']}{password}@{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
 
 
+# A `make` started by a test would take these from the outer `make test-postgres DATABASE_URL=...`:
+# a variable given on make's command line overrides the environment, so `make run` would serve (and
+# migrate) the database named there instead of the test database.
+OUTER_MAKE = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")
+
+
 def portal_env(var_dir: Path, **extra: str) -> dict[str, str]:
     """The environment of a portal process on the test database; its files live under `var_dir`."""
     env = {
-        **os.environ, "DATABASE_URL": database_url(), "SECRET_KEY": settings.SECRET_KEY,
+        **{k: v for k, v in os.environ.items() if k not in OUTER_MAKE},
+        "DATABASE_URL": database_url(), "SECRET_KEY": settings.SECRET_KEY,
         "DJANGO_SETTINGS_MODULE": "portal.settings", "PORTAL_VAR_DIR": str(var_dir), "PORTAL_WORKERS": "1",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
