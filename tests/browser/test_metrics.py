@@ -44,7 +44,7 @@ def test_the_freeze_calendar_lists_the_coming_freezes(carol_page, screenshot, db
     days = calendar.locator("li.freeze-day")
     assert days.count() >= 2  # the quarter-end close and the month-end close in the next 30 days
     text = calendar.inner_text()
-    assert "Fri 16:00 to Mon 06:00 Europe/Berlin" in text and "Quarter-end close" in text
+    assert "Europe/Berlin) · Production · Month-end close" in text and "Quarter-end close" in text
     assert page.locator("#result_list").get_by_text("Every Friday 16:00 to Monday 06:00, Europe/Berlin").count() == 1
     assert page.offline.blocked == []
     screenshot(page, "freeze-calendar")
