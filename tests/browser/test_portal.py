@@ -86,6 +86,7 @@ def test_bob_deploys_r_carol_approves_in_place_and_the_board_shows_it_in_product
 
     reloads = []
     carol.on("load", lambda _: reloads.append(True))  # the page reloads once, when the state changes
+    first = carol.locator('#progress span[data-live="current_task"]').inner_text()
     tasks = []
 
     def moving():
@@ -97,12 +98,13 @@ def test_bob_deploys_r_carol_approves_in_place_and_the_board_shows_it_in_product
             return bool(reloads)
         if task not in ("-", "") and task not in tasks:
             tasks.append(task)
-            if len(tasks) == 2 and not reloads:
+            if len(tasks) == 1 and not reloads:
                 screenshot(carol, "deployment-running")
         return False
 
     wait_for(moving, timeout=180, what="the deployment to finish", pause=0.5)
-    assert len(tasks) >= 2, tasks  # the current task moved on, and the page was not reloaded meanwhile
+    # the current task moved on while the page stayed (however fast the playbook on a busy machine)
+    assert [t for t in tasks if t != first], (first, tasks)
     carol.wait_for_load_state()
     assert carol.locator("#state").inner_text() == "Succeeded"
     assert "1 of 1 hosts done" in carol.locator("#progress .progress").inner_text()
