@@ -69,7 +69,10 @@ class Command(BaseCommand):
         children = [
             Child("worker", [sys.executable, str(Path(settings.BASE_DIR) / "manage.py"), "qcluster"], signal.SIGINT),
             Child("web server", [
+                # threaded workers: a browser's idle pre-opened connections do not hold a worker until it is
+                # killed (a sync worker blocks on them, and the page then gets a 500)
                 str(bin_dir / "gunicorn"), "portal.wsgi", "--bind", bind, "--workers", str(web_workers),
+                "--worker-class", "gthread", "--threads", "4",
                 "--graceful-timeout", str(max(1, int(grace) - 2)), "--access-logfile", "-", "--no-control-socket",
             ], signal.SIGTERM),
         ]
