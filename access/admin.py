@@ -15,7 +15,7 @@ from access.services import token_revoke, user_delete, user_permissions_change, 
 from audit.actors import Actor
 from audit.services import audit_refusal
 from core.decisions import PolicyRefusal
-from edge.admin import admin_actor, run_each
+from edge.admin import admin_actor, refusal_message, run_each
 from environments import policy
 from environments.services import group_membership_change
 
@@ -91,7 +91,7 @@ class PortalUserAdmin(UserAdmin):
                 else:
                     return self.response_delete(request, str(user), user.pk)
             if refusal is not None:
-                self.message_user(request, f"Refused ({refusal.code}). {refusal.detail}", messages.ERROR)
+                self.message_user(request, refusal_message(refusal), messages.ERROR)
                 return redirect("admin:auth_user_change", user.pk)
         return super().delete_view(request, object_id, extra_context)
 
@@ -115,7 +115,7 @@ class PortalUserAdmin(UserAdmin):
         else:
             for user in refused:
                 refusal = policy.decide_user_delete(actor=actor, user=user).refusal
-                self.message_user(request, f"{user}: refused ({refusal.code}). {refusal.detail}", messages.ERROR)
+                self.message_user(request, refusal_message(refusal, user), messages.ERROR)
         return None
 
     def get_form(self, request, obj=None, **kwargs):
@@ -127,7 +127,7 @@ class PortalUserAdmin(UserAdmin):
         try:
             user_save(actor=admin_actor(request), user=obj)
         except PolicyRefusal as exc:  # on record; the admin's transaction commits the refusal
-            self.message_user(request, f"Refused ({exc.refusal.code}). {exc.refusal.detail}", messages.ERROR)
+            self.message_user(request, refusal_message(exc.refusal), messages.ERROR)
 
     def save_related(self, request, form, formsets, change):
         wanted_groups = form.cleaned_data.pop("groups", None)
@@ -139,7 +139,7 @@ class PortalUserAdmin(UserAdmin):
             try:
                 user_permissions_change(actor=actor, user=user, permissions=wanted_permissions)
             except PolicyRefusal as exc:
-                self.message_user(request, f"Refused ({exc.refusal.code}). {exc.refusal.detail}", messages.ERROR)
+                self.message_user(request, refusal_message(exc.refusal), messages.ERROR)
         if wanted_groups is None:
             return
         current = set(user.groups.all())
@@ -147,8 +147,7 @@ class PortalUserAdmin(UserAdmin):
             try:
                 group_membership_change(actor=actor, group=group, user=user, add=group in wanted_groups)
             except PolicyRefusal as exc:
-                self.message_user(request, f"{group}: refused ({exc.refusal.code}). {exc.refusal.detail}",
-                                  messages.ERROR)
+                self.message_user(request, refusal_message(exc.refusal, group), messages.ERROR)
 
     @sensitive_post_parameters_m
     @csrf_protect_m

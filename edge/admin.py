@@ -30,14 +30,19 @@ def admin_actor(request) -> Actor:
     return Actor(user=request.user, via="admin", remote_addr=request.META.get("REMOTE_ADDR", ""))
 
 
+def refusal_message(refusal, subject=None) -> str:
+    """How a page shows a refusal: the rule's code and its sentence (and what it was about)."""
+    return f"{subject}: refused ({refusal.code}). {refusal.detail}" if subject is not None else (
+        f"Refused ({refusal.code}). {refusal.detail}")
+
+
 def run_each(modeladmin: admin.ModelAdmin, request, objects: Iterable, call: Callable, done: str) -> None:
     """Call a service for each object; report each success and each refusal (with its rule's sentence)."""
     for obj in objects:
         try:
             call(obj)
         except PolicyRefusal as exc:
-            modeladmin.message_user(request, f"{obj}: refused ({exc.refusal.code}). {exc.refusal.detail}",
-                                    messages.ERROR)
+            modeladmin.message_user(request, refusal_message(exc.refusal, obj), messages.ERROR)
         else:
             modeladmin.message_user(request, f"{obj}: {done}", messages.SUCCESS)
 
@@ -82,7 +87,7 @@ def call_service(request, call: Callable, done: Callable[[object], str]):
     try:
         result = call()
     except PolicyRefusal as exc:
-        messages.error(request, f"Refused ({exc.refusal.code}). {exc.refusal.detail}")
+        messages.error(request, refusal_message(exc.refusal))
         return None
     messages.success(request, done(result))
     return result

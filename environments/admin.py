@@ -20,7 +20,16 @@ from django.utils.http import urlencode
 
 from core.decisions import NotFound, PolicyRefusal
 from edge import charts
-from edge.admin import Offer, ReadOnlyAdmin, admin_actor, call_service, confirm_with_comment, next_url, run_each
+from edge.admin import (
+    Offer,
+    ReadOnlyAdmin,
+    admin_actor,
+    call_service,
+    confirm_with_comment,
+    next_url,
+    refusal_message,
+    run_each,
+)
 from environments import metrics, policy, selectors, services
 from environments.models import (
     Approval,
@@ -200,7 +209,7 @@ class FreezeWindowAdmin(admin.ModelAdmin):
             result = services.freeze_window_save(actor=admin_actor(request), window=obj,
                                                  reason=form.cleaned_data.get("change_reason", ""))
         except PolicyRefusal as exc:
-            request._freeze_outcome = (messages.ERROR, f"Refused ({exc.refusal.code}). {exc.refusal.detail}")
+            request._freeze_outcome = (messages.ERROR, refusal_message(exc.refusal))
         except ValidationError as exc:
             request._freeze_outcome = (messages.ERROR, " ".join(exc.messages))
         else:
@@ -249,7 +258,7 @@ class FreezeWindowAdmin(admin.ModelAdmin):
             try:
                 result = services.freeze_window_end(actor=actor, window=window, reason=reason)
             except PolicyRefusal as exc:
-                self.message_user(request, f"{window}: refused ({exc.refusal.code}). {exc.refusal.detail}",
+                self.message_user(request, refusal_message(exc.refusal, window),
                                   messages.ERROR)
             except ValidationError as exc:
                 self.message_user(request, f"{window}: {' '.join(exc.messages)}", messages.ERROR)
@@ -323,7 +332,7 @@ class EnvironmentAdmin(admin.ModelAdmin):
                     window.environment = form.instance
                     result = services.freeze_window_save(actor=actor, window=window, reason=reason)
             except PolicyRefusal as exc:
-                self.message_user(request, f"Refused ({exc.refusal.code}). {exc.refusal.detail}", messages.ERROR)
+                self.message_user(request, refusal_message(exc.refusal), messages.ERROR)
                 continue
             except ValidationError as exc:
                 self.message_user(request, " ".join(exc.messages), messages.ERROR)
@@ -383,7 +392,7 @@ class EnvironmentAdmin(admin.ModelAdmin):
                 call(actor=admin_actor(request), environment=environment, codename=d["permission"],
                      user=d["user"], group=d["group"])
             except PolicyRefusal as exc:
-                self.message_user(request, f"Refused ({exc.refusal.code}). {exc.refusal.detail}", messages.ERROR)
+                self.message_user(request, refusal_message(exc.refusal), messages.ERROR)
             else:
                 self.message_user(request, "Access changed.", messages.SUCCESS)
                 return redirect("admin:environments_environment_access", pk)

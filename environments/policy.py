@@ -406,6 +406,14 @@ def upcoming_freezes(environments, since: dt.datetime, until: dt.datetime) -> li
     return sorted(found, key=lambda pair: (pair[1].starts_at, pair[0].pk))
 
 
+FREEZE_WINDOW = "FREEZE_WINDOW"
+
+
+def only_an_emergency_may_go(decision: Decision) -> bool:
+    """Whether a refused request would be allowed as an emergency: a freeze is what refused it (rule 7)."""
+    return decision.refusal is not None and decision.refusal.code == FREEZE_WINDOW
+
+
 def freeze_sentence(environment: Environment, freeze: FreezeOccurrence) -> str:
     return (f"{environment} is frozen until {freeze.ends_at:%Y-%m-%d %H:%M} UTC ({freeze.reason}); "
             "only an emergency deployment with a stated reason can go now.")
@@ -419,7 +427,7 @@ def check_no_freeze(environment: Environment, emergency: bool, now: dt.datetime 
     if emergency:
         return None
     if (freeze := active_freeze(environment, now)) is not None:
-        return conflict("FREEZE_WINDOW", freeze_sentence(environment, freeze))
+        return conflict(FREEZE_WINDOW, freeze_sentence(environment, freeze))
     return None
 
 

@@ -127,7 +127,7 @@ class ReleaseAdmin(ReadOnlyAdmin):
         for environment in page["environments"]:
             decision = policy.decide_request(actor=actor, release=release, environment=environment)
             offers.append(Offer("deploy", f"Deploy to {environment.name}", decision, environment))
-            if decision.refusal and decision.refusal.code == "FREEZE_WINDOW":
+            if policy.only_an_emergency_may_go(decision):
                 emergency = policy.decide_request(actor=actor, release=release, environment=environment,
                                                   emergency_reason="a reason stated on the page")
                 if emergency.allowed:
