@@ -124,15 +124,10 @@ EXCEPTIONS_COLUMNS = [
     "kind", "status", "time", "deployment_id", "application", "environment", "version", "actor", "rule",
     "detail", "audit_seq",
 ]
-REQUIRED_SOD = {"requester_not_implementer", "approver_not_implementer", "approver_not_requester",
-                "approver_distinct"}
-
-
 def _sod_missing(deployment: Deployment) -> set[str]:
-    """Separation-of-duties checks a restricted deployment that went ahead should carry."""
-    required = {"requester_not_implementer"} if deployment.emergency else set(REQUIRED_SOD)
-    if deployment.emergency and deployment.reviewed_at:
-        required |= {"reviewer_not_implementer", "reviewer_not_requester"}
+    """Separation-of-duties checks a restricted deployment that went ahead should carry (the policy's list)."""
+    required = policy.required_sod_checks(restricted=True, emergency=deployment.emergency,
+                                          reviewed=deployment.reviewed_at is not None)
     return required - set(deployment.sod_checks or [])
 
 
