@@ -43,6 +43,7 @@ def setup_django() -> None:
     os.environ.setdefault("SECRET_KEY", "benchmark-only")
     os.environ["ALLOWED_HOSTS"] = "127.0.0.1,localhost,testserver"
     os.environ.setdefault("PORTAL_LOG_LEVEL", "WARNING")
+    os.environ.setdefault("PORTAL_SSL_REDIRECT", "0")  # plain HTTP in process, as behind a proxy that ends TLS
     os.environ["DJANGO_SETTINGS_MODULE"] = "portal.settings"
     import django
 
