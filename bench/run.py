@@ -243,6 +243,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
     setup_django()
+    (ROOT / "var").mkdir(exist_ok=True)  # the servers' logs; a fresh clone on PostgreSQL has no var/
     seed.ensure(args.releases, args.deployments, args.events, log=log)
     command = " ".join([*(f"{name}={shlex.quote(os.environ[name])}" for name in ("BENCH_DATABASE", "BENCH_SERVER")
                           if os.environ.get(name)), "make bench"]
