@@ -69,20 +69,34 @@ def canonical_text(seq: int, created_at: str, actor_id: int | None, actor_userna
     gives for the dict of these fields; written out in sorted key order because it is twice as fast,
     and verify builds it once per event.
     """
-    if type(seq) is not int or not (actor_id is None or type(actor_id) is int):
-        return _canonical_dict(seq, created_at, actor_id, actor_username, actor_email, via, action, object_type,
-                               object_id, object_repr, code, data)
+    if type(seq) is int and (parts := _canonical_parts(actor_id, actor_username, actor_email, via, action,
+                                                       object_type, object_id, object_repr, code, data)):
+        try:
+            return f"{parts[0]}{_string(created_at)}{parts[1]}{seq}{parts[2]}"
+        except TypeError:  # created_at is not a string: the general form decides
+            pass
+    return _canonical_dict(seq, created_at, actor_id, actor_username, actor_email, via, action, object_type,
+                           object_id, object_repr, code, data)
+
+
+def _canonical_parts(actor_id, actor_username, actor_email, via, action, object_type, object_id, object_repr, code,
+                     data) -> tuple[str, str, str] | None:
+    """The canonical text around the two values an append learns only under the chain's lock: the text
+    is `before + <created_at as a JSON string> + between + <seq> + after`. None where a value is not of
+    the type the sorted form expects (the general form then decides)."""
+    if not (actor_id is None or type(actor_id) is int):
+        return None
     try:
         return (
             f'{{"action":{_string(action)},"actor_email":{_string(actor_email)},'
             f'"actor_id":{"null" if actor_id is None else actor_id},"actor_username":{_string(actor_username)},'
-            f'"code":{_string(code)},"created_at":{_string(created_at)},"data":{_ENCODER.encode(data)},'
-            f'"object_id":{_string(object_id)},"object_repr":{_string(object_repr)},'
-            f'"object_type":{_string(object_type)},"seq":{seq},"via":{_string(via)}}}'
+            f'"code":{_string(code)},"created_at":',
+            f',"data":{_ENCODER.encode(data)},"object_id":{_string(object_id)},"object_repr":{_string(object_repr)},'
+            f'"object_type":{_string(object_type)},"seq":',
+            f',"via":{_string(via)}}}',
         )
-    except TypeError:  # a value that is not a string where one is expected: the general form decides
-        return _canonical_dict(seq, created_at, actor_id, actor_username, actor_email, via, action, object_type,
-                               object_id, object_repr, code, data)
+    except TypeError:
+        return None
 
 
 def _canonical_dict(seq, created_at, actor_id, actor_username, actor_email, via, action, object_type, object_id,
@@ -182,6 +196,11 @@ def append(
     )
     # No savepoint: an append that fails leaves the caller's transaction to roll back as a whole.
     with transaction.atomic(savepoint=False):
+        parts = _canonical_parts(event.actor_id, event.actor_username, event.actor_email, event.via, event.action,
+                                 event.object_type, event.object_id, event.object_repr, event.code, event.data)
+        if connection.vendor == "postgresql" and parts is not None and not _server_side_binding():
+            _append_postgresql(event, parts)
+            return event
         last = _lock_chain_and_read_head()
         event.seq, event.prev_hash = (last[0] + 1, last[1]) if last else (1, GENESIS_HASH)
         event.created_at = timezone.now()
@@ -189,6 +208,57 @@ def append(
         event.hash = link_hash(event.prev_hash, event.canonical)
         _insert(event)
     return event
+
+
+def _server_side_binding() -> bool:
+    """Server-side binding sends each query on its own (extended protocol): no two statements in one."""
+    return bool(connection.settings_dict.get("OPTIONS", {}).get("server_side_binding"))
+
+
+def _append_postgresql(event: AuditEvent, parts: tuple[str, str, str]) -> None:
+    """Lock, read the head and insert the event in one round trip, so that under the chain's lock there
+    are only this round trip and the caller's commit.
+
+    The canonical text is built here but for the event's position, which only the lock holder knows:
+    PostgreSQL puts it in and hashes the text as `link_hash` does. The hash it returns is checked
+    against `link_hash` of the text this process expects; a mismatch raises and the caller's
+    transaction rolls back, so what the chain holds is always what this module defines. The time is
+    taken just before the lock is asked for. Two statements of one simple query, as in
+    `_lock_chain_and_read_head`: the INSERT takes its snapshot once the lock is granted.
+    """
+    before, between, after = parts
+    event.created_at = timezone.now()
+    prefix = f"{before}{_string(iso(event.created_at))}{between}"
+    fields = [f for f in _insert_fields() if f.attname not in _POSITION]
+    params = [field.get_db_prep_save(getattr(event, field.attname), connection) for field in fields]
+    with connection.cursor() as cursor:
+        cursor.execute(_append_sql(tuple(f.column for f in fields)), [prefix, after, *params])
+        if not cursor.nextset():
+            raise RuntimeError("The chain append returned no result.")
+        event.pk, event.seq, event.prev_hash, event.hash = cursor.fetchone()
+    event.canonical = f"{prefix}{event.seq}{after}"
+    if link_hash(event.prev_hash, event.canonical) != event.hash:
+        raise RuntimeError(f"The database hashed audit event {event.seq} differently from audit.chain.link_hash.")
+    event._state.adding, event._state.db = False, connection.alias
+
+
+_POSITION = ("seq", "canonical", "prev_hash", "hash")  # what the database fills in under the lock
+
+
+@functools.cache
+def _append_sql(columns: tuple[str, ...]) -> str:
+    quote, table = connection.ops.quote_name, connection.ops.quote_name(AuditEvent._meta.db_table)
+    return (
+        f"SELECT pg_advisory_xact_lock({int(CHAIN_LOCK_KEY)}); "
+        f"WITH head AS (SELECT seq, hash FROM {table} ORDER BY seq DESC LIMIT 1), "
+        f"n AS (SELECT COALESCE((SELECT seq FROM head), 0) + 1 AS seq, "
+        f"COALESCE((SELECT hash FROM head), '{GENESIS_HASH}') AS prev_hash), "
+        f"e AS (SELECT n.seq, n.prev_hash, %s || n.seq || %s AS canonical FROM n) "
+        f"INSERT INTO {table} ({', '.join(quote(c) for c in columns)}, seq, canonical, prev_hash, hash) "
+        f"SELECT {', '.join(['%s'] * len(columns))}, e.seq, e.canonical, e.prev_hash, "
+        f"encode(sha256(convert_to(e.prev_hash || E'\\n' || e.canonical, 'UTF8')), 'hex') FROM e "
+        f"RETURNING {quote(AuditEvent._meta.pk.column)}, seq, prev_hash, hash"
+    )
 
 
 def _insert(event: AuditEvent) -> None:
