@@ -6,6 +6,8 @@ import datetime as dt
 import functools
 import hashlib
 import json
+import multiprocessing
+import os
 import queue
 import threading
 from collections.abc import Iterable, Iterator
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from uuid import UUID
 
-from django.db import connection, transaction
+from django.db import connection, connections, transaction
 from django.utils import timezone
 from psycopg.types.string import TextLoader
 
@@ -307,18 +309,24 @@ def _event_rows(events: Iterable[AuditEvent]) -> Iterator[tuple]:
         yield tuple(getattr(event, column) for column in VERIFY_COLUMNS)
 
 
-def verify(events: Iterable[AuditEvent] | None = None) -> VerifyResult:
+def verify(events: Iterable[AuditEvent] | None = None, *, workers: int | None = None) -> VerifyResult:
     """Recompute the whole chain; report the first event whose link or content does not match.
 
     Reads plain rows in chunks and builds each canonical text from the columns, without model
     instances, so memory stays flat whatever the length of the chain. On PostgreSQL: a server-side
     cursor inside one transaction (so it streams rather than being materialized, as a cursor
     declared WITH HOLD is), times rendered by the database as `iso` renders them (postgresql_iso),
-    JSON decoded here.
+    JSON decoded here; a chain of more than VERIFY_PARALLEL_FROM events is split into one range per
+    worker process (`workers`, default one per core), see _verify_parallel.
     """
     if events is not None:
         return _verify_rows(_event_rows(events))
     if connection.vendor == "postgresql":
+        workers = workers or os.cpu_count() or 1
+        head_seq = AuditEvent.objects.order_by("-seq").values_list("seq", flat=True).first() or 0
+        # Inside a transaction the other processes would not see what it wrote: one process then.
+        if workers > 1 and head_seq >= VERIFY_PARALLEL_FROM and not connection.in_atomic_block:
+            return _verify_parallel(head_seq, workers)
         with transaction.atomic(), closing(_postgresql_rows()) as rows:
             return _verify_rows(rows, from_text=True)
     # SQLite: no transaction here, it would take the database's write lock.
@@ -326,9 +334,48 @@ def verify(events: Iterable[AuditEvent] | None = None) -> VerifyResult:
     return _verify_rows(rows.iterator(chunk_size=VERIFY_CHUNK))
 
 
-def _postgresql_rows() -> Iterator[tuple]:
-    """The chain's rows in seq order, from a server-side cursor read by a second thread: while this
-    thread hashes one chunk, that one waits for the next (at most two chunks are held)."""
+# Below this many events one process verifies (starting processes costs more than it saves).
+VERIFY_PARALLEL_FROM = 200_000
+
+
+def _verify_parallel(head_seq: int, workers: int) -> VerifyResult:
+    """The chain 1..head_seq in `workers` consecutive ranges, each verified by a process of its own with
+    its own connection, from the `prev_hash` stored in the range's first event; then the ranges are
+    joined in order: each range's first `prev_hash` must be the hash the range before ends on. The
+    answer is the one a single pass gives: the first bad event, the events verified before it, and the
+    head the chain is intact up to. Events appended while it runs are after head_seq and not read."""
+    size = -(-head_seq // workers)
+    ranges = [(lo, min(lo + size - 1, head_seq)) for lo in range(1, head_seq + 1, size)]
+    connections.close_all()  # no connection crosses the fork; each process opens its own
+    with multiprocessing.get_context("fork").Pool(len(ranges)) as pool:
+        parts = pool.starmap(_verify_range, ranges)
+    count, prev_hash = 0, GENESIS_HASH
+    for (lo, _hi), (first_prev, result) in zip(ranges, parts, strict=True):
+        if first_prev is not None and first_prev != prev_hash:
+            return VerifyResult(False, count, lo - 1, prev_hash,
+                                f"event seq {lo}: prev_hash does not match the hash of event {lo - 1}", lo)
+        if not result.ok:  # intact up to the range's last good event, or up to the range before
+            head = (result.head_seq, result.head_hash) if result.count else (lo - 1, prev_hash)
+            return VerifyResult(False, count + result.count, *head, result.problem, result.bad_seq)
+        count, prev_hash = count + result.count, result.head_hash
+    return VerifyResult(True, count, head_seq, prev_hash)
+
+
+def _verify_range(lo: int, hi: int) -> tuple[str | None, VerifyResult]:
+    """In a worker process: the stored prev_hash of event `lo` (None if it is missing) and the range
+    verified from it."""
+    try:
+        first_prev = AuditEvent.objects.filter(seq=lo).values_list("prev_hash", flat=True).first()
+        with transaction.atomic(), closing(_postgresql_rows(lo, hi)) as rows:
+            return first_prev, _verify_rows(rows, from_text=True, start_seq=lo, prev_hash=first_prev or GENESIS_HASH)
+    finally:
+        connections.close_all()
+
+
+def _postgresql_rows(lo: int | None = None, hi: int | None = None) -> Iterator[tuple]:
+    """The chain's rows in seq order (those from `lo` to `hi`), from a server-side cursor read by a
+    second thread: while this thread hashes one chunk, that one waits for the next (at most two
+    chunks are held)."""
     connection.ensure_connection()
     raw = connection.connection
     table = connection.ops.quote_name(AuditEvent._meta.db_table)
@@ -350,7 +397,10 @@ def _postgresql_rows() -> Iterator[tuple]:
         try:
             with raw.cursor(name="audit_chain_verify") as cursor:
                 cursor.adapters.register_loader("jsonb", TextLoader)  # decoded by the reading thread
-                cursor.execute(f"SELECT {columns} FROM {table} ORDER BY seq")
+                if lo is None:
+                    cursor.execute(f"SELECT {columns} FROM {table} ORDER BY seq")
+                else:
+                    cursor.execute(f"SELECT {columns} FROM {table} WHERE seq BETWEEN %s AND %s ORDER BY seq", [lo, hi])
                 while rows := cursor.fetchmany(VERIFY_CHUNK):
                     if not put(rows):
                         return
@@ -370,9 +420,11 @@ def _postgresql_rows() -> Iterator[tuple]:
         fetcher.join()
 
 
-def _verify_rows(rows: Iterable[tuple], *, from_text: bool = False) -> VerifyResult:
-    """`from_text`: the rows hold created_at as iso text already and data as JSON text."""
-    prev_hash, expected_seq, count = GENESIS_HASH, 1, 0
+def _verify_rows(rows: Iterable[tuple], *, from_text: bool = False, start_seq: int = 1,
+                 prev_hash: str = GENESIS_HASH) -> VerifyResult:
+    """`from_text`: the rows hold created_at as iso text already and data as JSON text. The rows start
+    at `start_seq`, linked to `prev_hash` (a range of the chain)."""
+    expected_seq, count = start_seq, 0
     sha256, loads = hashlib.sha256, json.loads
     for (seq, created_at, actor_id, actor_username, actor_email, via, action, object_type, object_id, object_repr,
          code, data, stored_text, stored_prev, stored_hash) in rows:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import resource
 import subprocess
 import sys
 import threading
@@ -113,8 +114,9 @@ def verify_in_this_process() -> None:
     early = max((mb for at, mb in samples if at - t0 <= seconds / 10), default=0.0)
     line = (out.getvalue() or err.getvalue()).strip().splitlines()[0]
     count = int(line.split()[1]) if line.startswith("OK ") else 0
+    workers_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest worker process
     print(json.dumps({"ok": code == 0, "count": count, "seconds": seconds, "peak_mb": peak_mb(),
-                      "early_mb": early, "line": line}))
+                      "early_mb": early, "workers_mb": workers_mb, "line": line}))
 
 
 def idle_in_this_process() -> None:
@@ -157,5 +159,5 @@ def verify_vs_copy() -> dict:
         "rate": ours["count"] / ours["seconds"] if ours["seconds"] else 0.0,
         "copy_rows": theirs["rows"], "copy_seconds": theirs["seconds"],
         "copy_rate": theirs["rows"] / theirs["seconds"], "peak_mb": ours["peak_mb"], "idle_mb": idle["peak_mb"],
-        "early_mb": ours["early_mb"],
+        "early_mb": ours["early_mb"], "workers_mb": ours["workers_mb"],
     }

@@ -232,3 +232,30 @@ def test_postgresql_renders_times_as_iso_does(db):
             assert cursor.fetchone()[0] == chain.iso(moment)
         cursor.execute(f"SELECT {chain.postgresql_iso('t')} FROM (SELECT '0001-01-01 BC'::timestamptz t) x")
         assert cursor.fetchone()[0] is None  # no canonical text can match it
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="verify splits the chain on PostgreSQL only")
+@pytest.mark.parametrize("bad_seq", [None, 1, 9, 10, 23])
+def test_verify_in_several_processes_answers_as_one_pass_does(transactional_audit_db, monkeypatch, bad_seq):
+    """Ranges of 8 events in 3 processes (24 events): the same answer as one pass, whether the chain
+    is intact or the bad event is the first, inside a range, on a range's first event or the last."""
+    events = [chain.append(actor=ACTOR, action="test.event", data={"n": n}) for n in range(24)]
+    if bad_seq:
+        tamper("UPDATE audit_auditevent SET object_repr = %s WHERE seq = %s", ["edited", bad_seq])
+    one_pass = chain.verify(workers=1)
+    monkeypatch.setattr(chain, "VERIFY_PARALLEL_FROM", 10)
+    split = chain.verify(workers=3)
+    assert split == one_pass
+    assert (split.ok, split.bad_seq) == (bad_seq is None, bad_seq)
+    assert split.head_hash == (events[-1].hash if bad_seq is None else (events[bad_seq - 2].hash if bad_seq > 1
+                                                                         else chain.GENESIS_HASH))
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="verify splits the chain on PostgreSQL only")
+def test_verify_in_several_processes_finds_a_removed_event_on_a_range_boundary(transactional_audit_db, monkeypatch):
+    [chain.append(actor=ACTOR, action="test.event", data={"n": n}) for n in range(24)]
+    tamper("DELETE FROM audit_auditevent WHERE seq = %s", [9])
+    monkeypatch.setattr(chain, "VERIFY_PARALLEL_FROM", 10)
+    split = chain.verify(workers=3)
+    assert split == chain.verify(workers=1)
+    assert (split.ok, split.count) == (False, 8)
