@@ -21,9 +21,33 @@ def peak_mb() -> float:
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
 
 
-def _append_process(i: int, count: int, barrier, errors) -> None:
+# The floor an append is compared with: the same writers, serialized by an advisory lock taken in
+# the same round trip as a plain INSERT of a row of the same size, then the commit; no chain, no hash.
+FLOOR_TABLE = "bench_serialized_insert"
+FLOOR_LOCK_KEY = 7_341_120_099
+
+
+def _floor_many(i: int, count: int, barrier, errors: list) -> None:
+    from django.db import connection, connections, transaction
+
+    text = "x" * 600  # about the size of an audit event's canonical text
+    try:
+        with transaction.atomic():
+            pass
+        barrier.wait()
+        for n in range(count):
+            with transaction.atomic(), connection.cursor() as cursor:
+                cursor.execute(f"SELECT pg_advisory_xact_lock({FLOOR_LOCK_KEY}); "
+                               f"INSERT INTO {FLOOR_TABLE} (writer, n, body) VALUES (%s, %s, %s)", [i, n, text])
+    except Exception as exc:
+        errors.append(f"{type(exc).__name__}: {exc}")
+    finally:
+        connections.close_all()
+
+
+def _append_process(i: int, count: int, barrier, errors, floor: bool = False) -> None:
     found: list[str] = []
-    _append_many(i, count, barrier, found)
+    (_floor_many if floor else _append_many)(i, count, barrier, found)
     for error in found:
         errors.put(error)
 
@@ -52,8 +76,15 @@ def _append_many(i: int, count: int, barrier, errors: list) -> None:
 
 def appends(writers: int = 8, per_writer: int = 500, mode: str = "processes") -> dict:
     """`writers` threads or processes, each with its own connection, appending `per_writer` events
-    each. Processes are how gunicorn's workers write; threads share one interpreter lock."""
-    from django.db import connections
+    each. Processes are how gunicorn's workers write; threads share one interpreter lock. Mode
+    "floor": processes doing the serialized plain INSERT the chain is compared with."""
+    from django.db import connection, connections
+
+    floor = mode == "floor"
+    if floor:
+        with connection.cursor() as cursor:
+            cursor.execute(f"CREATE TABLE IF NOT EXISTS {FLOOR_TABLE} (id bigserial PRIMARY KEY, writer int, n int,"
+                           " body text, at timestamptz DEFAULT clock_timestamp())")
 
     if mode == "threads":
         barrier, errors = threading.Barrier(writers + 1), []
@@ -63,7 +94,7 @@ def appends(writers: int = 8, per_writer: int = 500, mode: str = "processes") ->
         connections.close_all()  # no connection crosses the fork
         context = multiprocessing.get_context("fork")
         barrier, queue = context.Barrier(writers + 1), context.SimpleQueue()
-        workers = [context.Process(target=_append_process, args=(i, per_writer, barrier, queue))
+        workers = [context.Process(target=_append_process, args=(i, per_writer, barrier, queue, floor))
                    for i in range(writers)]
     for w in workers:
         w.start()
