@@ -57,7 +57,10 @@ class AuditEvent(models.Model):
         constraints = [
             models.CheckConstraint(condition=models.Q(seq__gte=1), name="auditevent_seq_positive"),
         ]
-        indexes = [models.Index(fields=["object_type", "object_id"], name="auditevent_object_idx")]
+        indexes = [
+            models.Index(fields=["object_type", "object_id"], name="auditevent_object_idx"),
+            models.Index(fields=["via"], name="auditevent_via_idx"),  # the list's filter walks it (edge.lists)
+        ]
 
     def __str__(self) -> str:
         return f"#{self.seq} {self.action} {self.object_repr}".strip()

@@ -4,7 +4,6 @@ a search for a change's issue key; a change's journey has a page of its own."""
 
 from __future__ import annotations
 
-import re
 from urllib.parse import urlencode
 
 from django.contrib import admin
@@ -18,8 +17,8 @@ from core.decisions import NotFound
 from edge.admin import admin_actor
 from environments import selectors as env_selectors
 from releases import selectors as release_selectors
+from releases.models import as_issue_key
 
-ISSUE_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_]*-[0-9]+$")
 BOARD_PERMISSIONS = ("releases.view_release", "environments.view_deployment")
 
 
@@ -42,8 +41,8 @@ class PortalAdminSite(admin.AdminSite):
         """The release board; `?q=` opens a change's journey (an issue key) or searches the releases."""
         query = request.GET.get("q", "").strip()
         if query:
-            if ISSUE_KEY.match(query):
-                return redirect("admin:change_journey", issue_key=query.upper())
+            if key := as_issue_key(query):
+                return redirect("admin:change_journey", issue_key=key)
             return redirect(reverse("admin:releases_release_changelist") + "?" + urlencode({"q": query}))
         return super().index(request, extra_context={**self.board_context(request), **(extra_context or {})})
 

@@ -1,14 +1,25 @@
-"""Template filters of the portal's pages (registered in settings.TEMPLATES as the library `portal`)."""
+"""Template filters and tags of the portal's pages (registered in settings.TEMPLATES as the library `portal`)."""
 
 from __future__ import annotations
 
 import datetime as dt
 
 from django import template
+from django.contrib.admin.templatetags.admin_list import date_hierarchy
+from django.contrib.admin.templatetags.base import InclusionAdminNode
 
+from edge.lists import CalendarChangeList
 from environments.models import Deployment
 
 register = template.Library()
+
+
+@register.tag
+def calendar_date_hierarchy(parser, token):
+    """The admin's date hierarchy (same links, same template) read from the calendar between the list's
+    first and last row instead of SELECT DISTINCT over all of them (see edge.lists.CalendarChangeList)."""
+    return InclusionAdminNode(parser, token, func=lambda cl: date_hierarchy(CalendarChangeList(cl)),
+                              template_name="date_hierarchy.html", takes_context=False)
 
 
 @register.filter

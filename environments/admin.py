@@ -30,6 +30,7 @@ from edge.admin import (
     refusal_message,
     run_each,
 )
+from edge.lists import IssueKeySearch, LargeTablePaginator
 from environments import metrics, policy, selectors, services
 from environments.models import (
     Approval,
@@ -442,11 +443,12 @@ def deployment_offers(actor, deployment: Deployment) -> list[Offer]:
 
 
 @admin.register(Deployment)
-class DeploymentAdmin(admin.ModelAdmin):
+class DeploymentAdmin(IssueKeySearch, admin.ModelAdmin):
     """A deployment's page: its place in the queue, approvals, separation-of-duties checks, progress
     refreshed while it runs, the latest lines of its output log, and Approve / Reject / Cancel / Review
     where the policy allows them (the rule's sentence where it does not). Every change goes through a
-    service; the list only shows."""
+    service; the list only shows, and stays fast at millions of deployments (edge.lists): newest first
+    from an index, an issue key searched through its index, the count capped or estimated."""
 
     list_display = ["id", "release_to_environment", "state_and_place", "requested_by_name", "requested_at",
                     "finished_at"]
@@ -455,6 +457,10 @@ class DeploymentAdmin(admin.ModelAdmin):
     list_select_related = ["release__application", "environment", "reviewed_by"]
     date_hierarchy = "requested_at"
     actions = None
+    paginator = LargeTablePaginator
+    show_full_result_count = False
+    show_facets = admin.ShowFacets.NEVER  # a count per filter choice reads the whole table
+    change_list_template = "admin/portal/large_change_list.html"
 
     def get_queryset(self, request):
         ahead = Deployment.objects.filter(

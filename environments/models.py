@@ -291,6 +291,9 @@ class Deployment(models.Model):
             models.Index(fields=["environment", "state", "-finished_at", "-id"], name="deployment_current_idx"),
             models.Index(fields=["-requested_at", "-id"], name="deployment_latest_idx"),  # the list, newest first
             models.Index(fields=["environment", "-requested_at", "-id"], name="deployment_env_last_idx"),  # its last
+            # the open exceptions (the board, the exceptions report): emergencies not reviewed yet, oldest first
+            models.Index(fields=["requested_at", "id"], condition=Q(emergency=True, reviewed_at__isnull=True),
+                         name="deployment_unreviewed_idx"),
         ]
 
     def __str__(self) -> str:

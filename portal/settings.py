@@ -174,6 +174,9 @@ AUDITLOG_INCLUDE_ALL_MODELS = False
 PORTAL_APPROVAL_EXPIRY_HOURS = int(os.environ.get("PORTAL_APPROVAL_EXPIRY_HOURS", "72"))
 # An emergency deployment not reviewed within this many days is overdue (the board, the exceptions report).
 PORTAL_REVIEW_DUE_DAYS = int(os.environ.get("PORTAL_REVIEW_DUE_DAYS", "5"))
+# The lists of deployments and audit events count exactly up to this many rows; beyond it they say "about"
+# (PostgreSQL's estimate of the whole table) or "more than" (a filtered list): see edge.lists.
+PORTAL_EXACT_COUNT_LIMIT = int(os.environ.get("PORTAL_EXACT_COUNT_LIMIT", "10000"))
 
 # The deploy engine.
 PORTAL_DEPLOY_DIR = Path(os.environ.get("PORTAL_DEPLOY_DIR", VAR_DIR / "deployments"))  # runner private dirs

@@ -8,16 +8,16 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints
 
 from edge.api import REFUSALS, ApplicationName, DateTime, Identity, Name, Text, actor_of, example, matching, readable
 from releases import selectors, services
+from releases.models import ISSUE_KEY_MAX, ISSUE_KEY_PATTERN
 
 router = Router(tags=["builds and releases"])
 
 NonNegative = Annotated[int, Field(ge=0, le=2_147_483_647)]
-ISSUE_KEY = r"^[A-Za-z][A-Za-z0-9_]*-[0-9]+$"
 IssueKey = Annotated[
-    str, StringConstraints(max_length=64), matching(ISSUE_KEY, "must look like PROJECT-123"),
+    str, StringConstraints(max_length=ISSUE_KEY_MAX), matching(ISSUE_KEY_PATTERN, "must look like PROJECT-123"),
     AfterValidator(str.upper),
     Field(description="A change ticket, PROJECT-123 (ASCII letters, digits, underscore); stored upper-case.",
-          json_schema_extra={"pattern": ISSUE_KEY}),
+          json_schema_extra={"pattern": ISSUE_KEY_PATTERN}),
 ]
 
 

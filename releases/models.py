@@ -7,6 +7,17 @@ from django.db import models
 from django.db.models import Q
 
 ISSUE_KEY_MAX = 64
+ISSUE_KEY_PATTERN = r"^[A-Za-z][A-Za-z0-9_]*-[0-9]+$"  # PROJECT-123: the API, the board's search, the lists
+_ISSUE_KEY = re.compile(ISSUE_KEY_PATTERN)
+
+
+def as_issue_key(text: str) -> str | None:
+    """`text` read as one issue key, upper-cased as keys are stored (`bizplat-7` -> `BIZPLAT-7`), or
+    None when it does not look like one (a version, a name)."""
+    text = text.strip()
+    if _ISSUE_KEY.fullmatch(text) and len(text) <= ISSUE_KEY_MAX:
+        return text.upper()
+    return None
 
 
 def issue_keys_in(prefix: str, text: str) -> list[str]:
@@ -155,6 +166,7 @@ class Release(models.Model):
 
     class Meta:
         ordering = ["-registered_at", "-id"]
+        indexes = [models.Index(fields=["-registered_at", "-id"], name="release_latest_idx")]  # the list, newest first
         constraints = [
             models.UniqueConstraint(fields=["application", "version"], name="release_unique_version"),
             models.CheckConstraint(condition=Q(artifact_sha256__regex=r"^[0-9a-f]{64}$"),

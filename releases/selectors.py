@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from django.db.models import Prefetch, Q, Value
+from django.db.models import Prefetch, Value
 
 from core.decisions import NotFound
 from core.times import iso_or_none as _time
 from environments import selectors as env_selectors
 from environments.models import Deployment, Environment
-from releases.models import Application, Build, Implementer, Release, ReleaseIssue
+from releases.models import Application, Build, BuildIssue, Implementer, Release, ReleaseIssue
 
 
 def application_get(name: str, *, within: frozenset[int] | None = None, lock: bool = False) -> Application:
@@ -230,11 +230,12 @@ def change_journey(issue_key: str, *, within: frozenset[int] | None = None) -> C
     key = issue_key.strip().upper()
     releases = list(_within(releases_with_details(approvals=True).filter(issues__key=key), within)
                     .order_by("registered_at", "id"))
-    builds = list(
-        _within(Build.objects.select_related("application"), within)
-        .filter(Q(issues__key=key) | Q(releases__in=releases))
-        .distinct().order_by("created_at", "id")
-    )
+    # One subquery that reads two indexes (the builds naming the key in their branch, the releases'
+    # builds); an OR across the joins would read every build.
+    named = BuildIssue.objects.filter(key=key).order_by().values("build_id").union(
+        Build.objects.filter(pk__in={r.build_id for r in releases}).order_by().values("pk"))
+    builds = list(_within(Build.objects.select_related("application"), within).filter(pk__in=named)
+                  .order_by("created_at", "id"))
     if not releases and not builds:
         raise NotFound(f"No build or release carries {key}.")
     now = _where_now(releases) if releases else []

@@ -1,5 +1,6 @@
 """Every page keeps a fixed number of queries, whatever the size of the history: the board, a release,
-a deployment and a change's journey are counted with a short history and with a longer one."""
+a deployment, a change's journey and the lists (searched for an issue key, filtered) are counted with a
+short history and with a longer one."""
 
 from django.contrib.auth.models import Permission
 from django.db import connection
@@ -40,12 +41,17 @@ def scene(world, key: str) -> dict[str, str]:
         "journey": reverse("admin:change_journey", args=[key]),
         "releases": reverse("admin:releases_release_changelist"),
         "deployments": reverse("admin:environments_deployment_changelist"),
+        "deployments of the key": reverse("admin:environments_deployment_changelist") + f"?q={key}",
+        "succeeded deployments": reverse("admin:environments_deployment_changelist") + "?state__exact=succeeded",
+        "releases of the key": reverse("admin:releases_release_changelist") + f"?q={key.lower()}",
+        "audit events": reverse("admin:audit_auditevent_changelist"),
+        "audit events of an action": reverse("admin:audit_auditevent_changelist") + "?action=deployment.request",
     }
 
 
 def test_pages_keep_a_fixed_query_count_as_history_grows(client, world):
     world.carol.user_permissions.add(*Permission.objects.filter(codename__in=[
-        "view_deployment", "view_release", "view_environment", "add_deployment"]))
+        "view_deployment", "view_release", "view_environment", "add_deployment", "view_auditevent"]))
     client.force_login(world.carol)
 
     grow_history(world, 2)

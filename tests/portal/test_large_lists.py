@@ -1,0 +1,143 @@
+"""The lists of tables that grow without end (deployments, audit events) behave as they must at millions
+of rows (edge.lists): an issue key is searched as one, through its index; beyond PORTAL_EXACT_COUNT_LIMIT
+the count says "about" (PostgreSQL's estimate) or "more than"; filter choices and dates are read from
+indexes, never with SELECT DISTINCT over the whole table. Fixed query counts: tests/portal/test_page_queries.py."""
+
+import datetime as dt
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.urls import reverse
+
+from audit.models import AuditEvent
+from environments.models import Deployment
+from releases.models import as_issue_key
+
+DEPLOYMENTS = reverse("admin:environments_deployment_changelist")
+RELEASES = reverse("admin:releases_release_changelist")
+AUDIT = reverse("admin:audit_auditevent_changelist")
+
+
+@pytest.fixture
+def root(make_user):
+    return make_user("root", superuser=True)
+
+
+def listing(client, user, url, **params):
+    client.force_login(user)
+    with CaptureQueriesContext(connection) as captured:
+        response = client.get(url, params)
+    assert response.status_code == 200, response.status_code
+    response.sql = [q["sql"] for q in captured.captured_queries]
+    return response
+
+
+def deployments_of(response) -> set[int]:
+    return {d.release_id for d in response.context["cl"].result_list}
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    ("BIZPLAT-64951", "BIZPLAT-64951"), (" bizplat-7 ", "BIZPLAT-7"), ("HAMS_2-10", "HAMS_2-10"),
+    ("1.0.5", None), ("BIZPLAT-", None), ("BIZPLAT", None), ("fix BIZPLAT-7", None), ("7-7", None),
+])
+def test_what_reads_as_an_issue_key(text, key):
+    assert as_issue_key(text) == key
+
+
+def test_an_issue_key_finds_the_deployments_of_the_releases_carrying_it_and_only_them(client, world, root):
+    five, fifty, five_hundred = (world.release(issue_keys=[key]) for key in ("BIZPLAT-5", "BIZPLAT-50",
+                                                                            "BIZPLAT-500"))
+    both = world.release(issue_keys=["BIZPLAT-5", "BIZPLAT-6"])
+    for release in (five, fifty, five_hundred, both):
+        world.to_staging(release)
+
+    found = listing(client, root, DEPLOYMENTS, q=" bizplat-5 ")  # any case: keys are stored upper-case
+    assert deployments_of(found) == {five.pk, both.pk}  # not BIZPLAT-50 nor BIZPLAT-500
+    assert found.context["cl"].result_count == 4
+    assert not any(" LIKE " in sql for sql in found.sql)  # the key's index, not a scan
+
+    assert deployments_of(listing(client, root, DEPLOYMENTS, q="BIZPLAT-6")) == {both.pk}
+    assert deployments_of(listing(client, root, DEPLOYMENTS, q="BIZPLAT-404")) == set()
+    releases = listing(client, root, RELEASES, q="bizplat-50").context["cl"].result_list
+    assert [r.pk for r in releases] == [fifty.pk]
+
+
+def test_any_other_search_is_the_admins_own_as_before(client, world, root):
+    mac, other = world.release(issue_keys=["BIZPLAT-5"]), world.release(version="2.0.0-rc1", issue_keys=["OPS-5"])
+    for release in (mac, other):
+        world.to_staging(release)
+    assert deployments_of(listing(client, root, DEPLOYMENTS, q=mac.version)) == {mac.pk}
+    assert deployments_of(listing(client, root, DEPLOYMENTS, q="rc1")) == {other.pk}
+    assert deployments_of(listing(client, root, DEPLOYMENTS, q="BIZPLAT")) == {mac.pk}  # part of a key
+    assert deployments_of(listing(client, root, DEPLOYMENTS, q="ci:")) == {mac.pk, other.pk}  # who asked
+    assert [r.pk for r in listing(client, root, RELEASES, q="2.0.0").context["cl"].result_list] == [other.pk]
+
+
+def three_in_staging(world) -> None:
+    """Six deployments: three releases, each to QA and Staging."""
+    for _ in range(3):
+        world.to_staging(world.release())
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="the planner's estimate exists on PostgreSQL")
+def test_beyond_the_limit_the_list_says_about_from_the_estimate_or_more_than(client, world, root, settings):
+    three_in_staging(world)
+    settings.PORTAL_EXACT_COUNT_LIMIT = 4
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE environments_deployment")  # autovacuum does it on a table that grows
+
+    everything = listing(client, root, DEPLOYMENTS)
+    assert everything.context["cl"].paginator.count_label == "about 6"  # ANALYZE read every row of a small table
+    assert "about 6 deployments" in everything.content.decode()
+    assert len(everything.context["cl"].result_list) == 6
+    assert not any("COUNT(*)" in sql and " LIMIT " not in sql for sql in everything.sql)  # never a whole count
+
+    succeeded = listing(client, root, DEPLOYMENTS, state__exact="succeeded")  # no statistic knows this one
+    assert succeeded.context["cl"].paginator.count_label == "more than 4"
+    page = succeeded.content.decode()
+    assert "more than 4 deployments" in page and "more than 4 results" in page
+
+    qa = listing(client, root, DEPLOYMENTS, environment__name="QA")
+    assert (qa.context["cl"].result_count, qa.context["cl"].paginator.count_label) == (3, "")  # exact
+
+
+@pytest.mark.skipif(connection.vendor == "postgresql", reason="SQLite has no estimate: it counts")
+def test_sqlite_counts_exactly_whatever_the_limit(client, world, root, settings):
+    three_in_staging(world)
+    settings.PORTAL_EXACT_COUNT_LIMIT = 4
+    for params in ({}, {"state__exact": "succeeded"}):
+        cl = listing(client, root, DEPLOYMENTS, **params).context["cl"]
+        assert (cl.result_count, cl.paginator.count_label) == (6, "")
+
+
+def test_audit_filters_offer_every_value_read_from_the_index(client, world, root):
+    three_in_staging(world)
+    response = listing(client, root, AUDIT)
+    offered = {spec.field_path: spec.lookup_choices for spec in response.context["cl"].filter_specs}
+    for name in ("action", "code", "via"):  # each value once, in the database's order
+        assert offered[name] == list(AuditEvent.objects.order_by(name).values_list(name, flat=True).distinct())
+    assert "deployment.finish" in offered["action"]
+    assert not any("DISTINCT" in sql for sql in response.sql)
+    chosen = listing(client, root, AUDIT, action="deployment.finish").context["cl"]
+    assert {e.action for e in chosen.result_list} == {"deployment.finish"}
+
+
+def test_the_date_hierarchy_offers_the_calendar_between_the_first_and_the_last_row(client, world, root):
+    three_in_staging(world)
+    first, *rest = Deployment.objects.order_by("id")
+    Deployment.objects.filter(pk=first.pk).update(requested_at=dt.datetime(2026, 1, 15, 9, tzinfo=dt.UTC))
+    Deployment.objects.filter(pk__in=[d.pk for d in rest]).update(
+        requested_at=dt.datetime(2026, 3, 2, 9, tzinfo=dt.UTC))
+
+    months = listing(client, root, DEPLOYMENTS)
+    page = months.content.decode()
+    for month in (1, 2, 3):  # February holds no deployment: a calendar, not SELECT DISTINCT over every row
+        assert f"?requested_at__month={month}&amp;requested_at__year=2026" in page
+    assert "requested_at__month=4" not in page
+    assert not any("DISTINCT" in sql and "environments_deployment" in sql for sql in months.sql)
+
+    march = listing(client, root, DEPLOYMENTS, requested_at__year=2026, requested_at__month=3)
+    assert "requested_at__day=2" in march.content.decode() and "requested_at__day=3" not in march.content.decode()
+    assert len(march.context["cl"].result_list) == 5
