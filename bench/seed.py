@@ -68,6 +68,9 @@ def ensure(releases: int, deployments: int, events: int, log=print) -> bool:
     if seeded_sizes(database_url()) == (releases, deployments, events):
         log(f"reusing the seeded database {database_name()} ({releases:,} releases, {deployments:,} deployments,"
             f" {events:,} seeded audit events)")
+        from django.core.management import call_command
+
+        call_command("migrate", verbosity=0)  # the schema of this checkout (new indexes build here, once)
         return False
     from django.db import connections
 
