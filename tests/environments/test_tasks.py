@@ -5,7 +5,10 @@ them off the broker, a worker runs them, the monitor saves the results."""
 import datetime as dt
 import importlib
 import os
+import subprocess
+import sys
 from multiprocessing import Event, Value
+from pathlib import Path
 
 import pytest
 from django.apps import apps as django_apps
@@ -25,6 +28,7 @@ from audit.models import AuditEvent
 from environments import broker
 
 LEGIT = "environments.tasks.expire_pending_approvals"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_cluster_once(broker) -> None:
@@ -113,3 +117,25 @@ def test_task_queue_admin_pages_are_gone(client, make_user):
             url += "add/"
         assert client.get(url).status_code == 404, url
     assert b"django_q" not in client.get(reverse("admin:index")).content
+
+
+def test_a_worker_loads_the_deploy_engine_as_it_starts_and_the_web_server_never():
+    """The first deployment a worker process runs does not wait for Ansible to load; a process that only
+    sets up Django (the web server) does not load it at all."""
+    code = (
+        "import sys, django\n"
+        "django.setup()\n"
+        "import portal.urls\n"
+        "assert 'ansible_runner' not in sys.modules, 'a web process loads Ansible'\n"
+        "from multiprocessing import Value\n"
+        "from django_q.queues import Queue\n"
+        "from django_q.worker import worker\n"
+        "tasks = Queue()\n"
+        "tasks.put('STOP')\n"
+        "worker(tasks, Queue(), Value('f', -1))\n"
+        "assert {'environments.tasks', 'ansible_runner'} <= set(sys.modules), 'the worker did not load the engine'\n"
+    )
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "portal.settings", "SECRET_KEY": "test-only"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
