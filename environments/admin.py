@@ -30,7 +30,7 @@ from edge.admin import (
     refusal_message,
     run_each,
 )
-from edge.lists import IssueKeySearch, LargeTablePaginator
+from edge.lists import LargeTablePaginator, ReleaseSearch
 from environments import metrics, policy, selectors, services
 from environments.models import (
     Approval,
@@ -443,7 +443,7 @@ def deployment_offers(actor, deployment: Deployment) -> list[Offer]:
 
 
 @admin.register(Deployment)
-class DeploymentAdmin(IssueKeySearch, admin.ModelAdmin):
+class DeploymentAdmin(ReleaseSearch, admin.ModelAdmin):
     """A deployment's page: its place in the queue, approvals, separation-of-duties checks, progress
     refreshed while it runs, the latest lines of its output log, and Approve / Reject / Cancel / Review
     where the policy allows them (the rule's sentence where it does not). Every change goes through a
@@ -453,7 +453,8 @@ class DeploymentAdmin(IssueKeySearch, admin.ModelAdmin):
     list_display = ["id", "release_to_environment", "state_and_place", "requested_by_name", "requested_at",
                     "finished_at"]
     list_filter = ["state", "environment__application", ("environment__name", EnvironmentNameFilter), "emergency"]
-    search_fields = ["release__version", "requested_by_label", "release__issues__key"]
+    search_fields = ["release__version", "requested_by_label", "release__issues__key"]  # by ReleaseSearch
+    own_search = ("requested_by_label",)
     list_select_related = ["release__application", "environment", "reviewed_by"]
     date_hierarchy = "requested_at"
     actions = None

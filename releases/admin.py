@@ -9,7 +9,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html_join
 
 from edge.admin import Offer, ReadOnlyAdmin, admin_actor, call_service
-from edge.lists import IssueKeySearch, LargeTablePaginator
+from edge.lists import LargeTablePaginator, ReleaseSearch
 from environments import policy
 from environments import selectors as env_selectors
 from environments.models import Environment
@@ -81,15 +81,16 @@ class DeployForm(forms.Form):
 
 
 @admin.register(Release)
-class ReleaseAdmin(IssueKeySearch, ReadOnlyAdmin):
+class ReleaseAdmin(ReleaseSearch, ReadOnlyAdmin):
     """A release's page shows its timeline and, per environment of its path, "Deploy to …" when the
     policy allows the signed-in person to request it now, or the rule's sentence when it does not.
     The list's search takes an issue key as one (the releases carrying exactly that key)."""
 
     list_display = ["__str__", "build_number", "issue_keys", "runs_in", "environments_reached", "registered_at"]
     list_filter = ["application"]
-    search_fields = ["version", "issues__key", "implementers__identity"]
-    issue_key_release = "pk"
+    search_fields = ["version", "issues__key", "implementers__identity"]  # searched by ReleaseSearch
+    release_path = "pk"
+    release_search = ("version", "issue_keys", "implementers")
     paginator = LargeTablePaginator
     show_full_result_count = False
     show_facets = admin.ShowFacets.NEVER  # a count per filter choice reads the whole table

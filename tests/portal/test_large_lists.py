@@ -141,3 +141,26 @@ def test_the_date_hierarchy_offers_the_calendar_between_the_first_and_the_last_r
     march = listing(client, root, DEPLOYMENTS, requested_at__year=2026, requested_at__month=3)
     assert "requested_at__day=2" in march.content.decode() and "requested_at__day=3" not in march.content.decode()
     assert len(march.context["cl"].result_list) == 5
+
+
+def test_a_search_of_several_words_needs_each_word_somewhere(client, world, root):
+    """As the admin's own search: each word in the version, an issue key or who asked (deployments), or
+    an implementer (releases); "quoted words" stay one."""
+    mac = world.release(issue_keys=["BIZPLAT-5"])
+    other = world.release(version="2.0.0-rc1", issue_keys=["OPS-5"], implementers=("erin@example.com",))
+    for release in (mac, other):
+        world.to_staging(release)
+    assert deployments_of(listing(client, root, DEPLOYMENTS, q="rc1 OPS")) == {other.pk}
+    assert deployments_of(listing(client, root, DEPLOYMENTS, q="rc1 BIZPLAT")) == set()
+    assert deployments_of(listing(client, root, DEPLOYMENTS, q='"2.0.0-rc1" ci:')) == {other.pk}
+    assert [r.pk for r in listing(client, root, RELEASES, q="ERIN rc1").context["cl"].result_list] == [other.pk]
+    assert [r.pk for r in listing(client, root, RELEASES, q="alice rc1").context["cl"].result_list] == []
+
+
+def test_a_search_reads_the_releases_found_not_a_join_of_every_row(client, world, root):
+    world.to_staging(world.release(version="7.7.7"))
+    found = listing(client, root, DEPLOYMENTS, q="7.7.7")
+    assert len(deployments_of(found)) == 1
+    # the keys are read on their own (a union of release ids), never joined to every deployment
+    searched = [sql for sql in found.sql if "releases_releaseissue" in sql]
+    assert searched and not any('JOIN "releases_releaseissue"' in sql for sql in searched)
