@@ -24,6 +24,8 @@ PAGES = [
     Page("admin front page (board)", "/admin/"),
     Page("deployments list (with its count)", "/admin/environments/deployment/"),
     Page("deployments searched for an issue key", "/admin/environments/deployment/?q={issue_key}"),
+    Page("deployments searched for a version", "/admin/environments/deployment/?q=1.0.5000"),
+    Page("releases searched for a version", "/admin/releases/release/?q=1.0.5000"),
     Page("audit events list", "/admin/audit/auditevent/"),
     Page("release page", "/admin/releases/release/{release}/change/"),
     Page("deployment page", "/admin/environments/deployment/{deployment}/change/"),
