@@ -91,6 +91,7 @@ def test_beyond_the_limit_the_list_says_about_from_the_estimate_or_more_than(cli
     everything = listing(client, root, DEPLOYMENTS)
     assert everything.context["cl"].paginator.count_label == "about 6"  # ANALYZE read every row of a small table
     assert "about 6 deployments" in everything.content.decode()
+    assert "about 6 results" not in everything.content.decode()  # said once, below the list (nothing to clear)
     assert len(everything.context["cl"].result_list) == 6
     assert not any("COUNT(*)" in sql and " LIMIT " not in sql for sql in everything.sql)  # never a whole count
 
