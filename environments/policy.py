@@ -17,7 +17,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.contrib.contenttypes.models import ContentType
-from django.db.models import Q
+from django.db.models import Q, Value
 from django.utils import timezone
 from guardian.models import GroupObjectPermission, UserObjectPermission
 
@@ -75,7 +75,7 @@ def person_identities(user) -> set[str]:
 
 def identity_users(identities) -> dict[str, set[int]]:
     """The people each VCS identity (lower-case) may be: by VCS alias, e-mail or user name, any case.
-    Two queries, whatever the number of identities."""
+    One query, whatever the number of identities."""
     return _identity_users(identities)[0]
 
 
@@ -86,15 +86,20 @@ def _identity_users(identities) -> tuple[dict[str, set[int]], dict[str, int]]:
     aliased: dict[str, int] = {}
     if not identities:
         return found, aliased
-    for alias, user_id in VcsAlias.objects.filter(identity__in=identities).values_list("identity", "user_id"):
-        found.setdefault(alias, set()).add(user_id)
-        aliased[alias] = user_id
     q = Q()
     for identity in identities:
         q |= Q(email__iexact=identity) | Q(username__iexact=identity)
+    # The aliases and the people together: (True, user, alias, "") and (False, user, e-mail, user name).
+    aliases = VcsAlias.objects.filter(identity__in=identities).order_by().values_list(
+        Value(True), "user_id", "identity", Value(""))
+    people = get_user_model().objects.filter(q).order_by().values_list(Value(False), "id", "email", "username")
     wanted = set(identities)
-    for user_id, email, username in get_user_model().objects.filter(q).values_list("id", "email", "username"):
-        for identity in {(email or "").strip().lower(), username.lower()} & wanted:
+    for is_alias, user_id, first, second in aliases.union(people, all=True):
+        if is_alias:
+            found.setdefault(first, set()).add(user_id)
+            aliased[first] = user_id
+            continue
+        for identity in {(first or "").strip().lower(), second.lower()} & wanted:
             found.setdefault(identity, set()).add(user_id)
     return found, aliased
 
@@ -505,16 +510,18 @@ def decide_request(
         return no(forbidden(
             "EMERGENCY_NOT_RELEASER", f"Only a releaser of {environment} may request an emergency deployment."
         ))
-    implementers = implementers_of(release)
     checks: tuple[str, ...] = ()
-    if environment.restricted:
-        if r := check_implementers_recorded(release, environment, implementers):
+    if environment.restricted or environment.requires_code_review:  # the rules that ask who implemented it
+        implementers = implementers_of(release)
+        if environment.restricted:
+            if r := check_implementers_recorded(release, environment, implementers):
+                return no(r)
+            if r := check_not_implementer(actor.user, implementers, "SOD_IMPLEMENTER_REQUESTER",
+                                          "request production of"):
+                return no(r)
+            checks = (REQUESTER_NOT_IMPLEMENTER,)
+        if r := check_code_review(release, environment, implementers):
             return no(r)
-        if r := check_not_implementer(actor.user, implementers, "SOD_IMPLEMENTER_REQUESTER", "request production of"):
-            return no(r)
-        checks = (REQUESTER_NOT_IMPLEMENTER,)
-    if r := check_code_review(release, environment, implementers):
-        return no(r)
     source = promotion_source(release, environment)
     if r := check_promotion_path(release, environment, source):
         return no(r)

@@ -191,9 +191,14 @@ def deployment_request(
     is needed (or for an emergency), otherwise awaits approval until it expires. A busy environment
     is no refusal: the deployment waits its turn."""
     emergency_reason = emergency_reason.strip()
-    with transaction.atomic():
+    # No savepoint when called inside a caller's transaction (a new release deploying itself): a
+    # refusal leaves this block normally and is raised after it, and any other error fails the caller.
+    with transaction.atomic(savepoint=False):
         environment = _lock_environment(environment.pk)
-        release = Release.objects.select_related("build", "application").get(pk=release.pk)
+        if not (Release.build.is_cached(release) and Release.application.is_cached(release)):
+            # A release never changes after registration, nor does its (finished) build: a caller's
+            # copy that holds both is as good as a fresh one.
+            release = Release.objects.select_related("build", "application").get(pk=release.pk)
         decision = policy.decide_request(
             actor=actor, release=release, environment=environment, emergency_reason=emergency_reason
         )

@@ -183,7 +183,7 @@ def register_release(request: HttpRequest, body: ReleaseIn):
         issue_keys=body.issue_keys, implementers=body.implementers,
         pull_request=None if pr is None else services.PullRequest(pr.url, pr.author, tuple(pr.reviewers), approved_at),
     )
-    return Status(201 if created else 200, selectors.release_detail(release.application.name, release.version))
+    return Status(201 if created else 200, selectors.release_detail_of(release))
 
 
 @router.get("/releases/{application}/{version}", response={200: ReleaseOut, **REFUSALS},

@@ -95,6 +95,19 @@ def release_detail(application: str, version: str, *, within: frozenset[int] | N
         "id", "application__name", "build__number", *_RELEASE_COLUMNS).first()
     if row is None:
         raise NotFound(f"{application} has no release {version!r}.")
+    row.update(application=row.pop("application__name"), build=row.pop("build__number"))
+    return _release_detail_of_row(row)
+
+
+def release_detail_of(release: Release) -> dict:
+    """release_detail of a release in hand (its application and build loaded, e.g. one just
+    registered): two queries, its issue keys and implementers together, and its deployments."""
+    row = {name: getattr(release, name) for name in _RELEASE_COLUMNS}
+    row.update(id=release.pk, application=release.application.name, build=release.build.number)
+    return _release_detail_of_row(row)
+
+
+def _release_detail_of_row(row: dict) -> dict:
     issues = ReleaseIssue.objects.filter(release_id=row["id"]).order_by().values_list(Value("issue"), "key")
     implementers = Implementer.objects.filter(release_id=row["id"]).order_by().values_list(
         Value("implementer"), "identity")
@@ -103,7 +116,6 @@ def release_detail(application: str, version: str, *, within: frozenset[int] | N
         named[kind].append(value)
     deployments = Deployment.objects.filter(release_id=row["id"]).order_by("id").values_list(
         "id", "environment__name", "state", "requested_at", "queued_at", "started_at", "finished_at")
-    row.update(application=row.pop("application__name"), build=row.pop("build__number"))
     return _release_dict(row, named["issue"], named["implementer"], [_deployment_summary(*d) for d in deployments])
 
 

@@ -125,6 +125,7 @@ def release_register(
             app, version, build, the_build, existing, digest
         )
         if refusal is None and existing is not None:
+            existing.application = app
             return existing, False  # the same registration again (a CI retry)
         if refusal is not None:
             error = refused(actor=actor, action="release.register", refusal=refusal, obj=app,
