@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from django.db.models import Prefetch, Value
 
+from core.compiled import CompiledRead
 from core.decisions import NotFound
 from core.times import iso_or_none as _time
 from environments import selectors as env_selectors
@@ -87,14 +88,41 @@ def release_as_dict(release: Release) -> dict:
     )
 
 
+def _release_rows(application, version, within=None):
+    releases = Release.objects.filter(application__name=application, version=version)
+    return _within(releases, within).order_by("pk").values(
+        "id", "application__name", "build__number", *_RELEASE_COLUMNS)[:1]
+
+
+def _issues_and_implementers(release_id):
+    issues = ReleaseIssue.objects.filter(release_id=release_id).order_by().values_list(Value("issue"), "key")
+    implementers = Implementer.objects.filter(release_id=release_id).order_by().values_list(
+        Value("implementer"), "identity")
+    return issues.union(implementers, all=True)
+
+
+def _deployment_rows(release_id):
+    return Deployment.objects.filter(release_id=release_id).order_by("id").values_list(
+        "id", "environment__name", "state", "requested_at", "queued_at", "started_at", "finished_at")
+
+
+# GET /api/v1/releases/{application}/{version} runs these on every call: compiled once (core.compiled).
+_RELEASE_ROW = CompiledRead(_release_rows, str, str)
+_RELEASE_ROW_WITHIN = CompiledRead(_release_rows, str, str, (int,))
+_ISSUES_AND_IMPLEMENTERS = CompiledRead(_issues_and_implementers, int)
+_DEPLOYMENTS = CompiledRead(_deployment_rows, int)
+
+
 def release_detail(application: str, version: str, *, within: frozenset[int] | None = None) -> dict:
     """release_as_dict of one release in three queries of the columns it shows: the release with its
     application's name and build's number, its issue keys and implementers together, its deployments."""
-    releases = Release.objects.filter(application__name=application, version=version).order_by()
-    row = _within(releases, within).values(
-        "id", "application__name", "build__number", *_RELEASE_COLUMNS).first()
-    if row is None:
+    if within is None:
+        rows = _RELEASE_ROW.dicts(application, version)
+    else:
+        rows = _RELEASE_ROW_WITHIN.dicts(application, version, within)
+    if not rows:
         raise NotFound(f"{application} has no release {version!r}.")
+    row = rows[0]
     row.update(application=row.pop("application__name"), build=row.pop("build__number"))
     return _release_detail_of_row(row)
 
@@ -108,14 +136,10 @@ def release_detail_of(release: Release) -> dict:
 
 
 def _release_detail_of_row(row: dict) -> dict:
-    issues = ReleaseIssue.objects.filter(release_id=row["id"]).order_by().values_list(Value("issue"), "key")
-    implementers = Implementer.objects.filter(release_id=row["id"]).order_by().values_list(
-        Value("implementer"), "identity")
     named: dict[str, list[str]] = {"issue": [], "implementer": []}
-    for kind, value in issues.union(implementers, all=True):
+    for kind, value in _ISSUES_AND_IMPLEMENTERS.tuples(row["id"]):
         named[kind].append(value)
-    deployments = Deployment.objects.filter(release_id=row["id"]).order_by("id").values_list(
-        "id", "environment__name", "state", "requested_at", "queued_at", "started_at", "finished_at")
+    deployments = _DEPLOYMENTS.tuples(row["id"])
     return _release_dict(row, named["issue"], named["implementer"], [_deployment_summary(*d) for d in deployments])
 
 

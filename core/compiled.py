@@ -1,0 +1,127 @@
+"""Reads whose SQL the ORM compiles once per process.
+
+The API runs a few reads of a fixed shape on every request: the same statement with other values.
+The ORM builds and compiles the queryset again on each call, which costs several times what the
+database spends running it. A CompiledRead builds its queryset once per database, with marker
+values in the places of its arguments, keeps the compiled statement, and runs it with each call's
+values in those places; the rows come back through the ORM's own converters, as `values()` dicts
+or `values_list()` tuples.
+
+For querysets whose statement does not depend on the values: each argument is a scalar (int or
+str) or a collection of them (one statement per collection length, as the ORM writes `IN (...)`;
+an empty one reads nothing, as the ORM does). The queryset must select with `values()` or
+`values_list()` (no extra()).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from django.core.exceptions import EmptyResultSet
+from django.db import DEFAULT_DB_ALIAS, connections
+from django.db.models import QuerySet
+
+_counter = itertools.count(1)
+
+
+def _marker(kind: type):
+    """A value that cannot be confused with a real one and that the fields' lookups pass through
+    unchanged (an int stays an int, a str a str)."""
+    n = next(_counter)
+    if kind is int:
+        return -(2**62) - n
+    if kind is str:
+        return f"\x00compiled-read-{n}\x00"
+    raise TypeError(f"CompiledRead arguments are int or str (or collections of them), not {kind.__name__}.")
+
+
+@dataclass(frozen=True)
+class _Statement:
+    sql: str
+    params: tuple
+    slots: tuple[tuple[int, int, int | None], ...]  # (parameter position, argument, element or None)
+    names: tuple[str, ...]  # the columns' names, as values() names them
+    converters: dict  # column position -> (converter functions, expression), the ORM's own
+
+
+class CompiledRead:
+    """`build(*args)` returns the queryset; `kinds` says what each argument is: int, str, or a
+    one-element tuple `(int,)` / `(str,)` for a collection of them."""
+
+    def __init__(self, build: Callable[..., QuerySet], *kinds):
+        self._build = build
+        self._kinds = kinds
+        self._statements: dict[tuple, _Statement | None] = {}
+
+    def _shape(self, args) -> tuple:
+        if len(args) != len(self._kinds):
+            raise TypeError(f"Expected {len(self._kinds)} arguments, got {len(args)}.")
+        return tuple(len(a) if isinstance(k, tuple) else None for a, k in zip(args, self._kinds, strict=True))
+
+    def _compile(self, using: str, shape: tuple) -> _Statement | None:
+        markers = [[_marker(k[0]) for _ in range(n)] if isinstance(k, tuple) else _marker(k)
+                   for k, n in zip(self._kinds, shape, strict=True)]
+        queryset = self._build(*markers).using(using)
+        query = queryset.query
+        if query.extra_select or queryset._fields is None:
+            raise ValueError("A CompiledRead selects with values() or values_list(), without extra().")
+        compiler = query.get_compiler(using)
+        try:
+            sql, params = compiler.as_sql()
+        except EmptyResultSet:
+            return None
+        where = {}
+        for index, marker in enumerate(markers):
+            for element, value in enumerate(marker) if isinstance(marker, list) else [(None, marker)]:
+                where[value] = (index, element)
+        slots = tuple((position, *where[value]) for position, value in enumerate(params)
+                      if isinstance(value, int | str) and value in where)
+        if {(i, e) for _, i, e in slots} != set(where.values()):
+            raise ValueError("Each argument must appear as a parameter of the compiled statement.")
+        columns = [column[0] for column in compiler.select[:compiler.col_count]]
+        names = tuple(query.selected) if query.selected else (*query.values_select, *query.annotation_select)
+        if len(names) != len(columns) or compiler.has_composite_fields(columns):
+            raise ValueError("The compiled statement does not select the queryset's values.")
+        return _Statement(sql, tuple(params), slots, names, compiler.get_converters(columns))
+
+    def _rows(self, args, using: str) -> tuple[_Statement | None, list[tuple]]:
+        shape = self._shape(args)
+        key = (using, shape)
+        if key not in self._statements:
+            self._statements[key] = self._compile(using, shape)
+        statement = self._statements[key]
+        if statement is None:
+            return None, []
+        params = list(statement.params)
+        values = [list(a) if isinstance(k, tuple) else a for a, k in zip(args, self._kinds, strict=True)]
+        for position, index, element in statement.slots:
+            params[position] = values[index] if element is None else values[index][element]
+        connection = connections[using]
+        with connection.cursor() as cursor:
+            cursor.execute(statement.sql, params)
+            rows = cursor.fetchall()
+        if statement.converters:
+            rows = [_converted(row, statement.converters, connection) for row in rows]
+        return statement, rows
+
+    def tuples(self, *args, using: str = DEFAULT_DB_ALIAS) -> list[tuple]:
+        """The rows as values_list() gives them."""
+        return self._rows(args, using)[1]
+
+    def dicts(self, *args, using: str = DEFAULT_DB_ALIAS) -> list[dict]:
+        """The rows as values() gives them."""
+        statement, rows = self._rows(args, using)
+        return [dict(zip(statement.names, row, strict=True)) for row in rows]
+
+
+def _converted(row: tuple, converters: dict, connection) -> tuple:
+    row = list(row)
+    for position, (functions, expression) in converters.items():
+        value = row[position]
+        for function in functions:
+            value = function(value, expression, connection)
+        row[position] = value
+    return tuple(row)
+

@@ -1,0 +1,87 @@
+"""core.compiled: a read compiled once answers exactly what the ORM answers for the same queryset,
+on either database, whatever the values (and the length of a collection) it is called with."""
+
+from __future__ import annotations
+
+import pytest
+from django.db import connection
+from django.db.models import Count, OuterRef, Q, Subquery, Value
+from django.test.utils import CaptureQueriesContext
+
+from core.compiled import CompiledRead
+from environments.models import Deployment, Environment
+from releases.models import Implementer, Release, ReleaseIssue
+
+
+def _deployments(release_id):
+    return Deployment.objects.filter(release_id=release_id).order_by("id").values_list(
+        "id", "environment__name", "state", "automatic", "requested_at", "finished_at", "sod_checks")
+
+
+def _releases(application, within):
+    return Release.objects.filter(application__name=application, application_id__in=within).order_by("pk").values(
+        "id", "version", "application__name", "pull_request_reviewers", "registered_at")
+
+
+def _keys_and_identities(release_id):
+    keys = ReleaseIssue.objects.filter(release_id=release_id).order_by().values_list(Value("key"), "key")
+    identities = Implementer.objects.filter(release_id=release_id).order_by().values_list(Value("who"), "identity")
+    return keys.union(identities, all=True)
+
+
+def _environments(application_id):
+    last = Deployment.objects.filter(environment=OuterRef("pk")).order_by("-requested_at", "-id")
+    return (Environment.objects.filter(application_id=application_id)
+            .annotate(last_state=Subquery(last.values("state")[:1]),
+                      open_count=Count("deployments", filter=Q(deployments__state__in=Deployment.OPEN_STATES)))
+            .order_by("id").values("id", "last_state", "name", "open_count"))
+
+
+DEPLOYMENTS = CompiledRead(_deployments, int)
+RELEASES = CompiledRead(_releases, str, (int,))
+KEYS_AND_IDENTITIES = CompiledRead(_keys_and_identities, int)
+ENVIRONMENTS = CompiledRead(_environments, int)
+
+
+@pytest.fixture
+def history(world):
+    first = world.release(implementers=["alice@example.com", "x@example.com"], issue_keys=["BIZPLAT-1", "BIZPLAT-2"])
+    world.to_staging(first)
+    second = world.release(implementers=[])
+    world.deploy(second, world.qa, result=Deployment.State.FAILED)
+    return world, first, second
+
+
+def test_rows_are_the_orms_for_any_values(history):
+    world, first, second = history
+    for release in (first, second):
+        assert DEPLOYMENTS.tuples(release.pk) == list(_deployments(release.pk))
+        assert sorted(KEYS_AND_IDENTITIES.tuples(release.pk)) == sorted(_keys_and_identities(release.pk))
+    assert DEPLOYMENTS.tuples(first.pk)[0][3] in (True, False)  # converted like the ORM's (SQLite answers 0/1)
+    assert ENVIRONMENTS.dicts(world.app.pk) == list(_environments(world.app.pk))
+    assert ENVIRONMENTS.dicts(world.app.pk + 1000) == []
+
+
+def test_a_collection_compiles_once_per_length_and_an_empty_one_reads_nothing(history):
+    world, first, second = history
+    for within in ([world.app.pk], [world.app.pk, world.app.pk + 1000], {world.app.pk + 1000}, ()):
+        assert RELEASES.dicts("MAC", within) == list(_releases("MAC", within))
+    with CaptureQueriesContext(connection) as captured:
+        assert RELEASES.dicts("MAC", frozenset()) == []
+    assert len(captured) == 0
+    assert RELEASES.dicts("HAMS", [world.app.pk]) == []
+
+
+def test_the_queryset_is_built_once_per_database_and_shape(history):
+    world, first, second = history
+    built = []
+    read = CompiledRead(lambda release_id: built.append(release_id) or _deployments(release_id), int)
+    assert [read.tuples(r.pk) for r in (first, second, first)] == [list(_deployments(r.pk))
+                                                                   for r in (first, second, first)]
+    assert len(built) == 1
+
+
+def test_a_value_the_lookup_rewrites_is_refused(world):
+    read = CompiledRead(lambda name: Release.objects.filter(version__startswith=name).values_list("id"), str)
+    with pytest.raises(ValueError, match="Each argument"):
+        read.tuples("1.")
