@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from django.core.exceptions import EmptyResultSet
 from django.db import DEFAULT_DB_ALIAS, connections
-from django.db.models import QuerySet
+from django.db.models import Model, QuerySet
 
 _counter = itertools.count(1)
 
@@ -114,6 +114,17 @@ class CompiledRead:
         """The rows as values() gives them."""
         statement, rows = self._rows(args, using)
         return [dict(zip(statement.names, row, strict=True)) for row in rows]
+
+    def instances(self, model: type[Model], *args, using: str = DEFAULT_DB_ALIAS) -> list[Model]:
+        """The rows as instances of `model`, for a queryset of it that selects values() of some of its
+        fields by attname, in the model's field order (the others are deferred, as with only())."""
+        statement, rows = self._rows(args, using)
+        if not rows:
+            return []
+        fields = [f.attname for f in model._meta.concrete_fields]
+        if [f for f in fields if f in statement.names] != list(statement.names):
+            raise ValueError(f"The statement does not select fields of {model.__name__} in their order.")
+        return [model.from_db(using, statement.names, row) for row in rows]
 
 
 def _converted(row: tuple, converters: dict, connection) -> tuple:

@@ -11,6 +11,7 @@ from django.db.models.functions import RowNumber
 from django.utils import timezone
 
 from audit.actors import Actor
+from core.compiled import CompiledRead
 from core.decisions import NotFound
 from core.times import iso_or_none as _time
 from environments import policy
@@ -47,18 +48,44 @@ def deployment_get(deployment_id: int, *, within: frozenset[int] | None = None) 
     return deployment
 
 
+def _open_deployments(environment_ids):
+    return (
+        Deployment.objects.filter(environment_id__in=environment_ids, state__in=Deployment.OPEN_STATES)
+        .annotate(approved=Count("approvals", filter=Q(approvals__decision="approve")))
+        .values("id", "environment_id", "state", "release_id", "release__version", "engine", "emergency", "approved",
+                "required_approvals", "queued_at", "requested_at", "requested_by_label")
+    )
+
+
+def _environment_rows(application_id):
+    last_success = Deployment.objects.filter(environment=OuterRef("pk"), state=Deployment.State.SUCCEEDED).order_by(
+        "-finished_at", "-id"
+    )
+    last_any = Deployment.objects.filter(environment=OuterRef("pk")).order_by("-requested_at", "-id")
+    return Environment.objects.filter(application_id=application_id).annotate(
+        current_version=Subquery(last_success.values("release__version")[:1]),
+        last_deployment_id=Subquery(last_any.values("id")[:1]),
+    ).order_by("id").values("id", "name", "restricted", "promotes_from__name", "current_version", "last_deployment_id")
+
+
+def _deployment_rows(deployment_ids):
+    return Deployment.objects.filter(pk__in=deployment_ids).order_by().values(
+        "id", "release__version", "state", "requested_at", "finished_at")
+
+
+# The API's "what is deployed where" runs these on every call: compiled once (core.compiled).
+_OPEN_DEPLOYMENTS = CompiledRead(_open_deployments, (int,))
+_ENVIRONMENTS = CompiledRead(_environment_rows, int)
+_DEPLOYMENTS = CompiledRead(_deployment_rows, (int,))
+
+
 def environment_queues(environment_ids: list[int], *, now=None, application_id: int | None = None
                        ) -> dict[int, list[dict]]:
     """Per environment, its open deployments in queue order: the running one, those waiting (with their
     position and what each waits for), then those awaiting approval. Two queries (three unless the
     caller names the application all the environments belong to)."""
     now = now or timezone.now()
-    rows = (
-        Deployment.objects.filter(environment_id__in=environment_ids, state__in=Deployment.OPEN_STATES)
-        .annotate(approved=Count("approvals", filter=Q(approvals__decision="approve")))
-        .values("id", "environment_id", "state", "release_id", "release__version", "engine", "emergency", "approved",
-                "required_approvals", "queued_at", "requested_at", "requested_by_label")
-    )
+    rows = _OPEN_DEPLOYMENTS.dicts(environment_ids)
     if application_id is None:
         environments = Environment.objects.filter(pk__in=environment_ids).only("id", "application_id")
     else:
@@ -134,23 +161,10 @@ def deployment_as_dict(deployment: Deployment) -> dict:
 def application_environments(application: Application) -> list[dict]:
     """What is deployed where: per environment, the version of the last succeeded deployment, the last
     deployment and the queue. Four queries of a few columns each, whatever the history."""
-    last_success = Deployment.objects.filter(environment=OuterRef("pk"), state=Deployment.State.SUCCEEDED).order_by(
-        "-finished_at", "-id"
-    )
-    last_any = Deployment.objects.filter(environment=OuterRef("pk")).order_by("-requested_at", "-id")
-    environments = list(
-        Environment.objects.filter(application=application).annotate(
-            current_version=Subquery(last_success.values("release__version")[:1]),
-            last_deployment_id=Subquery(last_any.values("id")[:1]),
-        ).order_by("id").values("id", "name", "restricted", "promotes_from__name", "current_version",
-                                "last_deployment_id")
-    )
+    environments = _ENVIRONMENTS.dicts(application.pk)
     queues = environment_queues([e["id"] for e in environments], application_id=application.pk)
     wanted = [e["last_deployment_id"] for e in environments if e["last_deployment_id"]]
-    last = {
-        d["id"]: d for d in Deployment.objects.filter(pk__in=wanted).order_by().values(
-            "id", "release__version", "state", "requested_at", "finished_at")
-    } if wanted else {}
+    last = {d["id"]: d for d in _DEPLOYMENTS.dicts(wanted)}
     rows = []
     for env in environments:
         d = last.get(env["last_deployment_id"])

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
+from django.db import connection
 from django.db.models import Prefetch, Value
+from django.db.transaction import TransactionManagementError
 
 from core.compiled import CompiledRead
 from core.decisions import NotFound
@@ -14,14 +17,30 @@ from environments.models import Deployment, Environment
 from releases.models import Application, Build, BuildIssue, Implementer, Release, ReleaseIssue
 
 
+def _applications(name, within=None, *, lock: bool):
+    applications = Application.objects.select_for_update() if lock else Application.objects
+    return _within(applications.filter(name=name), within, "pk").order_by("name").values(
+        *(f.attname for f in Application._meta.concrete_fields))[:1]
+
+
+# Every API call that names an application reads it (and every registration locks it): compiled
+# once per variant (core.compiled), by (lock, limited to some applications).
+_APPLICATION = {
+    (lock, limited): CompiledRead(functools.partial(_applications, lock=lock), str, *([(int,)] if limited else []))
+    for lock in (False, True) for limited in (False, True)
+}
+
+
 def application_get(name: str, *, within: frozenset[int] | None = None, lock: bool = False) -> Application:
     """The application named `name`; `within` limits it to these ids (what a reader may see); `lock`
     holds its row until the caller's transaction ends."""
-    applications = Application.objects.select_for_update() if lock else Application.objects
-    application = _within(applications.filter(name=name), within, "pk").first()
-    if application is None:
+    if lock and connection.get_autocommit():
+        raise TransactionManagementError("application_get(lock=True) holds the row until the transaction ends.")
+    read = _APPLICATION[lock, within is not None]
+    found = read.instances(Application, name) if within is None else read.instances(Application, name, within)
+    if not found:
         raise NotFound(f"No application named {name!r}.")
-    return application
+    return found[0]
 
 
 def build_as_dict(build: Build) -> dict:

@@ -10,7 +10,7 @@ from django.test.utils import CaptureQueriesContext
 
 from core.compiled import CompiledRead
 from environments.models import Deployment, Environment
-from releases.models import Implementer, Release, ReleaseIssue
+from releases.models import Application, Implementer, Release, ReleaseIssue
 
 
 def _deployments(release_id):
@@ -85,3 +85,14 @@ def test_a_value_the_lookup_rewrites_is_refused(world):
     read = CompiledRead(lambda name: Release.objects.filter(version__startswith=name).values_list("id"), str)
     with pytest.raises(ValueError, match="Each argument"):
         read.tuples("1.")
+
+
+def test_instances_are_the_models_rows_with_the_other_fields_deferred(world):
+    read = CompiledRead(lambda name: Application.objects.filter(name=name).values("id", "name"), str)
+    [application] = read.instances(Application, "MAC")
+    assert (application.pk, application.name) == (world.app.pk, "MAC")
+    assert application.get_deferred_fields() == {"issue_key_prefix", "issue_url_pattern", "description"}
+    assert application.issue_key_prefix == "BIZPLAT"  # loaded when asked, as with only()
+    backwards = CompiledRead(lambda name: Application.objects.filter(name=name).values("name", "id"), str)
+    with pytest.raises(ValueError, match="in their order"):
+        backwards.instances(Application, "MAC")
