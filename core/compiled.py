@@ -7,14 +7,16 @@ values in the places of its arguments, keeps the compiled statement, and runs it
 values in those places; the rows come back through the ORM's own converters, as `values()` dicts
 or `values_list()` tuples.
 
-For querysets whose statement does not depend on the values: each argument is a scalar (int or
-str) or a collection of them (one statement per collection length, as the ORM writes `IN (...)`;
-an empty one reads nothing, as the ORM does). The queryset must select with `values()` or
-`values_list()` (no extra()).
+For querysets whose statement does not depend on the values: each argument is a scalar (int,
+str, or an aware datetime compared with a DateTimeField) or a collection of them (one statement
+per collection length, as the ORM writes `IN (...)`; an empty one reads nothing, as the ORM does),
+used as it is (a value that the build function computes from an argument, or that a lookup
+rewrites, is refused). The queryset selects with `values()` or `values_list()` (no extra()).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,19 +24,34 @@ from dataclasses import dataclass
 from django.core.exceptions import EmptyResultSet
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.models import Model, QuerySet
+from django.utils import timezone
 
 _counter = itertools.count(1)
 
 
+_EPOCH = dt.datetime(1901, 2, 3, 4, 5, 6, tzinfo=dt.UTC)
+
+
 def _marker(kind: type):
     """A value that cannot be confused with a real one and that the fields' lookups pass through
-    unchanged (an int stays an int, a str a str)."""
+    unchanged (an int stays an int, a str a str, a datetime is adapted as the backend adapts any)."""
     n = next(_counter)
     if kind is int:
         return -(2**62) - n
     if kind is str:
         return f"\x00compiled-read-{n}\x00"
-    raise TypeError(f"CompiledRead arguments are int or str (or collections of them), not {kind.__name__}.")
+    if kind is dt.datetime:
+        return _EPOCH + dt.timedelta(microseconds=n)
+    raise TypeError(f"CompiledRead arguments are int, str or datetime (or collections of them), not {kind}.")
+
+
+def _adapted(value, connection):
+    """A value as a DateTimeField lookup hands it to the database (an aware datetime)."""
+    if isinstance(value, dt.datetime):
+        if timezone.is_naive(value):
+            raise ValueError("CompiledRead takes aware datetimes.")
+        return connection.ops.adapt_datetimefield_value(value)
+    return value
 
 
 @dataclass(frozen=True)
@@ -47,8 +64,8 @@ class _Statement:
 
 
 class CompiledRead:
-    """`build(*args)` returns the queryset; `kinds` says what each argument is: int, str, or a
-    one-element tuple `(int,)` / `(str,)` for a collection of them."""
+    """`build(*args)` returns the queryset; `kinds` says what each argument is: int, str,
+    datetime.datetime, or a one-element tuple, e.g. `(int,)`, for a collection of them."""
 
     def __init__(self, build: Callable[..., QuerySet], *kinds):
         self._build = build
@@ -75,9 +92,9 @@ class CompiledRead:
         where = {}
         for index, marker in enumerate(markers):
             for element, value in enumerate(marker) if isinstance(marker, list) else [(None, marker)]:
-                where[value] = (index, element)
+                where[_adapted(value, compiler.connection)] = (index, element)
         slots = tuple((position, *where[value]) for position, value in enumerate(params)
-                      if isinstance(value, int | str) and value in where)
+                      if isinstance(value, int | str | dt.datetime) and value in where)
         if {(i, e) for _, i, e in slots} != set(where.values()):
             raise ValueError("Each argument must appear as a parameter of the compiled statement.")
         columns = [column[0] for column in compiler.select[:compiler.col_count]]
@@ -95,10 +112,11 @@ class CompiledRead:
         if statement is None:
             return None, []
         params = list(statement.params)
-        values = [list(a) if isinstance(k, tuple) else a for a, k in zip(args, self._kinds, strict=True)]
+        connection = connections[using]
+        values = [[_adapted(v, connection) for v in a] if isinstance(k, tuple) else _adapted(a, connection)
+                  for a, k in zip(args, self._kinds, strict=True)]
         for position, index, element in statement.slots:
             params[position] = values[index] if element is None else values[index][element]
-        connection = connections[using]
         with connection.cursor() as cursor:
             cursor.execute(statement.sql, params)
             rows = cursor.fetchall()

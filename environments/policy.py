@@ -23,6 +23,7 @@ from guardian.models import GroupObjectPermission, UserObjectPermission
 
 from audit.actors import Actor
 from audit.models import AuditEvent
+from core.compiled import CompiledRead
 from core.decisions import Decision, Next, Refusal, conflict, forbidden, no
 from environments.models import Approval, ControlChange, Deployment, Environment, FreezeOccurrence, FreezeWindow
 from releases.models import Build, Implementer, Release, VcsAlias
@@ -361,18 +362,26 @@ def check_promotion_path(release, environment, source: Deployment | None) -> Ref
 LONGEST_FREEZE = dt.timedelta(days=62)  # an occurrence of a recurring freeze that began this long ago is over
 
 
+def _freeze_windows(environment_ids, application_ids, until, ending_after):
+    return FreezeWindow.objects.filter(
+        Q(environment_id__in=environment_ids) | Q(application_id__in=application_ids, environment__isnull=True),
+        starts_at__lt=until, ends_at__gt=ending_after,
+    ).order_by("starts_at", "id").values(*(f.attname for f in FreezeWindow._meta.concrete_fields))
+
+
+# Every deployment request and every queue shown asks it: compiled once (core.compiled).
+_FREEZE_WINDOWS = CompiledRead(_freeze_windows, (int,), (int,), dt.datetime, dt.datetime)
+
+
 def _freeze_windows_of(environments, since: dt.datetime, until: dt.datetime) -> list[FreezeWindow]:
     """The freeze windows (one-off or recurring) that may touch [since, until) for these environments:
     their own and their applications'. One query."""
     environments = list(environments)
     if not environments:
         return []
-    return list(
-        FreezeWindow.objects.filter(
-            Q(environment__in=environments)
-            | Q(application_id__in={e.application_id for e in environments}, environment__isnull=True),
-            starts_at__lt=until, ends_at__gt=since - LONGEST_FREEZE,
-        ).order_by("starts_at", "id")
+    return _FREEZE_WINDOWS.instances(
+        FreezeWindow, sorted({e.pk for e in environments}), sorted({e.application_id for e in environments}),
+        until, since - LONGEST_FREEZE,
     )
 
 

@@ -3,6 +3,8 @@ on either database, whatever the values (and the length of a collection) it is c
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 from django.db import connection
 from django.db.models import Count, OuterRef, Q, Subquery, Value
@@ -96,3 +98,15 @@ def test_instances_are_the_models_rows_with_the_other_fields_deferred(world):
     backwards = CompiledRead(lambda name: Application.objects.filter(name=name).values("name", "id"), str)
     with pytest.raises(ValueError, match="in their order"):
         backwards.instances(Application, "MAC")
+
+
+def test_a_datetime_argument_is_compared_as_the_orm_compares_it(history):
+    world, first, second = history
+    read = CompiledRead(lambda before: Deployment.objects.filter(requested_at__lt=before).order_by("id")
+                        .values_list("id"), dt.datetime)
+    moments = sorted(Deployment.objects.values_list("requested_at", flat=True))
+    for moment in (moments[0], moments[-1], moments[-1] + dt.timedelta(microseconds=1)):
+        assert read.tuples(moment) == list(Deployment.objects.filter(requested_at__lt=moment).order_by("id")
+                                           .values_list("id"))
+    with pytest.raises(ValueError, match="aware"):
+        read.tuples(moments[0].replace(tzinfo=None))
