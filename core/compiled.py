@@ -38,8 +38,8 @@ def _marker(kind: type):
     n = next(_counter)
     if kind is int:
         return -(2**62) - n
-    if kind is str:
-        return f"\x00compiled-read-{n}\x00"
+    if kind is str:  # with the characters a LIKE lookup escapes, so that such a lookup is refused
+        return f"\x00compiled_read%{n}\\\x00"
     if kind is dt.datetime:
         return _EPOCH + dt.timedelta(microseconds=n)
     raise TypeError(f"CompiledRead arguments are int, str or datetime (or collections of them), not {kind}.")
@@ -154,3 +154,8 @@ def _converted(row: tuple, converters: dict, connection) -> tuple:
         row[position] = value
     return tuple(row)
 
+
+def model_fields(model: type[Model]) -> list[str]:
+    """The attnames of a model's fields, in its order: values(*model_fields(M)) reads whole rows for
+    CompiledRead.instances()."""
+    return [f.attname for f in model._meta.concrete_fields]

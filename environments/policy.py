@@ -23,7 +23,7 @@ from guardian.models import GroupObjectPermission, UserObjectPermission
 
 from audit.actors import Actor
 from audit.models import AuditEvent
-from core.compiled import CompiledRead
+from core.compiled import CompiledRead, model_fields
 from core.decisions import Decision, Next, Refusal, conflict, forbidden, no
 from environments.models import Approval, ControlChange, Deployment, Environment, FreezeOccurrence, FreezeWindow
 from releases.models import Build, Implementer, Release, VcsAlias
@@ -366,7 +366,7 @@ def _freeze_windows(environment_ids, application_ids, until, ending_after):
     return FreezeWindow.objects.filter(
         Q(environment_id__in=environment_ids) | Q(application_id__in=application_ids, environment__isnull=True),
         starts_at__lt=until, ends_at__gt=ending_after,
-    ).order_by("starts_at", "id").values(*(f.attname for f in FreezeWindow._meta.concrete_fields))
+    ).order_by("starts_at", "id").values(*model_fields(FreezeWindow))
 
 
 # Every deployment request and every queue shown asks it: compiled once (core.compiled).
@@ -445,13 +445,19 @@ def check_no_freeze(environment: Environment, emergency: bool, now: dt.datetime 
     return None
 
 
+def _open_deployment(release_id, environment_id):
+    return Deployment.objects.filter(
+        release_id=release_id, environment_id=environment_id, state__in=Deployment.OPEN_STATES,
+    ).order_by("-requested_at", "-id").values_list("id")[:1]
+
+
+_OPEN_DEPLOYMENT = CompiledRead(_open_deployment, int, int)  # asked by every deployment request
+
+
 def check_not_already_open(release: Release, environment: Environment) -> Refusal | None:
-    open_id = (
-        Deployment.objects.filter(release=release, environment=environment, state__in=Deployment.OPEN_STATES)
-        .values_list("id", flat=True)
-        .first()
-    )
-    if open_id is not None:
+    found = _OPEN_DEPLOYMENT.tuples(release.pk, environment.pk)
+    if found:
+        [(open_id,)] = found
         return conflict(
             "ALREADY_REQUESTED", f"{release} already has an open deployment to {environment.name} (#{open_id})."
         )

@@ -9,7 +9,7 @@ from django.db import connection
 from django.db.models import Prefetch, Value
 from django.db.transaction import TransactionManagementError
 
-from core.compiled import CompiledRead
+from core.compiled import CompiledRead, model_fields
 from core.decisions import NotFound
 from core.times import iso_or_none as _time
 from environments import selectors as env_selectors
@@ -20,7 +20,7 @@ from releases.models import Application, Build, BuildIssue, Implementer, Release
 def _applications(name, within=None, *, lock: bool):
     applications = Application.objects.select_for_update() if lock else Application.objects
     return _within(applications.filter(name=name), within, "pk").order_by("name").values(
-        *(f.attname for f in Application._meta.concrete_fields))[:1]
+        *model_fields(Application))[:1]
 
 
 # Every API call that names an application reads it (and every registration locks it): compiled

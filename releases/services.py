@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -13,9 +14,30 @@ from audit import chain
 from audit.actors import Actor
 from audit.services import refused
 from core import events
+from core.compiled import CompiledRead, model_fields
 from environments import policy
 from releases.models import Application, Build, BuildIssue, Implementer, Release, ReleaseIssue, VcsAlias
 from releases.selectors import application_get
+
+
+def _builds(application_id, number, *, lock: bool):
+    builds = Build.objects.select_for_update() if lock else Build.objects
+    return builds.filter(application_id=application_id, number=number).order_by("-created_at").values(
+        *model_fields(Build))[:1]
+
+
+def _releases(application_id, version):
+    return Release.objects.filter(application_id=application_id, version=version).order_by(
+        "-registered_at", "-id").values(*model_fields(Release))[:1]
+
+
+# Each registration looks its build (and release) up: compiled once (core.compiled).
+_BUILD = {lock: CompiledRead(functools.partial(_builds, lock=lock), int, str) for lock in (False, True)}
+_RELEASE = CompiledRead(_releases, int, str)
+
+
+def _first(rows: list):
+    return rows[0] if rows else None
 
 
 @dataclass(frozen=True)
@@ -44,7 +66,7 @@ def build_register(
         if refusal := policy.check_may_register(actor, app, "releases.add_build"):
             error = refused(actor=actor, action="build.register", refusal=refusal, obj=app, data={"number": number})
         else:
-            build = Build.objects.select_for_update().filter(application=app, number=number).first()
+            build = _first(_BUILD[True].instances(Build, app.pk, number))
             if build is None:
                 build = Build.objects.create(application=app, number=number, **fields)
                 keys = _record_build_issues(app, build, new=True)
@@ -119,8 +141,8 @@ def release_register(
         app = application_get(application, lock=True)
         payload["application"] = app.name
         digest = _registration_digest(payload)
-        the_build = Build.objects.filter(application=app, number=build).first()
-        existing = Release.objects.filter(application=app, version=version).first()
+        the_build = _first(_BUILD[False].instances(Build, app.pk, build))
+        existing = _first(_RELEASE.instances(Release, app.pk, version))
         refusal = policy.check_may_register(actor, app, "releases.add_release") or policy.check_release_registration(
             app, version, build, the_build, existing, digest
         )
