@@ -13,9 +13,8 @@ import re
 from typing import Annotated
 
 from django.http import HttpRequest
-from ninja import Schema
 from ninja.security import HttpBearer
-from pydantic import AfterValidator, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
 from access.services import token_actor
 from audit.actors import Actor
@@ -110,12 +109,12 @@ ApplicationName = Annotated[Name, example("MAC")]
 ObjectId = Annotated[int, Field(ge=1, le=2**63 - 1, description="A positive 64-bit integer.")]
 
 
-class Error(Schema):
+class Error(BaseModel):
     code: str = Field(description="Stable code of the rule or failure, e.g. NOT_RELEASER, INVALID, NOT_FOUND.")
     detail: str = Field(description="One sentence a person understands.")
 
 
-class FieldError(Schema):
+class FieldError(BaseModel):
     field: str = Field(description="Dotted path of the field in the request, e.g. pull_request.approved_at.")
     message: str
 

@@ -30,14 +30,14 @@ class DecisionIn(BaseModel):
     comment: Text(2000) = ""
 
 
-class ApprovalOut(Schema):
+class ApprovalOut(BaseModel):
     approver: str
     decision: str
     comment: str
     decided_at: str
 
 
-class DeploymentOut(Schema):
+class DeploymentOut(BaseModel):
     id: int
     application: str
     version: str
@@ -61,7 +61,7 @@ class DeploymentOut(Schema):
     progress: dict
 
 
-class LastDeployment(Schema):
+class LastDeployment(BaseModel):
     id: int
     version: str
     state: str
@@ -69,7 +69,7 @@ class LastDeployment(Schema):
     finished_at: str | None
 
 
-class QueueEntry(Schema):
+class QueueEntry(BaseModel):
     id: int
     version: str
     state: str
@@ -79,7 +79,7 @@ class QueueEntry(Schema):
     requested_by: str
 
 
-class EnvironmentStatus(Schema):
+class EnvironmentStatus(BaseModel):
     name: str
     restricted: bool
     promotes_from: str | None
@@ -134,7 +134,7 @@ class MetricsQuery(Schema):
     environment: Name | None = Field(None, description="One environment (default: all of the application's).")
 
 
-class MetricsWeek(Schema):
+class MetricsWeek(BaseModel):
     week: str = Field(description="ISO week, e.g. 2026-W11, or 'total' for the whole period")
     starts_on: dt.date | None = Field(description="The week's Monday (none for the total)")
     deployments_succeeded: int
@@ -152,14 +152,14 @@ class MetricsWeek(Schema):
     approval_wait_seconds: int | None = Field(description="Average, request to the deciding approval or rejection")
 
 
-class EnvironmentMetricsOut(Schema):
+class EnvironmentMetricsOut(BaseModel):
     environment: str
     restricted: bool
     weeks: list[MetricsWeek]
     total: MetricsWeek
 
 
-class MetricsOut(Schema):
+class MetricsOut(BaseModel):
     application: str
     since: dt.date = Field(description="The first Monday of the period")
     until: dt.date = Field(description="The last day of the period (a Sunday)")

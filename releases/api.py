@@ -3,7 +3,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from django.http import HttpRequest
-from ninja import Field, Router, Schema, Status
+from ninja import Field, Router, Status
 from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints
 
 from edge.api import REFUSALS, ApplicationName, DateTime, Identity, Name, Text, actor_of, example, matching, readable
@@ -54,7 +54,7 @@ class BuildIn(BaseModel):
     tests: Tests = Tests()
 
 
-class BuildOut(Schema):
+class BuildOut(BaseModel):
     application: str
     number: str
     commit: str
@@ -88,7 +88,7 @@ class ReleaseIn(BaseModel):
     pull_request: PullRequestIn | None = None
 
 
-class DeploymentSummary(Schema):
+class DeploymentSummary(BaseModel):
     id: int
     environment: str
     state: str
@@ -98,14 +98,14 @@ class DeploymentSummary(Schema):
     finished_at: str | None
 
 
-class PullRequestOut(Schema):
+class PullRequestOut(BaseModel):
     url: str
     author: str
     reviewers: list[str]
     approved_at: str | None
 
 
-class ReleaseOut(Schema):
+class ReleaseOut(BaseModel):
     application: str
     version: str
     build: str
@@ -119,7 +119,7 @@ class ReleaseOut(Schema):
     deployments: list[DeploymentSummary]
 
 
-class EnvironmentReached(Schema):
+class EnvironmentReached(BaseModel):
     application: str
     environment: str
     version: str
@@ -129,7 +129,7 @@ class EnvironmentReached(Schema):
     finished_at: str | None
 
 
-class ChangeNow(Schema):
+class ChangeNow(BaseModel):
     application: str
     environment: str
     state: str = Field(description="deployed (a release carrying the change runs there now), awaiting_approval, "
@@ -142,7 +142,7 @@ class ChangeNow(Schema):
     current_version: str | None = Field(description="The version that runs in the environment now.")
 
 
-class ChangeOut(Schema):
+class ChangeOut(BaseModel):
     issue_key: str
     builds: list[BuildOut]
     releases: list[ReleaseOut]
