@@ -15,6 +15,7 @@ from access.models import ApiToken, hash_token
 from audit import chain
 from audit.actors import Actor
 from audit.services import refused
+from core.compiled import fetch
 from environments import policy
 from environments.services import deployment_refuse_token_requests
 from releases.models import Application
@@ -67,8 +68,9 @@ def _token_lookup() -> tuple[str, list[str]]:
     """The statement token_actor runs, and the user's fields it reads (in the model's field order).
 
     Every API request runs it, so it is written once rather than compiled by the ORM each time (the
-    compilation cost three times the query itself): the token, its user's columns (NULL for a CI
-    token) and one row per application it is scoped to, by LEFT JOINs on the unique key hash.
+    compilation cost three times the query itself) and prepared once per database session
+    (core.compiled.fetch): the token, its user's columns (NULL for a CI token) and one row per
+    application it is scoped to, by LEFT JOINs on the unique key hash.
     """
     user_model = get_user_model()
     fields = [f for f in user_model._meta.concrete_fields if f.attname in TOKEN_USER_FIELDS]
@@ -88,9 +90,7 @@ def token_actor(raw: str, *, remote_addr: str = "") -> Actor | None:
     if not raw.startswith(TOKEN_PREFIX) or len(raw) > 200:
         return None
     sql, user_fields = _token_lookup()
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [hash_token(raw)])
-        rows = cursor.fetchall()
+    rows = fetch(sql, [hash_token(raw)])
     if not rows:
         return None
     token_id, kind, name, _, *user_values = rows[0]

@@ -5,7 +5,8 @@ The ORM builds and compiles the queryset again on each call, which costs several
 database spends running it. A CompiledRead builds its queryset once per database, with marker
 values in the places of its arguments, keeps the compiled statement, and runs it with each call's
 values in those places; the rows come back through the ORM's own converters, as `values()` dicts
-or `values_list()` tuples.
+or `values_list()` tuples. On PostgreSQL the statement is also prepared once per database session
+(see fetch), so that the server does not parse and plan it again on every call either.
 
 For querysets whose statement does not depend on the values: each argument is a scalar (int,
 str, or an aware datetime compared with a DateTimeField) or a collection of them (one statement
@@ -17,7 +18,10 @@ rewrites, is refused). The queryset selects with `values()` or `values_list()` (
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import itertools
+import re
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -117,9 +121,7 @@ class CompiledRead:
                   for a, k in zip(args, self._kinds, strict=True)]
         for position, index, element in statement.slots:
             params[position] = values[index] if element is None else values[index][element]
-        with connection.cursor() as cursor:
-            cursor.execute(statement.sql, params)
-            rows = cursor.fetchall()
+        rows = fetch(statement.sql, params, using=using)
         if statement.converters:
             rows = [_converted(row, statement.converters, connection) for row in rows]
         return statement, rows
@@ -143,6 +145,40 @@ class CompiledRead:
         if [f for f in fields if f in statement.names] != list(statement.names):
             raise ValueError(f"The statement does not select fields of {model.__name__} in their order.")
         return [model.from_db(using, statement.names, row) for row in rows]
+
+
+# The statements prepared on each PostgreSQL session (the driver's connection object), by name.
+_prepared_on: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def fetch(sql: str, params: list, *, using: str = DEFAULT_DB_ALIAS) -> list[tuple]:
+    """The rows of a statement with parameters that runs on every request. On PostgreSQL it is
+    prepared once per session (EXECUTE of a named statement), so that the server parses and plans
+    it once rather than on every call: the portal binds parameters on the client, which never
+    prepares (the audit chain sends two statements in one round trip, which server-side binding
+    refuses). PREPARE is a setting of the session, outside any transaction (a rollback keeps it),
+    sent on the driver's connection the first time a session runs the statement."""
+    connection = connections[using]
+    if connection.vendor == "postgresql" and params:
+        connection.ensure_connection()
+        session = connection.connection
+        name = "compiled_read_" + hashlib.sha256(sql.encode()).hexdigest()[:24]
+        names = _prepared_on.setdefault(session, set())
+        if name not in names:
+            with session.cursor() as cursor:
+                cursor.execute(f"PREPARE {name} AS {_numbered(sql)}")
+            names.add(name)
+        sql = f"EXECUTE {name}({', '.join(['%s'] * len(params))})"
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchall()
+
+
+def _numbered(sql: str) -> str:
+    """Django's SQL (%s placeholders, %% for a literal %) as PREPARE reads it ($1, $2, ...)."""
+    parts = sql.split("%%")
+    counter = itertools.count(1)
+    return "%".join(re.sub(r"%s", lambda _: f"${next(counter)}", part) for part in parts)
 
 
 def _converted(row: tuple, converters: dict, connection) -> tuple:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 from django.db.models import Count, OuterRef, Q, Subquery, Value
 from django.test.utils import CaptureQueriesContext
 
@@ -110,3 +110,25 @@ def test_a_datetime_argument_is_compared_as_the_orm_compares_it(history):
                                            .values_list("id"))
     with pytest.raises(ValueError, match="aware"):
         read.tuples(moments[0].replace(tzinfo=None))
+
+
+class Refused(Exception):
+    pass
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="statements are prepared on PostgreSQL only")
+def test_on_postgresql_the_statement_is_prepared_once_per_session_and_outlives_a_rollback(transactional_audit_db):
+    Application.objects.create(name="MAC", issue_key_prefix="BIZPLAT")
+    read = CompiledRead(lambda name: Application.objects.filter(name=name).values_list("name"), str)
+    connection.close()  # a new session
+    with pytest.raises(Refused), transaction.atomic():
+        assert read.tuples("MAC") == [("MAC",)]  # prepared in a transaction that rolls back
+        raise Refused
+    with CaptureQueriesContext(connection) as captured:
+        assert read.tuples("MAC") == [("MAC",)]
+        assert read.tuples("HAMS") == []
+    assert [q["sql"].split("(")[0] for q in captured] == [captured[0]["sql"].split("(")[0]] * 2
+    assert captured[0]["sql"].startswith("EXECUTE compiled_read_")
+    connection.close()  # another session prepares it again
+    assert read.tuples("MAC") == [("MAC",)]
