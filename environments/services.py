@@ -22,6 +22,7 @@ from guardian.shortcuts import assign_perm, remove_perm
 from audit import chain
 from audit.actors import Actor
 from audit.services import audit_refusal, refused
+from core.compiled import CompiledRead, model_fields
 from core.decisions import Next, NotFound, PolicyRefusal, Refusal
 from environments import policy
 from environments.models import (
@@ -175,11 +176,17 @@ def _supersede_older(deployment: Deployment, now: dt.datetime) -> None:
         _notify(waiting)
 
 
+_AFTER_DISPATCH = ("state", "started_at", "heartbeat_at", "finished_at", "result_detail", "refusal_code")
+_DEPLOYMENT_AFTER_DISPATCH = CompiledRead(
+    lambda deployment_id: Deployment.objects.filter(pk=deployment_id).values_list(*_AFTER_DISPATCH), int)
+
+
 def _join_queue(deployment: Deployment, now: dt.datetime) -> None:
     _supersede_older(deployment, now)
     _dispatch(deployment.environment, now=now)
-    deployment.refresh_from_db(fields=["state", "started_at", "heartbeat_at", "finished_at", "result_detail",
-                                       "refusal_code"])
+    [row] = _DEPLOYMENT_AFTER_DISPATCH.tuples(deployment.pk)  # what the dispatcher made of it
+    for name, value in zip(_AFTER_DISPATCH, row, strict=True):
+        setattr(deployment, name, value)
 
 
 # --- requests and decisions ------------------------------------------------------------------------
@@ -247,12 +254,25 @@ def auto_deploy(*, release: Release, environment: Environment) -> Deployment | N
         return None
 
 
+def _auto_deploy_targets(application_id, *after_id):
+    targets = Environment.objects.filter(application_id=application_id, auto_deploy=True)
+    targets = targets.filter(promotes_from_id=after_id[0]) if after_id else targets.filter(promotes_from__isnull=True)
+    return targets.order_by("id").values(*model_fields(Environment))
+
+
+# Asked by every new release and every success: compiled once (core.compiled).
+_FIRST_AUTO_DEPLOY_TARGETS = CompiledRead(_auto_deploy_targets, int)
+_NEXT_AUTO_DEPLOY_TARGETS = CompiledRead(_auto_deploy_targets, int, int)
+
+
 def auto_deploy_next(*, release: Release, after: Environment | None = None) -> None:
     """A new release (after=None) goes to the auto-deploy environments that start a promotion path;
     a success in `after` goes on to the auto-deploy environments promoted from it."""
-    targets = Environment.objects.filter(application_id=release.application_id, auto_deploy=True)
-    targets = targets.filter(promotes_from=after) if after else targets.filter(promotes_from__isnull=True)
-    for environment in targets.order_by("id"):
+    if after is None:
+        targets = _FIRST_AUTO_DEPLOY_TARGETS.instances(Environment, release.application_id)
+    else:
+        targets = _NEXT_AUTO_DEPLOY_TARGETS.instances(Environment, release.application_id, after.pk)
+    for environment in targets:
         auto_deploy(release=release, environment=environment)
 
 
