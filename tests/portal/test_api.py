@@ -11,7 +11,7 @@ from access.services import token_create, token_revoke
 from audit.models import AuditEvent
 from edge.api import SPACE
 from environments.models import Deployment
-from releases.models import Release
+from releases.models import Application, Release
 from tests.conftest import SYSTEM, person
 
 SHA = "ab" * 32
@@ -240,6 +240,15 @@ def test_bad_release_bodies_are_422_naming_the_field(ci, patch, field):
     body = response.json()
     assert body["code"] == "INVALID" and field in [e["field"] for e in body["errors"]], body
     assert not Release.objects.exists()
+
+
+def test_an_application_without_environments_answers_an_empty_list(world, client):
+    bare = Application.objects.create(name="BARE", issue_key_prefix="BARE")
+    reader = Api(client, token_create(actor=SYSTEM, kind=ApiToken.Kind.CI, name="bare", applications=[bare])[1])
+    response = reader.get("/applications/BARE/environments")
+    assert (response.status_code, response.json()) == (200, [])
+    response = reader.get("/applications/MAC/environments")  # MAC has environments, but not for this token
+    assert (response.status_code, response.json()["detail"]) == (404, "No application named 'MAC'.")
 
 
 def test_unknown_application_is_404(ci):
