@@ -165,7 +165,8 @@ def fetch(sql: str, params: list, *, using: str = DEFAULT_DB_ALIAS) -> list[tupl
         name = "compiled_read_" + hashlib.sha256(sql.encode()).hexdigest()[:24]
         names = _prepared_on.setdefault(session, set())
         if name not in names:
-            with session.cursor() as cursor:
+            connection.validate_no_broken_transaction()  # as Django's own cursor does
+            with connection.wrap_database_errors, session.cursor() as cursor:
                 cursor.execute(f"PREPARE {name} AS {_numbered(sql)}")
             names.add(name)
         sql = f"EXECUTE {name}({', '.join(['%s'] * len(params))})"

@@ -3,11 +3,13 @@ on either database, whatever the values (and the length of a collection) it is c
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 
 import pytest
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 from django.db.models import Count, OuterRef, Q, Subquery, Value
+from django.db.transaction import TransactionManagementError
 from django.test.utils import CaptureQueriesContext
 
 from core.compiled import CompiledRead
@@ -132,3 +134,16 @@ def test_on_postgresql_the_statement_is_prepared_once_per_session_and_outlives_a
     assert captured[0]["sql"].startswith("EXECUTE compiled_read_")
     connection.close()  # another session prepares it again
     assert read.tuples("MAC") == [("MAC",)]
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="statements are prepared on PostgreSQL only")
+def test_in_a_broken_transaction_a_read_is_refused_as_the_orms(transactional_audit_db):
+    read = CompiledRead(lambda name: Application.objects.filter(name=name).values_list("name"), str)
+    connection.close()  # a new session: the statement is not prepared yet
+    with pytest.raises(TransactionManagementError), transaction.atomic():
+        with contextlib.suppress(DatabaseError), transaction.atomic(savepoint=False):
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT 1/0")
+        read.tuples("MAC")
+    assert read.tuples("MAC") == []
