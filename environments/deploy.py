@@ -30,7 +30,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from audit.actors import Actor
-from core.decisions import PolicyRefusal
+from core.decisions import NotFound, PolicyRefusal
 from core.times import iso
 from environments import services
 from environments.models import Deployment, DeploymentEvent, Environment
@@ -269,8 +269,13 @@ def kill_process_group(pid: int | None) -> bool:
 
 def execute(deployment_id: int) -> str | None:
     """Run one started deployment. Returns its final state, or None if this engine did not claim it
-    (not running, or another engine has it: nothing done)."""
-    deployment = services.deployment_start(deployment_id=deployment_id, engine=services.this_engine(), actor=ENGINE)
+    (not running, or another engine has it, or no such deployment: nothing done)."""
+    try:
+        deployment = services.deployment_start(deployment_id=deployment_id, engine=services.this_engine(),
+                                               actor=ENGINE)
+    except NotFound:  # a task older than the database (restored from a backup, or a broker shared by mistake)
+        logger.warning("deployment %s does not exist in this database; task ignored", deployment_id)
+        return None
     if deployment is None:
         logger.info("deployment %s is not waiting for an engine; nothing to do", deployment_id)
         return None

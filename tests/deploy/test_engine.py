@@ -168,3 +168,11 @@ def test_no_reserved_name_warning_in_the_deployment_log(world, deploy_dirs, arti
     assert "reserved name" not in log.lower() and "[warning]" not in log.lower(), log
     stdout = Path(deploy_dirs) / "deployments" / str(deployment.pk) / "artifacts" / "run" / "stdout"
     assert "reserved name" not in stdout.read_text().lower()
+
+
+def test_a_task_for_a_deployment_this_database_does_not_have_is_ignored(db, caplog):
+    """A task older than the database (restored from a backup) or from a broker shared by mistake."""
+    before = AuditEvent.objects.count()
+    assert deploy.execute(987_654) is None
+    assert "deployment 987654 does not exist in this database" in caplog.text
+    assert AuditEvent.objects.count() == before and not Deployment.objects.exists()

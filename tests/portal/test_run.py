@@ -36,7 +36,7 @@ def test_make_run_stops_the_web_server_and_the_worker(transactional_audit_db, se
     for pk in Deployment.objects.filter(state__in=Deployment.OPEN_STATES).values_list("pk", flat=True):
         deployment_cancel(actor=SYSTEM, deployment_id=pk)
     port = free_ports(5)  # the web server, then HAProxy and three app instances when haproxy is installed
-    env = portal_env(var_dir)
+    env = portal_env(var_dir, PORTAL_QUEUE_NAME=f"portal-make-run-{os.getpid()}-{var_dir.name}")  # a queue of its own
     log = tmp_path / "make-run.log"
     with open(log, "wb") as out:
         make = subprocess.Popen(["make", "--no-print-directory", "run", f"PORT={port}", f"CLUSTER_PORT={port + 1}"],
