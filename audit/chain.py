@@ -27,6 +27,9 @@ from core.times import iso
 GENESIS_HASH = "0" * 64
 # Arbitrary constant naming the advisory lock that serializes appends on PostgreSQL.
 CHAIN_LOCK_KEY = 7_341_120_001
+# On PostgreSQL every append starts with these: the chain's lock (held until commit), then the head.
+_LOCK_SQL = f"SELECT pg_advisory_xact_lock({int(CHAIN_LOCK_KEY)}); "
+_HEAD_SQL = "SELECT seq, hash FROM audit_auditevent ORDER BY seq DESC LIMIT 1"
 
 
 def _plain(value):
@@ -137,8 +140,7 @@ def _lock_chain_and_read_head() -> tuple[int, str] | None:
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
             cursor.execute(
-                f"SELECT pg_advisory_xact_lock({int(CHAIN_LOCK_KEY)}); "
-                "SELECT seq, hash FROM audit_auditevent ORDER BY seq DESC LIMIT 1"
+                _LOCK_SQL + _HEAD_SQL
             )
             if not cursor.nextset():
                 raise RuntimeError("The chain head query returned no result set.")
@@ -251,8 +253,7 @@ _POSITION = ("seq", "canonical", "prev_hash", "hash")  # what the database fills
 def _append_sql(columns: tuple[str, ...]) -> str:
     quote, table = connection.ops.quote_name, connection.ops.quote_name(AuditEvent._meta.db_table)
     return (
-        f"SELECT pg_advisory_xact_lock({int(CHAIN_LOCK_KEY)}); "
-        f"WITH head AS (SELECT seq, hash FROM {table} ORDER BY seq DESC LIMIT 1), "
+        f"{_LOCK_SQL}WITH head AS ({_HEAD_SQL}), "
         f"n AS (SELECT COALESCE((SELECT seq FROM head), 0) + 1 AS seq, "
         f"COALESCE((SELECT hash FROM head), '{GENESIS_HASH}') AS prev_hash), "
         f"e AS (SELECT n.seq, n.prev_hash, %s || n.seq || %s AS canonical FROM n) "
