@@ -27,47 +27,41 @@ FLOOR_TABLE = "bench_serialized_insert"
 FLOOR_LOCK_KEY = 7_341_120_099
 
 
-def _floor_many(i: int, count: int, barrier, errors: list) -> None:
-    from django.db import connection, connections, transaction
+def _floor_one(i: int, n: int) -> None:
+    from django.db import connection
 
-    text = "x" * 600  # about the size of an audit event's canonical text
-    try:
-        with transaction.atomic():
-            pass
-        barrier.wait()
-        for n in range(count):
-            with transaction.atomic(), connection.cursor() as cursor:
-                cursor.execute(f"SELECT pg_advisory_xact_lock({FLOOR_LOCK_KEY}); "
-                               f"INSERT INTO {FLOOR_TABLE} (writer, n, body) VALUES (%s, %s, %s)", [i, n, text])
-    except Exception as exc:
-        errors.append(f"{type(exc).__name__}: {exc}")
-    finally:
-        connections.close_all()
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT pg_advisory_xact_lock({FLOOR_LOCK_KEY}); "
+                       f"INSERT INTO {FLOOR_TABLE} (writer, n, body) VALUES (%s, %s, %s)",
+                       [i, n, "x" * 600])  # about the size of an audit event's canonical text
+
+
+def _append_one(i: int, n: int) -> None:
+    from audit import chain
+    from audit.actors import Actor
+
+    chain.append(actor=Actor.system(via="bench"), action="bench.append", object_type="bench.writer",
+                 object_id=str(i), data={"writer": i, "n": n})
 
 
 def _append_process(i: int, count: int, barrier, errors, floor: bool = False) -> None:
     found: list[str] = []
-    (_floor_many if floor else _append_many)(i, count, barrier, found)
+    _append_many(i, count, barrier, found, _floor_one if floor else _append_one)
     for error in found:
         errors.put(error)
 
 
-def _append_many(i: int, count: int, barrier, errors: list) -> None:
-    """One writer: wait at the start line, then `count` appends, one transaction each (as a service does)."""
+def _append_many(i: int, count: int, barrier, errors: list, write_one=_append_one) -> None:
+    """One writer: wait at the start line, then `count` writes, one transaction each (as a service does)."""
     from django.db import connections, transaction
 
-    from audit import chain
-    from audit.actors import Actor
-
-    actor = Actor.system(via="bench")
     try:
         with transaction.atomic():  # connect before the start line
             pass
         barrier.wait()
         for n in range(count):
             with transaction.atomic():
-                chain.append(actor=actor, action="bench.append", object_type="bench.writer", object_id=str(i),
-                              data={"writer": i, "n": n})
+                write_one(i, n)
     except Exception as exc:  # reported, not raised: the table says what failed
         errors.append(f"{type(exc).__name__}: {exc}")
     finally:
