@@ -53,12 +53,15 @@ class FreezeWindowInline(admin.TabularInline):
     fields = ["starts_at", "ends_at", "reason", "recurrence", "duration", "timezone"]
 
 
+def change_reason_field(help_text: str) -> forms.CharField:
+    """The reason a settings form asks for a change that a second administrator must approve."""
+    return forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 2}), help_text=help_text)
+
+
 class EnvironmentForm(forms.ModelForm):
-    change_reason = forms.CharField(
-        required=False, widget=forms.Textarea(attrs={"rows": 2}),
-        help_text="Why. Required for a change that weakens a control of a restricted environment (it then waits "
-                  "for a second administrator) and for shortening or ending a running freeze.",
-    )
+    change_reason = change_reason_field(
+        "Why. Required for a change that weakens a control of a restricted environment (it then waits for a "
+        "second administrator) and for shortening or ending a running freeze.")
 
     class Meta:
         model = Environment
@@ -96,11 +99,9 @@ class FreezeWindowForm(forms.ModelForm):
                                  *((name, label) for name, (label, *_rest) in FREEZE_PRESETS.items())],
         help_text="Fills the rule, the length and (for the weekend) the time zone.",
     )
-    change_reason = forms.CharField(
-        required=False, widget=forms.Textarea(attrs={"rows": 2}),
-        help_text="Why. Required to shorten or end a freeze while it holds (a second administrator then "
-                  "approves it under Control changes).",
-    )
+    change_reason = change_reason_field(
+        "Why. Required to shorten or end a freeze while it holds (a second administrator then approves it under "
+        "Control changes).")
 
     class Meta:
         model = FreezeWindow
