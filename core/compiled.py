@@ -18,6 +18,7 @@ rewrites, is refused). The queryset selects with `values()` or `values_list()` (
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import itertools
 import re
@@ -29,6 +30,7 @@ from django.core.exceptions import EmptyResultSet
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.models import Model, QuerySet
 from django.utils import timezone
+from psycopg import sql as psycopg_sql
 
 _counter = itertools.count(1)
 
@@ -65,6 +67,11 @@ class _Statement:
     slots: tuple[tuple[int, int, int | None], ...]  # (parameter position, argument, element or None)
     names: tuple[str, ...]  # the columns' names, as values() names them
     converters: dict  # column position -> (converter functions, expression), the ORM's own
+
+    @functools.cached_property
+    def varying(self) -> tuple[int, ...]:
+        """The positions of the parameters that hold the arguments (the others are constants)."""
+        return tuple(sorted({position for position, _, _ in self.slots}))
 
 
 class CompiledRead:
@@ -107,7 +114,8 @@ class CompiledRead:
             raise ValueError("The compiled statement does not select the queryset's values.")
         return _Statement(sql, tuple(params), slots, names, compiler.get_converters(columns))
 
-    def _rows(self, args, using: str) -> tuple[_Statement | None, list[tuple]]:
+    def _bound(self, args, using: str) -> tuple[_Statement | None, list]:
+        """The statement for these arguments' shape (compiled on first use) and its parameters."""
         shape = self._shape(args)
         key = (using, shape)
         if key not in self._statements:
@@ -121,65 +129,152 @@ class CompiledRead:
                   for a, k in zip(args, self._kinds, strict=True)]
         for position, index, element in statement.slots:
             params[position] = values[index] if element is None else values[index][element]
-        rows = fetch(statement.sql, params, using=using)
-        if statement.converters:
-            rows = [_converted(row, statement.converters, connection) for row in rows]
-        return statement, rows
+        return statement, params
+
+    def later(self, *args, using: str = DEFAULT_DB_ALIAS) -> Pending:
+        """This read with these arguments, to be run with others in one round trip (together())."""
+        statement, params = self._bound(args, using)
+        return Pending(self, statement, params, using)
 
     def tuples(self, *args, using: str = DEFAULT_DB_ALIAS) -> list[tuple]:
         """The rows as values_list() gives them."""
-        return self._rows(args, using)[1]
+        return self.later(*args, using=using).tuples()
 
     def dicts(self, *args, using: str = DEFAULT_DB_ALIAS) -> list[dict]:
         """The rows as values() gives them."""
-        statement, rows = self._rows(args, using)
-        return [dict(zip(statement.names, row, strict=True)) for row in rows]
+        return self.later(*args, using=using).dicts()
 
     def instances(self, model: type[Model], *args, using: str = DEFAULT_DB_ALIAS) -> list[Model]:
         """The rows as instances of `model`, for a queryset of it that selects values() of some of its
         fields by attname, in the model's field order (the others are deferred, as with only())."""
-        statement, rows = self._rows(args, using)
+        return self.later(*args, using=using).instances(model)
+
+
+class Pending:
+    """A CompiledRead bound to its arguments. Its rows are read once, by the first of tuples(),
+    dicts() or instances(), or by together() with other reads in one round trip."""
+
+    def __init__(self, read: CompiledRead, statement: _Statement | None, params: list, using: str):
+        self.read, self.statement, self.params, self.using = read, statement, params, using
+        self._rows: list[tuple] | None = None if statement is not None else []
+
+    def run(self) -> tuple[_Statement | None, list[tuple]]:
+        if self._rows is None:
+            together(self)
+        return self.statement, self._rows
+
+    def _receive(self, rows: list[tuple]) -> None:
+        converters = self.statement.converters
+        if converters:
+            connection = connections[self.using]
+            rows = [_converted(row, converters, connection) for row in rows]
+        self._rows = rows
+
+    def tuples(self) -> list[tuple]:
+        return self.run()[1]
+
+    def dicts(self) -> list[dict]:
+        statement, rows = self.run()
+        return [dict(zip(statement.names, row, strict=True)) for row in rows]
+
+    def instances(self, model: type[Model]) -> list[Model]:
+        statement, rows = self.run()
         if not rows:
             return []
         fields = [f.attname for f in model._meta.concrete_fields]
         if [f for f in fields if f in statement.names] != list(statement.names):
             raise ValueError(f"The statement does not select fields of {model.__name__} in their order.")
-        return [model.from_db(using, statement.names, row) for row in rows]
+        return [model.from_db(self.using, statement.names, row) for row in rows]
+
+
+def together(*reads: Pending) -> None:
+    """Run reads that do not depend on each other's answers. On PostgreSQL they go in one round trip
+    (one message of several EXECUTEs, whose results come back in order); elsewhere one after the
+    other. Each read's rows are then available from it."""
+    waiting = [r for r in reads if r._rows is None]
+    if not waiting:
+        return
+    usings = {r.using for r in waiting}
+    if len(usings) != 1:
+        raise ValueError("Reads run together on one database.")
+    connection = connections[usings.pop()]
+    if (len(waiting) == 1 or connection.vendor != "postgresql"
+            or connection.settings_dict.get("OPTIONS", {}).get("server_side_binding")):
+        for read in waiting:  # server-side binding sends each statement on its own
+            read._receive(fetch(read.statement.sql, read.params, using=read.using, varying=read.statement.varying))
+        return
+    sql, params = [], []
+    for read in waiting:
+        statement_sql, statement_params = _executable(connection, read.statement.sql, read.params,
+                                                      read.statement.varying)
+        sql.append(statement_sql)
+        params.extend(statement_params)
+    with connection.cursor() as cursor:
+        cursor.execute("; ".join(sql), params)
+        for index, read in enumerate(waiting):
+            if index and not cursor.nextset():
+                raise RuntimeError("Reads run together returned fewer results than statements.")
+            read._receive(cursor.fetchall())
 
 
 # The statements prepared on each PostgreSQL session (the driver's connection object), by name.
 _prepared_on: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def fetch(sql: str, params: list, *, using: str = DEFAULT_DB_ALIAS) -> list[tuple]:
+def fetch(sql: str, params: list, *, using: str = DEFAULT_DB_ALIAS, varying: tuple[int, ...] | None = None
+          ) -> list[tuple]:
     """The rows of a statement with parameters that runs on every request. On PostgreSQL it is
-    prepared once per session (EXECUTE of a named statement), so that the server parses and plans
-    it once rather than on every call: the portal binds parameters on the client, which never
-    prepares (the audit chain sends two statements in one round trip, which server-side binding
-    refuses). PREPARE is a setting of the session, outside any transaction (a rollback keeps it),
-    sent on the driver's connection the first time a session runs the statement."""
+    prepared once per session (EXECUTE of a named statement), so that the server parses it once
+    rather than on every call: the portal binds parameters on the client, which never prepares (the
+    audit chain sends two statements in one round trip, which server-side binding refuses). PREPARE
+    is a setting of the session, outside any transaction (a rollback keeps it), sent on the driver's
+    connection the first time a session runs the statement. `varying`: the positions of the
+    parameters that change from call to call (default: all); the others are written into the
+    prepared statement as constants, so that PostgreSQL can plan it once for every call (a
+    parameter in the place of e.g. a list of states would make its plan for any value a poor one,
+    and it would plan again on every call)."""
     connection = connections[using]
-    if connection.vendor == "postgresql" and params:
-        connection.ensure_connection()
-        session = connection.connection
-        name = "compiled_read_" + hashlib.sha256(sql.encode()).hexdigest()[:24]
-        names = _prepared_on.setdefault(session, set())
-        if name not in names:
-            connection.validate_no_broken_transaction()  # as Django's own cursor does
-            with connection.wrap_database_errors, session.cursor() as cursor:
-                cursor.execute(f"PREPARE {name} AS {_numbered(sql)}")
-            names.add(name)
-        sql = f"EXECUTE {name}({', '.join(['%s'] * len(params))})"
+    sql, params = _executable(connection, sql, params, varying)
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         return cursor.fetchall()
 
 
-def _numbered(sql: str) -> str:
-    """Django's SQL (%s placeholders, %% for a literal %) as PREPARE reads it ($1, $2, ...)."""
+# (statement, its constant parameters) -> (name, PREPARE text), per process
+_prepared_text: dict[tuple, tuple[str, str]] = {}
+
+
+def _executable(connection, sql: str, params: list, varying: tuple[int, ...] | None = None) -> tuple[str, list]:
+    """On PostgreSQL, the statement prepared on this session (PREPARE on first use) and its EXECUTE."""
+    if connection.vendor != "postgresql" or not params:
+        return sql, params
+    varying = tuple(range(len(params))) if varying is None else varying
+    constants = tuple((i, v) for i, v in enumerate(params) if i not in varying)
+    connection.ensure_connection()
+    session = connection.connection
+    key = (sql, constants)
+    if key not in _prepared_text:
+        literals = {i: psycopg_sql.Literal(v).as_string(session) for i, v in constants}
+        numbers = {position: f"${n}" for n, position in enumerate(varying, 1)}
+        text = _numbered(sql, [numbers.get(i) or literals[i] for i in range(len(params))])
+        _prepared_text[key] = ("compiled_read_" + hashlib.sha256(text.encode()).hexdigest()[:24], text)
+    name, text = _prepared_text[key]
+    names = _prepared_on.setdefault(session, set())
+    if name not in names:
+        connection.validate_no_broken_transaction()  # as Django's own cursor does
+        with connection.wrap_database_errors, session.cursor() as cursor:
+            cursor.execute(f"PREPARE {name} AS {text}")
+        names.add(name)
+    return f"EXECUTE {name}({', '.join(['%s'] * len(varying))})", [params[i] for i in varying]
+
+
+def _numbered(sql: str, values: list[str]) -> str:
+    """Django's SQL (%s placeholders, %% for a literal %) as PREPARE reads it, each placeholder
+    replaced by its value ($1, $2, ... or a constant)."""
     parts = sql.split("%%")
-    counter = itertools.count(1)
-    return "%".join(re.sub(r"%s", lambda _: f"${next(counter)}", part) for part in parts)
+    values = iter(values)
+    # A constant holding "%s" is not matched again: each part is substituted once, left to right.
+    return "%".join(re.sub(r"%s", lambda _: next(values), part) for part in parts)
 
 
 def _converted(row: tuple, converters: dict, connection) -> tuple:

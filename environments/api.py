@@ -122,8 +122,10 @@ for verb, service in (("approve", services.deployment_approve), ("reject", servi
 @router.get("/applications/{application}/environments", response={200: list[EnvironmentStatus], **REFUSALS},
             summary="What is deployed where")
 def application_environments(request: HttpRequest, application: ApplicationName):
-    app = release_selectors.application_get(application, within=readable(request))
-    return selectors.application_environments(app)
+    app = release_selectors.application_read(application, within=readable(request))
+    rows = selectors.application_environments(application, alongside=(app,))
+    release_selectors.application_of(app, application)  # 404 unless the reader may see it
+    return rows
 
 
 class MetricsQuery(Schema):

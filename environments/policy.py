@@ -23,7 +23,7 @@ from guardian.models import GroupObjectPermission, UserObjectPermission
 
 from audit.actors import Actor
 from audit.models import AuditEvent
-from core.compiled import CompiledRead, model_fields
+from core.compiled import CompiledRead, Pending, model_fields
 from core.decisions import Decision, Next, Refusal, conflict, forbidden, no
 from environments.models import Approval, ControlChange, Deployment, Environment, FreezeOccurrence, FreezeWindow
 from releases.models import Build, Implementer, Release, VcsAlias
@@ -395,7 +395,12 @@ def active_freezes(environments, now: dt.datetime | None = None) -> dict[int, Fr
     """Per environment, the freeze that holds it now (the one that ends last), if any."""
     now = now or timezone.now()
     environments = list(environments)
-    windows = _freeze_windows_of(environments, now, now + dt.timedelta(microseconds=1))
+    return freezes_holding(_freeze_windows_of(environments, now, now + dt.timedelta(microseconds=1)),
+                           environments, now)
+
+
+def freezes_holding(windows, environments, now: dt.datetime) -> dict[int, FreezeOccurrence]:
+    """active_freezes from windows read already (those of freeze_windows_now, or more)."""
     active: dict[int, FreezeOccurrence] = {}
     for environment in environments:
         for window in windows:
@@ -404,6 +409,22 @@ def active_freezes(environments, now: dt.datetime | None = None) -> dict[int, Fr
                 if current is None or occurrence.ends_at > current.ends_at:
                     active[environment.pk] = occurrence
     return active
+
+
+def _application_freeze_windows(application, until, ending_after):
+    return FreezeWindow.objects.filter(
+        Q(environment__application__name=application) | Q(application__name=application, environment__isnull=True),
+        starts_at__lt=until, ends_at__gt=ending_after,
+    ).order_by("starts_at", "id").values(*model_fields(FreezeWindow))
+
+
+_APPLICATION_FREEZE_WINDOWS = CompiledRead(_application_freeze_windows, str, dt.datetime, dt.datetime)
+
+
+def freeze_windows_now(application: str, now: dt.datetime) -> Pending:
+    """The read of the freeze windows that may hold the named application's environments at `now`
+    (for freezes_holding), to be run with others (core.compiled.together)."""
+    return _APPLICATION_FREEZE_WINDOWS.later(application, now + dt.timedelta(microseconds=1), now - LONGEST_FREEZE)
 
 
 def active_freeze(environment: Environment, now: dt.datetime | None = None) -> FreezeOccurrence | None:

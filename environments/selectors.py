@@ -11,11 +11,11 @@ from django.db.models.functions import RowNumber
 from django.utils import timezone
 
 from audit.actors import Actor
-from core.compiled import CompiledRead
+from core.compiled import CompiledRead, Pending, together
 from core.decisions import NotFound
 from core.times import iso_or_none as _time
 from environments import policy
-from environments.models import Approval, Deployment, DeploymentEvent, Environment
+from environments.models import Approval, Deployment, DeploymentEvent, Environment, FreezeWindow
 from releases.models import Application, Implementer, Release
 
 State = Deployment.State
@@ -49,34 +49,49 @@ def deployment_get(deployment_id: int, *, within: frozenset[int] | None = None) 
 
 
 def _open_deployments(environment_ids):
+    return _open_deployments_among(Deployment.objects.filter(environment_id__in=environment_ids))
+
+
+def _open_deployments_among(deployments):
     return (
-        Deployment.objects.filter(environment_id__in=environment_ids, state__in=Deployment.OPEN_STATES)
+        deployments.filter(state__in=Deployment.OPEN_STATES)
         .annotate(approved=Count("approvals", filter=Q(approvals__decision="approve")))
         .values("id", "environment_id", "state", "release_id", "release__version", "engine", "emergency", "approved",
                 "required_approvals", "queued_at", "requested_at", "requested_by_label")
     )
 
 
-def _environment_rows(application_id):
+def _last_deployment():
+    """The id of the environment's (OuterRef "pk") last deployment."""
+    return Deployment.objects.filter(environment=OuterRef("pk")).order_by("-requested_at", "-id").values("id")[:1]
+
+
+def _environment_rows(application):
     last_success = Deployment.objects.filter(environment=OuterRef("pk"), state=Deployment.State.SUCCEEDED).order_by(
         "-finished_at", "-id"
     )
-    last_any = Deployment.objects.filter(environment=OuterRef("pk")).order_by("-requested_at", "-id")
-    return Environment.objects.filter(application_id=application_id).annotate(
+    return Environment.objects.filter(application__name=application).annotate(
         current_version=Subquery(last_success.values("release__version")[:1]),
-        last_deployment_id=Subquery(last_any.values("id")[:1]),
-    ).order_by("id").values("id", "name", "restricted", "promotes_from__name", "current_version", "last_deployment_id")
+        last_deployment_id=Subquery(_last_deployment()),
+    ).order_by("id").values("id", "application_id", "name", "restricted", "promotes_from__name", "current_version",
+                            "last_deployment_id")
 
 
-def _deployment_rows(deployment_ids):
-    return Deployment.objects.filter(pk__in=deployment_ids).order_by().values(
+def _last_deployments(application):
+    last = Environment.objects.filter(application__name=application).values(last=Subquery(_last_deployment()))
+    return Deployment.objects.filter(pk__in=last).order_by().values(
         "id", "release__version", "state", "requested_at", "finished_at")
+
+
+def _application_open_deployments(application):
+    return _open_deployments_among(Deployment.objects.filter(environment__application__name=application))
 
 
 # The API's "what is deployed where" runs these on every call: compiled once (core.compiled).
 _OPEN_DEPLOYMENTS = CompiledRead(_open_deployments, (int,))
-_ENVIRONMENTS = CompiledRead(_environment_rows, int)
-_DEPLOYMENTS = CompiledRead(_deployment_rows, (int,))
+_APPLICATION_OPEN_DEPLOYMENTS = CompiledRead(_application_open_deployments, str)
+_ENVIRONMENTS = CompiledRead(_environment_rows, str)
+_LAST_DEPLOYMENTS = CompiledRead(_last_deployments, str)
 
 
 def environment_queues(environment_ids: list[int], *, now=None, application_id: int | None = None
@@ -90,7 +105,10 @@ def environment_queues(environment_ids: list[int], *, now=None, application_id: 
         environments = Environment.objects.filter(pk__in=environment_ids).only("id", "application_id")
     else:
         environments = [Environment(pk=pk, application_id=application_id) for pk in environment_ids]
-    frozen = policy.active_freezes(environments, now)
+    return _queues(environment_ids, rows, policy.active_freezes(environments, now))
+
+
+def _queues(environment_ids, rows: list[dict], frozen: dict) -> dict[int, list[dict]]:
     order = {Deployment.State.RUNNING: 0, Deployment.State.QUEUED: 1, Deployment.State.AWAITING_APPROVAL: 2}
     queues: dict[int, list[dict]] = {e: [] for e in environment_ids}
     for row in sorted(rows, key=lambda r: (order[r["state"]], r["queued_at"] or r["requested_at"], r["id"])):
@@ -158,13 +176,22 @@ def deployment_as_dict(deployment: Deployment) -> dict:
     }
 
 
-def application_environments(application: Application) -> list[dict]:
-    """What is deployed where: per environment, the version of the last succeeded deployment, the last
-    deployment and the queue. Four queries of a few columns each, whatever the history."""
-    environments = _ENVIRONMENTS.dicts(application.pk)
-    queues = environment_queues([e["id"] for e in environments], application_id=application.pk)
-    wanted = [e["last_deployment_id"] for e in environments if e["last_deployment_id"]]
-    last = {d["id"]: d for d in _DEPLOYMENTS.dicts(wanted)}
+def application_environments(application: str, *, alongside: tuple[Pending, ...] = ()) -> list[dict]:
+    """What is deployed where in the named application: per environment, the version of the last
+    succeeded deployment, the last deployment and the queue. Four reads of a few columns each,
+    whatever the history, in one round trip with the reads `alongside` (e.g. the application's own,
+    which says whether the reader may see it)."""
+    now = timezone.now()
+    environments, last_deployments, open_deployments, windows = reads = (
+        _ENVIRONMENTS.later(application), _LAST_DEPLOYMENTS.later(application),
+        _APPLICATION_OPEN_DEPLOYMENTS.later(application), policy.freeze_windows_now(application, now),
+    )
+    together(*alongside, *reads)
+    environments = environments.dicts()
+    frozen = policy.freezes_holding(windows.instances(FreezeWindow), [
+        Environment(pk=e["id"], application_id=e["application_id"]) for e in environments], now)
+    queues = _queues([e["id"] for e in environments], open_deployments.dicts(), frozen)
+    last = {d["id"]: d for d in last_deployments.dicts()}
     rows = []
     for env in environments:
         d = last.get(env["last_deployment_id"])

@@ -9,7 +9,7 @@ from django.db import connection
 from django.db.models import Prefetch, Value
 from django.db.transaction import TransactionManagementError
 
-from core.compiled import CompiledRead, model_fields
+from core.compiled import CompiledRead, Pending, model_fields, together
 from core.decisions import NotFound
 from core.times import iso_or_none as _time
 from environments import selectors as env_selectors
@@ -36,8 +36,17 @@ def application_get(name: str, *, within: frozenset[int] | None = None, lock: bo
     holds its row until the caller's transaction ends."""
     if lock and connection.get_autocommit():
         raise TransactionManagementError("application_get(lock=True) holds the row until the transaction ends.")
+    return application_of(application_read(name, within=within, lock=lock), name)
+
+
+def application_read(name: str, *, within: frozenset[int] | None = None, lock: bool = False) -> Pending:
+    """application_get's read, to be run with others (core.compiled.together); application_of answers."""
     read = _APPLICATION[lock, within is not None]
-    found = read.instances(Application, name) if within is None else read.instances(Application, name, within)
+    return read.later(name) if within is None else read.later(name, within)
+
+
+def application_of(read: Pending, name: str) -> Application:
+    found = read.instances(Application)
     if not found:
         raise NotFound(f"No application named {name!r}.")
     return found[0]
@@ -113,52 +122,61 @@ def _release_rows(application, version, within=None):
         "id", "application__name", "build__number", *_RELEASE_COLUMNS)[:1]
 
 
-def _issues_and_implementers(release_id):
-    issues = ReleaseIssue.objects.filter(release_id=release_id).order_by().values_list(Value("issue"), "key")
-    implementers = Implementer.objects.filter(release_id=release_id).order_by().values_list(
-        Value("implementer"), "identity")
+def _issues_and_implementers(application, version):
+    release = {"release__application__name": application, "release__version": version}
+    issues = ReleaseIssue.objects.filter(**release).order_by().values_list(Value("issue"), "key")
+    implementers = Implementer.objects.filter(**release).order_by().values_list(Value("implementer"), "identity")
     return issues.union(implementers, all=True)
 
 
-def _deployment_rows(release_id):
-    return Deployment.objects.filter(release_id=release_id).order_by("id").values_list(
-        "id", "environment__name", "state", "requested_at", "queued_at", "started_at", "finished_at")
+def _deployment_rows(application, version):
+    return Deployment.objects.filter(release__application__name=application, release__version=version).order_by(
+        "id").values_list("id", "environment__name", "state", "requested_at", "queued_at", "started_at", "finished_at")
 
 
 # GET /api/v1/releases/{application}/{version} runs these on every call: compiled once (core.compiled).
 _RELEASE_ROW = CompiledRead(_release_rows, str, str)
 _RELEASE_ROW_WITHIN = CompiledRead(_release_rows, str, str, (int,))
-_ISSUES_AND_IMPLEMENTERS = CompiledRead(_issues_and_implementers, int)
-_DEPLOYMENTS = CompiledRead(_deployment_rows, int)
+_ISSUES_AND_IMPLEMENTERS = CompiledRead(_issues_and_implementers, str, str)
+_DEPLOYMENTS = CompiledRead(_deployment_rows, str, str)
 
 
 def release_detail(application: str, version: str, *, within: frozenset[int] | None = None) -> dict:
-    """release_as_dict of one release in three queries of the columns it shows: the release with its
-    application's name and build's number, its issue keys and implementers together, its deployments."""
-    if within is None:
-        rows = _RELEASE_ROW.dicts(application, version)
-    else:
-        rows = _RELEASE_ROW_WITHIN.dicts(application, version, within)
+    """release_as_dict of one release in three reads of the columns it shows, in one round trip: the
+    release with its application's name and build's number, its issue keys and implementers together,
+    its deployments."""
+    read = _RELEASE_ROW.later(application, version) if within is None else _RELEASE_ROW_WITHIN.later(
+        application, version, within)
+    details = _details_read(application, version)
+    together(read, *details)
+    rows = read.dicts()
     if not rows:
         raise NotFound(f"{application} has no release {version!r}.")
     row = rows[0]
     row.update(application=row.pop("application__name"), build=row.pop("build__number"))
-    return _release_detail_of_row(row)
+    return _release_detail_of_row(row, details)
 
 
 def release_detail_of(release: Release) -> dict:
     """release_detail of a release in hand (its application and build loaded, e.g. one just
-    registered): two queries, its issue keys and implementers together, and its deployments."""
+    registered): two reads in one round trip, its issue keys and implementers together, and its
+    deployments."""
     row = {name: getattr(release, name) for name in _RELEASE_COLUMNS}
     row.update(id=release.pk, application=release.application.name, build=release.build.number)
-    return _release_detail_of_row(row)
+    return _release_detail_of_row(row, _details_read(row["application"], row["version"]))
 
 
-def _release_detail_of_row(row: dict) -> dict:
+def _details_read(application: str, version: str) -> tuple[Pending, Pending]:
+    return _ISSUES_AND_IMPLEMENTERS.later(application, version), _DEPLOYMENTS.later(application, version)
+
+
+def _release_detail_of_row(row: dict, details: tuple[Pending, Pending]) -> dict:
+    together(*details)
+    issues_and_implementers, deployments = details
     named: dict[str, list[str]] = {"issue": [], "implementer": []}
-    for kind, value in _ISSUES_AND_IMPLEMENTERS.tuples(row["id"]):
+    for kind, value in issues_and_implementers.tuples():
         named[kind].append(value)
-    deployments = _DEPLOYMENTS.tuples(row["id"])
+    deployments = deployments.tuples()
     return _release_dict(row, named["issue"], named["implementer"], [_deployment_summary(*d) for d in deployments])
 
 

@@ -12,7 +12,7 @@ from django.db.models import Count, OuterRef, Q, Subquery, Value
 from django.db.transaction import TransactionManagementError
 from django.test.utils import CaptureQueriesContext
 
-from core.compiled import CompiledRead
+from core.compiled import CompiledRead, together
 from environments.models import Deployment, Environment
 from releases.models import Application, Implementer, Release, ReleaseIssue
 
@@ -64,6 +64,27 @@ def test_rows_are_the_orms_for_any_values(history):
     assert DEPLOYMENTS.tuples(first.pk)[0][3] in (True, False)  # converted like the ORM's (SQLite answers 0/1)
     assert ENVIRONMENTS.dicts(world.app.pk) == list(_environments(world.app.pk))
     assert ENVIRONMENTS.dicts(world.app.pk + 1000) == []
+
+
+def test_reads_run_together_answer_what_each_answers_alone_in_one_round_trip(history):
+    world, first, second = history
+    reads = (DEPLOYMENTS.later(first.pk), KEYS_AND_IDENTITIES.later(second.pk), ENVIRONMENTS.later(world.app.pk),
+             RELEASES.later("MAC", [world.app.pk]), RELEASES.later("MAC", []), DEPLOYMENTS.later(-1))
+    with CaptureQueriesContext(connection) as captured:
+        together(*reads)
+        deployments, keys, environments, releases, none, empty = reads
+        answers = (deployments.tuples(), sorted(keys.tuples()), environments.dicts(), releases.dicts(),
+                   none.dicts(), empty.tuples())
+    assert answers == (
+        list(_deployments(first.pk)), sorted(_keys_and_identities(second.pk)), list(_environments(world.app.pk)),
+        list(_releases("MAC", [world.app.pk])), [], [],
+    )
+    # an empty collection reads nothing; the rest: one statement on PostgreSQL, one each elsewhere
+    assert len(captured) == (1 if connection.vendor == "postgresql" else 5)
+    with CaptureQueriesContext(connection) as captured:
+        together(*reads)  # read already: nothing runs again
+        assert deployments.tuples() == answers[0]
+    assert len(captured) == 0
 
 
 def test_a_collection_compiles_once_per_length_and_an_empty_one_reads_nothing(history):
@@ -147,3 +168,31 @@ def test_in_a_broken_transaction_a_read_is_refused_as_the_orms(transactional_aud
                 cursor.execute("SELECT 1/0")
         read.tuples("MAC")
     assert read.tuples("MAC") == []
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="statements are prepared on PostgreSQL only")
+def test_on_postgresql_only_the_arguments_are_parameters_so_one_plan_serves_every_call(history):
+    """The queryset's own values (here the open states, a Count filter) are constants of the prepared
+    statement: PostgreSQL can keep one generic plan rather than plan again on every call."""
+    world, first, second = history
+    read = CompiledRead(_environments, int)
+    for _ in range(7):  # PostgreSQL weighs a generic plan after five custom ones
+        assert read.dicts(world.app.pk) == list(_environments(world.app.pk))
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement, parameter_types::text, generic_plans FROM pg_prepared_statements"
+                       " WHERE statement LIKE %s", ["%environments_environment%open_count%"])
+        (statement, types, generic_plans), = cursor.fetchall()
+    assert types == "{bigint}" or types == "{integer}"  # the application only
+    assert "'queued'" in statement and "'running'" in statement
+    assert generic_plans > 0
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="statements are prepared on PostgreSQL only")
+def test_a_constant_is_written_into_the_prepared_statement_as_the_value_it_is(history):
+    world, first, second = history
+    tricky = "it's 50%s %% \\ done"
+    read = CompiledRead(lambda app: Environment.objects.filter(application_id=app, name__startswith="Q").order_by(
+        "id").values_list(Value(tricky), "name"), int)
+    assert read.tuples(world.app.pk) == [(tricky, "QA")]

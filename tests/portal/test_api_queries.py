@@ -71,6 +71,9 @@ EXPECTED = {
     "personal": {"build": 9, "release": 15, "environments": 6, "release_read": 4},
 }
 AUTO_DEPLOY = (24, 20, 22)
+# On PostgreSQL the reads of an answer that do not depend on each other go to the database in one
+# round trip (core.compiled.together), which counts as one query: this many fewer there.
+TOGETHER = {"build": 0, "release": 1, "environments": 4, "release_read": 2}
 APPENDS = {"build": 1, "release": 1, "environments": 0, "release_read": 0}
 
 
@@ -93,7 +96,12 @@ def test_what_ci_calls_costs_the_same_at_any_history(world, client, kind, histor
     grow_history(world, history)
     per_append = append_cost()
     measured = counts(world, client, token, history)
-    assert {name: n - APPENDS[name] * per_append for name, n in measured.items()} == EXPECTED[kind]
+    assert {name: n - APPENDS[name] * per_append for name, n in measured.items()} == expected(EXPECTED[kind])
+
+
+def expected(counts: dict) -> dict:
+    together = connection.vendor == "postgresql"
+    return {name: n - (TOGETHER[name] if together else 0) for name, n in counts.items()}
 
 
 @pytest.mark.parametrize("history", [1, 12])
@@ -108,4 +116,6 @@ def test_a_release_that_deploys_itself_costs_the_same_at_any_history(world, clie
     first = counts(world, client, token, history)["release"]  # QA is free: the new release starts there
     second = counts(world, client, token, history + 100)["release"]  # QA is busy: it waits in the queue
     third = counts(world, client, token, history + 200)["release"]  # and supersedes the one waiting
-    assert (first - 3 * per_append, second - 2 * per_append, third - 3 * per_append) == AUTO_DEPLOY
+    together = TOGETHER["release"] if connection.vendor == "postgresql" else 0
+    assert (first - 3 * per_append, second - 2 * per_append, third - 3 * per_append) == tuple(
+        n - together for n in AUTO_DEPLOY)
