@@ -15,7 +15,7 @@ from access.models import ApiToken, hash_token
 from audit import chain
 from audit.actors import Actor
 from audit.services import refused
-from core.compiled import fetch
+from core.compiled import Pending
 from environments import policy
 from environments.services import deployment_refuse_token_requests
 from releases.models import Application
@@ -87,12 +87,24 @@ def _token_lookup() -> tuple[str, list[str]]:
 
 def token_actor(raw: str, *, remote_addr: str = "") -> Actor | None:
     """The actor a bearer token stands for, or None if it is unknown, revoked or its user inactive."""
+    lookup = token_lookup(raw)
+    return None if lookup is None else token_actor_of(lookup, remote_addr=remote_addr)
+
+
+def token_lookup(raw: str) -> Pending | None:
+    """The read that finds a bearer token (None for what cannot be one), to be run alone or with
+    other reads in one round trip (core.compiled.together); token_actor_of answers from it."""
     if not raw.startswith(TOKEN_PREFIX) or len(raw) > 200:
         return None
-    sql, user_fields = _token_lookup()
-    rows = fetch(sql, [hash_token(raw)])
+    sql, _ = _token_lookup()
+    return Pending.of_sql(sql, [hash_token(raw)])
+
+
+def token_actor_of(lookup: Pending, *, remote_addr: str = "") -> Actor | None:
+    rows = lookup.tuples()
     if not rows:
         return None
+    _, user_fields = _token_lookup()
     token_id, kind, name, _, *user_values = rows[0]
     if kind == ApiToken.Kind.PERSONAL:
         user = get_user_model().from_db(connection.alias, user_fields, [

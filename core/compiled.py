@@ -154,9 +154,16 @@ class Pending:
     """A CompiledRead bound to its arguments. Its rows are read once, by the first of tuples(),
     dicts() or instances(), or by together() with other reads in one round trip."""
 
-    def __init__(self, read: CompiledRead, statement: _Statement | None, params: list, using: str):
+    def __init__(self, read: CompiledRead | None, statement: _Statement | None, params: list, using: str):
         self.read, self.statement, self.params, self.using = read, statement, params, using
         self._rows: list[tuple] | None = None if statement is not None else []
+
+    @classmethod
+    def of_sql(cls, sql: str, params: list, *, using: str = DEFAULT_DB_ALIAS) -> Pending:
+        """A statement written by hand (every parameter an argument), as a read to run with others;
+        its rows as the driver gives them (tuples())."""
+        slots = tuple((position, position, None) for position in range(len(params)))
+        return cls(None, _Statement(sql, tuple(params), slots, (), {}), list(params), using)
 
     def run(self) -> tuple[_Statement | None, list[tuple]]:
         if self._rows is None:

@@ -13,11 +13,13 @@ import re
 from typing import Annotated
 
 from django.http import HttpRequest
+from ninja.errors import AuthenticationError
 from ninja.security import HttpBearer
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
-from access.services import token_actor
+from access.services import token_actor_of, token_lookup
 from audit.actors import Actor
+from core.compiled import Pending
 from environments.policy import readable_applications
 
 # Python's str.strip() removes exactly these (str.isspace()); written out so that every regular
@@ -126,18 +128,48 @@ class Invalid(Error):
 
 
 class BearerToken(HttpBearer):
-    def authenticate(self, request: HttpRequest, token: str) -> Actor | None:
-        return token_actor(token, remote_addr=request.META.get("REMOTE_ADDR", ""))
+    def authenticate(self, request: HttpRequest, token: str) -> Bearer | None:
+        lookup = token_lookup(token)
+        return None if lookup is None else Bearer(lookup, remote_addr=request.META.get("REMOTE_ADDR", ""))
+
+
+class Bearer:
+    """What a request's bearer token stands for, looked up when first asked (actor_of, readable), or
+    together with a view's own reads in one round trip (`lookup`, see core.compiled.together).
+
+    A token that turns out unknown, revoked or of an inactive user is answered 401 whatever the view
+    did: actor_of raises, and portal.api.JsonAnswersMiddleware replaces any answer to such a request
+    (so a view that read before asking who is reading cannot show what it read). Every write goes
+    through a service that takes actor_of(request), which asks first."""
+
+    def __init__(self, lookup: Pending, *, remote_addr: str):
+        self.lookup, self._remote_addr = lookup, remote_addr
+        self._actor: Actor | None = None
+        self._asked = False
+
+    def actor(self) -> Actor | None:
+        if not self._asked:
+            self._actor, self._asked = token_actor_of(self.lookup, remote_addr=self._remote_addr), True
+        return self._actor
 
 
 def actor_of(request: HttpRequest) -> Actor:
-    return request.auth
+    actor = request.auth.actor()
+    if actor is None:
+        raise AuthenticationError
+    return actor
 
 
-# Every operation may answer these (a refusal, or a request the API cannot read).
+def unknown_bearer(request: HttpRequest) -> bool:
+    """Whether the request came with a bearer token that stands for nobody (see Bearer)."""
+    bearer = getattr(request, "auth", None)
+    return isinstance(bearer, Bearer) and bearer.actor() is None
+
+
 def readable(request: HttpRequest) -> frozenset[int] | None:
     """The application ids the caller may read (None: all); see policy.readable_applications."""
     return readable_applications(actor_of(request))
 
 
+# Every operation may answer these (a refusal, or a request the API cannot read).
 REFUSALS = {400: Error, 401: Error, 403: Error, 404: Error, 409: Error, 413: Error, 422: Invalid}

@@ -122,9 +122,9 @@ for verb, service in (("approve", services.deployment_approve), ("reject", servi
 @router.get("/applications/{application}/environments", response={200: list[EnvironmentStatus], **REFUSALS},
             summary="What is deployed where")
 def application_environments(request: HttpRequest, application: ApplicationName):
-    app = release_selectors.application_read(application, within=readable(request))
-    rows = selectors.application_environments(application, alongside=(app,))
-    release_selectors.application_of(app, application)  # 404 unless the reader may see it
+    app = release_selectors.application_read(application)
+    rows = selectors.application_environments(application, alongside=(request.auth.lookup, app))
+    release_selectors.application_of(app, application, within=readable(request))  # 404 unless the reader may see it
     return rows
 
 

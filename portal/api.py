@@ -11,13 +11,14 @@ from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 
 from core.decisions import NotFound, PolicyRefusal
-from edge.api import BearerToken
+from edge.api import BearerToken, unknown_bearer
 from environments.api import router as environments_router
 from releases.api import router as releases_router
 
 logger = logging.getLogger(__name__)
 
 PREFIX = "/api/v1/"
+_UNAUTHENTICATED = "A valid bearer token is required: Authorization: Bearer <token>."
 
 api = NinjaAPI(
     title="Release Portal API",
@@ -58,7 +59,7 @@ def _no_such_row(request, exc):
 
 @api.exception_handler(AuthenticationError)
 def _unauthenticated(request, exc):
-    return _error(request, 401, "UNAUTHENTICATED", "A valid bearer token is required: Authorization: Bearer <token>.")
+    return _error(request, 401, "UNAUTHENTICATED", _UNAUTHENTICATED)
 
 
 def _field(loc) -> str:
@@ -97,13 +98,17 @@ _CODES = {400: "BAD_REQUEST", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: 
 class JsonAnswersMiddleware:
     """Under /api/v1/, an error page Django or django-ninja writes itself (no route for the path, e.g.
     a path parameter holding a slash; a method the path does not have) is answered as {"code", "detail"}
-    too, keeping the `Allow` header of a 405."""
+    too, keeping the `Allow` header of a 405. A request whose bearer token stands for nobody is
+    answered 401 whatever the view answered (edge.api.Bearer: the token may be looked up together
+    with the view's own reads)."""
 
     def __init__(self, get_response):
         self.get_response = get_response
 
     def __call__(self, request):
         response = self.get_response(request)
+        if unknown_bearer(request):
+            return JsonResponse({"code": "UNAUTHENTICATED", "detail": _UNAUTHENTICATED}, status=401)
         if (response.status_code < 400 or not request.path_info.startswith(PREFIX)
                 or response.get("Content-Type", "").startswith("application/json")):
             return response

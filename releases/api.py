@@ -189,7 +189,8 @@ def register_release(request: HttpRequest, body: ReleaseIn):
 @router.get("/releases/{application}/{version}", response={200: ReleaseOut, **REFUSALS},
             summary="A release and its deployments")
 def get_release(request: HttpRequest, application: ApplicationName, version: Version):
-    return selectors.release_detail(application, version, within=readable(request))
+    return selectors.release_detail(application, version, within=lambda: readable(request),
+                                    alongside=(request.auth.lookup,))
 
 
 @router.get("/changes/{issue_key}", response={200: ChangeOut, **REFUSALS},

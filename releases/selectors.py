@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from django.db import connection
@@ -45,8 +46,9 @@ def application_read(name: str, *, within: frozenset[int] | None = None, lock: b
     return read.later(name) if within is None else read.later(name, within)
 
 
-def application_of(read: Pending, name: str) -> Application:
-    found = read.instances(Application)
+def application_of(read: Pending, name: str, *, within: frozenset[int] | None = None) -> Application:
+    """The application application_read found; `within`: only if it is one of these."""
+    found = [a for a in read.instances(Application) if within is None or a.pk in within]
     if not found:
         raise NotFound(f"No application named {name!r}.")
     return found[0]
@@ -59,6 +61,10 @@ def build_as_dict(build: Build) -> dict:
         "tests": {"passed": build.tests_passed, "failed": build.tests_failed, "skipped": build.tests_skipped},
         "created_at": _time(build.created_at), "updated_at": _time(build.updated_at),
     }
+
+
+# The applications a reader may see (None: all), or a function that answers it once asked.
+Within = frozenset[int] | None | Callable[[], frozenset[int] | None]
 
 
 def _within(queryset, within: frozenset[int] | None, field: str = "application_id"):
@@ -116,10 +122,9 @@ def release_as_dict(release: Release) -> dict:
     )
 
 
-def _release_rows(application, version, within=None):
-    releases = Release.objects.filter(application__name=application, version=version)
-    return _within(releases, within).order_by("pk").values(
-        "id", "application__name", "build__number", *_RELEASE_COLUMNS)[:1]
+def _release_rows(application, version):
+    return Release.objects.filter(application__name=application, version=version).order_by("pk").values(
+        "id", "application_id", "application__name", "build__number", *_RELEASE_COLUMNS)[:1]
 
 
 def _issues_and_implementers(application, version):
@@ -136,21 +141,22 @@ def _deployment_rows(application, version):
 
 # GET /api/v1/releases/{application}/{version} runs these on every call: compiled once (core.compiled).
 _RELEASE_ROW = CompiledRead(_release_rows, str, str)
-_RELEASE_ROW_WITHIN = CompiledRead(_release_rows, str, str, (int,))
 _ISSUES_AND_IMPLEMENTERS = CompiledRead(_issues_and_implementers, str, str)
 _DEPLOYMENTS = CompiledRead(_deployment_rows, str, str)
 
 
-def release_detail(application: str, version: str, *, within: frozenset[int] | None = None) -> dict:
-    """release_as_dict of one release in three reads of the columns it shows, in one round trip: the
-    release with its application's name and build's number, its issue keys and implementers together,
-    its deployments."""
-    read = _RELEASE_ROW.later(application, version) if within is None else _RELEASE_ROW_WITHIN.later(
-        application, version, within)
+def release_detail(application: str, version: str, *, within: Within = None, alongside: tuple[Pending, ...] = ()
+                   ) -> dict:
+    """release_as_dict of one release in three reads of the columns it shows, in one round trip with
+    the reads `alongside`: the release with its application's name and build's number, its issue keys
+    and implementers together, its deployments. `within`: the applications the reader may see (None:
+    all), or what says so once the reads are in (e.g. from the reader's token read alongside)."""
+    read = _RELEASE_ROW.later(application, version)
     details = _details_read(application, version)
-    together(read, *details)
+    together(*alongside, read, *details)
     rows = read.dicts()
-    if not rows:
+    within = within() if callable(within) else within
+    if not rows or (within is not None and rows[0]["application_id"] not in within):
         raise NotFound(f"{application} has no release {version!r}.")
     row = rows[0]
     row.update(application=row.pop("application__name"), build=row.pop("build__number"))

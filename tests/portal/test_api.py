@@ -11,7 +11,7 @@ from access.services import token_create, token_revoke
 from audit.models import AuditEvent
 from edge.api import SPACE
 from environments.models import Deployment
-from releases.models import Application, Release
+from releases.models import Application, Build, Release
 from tests.conftest import SYSTEM, person
 
 SHA = "ab" * 32
@@ -199,6 +199,36 @@ def test_personal_token_of_inactive_user_is_401(world, client):
     world.bob.is_active = False
     world.bob.save()
     assert api.get("/builds/MAC/1").status_code == 401
+
+
+READS = ["/applications/MAC/environments", "/applications/NOPE/environments", "/releases/MAC/3.1.0",
+         "/releases/MAC/0.0.0", "/builds/MAC/1", "/changes/BIZPLAT-64951", "/deployments/1"]
+
+
+@pytest.mark.parametrize("who", ["unknown", "revoked", "inactive"])
+def test_a_token_that_stands_for_nobody_reads_nothing_and_learns_nothing(world, client, who):
+    """A token is looked up together with a read's own queries (edge.api.Bearer); whatever those find,
+    the answer is the same 401 for what exists and for what does not, and a write is not attempted."""
+    ci = Api(client, token_create(actor=SYSTEM, kind=ApiToken.Kind.CI, name="ci", applications=[world.app])[1])
+    ci.post("/builds", BUILD)
+    ci.post("/releases", RELEASE)
+    if who == "unknown":
+        raw = "rp_" + "x" * 43
+    elif who == "revoked":
+        token, raw = token_create(actor=SYSTEM, kind=ApiToken.Kind.CI, name="gone", applications=[world.app])
+        token_revoke(actor=SYSTEM, token=token)
+    else:
+        raw = token_create(actor=SYSTEM, kind=ApiToken.Kind.PERSONAL, name="bob", user=world.bob)[1]
+        world.bob.is_active = False
+        world.bob.save()
+    nobody = Api(client, raw)
+    assert ci.get("/releases/MAC/3.1.0").status_code == 200
+    answers = [nobody.get(path) for path in READS]
+    answers += [nobody.post("/builds", {**BUILD, "number": "99"}), nobody.post("/builds", {"number": 1})]
+    assert [(a.status_code, a.json()) for a in answers] == [
+        (401, {"code": "UNAUTHENTICATED",
+               "detail": "A valid bearer token is required: Authorization: Bearer <token>."})] * len(answers)
+    assert not Build.objects.filter(number="99").exists()
 
 
 @pytest.mark.parametrize("body", [
