@@ -78,6 +78,12 @@ MIDDLEWARE = [
     "portal.api.JsonAnswersMiddleware",
 ]
 
+# Under /api/v1/ (but its documentation page): bearer tokens, JSON answers (portal.handlers).
+API_MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "portal.api.JsonAnswersMiddleware",
+]
+
 ROOT_URLCONF = "portal.urls"
 WSGI_APPLICATION = "portal.wsgi.application"
 

@@ -11,15 +11,29 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group, Permission
 from django.db import connection
+from django.test.client import ClientHandler
 
 from audit import triggers
 from audit.actors import Actor
 from environments import services as env_services
 from environments.models import Deployment, Environment
+from portal.handlers import ApiMiddleware, Dispatch
 from releases import services as rel_services
 from releases.models import Application
 
 SYSTEM = Actor.system(via="test")
+
+
+class ApiClientHandler(ApiMiddleware, ClientHandler):
+    pass
+
+
+@pytest.fixture
+def client(client):
+    """The test client, through the two middleware stacks of the portal's WSGI application
+    (portal.handlers): the API's under /api/v1/, the site's elsewhere."""
+    client.handler = Dispatch(client.handler, ApiClientHandler(client.handler.enforce_csrf_checks))
+    return client
 _numbers = itertools.count(1)
 
 
