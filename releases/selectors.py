@@ -35,13 +35,13 @@ _APPLICATION = {
 def application_get(name: str, *, within: frozenset[int] | None = None, lock: bool = False) -> Application:
     """The application named `name`; `within` limits it to these ids (what a reader may see); `lock`
     holds its row until the caller's transaction ends."""
-    if lock and connection.get_autocommit():
-        raise TransactionManagementError("application_get(lock=True) holds the row until the transaction ends.")
     return application_of(application_read(name, within=within, lock=lock), name)
 
 
 def application_read(name: str, *, within: frozenset[int] | None = None, lock: bool = False) -> Pending:
     """application_get's read, to be run with others (core.compiled.together); application_of answers."""
+    if lock and connection.get_autocommit():
+        raise TransactionManagementError("application_get(lock=True) holds the row until the transaction ends.")
     read = _APPLICATION[lock, within is not None]
     return read.later(name) if within is None else read.later(name, within)
 

@@ -14,26 +14,27 @@ from audit import chain
 from audit.actors import Actor
 from audit.services import refused
 from core import events
-from core.compiled import CompiledRead, model_fields
+from core.compiled import CompiledRead, model_fields, together
 from environments import policy
 from releases.models import Application, Build, BuildIssue, Implementer, Release, ReleaseIssue, VcsAlias
-from releases.selectors import application_get
+from releases.selectors import application_of, application_read
 
 
-def _builds(application_id, number, *, lock: bool):
-    builds = Build.objects.select_for_update() if lock else Build.objects
-    return builds.filter(application_id=application_id, number=number).order_by("-created_at").values(
+def _builds(application, number, *, lock: bool):
+    builds = Build.objects.select_for_update(of=("self",)) if lock else Build.objects
+    return builds.filter(application__name=application, number=number).order_by("-created_at").values(
         *model_fields(Build))[:1]
 
 
-def _releases(application_id, version):
-    return Release.objects.filter(application_id=application_id, version=version).order_by(
+def _releases(application, version):
+    return Release.objects.filter(application__name=application, version=version).order_by(
         "-registered_at", "-id").values(*model_fields(Release))[:1]
 
 
-# Each registration looks its build (and release) up: compiled once (core.compiled).
-_BUILD = {lock: CompiledRead(functools.partial(_builds, lock=lock), int, str) for lock in (False, True)}
-_RELEASE = CompiledRead(_releases, int, str)
+# Each registration locks its application and looks its build (and release) up, by name, in one
+# round trip after the lock (core.compiled): compiled once.
+_BUILD = {lock: CompiledRead(functools.partial(_builds, lock=lock), str, str) for lock in (False, True)}
+_RELEASE = CompiledRead(_releases, str, str)
 
 
 def _first(rows: list):
@@ -62,11 +63,13 @@ def build_register(
     with transaction.atomic():
         # The application's row lock serializes registrations of its builds, so a build that is not
         # there yet cannot be created concurrently: a plain INSERT, no savepoint.
-        app = application_get(application, lock=True)
+        app, existing = application_read(application, lock=True), _BUILD[True].later(application, number)
+        together(app, existing)  # the application's lock first, then its build
+        app = application_of(app, application)
         if refusal := policy.check_may_register(actor, app, "releases.add_build"):
             error = refused(actor=actor, action="build.register", refusal=refusal, obj=app, data={"number": number})
         else:
-            build = _first(_BUILD[True].instances(Build, app.pk, number))
+            build = _first(existing.instances(Build))
             if build is None:
                 build = Build.objects.create(application=app, number=number, **fields)
                 keys = _record_build_issues(app, build, new=True)
@@ -138,11 +141,13 @@ def release_register(
     with transaction.atomic():
         # The application's row lock serializes registrations of its releases: a version that is not
         # there yet cannot be registered concurrently (a plain INSERT, no savepoint).
-        app = application_get(application, lock=True)
+        reads = application_read(application, lock=True), _BUILD[False].later(application, build), _RELEASE.later(
+            application, version)
+        together(*reads)  # the application's lock first, then its build and release
+        app = application_of(reads[0], application)
         payload["application"] = app.name
         digest = _registration_digest(payload)
-        the_build = _first(_BUILD[False].instances(Build, app.pk, build))
-        existing = _first(_RELEASE.instances(Release, app.pk, version))
+        the_build, existing = _first(reads[1].instances(Build)), _first(reads[2].instances(Release))
         refusal = policy.check_may_register(actor, app, "releases.add_release") or policy.check_release_registration(
             app, version, build, the_build, existing, digest
         )
