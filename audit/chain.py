@@ -22,6 +22,7 @@ from psycopg.types.string import TextLoader
 
 from audit.actors import Actor
 from audit.models import AuditEvent
+from core.compiled import prepared
 from core.times import iso
 
 GENESIS_HASH = "0" * 64
@@ -235,8 +236,9 @@ def _append_postgresql(event: AuditEvent, parts: tuple[str, str, str]) -> None:
     prefix = f"{before}{_string(iso(event.created_at))}{between}"
     fields = [f for f in _insert_fields() if f.attname not in _POSITION]
     params = [field.get_db_prep_save(getattr(event, field.attname), connection) for field in fields]
+    sql, params = prepared(_append_sql(_typed_columns(tuple(fields))), [prefix, after, *params])
     with connection.cursor() as cursor:
-        cursor.execute(_append_sql(tuple(f.column for f in fields)), [prefix, after, *params])
+        cursor.execute(_LOCK_SQL + sql, params)
         if not cursor.nextset():
             raise RuntimeError("The chain append returned no result.")
         event.pk, event.seq, event.prev_hash, event.hash = cursor.fetchone()
@@ -250,15 +252,22 @@ _POSITION = ("seq", "canonical", "prev_hash", "hash")  # what the database fills
 
 
 @functools.cache
-def _append_sql(columns: tuple[str, ...]) -> str:
+def _typed_columns(fields: tuple) -> tuple[tuple[str, str], ...]:
+    return tuple((field.column, field.db_type(connection)) for field in fields)
+
+
+@functools.cache
+def _append_sql(columns: tuple[tuple[str, str], ...]) -> str:
+    """The INSERT of one event at the head (run after the lock): prepared once per session, so that
+    under the lock PostgreSQL neither parses nor plans it; each value typed as its column is."""
     quote, table = connection.ops.quote_name, connection.ops.quote_name(AuditEvent._meta.db_table)
     return (
-        f"{_LOCK_SQL}WITH head AS ({_HEAD_SQL}), "
+        f"WITH head AS ({_HEAD_SQL}), "
         f"n AS (SELECT COALESCE((SELECT seq FROM head), 0) + 1 AS seq, "
         f"COALESCE((SELECT hash FROM head), '{GENESIS_HASH}') AS prev_hash), "
-        f"e AS (SELECT n.seq, n.prev_hash, %s || n.seq || %s AS canonical FROM n) "
-        f"INSERT INTO {table} ({', '.join(quote(c) for c in columns)}, seq, canonical, prev_hash, hash) "
-        f"SELECT {', '.join(['%s'] * len(columns))}, e.seq, e.canonical, e.prev_hash, "
+        f"e AS (SELECT n.seq, n.prev_hash, CAST(%s AS text) || n.seq || CAST(%s AS text) AS canonical FROM n) "
+        f"INSERT INTO {table} ({', '.join(quote(c) for c, _ in columns)}, seq, canonical, prev_hash, hash) "
+        f"SELECT {', '.join(f'CAST(%s AS {kind})' for _, kind in columns)}, e.seq, e.canonical, e.prev_hash, "
         f"encode(sha256(convert_to(e.prev_hash || E'\\n' || e.canonical, 'UTF8')), 'hex') FROM e "
         f"RETURNING {quote(AuditEvent._meta.pk.column)}, seq, prev_hash, hash"
     )

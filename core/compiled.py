@@ -251,6 +251,13 @@ def fetch(sql: str, params: list, *, using: str = DEFAULT_DB_ALIAS, varying: tup
 _prepared_text: dict[tuple, tuple[str, str]] = {}
 
 
+def prepared(sql: str, params: list, *, using: str = DEFAULT_DB_ALIAS) -> tuple[str, list]:
+    """A statement to run with these parameters as it runs fastest: on PostgreSQL the EXECUTE of it
+    prepared on this session (as fetch does; every parameter an argument, so each must be typed
+    where PostgreSQL cannot tell its type from its place), elsewhere the statement itself."""
+    return _executable(connections[using], sql, params)
+
+
 def _executable(connection, sql: str, params: list, varying: tuple[int, ...] | None = None) -> tuple[str, list]:
     """On PostgreSQL, the statement prepared on this session (PREPARE on first use) and its EXECUTE."""
     if connection.vendor != "postgresql" or not params:
