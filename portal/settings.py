@@ -78,9 +78,11 @@ MIDDLEWARE = [
     "portal.api.JsonAnswersMiddleware",
 ]
 
-# Under /api/v1/ (but its documentation page): bearer tokens, JSON answers (portal.handlers).
+# Under /api/v1/ (but its documentation page): bearer tokens, JSON answers (portal.handlers). The
+# common middleware checks the Host header against ALLOWED_HOSTS on every request.
 API_MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "django.middleware.common.CommonMiddleware",
     "portal.api.JsonAnswersMiddleware",
 ]
 

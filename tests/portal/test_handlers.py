@@ -1,40 +1,14 @@
 """The portal's WSGI application hands the API and the site to their own middleware stacks
 (portal.handlers): what each answer must carry, it carries, through the application a server runs."""
 
-import io
 import json
-import wsgiref.util
 
 import pytest
-from django.core import signals
-from django.db import close_old_connections
 
 from access.models import ApiToken
 from access.services import token_create
-from portal.wsgi import application
 from tests.conftest import SYSTEM
-
-
-def serve(path: str, **headers) -> tuple[int, dict, bytes]:
-    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "wsgi.input": io.BytesIO(b""), "SERVER_NAME": "testserver",
-               **{f"HTTP_{name.upper()}": value for name, value in headers.items()}}
-    wsgiref.util.setup_testing_defaults(environ)
-    answer = {}
-
-    def start_response(status, response_headers, exc_info=None):
-        answer["status"], answer["headers"] = int(status.split()[0]), dict(response_headers)
-
-    # As Django's test client does: the test's transaction holds the connection the request uses.
-    signals.request_started.disconnect(close_old_connections)
-    signals.request_finished.disconnect(close_old_connections)
-    try:
-        response = application(environ, start_response)
-        body = b"".join(response)
-        response.close()
-    finally:
-        signals.request_started.connect(close_old_connections)
-        signals.request_finished.connect(close_old_connections)
-    return answer["status"], answer["headers"], body
+from tests.wsgi import serve
 
 
 @pytest.mark.django_db
