@@ -90,7 +90,8 @@ class EnvironmentStatus(BaseModel):
 
 @router.post("/deployments", response={201: DeploymentOut, **REFUSALS}, summary="Request a deployment")
 def request_deployment(request: HttpRequest, body: DeploymentIn):
-    release = release_selectors.release_get(body.application, body.version, details=False)
+    # A release of an application the token may not see answers as one that does not exist.
+    release = release_selectors.release_get(body.application, body.version, details=False, within=readable(request))
     environment = selectors.environment_get(body.application, body.environment)
     deployment = services.deployment_request(
         actor=actor_of(request), release=release, environment=environment, emergency_reason=body.emergency_reason
@@ -106,6 +107,8 @@ def get_deployment(request: HttpRequest, deployment_id: ObjectId):
 
 def _decision(service):
     def view(request: HttpRequest, deployment_id: ObjectId, body: DecisionIn):
+        if (within := readable(request)) is not None:  # one the token may not see is not there for it
+            selectors.deployment_get(deployment_id, within=within)
         service(actor=actor_of(request), deployment_id=deployment_id, comment=body.comment)
         return selectors.deployment_as_dict(selectors.deployment_get(deployment_id))
 

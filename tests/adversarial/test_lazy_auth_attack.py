@@ -178,6 +178,32 @@ def test_ci_token_of_a_reads_b_exactly_as_if_b_did_not_exist(world, client, setu
     assert a.json()["detail"].replace("OTHER", "X") == b.json()["detail"].replace("GHOST", "X")
 
 
+def test_ci_token_of_a_cannot_tell_whether_a_deployment_of_b_exists(world, client, setup):
+    """POST /deployments/{id}/cancel|approve|reject with a CI token scoped to MAC on OTHER's deployment:
+    anything but the answer for an id that does not exist tells the token it exists (and whose)."""
+    ci = setup["ci"]
+    before = Deployment.objects.get(pk=setup["other_deployment"]).state
+    leaks = {}
+    for verb in ("cancel", "approve", "reject"):
+        existing = ci.post(f"/deployments/{setup['other_deployment']}/{verb}", {})
+        missing = ci.post(f"/deployments/999999/{verb}", {})
+        if (existing.status_code, existing.json()["code"]) != (missing.status_code, missing.json()["code"]) or \
+                existing.json()["detail"].replace(str(setup["other_deployment"]), "N") != \
+                missing.json()["detail"].replace("999999", "N"):
+            leaks[verb] = (existing.status_code, existing.json(), missing.status_code, missing.json())
+    assert Deployment.objects.get(pk=setup["other_deployment"]).state == before
+    assert leaks == {}
+
+
+def test_ci_token_of_a_cannot_probe_b_releases_through_post_deployments(world, client, setup):
+    ci = setup["ci"]
+    existing = ci.post("/deployments", {"application": "OTHER", "version": "9.9.9", "environment": "QA"})
+    missing = ci.post("/deployments", {"application": "OTHER", "version": "0.0.0", "environment": "QA"})
+    assert Deployment.objects.filter(release__application__name="OTHER").count() == 1
+    assert existing.status_code == missing.status_code == 404
+    assert existing.json()["detail"].replace("9.9.9", "V") == missing.json()["detail"].replace("0.0.0", "V")
+
+
 def test_ci_token_of_a_cannot_probe_b_builds_through_post_releases(world, client, setup):
     ci = setup["ci"]
     existing = ci.post("/releases", {**RELEASE, "application": "OTHER", "version": "5.0", "build": "7"})
