@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Annotated, Literal
 
 from django.http import HttpRequest
 from ninja import Field, Router, Status
 from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints
 
+from core.decisions import PolicyRefusal
 from edge.api import REFUSALS, ApplicationName, DateTime, Identity, Name, Text, actor_of, example, matching, readable
 from releases import selectors, services
 from releases.models import ISSUE_KEY_MAX, ISSUE_KEY_PATTERN
@@ -151,16 +153,30 @@ class ChangeOut(BaseModel):
     summary: str = Field(description="Where the change is now, in a sentence.")
 
 
+@contextmanager
+def unseen_as_missing(application: str):
+    """A CI token's registration for an application outside its scope answers as one for an application
+    that does not exist (404), so the token learns no application's name; the service's TOKEN_SCOPE
+    refusal is in the audit chain all the same."""
+    try:
+        yield
+    except PolicyRefusal as refused:
+        if refused.refusal.code == "TOKEN_SCOPE":
+            raise selectors.no_application(application) from None
+        raise
+
+
 @router.post("/builds", response={200: BuildOut, 201: BuildOut, **REFUSALS}, summary="Register or update a build",
              description="201 for a new build, 200 for a build in progress updated or the same report again; a "
              "finished build never changes (409 BUILD_FINISHED). A CI token registers only for its applications "
-             "(403 TOKEN_SCOPE).")
+             "(another application answers 404, as one that does not exist).")
 def register_build(request: HttpRequest, body: BuildIn):
-    build, created = services.build_register(
-        actor=actor_of(request), application=body.application, number=body.number, commit=body.commit,
-        branch=body.branch, url=body.url, status=body.status,
-        tests=services.TestCounts(body.tests.passed, body.tests.failed, body.tests.skipped),
-    )
+    with unseen_as_missing(body.application):
+        build, created = services.build_register(
+            actor=actor_of(request), application=body.application, number=body.number, commit=body.commit,
+            branch=body.branch, url=body.url, status=body.status,
+            tests=services.TestCounts(body.tests.passed, body.tests.failed, body.tests.skipped),
+        )
     return Status(201 if created else 200, selectors.build_as_dict(build))
 
 
@@ -173,16 +189,19 @@ def get_build(request: HttpRequest, application: ApplicationName, number: BuildN
              description="Registers an immutable release cut from a build of the application. The build must be "
              "registered first (422 UNKNOWN_BUILD) and successful (422 BUILD_NOT_SUCCESSFUL). The same "
              "registration again answers 200 unchanged; the same version with other content answers 409 "
-             "RELEASE_CONFLICT. A CI token registers only for its applications (403 TOKEN_SCOPE).")
+             "RELEASE_CONFLICT. A CI token registers only for its applications (another application answers "
+             "404, as one that does not exist).")
 def register_release(request: HttpRequest, body: ReleaseIn):
     pr = body.pull_request
     approved_at = pr.approved_at.isoformat() if pr and pr.approved_at else None
-    release, created = services.release_register(
-        actor=actor_of(request), application=body.application, version=body.version, build=body.build,
-        artifact_url=body.artifact_url, artifact_sha256=body.artifact_sha256,
-        issue_keys=body.issue_keys, implementers=body.implementers,
-        pull_request=None if pr is None else services.PullRequest(pr.url, pr.author, tuple(pr.reviewers), approved_at),
-    )
+    with unseen_as_missing(body.application):
+        release, created = services.release_register(
+            actor=actor_of(request), application=body.application, version=body.version, build=body.build,
+            artifact_url=body.artifact_url, artifact_sha256=body.artifact_sha256,
+            issue_keys=body.issue_keys, implementers=body.implementers,
+            pull_request=None if pr is None else services.PullRequest(pr.url, pr.author, tuple(pr.reviewers),
+                                                                      approved_at),
+        )
     return Status(201 if created else 200, selectors.release_detail_of(release))
 
 

@@ -50,8 +50,12 @@ def application_of(read: Pending, name: str, *, within: frozenset[int] | None = 
     """The application application_read found; `within`: only if it is one of these."""
     found = [a for a in read.instances(Application) if within is None or a.pk in within]
     if not found:
-        raise NotFound(f"No application named {name!r}.")
+        raise no_application(name)
     return found[0]
+
+
+def no_application(name: str) -> NotFound:
+    return NotFound(f"No application named {name!r}.")
 
 
 def build_as_dict(build: Build) -> dict:

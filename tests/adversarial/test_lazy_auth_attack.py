@@ -214,6 +214,19 @@ def test_ci_token_of_a_cannot_probe_b_builds_through_post_releases(world, client
     assert (existing.status_code, existing.json()["code"]) == (missing.status_code, missing.json()["code"])
 
 
+def test_ci_token_of_a_cannot_tell_which_applications_exist_by_registering(world, client, setup):
+    """Registering for an application outside the token's scope answers as for one that does not exist;
+    the refusal is in the chain all the same."""
+    ci, before = setup["ci"], AuditEvent.objects.filter(code="TOKEN_SCOPE").count()
+    answers = [(ci.post("/builds", {**BUILD, "application": app}), ci.post("/releases", {
+        **RELEASE, "application": app, "build": "7"})) for app in ("OTHER", "GHOST")]
+    bodies = [[(a.status_code, a.json()["detail"].replace(app, "X")) for a in pair]
+              for pair, app in zip(answers, ("OTHER", "GHOST"), strict=True)]
+    assert bodies[0] == bodies[1] == [(404, "No application named 'X'.")] * 2
+    assert AuditEvent.objects.filter(code="TOKEN_SCOPE").count() == before + 2
+    assert not Build.objects.filter(application__name="OTHER", number=BUILD["number"]).exists()
+
+
 def test_ci_token_cannot_approve_or_act_on_restricted(world, client, setup):
     ci = setup["ci"]
     before = state()
