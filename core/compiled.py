@@ -134,7 +134,7 @@ class CompiledRead:
     def later(self, *args, using: str = DEFAULT_DB_ALIAS) -> Pending:
         """This read with these arguments, to be run with others in one round trip (together())."""
         statement, params = self._bound(args, using)
-        return Pending(self, statement, params, using)
+        return Pending(statement, params, using)
 
     def tuples(self, *args, using: str = DEFAULT_DB_ALIAS) -> list[tuple]:
         """The rows as values_list() gives them."""
@@ -154,8 +154,8 @@ class Pending:
     """A CompiledRead bound to its arguments. Its rows are read once, by the first of tuples(),
     dicts() or instances(), or by together() with other reads in one round trip."""
 
-    def __init__(self, read: CompiledRead | None, statement: _Statement | None, params: list, using: str):
-        self.read, self.statement, self.params, self.using = read, statement, params, using
+    def __init__(self, statement: _Statement | None, params: list, using: str):
+        self.statement, self.params, self.using = statement, params, using
         self._rows: list[tuple] | None = None if statement is not None else []
 
     @classmethod
@@ -163,7 +163,7 @@ class Pending:
         """A statement written by hand (every parameter an argument), as a read to run with others;
         its rows as the driver gives them (tuples())."""
         slots = tuple((position, position, None) for position in range(len(params)))
-        return cls(None, _Statement(sql, tuple(params), slots, (), {}), list(params), using)
+        return cls(_Statement(sql, tuple(params), slots, (), {}), list(params), using)
 
     def run(self) -> tuple[_Statement | None, list[tuple]]:
         if self._rows is None:

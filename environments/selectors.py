@@ -72,15 +72,13 @@ def _environment_rows(application):
     )
     return Environment.objects.filter(application__name=application).annotate(
         current_version=Subquery(last_success.values("release__version")[:1]),
-        last_deployment_id=Subquery(_last_deployment()),
-    ).order_by("id").values("id", "application_id", "name", "restricted", "promotes_from__name", "current_version",
-                            "last_deployment_id")
+    ).order_by("id").values("id", "application_id", "name", "restricted", "promotes_from__name", "current_version")
 
 
 def _last_deployments(application):
     last = Environment.objects.filter(application__name=application).values(last=Subquery(_last_deployment()))
     return Deployment.objects.filter(pk__in=last).order_by().values(
-        "id", "release__version", "state", "requested_at", "finished_at")
+        "id", "environment_id", "release__version", "state", "requested_at", "finished_at")
 
 
 def _application_open_deployments(application):
@@ -191,10 +189,10 @@ def application_environments(application: str, *, alongside: tuple[Pending, ...]
     frozen = policy.freezes_holding(windows.instances(FreezeWindow), [
         Environment(pk=e["id"], application_id=e["application_id"]) for e in environments], now)
     queues = _queues([e["id"] for e in environments], open_deployments.dicts(), frozen)
-    last = {d["id"]: d for d in last_deployments.dicts()}
+    last = {d["environment_id"]: d for d in last_deployments.dicts()}
     rows = []
     for env in environments:
-        d = last.get(env["last_deployment_id"])
+        d = last.get(env["id"])
         rows.append({
             "name": env["name"], "restricted": env["restricted"],
             "promotes_from": env["promotes_from__name"],

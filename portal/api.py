@@ -108,7 +108,7 @@ class JsonAnswersMiddleware:
     def __call__(self, request):
         response = self.get_response(request)
         if unknown_bearer(request):
-            return JsonResponse({"code": "UNAUTHENTICATED", "detail": _UNAUTHENTICATED}, status=401)
+            return _error(request, 401, "UNAUTHENTICATED", _UNAUTHENTICATED)
         if (response.status_code < 400 or not request.path_info.startswith(PREFIX)
                 or response.get("Content-Type", "").startswith("application/json")):
             return response
