@@ -37,8 +37,12 @@ GRANTABLE = (DEPLOY, APPROVE)
 
 def grants_on(environment: Environment):
     """The explicit deploy/approve grants on one environment: (group grants, user grants) querysets."""
-    where = {"content_type": ContentType.objects.get_for_model(Environment), "object_pk": str(environment.pk),
-             "permission__codename__in": GRANTABLE}
+    return _grants_on_any([environment.pk])
+
+
+def _grants_on_any(environment_ids):
+    where = {"content_type": ContentType.objects.get_for_model(Environment),
+             "object_pk__in": [str(pk) for pk in environment_ids], "permission__codename__in": GRANTABLE}
     return GroupObjectPermission.objects.filter(**where), UserObjectPermission.objects.filter(**where)
 
 
@@ -53,6 +57,19 @@ def environment_grants(user, environment: Environment) -> set[str]:
     codenames = "permission__codename"
     return set(direct.filter(user=user).values_list(codenames, flat=True).union(
         by_group.filter(group__user=user).values_list(codenames, flat=True)))
+
+
+def environment_grants_among(user, environment_ids) -> dict[int, set[str]]:
+    """`environment_grants` for each of several environments, in one query (a listing of many decisions)."""
+    found: dict[int, set[str]] = {pk: set() for pk in environment_ids}
+    if user is None or not user.is_active or not found:
+        return found
+    by_group, direct = _grants_on_any(found)
+    columns = ("object_pk", "permission__codename")
+    for object_pk, codename in direct.filter(user=user).values_list(*columns).union(
+            by_group.filter(group__user=user).values_list(*columns)):
+        found[int(object_pk)].add(codename)
+    return found
 
 
 def holds_any_grant(user) -> bool:
@@ -133,19 +150,24 @@ class Implementers:
     identities: frozenset[str]
     user_ids: frozenset[int]
 
-    def match(self, user) -> str | None:
-        """How `user` is an implementer ('user', 'identity'), or None."""
+    def match(self, user, identities: set[str] | None = None) -> str | None:
+        """How `user` is an implementer ('user', 'identity'), or None. `identities`: the person's, when
+        already read (person_identities)."""
         if user is None:
             return None
         if user.pk in self.user_ids:
             return "user"
-        if self.identities & person_identities(user):
+        if self.identities & (person_identities(user) if identities is None else identities):
             return "identity"
         return None
 
 
 def implementers_of(release: Release) -> Implementers:
-    rows = list(release.implementers.values_list("identity", "user_id"))
+    """A release's implementers (from `prefetch_related("implementers")` where the caller prefetched them)."""
+    if "implementers" in getattr(release, "_prefetched_objects_cache", {}):
+        rows = [(i.identity, i.user_id) for i in release.implementers.all()]
+    else:
+        rows = list(release.implementers.values_list("identity", "user_id"))
     return Implementers(frozenset(i for i, _ in rows), frozenset(u for _, u in rows if u is not None))
 
 
@@ -290,8 +312,9 @@ def check_implementers_recorded(release: Release, environment: Environment, impl
     return None
 
 
-def check_not_implementer(user, implementers: Implementers, code: str, role: str) -> Refusal | None:
-    if user is not None and implementers.match(user):
+def check_not_implementer(user, implementers: Implementers, code: str, role: str,
+                          identities: set[str] | None = None) -> Refusal | None:
+    if user is not None and implementers.match(user, identities):
         return forbidden(code, f"You implemented this change, so you may not {role} it.")
     return None
 
@@ -582,9 +605,13 @@ def approvals_given(deployment: Deployment) -> int:
     return sum(1 for a in deployment.approvals.all() if a.decision == "approve")
 
 
-def decide_approval(*, actor: Actor, deployment: Deployment, approve: bool) -> Decision:
+def decide_approval(*, actor: Actor, deployment: Deployment, approve: bool, grants: set[str] | None = None,
+                    identities: set[str] | None = None) -> Decision:
     """May `actor` approve (or reject) `deployment`? (rules 3-5). The approval that reaches the
-    environment's threshold queues the deployment, busy environment or not (rule 6)."""
+    environment's threshold queues the deployment, busy environment or not (rule 6).
+
+    A listing of many decisions passes what it read once for the person: their `grants` on the
+    deployment's environment (environment_grants) and their `identities` (person_identities)."""
     environment = deployment.environment
     if actor.is_ci:
         return no(forbidden("CI_TOKEN_RESTRICTED", "A CI token can never approve or reject deployments."))
@@ -594,11 +621,13 @@ def decide_approval(*, actor: Actor, deployment: Deployment, approve: bool) -> D
         return no(r, next=Next.EXPIRE)
     if not actor.is_person:
         return no(forbidden("NOT_A_PERSON", "Only a person can approve or reject a deployment."))
-    if r := check_may_approve(actor, environment, environment_grants(actor.user, environment)):
+    if grants is None:
+        grants = environment_grants(actor.user, environment)
+    if r := check_may_approve(actor, environment, grants):
         return no(r)
     role = "approve" if approve else "reject"
     implementers = implementers_of(deployment.release)
-    if r := check_not_implementer(actor.user, implementers, "SOD_IMPLEMENTER_APPROVER", role):
+    if r := check_not_implementer(actor.user, implementers, "SOD_IMPLEMENTER_APPROVER", role, identities):
         return no(r)
     if deployment.requested_by_id == actor.user.pk:
         return no(forbidden("SOD_REQUESTER_APPROVER", f"You requested this deployment, so you may not {role} it."))

@@ -27,12 +27,17 @@ def grow_history(world, releases: int):
         world.deploy(release, world.production, actor=person(world.bob))
 
 
+def awaiting_production(world, key: str, *, implementers=("alice@example.com",)) -> Deployment:
+    release = world.release(issue_keys=[key], implementers=implementers)
+    world.to_staging(release)
+    return services.deployment_request(actor=person(world.bob), release=release, environment=world.production)
+
+
 def scene(world, key: str) -> dict[str, str]:
     """The same situation at any history size: a release carrying `key` in Staging and waiting for an
     approval to Production, and the pages that show it."""
-    release = world.release(issue_keys=[key])
-    world.to_staging(release)
-    pending = services.deployment_request(actor=person(world.bob), release=release, environment=world.production)
+    pending = awaiting_production(world, key)
+    release = pending.release
     return {
         "board": reverse("admin:index"),
         "release": reverse("admin:releases_release_change", args=[release.pk]),
@@ -61,8 +66,13 @@ def test_pages_keep_a_fixed_query_count_as_history_grows(client, world):
         state=Deployment.State.AWAITING_APPROVAL).pk)
 
     grow_history(world, 12)
+    # More requests waiting for a decision: some carol may decide, one she implemented (she may not).
+    for n in range(3):
+        awaiting_production(world, f"BIZPLAT-30{n}")
+    awaiting_production(world, "BIZPLAT-310", implementers=["Carol@Example.com"])
     urls = scene(world, "BIZPLAT-200")
     long = {name: queries(client, url) for name, url in urls.items()}
+    assert len(client.get(urls["board"]).context["waiting_for_me"]) == 4  # 1 with the short history
 
     assert long == short
     assert short["board"] <= 40 and short["release"] <= 60, short  # a few per environment, none per release
