@@ -27,6 +27,8 @@ PAGES = [
     Page("deployments searched for a version", "/admin/environments/deployment/?q=1.0.5000"),
     Page("releases searched for a version", "/admin/releases/release/?q=1.0.5000"),
     Page("audit events list", "/admin/audit/auditevent/"),
+    Page("audit events searched for a version", "/admin/audit/auditevent/?q=1.0.50000"),
+    Page("audit events searched for an action", "/admin/audit/auditevent/?q=deployment.request"),
     Page("release page", "/admin/releases/release/{release}/change/"),
     Page("deployment page", "/admin/environments/deployment/{deployment}/change/"),
     Page("change journey (API)", "/api/v1/changes/{epic_key}", auth="token"),

@@ -51,6 +51,8 @@ def scene(world, key: str) -> dict[str, str]:
         "releases of the key": reverse("admin:releases_release_changelist") + f"?q={key.lower()}",
         "audit events": reverse("admin:audit_auditevent_changelist"),
         "audit events of an action": reverse("admin:audit_auditevent_changelist") + "?action=deployment.request",
+        "audit events searched for a word": reverse("admin:audit_auditevent_changelist") + "?q=bob",
+        "audit events searched for an action": reverse("admin:audit_auditevent_changelist") + "?q=deployment.request",
     }
 
 

@@ -1,0 +1,44 @@
+"""The audit list's search reads a trigram index (PostgreSQL): a word anywhere in an event's person,
+object, action or code is found through it, not by reading every event (seconds at a million).
+
+The indexed expression is audit.models.SEARCH_TEXT_SQL as it stood when this migration was written;
+tests/audit/test_search.py checks on PostgreSQL that the search's plan still reads this index.
+pg_trgm is a trusted extension (PostgreSQL 13 and later): a role with CREATE on the database may
+create it. Where it cannot, the migration says so and goes on, as environments/0012 does: the search
+still works, reading the table (docs/operating.md)."""
+
+import logging
+
+from django.db import DatabaseError, migrations, transaction
+
+SEARCH_TEXT_SQL = ("UPPER(actor_username || chr(31) || object_repr || chr(31) || object_id || chr(31) || action"
+                   " || chr(31) || code)")
+
+
+def create(apps, schema_editor):
+    if schema_editor.connection.vendor != "postgresql":
+        return  # SQLite (development, tests) searches as the admin does
+    try:
+        with transaction.atomic(using=schema_editor.connection.alias):
+            schema_editor.execute("CREATE EXTENSION IF NOT EXISTS pg_trgm")
+    except DatabaseError as exc:
+        logging.getLogger(__name__).warning(
+            "pg_trgm is not available (%s): the audit list's search reads the table whole.", exc)
+        return
+    schema_editor.execute(
+        f"CREATE INDEX IF NOT EXISTS auditevent_search_trgm ON audit_auditevent USING gin (({SEARCH_TEXT_SQL}) gin_trgm_ops)")
+    # The planner estimates how many events a search finds from the statistics of the indexed
+    # expression, which ANALYZE gathers only once the index exists (autovacuum would, later).
+    schema_editor.execute("ANALYZE audit_auditevent")
+
+
+def drop(apps, schema_editor):
+    if schema_editor.connection.vendor == "postgresql":
+        schema_editor.execute("DROP INDEX IF EXISTS auditevent_search_trgm")
+
+
+class Migration(migrations.Migration):
+
+    dependencies = [("audit", "0004_auditevent_via_index")]
+
+    operations = [migrations.RunPython(create, drop, elidable=False)]
