@@ -101,6 +101,61 @@ def _ms(text: str) -> float:
     return float(number) * _UNITS[unit]
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of one process so far (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _postgres_backends() -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "cmdline").read_bytes().startswith(b"postgres: "):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+class CpuMeter:
+    """CPU spent by a gunicorn server's processes and by PostgreSQL's while a run lasts: what 16 clients
+    on 2 cores run out of is CPU, so the CPU per request says where a request's cost is."""
+
+    def __init__(self, server_pid: int):
+        self.server_pid = server_pid
+
+    def _now(self) -> tuple[float, float]:
+        web = _cpu_seconds(self.server_pid) + sum(_cpu_seconds(c) for c in _children(self.server_pid))
+        return web, sum(_cpu_seconds(p) for p in _postgres_backends())
+
+    def __enter__(self):
+        self.start = self._now()
+        return self
+
+    def __exit__(self, *exc):
+        self.end = self._now()
+
+    def per_request_ms(self, requests: int) -> tuple[float | None, float | None]:
+        if not requests:
+            return None, None
+        return tuple(1000 * (b - a) / requests for a, b in zip(self.start, self.end, strict=True))
+
+
 def run_wrk(wrk: str, url: str, endpoint: Endpoint, seconds: int, run_id: str, token: str) -> dict:
     command = [wrk, f"-t{WRK_THREADS}", f"-c{CONNECTIONS}", f"-d{seconds}s", "--latency", "--timeout", "10s"]
     if endpoint.method == "POST":
@@ -145,8 +200,8 @@ def drain(url: str, limit: float = 240.0) -> float:
     return time.monotonic() - t0
 
 
-def _fmt(ms: float | None) -> str:
-    return "-" if ms is None else f"{ms:.1f}"
+def _fmt(ms: float | None, digits: int = 1) -> str:
+    return "-" if ms is None else f"{ms:.{digits}f}"
 
 
 def prepare() -> tuple[str, str]:
@@ -184,7 +239,9 @@ def measure(database_url: str, ports: tuple[int, int], seconds: int, log_dir: Pa
             url, probe = base_url + endpoint.path, base_url + ("/json" if endpoint.server == "bare" else "/api/v1/x")
             run_wrk(wrk, url, endpoint, 2, f"{run_id}w", token)  # warm up: connections, imports, caches
             drain(probe)
-            result = run_wrk(wrk, url, endpoint, seconds, run_id, token)
+            with CpuMeter(servers[endpoint.server].process.pid) as cpu:
+                result = run_wrk(wrk, url, endpoint, seconds, run_id, token)
+            result["web_cpu_ms"], result["db_cpu_ms"] = cpu.per_request_ms(result["requests"])
             waited = drain(probe)
             if waited > 1:
                 log(f"  ({endpoint.name}: {waited:.0f} s until the requests left queued were served)")
@@ -197,6 +254,7 @@ def measure(database_url: str, ports: tuple[int, int], seconds: int, log_dir: Pa
                          "target": f">= {endpoint.target} of {endpoint.compare_to}, p99 < 50 ms"
                          if endpoint.compare_to else "baseline"})
             log(f"  {endpoint.name}: {result['requests']:,} requests, {result['rate']:,.1f} req/s,"
-                f" p50 {_fmt(result['p50_ms'])} ms, p99 {_fmt(result['p99_ms'])} ms, failed {result['failed']}"
+                f" p50 {_fmt(result['p50_ms'])} ms, p99 {_fmt(result['p99_ms'])} ms, failed {result['failed']},"
+                f" CPU per request {_fmt(result['web_cpu_ms'], 2)} ms web + {_fmt(result['db_cpu_ms'], 2)} ms database"
                 + (f", {ratio:.2f} of {endpoint.compare_to}" if base else ""), flush=True)
     return rows
