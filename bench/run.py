@@ -258,18 +258,28 @@ def machine() -> str:
             f" {platform.release()}, Python {platform.python_version()}, PostgreSQL {pg}")
 
 
-def write_docs(command: str, blocks: list[str], seconds: float, load: tuple[float, float]) -> None:
-    when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    body = "\n".join([BEGIN, f"Last run: {when}, `{command}`, {seconds / 60:.1f} minutes (after seeding).", "",
-                      f"Machine: {machine()}; load average {load[0]:.1f} at the start, {load[1]:.1f} at the end"
-                      " (the machine is shared: figures of one run are compared with each other).", "",
-                      *blocks, END])
+def write_docs(command: str, sections: list[tuple[str, list[str]]], seconds: float, load: tuple[float, float],
+               whole: bool) -> None:
+    """Write the measured sections into docs/benchmarks.md. A whole run rewrites the results; a run of
+    some sections (--only) replaces those sections and keeps the others as they were measured, each
+    section saying when and with which command it was."""
     text = DOCS.read_text() if DOCS.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
     if BEGIN not in text:
         text += f"\n{BEGIN}\n{END}\n"
     head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    DOCS.write_text(head + body + tail)
+    old, tail = rest.split(END, 1)
+    header, *old_blocks = old.split("\n### ")
+    kept = {} if whole else {block.split("\n", 1)[0]: f"### {block.rstrip()}\n" for block in old_blocks}
+    new = {title: "\n".join([f"### {title}", *lines]) for title, lines in sections}
+    if whole:
+        when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        header = "\n".join(["", f"Last whole run: {when}, `{command}`, {seconds / 60:.1f} minutes (after seeding).", "",
+                             f"Machine: {machine()}; load average {load[0]:.1f} at the start, {load[1]:.1f} at the"
+                             " end (the machine is shared: figures of one run are compared with each other).", "", ""])
+    # Each section where it was (measured again, or kept), then the sections measured for the first time.
+    blocks = [new.pop(title, block) for title, block in kept.items()] + list(new.values())
+    DOCS.write_text(head + BEGIN + header.rstrip("\n") + "\n\n" + "\n".join(b.rstrip() + "\n" for b in blocks) + END
+                    + tail)
 
 
 def main() -> None:
@@ -307,25 +317,28 @@ def main() -> None:
                           if os.environ.get(name)), "make bench"]
                        + ([f"BENCH_ARGS={shlex.quote(' '.join(sys.argv[1:]))}"] if sys.argv[1:] else []))
     t0, load_at_start = time.monotonic(), os.getloadavg()[0]
-    blocks, holder = [], {}
+    sections, holder = [], {}
     for name in SECTIONS:
         if name not in wanted:
             continue
         log(f"\n== {name}", flush=True)
+        started, section_load = dt.datetime.now(dt.UTC), os.getloadavg()[0]
         title, headers, rows, note = RUNNERS[name](args, holder)
         print(f"\n{title}")
+        measured = (f"Measured {started:%Y-%m-%d %H:%M} UTC by `{command}`; load average {section_load:.1f}"
+                    f" at its start, {os.getloadavg()[0]:.1f} at its end.")
         if rows:
             text, markdown = table(headers, rows)
             print(text)
-            blocks += [f"### {title}", "", markdown, "", note, ""]
+            sections.append((title, ["", measured, "", markdown, "", note, ""]))
         else:
-            blocks += [f"### {title}", "", note, ""]
+            sections.append((title, ["", measured, "", note, ""]))
         print(note, flush=True)
     seconds = time.monotonic() - t0
     print(f"\nmeasured in {seconds / 60:.1f} minutes; load average {load_at_start:.1f} at the start,"
           f" {os.getloadavg()[0]:.1f} at the end")
     if not args.no_docs:
-        write_docs(command, blocks, seconds, (load_at_start, os.getloadavg()[0]))
+        write_docs(command, sections, seconds, (load_at_start, os.getloadavg()[0]), whole=set(wanted) == set(SECTIONS))
         print(f"figures written to {DOCS.relative_to(ROOT)}")
 
 
