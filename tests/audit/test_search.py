@@ -58,6 +58,8 @@ def listed(client, **params) -> list[str]:
     ("register", ["MAC 1.0.10"]),  # part of an action
     ('"carol deployment"', []),  # one phrase never spans two columns
     ("nobody", []),
+    ("%", []),  # LIKE's wildcards are looked for as they are
+    ("r_g", []),
 ])
 def test_each_word_is_found_somewhere_in_the_person_object_action_or_code(auditor, events, term, found):
     assert listed(auditor, q=term) == found
