@@ -27,6 +27,18 @@ FLOOR_TABLE = "bench_serialized_insert"
 FLOOR_LOCK_KEY = 7_341_120_099
 
 
+def checkpoint() -> None:
+    """Flush what earlier work left dirty, so that a checkpoint does not start during a measurement
+    (needs a superuser or pg_checkpoint's role; without it, nothing)."""
+    from django.db import DatabaseError, connection
+
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("CHECKPOINT")
+    except DatabaseError:
+        pass
+
+
 def _floor_one(i: int, n: int) -> None:
     from django.db import connection
 

@@ -113,29 +113,33 @@ def pages_section(args, token_holder: dict):
 def appends_section(args, token_holder: dict):
     from bench import chain_bench
 
-    rows = []
-    for mode in ("floor", "processes", "threads"):
-        r = chain_bench.appends(writers=args.writers, per_writer=args.appends, mode=mode)
+    chain_bench.checkpoint()  # the sections before wrote: their dirty pages are not flushed during this one
+    measured = {}
+    for mode in ("floor", "processes", "threads", "floor again"):
+        r = chain_bench.appends(writers=args.writers, per_writer=args.appends, mode=mode.split()[0])
         if r["errors"]:
             log("  append errors:", *r["errors"][:5], sep="\n    ")
         log(f"  {r['events']:,} events by {r['writers']} {mode} in {r['seconds']:.1f} s: {r['rate']:,.0f}/s",
             flush=True)
-        if mode == "floor":
-            floor = r["rate"]
-            rows.append([f"floor: {r['writers']} processes, serialized plain INSERT", f"{r['events']:,}",
-                         f"{r['seconds']:.1f}", f"{r['rate']:,.0f}", "", str(len(r["errors"])), "baseline"])
-            continue
-        rows.append([f"{r['writers']} {mode}", f"{r['events']:,}", f"{r['seconds']:.1f}", f"{r['rate']:,.0f}",
-                     f"{r['rate'] / floor:.2f}", str(len(r["errors"])), ">= 1,000/s, verify passes after"])
+        measured[mode] = r
+    floors = [measured["floor"], measured["floor again"]]
+    floor = max(r["rate"] for r in floors)
+    rows = [[f"floor: {r['writers']} processes, serialized plain INSERT ({when})", f"{r['events']:,}",
+             f"{r['seconds']:.1f}", f"{r['rate']:,.0f}", "", str(len(r["errors"])), "baseline"]
+            for when, r in zip(("before", "after"), floors, strict=True)]
+    rows[1:1] = [[f"{r['writers']} {mode}", f"{r['events']:,}", f"{r['seconds']:.1f}", f"{r['rate']:,.0f}",
+                  f"{r['rate'] / floor:.2f}", str(len(r["errors"])), ">= 1,000/s, verify passes after"]
+                 for mode, r in measured.items() if not mode.startswith("floor")]
     return (
         "Audit appends (PostgreSQL, one transaction per event)",
         ["writers", "events", "seconds", "events/s", "of floor", "errors", "target"],
         rows,
         "Each writer has its own connection; processes write as gunicorn's workers do, threads share one"
-        " interpreter lock. verify_audit below runs over the chain these appends extended. The floor, measured"
-        " first in the same run: the same writers serialized by an advisory lock taken in the same round trip as a"
-        " plain INSERT of a row of about the same size, then the commit (no chain, no hash, one index): what this"
-        " machine's disk and scheduler allow for serialized commits.",
+        " interpreter lock. verify_audit below runs over the chain these appends extended. The floor: the same"
+        " writers serialized by an advisory lock taken in the same round trip as a plain INSERT of a row of about the"
+        " same size, then the commit (no chain, no hash, one index): what this machine's disk and scheduler allow for"
+        " serialized commits. It is measured before and after the appends, after a CHECKPOINT, and the faster of the"
+        " two counts: the disk's speed here changes from one minute to the next.",
     )
 
 
