@@ -263,7 +263,7 @@ def machine() -> str:
 
 
 def write_docs(command: str, sections: list[tuple[str, list[str]]], seconds: float, load: tuple[float, float],
-               whole: bool) -> None:
+               whole: bool, started: dt.datetime | None = None) -> None:
     """Write the measured sections into docs/benchmarks.md. A whole run rewrites the results; a run of
     some sections (--only) replaces those sections and keeps the others as they were measured, each
     section saying when and with which command it was."""
@@ -276,7 +276,7 @@ def write_docs(command: str, sections: list[tuple[str, list[str]]], seconds: flo
     kept = {} if whole else {block.split("\n", 1)[0]: f"### {block.rstrip()}\n" for block in old_blocks}
     new = {title: "\n".join([f"### {title}", *lines]) for title, lines in sections}
     if whole:
-        when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        when = (started or dt.datetime.now(dt.UTC)).strftime("%Y-%m-%d %H:%M UTC")
         header = "\n".join(["", f"Last whole run: {when}, `{command}`, {seconds / 60:.1f} minutes (after seeding).", "",
                              f"Machine: {machine()}; load average {load[0]:.1f} at the start, {load[1]:.1f} at the"
                              " end (the machine is shared: figures of one run are compared with each other).", "", ""])
@@ -320,7 +320,7 @@ def main() -> None:
     command = " ".join([*(f"{name}={shlex.quote(os.environ[name])}" for name in COMMAND_ENV
                           if os.environ.get(name)), "make bench"]
                        + ([f"BENCH_ARGS={shlex.quote(' '.join(sys.argv[1:]))}"] if sys.argv[1:] else []))
-    t0, load_at_start = time.monotonic(), os.getloadavg()[0]
+    t0, load_at_start, started_at = time.monotonic(), os.getloadavg()[0], dt.datetime.now(dt.UTC)
     sections, holder = [], {}
     for name in SECTIONS:
         if name not in wanted:
@@ -342,7 +342,7 @@ def main() -> None:
     print(f"\nmeasured in {seconds / 60:.1f} minutes; load average {load_at_start:.1f} at the start,"
           f" {os.getloadavg()[0]:.1f} at the end")
     if not args.no_docs:
-        write_docs(command, sections, seconds, (load_at_start, os.getloadavg()[0]), whole=set(wanted) == set(SECTIONS))
+        write_docs(command, sections, seconds, (load_at_start, os.getloadavg()[0]), whole=set(wanted) == set(SECTIONS), started=started_at)
         print(f"figures written to {DOCS.relative_to(ROOT)}")
 
 
