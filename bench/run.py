@@ -342,7 +342,8 @@ def main() -> None:
     print(f"\nmeasured in {seconds / 60:.1f} minutes; load average {load_at_start:.1f} at the start,"
           f" {os.getloadavg()[0]:.1f} at the end")
     if not args.no_docs:
-        write_docs(command, sections, seconds, (load_at_start, os.getloadavg()[0]), whole=set(wanted) == set(SECTIONS), started=started_at)
+        write_docs(command, sections, seconds, (load_at_start, os.getloadavg()[0]),
+                   whole=set(wanted) == set(SECTIONS), started=started_at)
         print(f"figures written to {DOCS.relative_to(ROOT)}")
 
 

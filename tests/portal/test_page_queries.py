@@ -7,8 +7,8 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
-from environments import services
 from audit.models import AuditEvent
+from environments import services
 from environments.models import Deployment
 from tests.conftest import person
 
