@@ -36,6 +36,7 @@ _counter = itertools.count(1)
 
 
 _EPOCH = dt.datetime(1901, 2, 3, 4, 5, 6, tzinfo=dt.UTC)
+_MARKED = "\x00compiledread"  # how every str marker begins (nothing a LIKE escapes)
 
 
 def _marker(kind: type):
@@ -45,7 +46,7 @@ def _marker(kind: type):
     if kind is int:
         return -(2**62) - n
     if kind is str:  # with the characters a LIKE lookup escapes, so that such a lookup is refused
-        return f"\x00compiled_read%{n}\\\x00"
+        return f"{_MARKED}%{n}\\\x00"
     if kind is dt.datetime:
         return _EPOCH + dt.timedelta(microseconds=n)
     raise TypeError(f"CompiledRead arguments are int, str or datetime (or collections of them), not {kind}.")
@@ -108,6 +109,10 @@ class CompiledRead:
                       if isinstance(value, int | str | dt.datetime) and value in where)
         if {(i, e) for _, i, e in slots} != set(where.values()):
             raise ValueError("Each argument must appear as a parameter of the compiled statement.")
+        taken = {position for position, _, _ in slots}
+        if any(isinstance(value, str) and _MARKED in value for position, value in enumerate(params)
+               if position not in taken):  # a lookup rewrote an argument (a LIKE escaped it): refused
+            raise ValueError("An argument is rewritten by a lookup of the compiled statement.")
         columns = [column[0] for column in compiler.select[:compiler.col_count]]
         names = tuple(query.selected) if query.selected else (*query.values_select, *query.annotation_select)
         if len(names) != len(columns) or compiler.has_composite_fields(columns):

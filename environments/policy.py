@@ -18,6 +18,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.contrib.contenttypes.models import ContentType
 from django.db.models import Q, Value
+from django.db.models.functions import Lower
 from django.utils import timezone
 from guardian.models import GroupObjectPermission, UserObjectPermission
 
@@ -97,6 +98,21 @@ def identity_users(identities) -> dict[str, set[int]]:
     return _identity_users(identities)[0]
 
 
+def _identity_rows(identities):
+    """The aliases and the people the identities (lower-case) may be, together: (True, user, alias, "")
+    and (False, user, e-mail, user name), an e-mail or user name in any case."""
+    aliases = VcsAlias.objects.filter(identity__in=identities).order_by().values_list(
+        Value(True), "user_id", "identity", Value(""))
+    people = get_user_model().objects.alias(email_lower=Lower("email"), username_lower=Lower("username")).filter(
+        Q(email_lower__in=identities) | Q(username_lower__in=identities)).order_by().values_list(
+        Value(False), "id", "email", "username")
+    return aliases.union(people, all=True)
+
+
+# Every release registration asks (its implementers): compiled once per number of identities.
+_IDENTITY_ROWS = CompiledRead(_identity_rows, (str,))
+
+
 def _identity_users(identities) -> tuple[dict[str, set[int]], dict[str, int]]:
     """identity_users, and the user each identity is a VCS alias of."""
     identities = sorted(set(identities))
@@ -104,15 +120,8 @@ def _identity_users(identities) -> tuple[dict[str, set[int]], dict[str, int]]:
     aliased: dict[str, int] = {}
     if not identities:
         return found, aliased
-    q = Q()
-    for identity in identities:
-        q |= Q(email__iexact=identity) | Q(username__iexact=identity)
-    # The aliases and the people together: (True, user, alias, "") and (False, user, e-mail, user name).
-    aliases = VcsAlias.objects.filter(identity__in=identities).order_by().values_list(
-        Value(True), "user_id", "identity", Value(""))
-    people = get_user_model().objects.filter(q).order_by().values_list(Value(False), "id", "email", "username")
     wanted = set(identities)
-    for is_alias, user_id, first, second in aliases.union(people, all=True):
+    for is_alias, user_id, first, second in _IDENTITY_ROWS.tuples(identities):
         if is_alias:
             found.setdefault(first, set()).add(user_id)
             aliased[first] = user_id

@@ -22,7 +22,7 @@ from guardian.shortcuts import assign_perm, remove_perm
 from audit import chain
 from audit.actors import Actor
 from audit.services import audit_refusal, refused
-from core.compiled import CompiledRead, model_fields
+from core.compiled import CompiledRead, model_fields, together
 from core.decisions import Next, NotFound, PolicyRefusal, Refusal
 from environments import policy
 from environments.models import (
@@ -33,7 +33,7 @@ from environments.models import (
     FreezeWindow,
     NotificationChannel,
 )
-from releases.models import Release
+from releases.models import Application, Release
 
 State = Deployment.State
 ENGINE = Actor.system(via="task")
@@ -51,12 +51,29 @@ def _deployment_data(deployment: Deployment, **extra) -> dict:
     }
 
 
+# Every service locks an environment first: compiled once (core.compiled), the lock and the reads of
+# its application and the environment it promotes from in one round trip (the lock runs first).
+_LOCKED_ENVIRONMENT = CompiledRead(lambda pk: Environment.objects.select_for_update(of=("self",)).filter(
+    pk=pk).values(*model_fields(Environment)), int)
+_APPLICATION_OF_ENVIRONMENT = CompiledRead(lambda pk: Application.objects.filter(environments__pk=pk).values(
+    *model_fields(Application)), int)
+_SOURCE_OF_ENVIRONMENT = CompiledRead(lambda pk: Environment.objects.filter(promotes_to__pk=pk).values(
+    *model_fields(Environment)), int)
+
+
 def _lock_environment(environment_id: int) -> Environment:
-    return (
-        Environment.objects.select_for_update(of=("self",))
-        .select_related("application", "promotes_from")
-        .get(pk=environment_id)
-    )
+    """The environment, locked until commit, with its application and the environment it promotes from."""
+    reads = locked, application, source = (_LOCKED_ENVIRONMENT.later(environment_id),
+                                           _APPLICATION_OF_ENVIRONMENT.later(environment_id),
+                                           _SOURCE_OF_ENVIRONMENT.later(environment_id))
+    together(*reads)
+    found = locked.instances(Environment)
+    if not found:
+        raise Environment.DoesNotExist(f"No environment #{environment_id}.")
+    environment = found[0]
+    environment.application = application.instances(Application)[0]
+    environment.promotes_from = next(iter(source.instances(Environment)), None)
+    return environment
 
 
 def _lock_deployment(deployment_id: int) -> Deployment:
@@ -153,21 +170,35 @@ def deployment_dispatch_idle(*, now: dt.datetime | None = None) -> list[Deployme
     return [d for d in started if d is not None]
 
 
+def _waiting_automatic(environment_id, release_id):
+    """An environment's automatic deployments of releases older than `release_id` still waiting in its
+    queue without needing an approval."""
+    return Deployment.objects.filter(environment_id=environment_id, state=State.QUEUED, automatic=True,
+                                     required_approvals=0, release_id__lt=release_id)
+
+
+# A new release's automatic deployment asks on every registration: compiled once (core.compiled).
+_WAITING_AUTOMATIC = CompiledRead(lambda environment_id, release_id: _waiting_automatic(
+    environment_id, release_id).select_for_update(of=("self",)).order_by("id").values(*model_fields(Deployment)),
+    int, int)
+_RELEASES_WAITING_AUTOMATIC = CompiledRead(lambda environment_id, release_id: Release.objects.filter(
+    pk__in=_waiting_automatic(environment_id, release_id).values("release_id")).values(*model_fields(Release)),
+    int, int)
+
+
 def _supersede_older(deployment: Deployment, now: dt.datetime) -> None:
     """Latest wins for automatic deployments: an older release's automatic deployment still waiting
     for the same environment ends `superseded`. One that a person requested or approved waits its turn."""
     if not deployment.automatic:
         return
-    older = (
-        Deployment.objects.select_for_update(of=("self",))
-        .select_related("release__application")
-        .filter(environment=deployment.environment, state=State.QUEUED, automatic=True, required_approvals=0,
-                release_id__lt=deployment.release_id)
-        .exclude(pk=deployment.pk)
-        .order_by("id")
-    )
-    for waiting in older:
-        waiting.environment = deployment.environment
+    reads = waiting_ones, their_releases = (_WAITING_AUTOMATIC.later(deployment.environment_id, deployment.release_id),
+                                            _RELEASES_WAITING_AUTOMATIC.later(deployment.environment_id,
+                                                                              deployment.release_id))
+    together(*reads)  # the deployments locked first, then their releases
+    releases = {r.pk: r for r in their_releases.instances(Release)}
+    for waiting in waiting_ones.instances(Deployment):
+        waiting.environment, waiting.release = deployment.environment, releases[waiting.release_id]
+        waiting.release.application = deployment.release.application
         _set_state(waiting, State.SUPERSEDED, finished_at=now, superseded_by=deployment,
                    result_detail=f"Superseded by #{deployment.pk} ({deployment.release.version}) while waiting.")
         chain.append(actor=ENGINE, action="deployment.supersede", obj=waiting,
@@ -276,12 +307,14 @@ def auto_deploy_next(*, release: Release, after: Environment | None = None) -> N
         auto_deploy(release=release, environment=environment)
 
 
+# Asked at every end of a deployment (and every superseded one): compiled once (core.compiled).
+_ENABLED_CHANNELS = CompiledRead(lambda application_id: NotificationChannel.objects.filter(
+    application_id=application_id, enabled=True).order_by("id").values_list("id"), int)
+
+
 def _notify(deployment: Deployment) -> None:
     """Tell the application's channels how a deployment ended, after commit (one task per channel)."""
-    channels = NotificationChannel.objects.filter(
-        application_id=deployment.release.application_id, enabled=True
-    ).values_list("id", flat=True)
-    for channel_id in channels:
+    for (channel_id,) in _ENABLED_CHANNELS.tuples(deployment.release.application_id):
         _enqueue("send_notification", channel_id, deployment.pk, name=f"notify-{channel_id}-{deployment.pk}")
 
 

@@ -112,6 +112,13 @@ def test_a_value_the_lookup_rewrites_is_refused(world):
         read.tuples("1.")
 
 
+def test_a_value_a_lookup_rewrites_is_refused_even_where_the_argument_is_also_used_as_it_is(world):
+    read = CompiledRead(lambda name: Release.objects.filter(
+        Q(version=name) | Q(version__icontains=name)).values_list("id"), str)  # the second is escaped
+    with pytest.raises(ValueError, match="rewritten by a lookup"):
+        read.tuples("1.0")
+
+
 def test_instances_are_the_models_rows_with_the_other_fields_deferred(world):
     read = CompiledRead(lambda name: Application.objects.filter(name=name).values("id", "name"), str)
     [application] = read.instances(Application, "MAC")
