@@ -15,7 +15,7 @@ from django.utils import timezone
 from audit.downloads import zip_stream
 from audit.models import AuditEvent
 from edge.admin import ReadOnlyAdmin, admin_actor
-from edge.lists import IndexedValuesFilter, LargeTablePaginator, search_words
+from edge.lists import IndexedValuesFilter, LargeTablePaginator, indexed_values, search_words
 from evidence.reports import REPORTS, Export, Period
 from releases.models import Application
 
@@ -59,15 +59,19 @@ class AuditEventAdmin(ReadOnlyAdmin):
     def get_search_results(self, request, queryset, search_term):
         """The admin's search (each word somewhere in the person, the object, the action or the code, in
         any case), at millions of events on PostgreSQL: a search that is exactly an action or a refusal
-        code (deployment.approve, SOD_IMPLEMENTER_APPROVER) finds the events of that action or code
-        through its index; any other words are looked for through the trigram index of the searched
+        code (deployment.approve, SOD_IMPLEMENTER_APPROVER) finds the events of every action and code it
+        is part of through their indexes (what else an action's name could be part of, an object's or
+        a person's name, never holds one); any other words are looked for through the trigram index of the searched
         text (migration 0005) instead of reading every event. SQLite searches as the admin does."""
         term = search_term.strip()
         if not term or connections[queryset.db].vendor != "postgresql":
             return super().get_search_results(request, queryset, search_term)
-        for exact in (Q(action=term.lower()), Q(code=term.upper())):  # each read through its own index
-            if AuditEvent.objects.filter(exact).exists():
-                return queryset.filter(exact), False
+        actions, codes = indexed_values(AuditEvent, "action"), indexed_values(AuditEvent, "code")
+        if term.lower() in actions or term.upper() in codes:
+            # Every action and code it is part of (deployment.cancel: deployment.cancel_request too),
+            # each read through its own index.
+            return queryset.filter(Q(action__in=[a for a in actions if term.lower() in a.lower()])
+                                   | Q(code__in=[c for c in codes if term.upper() in c.upper()])), False
         queryset = queryset.alias(search_text=RawSQL(SEARCH_TEXT_SQL, (), output_field=TextField()))
         for word in search_words(term):
             queryset = queryset.filter(search_text__contains=Upper(Value(word)))

@@ -27,6 +27,7 @@ def events(db, make_user):
             ("deployment.request", None, "#8 MAC 1.0.8 -> Production", ""),
             ("deployment.refuse", carol, "#9 MAC 1.0.9 -> Production", "SOD_IMPLEMENTER_APPROVER"),
             ("release.register", None, "MAC 1.0.10", ""),
+            ("deployment.request_again", None, "#11 MAC 1.0.11 -> Production", ""),
         ]:
             actor = Actor(user=who, via="admin") if who else Actor.system(via="auto")
             chain.append(actor=actor, action=action, object_type="environments.deployment",
@@ -50,10 +51,11 @@ def listed(client, **params) -> list[str]:
 @pytest.mark.parametrize(("term", "found"), [
     ("CAROL", ["#7 MAC 1.0.7 -> Production", "#9 MAC 1.0.9 -> Production"]),  # a person, any case
     ("1.0.8", ["#8 MAC 1.0.8 -> Production"]),  # part of an object
-    ("mac production", ["#7 MAC 1.0.7 -> Production", "#8 MAC 1.0.8 -> Production",
-                        "#9 MAC 1.0.9 -> Production"]),  # every word, each anywhere
+    ("mac production", ["#11 MAC 1.0.11 -> Production", "#7 MAC 1.0.7 -> Production",
+                        "#8 MAC 1.0.8 -> Production", "#9 MAC 1.0.9 -> Production"]),  # every word, anywhere
     ("carol 1.0.9", ["#9 MAC 1.0.9 -> Production"]),
-    ("deployment.request", ["#8 MAC 1.0.8 -> Production"]),  # an action, whole
+    # an action, whole: with the actions it is part of
+    ("deployment.request", ["#11 MAC 1.0.11 -> Production", "#8 MAC 1.0.8 -> Production"]),
     ("sod_implementer_approver", ["#9 MAC 1.0.9 -> Production"]),  # a refusal code, whole, any case
     ("register", ["MAC 1.0.10"]),  # part of an action
     ('"carol deployment"', []),  # one phrase never spans two columns
@@ -108,9 +110,26 @@ def test_the_dates_of_a_few_events_are_read_once_and_match_the_events(events):
         result_count = 2
 
     calendar = CalendarChangeList(Listed()).queryset
+    assert calendar._few == 2
     with CaptureQueriesContext(connection) as captured:
         bounds = calendar.aggregate(first=Min("created_at"), last=Max("created_at"))
         days = calendar.datetimes("created_at", "day")
     carols = AuditEvent.objects.filter(actor_username="carol")
     assert bounds == carols.aggregate(first=Min("created_at"), last=Max("created_at"))
     assert days and len(captured) == 1
+
+
+def test_the_dates_of_a_list_counted_only_up_to_the_cap_are_read_over_all_of_it(events, settings):
+    settings.PORTAL_EXACT_COUNT_LIMIT = 2
+
+    class Paginator:
+        count_label = "more than 2"  # the paginator stopped counting: the list holds more
+
+    class Listed:
+        queryset = AuditEvent.objects.filter(object_type="environments.deployment").order_by("-seq")
+        result_count, paginator = 2, Paginator()
+
+    calendar = CalendarChangeList(Listed()).queryset
+    assert calendar._few is None  # its bounds are then read over the whole list, not over two of its rows
+    assert calendar.bounds("created_at") == Listed.queryset.aggregate(first=Min("created_at"),
+                                                                        last=Max("created_at"))
