@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from django.core.exceptions import EmptyResultSet
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.models import Model, QuerySet
+from django.db.transaction import TransactionManagementError
 from django.utils import timezone
 from psycopg import sql as psycopg_sql
 
@@ -68,6 +69,7 @@ class _Statement:
     slots: tuple[tuple[int, int, int | None], ...]  # (parameter position, argument, element or None)
     names: tuple[str, ...]  # the columns' names, as values() names them
     converters: dict  # column position -> (converter functions, expression), the ORM's own
+    locks: bool = False  # SELECT ... FOR UPDATE: only inside a transaction, as the ORM insists
 
     @functools.cached_property
     def varying(self) -> tuple[int, ...]:
@@ -117,7 +119,8 @@ class CompiledRead:
         names = tuple(query.selected) if query.selected else (*query.values_select, *query.annotation_select)
         if len(names) != len(columns) or compiler.has_composite_fields(columns):
             raise ValueError("The compiled statement does not select the queryset's values.")
-        return _Statement(sql, tuple(params), slots, names, compiler.get_converters(columns))
+        return _Statement(sql, tuple(params), slots, names, compiler.get_converters(columns),
+                          locks=bool(query.select_for_update))
 
     def _bound(self, args, using: str) -> tuple[_Statement | None, list]:
         """The statement for these arguments' shape (compiled on first use) and its parameters."""
@@ -128,8 +131,12 @@ class CompiledRead:
         statement = self._statements[key]
         if statement is None:
             return None, []
-        params = list(statement.params)
         connection = connections[using]
+        if statement.locks and connection.features.has_select_for_update and connection.get_autocommit():
+            # The ORM checks this when it compiles, which a compiled read does once: a lock taken in
+            # autocommit would be let go at once.
+            raise TransactionManagementError("select_for_update cannot be used outside of a transaction.")
+        params = list(statement.params)
         values = [[_adapted(v, connection) for v in a] if isinstance(k, tuple) else _adapted(a, connection)
                   for a, k in zip(args, self._kinds, strict=True)]
         for position, index, element in statement.slots:

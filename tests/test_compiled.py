@@ -119,6 +119,16 @@ def test_a_value_a_lookup_rewrites_is_refused_even_where_the_argument_is_also_us
         read.tuples("1.0")
 
 
+@pytest.mark.skipif(not connection.features.has_select_for_update, reason="SQLite takes no row locks")
+def test_a_locking_read_is_refused_outside_a_transaction_after_it_was_compiled_inside_one(transactional_audit_db):
+    qa = Environment.objects.create(application=Application.objects.create(name="MAC"), name="QA")
+    read = CompiledRead(lambda pk: Environment.objects.select_for_update().filter(pk=pk).values_list("id"), int)
+    with transaction.atomic():
+        assert read.tuples(qa.pk) == [(qa.pk,)]
+    with pytest.raises(TransactionManagementError, match="outside of a transaction"):
+        read.tuples(qa.pk)  # the lock would be let go at once
+
+
 def test_instances_are_the_models_rows_with_the_other_fields_deferred(world):
     read = CompiledRead(lambda name: Application.objects.filter(name=name).values("id", "name"), str)
     [application] = read.instances(Application, "MAC")
