@@ -10,23 +10,17 @@ pg_trgm is a trusted extension (PostgreSQL 13 and later): a role with CREATE on 
 create it. Where it cannot, the migration says so and goes on, as environments/0012 does: the search
 still works, reading the table (docs/operating.md)."""
 
-import logging
+from django.db import migrations
 
-from django.db import DatabaseError, migrations, transaction
+from core.trigrams import pg_trgm_available
 
 SEARCH_TEXT_SQL = ("UPPER(actor_username || chr(31) || object_repr || chr(31) || object_id || chr(31) || action"
                    " || chr(31) || code)")
 
 
 def create(apps, schema_editor):
-    if schema_editor.connection.vendor != "postgresql":
-        return  # SQLite (development, tests) searches as the admin does
-    try:
-        with transaction.atomic(using=schema_editor.connection.alias):
-            schema_editor.execute("CREATE EXTENSION IF NOT EXISTS pg_trgm")
-    except DatabaseError as exc:
-        logging.getLogger(__name__).warning(
-            "pg_trgm is not available (%s): the audit list's search reads the table whole.", exc)
+    # SQLite (development, tests) searches as the admin does.
+    if not pg_trgm_available(schema_editor, without="the audit list's search reads the table whole"):
         return
     schema_editor.execute(
         "CREATE INDEX CONCURRENTLY IF NOT EXISTS auditevent_search_trgm ON audit_auditevent"

@@ -4,9 +4,9 @@ for anywhere in a release's version, issue keys and implementers, and in who ask
 nothing. Where the pg_trgm extension cannot be created (a database role without the right to), the
 migration says so and goes on: the searches still work, reading the tables."""
 
-import logging
+from django.db import migrations
 
-from django.db import DatabaseError, migrations, transaction
+from core.trigrams import pg_trgm_available
 
 # index name, table, column: the expression is Django's own for icontains, so the planner uses it.
 INDEXES = [
@@ -18,14 +18,7 @@ INDEXES = [
 
 
 def create(apps, schema_editor):
-    if schema_editor.connection.vendor != "postgresql":
-        return
-    try:
-        with transaction.atomic(using=schema_editor.connection.alias):
-            schema_editor.execute("CREATE EXTENSION IF NOT EXISTS pg_trgm")
-    except DatabaseError as exc:
-        logging.getLogger(__name__).warning(
-            "pg_trgm is not available (%s): the lists' searches read the tables whole.", exc)
+    if not pg_trgm_available(schema_editor, without="the lists' searches read the tables whole"):
         return
     for name, table, column in INDEXES:
         schema_editor.execute(f"CREATE INDEX IF NOT EXISTS {name} ON {table} USING gin (UPPER({column}::text) gin_trgm_ops)")
