@@ -52,12 +52,7 @@ def environment_grants(user, environment: Environment) -> set[str]:
 
     Superuser status grants nothing here: only an explicit grant counts (rule 4).
     """
-    if user is None or not user.is_active:
-        return set()
-    by_group, direct = grants_on(environment)
-    codenames = "permission__codename"
-    return set(direct.filter(user=user).values_list(codenames, flat=True).union(
-        by_group.filter(group__user=user).values_list(codenames, flat=True)))
+    return environment_grants_among(user, [environment.pk])[environment.pk]
 
 
 def environment_grants_among(user, environment_ids) -> dict[int, set[str]]:
@@ -260,9 +255,12 @@ def readable_applications(actor: Actor) -> frozenset[int] | None:
     return actor.token_applications if actor.is_ci else None
 
 
+TOKEN_SCOPE = "TOKEN_SCOPE"  # the API answers it as "no such application" (releases.api)
+
+
 def check_token_scope(actor: Actor, application) -> Refusal | None:
     if actor.is_ci and application.pk not in actor.token_applications:
-        return forbidden("TOKEN_SCOPE", f"This CI token is not allowed to act on {application}.")
+        return forbidden(TOKEN_SCOPE, f"This CI token is not allowed to act on {application}.")
     return None
 
 

@@ -397,11 +397,9 @@ def awaiting_decision_of(actor: Actor) -> list[Deployment]:
         .prefetch_related("approvals__approver", "release__issues", "release__implementers")
         .order_by("requested_at", "id")
     )
-    if not pending or not actor.is_person:
-        return []  # (a decision needs a person)
     # What the policy reads of the person is read once for all of them: a fixed number of queries.
     grants = policy.environment_grants_among(actor.user, {d.environment_id for d in pending})
-    identities = policy.person_identities(actor.user)
+    identities = policy.person_identities(actor.user) if pending and actor.is_person else None
     return [d for d in pending if policy.decide_approval(
         actor=actor, deployment=d, approve=True, grants=grants[d.environment_id], identities=identities).allowed]
 

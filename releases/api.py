@@ -9,6 +9,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints
 
 from core.decisions import PolicyRefusal
 from edge.api import REFUSALS, ApplicationName, DateTime, Identity, Name, Text, actor_of, example, matching, readable
+from environments import policy
 from releases import selectors, services
 from releases.models import ISSUE_KEY_MAX, ISSUE_KEY_PATTERN
 
@@ -161,7 +162,7 @@ def unseen_as_missing(application: str):
     try:
         yield
     except PolicyRefusal as refused:
-        if refused.refusal.code == "TOKEN_SCOPE":
+        if refused.refusal.code == policy.TOKEN_SCOPE:
             raise selectors.no_application(application) from None
         raise
 
