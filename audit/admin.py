@@ -66,7 +66,7 @@ class AuditEventAdmin(ReadOnlyAdmin):
         term = search_term.strip()
         if not term or connections[queryset.db].vendor != "postgresql":
             return super().get_search_results(request, queryset, search_term)
-        actions, codes = indexed_values(AuditEvent, "action"), indexed_values(AuditEvent, "code")
+        actions, codes = indexed_values(AuditEvent, "action", request), indexed_values(AuditEvent, "code", request)
         if term.lower() in actions or term.upper() in codes:
             # Every action and code it is part of (deployment.cancel: deployment.cancel_request too),
             # each read through its own index.

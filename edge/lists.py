@@ -80,12 +80,25 @@ class IndexedValuesFilter(admin.AllValuesFieldListFilter):
         super().__init__(field, request, params, model, model_admin, field_path)
         if field_path != field.name or field.null:
             raise ValueError(f"{field_path}: an indexed, non-null column of the listed table")
-        self.lookup_choices = indexed_values(model, field.name)
+        self.lookup_choices = indexed_values(model, field.name, request)
 
 
-def indexed_values(model, field_name: str) -> list:
+def indexed_values(model, field_name: str, request=None) -> list:
     """The distinct values of an indexed, non-null column, in order, read by walking its index from one
-    value to the next (one index probe per value, whatever the number of rows)."""
+    value to the next (one index probe per value, whatever the number of rows). Read once per
+    `request` (a list's filter and its search may both ask)."""
+    read = getattr(request, "_indexed_values", None)
+    if read is None:
+        read = {}
+        if request is not None:
+            request._indexed_values = read
+    key = (model._meta.label, field_name)
+    if key not in read:
+        read[key] = _indexed_values(model, field_name)
+    return list(read[key])
+
+
+def _indexed_values(model, field_name: str) -> list:
     connection = connections[router.db_for_read(model)]
     table, column = (connection.ops.quote_name(n) for n in (model._meta.db_table,
                                                            model._meta.get_field(field_name).column))
