@@ -127,13 +127,8 @@ class _Calendar:
         self._queryset, self._few = queryset, few
         self._bounds: dict[str, dict] = {}
 
-    def aggregate(self, *args, **kwargs):
-        first, last = kwargs.get("first"), kwargs.get("last")
-        if args or kwargs.keys() != {"first", "last"} or not (
-                isinstance(first, models.Min) and isinstance(last, models.Max)
-                and repr(first.source_expressions) == repr(last.source_expressions)
-                and isinstance(first.source_expressions[0], models.F)):
-            return self._queryset.aggregate(*args, **kwargs)
+    def aggregate(self, *, first: models.Min, last: models.Max) -> dict:
+        """The hierarchy's one aggregate: the first and the last of its field."""
         return dict(self.bounds(first.source_expressions[0].name))
 
     def bounds(self, field_name: str) -> dict:
