@@ -33,8 +33,10 @@ class Endpoint:
     target: float = 0.5
 
 
-def endpoints(release_version: str) -> list[Endpoint]:
-    """What is measured, in order: each bare view first, then the portal's endpoints against it."""
+def endpoints(release_version: str, build_number: str) -> list[Endpoint]:
+    """What is measured, in order: each bare view first, then the portal's endpoints against it. The
+    last, one build, is the lightest read that authenticates (the token and one row in one round
+    trip): what any authenticated read reaches at most here."""
     return [
         Endpoint("bare insert (one row, one statement)", "bare", "POST", "/insert", "bare"),
         Endpoint("POST /api/v1/builds", "portal", "POST", "/api/v1/builds", "build", "bare insert"),
@@ -44,6 +46,8 @@ def endpoints(release_version: str) -> list[Endpoint]:
                  "/api/v1/applications/MAC/environments", compare_to="bare JSON"),
         Endpoint(f"GET /api/v1/releases/MAC/{release_version}", "portal", "GET",
                  f"/api/v1/releases/MAC/{release_version}", compare_to="bare JSON"),
+        Endpoint(f"GET /api/v1/builds/MAC/{build_number}", "portal", "GET", f"/api/v1/builds/MAC/{build_number}",
+                 compare_to="bare JSON"),
     ]
 
 
@@ -204,8 +208,9 @@ def _fmt(ms: float | None, digits: int = 1) -> str:
     return "-" if ms is None else f"{ms:.{digits}f}"
 
 
-def prepare() -> tuple[str, str]:
-    """A CI token for MAC (created through the portal's service, so it is audited) and the bare table."""
+def prepare() -> tuple[str, str, str]:
+    """A CI token for MAC (created through the portal's service, so it is audited), the bare table, and
+    a release version and build number to read."""
     from django.db import connection
 
     from access.models import ApiToken
@@ -219,7 +224,8 @@ def prepare() -> tuple[str, str]:
     with connection.cursor() as cursor:
         cursor.execute(CREATE_TABLE)
     count = Release.objects.filter(application=app, version__startswith="1.0.").count()
-    return raw, f"1.0.{max(1, count // 2)}"
+    version = f"1.0.{max(1, count // 2)}"
+    return raw, version, Release.objects.get(application=app, version=version).build.number
 
 
 def measure(database_url: str, ports: tuple[int, int], seconds: int, log_dir: Path, log=print) -> list[dict]:
@@ -227,14 +233,14 @@ def measure(database_url: str, ports: tuple[int, int], seconds: int, log_dir: Pa
     if wrk is None:
         log("wrk is not installed: `apt-get install -y wrk` (Debian), then run again. API figures skipped.")
         return []
-    token, version = prepare()
+    token, version, build = prepare()
     run_id = str(int(time.time()))
     results: dict[str, dict] = {}
     rows = []
     with Server("portal.wsgi", ports[0], database_url, log_dir / "gunicorn-portal.log") as portal, \
             Server("bench.bare.wsgi", ports[1], database_url, log_dir / "gunicorn-bare.log") as bare:
         servers = {"portal": portal, "bare": bare}
-        for endpoint in endpoints(version):
+        for endpoint in endpoints(version, build):
             base_url = f"http://127.0.0.1:{servers[endpoint.server].port}"
             url, probe = base_url + endpoint.path, base_url + ("/json" if endpoint.server == "bare" else "/api/v1/x")
             run_wrk(wrk, url, endpoint, 2, f"{run_id}w", token)  # warm up: connections, imports, caches

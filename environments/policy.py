@@ -24,7 +24,7 @@ from guardian.models import GroupObjectPermission, UserObjectPermission
 
 from audit.actors import Actor
 from audit.models import AuditEvent
-from core.compiled import CompiledRead, Pending, model_fields
+from core.compiled import CompiledRead, Pending, model_fields, together
 from core.decisions import Decision, Next, Refusal, conflict, forbidden, no
 from environments.models import Approval, ControlChange, Deployment, Environment, FreezeOccurrence, FreezeWindow
 from releases.models import Build, Implementer, Release, VcsAlias
@@ -108,15 +108,21 @@ def _identity_rows(identities):
 _IDENTITY_ROWS = CompiledRead(_identity_rows, (str,))
 
 
-def _identity_users(identities) -> tuple[dict[str, set[int]], dict[str, int]]:
-    """identity_users, and the user each identity is a VCS alias of."""
+def identity_users_read(identities) -> Pending:
+    """resolve_identity_users' read of these identities, to be run with others (core.compiled.together)."""
+    return _IDENTITY_ROWS.later(sorted(set(identities)))
+
+
+def _identity_users(identities, read: Pending | None = None) -> tuple[dict[str, set[int]], dict[str, int]]:
+    """identity_users, and the user each identity is a VCS alias of (`read`: identity_users_read's of
+    the same identities, when run already)."""
     identities = sorted(set(identities))
     found: dict[str, set[int]] = {}
     aliased: dict[str, int] = {}
     if not identities:
         return found, aliased
     wanted = set(identities)
-    for is_alias, user_id, first, second in _IDENTITY_ROWS.tuples(identities):
+    for is_alias, user_id, first, second in (read or identity_users_read(identities)).tuples():
         if is_alias:
             found.setdefault(first, set()).add(user_id)
             aliased[first] = user_id
@@ -126,10 +132,10 @@ def _identity_users(identities) -> tuple[dict[str, set[int]], dict[str, int]]:
     return found, aliased
 
 
-def resolve_identity_users(identities) -> dict[str, int]:
+def resolve_identity_users(identities, read: Pending | None = None) -> dict[str, int]:
     """One portal user per VCS identity, where one is known: the VCS alias first, else the user whose
-    e-mail or user name it is (case-insensitive)."""
-    found, aliased = _identity_users(identities)
+    e-mail or user name it is (case-insensitive). `read`: identity_users_read's, when run already."""
+    found, aliased = _identity_users(identities, read)
     return {identity: aliased.get(identity, min(users)) for identity, users in found.items()}
 
 
@@ -364,17 +370,26 @@ def check_code_review(release: Release, environment: Environment, implementers: 
 
 # --- rule 1: promotion path -----------------------------------------------------------------------
 
-def promotion_source(release: Release, environment: Environment) -> Deployment | None:
-    """The latest succeeded deployment of this release to the environment it must come from."""
+_PROMOTION_SOURCE = CompiledRead(lambda release_id, environment_id: Deployment.objects.filter(
+    release_id=release_id, environment_id=environment_id, state=Deployment.State.SUCCEEDED,
+).order_by("-finished_at", "-id").values(*model_fields(Deployment))[:1], int, int)
+
+
+def promotion_source_read(release: Release, environment: Environment) -> Pending | None:
+    """promotion_source's read, to be run with others (core.compiled.together); None where the
+    environment starts its promotion path."""
     if environment.promotes_from_id is None:
         return None
-    return (
-        Deployment.objects.filter(
-            release=release, environment_id=environment.promotes_from_id, state=Deployment.State.SUCCEEDED
-        )
-        .order_by("-finished_at", "-id")
-        .first()
-    )
+    return _PROMOTION_SOURCE.later(release.pk, environment.promotes_from_id)
+
+
+def promotion_source(release: Release, environment: Environment, read: Pending | None = None) -> Deployment | None:
+    """The latest succeeded deployment of this release to the environment it must come from (`read`:
+    promotion_source_read's, when run already)."""
+    if environment.promotes_from_id is None:
+        return None
+    found = (read or promotion_source_read(release, environment)).instances(Deployment)
+    return found[0] if found else None
 
 
 def check_promotion_path(release, environment, source: Deployment | None) -> Refusal | None:
@@ -409,10 +424,18 @@ def _freeze_windows_of(environments, since: dt.datetime, until: dt.datetime) -> 
     environments = list(environments)
     if not environments:
         return []
-    return _FREEZE_WINDOWS.instances(
-        FreezeWindow, sorted({e.pk for e in environments}), sorted({e.application_id for e in environments}),
-        until, since - LONGEST_FREEZE,
-    )
+    return _freeze_windows_read(environments, since, until).instances(FreezeWindow)
+
+
+def _freeze_windows_read(environments: list[Environment], since: dt.datetime, until: dt.datetime) -> Pending:
+    return _FREEZE_WINDOWS.later(sorted({e.pk for e in environments}), sorted({e.application_id for e in environments}),
+                                 until, since - LONGEST_FREEZE)
+
+
+def freeze_windows_at(environment: Environment, now: dt.datetime) -> Pending:
+    """The read of the freeze windows that may hold `environment` at `now` (for active_freeze), to be
+    run with others (core.compiled.together)."""
+    return _freeze_windows_read([environment], now, now + dt.timedelta(microseconds=1))
 
 
 def _applies_to(window: FreezeWindow, environment: Environment) -> bool:
@@ -457,8 +480,13 @@ def freeze_windows_now(application: str, now: dt.datetime) -> Pending:
     return _APPLICATION_FREEZE_WINDOWS.later(application, now + dt.timedelta(microseconds=1), now - LONGEST_FREEZE)
 
 
-def active_freeze(environment: Environment, now: dt.datetime | None = None) -> FreezeOccurrence | None:
-    return active_freezes([environment], now).get(environment.pk)
+def active_freeze(environment: Environment, now: dt.datetime | None = None, windows: Pending | None = None
+                  ) -> FreezeOccurrence | None:
+    """The freeze that holds `environment` now, if any (`windows`: freeze_windows_at's read at `now`,
+    when run already)."""
+    if windows is None:
+        return active_freezes([environment], now).get(environment.pk)
+    return freezes_holding(windows.instances(FreezeWindow), [environment], now).get(environment.pk)
 
 
 def upcoming_freezes(environments, since: dt.datetime, until: dt.datetime) -> list[tuple]:
@@ -488,10 +516,11 @@ def waiting_for_freeze(freeze: FreezeOccurrence) -> str:
     return f"frozen until {freeze.ends_at:%Y-%m-%d %H:%M} UTC ({freeze.reason})"
 
 
-def check_no_freeze(environment: Environment, emergency: bool, now: dt.datetime | None = None) -> Refusal | None:
+def check_no_freeze(environment: Environment, emergency: bool, now: dt.datetime | None = None,
+                    windows: Pending | None = None) -> Refusal | None:
     if emergency:
         return None
-    if (freeze := active_freeze(environment, now)) is not None:
+    if (freeze := active_freeze(environment, now, windows)) is not None:
         return conflict(FREEZE_WINDOW, freeze_sentence(environment, freeze))
     return None
 
@@ -505,8 +534,14 @@ def _open_deployment(release_id, environment_id):
 _OPEN_DEPLOYMENT = CompiledRead(_open_deployment, int, int)  # asked by every deployment request
 
 
-def check_not_already_open(release: Release, environment: Environment) -> Refusal | None:
-    found = _OPEN_DEPLOYMENT.tuples(release.pk, environment.pk)
+def open_deployment_read(release: Release, environment: Environment) -> Pending:
+    """check_not_already_open's read, to be run with others (core.compiled.together)."""
+    return _OPEN_DEPLOYMENT.later(release.pk, environment.pk)
+
+
+def check_not_already_open(release: Release, environment: Environment, read: Pending | None = None
+                           ) -> Refusal | None:
+    found = (read or open_deployment_read(release, environment)).tuples()
     if found:
         [(open_id,)] = found
         return conflict(
@@ -588,12 +623,18 @@ def decide_request(
             checks = (REQUESTER_NOT_IMPLEMENTER,)
         if r := check_code_review(release, environment, implementers):
             return no(r)
-    source = promotion_source(release, environment)
+    # What the last three checks read, in one round trip.
+    now = timezone.now()
+    reads = source_read, open_read, windows_read = (
+        promotion_source_read(release, environment), open_deployment_read(release, environment),
+        None if emergency else freeze_windows_at(environment, now))
+    together(*(read for read in reads if read is not None))
+    source = promotion_source(release, environment, source_read)
     if r := check_promotion_path(release, environment, source):
         return no(r)
-    if r := check_not_already_open(release, environment):
+    if r := check_not_already_open(release, environment, open_read):
         return no(r)
-    if r := check_no_freeze(environment, emergency):
+    if r := check_no_freeze(environment, emergency, now, windows_read):
         return no(r)
     queue_now = emergency or environment.required_approvals == 0
     return Decision(checks=checks, next=Next.QUEUE if queue_now else Next.AWAIT_APPROVAL, promoted_from=source)
@@ -677,9 +718,13 @@ def decide_start(deployment: Deployment, *, now: dt.datetime | None = None) -> D
                 "NOT_RELEASER", f"The approval of {', '.join(lost) or 'an approver'} no longer counts: they no "
                 f"longer hold the right to approve for {environment}.",
             ))
-    if r := check_promotion_path(deployment.release, environment, promotion_source(deployment.release, environment)):
+    reads = source_read, windows_read = (promotion_source_read(deployment.release, environment),
+                                         None if deployment.emergency else freeze_windows_at(environment, now))
+    together(*(read for read in reads if read is not None))
+    if r := check_promotion_path(deployment.release, environment,
+                                 promotion_source(deployment.release, environment, source_read)):
         return no(r)
-    if not deployment.emergency and (freeze := active_freeze(environment, now)) is not None:
+    if not deployment.emergency and (freeze := active_freeze(environment, now, windows_read)) is not None:
         return Decision(next=Next.HOLD, waiting_for=waiting_for_freeze(freeze))
     return Decision(next=Next.START)
 

@@ -183,7 +183,8 @@ def register_build(request: HttpRequest, body: BuildIn):
 
 @router.get("/builds/{application}/{number}", response={200: BuildOut, **REFUSALS}, summary="One build")
 def get_build(request: HttpRequest, application: ApplicationName, number: BuildNumber):
-    return selectors.build_as_dict(selectors.build_get(application, number, within=readable(request)))
+    return selectors.build_detail(application, number, within=lambda: readable(request),
+                                  alongside=(request.auth.lookup,))
 
 
 @router.post("/releases", response={200: ReleaseOut, 201: ReleaseOut, **REFUSALS}, summary="Register a release",

@@ -144,8 +144,8 @@ def release_register(
         # The application's row lock serializes registrations of its releases: a version that is not
         # there yet cannot be registered concurrently (a plain INSERT, no savepoint).
         reads = application_read(application, lock=True), _BUILD[False].later(application, build), _RELEASE.later(
-            application, version)
-        together(*reads)  # the application's lock first, then its build and release
+            application, version), policy.identity_users_read(identities)
+        together(*reads)  # the application's lock first, then its build, release and implementers' people
         app = application_of(reads[0], application)
         payload["application"] = app.name
         digest = _registration_digest(payload)
@@ -170,7 +170,7 @@ def release_register(
                 registration_digest=digest, registered_by=actor.label,
             )
             ReleaseIssue.objects.bulk_create(ReleaseIssue(release=release, key=k) for k in keys)
-            users = policy.resolve_identity_users(identities)
+            users = policy.resolve_identity_users(identities, reads[3])
             Implementer.objects.bulk_create(
                 Implementer(release=release, identity=i, user_id=users.get(i)) for i in identities
             )
