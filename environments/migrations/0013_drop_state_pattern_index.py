@@ -4,23 +4,13 @@ the lists compare states whole, through the plain index), and every change of st
 
 from django.db import migrations
 
-# Django's name for the pattern twin of the index of environments_deployment.state (db_index=True).
-STATE_PATTERN_INDEX = "environments_deployment_state_82286ab9_like"
-
-
-def drop(apps, schema_editor):
-    if schema_editor.connection.vendor == "postgresql":
-        schema_editor.execute(f'DROP INDEX IF EXISTS "{STATE_PATTERN_INDEX}"')
-
-
-def create(apps, schema_editor):
-    if schema_editor.connection.vendor == "postgresql":
-        schema_editor.execute(f'CREATE INDEX IF NOT EXISTS "{STATE_PATTERN_INDEX}" ON "environments_deployment" '
-                              '("state" varchar_pattern_ops)')
+from core.pattern_indexes import drop_pattern_index
 
 
 class Migration(migrations.Migration):
 
     dependencies = [("environments", "0012_list_search_indexes")]
 
-    operations = [migrations.RunPython(drop, create, elidable=False)]
+    # Django's name for the twin of the index of environments_deployment.state (db_index=True).
+    operations = [drop_pattern_index("environments_deployment", "state",
+                                     "environments_deployment_state_82286ab9_like")]
