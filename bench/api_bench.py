@@ -31,6 +31,7 @@ class Endpoint:
     kind: str = ""  # the body post.lua writes (build, release, bare); empty for GET
     compare_to: str = ""  # the bare endpoint this one is measured against
     target: float = 0.5
+    measures: str = ""  # what a row that is no target of its own shows
 
 
 def endpoints(release_version: str, build_number: str) -> list[Endpoint]:
@@ -47,7 +48,7 @@ def endpoints(release_version: str, build_number: str) -> list[Endpoint]:
         Endpoint(f"GET /api/v1/releases/MAC/{release_version}", "portal", "GET",
                  f"/api/v1/releases/MAC/{release_version}", compare_to="bare JSON"),
         Endpoint(f"GET /api/v1/builds/MAC/{build_number}", "portal", "GET", f"/api/v1/builds/MAC/{build_number}",
-                 compare_to="bare JSON"),
+                 compare_to="bare JSON", measures="ceiling of an authenticated read"),
     ]
 
 
@@ -257,8 +258,8 @@ def measure(database_url: str, ports: tuple[int, int], seconds: int, log_dir: Pa
             base = results.get(endpoint.compare_to)
             ratio = result["rate"] / base["rate"] if base else None
             rows.append({"name": endpoint.name, **result, "ratio": ratio,
-                         "target": f">= {endpoint.target} of {endpoint.compare_to}, p99 < 50 ms"
-                         if endpoint.compare_to else "baseline"})
+                         "target": endpoint.measures or (f">= {endpoint.target} of {endpoint.compare_to}, p99 < 50 ms"
+                                                         if endpoint.compare_to else "baseline")})
             log(f"  {endpoint.name}: {result['requests']:,} requests, {result['rate']:,.1f} req/s,"
                 f" p50 {_fmt(result['p50_ms'])} ms, p99 {_fmt(result['p99_ms'])} ms, failed {result['failed']},"
                 f" CPU per request {_fmt(result['web_cpu_ms'], 2)} ms web + {_fmt(result['db_cpu_ms'], 2)} ms database"
