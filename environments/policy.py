@@ -122,7 +122,7 @@ def _identity_users(identities, read: Pending | None = None) -> tuple[dict[str, 
     if not identities:
         return found, aliased
     wanted = set(identities)
-    for is_alias, user_id, first, second in (read or identity_users_read(identities)).tuples():
+    for is_alias, user_id, first, second in (identity_users_read(identities) if read is None else read).tuples():
         if is_alias:
             found.setdefault(first, set()).add(user_id)
             aliased[first] = user_id
@@ -388,7 +388,7 @@ def promotion_source(release: Release, environment: Environment, read: Pending |
     promotion_source_read's, when run already)."""
     if environment.promotes_from_id is None:
         return None
-    found = (read or promotion_source_read(release, environment)).instances(Deployment)
+    found = (promotion_source_read(release, environment) if read is None else read).instances(Deployment)
     return found[0] if found else None
 
 
@@ -541,7 +541,7 @@ def open_deployment_read(release: Release, environment: Environment) -> Pending:
 
 def check_not_already_open(release: Release, environment: Environment, read: Pending | None = None
                            ) -> Refusal | None:
-    found = (read or open_deployment_read(release, environment)).tuples()
+    found = (open_deployment_read(release, environment) if read is None else read).tuples()
     if found:
         [(open_id,)] = found
         return conflict(
