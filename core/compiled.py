@@ -206,20 +206,24 @@ class Pending:
         return [model.from_db(self.using, statement.names, row) for row in rows]
 
 
-def together(*reads: Pending) -> None:
+def together(*reads: Pending, maybe: tuple[Pending, ...] = ()) -> None:
     """Run reads that do not depend on each other's answers. On PostgreSQL they go in one round trip
     (one message of several EXECUTEs, whose results come back in order); elsewhere one after the
-    other. Each read's rows are then available from it."""
+    other. Each read's rows are then available from it. `maybe`: reads whose rows may not be asked
+    for; they join a round trip the others make, and are otherwise left to run when first asked."""
     waiting = [r for r in reads if r._rows is None]
     if not waiting:
         return
-    usings = {r.using for r in waiting}
+    usings = {r.using for r in (*waiting, *maybe)}
     if len(usings) != 1:
         raise ValueError("Reads run together on one database.")
     connection = connections[usings.pop()]
-    if (len(waiting) == 1 or connection.vendor != "postgresql"
-            or connection.settings_dict.get("OPTIONS", {}).get("server_side_binding")):
-        for read in waiting:  # server-side binding sends each statement on its own
+    batched = connection.vendor == "postgresql" and not connection.settings_dict.get("OPTIONS", {}).get(
+        "server_side_binding")  # server-side binding sends each statement on its own
+    if batched:
+        waiting += [r for r in maybe if r._rows is None and r not in waiting]
+    if len(waiting) == 1 or not batched:
+        for read in waiting:
             read._receive(fetch(read.statement.sql, read.params, using=read.using, varying=read.statement.varying))
         return
     sql, params = [], []

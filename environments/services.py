@@ -22,7 +22,7 @@ from guardian.shortcuts import assign_perm, remove_perm
 from audit import chain
 from audit.actors import Actor
 from audit.services import audit_refusal, refused
-from core.compiled import CompiledRead, model_fields, together
+from core.compiled import CompiledRead, Pending, model_fields, together
 from core.decisions import Next, NotFound, PolicyRefusal, Refusal
 from environments import policy
 from environments.models import (
@@ -122,14 +122,21 @@ def _queue_of(environment: Environment):
     )
 
 
-def _dispatch(environment: Environment, *, now: dt.datetime | None = None) -> Deployment | None:
-    """Start the front of a locked environment's queue if the environment is free.
+# Whether an environment runs a deployment: asked by every dispatch (core.compiled).
+_RUNNING = CompiledRead(lambda environment_id: Deployment.objects.filter(
+    environment_id=environment_id, state=State.RUNNING).order_by().values_list("id")[:1], int)
+
+
+def _dispatch(environment: Environment, *, now: dt.datetime | None = None, running: Pending | None = None
+              ) -> Deployment | None:
+    """Start the front of a locked environment's queue if the environment is free (`running`: the
+    _RUNNING read of it, when read already with others).
 
     The only place a deployment starts. The rules that depend on time are asked again here, in the
     transaction that starts it: a freeze holds a deployment in the queue, a refusal ends it `refused`
     and the queue moves on. The deploy engine is told after commit.
     """
-    if Deployment.objects.filter(environment=environment, state=State.RUNNING).exists():
+    if (_RUNNING.later(environment.pk) if running is None else running).tuples():
         return None
     now = now or timezone.now()
     for deployment in _queue_of(environment):
@@ -186,15 +193,19 @@ _RELEASES_WAITING_AUTOMATIC = CompiledRead(lambda environment_id, release_id: Re
     int, int)
 
 
-def _supersede_older(deployment: Deployment, now: dt.datetime) -> None:
+def _supersede_older(deployment: Deployment, now: dt.datetime, alongside: tuple[Pending, ...] = ()) -> None:
     """Latest wins for automatic deployments: an older release's automatic deployment still waiting
-    for the same environment ends `superseded`. One that a person requested or approved waits its turn."""
+    for the same environment ends `superseded`. One that a person requested or approved waits its turn.
+    The reads `alongside` go in the same round trip."""
     if not deployment.automatic:
+        together(*alongside)
         return
-    reads = waiting_ones, their_releases = (_WAITING_AUTOMATIC.later(deployment.environment_id, deployment.release_id),
-                                            _RELEASES_WAITING_AUTOMATIC.later(deployment.environment_id,
-                                                                              deployment.release_id))
-    together(*reads)  # the deployments locked first, then their releases
+    waiting_ones, their_releases, channels = (
+        _WAITING_AUTOMATIC.later(deployment.environment_id, deployment.release_id),
+        _RELEASES_WAITING_AUTOMATIC.later(deployment.environment_id, deployment.release_id),
+        _ENABLED_CHANNELS.later(deployment.release.application_id))
+    # The deployments locked first, then their releases; the channels are asked only if one is superseded.
+    together(waiting_ones, their_releases, *alongside, maybe=(channels,))
     releases = {r.pk: r for r in their_releases.instances(Release)}
     for waiting in waiting_ones.instances(Deployment):
         waiting.environment, waiting.release = deployment.environment, releases[waiting.release_id]
@@ -204,7 +215,7 @@ def _supersede_older(deployment: Deployment, now: dt.datetime) -> None:
         chain.append(actor=ENGINE, action="deployment.supersede", obj=waiting,
                      data=_deployment_data(waiting, superseded_by=deployment.pk,
                                            superseded_by_version=deployment.release.version))
-        _notify(waiting)
+        _notify(waiting, channels)
 
 
 _AFTER_DISPATCH = ("state", "started_at", "heartbeat_at", "finished_at", "result_detail", "refusal_code")
@@ -213,8 +224,11 @@ _DEPLOYMENT_AFTER_DISPATCH = CompiledRead(
 
 
 def _join_queue(deployment: Deployment, now: dt.datetime) -> None:
-    _supersede_older(deployment, now)
-    _dispatch(deployment.environment, now=now)
+    running = _RUNNING.later(deployment.environment_id)
+    _supersede_older(deployment, now, alongside=(running,))  # superseding never touches the running one
+    if running.tuples():
+        return  # the environment is busy: the deployment waits in the queue, as it was written
+    _dispatch(deployment.environment, now=now, running=running)
     [row] = _DEPLOYMENT_AFTER_DISPATCH.tuples(deployment.pk)  # what the dispatcher made of it
     for name, value in zip(_AFTER_DISPATCH, row, strict=True):
         setattr(deployment, name, value)
@@ -312,9 +326,12 @@ _ENABLED_CHANNELS = CompiledRead(lambda application_id: NotificationChannel.obje
     application_id=application_id, enabled=True).order_by("id").values_list("id"), int)
 
 
-def _notify(deployment: Deployment) -> None:
-    """Tell the application's channels how a deployment ended, after commit (one task per channel)."""
-    for (channel_id,) in _ENABLED_CHANNELS.tuples(deployment.release.application_id):
+def _notify(deployment: Deployment, channels: Pending | None = None) -> None:
+    """Tell the application's channels how a deployment ended, after commit (one task per channel);
+    `channels`: the _ENABLED_CHANNELS read of its application, when read already with others."""
+    if channels is None:
+        channels = _ENABLED_CHANNELS.later(deployment.release.application_id)
+    for (channel_id,) in channels.tuples():
         _enqueue("send_notification", channel_id, deployment.pk, name=f"notify-{channel_id}-{deployment.pk}")
 
 

@@ -87,6 +87,26 @@ def test_reads_run_together_answer_what_each_answers_alone_in_one_round_trip(his
     assert len(captured) == 0
 
 
+def test_a_read_that_may_not_be_needed_joins_a_round_trip_and_otherwise_waits_to_be_asked(history):
+    world, first, second = history
+    needed, maybe = DEPLOYMENTS.later(first.pk), KEYS_AND_IDENTITIES.later(first.pk)
+    with CaptureQueriesContext(connection) as captured:
+        together(needed, maybe=(maybe,))
+    batched = connection.vendor == "postgresql"
+    assert len(captured) == 1  # on PostgreSQL both in one round trip; elsewhere the needed one alone
+    expected = sorted(_keys_and_identities(first.pk))
+    with CaptureQueriesContext(connection) as captured:
+        assert sorted(maybe.tuples()) == expected
+    assert len(captured) == (0 if batched else 1)  # elsewhere read once asked
+    assert needed.tuples() == list(_deployments(first.pk))
+
+    alone = KEYS_AND_IDENTITIES.later(second.pk)
+    with CaptureQueriesContext(connection) as captured:
+        together(maybe=(alone,))  # nothing else goes to the database: nothing is read
+    assert len(captured) == 0
+    assert sorted(alone.tuples()) == sorted(_keys_and_identities(second.pk))
+
+
 def test_a_collection_compiles_once_per_length_and_an_empty_one_reads_nothing(history):
     world, first, second = history
     for within in ([world.app.pk], [world.app.pk, world.app.pk + 1000], {world.app.pk + 1000}, ()):
