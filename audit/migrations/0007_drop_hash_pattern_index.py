@@ -11,6 +11,8 @@ from core.pattern_indexes import drop_pattern_index
 
 class Migration(migrations.Migration):
 
+    atomic = False  # DROP INDEX CONCURRENTLY runs outside a transaction
+
     dependencies = [("audit", "0006_indexes_with_time")]
 
     # Django's name for the twin of the unique index on audit_auditevent.hash (0001).

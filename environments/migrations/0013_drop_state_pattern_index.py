@@ -9,6 +9,8 @@ from core.pattern_indexes import drop_pattern_index
 
 class Migration(migrations.Migration):
 
+    atomic = False  # DROP INDEX CONCURRENTLY runs outside a transaction
+
     dependencies = [("environments", "0012_list_search_indexes")]
 
     # Django's name for the twin of the index of environments_deployment.state (db_index=True).

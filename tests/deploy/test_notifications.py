@@ -133,3 +133,28 @@ def test_issue_tracker_and_monitoring_only_announce_success(world, channels, rec
         tasks.send_notification(channel.pk, failed.pk)
     assert [p for p, _, _ in receiver.requests if not p.startswith("/chat")] == []
     assert "failed to deploy to QA" in receiver.requests[-1][2]["text"]
+
+
+def test_a_superseded_deployment_is_announced_once_per_enabled_channel(
+    world, channels, django_capture_on_commit_callbacks
+):
+    """Latest wins for automatic deployments: the one superseded while waiting is announced to each
+    enabled channel of its application (a disabled one hears nothing), in the transaction that
+    supersedes it."""
+    NotificationChannel.objects.create(application=world.app, kind=Kind.CHAT, url="http://127.0.0.1:9/off",
+                                       enabled=False)
+    running, waiting, newest = (world.release() for _ in range(3))
+    services.deployment_request(actor=world.ci, release=running, environment=world.qa)  # starts: QA was free
+    superseded = services.deployment_request(actor=world.ci, release=waiting, environment=world.qa)
+    assert superseded.state == Deployment.State.QUEUED
+    broker = get_broker()
+    broker.purge_queue()
+    with django_capture_on_commit_callbacks(execute=True):
+        services.deployment_request(actor=world.ci, release=newest, environment=world.qa)
+    queued = []
+    while batch := broker.dequeue():
+        queued += [SignedPackage.loads(package) for _, package in batch]
+    notified = sorted(t["args"] for t in queued if t["func"] == "environments.tasks.send_notification")
+    assert notified == sorted((c.pk, superseded.pk) for c in channels.values())
+    superseded.refresh_from_db()
+    assert superseded.state == Deployment.State.SUPERSEDED
