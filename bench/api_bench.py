@@ -15,6 +15,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import cpu
+
 ROOT = Path(__file__).resolve().parents[1]
 LUA = ROOT / "bench" / "wrk" / "post.lua"
 CONNECTIONS = 16
@@ -106,37 +108,6 @@ def _ms(text: str) -> float:
     return float(number) * _UNITS[unit]
 
 
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU of one process so far (0 if it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _TICK
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-def _postgres_backends() -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if (entry / "cmdline").read_bytes().startswith(b"postgres: "):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
 class CpuMeter:
     """CPU spent by a gunicorn server's processes and by PostgreSQL's while a run lasts: what 16 clients
     on 2 cores run out of is CPU, so the CPU per request says where a request's cost is."""
@@ -145,8 +116,8 @@ class CpuMeter:
         self.server_pid = server_pid
 
     def _now(self) -> tuple[float, float]:
-        web = _cpu_seconds(self.server_pid) + sum(_cpu_seconds(c) for c in _children(self.server_pid))
-        return web, sum(_cpu_seconds(p) for p in _postgres_backends())
+        web = cpu.cpu_seconds(self.server_pid) + sum(cpu.cpu_seconds(c) for c in cpu.children(self.server_pid))
+        return web, cpu.postgres_cpu_seconds()
 
     def __enter__(self):
         self.start = self._now()

@@ -12,6 +12,8 @@ import threading
 import time
 from pathlib import Path
 
+from bench import cpu
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -102,6 +104,7 @@ def appends(writers: int = 8, per_writer: int = 500, mode: str = "processes") ->
         barrier, queue = context.Barrier(writers + 1), context.SimpleQueue()
         workers = [context.Process(target=_append_process, args=(i, per_writer, barrier, queue, floor))
                    for i in range(writers)]
+    writers_cpu, db_cpu = cpu.own_seconds(children_only=mode != "threads"), cpu.postgres_cpu_seconds()
     for w in workers:
         w.start()
     barrier.wait()
@@ -109,12 +112,14 @@ def appends(writers: int = 8, per_writer: int = 500, mode: str = "processes") ->
     for w in workers:
         w.join()
     seconds = time.monotonic() - t0
+    writers_cpu = cpu.own_seconds(children_only=mode != "threads") - writers_cpu
+    db_cpu = cpu.postgres_cpu_seconds() - db_cpu
     if mode != "threads":
         errors = [queue.get() for _ in iter(lambda: not queue.empty(), False)]
         errors += [f"writer exited with {w.exitcode}" for w in workers if w.exitcode]
     events = writers * per_writer
     return {"mode": mode, "writers": writers, "events": events, "seconds": seconds, "rate": events / seconds,
-            "errors": list(errors)}
+            "errors": list(errors), "writers_cpu_ms": 1000 * writers_cpu / events, "db_cpu_ms": 1000 * db_cpu / events}
 
 
 def _rss_mb() -> float:

@@ -119,8 +119,8 @@ def appends_section(args, token_holder: dict):
         r = chain_bench.appends(writers=args.writers, per_writer=args.appends, mode=mode.split()[0])
         if r["errors"]:
             log("  append errors:", *r["errors"][:5], sep="\n    ")
-        log(f"  {r['events']:,} events by {r['writers']} {mode} in {r['seconds']:.1f} s: {r['rate']:,.0f}/s",
-            flush=True)
+        log(f"  {r['events']:,} events by {r['writers']} {mode} in {r['seconds']:.1f} s: {r['rate']:,.0f}/s,"
+            f" CPU per event {r['writers_cpu_ms']:.2f} ms writers + {r['db_cpu_ms']:.2f} ms database", flush=True)
         measured[mode] = r
     floor = max(measured["floor"]["rate"], measured["floor again"]["rate"])
     rows = []
@@ -131,18 +131,20 @@ def appends_section(args, token_holder: dict):
         else:
             name, ratio = f"{r['writers']} {mode}", f"{r['rate'] / floor:.2f}"
             target = ">= 1,000/s, verify passes after"
-        rows.append([name, f"{r['events']:,}", f"{r['seconds']:.1f}", f"{r['rate']:,.0f}", ratio, str(len(r["errors"])),
-                     target])
+        rows.append([name, f"{r['events']:,}", f"{r['seconds']:.1f}", f"{r['rate']:,.0f}", ratio,
+                     f"{r['writers_cpu_ms']:.2f} + {r['db_cpu_ms']:.2f}", str(len(r["errors"])), target])
     return (
         "Audit appends (PostgreSQL, one transaction per event)",
-        ["writers", "events", "seconds", "events/s", "of floor", "errors", "target"],
+        ["writers", "events", "seconds", "events/s", "of floor", "CPU ms/event writers + db", "errors", "target"],
         rows,
         "Each writer has its own connection; processes write as gunicorn's workers do, threads share one"
         " interpreter lock. verify_audit below runs over the chain these appends extended. The floor: the same"
         " writers serialized by an advisory lock taken in the same round trip as a plain INSERT of a row of about the"
         " same size, then the commit (no chain, no hash, one index): what this machine's disk and scheduler allow for"
         " serialized commits. It is measured before and after the appends, after a CHECKPOINT, and the faster of the"
-        " two counts: the disk's speed here changes from one minute to the next.",
+        " two counts: the disk's speed here changes from one minute to the next. CPU ms/event: the CPU the writers"
+        " (their connecting included) and all PostgreSQL processes spent during the run, from /proc, per event; eight"
+        " writers and their eight backends share two cores.",
     )
 
 
