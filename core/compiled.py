@@ -206,12 +206,13 @@ class Pending:
         return [model.from_db(self.using, statement.names, row) for row in rows]
 
 
-def together(*reads: Pending, maybe: tuple[Pending, ...] = ()) -> None:
+def together(*reads: Pending | None, maybe: tuple[Pending, ...] = ()) -> None:
     """Run reads that do not depend on each other's answers. On PostgreSQL they go in one round trip
     (one message of several EXECUTEs, whose results come back in order); elsewhere one after the
-    other. Each read's rows are then available from it. `maybe`: reads whose rows may not be asked
-    for; they join a round trip the others make, and are otherwise left to run when first asked."""
-    waiting = [r for r in reads if r._rows is None]
+    other. Each read's rows are then available from it; a None among them is a read not needed.
+    `maybe`: reads whose rows may not be asked for; they join a round trip the others make, and are
+    otherwise left to run when first asked."""
+    waiting = [r for r in reads if r is not None and r._rows is None]
     if not waiting:
         return
     usings = {r.using for r in (*waiting, *maybe)}

@@ -484,8 +484,8 @@ def active_freeze(environment: Environment, now: dt.datetime | None = None, wind
                   ) -> FreezeOccurrence | None:
     """The freeze that holds `environment` now, if any (`windows`: freeze_windows_at's read at `now`,
     when run already)."""
-    if windows is None:
-        return active_freezes([environment], now).get(environment.pk)
+    now = now or timezone.now()
+    windows = freeze_windows_at(environment, now) if windows is None else windows
     return freezes_holding(windows.instances(FreezeWindow), [environment], now).get(environment.pk)
 
 
@@ -628,7 +628,7 @@ def decide_request(
     reads = source_read, open_read, windows_read = (
         promotion_source_read(release, environment), open_deployment_read(release, environment),
         None if emergency else freeze_windows_at(environment, now))
-    together(*(read for read in reads if read is not None))
+    together(*reads)
     source = promotion_source(release, environment, source_read)
     if r := check_promotion_path(release, environment, source):
         return no(r)
@@ -720,7 +720,7 @@ def decide_start(deployment: Deployment, *, now: dt.datetime | None = None) -> D
             ))
     reads = source_read, windows_read = (promotion_source_read(deployment.release, environment),
                                          None if deployment.emergency else freeze_windows_at(environment, now))
-    together(*(read for read in reads if read is not None))
+    together(*reads)
     if r := check_promotion_path(deployment.release, environment,
                                  promotion_source(deployment.release, environment, source_read)):
         return no(r)

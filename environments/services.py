@@ -196,9 +196,8 @@ _RELEASES_WAITING_AUTOMATIC = CompiledRead(lambda environment_id, release_id: Re
 def _supersede_older(deployment: Deployment, now: dt.datetime, alongside: tuple[Pending, ...] = ()) -> None:
     """Latest wins for automatic deployments: an older release's automatic deployment still waiting
     for the same environment ends `superseded`. One that a person requested or approved waits its turn.
-    The reads `alongside` go in the same round trip."""
+    The reads `alongside` go in the same round trip (otherwise they run when first asked)."""
     if not deployment.automatic:
-        together(*alongside)
         return
     waiting_ones, their_releases, channels = (
         _WAITING_AUTOMATIC.later(deployment.environment_id, deployment.release_id),
