@@ -47,7 +47,9 @@ cluster-stop: venv
 lint: venv
 	$(BIN)/ruff check .
 
+# Stops the demo cluster first (its HAProxy and app instances keep their pid files under var/cluster).
 clean:
+	-test ! -x $(BIN)/python || PORTAL_DEMO=1 $(MANAGE) cluster stop
 	rm -rf $(VENV) var
 
 # The benchmarks on PostgreSQL (docs/benchmarks.md): seeds BENCH_DATABASE (default portal_bench) once with

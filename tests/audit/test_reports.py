@@ -332,6 +332,15 @@ def test_auditor_script_catches_one_changed_byte(world, history, tmp_path, needl
     assert code == 1 and message in out, out
 
 
+def test_auditor_script_reads_a_cell_with_line_breaks(world, history, tmp_path):
+    """CI may send a build number or branch with a line break: the CSV quotes it, and the script reads it."""
+    build = world.build(number="77\nsecond\r\nthird")
+    assert "\n" in AuditEvent.objects.get(action="build.register", object_id=str(build.pk)).object_repr
+    csv_path, manifest = write_export(tmp_path)
+    code, out = run_script(auditor_script(tmp_path), csv_path, manifest)
+    assert code == 0 and out.startswith("OK "), out
+
+
 def test_auditor_script_catches_a_removed_row(world, history, tmp_path):
     csv_path, manifest = write_export(tmp_path)
     lines = csv_path.read_bytes().split(b"\r\n")

@@ -1,5 +1,6 @@
 """Rolling upgrades through a real HAProxy: no failed request, and a failing host stops the roll."""
 
+import io
 import os
 import shutil
 import socket
@@ -128,3 +129,14 @@ def test_failing_health_check_stops_the_roll(world, deploy_dirs, artifact, clust
     assert deployment.progress["hosts"] == {"web1": "done", "web2": "failed"}
     assert deployment.progress["failed_host"] == "web2"
     assert deployment.result_detail.startswith('Failed on web2, task "Health check": ')
+
+
+def test_cluster_status_says_what_runs_and_when_nothing_does(cluster):
+    from django.core.management import CommandError, call_command
+
+    out = io.StringIO()
+    call_command("cluster", "status", "--dir", str(cluster.directory), "--port", str(cluster.front_port), stdout=out)
+    assert "web1 UP, web2 UP, web3 UP" in out.getvalue()
+    cluster.stop()
+    with pytest.raises(CommandError, match="The demo cluster is not running"):
+        call_command("cluster", "status", "--dir", str(cluster.directory))

@@ -28,13 +28,17 @@ class Command(BaseCommand):
             cluster.stop()
             self.stdout.write("Cluster stopped.")
             return
-        if not haproxy_available():
-            raise CommandError("haproxy is not installed; on Debian: apt-get install haproxy")
         if action == "start":
+            if not haproxy_available():
+                raise CommandError("haproxy is not installed; on Debian: apt-get install haproxy")
             cluster.start()
             if bind:
                 self._bind(cluster, application)
-        status = cluster.server_status()
+        try:
+            status = cluster.server_status()
+        except OSError:  # no socket, or nobody listening on it
+            raise CommandError(f"The demo cluster is not running (no HAProxy answers on {cluster.socket}); "
+                               "`make cluster` starts it.") from None
         self.stdout.write(f"Cluster at {cluster.front_url} (HAProxy socket {cluster.socket}): "
                           + ", ".join(f"{k} {v}" for k, v in sorted(status.items())))
 
