@@ -3,19 +3,27 @@ from django.contrib import admin, messages
 from django.contrib.admin import actions as admin_actions
 from django.contrib.admin.utils import unquote
 from django.contrib.auth import get_user_model, update_session_auth_hash
-from django.contrib.auth.admin import UserAdmin, csrf_protect_m, sensitive_post_parameters_m
+from django.contrib.auth.admin import GroupAdmin, UserAdmin, csrf_protect_m, sensitive_post_parameters_m
 from django.contrib.auth.forms import UserChangeForm
+from django.contrib.auth.models import Group
 from django.http import HttpResponseRedirect
 from django.shortcuts import redirect
 from django.urls import reverse
 from django_q.models import Failure, OrmQ, Schedule, Success
 
 from access.models import ApiToken
-from access.services import token_revoke, user_delete, user_permissions_change, user_save, user_set_password
+from access.services import (
+    group_permissions_change,
+    token_revoke,
+    user_delete,
+    user_permissions_change,
+    user_save,
+    user_set_password,
+)
 from audit.actors import Actor
 from audit.services import audit_refusal
 from core.decisions import PolicyRefusal
-from edge.admin import admin_actor, refusal_message, run_each
+from edge.admin import OutcomeAdmin, admin_actor, refusal_message, run_each
 from environments import policy
 from environments.services import group_membership_change
 
@@ -70,7 +78,7 @@ class MembershipCheckedUserForm(UserChangeForm):
         return groups
 
 
-class PortalUserAdmin(UserAdmin):
+class PortalUserAdmin(OutcomeAdmin, UserAdmin):
     """Every change to an account goes through an audited service: its fields and flags (user_save),
     its password (user_set_password), its permissions and its groups (group_membership_change); deletion
     through user_delete, which refuses to delete a user who is part of the evidence (deactivate instead)."""
@@ -127,7 +135,7 @@ class PortalUserAdmin(UserAdmin):
         try:
             user_save(actor=admin_actor(request), user=obj)
         except PolicyRefusal as exc:  # on record; the admin's transaction commits the refusal
-            self.message_user(request, refusal_message(exc.refusal), messages.ERROR)
+            self.not_applied(request, refusal_message(exc.refusal))
 
     def save_related(self, request, form, formsets, change):
         wanted_groups = form.cleaned_data.pop("groups", None)
@@ -139,7 +147,7 @@ class PortalUserAdmin(UserAdmin):
             try:
                 user_permissions_change(actor=actor, user=user, permissions=wanted_permissions)
             except PolicyRefusal as exc:
-                self.message_user(request, refusal_message(exc.refusal), messages.ERROR)
+                self.not_applied(request, refusal_message(exc.refusal))
         if wanted_groups is None:
             return
         current = set(user.groups.all())
@@ -147,7 +155,7 @@ class PortalUserAdmin(UserAdmin):
             try:
                 group_membership_change(actor=actor, group=group, user=user, add=group in wanted_groups)
             except PolicyRefusal as exc:
-                self.message_user(request, refusal_message(exc.refusal, group), messages.ERROR)
+                self.not_applied(request, refusal_message(exc.refusal, group))
 
     @sensitive_post_parameters_m
     @csrf_protect_m
@@ -172,6 +180,25 @@ class PortalUserAdmin(UserAdmin):
 
 admin.site.unregister(User)
 admin.site.register(User, PortalUserAdmin)
+
+
+class PortalGroupAdmin(OutcomeAdmin, GroupAdmin):
+    """A group's permissions go through group_permissions_change: audited, and nobody gives a group they
+    belong to more rights."""
+
+    def save_related(self, request, form, formsets, change):
+        wanted = form.cleaned_data.pop("permissions", None)
+        super().save_related(request, form, formsets, change)
+        if wanted is None:
+            return
+        try:
+            group_permissions_change(actor=admin_actor(request), group=form.instance, permissions=wanted)
+        except PolicyRefusal as exc:  # on record; the admin's transaction commits the refusal
+            self.not_applied(request, refusal_message(exc.refusal))
+
+
+admin.site.unregister(Group)
+admin.site.register(Group, PortalGroupAdmin)
 
 # django-q2's own pages would let whoever may add a schedule, resubmit a task or edit the queue make
 # the worker call any importable function; the portal's schedules come from its migrations.

@@ -7,7 +7,7 @@ import functools
 import secrets
 
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import Permission
+from django.contrib.auth.models import Group, Permission
 from django.db import connection, transaction
 from django.utils import timezone
 
@@ -210,6 +210,28 @@ def user_permissions_change(*, actor: Actor, user, permissions) -> None:
         else:
             _apply_permissions(actor, user, added, removed)
             return
+    raise error
+
+
+def group_permissions_change(*, actor: Actor, group: Group, permissions) -> None:
+    """Give a group exactly these model permissions (policy.decide_group_permissions: nobody gives a
+    group they belong to more rights); the event lists what was added and removed."""
+    with transaction.atomic():
+        group = Group.objects.select_for_update().get(pk=group.pk)
+        current = set(group.permissions.select_related("content_type"))
+        wanted = set(Permission.objects.filter(pk__in=[p.pk for p in permissions]).select_related("content_type"))
+        added, removed = sorted(map(_permission_label, wanted - current)), sorted(
+            map(_permission_label, current - wanted))
+        if not (added or removed):
+            return
+        data = {"group": group.name, "added": added, "removed": removed}
+        decision = policy.decide_group_permissions(actor=actor, group=group, added=added)
+        if decision.allowed:
+            group.permissions.add(*(wanted - current))
+            group.permissions.remove(*(current - wanted))
+            chain.append(actor=actor, action="group.permissions", obj=group, data=data)
+            return
+        error = refused(actor=actor, action="group.permissions", refusal=decision.refusal, obj=group, data=data)
     raise error
 
 

@@ -14,13 +14,13 @@ from django.utils import timezone
 
 from audit.downloads import zip_stream
 from audit.models import AuditEvent
-from edge.admin import ReadOnlyAdmin, admin_actor
+from edge.admin import BoundedDaysForm, ReadOnlyAdmin, admin_actor
 from edge.lists import IndexedValuesFilter, LargeTablePaginator, indexed_values, search_words
 from evidence.reports import REPORTS, Export, Period
 from releases.models import Application
 
 
-class ReportForm(forms.Form):
+class ReportForm(BoundedDaysForm):
     report = forms.ChoiceField(choices=[(r, r) for r in REPORTS])
     since = forms.DateField(help_text="First day (inclusive), YYYY-MM-DD.")
     until = forms.DateField(help_text="Last day (inclusive), YYYY-MM-DD.")

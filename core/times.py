@@ -11,3 +11,8 @@ def iso(moment: dt.datetime) -> str:
 
 def iso_or_none(moment: dt.datetime | None) -> str | None:
     return iso(moment) if moment else None
+
+
+# The days a person or a CI server can mean (forms, commands and the API refuse others, so that a
+# period's arithmetic never leaves what the database and Python can hold).
+FIRST_DAY, LAST_DAY = dt.date(2000, 1, 1), dt.date(2099, 12, 31)

@@ -5,12 +5,58 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from django import forms
 from django.contrib import admin, messages
+from django.shortcuts import redirect
 from django.template.response import TemplateResponse
 from django.utils.http import url_has_allowed_host_and_scheme
 
 from audit.actors import Actor
 from core.decisions import Decision, PolicyRefusal
+from core.times import FIRST_DAY, LAST_DAY
+
+
+class BoundedDaysForm(forms.Form):
+    """A form whose `since` and `until` days stay within the days a person can mean (core.times)."""
+
+    def _bounded(self, name):
+        day = self.cleaned_data.get(name)
+        if day is not None and not FIRST_DAY <= day <= LAST_DAY:
+            raise forms.ValidationError(f"Choose a day between {FIRST_DAY} and {LAST_DAY}.")
+        return day
+
+    def clean_since(self):
+        return self._bounded("since")
+
+    def clean_until(self):
+        return self._bounded("until")
+
+
+class OutcomeAdmin(admin.ModelAdmin):
+    """A save refused in part, or only proposed, is not "changed successfully": the page says what
+    happened (not_applied: the rule's sentence, or the proposal) in place of Django's success message,
+    and shows the object again (or `outcome_url`)."""
+
+    outcome_url: str | None = None
+
+    def not_applied(self, request, text: str, level=messages.ERROR) -> None:
+        self.message_user(request, text, level)
+        request.portal_not_applied = True
+
+    def _outcome(self, request, obj, default):
+        if not getattr(request, "portal_not_applied", False):
+            return default()
+        opts = self.opts
+        if self.outcome_url is None and obj.pk is not None:
+            return redirect(f"admin:{opts.app_label}_{opts.model_name}_change", obj.pk)
+        return redirect(self.outcome_url or f"admin:{opts.app_label}_{opts.model_name}_changelist")
+
+    def response_add(self, request, obj, post_url_continue=None):
+        return self._outcome(request, obj, lambda: super(OutcomeAdmin, self).response_add(request, obj,
+                                                                                         post_url_continue))
+
+    def response_change(self, request, obj):
+        return self._outcome(request, obj, lambda: super(OutcomeAdmin, self).response_change(request, obj))
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):

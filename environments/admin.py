@@ -21,7 +21,9 @@ from django.utils.http import urlencode
 from core.decisions import NotFound, PolicyRefusal
 from edge import charts
 from edge.admin import (
+    BoundedDaysForm,
     Offer,
+    OutcomeAdmin,
     ReadOnlyAdmin,
     admin_actor,
     call_service,
@@ -161,12 +163,13 @@ class FreezeApplicationFilter(admin.SimpleListFilter):
 
 
 @admin.register(FreezeWindow)
-class FreezeWindowAdmin(admin.ModelAdmin):
+class FreezeWindowAdmin(OutcomeAdmin):
     """Freeze windows planned ahead, one-off or recurring. Saving and ending go through the services:
     audited, and a freeze that holds now is shortened or ended only with a reason and a second
     administrator (the change becomes a proposal under Control changes)."""
 
     form = FreezeWindowForm
+    outcome_url = "admin:environments_freezewindow_changelist"
     list_display = ["target", "schedule", "reason", "starts_at", "ends_at", "holds_now"]
     list_filter = [FreezeApplicationFilter]
     list_select_related = ["environment__application", "application"]
@@ -211,37 +214,22 @@ class FreezeWindowAdmin(admin.ModelAdmin):
             result = services.freeze_window_save(actor=admin_actor(request), window=obj,
                                                  reason=form.cleaned_data.get("change_reason", ""))
         except PolicyRefusal as exc:
-            request._freeze_outcome = (messages.ERROR, refusal_message(exc.refusal))
+            self.not_applied(request, refusal_message(exc.refusal))
         except ValidationError as exc:
-            request._freeze_outcome = (messages.ERROR, " ".join(exc.messages))
+            self.not_applied(request, " ".join(exc.messages))
         else:
             if isinstance(result, ControlChange):
-                request._freeze_outcome = (messages.WARNING, _proposed(result))
+                self.not_applied(request, _proposed(result), messages.WARNING)
 
     def log_addition(self, request, obj, message):
-        if not hasattr(request, "_freeze_outcome"):
+        if not getattr(request, "portal_not_applied", False):
             return super().log_addition(request, obj, message)
         return None
 
     def log_change(self, request, obj, message):
-        if not hasattr(request, "_freeze_outcome"):
+        if not getattr(request, "portal_not_applied", False):
             return super().log_change(request, obj, message)
         return None
-
-    def _outcome(self, request, default):
-        """A refused or proposed change is not "saved successfully": say what happened instead."""
-        if not hasattr(request, "_freeze_outcome"):
-            return default()
-        level, text = request._freeze_outcome
-        self.message_user(request, text, level)
-        return redirect("admin:environments_freezewindow_changelist")
-
-    def response_add(self, request, obj, post_url_continue=None):
-        return self._outcome(request, lambda: super(FreezeWindowAdmin, self).response_add(request, obj,
-                                                                                           post_url_continue))
-
-    def response_change(self, request, obj):
-        return self._outcome(request, lambda: super(FreezeWindowAdmin, self).response_change(request, obj))
 
     @admin.action(description="End or remove selected freeze windows", permissions=["end"])
     def end_or_remove(self, request, queryset):
@@ -299,7 +287,7 @@ class AccessForm(forms.Form):
 
 
 @admin.register(Environment)
-class EnvironmentAdmin(admin.ModelAdmin):
+class EnvironmentAdmin(OutcomeAdmin):
     list_display = ["__str__", "promotes_from", "restricted", "auto_deploy", "required_approvals",
                     "requires_code_review"]
     list_filter = ["application", "restricted"]
@@ -334,18 +322,16 @@ class EnvironmentAdmin(admin.ModelAdmin):
                     window.environment = form.instance
                     result = services.freeze_window_save(actor=actor, window=window, reason=reason)
             except PolicyRefusal as exc:
-                self.message_user(request, refusal_message(exc.refusal), messages.ERROR)
+                self.not_applied(request, refusal_message(exc.refusal))
                 continue
             except ValidationError as exc:
-                self.message_user(request, " ".join(exc.messages), messages.ERROR)
+                self.not_applied(request, " ".join(exc.messages))
                 continue
             if isinstance(result, ControlChange):
                 proposals.append(result)
         request._portal_proposals = proposals
         for proposal in proposals:
-            self.message_user(
-                request, f"Proposed, not applied yet: {proposal.summary()}. A different administrator must approve "
-                f"it under Control changes.", messages.WARNING)
+            self.not_applied(request, _proposed(proposal), messages.WARNING)
 
     @admin.display(description="queue")
     def queue(self, obj):
@@ -657,11 +643,10 @@ class ControlChangeAdmin(ReadOnlyAdmin):
 
 # --- delivery metrics ----------------------------------------------------------------------------------
 
-FIRST_DAY, LAST_DAY = dt.date(2000, 1, 1), dt.date(2099, 12, 31)
 DATE_INPUT = forms.DateInput(attrs={"type": "date"}, format="%Y-%m-%d")
 
 
-class MetricsForm(forms.Form):
+class MetricsForm(BoundedDaysForm):
     application = forms.ChoiceField()
     environment = forms.ChoiceField()
     since = forms.DateField(required=False, widget=DATE_INPUT, help_text="First day; its ISO week is included.")
@@ -671,18 +656,6 @@ class MetricsForm(forms.Form):
         super().__init__(data)
         self.fields["application"].choices = [(a.name, a.name) for a in applications]
         self.fields["environment"].choices = [(e.name, e.name) for e in environments]
-
-    def _bounded(self, name):
-        day = self.cleaned_data.get(name)
-        if day is not None and not FIRST_DAY <= day <= LAST_DAY:
-            raise forms.ValidationError(f"Choose a day between {FIRST_DAY} and {LAST_DAY}.")
-        return day
-
-    def clean_since(self):
-        return self._bounded("since")
-
-    def clean_until(self):
-        return self._bounded("until")
 
 
 METRICS_COLUMNS = ["Week", "Succeeded", "Failed", "Failure rate", "Emergencies", "Emergency share", "Changes",

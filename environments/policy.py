@@ -826,16 +826,26 @@ def _membership_refusal(*, actor: Actor, group: Group, user, add: bool) -> Refus
         return None
     if not actor.is_person or not actor.user.has_perm("auth.change_user"):
         return forbidden("NOT_PERMITTED", "You may not change group membership.")
-    if not add:
-        return None
-    holds_grants = GroupObjectPermission.objects.filter(
-        group=group, permission__codename__in=GRANTABLE
-    ).exists()
-    if holds_grants and user.pk == actor.user.pk:
+    if add and user.pk == actor.user.pk:  # whatever the group holds now, or is given later
         return forbidden(
-            "SELF_GRANT", f"{group.name} holds deploy or approve rights; nobody can add themselves to it."
+            "SELF_GRANT", f"Nobody can add themselves to a group ({group.name}); another administrator must do it."
         )
     return None
+
+
+def decide_group_permissions(*, actor: Actor, group: Group, added: list[str]) -> Decision:
+    """Rule 4 for a group's model permissions: giving a group one belongs to more rights (such as the
+    right to grant deploy and approve) is giving them to oneself."""
+    if actor.is_system:
+        return Decision()
+    if not actor.is_person or not actor.user.has_perm("auth.change_group"):
+        return no(forbidden("NOT_PERMITTED", "You may not change a group's permissions."))
+    if added and actor.user.groups.filter(pk=group.pk).exists():
+        return no(forbidden(
+            "SELF_GRANT", f"You belong to {group.name}; nobody can give a group they belong to more rights "
+            f"({', '.join(sorted(added))}); another administrator must do it.",
+        ))
+    return Decision()
 
 
 def decide_account_change(*, actor: Actor, user, raised: list[str]) -> Decision:
@@ -906,10 +916,19 @@ def freeze_weakened(before: FreezeWindow, after: FreezeWindow | None = None, *,
     if after is None:
         return {"removed": [True, True]}
     still = after.active_at(now)
-    if still is not None and still.ends_at >= running.ends_at:
+    if still is not None and still.ends_at >= running.ends_at and _holds_all_of(after, before):
         return {}
     old, new = freeze_fields(before), freeze_fields(after)
     return {name: [old[name], new[name]] for name in FREEZE_FIELDS if old[name] != new[name]}
+
+
+def _holds_all_of(after: FreezeWindow, before: FreezeWindow) -> bool:
+    """Whether `after` freezes every environment `before` freezes (moving a freeze elsewhere lifts it)."""
+    if after.environment_id is not None:
+        return after.environment_id == before.environment_id
+    if before.environment_id is None:
+        return after.application_id == before.application_id
+    return Environment.objects.filter(pk=before.environment_id, application_id=after.application_id).exists()
 
 
 def check_may_administer(actor: Actor) -> Refusal | None:

@@ -140,6 +140,41 @@ def test_granting_oneself_or_ones_group_the_right_to_deploy_approve_or_grant(cli
     assert not helpdesk.has_perm("environments.change_environment")
 
 
+def test_a_group_admin_gives_their_own_group_no_more_rights_and_joins_no_group(client, world, make_user):
+    """An auditor trusted with editing groups: their own group's permissions (the right to grant among
+    them) and a group of their own choosing stay out of reach; another administrator may, on record."""
+    from django.contrib.auth.models import Group
+
+    auditors = Group.objects.create(name="auditors")
+    analysts = Group.objects.create(name="analysts")  # model permissions only, no environment grant
+    analysts.permissions.add(Permission.objects.get(codename="add_deployment"))
+    dave = make_user("dave2", groups=[auditors], perms=["auth.change_group", "auth.view_group", "auth.change_user",
+                                                        "auth.view_user"])
+    grant = Permission.objects.get(codename="change_environment")
+    client.force_login(dave)
+    page = client.post(reverse("admin:auth_group_change", args=[auditors.pk]),
+                       {"name": "auditors", "permissions": [grant.pk]}, follow=True)
+    shown = [str(m) for m in page.context["messages"]]
+    assert any("SELF_GRANT" in m and "auditors" in m for m in shown), shown
+    assert not any("successfully" in m for m in shown), shown  # the page does not claim a change it refused
+    assert not auditors.permissions.exists() and not dave.has_perm("environments.change_environment")
+    refused_in_chain("SELF_GRANT", actor="dave2", action_prefix="group.permissions")
+    page = client.post(reverse("admin:auth_user_change", args=[dave.pk]), {
+        "username": "dave2", "email": dave.email, "is_active": "on", "is_staff": "on",
+        "groups": [auditors.pk, analysts.pk], "last_login_0": "", "last_login_1": "",
+        "date_joined_0": "2026-01-01", "date_joined_1": "00:00:00",
+    }, follow=True)
+    assert list(dave.groups.all()) == [auditors], page.content.decode()[:2000]
+    refused_in_chain("SELF_GRANT", actor="dave2", action_prefix="group.add_member")
+    root = make_user("root", superuser=True)
+    client.force_login(root)
+    client.post(reverse("admin:auth_group_change", args=[auditors.pk]), {"name": "auditors", "permissions": [grant.pk]})
+    assert list(auditors.permissions.all()) == [grant]
+    event = AuditEvent.objects.filter(action="group.permissions", actor_username="root").get()
+    assert event.data["added"] == ["environments.change_environment"] and event.data["removed"] == []
+    assert chain.verify().ok
+
+
 def test_weakening_the_control_to_ship_ones_own_change_needs_a_second_person(world, make_user):
     root = make_user("root", superuser=True)
     world.production.restricted, world.production.required_approvals = False, 0

@@ -177,6 +177,21 @@ def test_sox_report_command_writes_csv_and_manifest(world, history, tmp_path):
     assert "5 rows" in out.getvalue()
 
 
+def test_a_period_beyond_the_days_anyone_means_is_refused_with_a_sentence(client, world, make_user):
+    from django.contrib.auth.models import Permission
+    from django.core.management import CommandError
+
+    auditor = make_user("auditor")
+    auditor.user_permissions.add(Permission.objects.get(codename="export_reports"))
+    client.force_login(auditor)
+    response = client.get(reverse("admin:audit_reports"), {"report": "changes", "since": "2026-01-01",
+                                                           "until": "9999-12-31"})
+    assert response.status_code == 200 and not response.streaming
+    assert "Choose a day between 2000-01-01 and 2099-12-31." in response.content.decode()
+    with pytest.raises(CommandError, match="choose a day between 2000-01-01 and 2099-12-31"):
+        call_command("sox_report", "changes", "--since", "2026-01-01", "--until", "9999-12-31")
+
+
 def test_reports_page_for_auditors(client, world, history, make_user):
     from django.contrib.auth.models import Permission
 

@@ -177,6 +177,29 @@ def test_a_running_freeze_is_shortened_or_ended_only_with_a_reason_and_a_second_
     assert AuditEvent.objects.filter(action="freeze.remove").exists()
 
 
+def test_moving_a_running_freeze_elsewhere_lifts_it_so_it_needs_a_reason_and_a_second_administrator(world,
+                                                                                                      make_user):
+    root = make_user("root", superuser=True)
+    now = timezone.now()
+    window = services.freeze_window_save(actor=person(root), window=FreezeWindow(
+        environment=world.production, starts_at=now - dt.timedelta(hours=1), ends_at=now + dt.timedelta(hours=3),
+        reason="quarter close"))
+    window.environment = world.qa
+    with pytest.raises(ValidationError, match="needs a stated reason"):
+        services.freeze_window_save(actor=person(root), window=window)
+    proposal = services.freeze_window_save(actor=person(root), window=window, reason="wrong environment")
+    assert isinstance(proposal, ControlChange)
+    assert FreezeWindow.objects.get(pk=window.pk).environment_id == world.production.pk
+    release = world.release()
+    world.to_staging(release)
+    with pytest.raises(PolicyRefusal) as info:
+        services.deployment_request(actor=person(world.bob), release=release, environment=world.production)
+    assert info.value.refusal.code == "FREEZE_WINDOW"
+    widened = FreezeWindow.objects.get(pk=window.pk)
+    widened.environment, widened.application = None, world.app  # every environment of MAC: stricter, at once
+    assert services.freeze_window_save(actor=person(root), window=widened).application_id == world.app.pk
+
+
 def test_a_freeze_edited_in_the_admin_goes_through_the_service(client, world, make_user):
     root = make_user("root", superuser=True)
     Group.objects.create(name="unused")

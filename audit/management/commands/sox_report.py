@@ -6,6 +6,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.utils.dateparse import parse_date, parse_datetime
 
 from audit.actors import Actor
+from core.times import FIRST_DAY, LAST_DAY
 from evidence.reports import REPORTS, Export, Period
 
 
@@ -16,10 +17,12 @@ def parse_moment(text: str, *, end: bool) -> dt.datetime:
         moment = None if day else parse_datetime(text)
     except ValueError:
         day = moment = None
+    if moment is None and day is None:
+        raise CommandError(f"{text!r} is neither a date (YYYY-MM-DD) nor an ISO 8601 time.")
+    if not FIRST_DAY <= (day or moment.date()) <= LAST_DAY:
+        raise CommandError(f"{text!r}: choose a day between {FIRST_DAY} and {LAST_DAY}.")
     if day is not None:
         moment = dt.datetime.combine(day + dt.timedelta(days=1 if end else 0), dt.time())
-    elif moment is None:
-        raise CommandError(f"{text!r} is neither a date (YYYY-MM-DD) nor an ISO 8601 time.")
     return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
