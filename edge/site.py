@@ -8,7 +8,6 @@ from urllib.parse import urlencode
 
 from django.contrib import admin
 from django.core.exceptions import PermissionDenied
-from django.http import Http404
 from django.shortcuts import redirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
@@ -66,11 +65,13 @@ class PortalAdminSite(admin.AdminSite):
         and where it is now (the same selector as GET /api/v1/changes/{issue_key})."""
         if not may_see_board(request.user):
             raise PermissionDenied
+        context = {**self.each_context(request), "title": f"Where is {issue_key}?", "key": issue_key}
         try:
             journey = release_selectors.change_journey(issue_key)
-        except NotFound as exc:
-            raise Http404(str(exc)) from None
+        except NotFound as exc:  # the page all the same, with the sentence and the search box
+            return TemplateResponse(request, "admin/releases/change_journey.html",
+                                    {**context, "journey": None, "missing": str(exc)}, status=404)
         applications = [r.application for r in journey.releases] + [b.application for b in journey.builds]
-        context = {**self.each_context(request), "title": f"Where is {journey.key}?", "journey": journey,
-                   "issue_url": next((url for a in applications if (url := a.issue_url(journey.key))), "")}
+        context.update(title=f"Where is {journey.key}?", key=journey.key, journey=journey,
+                       issue_url=next((url for a in applications if (url := a.issue_url(journey.key))), ""))
         return TemplateResponse(request, "admin/releases/change_journey.html", context)

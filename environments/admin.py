@@ -354,7 +354,7 @@ class EnvironmentAdmin(OutcomeAdmin):
             return "-"
         rows = format_html_join("", "<li>{}: {}</li>", access_rows(obj)) or "nobody"
         url = reverse("admin:environments_environment_access", args=[obj.pk])
-        return format_html('<ul>{}</ul><a class="button" href="{}">Change access</a>', rows, url)
+        return format_html('<ul>{}</ul><a class="button" href="{}">Access: grants and changes</a>', rows, url)
 
     def get_urls(self):
         return [
@@ -384,9 +384,11 @@ class EnvironmentAdmin(OutcomeAdmin):
             else:
                 self.message_user(request, "Access changed.", messages.SUCCESS)
                 return redirect("admin:environments_environment_access", pk)
+        refusal = policy.decide_grant(actor=admin_actor(request), environment=environment).refusal
         context = {
             **self.admin_site.each_context(request), "title": f"Access to {environment}", "form": form,
             "environment": environment, "rows": access_rows(environment), "opts": self.model._meta,
+            "refusal": refusal_message(refusal) if refusal else None,  # the form is offered only where allowed
         }
         return TemplateResponse(request, "admin/environments/environment/access.html", context)
 

@@ -98,6 +98,20 @@ def test_access_page_grants_through_the_service(client, world, make_user):
     assert AuditEvent.objects.filter(action="environment.grant", data__user="dave").exists()
 
 
+def test_access_page_offers_the_form_only_to_whom_the_policy_allows(client, world):
+    from django.contrib.auth.models import Permission
+
+    world.dave.user_permissions.add(Permission.objects.get(codename="view_environment"))
+    client.force_login(world.dave)
+    url = reverse("admin:environments_environment_access", args=[world.production.pk])
+    page = client.get(url).content.decode()
+    assert "mac-releasers" in page and 'value="Apply"' not in page
+    assert "Refused (NOT_PERMITTED). You may not change who can deploy or approve." in page
+    client.post(url, {"permission": "approve_environment", "user": world.dave.pk, "grant": "1"})  # forged
+    assert AuditEvent.objects.filter(action="environment.grant.refused", code="NOT_PERMITTED",
+                                     actor_username="dave").exists()
+
+
 def test_environment_change_goes_through_the_service(client, world, make_user):
     admin = make_user("root", superuser=True)
     client.force_login(admin)

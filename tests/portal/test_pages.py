@@ -166,7 +166,9 @@ def test_searching_an_issue_key_opens_the_changes_journey(client, people):
     assert journey.summary in text(response)
     versions = client.get(reverse("admin:index"), {"q": release.version})
     assert versions.url == reverse("admin:releases_release_changelist") + f"?q={release.version}"
-    assert client.get(reverse("admin:change_journey", args=["BIZPLAT-404"])).status_code == 404
+    missing = client.get(reverse("admin:change_journey", args=["BIZPLAT-404"]))
+    assert missing.status_code == 404 and missing.templates[0].name == "admin/releases/change_journey.html"
+    assert "No build or release carries BIZPLAT-404." in text(missing)  # the API's sentence, on the portal's page
 
 
 def test_journey_says_who_approved_and_where_the_change_is_now(client, people):
@@ -267,6 +269,8 @@ def test_under_a_freeze_a_releaser_is_offered_an_emergency_deployment(client, pe
     client.post(url, {"environment": people.production.pk, "emergency": "1", "emergency_reason": "payments down"})
     deployment = Deployment.objects.get(release=release, environment=people.production)
     assert (deployment.emergency, deployment.emergency_reason, deployment.state) == (True, "payments down", "running")
+    shown = text(page(client, people.carol, deployment_url(deployment)))
+    assert "Approvals (an emergency skips the wait)" in shown and "0 of 1 required" not in shown
 
 
 # --- a deployment's page -------------------------------------------------------------------------
