@@ -510,9 +510,14 @@ class DeploymentAdmin(ReleaseSearch, admin.ModelAdmin):
     def change_view(self, request, object_id, form_url="", extra_context=None):
         deployment = self._viewable(request, unquote(object_id))
         live = selectors.deployment_live(deployment)
+        running = selectors.current_deployments([deployment.environment_id]).get(deployment.environment_id) \
+            if live["open"] else None
         context = {
             **self.admin_site.each_context(request), "title": f"Deployment #{deployment.pk}", "opts": self.opts,
             "original": deployment, "deployment": deployment, "live": live,
+            # what an open deployment would replace; an older release going back is a rollback, said so
+            "replaces": running if running and running.release_id != deployment.release_id else None,
+            "rollback": bool(running and running.release_id > deployment.release_id),
             "offers": deployment_offers(admin_actor(request), deployment),
             "sod_checks": [sentence for name, sentence in policy.SOD_CHECKS.items() if name in deployment.sod_checks]
             + [name for name in deployment.sod_checks if name not in policy.SOD_CHECKS],

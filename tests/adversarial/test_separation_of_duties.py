@@ -140,6 +140,29 @@ def test_granting_oneself_or_ones_group_the_right_to_deploy_approve_or_grant(cli
     assert not helpdesk.has_perm("environments.change_environment")
 
 
+def test_a_new_e_mail_does_not_take_an_implementer_out_of_separation_of_duties(client, world, make_user):
+    """CI names implementers by the identities they committed under; an administrator changing carol's
+    e-mail (or user name) afterwards does not make her a stranger to her own change."""
+    root = make_user("root", superuser=True)
+    client.force_login(root)
+    client.post(reverse("admin:auth_user_change", args=[world.carol.pk]), {
+        "username": "carol.s", "email": "carol+x@example.com", "is_active": "on", "is_staff": "on",
+        "groups": [world.releasers.pk], "last_login_0": "", "last_login_1": "",
+        "date_joined_0": "2026-01-01", "date_joined_1": "00:00:00",
+    })
+    world.carol.refresh_from_db()
+    assert (world.carol.username, world.carol.email) == ("carol.s", "carol+x@example.com")
+    assert set(VcsAlias.objects.filter(user=world.carol).values_list("identity", flat=True)) == {
+        "carol", "carol@example.com"}
+    for implementer in ("Carol@Example.com", "carol"):
+        release = world.release(implementers=[implementer])
+        world.to_staging(release)
+        with pytest.raises(PolicyRefusal):
+            services.deployment_request(actor=person(world.carol), release=release, environment=world.production)
+        refused_in_chain("SOD_IMPLEMENTER_REQUESTER", actor="carol.s", action_prefix="deployment.request")
+    assert AuditEvent.objects.filter(action="vcs_alias.add", actor_username="root").count() == 2
+
+
 def test_a_group_admin_gives_their_own_group_no_more_rights_and_joins_no_group(client, world, make_user):
     """An auditor trusted with editing groups: their own group's permissions (the right to grant among
     them) and a group of their own choosing stay out of reach; another administrator may, on record."""

@@ -279,6 +279,18 @@ def offers(response) -> dict[str, str]:
     return {o.action: "offered" if o.allowed else o.refusal.code for o in response.context["offers"]}
 
 
+def test_deployment_page_says_what_it_replaces_and_when_that_is_a_rollback(client, people):
+    older, newer = in_staging(people, version="3.0.0"), in_staging(people, version="3.1.0")
+    stale = awaiting(people, older)
+    people.deploy(newer, people.production, actor=person(people.bob))  # approved and run before the old request
+    shown = text(page(client, people.carol, deployment_url(stale)))
+    assert "<dt>Replaces</dt><dd id=\"replaces\">3.1.0, which runs in Production now" in shown
+    assert "3.1.0 was registered after 3.0.0: this deployment puts the older release back (a rollback)." in shown
+    latest = in_staging(people, version="3.2.0")
+    shown = text(page(client, people.carol, deployment_url(awaiting(people, latest))))
+    assert "<dd id=\"replaces\">3.1.0, which runs in Production now" in shown and "rollback" not in shown
+
+
 def test_deployment_page_offers_approve_reject_cancel_the_way_the_policy_decides(client, people):
     pending = awaiting(people)
     url = deployment_url(pending)
