@@ -35,6 +35,9 @@ from edge.admin import (
 from edge.lists import LargeTablePaginator, ReleaseSearch
 from environments import metrics, policy, selectors, services
 from environments.models import (
+    FREEZE_PRESETS,
+    MONTH_END_RULE,
+    WEEKEND_RULE,
     Approval,
     ControlChange,
     Deployment,
@@ -84,16 +87,6 @@ class EnvironmentForm(forms.ModelForm):
 
 
 # --- freeze windows as analysts plan them -------------------------------------------------------------
-
-WEEKEND_RULE = "FREQ=WEEKLY;BYDAY=FR;BYHOUR=16;BYMINUTE=0"
-MONTH_END_RULE = "FREQ=MONTHLY;BYDAY=MO,TU,WE,TH,FR;BYSETPOS=-2,-1;BYHOUR=0;BYMINUTE=0"
-FREEZE_PRESETS = {  # name: (label, rule, length of each occurrence, time zone or None for the chosen one)
-    "weekend": ("Every Friday 16:00 to Monday 06:00, Europe/Berlin", WEEKEND_RULE, dt.timedelta(hours=62),
-                "Europe/Berlin"),
-    "month_end": ("The last 2 working days of the month, whole days in the chosen time zone", MONTH_END_RULE,
-                  dt.timedelta(days=1), None),
-}
-
 
 class FreezeWindowForm(forms.ModelForm):
     preset = forms.ChoiceField(
@@ -191,12 +184,7 @@ class FreezeWindowAdmin(OutcomeAdmin):
 
     @admin.display(description="schedule")
     def schedule(self, obj):
-        if not obj.recurrence:
-            return "one-off"
-        for label, rule, duration, zone in FREEZE_PRESETS.values():
-            if obj.recurrence == rule and obj.duration == duration and (zone is None or zone == obj.timezone):
-                return label if zone else f"{label} ({obj.timezone})"
-        return f"{obj.recurrence}, {obj.duration} each ({obj.timezone})"
+        return obj.schedule
 
     @admin.display(description="holds now")
     def holds_now(self, obj):

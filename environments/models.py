@@ -97,6 +97,16 @@ class FreezeOccurrence:
         return self.window.reason
 
 
+WEEKEND_RULE = "FREQ=WEEKLY;BYDAY=FR;BYHOUR=16;BYMINUTE=0"
+MONTH_END_RULE = "FREQ=MONTHLY;BYDAY=MO,TU,WE,TH,FR;BYSETPOS=-2,-1;BYHOUR=0;BYMINUTE=0"
+FREEZE_PRESETS = {  # name: (label, rule, length of each occurrence, time zone or None for the chosen one)
+    "weekend": ("Every Friday 16:00 to Monday 06:00, Europe/Berlin", WEEKEND_RULE, dt.timedelta(hours=62),
+                "Europe/Berlin"),
+    "month_end": ("The last 2 working days of the month, whole days in the chosen time zone", MONTH_END_RULE,
+                  dt.timedelta(days=1), None),
+}
+
+
 class FreezeWindow(models.Model):
     """A period in which an environment takes no deployment except an emergency one (rule 7).
 
@@ -141,8 +151,18 @@ class FreezeWindow(models.Model):
     def __str__(self) -> str:
         target = self.environment or f"{self.application} (all environments)"
         if self.recurrence:
-            return f"{target} frozen {self.recurrence} for {self.duration} ({self.timezone})"
+            return f"{target} frozen: {self.schedule}"
         return f"{target} frozen {self.starts_at:%Y-%m-%d %H:%M} - {self.ends_at:%Y-%m-%d %H:%M}"
+
+    @property
+    def schedule(self) -> str:
+        """How a person reads the schedule: a preset's words, else the rule with its length and zone."""
+        if not self.recurrence:
+            return "one-off"
+        for label, rule, duration, zone in FREEZE_PRESETS.values():
+            if self.recurrence == rule and self.duration == duration and (zone is None or zone == self.timezone):
+                return label if zone else f"{label} ({self.timezone})"
+        return f"{self.recurrence}, {self.duration} each ({self.timezone})"
 
     def clean(self):
         if (self.environment_id is None) == (self.application_id is None):

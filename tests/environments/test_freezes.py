@@ -41,6 +41,7 @@ def test_weekly_freeze_keeps_its_wall_clock_times_across_daylight_saving(world):
     for start, end in found:
         assert (start.astimezone(BERLIN).strftime("%a %H:%M"), end.astimezone(BERLIN).strftime("%a %H:%M")) == (
             "Fri 16:00", "Mon 06:00")
+    assert str(window) == "MAC Production frozen: Every Friday 16:00 to Monday 06:00, Europe/Berlin"  # its title
 
 
 def test_month_end_close_is_the_last_two_working_days(world):
