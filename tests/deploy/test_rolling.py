@@ -140,3 +140,22 @@ def test_cluster_status_says_what_runs_and_when_nothing_does(cluster):
     cluster.stop()
     with pytest.raises(CommandError, match="The demo cluster is not running"):
         call_command("cluster", "status", "--dir", str(cluster.directory))
+
+
+def test_the_demo_cluster_stands_for_production_only(tmp_path, world):
+    """`cluster start --bind` points Production at the cluster; Staging (bound by an older version of the
+    command) goes back to the demo playbook, so a Staging deployment never changes what Production serves."""
+    from django.core.management import call_command
+
+    c = Cluster(tmp_path / "cluster", front_port=free_port_block())
+    world.staging.playbook, world.staging.inventory = "rolling_upgrade.yml", str(c.inventory)
+    services.environment_save(actor=services.Actor.system(), environment=world.staging)
+    try:
+        call_command("cluster", "start", "--bind", "--dir", str(c.directory), "--port", str(c.front_port),
+                     stdout=io.StringIO())
+        for environment in (world.staging, world.production):
+            environment.refresh_from_db()
+        assert (world.production.playbook, world.production.inventory) == ("rolling_upgrade.yml", str(c.inventory))
+        assert (world.staging.playbook, world.staging.inventory) == ("deploy_demo.yml", "")
+    finally:
+        c.stop()

@@ -12,14 +12,14 @@ from environments.services import environment_save
 class Command(BaseCommand):
     help = (
         "start | stop | status of the demo cluster: three app instances on loopback behind HAProxy. "
-        "`start --bind` also points the demo application's Staging and Production at the rolling-upgrade playbook."
+        "`start --bind` also points the demo application's Production at the rolling-upgrade playbook."
     )
 
     def add_arguments(self, parser):
         parser.add_argument("action", choices=["start", "stop", "status"])
         parser.add_argument("--dir", default=str(Path(settings.VAR_DIR) / "cluster"))
         parser.add_argument("--port", type=int, default=18080, help="HAProxy front port; apps use the next three.")
-        parser.add_argument("--bind", action="store_true", help="Bind MAC Staging and Production to the cluster.")
+        parser.add_argument("--bind", action="store_true", help="Bind MAC Production to the cluster.")
         parser.add_argument("--application", default="MAC")
 
     def handle(self, *args, action, dir, port, bind, application, **options):
@@ -43,10 +43,14 @@ class Command(BaseCommand):
                           + ", ".join(f"{k} {v}" for k, v in sorted(status.items())))
 
     def _bind(self, cluster: Cluster, application: str):
+        """The cluster stands for Production's hosts: only Production deploys to it (another environment
+        bound to it by an earlier version of this command goes back to the demo playbook)."""
         actor = Actor.system(via="command")
-        bound = Environment.objects.filter(application__name=application, name__in=["Staging", "Production"])
-        for environment in bound:
-            if (environment.playbook, environment.inventory) != ("rolling_upgrade.yml", str(cluster.inventory)):
-                environment.playbook, environment.inventory = "rolling_upgrade.yml", str(cluster.inventory)
+        for environment in Environment.objects.filter(application__name=application):
+            wanted = ("rolling_upgrade.yml", str(cluster.inventory)) if environment.name == "Production" else (
+                ("deploy_demo.yml", "") if environment.inventory == str(cluster.inventory) else None)
+            if wanted is not None and (environment.playbook, environment.inventory) != wanted:
+                environment.playbook, environment.inventory = wanted
                 environment_save(actor=actor, environment=environment, changed=["playbook", "inventory"])
-            self.stdout.write(f"{environment} deploys with rolling_upgrade.yml to {cluster.inventory}")
+            if environment.name == "Production":
+                self.stdout.write(f"{environment} deploys with rolling_upgrade.yml to {cluster.inventory}")

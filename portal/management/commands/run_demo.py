@@ -45,7 +45,7 @@ class Command(BaseCommand):
         if haproxy_available():
             call_command("cluster", "start", "--bind", "--port", str(cluster_port), stdout=self.stdout)
         else:
-            self.stdout.write("haproxy is not installed: Staging and Production use the demo playbook.\n"
+            self.stdout.write("haproxy is not installed: Production uses the demo playbook.\n"
                               "For the rolling-upgrade cluster: apt-get install haproxy, then make run again.")
         token_file = Path(settings.VAR_DIR) / "demo-ci-token"
         call_command("create_token", "--ci", "--application", "MAC", "--name", "demo-ci",
