@@ -81,7 +81,7 @@ class EnvironmentForm(forms.ModelForm):
                 if name in services.SETTINGS_FIELDS:
                     setattr(after, name, value)
             if weaker := policy.weakened_controls(before, after):
-                self.add_error("change_reason", "This weakens a control of a restricted environment ("
+                self.add_error("change_reason", "This weakens a control of a restricted environment or its path ("
                                + ", ".join(sorted(weaker)) + "): say why; a second administrator must approve it.")
         return data
 

@@ -866,10 +866,33 @@ def decide_account_change(*, actor: Actor, user, raised: list[str]) -> Decision:
 EXECUTABLE_SETTINGS = ("playbook", "playbook_repo", "playbook_ref", "inventory")
 
 
+def _feeds_restricted(environment: Environment) -> bool:
+    """Whether a restricted environment is promoted from this one, directly or further down its path."""
+    below: dict[int | None, list[tuple[int, bool]]] = {}
+    for pk, source, restricted in Environment.objects.filter(application_id=environment.application_id).values_list(
+            "pk", "promotes_from_id", "restricted"):
+        below.setdefault(source, []).append((pk, restricted))
+    todo, seen = [environment.pk], set()
+    while todo:
+        for pk, restricted in below.get(todo.pop(), []):
+            if restricted:
+                return True
+            if pk not in seen:
+                seen.add(pk)
+                todo.append(pk)
+    return False
+
+
 def weakened_controls(before: Environment | None, after: Environment) -> dict[str, list]:
     """The changes in `after` that make a restricted environment less strict: {field: [from, to]}.
-    Stricter changes (and any change to a non-restricted environment) are not listed."""
-    if before is None or not before.restricted:
+    Stricter changes are not listed; of a non-restricted environment, only another promotion path, and
+    only where a restricted environment is promoted from it (Staging may not start taking releases that
+    skipped QA on one administrator's say)."""
+    if before is None:
+        return {}
+    if not before.restricted:
+        if after.promotes_from_id != before.promotes_from_id and _feeds_restricted(before):
+            return {"promotes_from": [before.promotes_from_id, after.promotes_from_id]}
         return {}
     weaker = {}
     if not after.restricted:

@@ -171,8 +171,10 @@ class ReleaseAdmin(ReleaseSearch, ReadOnlyAdmin):
         if request.method != "POST":
             return redirect(page_url)
         form = DeployForm(request.POST, release=release)
-        if not form.is_valid():
-            messages.error(request, "Choose an environment of this release's application.")
+        if not form.is_valid():  # say what was wrong: the environment, or the emergency's reason
+            messages.error(request, " ".join(
+                "Choose an environment of this release's application." if name == "environment"
+                else f"The emergency's reason: {' '.join(errors)}" for name, errors in form.errors.items()))
             return redirect(page_url)
         environment = form.cleaned_data["environment"]
         reason = form.cleaned_data["emergency_reason"].strip()

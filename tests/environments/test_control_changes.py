@@ -147,6 +147,20 @@ def test_stricter_applies_at_once_and_a_stale_proposal_is_refused(world, make_us
     assert info.value.refusal.code == "STALE_PROPOSAL"
 
 
+def test_the_path_to_a_restricted_environment_changes_only_with_a_second_administrator(world, make_user):
+    """Staging taking releases that skipped QA would weaken Production's path: four eyes, as on Production."""
+    root, otto = make_user("root", superuser=True), make_user("otto", superuser=True)
+    world.staging.promotes_from = None
+    proposal = services.environment_save(actor=person(root), environment=world.staging, reason="QA is down")
+    assert isinstance(proposal, ControlChange) and proposal.changes == {"promotes_from": [world.qa.pk, None]}
+    assert Environment.objects.get(pk=world.staging.pk).promotes_from_id == world.qa.pk
+    services.control_change_approve(actor=person(otto), change_id=proposal.pk)
+    assert Environment.objects.get(pk=world.staging.pk).promotes_from_id is None
+    dev = Environment.objects.create(application=world.app, name="Dev")  # no restricted environment below it
+    dev.promotes_from = world.qa
+    assert services.environment_save(actor=person(root), environment=dev) == dev  # applied at once
+
+
 def test_someone_without_the_right_cannot_even_propose(world):
     world.production.restricted, world.production.required_approvals = False, 0
     with pytest.raises(PolicyRefusal) as info:

@@ -247,6 +247,7 @@ def test_the_api_answers_the_same_numbers_and_a_ci_token_only_for_its_applicatio
 
 
 @pytest.mark.parametrize("query", ["weeks=0", "weeks=500", "since=1066-10-14", "until=9999-12-31", "since=x",
+                                   "since=2026-03-18&until=2026-03-04",
                                    "environment=Nowhere"])
 def test_bad_metrics_queries_are_4xx(world, client, query):
     _, raw = token_create(actor=SYSTEM, kind=ApiToken.Kind.CI, name="jenkins", applications=[world.app])

@@ -266,6 +266,10 @@ def test_under_a_freeze_a_releaser_is_offered_an_emergency_deployment(client, pe
     url = reverse("admin:releases_release_deploy", args=[release.pk])
     assert "needs its reason" in text(client.post(url, {"environment": people.production.pk, "emergency": "1"},
                                                   follow=True))
+    too_long = text(client.post(url, {"environment": people.production.pk, "emergency": "1",
+                                      "emergency_reason": "x" * 2001}, follow=True))
+    assert "The emergency's reason: Ensure this value has at most 2000 characters (it has 2001)." in too_long
+    assert "Choose an environment" not in too_long
     client.post(url, {"environment": people.production.pk, "emergency": "1", "emergency_reason": "payments down"})
     deployment = Deployment.objects.get(release=release, environment=people.production)
     assert (deployment.emergency, deployment.emergency_reason, deployment.state) == (True, "payments down", "running")
