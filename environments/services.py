@@ -283,8 +283,8 @@ def deployment_request(
             return deployment
         error = refused(
             actor=actor, action="deployment.request", refusal=decision.refusal, obj=environment,
-            data={"release": str(release), "version": release.version, "environment": environment.name,
-                  "emergency": bool(emergency_reason)},
+            data={"release": str(release), "application": environment.application.name, "version": release.version,
+                  "environment": environment.name, "emergency": bool(emergency_reason)},
         )
     raise error
 

@@ -120,6 +120,8 @@ def test_exceptions_lists_emergencies_refusals_and_grants(world, history):
     assert rows[1]["status"].startswith("reviewed by erin") and rows[1]["status"].endswith("after 0 days")
     refusals = [r for r in rows if r["kind"] == "refusal"]
     assert any(r["rule"] == "NOT_RELEASER" and r["actor"] == "dave" for r in refusals)
+    requested = next(r for r in refusals if r["detail"].startswith("deployment.request.refused"))
+    assert (requested["application"], requested["environment"]) == ("MAC", "Production") and requested["version"]
     grants = [r for r in rows if r["kind"] == "grant"]
     assert any("deploy_environment on MAC Production to group mac-releasers" in r["detail"] for r in grants)
     assert any("dave added to group mac-releasers" in r["detail"] for r in grants)
