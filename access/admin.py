@@ -51,6 +51,17 @@ class ApiTokenAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request, obj=None):
         return False
 
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        """Nothing on a token is edited: its page shows it, and says how it is revoked."""
+        token = self.get_object(request, unquote(object_id))
+        how = ("Revoked: it no longer opens the API." if token is not None and token.revoked_at else
+               "Revoke it from the list: select it, then Revoke selected tokens.")
+        return super().change_view(request, object_id, form_url, extra_context={
+            "title": "API token", "subtitle": how,
+            "show_save": False, "show_save_and_continue": False, "show_save_and_add_another": False,
+            "show_delete_link": False, **(extra_context or {}),
+        })
+
     @admin.action(description="Revoke selected tokens", permissions=["change"])
     def revoke(self, request, queryset):
         actor = admin_actor(request)

@@ -331,3 +331,14 @@ def test_a_user_outside_the_evidence_is_deleted_and_audited(client, world, make_
     assert not get_user_model().objects.filter(username="newbie").exists()
     event = AuditEvent.objects.get(action="user.delete")
     assert (event.actor_username, event.data["username"]) == ("root", "newbie")
+
+
+def test_a_token_page_shows_the_token_and_how_to_revoke_it_with_no_save_button(client, world, make_user):
+    from access.models import ApiToken
+    from access.services import token_create
+
+    token, _ = token_create(actor=SYSTEM, kind=ApiToken.Kind.CI, name="jenkins", applications=[world.app])
+    client.force_login(make_user("root", superuser=True))
+    page = client.get(reverse("admin:access_apitoken_change", args=[token.pk])).content.decode()
+    assert "Revoke it from the list" in page and "jenkins" in page
+    assert 'name="_save"' not in page and 'name="_continue"' not in page
