@@ -509,7 +509,8 @@ def only_an_emergency_may_go(decision: Decision) -> bool:
 
 def freeze_sentence(environment: Environment, freeze: FreezeOccurrence) -> str:
     return (f"{environment} is frozen until {freeze.ends_at:%Y-%m-%d %H:%M} UTC ({freeze.reason}); "
-            "only an emergency deployment with a stated reason can go now.")
+            f"only an emergency deployment, requested with a stated reason by a releaser of {environment.name} "
+            "(who holds its deploy right), can go now.")
 
 
 def waiting_for_freeze(freeze: FreezeOccurrence) -> str:

@@ -75,6 +75,7 @@ def test_a_request_inside_a_recurring_freeze_is_refused_with_its_end_an_emergenc
         services.deployment_request(actor=person(world.bob), release=release, environment=world.production)
     assert info.value.refusal.code == "FREEZE_WINDOW"
     assert "frozen until 2027-03-22 05:00 UTC (weekend)" in info.value.refusal.detail
+    assert "by a releaser of Production (who holds its deploy right)" in info.value.refusal.detail  # who may go
     assert AuditEvent.objects.filter(action="deployment.request.refused", code="FREEZE_WINDOW").exists()
     emergency = services.deployment_request(actor=person(world.bob), release=release, environment=world.production,
                                             emergency_reason="payments down")
