@@ -77,6 +77,7 @@ USERS = {
     "carol": ("carol@example.com", "carol", ["analysts", RELEASERS], False),
     "dave": ("dave@example.com", "dave", ["auditors"], False),
     "admin": ("admin@example.com", "admin", [], True),
+    "otto": ("otto@example.com", "otto", [], True),  # the second administrator a weaker control waits for
 }
 
 VIEW_ALL = [

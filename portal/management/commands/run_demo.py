@@ -54,7 +54,8 @@ class Command(BaseCommand):
         token = token_file.read_text().strip().splitlines()[-1]
         self.stdout.write(
             f"\n  Release Portal: http://{bind}/admin/\n"
-            "  Logins (password = user name): alice (developer), bob and carol (releasers), dave (auditor), admin\n"
+            "  Logins (password = user name): alice (developer), bob and carol (releasers), dave (auditor),\n"
+            "  admin and otto (administrators: a weaker control one proposes, the other approves)\n"
             f"  API docs: http://{bind}/api/v1/docs\n"
             f"  CI token for MAC (kept in {_shown(token_file)}): {token}\n"
             "  Ctrl-C stops the web server and the worker (the demo cluster keeps running: make cluster-stop).\n"
