@@ -757,6 +757,12 @@ def _cancel_refusal(*, actor: Actor, deployment: Deployment) -> Refusal | None:
             "NOT_CANCELLABLE",
             f"Deployment #{deployment.pk} is {deployment.get_state_display().lower()} and can no longer be cancelled.",
         )
+    if deployment.cancel_requested_at is not None:
+        return conflict(
+            "CANCEL_REQUESTED",
+            f"Cancelling deployment #{deployment.pk} was asked for at {deployment.cancel_requested_at:%H:%M:%S} UTC; "
+            "its playbook is being stopped.",
+        )
     if actor.is_ci or actor.is_system:
         return None
     if deployment.requested_by_id == actor.user.pk:

@@ -77,6 +77,11 @@ def test_cancel_queued_and_waiting_and_flag_running(world):
     with pytest.raises(PolicyRefusal) as info:
         services.deployment_cancel(actor=world.ci, deployment_id=queued.pk)
     assert info.value.refusal.code == "NOT_CANCELLABLE"
+    with pytest.raises(PolicyRefusal) as info:  # asked once: the second ask says so, and is on record
+        services.deployment_cancel(actor=person(world.alice), deployment_id=running.pk)
+    refusal = info.value.refusal
+    assert refusal.code == "CANCEL_REQUESTED" and "its playbook is being stopped" in refusal.detail
+    assert last_event().action == "deployment.cancel.refused"
 
 
 def test_cancelled_before_an_engine_took_it_ends_without_running(world):
