@@ -179,8 +179,12 @@ class PortalUserAdmin(OutcomeAdmin, UserAdmin):
         if not form.is_valid() or not (form.cleaned_data["set_usable_password"] or "unset-password" in request.POST):
             return super().user_change_password(request, id, form_url)  # shows the errors
         usable = form.cleaned_data["set_usable_password"]
-        user = user_set_password(actor=admin_actor(request), user=user,
-                                 password=form.cleaned_data["password1"] if usable else None)
+        try:
+            user = user_set_password(actor=admin_actor(request), user=user,
+                                     password=form.cleaned_data["password1"] if usable else None)
+        except PolicyRefusal as exc:  # on record; the admin's transaction commits the refusal
+            self.message_user(request, refusal_message(exc.refusal), messages.ERROR)
+            return redirect("admin:auth_user_change", user.pk)
         self.log_change(request, user, self.construct_change_message(request, form, None))
         self.message_user(request, "Password changed successfully." if usable
                           else "Password-based authentication was disabled.", messages.SUCCESS)

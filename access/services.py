@@ -185,21 +185,27 @@ def _keep_old_identities(actor: Actor, before, user) -> None:
 
 def user_set_password(*, actor: Actor, user, password: str | None):
     """Set someone's password (None: password sign-in switched off). Whoever sets another person's
-    password can sign in as them: the event says who did it for whom, never the hash."""
+    password can sign in as them: the event says who did it for whom, never the hash; and only a
+    superuser sets a superuser's (policy.decide_account_change)."""
     with transaction.atomic():
         locked = get_user_model().objects.select_for_update().get(pk=user.pk)
-        had_usable = locked.has_usable_password()
-        if password is None:
-            locked.set_unusable_password()
-        else:
-            locked.set_password(password)
-        locked.save(update_fields=["password"])
-        chain.append(actor=actor, action="user.set_password", obj=locked, data={
-            "user": locked.get_username(), "usable_password": {"from": had_usable, "to": password is not None},
-            "by_another_person": _is_someone_else(actor, locked),
-        })
-    user.password = locked.password
-    return locked
+        decision = policy.decide_account_change(actor=actor, user=locked, raised=[])
+        if decision.allowed:
+            had_usable = locked.has_usable_password()
+            if password is None:
+                locked.set_unusable_password()
+            else:
+                locked.set_password(password)
+            locked.save(update_fields=["password"])
+            chain.append(actor=actor, action="user.set_password", obj=locked, data={
+                "user": locked.get_username(), "usable_password": {"from": had_usable, "to": password is not None},
+                "by_another_person": _is_someone_else(actor, locked),
+            })
+            user.password = locked.password
+            return locked
+        error = refused(actor=actor, action="user.set_password", refusal=decision.refusal, obj=locked,
+                        data={"user": locked.get_username()})
+    raise error
 
 
 def _permission_label(permission: Permission) -> str:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from django import forms
 from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
 from django.shortcuts import redirect
 from django.template.response import TemplateResponse
 from django.utils.http import url_has_allowed_host_and_scheme
@@ -89,6 +90,8 @@ def run_each(modeladmin: admin.ModelAdmin, request, objects: Iterable, call: Cal
             call(obj)
         except PolicyRefusal as exc:
             modeladmin.message_user(request, refusal_message(exc.refusal, obj), messages.ERROR)
+        except ValidationError as exc:  # what the change would break (a cycle, say): nothing was applied
+            modeladmin.message_user(request, f"{obj}: {' '.join(exc.messages)}", messages.ERROR)
         else:
             modeladmin.message_user(request, f"{obj}: {done}", messages.SUCCESS)
 

@@ -139,6 +139,20 @@ def resolve_identity_users(identities, read: Pending | None = None) -> dict[str,
     return {identity: aliased.get(identity, min(users)) for identity, users in found.items()}
 
 
+def decide_alias(*, user, identity: str) -> Decision:
+    """Rule 3's identities name one person each: an alias may not be an identity that is already
+    someone's (another person's user name or e-mail, or any alias), or it would take a change away from
+    the person who implemented it."""
+    identity = identity.strip().lower()
+    owners = identity_users([identity]).get(identity, set())
+    if owners - {user.pk}:
+        return no(conflict("IDENTITY_TAKEN", f"{identity} is already another person's user name, e-mail or VCS "
+                                              "alias; an identity names one person."))
+    if VcsAlias.objects.filter(identity=identity).exists():
+        return no(conflict("IDENTITY_TAKEN", f"{identity} is already a VCS alias of {user.get_username()}."))
+    return Decision()
+
+
 def identities_of_users(user_ids) -> dict[int, set[str]]:
     """`person_identities` of many people at once (two queries)."""
     user_ids = sorted(set(user_ids))
@@ -863,6 +877,10 @@ def decide_account_change(*, actor: Actor, user, raised: list[str]) -> Decision:
             "SELF_GRANT", f"Nobody can raise their own rights ({', '.join(sorted(raised))}); another administrator "
             "must do it.",
         ))
+    if actor.is_person and user.is_superuser and not actor.user.is_superuser:
+        # whoever sets a superuser's password or e-mail can become them
+        return no(forbidden("NOT_PERMITTED", f"Only a superuser may change the account of {user.get_username()}, "
+                                             "a superuser."))
     return Decision()
 
 
@@ -890,6 +908,28 @@ def _feeds_restricted(environment: Environment) -> bool:
     return False
 
 
+def promotion_path(application_id: int, source_id: int | None) -> list[str]:
+    """The environments a release passes before it may come from `source_id`: its name, then its own
+    source's, up to where the path starts ("(a cycle)" if it comes back). One query."""
+    rows = {pk: (name, source) for pk, name, source in Environment.objects.filter(
+        application_id=application_id).values_list("pk", "name", "promotes_from_id")}
+    path: list[str] = []
+    while source_id is not None and source_id in rows:
+        if len(path) > len(rows):
+            return [*path, "(a cycle)"]
+        name, source_id = rows[source_id]
+        path.append(name)
+    return path
+
+
+def _another_path(before: Environment, after: Environment) -> dict[str, list]:
+    """Another promotion path: the source, and the whole path it leads to (by name), which the proposal
+    is approved against (STALE_PROPOSAL if an environment on the new path changed its own meanwhile)."""
+    return {"promotes_from": [before.promotes_from_id, after.promotes_from_id],
+            "path": [promotion_path(before.application_id, before.promotes_from_id),
+                     promotion_path(before.application_id, after.promotes_from_id)]}
+
+
 def weakened_controls(before: Environment | None, after: Environment) -> dict[str, list]:
     """The changes in `after` that make a restricted environment less strict: {field: [from, to]}.
     Stricter changes are not listed; of a non-restricted environment, only another promotion path, and
@@ -899,7 +939,7 @@ def weakened_controls(before: Environment | None, after: Environment) -> dict[st
         return {}
     if not before.restricted:
         if after.promotes_from_id != before.promotes_from_id and _feeds_restricted(before):
-            return {"promotes_from": [before.promotes_from_id, after.promotes_from_id]}
+            return _another_path(before, after)
         return {}
     weaker = {}
     if not after.restricted:
@@ -911,7 +951,7 @@ def weakened_controls(before: Environment | None, after: Environment) -> dict[st
     if after.auto_deploy and not before.auto_deploy:
         weaker["auto_deploy"] = [False, True]
     if after.promotes_from_id != before.promotes_from_id:
-        weaker["promotes_from"] = [before.promotes_from_id, after.promotes_from_id]
+        weaker.update(_another_path(before, after))
     for name in EXECUTABLE_SETTINGS:
         if getattr(after, name) != getattr(before, name):
             weaker[name] = [getattr(before, name), getattr(after, name)]
@@ -979,7 +1019,9 @@ def decide_control_change(*, actor: Actor, change: ControlChange, current: dict)
             "SOD_PROPOSER_APPROVER", "You proposed this change to a control, so a different administrator must "
             "decide on it."
         ))
-    stale = [name for name, (old, _new) in change.changes.items() if name in current and current[name] != old]
+    # each field must still be what it was when proposed; the path, still the one the proposal leads to
+    stale = [name for name, (old, new) in change.changes.items()
+             if name in current and current[name] != (new if name == "path" else old)]
     if stale:
         return no(conflict(
             "STALE_PROPOSAL", f"{', '.join(sorted(stale))} changed since {change} was proposed; propose it again."

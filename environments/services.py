@@ -643,7 +643,8 @@ def environment_save(
 def _apply_control_change(change: ControlChange, environment: Environment | None, now: dt.datetime) -> dict:
     if change.freeze_window_id is None:
         for name, (_old, new) in change.changes.items():
-            setattr(environment, f"{name}_id" if name == "promotes_from" else name, new)
+            if name in SETTINGS_FIELDS:
+                setattr(environment, f"{name}_id" if name == "promotes_from" else name, new)
         environment.full_clean()
         environment.save(update_fields=[f for f in SETTINGS_FIELDS if f in change.changes])
         return _settings_of(environment)
@@ -668,7 +669,10 @@ def _set_freeze_fields(window: FreezeWindow, values: dict) -> None:
 
 def _current_of(change: ControlChange, environment: Environment | None) -> dict:
     if change.freeze_window_id is None:
-        return _settings_of(environment)
+        current = _settings_of(environment)
+        if "path" in change.changes:  # where the proposed source leads now
+            current["path"] = policy.promotion_path(environment.application_id, change.changes["promotes_from"][1])
+        return current
     window = FreezeWindow.objects.filter(pk=change.freeze_window_id).first()
     return {"removed": None} if window is None else {**policy.freeze_fields(window), "removed": True}
 

@@ -8,7 +8,8 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html_join
 
-from edge.admin import Offer, ReadOnlyAdmin, admin_actor, call_service
+from core.decisions import PolicyRefusal
+from edge.admin import Offer, OutcomeAdmin, ReadOnlyAdmin, admin_actor, call_service, refusal_message
 from edge.lists import LargeTablePaginator, ReleaseSearch
 from environments import policy
 from environments import selectors as env_selectors
@@ -192,7 +193,7 @@ class ReleaseAdmin(ReleaseSearch, ReadOnlyAdmin):
 
 
 @admin.register(VcsAlias)
-class VcsAliasAdmin(admin.ModelAdmin):
+class VcsAliasAdmin(OutcomeAdmin):
     """Aliases only make separation of duties stricter, so they are added here and never edited or removed."""
 
     list_display = ["identity", "user"]
@@ -206,6 +207,14 @@ class VcsAliasAdmin(admin.ModelAdmin):
         return False
 
     def save_model(self, request, obj, form, change):
-        saved = vcs_alias_add(actor=admin_actor(request), user=obj.user, identity=obj.identity)
-        obj.pk = saved.pk
+        try:
+            saved = vcs_alias_add(actor=admin_actor(request), user=obj.user, identity=obj.identity)
+        except PolicyRefusal as exc:  # on record; the admin's transaction commits the refusal
+            self.not_applied(request, refusal_message(exc.refusal))
+        else:
+            obj.pk = saved.pk
+
+    def log_addition(self, request, obj, message):
+        if obj.pk is not None:
+            super().log_addition(request, obj, message)
 

@@ -7,6 +7,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.utils.dateparse import parse_datetime
 
@@ -198,9 +199,17 @@ def application_save(*, actor: Actor, application: Application) -> Application:
 
 
 def vcs_alias_add(*, actor: Actor, user, identity: str) -> VcsAlias:
-    """Link a VCS identity to a user, so separation of duties recognises them under it."""
+    """Link a VCS identity to a user, so separation of duties recognises them under it; never one that
+    is someone's already (policy.decide_alias)."""
+    identity = identity.strip().lower()
     with transaction.atomic():
-        alias = VcsAlias.objects.create(user=user, identity=identity)
-        chain.append(actor=actor, action="vcs_alias.add", obj=alias,
-                     data={"user": user.get_username(), "identity": alias.identity})
-    return alias
+        get_user_model().objects.select_for_update().get(pk=user.pk)
+        decision = policy.decide_alias(user=user, identity=identity)
+        if decision.allowed:
+            alias = VcsAlias.objects.create(user=user, identity=identity)
+            chain.append(actor=actor, action="vcs_alias.add", obj=alias,
+                         data={"user": user.get_username(), "identity": alias.identity})
+            return alias
+        error = refused(actor=actor, action="vcs_alias.add", refusal=decision.refusal, obj=user,
+                        data={"user": user.get_username(), "identity": identity})
+    raise error

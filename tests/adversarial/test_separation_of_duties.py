@@ -140,6 +140,26 @@ def test_granting_oneself_or_ones_group_the_right_to_deploy_approve_or_grant(cli
     assert not helpdesk.has_perm("environments.change_environment")
 
 
+def test_an_account_administrator_does_not_take_over_a_superuser(client, world, make_user):
+    """Setting a superuser's password or e-mail is becoming them: only a superuser may."""
+    root = make_user("root", superuser=True)
+    eve = make_user("eve", perms=["auth.change_user", "auth.view_user"])
+    client.force_login(eve)
+    page = client.post(reverse("admin:auth_user_password_change", args=[root.pk]),
+                       {"usable_password": "true", "password1": "Takeover-2026!", "password2": "Takeover-2026!"},
+                       follow=True)
+    assert "Only a superuser may change the account of root" in page.content.decode()
+    root.refresh_from_db()
+    assert root.check_password("root")
+    refused_in_chain("NOT_PERMITTED", actor="eve", action_prefix="user.set_password")
+    client.post(reverse("admin:auth_user_change", args=[root.pk]), {
+        "username": "root", "email": "eve@example.com", "is_active": "on", "is_staff": "on", "is_superuser": "on",
+        "last_login_0": "", "last_login_1": "", "date_joined_0": "2026-01-01", "date_joined_1": "00:00:00"})
+    root.refresh_from_db()
+    assert root.email == "root@example.com"
+    refused_in_chain("NOT_PERMITTED", actor="eve", action_prefix="user.change")
+
+
 def test_a_new_e_mail_does_not_take_an_implementer_out_of_separation_of_duties(client, world, make_user):
     """CI names implementers by the identities they committed under; an administrator changing carol's
     e-mail (or user name) afterwards does not make her a stranger to her own change."""
@@ -161,6 +181,23 @@ def test_a_new_e_mail_does_not_take_an_implementer_out_of_separation_of_duties(c
             services.deployment_request(actor=person(world.carol), release=release, environment=world.production)
         refused_in_chain("SOD_IMPLEMENTER_REQUESTER", actor="carol.s", action_prefix="deployment.request")
     assert AuditEvent.objects.filter(action="vcs_alias.add", actor_username="root").count() == 2
+
+
+def test_an_identity_cannot_be_handed_to_someone_else_first(client, world, make_user):
+    """eve makes bob's e-mail dave's alias, then gives bob a new e-mail: bob would no longer be the
+    implementer of what he committed. An alias names nobody who is someone else already."""
+    eve = make_user("eve", perms=["releases.add_vcsalias", "releases.view_vcsalias", "auth.change_user"])
+    client.force_login(eve)
+    url = reverse("admin:releases_vcsalias_add")
+    for identity in ("BOB@Example.com", "bob"):
+        page = client.post(url, {"user": world.dave.pk, "identity": identity}, follow=True)
+        assert page.status_code == 200 and "IDENTITY_TAKEN" in page.content.decode()
+    assert not VcsAlias.objects.exists()
+    refused_in_chain("IDENTITY_TAKEN", actor="eve", action_prefix="vcs_alias.add")
+    client.post(url, {"user": world.dave.pk, "identity": "d.vcs"})
+    page = client.post(url, {"user": world.dave.pk, "identity": "D.VCS"}, follow=True)  # the same, in other case
+    assert page.status_code == 200 and "is already a VCS alias of dave" in page.content.decode()
+    assert list(VcsAlias.objects.values_list("identity", flat=True)) == ["d.vcs"]
 
 
 def test_a_group_admin_gives_their_own_group_no_more_rights_and_joins_no_group(client, world, make_user):

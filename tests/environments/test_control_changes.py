@@ -152,13 +152,34 @@ def test_the_path_to_a_restricted_environment_changes_only_with_a_second_adminis
     root, otto = make_user("root", superuser=True), make_user("otto", superuser=True)
     world.staging.promotes_from = None
     proposal = services.environment_save(actor=person(root), environment=world.staging, reason="QA is down")
-    assert isinstance(proposal, ControlChange) and proposal.changes == {"promotes_from": [world.qa.pk, None]}
+    assert isinstance(proposal, ControlChange)
+    assert proposal.changes == {"promotes_from": [world.qa.pk, None], "path": [["QA"], []]}
     assert Environment.objects.get(pk=world.staging.pk).promotes_from_id == world.qa.pk
     services.control_change_approve(actor=person(otto), change_id=proposal.pk)
     assert Environment.objects.get(pk=world.staging.pk).promotes_from_id is None
     dev = Environment.objects.create(application=world.app, name="Dev")  # no restricted environment below it
     dev.promotes_from = world.qa
     assert services.environment_save(actor=person(root), environment=dev) == dev  # applied at once
+
+
+@pytest.mark.parametrize("switch", ["path cut", "cycle"])
+def test_a_proposed_path_is_approved_only_as_it_was_proposed(world, make_user, switch):
+    """Bait and switch: propose Production <- Hotfix (Hotfix <- Staging), then change Hotfix's own path
+    while nothing restricted depends on it yet. The approval finds the path changed and refuses."""
+    root, otto = make_user("root", superuser=True), make_user("otto", superuser=True)
+    hotfix = Environment.objects.create(application=world.app, name="Hotfix", promotes_from=world.staging)
+    world.production.promotes_from = hotfix
+    proposal = services.environment_save(actor=person(root), environment=world.production, reason="hotfix lane")
+    assert proposal.changes["path"] == [["Staging", "QA"], ["Hotfix", "Staging", "QA"]]
+    hotfix.promotes_from = None if switch == "path cut" else world.production
+    if switch == "cycle":  # a cycle through the proposal is only there once it is applied
+        Environment.objects.filter(pk=hotfix.pk).update(promotes_from=world.production)
+    else:
+        services.environment_save(actor=person(root), environment=hotfix)  # feeds nothing restricted yet
+    with pytest.raises(PolicyRefusal) as info:
+        services.control_change_approve(actor=person(otto), change_id=proposal.pk)
+    assert info.value.refusal.code == "STALE_PROPOSAL" and "path" in info.value.refusal.detail
+    assert Environment.objects.get(pk=world.production.pk).promotes_from_id == world.staging.pk
 
 
 def test_someone_without_the_right_cannot_even_propose(world):
