@@ -52,6 +52,18 @@ class OutcomeAdmin(admin.ModelAdmin):
             return redirect(f"admin:{opts.app_label}_{opts.model_name}_change", obj.pk)
         return redirect(self.outcome_url or f"admin:{opts.app_label}_{opts.model_name}_changelist")
 
+    # Django's own history ("Changed ...") would list what was refused or only proposed: it is not
+    # written then (the audit chain holds what happened, the refusals and proposals included).
+    def log_addition(self, request, obj, message):
+        if not getattr(request, "portal_not_applied", False):
+            return super().log_addition(request, obj, message)
+        return None
+
+    def log_change(self, request, obj, message):
+        if not getattr(request, "portal_not_applied", False):
+            return super().log_change(request, obj, message)
+        return None
+
     def response_add(self, request, obj, post_url_continue=None):
         return self._outcome(request, obj, lambda: super(OutcomeAdmin, self).response_add(request, obj,
                                                                                          post_url_continue))

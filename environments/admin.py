@@ -209,16 +209,6 @@ class FreezeWindowAdmin(OutcomeAdmin):
             if isinstance(result, ControlChange):
                 self.not_applied(request, _proposed(result), messages.WARNING)
 
-    def log_addition(self, request, obj, message):
-        if not getattr(request, "portal_not_applied", False):
-            return super().log_addition(request, obj, message)
-        return None
-
-    def log_change(self, request, obj, message):
-        if not getattr(request, "portal_not_applied", False):
-            return super().log_change(request, obj, message)
-        return None
-
     @admin.action(description="End or remove selected freeze windows", permissions=["end"])
     def end_or_remove(self, request, queryset):
         windows = list(queryset.select_related("environment__application", "application"))
@@ -281,6 +271,10 @@ class EnvironmentAdmin(OutcomeAdmin):
     list_filter = ["application", "restricted"]
     list_select_related = ["application", "promotes_from__application"]
     readonly_fields = ["who_may_deploy_and_approve", "queue"]
+
+    def get_readonly_fields(self, request, obj=None):
+        """An environment stays with its application (environment_save refuses a move)."""
+        return [*self.readonly_fields, "application"] if obj is not None else self.readonly_fields
     inlines = [FreezeWindowInline]
     form = EnvironmentForm
 

@@ -615,6 +615,9 @@ def environment_save(
     with transaction.atomic():
         creating = environment._state.adding
         before = None if creating else _lock_environment(environment.pk)
+        if before is not None and before.application_id != environment.application_id:
+            raise ValidationError("An environment stays with its application (its path, freezes and history are "
+                                  "that application's): create one in the other application instead.")
         environment.full_clean()
         if actor.is_person and (weaker := policy.weakened_controls(before, environment)):
             if refusal := policy.check_may_administer(actor):

@@ -214,7 +214,3 @@ class VcsAliasAdmin(OutcomeAdmin):
         else:
             obj.pk = saved.pk
 
-    def log_addition(self, request, obj, message):
-        if obj.pk is not None:
-            super().log_addition(request, obj, message)
-

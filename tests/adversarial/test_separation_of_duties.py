@@ -218,6 +218,8 @@ def test_a_group_admin_gives_their_own_group_no_more_rights_and_joins_no_group(c
     assert any("SELF_GRANT" in m and "auditors" in m for m in shown), shown
     assert not any("successfully" in m for m in shown), shown  # the page does not claim a change it refused
     assert not auditors.permissions.exists() and not dave.has_perm("environments.change_environment")
+    from django.contrib.admin.models import LogEntry
+    assert not LogEntry.objects.filter(object_id=str(auditors.pk)).exists()  # no "Changed Permissions." either
     refused_in_chain("SELF_GRANT", actor="dave2", action_prefix="group.permissions")
     page = client.post(reverse("admin:auth_user_change", args=[dave.pk]), {
         "username": "dave2", "email": dave.email, "is_active": "on", "is_staff": "on",

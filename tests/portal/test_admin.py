@@ -342,3 +342,19 @@ def test_a_token_page_shows_the_token_and_how_to_revoke_it_with_no_save_button(c
     page = client.get(reverse("admin:access_apitoken_change", args=[token.pk])).content.decode()
     assert "Revoke it from the list" in page and "jenkins" in page
     assert 'name="_save"' not in page and 'name="_continue"' not in page
+
+
+def test_an_environment_stays_with_its_application(client, world, make_user):
+    from django.core.exceptions import ValidationError
+
+    from environments import services
+    from releases.models import Application
+
+    other = Application.objects.create(name="HAMS", issue_key_prefix="HAMS")
+    root = make_user("root", superuser=True)
+    world.qa.application = other
+    with pytest.raises(ValidationError, match="stays with its application"):
+        services.environment_save(actor=person(root), environment=world.qa)
+    client.force_login(root)
+    page = client.get(reverse("admin:environments_environment_change", args=[world.qa.pk])).content.decode()
+    assert 'name="application"' not in page  # shown, not editable
