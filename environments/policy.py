@@ -952,6 +952,8 @@ def weakened_controls(before: Environment | None, after: Environment) -> dict[st
         weaker["auto_deploy"] = [False, True]
     if after.promotes_from_id != before.promotes_from_id:
         weaker.update(_another_path(before, after))
+    if after.name != before.name:  # CI and people ask for it by name: another could take the name
+        weaker["name"] = [before.name, after.name]
     for name in EXECUTABLE_SETTINGS:
         if getattr(after, name) != getattr(before, name):
             weaker[name] = [getattr(before, name), getattr(after, name)]

@@ -607,7 +607,7 @@ def environment_save(
     """Create or change an environment's settings; the chain records each changed field from and to.
 
     A person's change that makes a restricted environment less strict (restricted off, fewer
-    approvals, code review off, auto-deploy on, another promotion path, another playbook or
+    approvals, code review off, auto-deploy on, another promotion path or name, another playbook or
     inventory) is not applied: it becomes a ControlChange proposal, returned, that a different
     administrator must approve. Stricter changes apply at once.
     """

@@ -182,6 +182,15 @@ def test_a_proposed_path_is_approved_only_as_it_was_proposed(world, make_user, s
     assert Environment.objects.get(pk=world.production.pk).promotes_from_id == world.staging.pk
 
 
+def test_a_restricted_environment_is_renamed_only_with_a_second_administrator(world, make_user):
+    """Renamed away, its name could be taken by an environment that is not restricted."""
+    root = make_user("root", superuser=True)
+    world.production.name = "Production-old"
+    proposal = services.environment_save(actor=person(root), environment=world.production, reason="tidy up")
+    assert isinstance(proposal, ControlChange) and proposal.changes == {"name": ["Production", "Production-old"]}
+    assert Environment.objects.get(pk=world.production.pk).name == "Production"
+
+
 def test_someone_without_the_right_cannot_even_propose(world):
     world.production.restricted, world.production.required_approvals = False, 0
     with pytest.raises(PolicyRefusal) as info:
