@@ -464,4 +464,14 @@ class ControlChange(models.Model):
     def summary(self) -> str:
         if "removed" in self.changes:
             return "end the running freeze window"
-        return "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in sorted(self.changes.items()))
+        shown = {name: pair for name, pair in self.changes.items() if not (name == "promotes_from" and "path" in
+                                                                            self.changes)}  # the path says it by name
+        return "; ".join(_change_text(name, old, new) for name, (old, new) in sorted(shown.items()))
+
+
+def _change_text(name: str, old, new) -> str:
+    if name == "path":  # the environments a release passes first, in the order it passes them
+        def path(names):
+            return " then ".join(reversed(names)) or "none (it starts a promotion path)"
+        return f"environments passed before it: {path(old)} -> {path(new)}"
+    return f"{name}: {old!r} -> {new!r}"

@@ -171,6 +171,7 @@ def test_a_proposed_path_is_approved_only_as_it_was_proposed(world, make_user, s
     world.production.promotes_from = hotfix
     proposal = services.environment_save(actor=person(root), environment=world.production, reason="hotfix lane")
     assert proposal.changes["path"] == [["Staging", "QA"], ["Hotfix", "Staging", "QA"]]
+    assert proposal.summary() == "environments passed before it: QA then Staging -> QA then Staging then Hotfix"
     hotfix.promotes_from = None if switch == "path cut" else world.production
     if switch == "cycle":  # a cycle through the proposal is only there once it is applied
         Environment.objects.filter(pk=hotfix.pk).update(promotes_from=world.production)
