@@ -598,8 +598,7 @@ class NotificationDeliveryAdmin(ReadOnlyAdmin):
 class ControlChangeAdmin(ReadOnlyAdmin):
     """Weaker controls wait here for a second administrator; approving applies them."""
 
-    list_display = ["id", "environment", "what", "reason", "state", "proposed_by", "proposed_at", "decided_by",
-                    "decided_at"]
+    list_display = ["id", "environment", "what", "reason", "state", "proposed", "decided"]
     list_filter = ["state", "environment__application"]
     list_select_related = ["environment__application", "proposed_by", "decided_by"]
     actions = ["approve", "reject"]
@@ -607,6 +606,14 @@ class ControlChangeAdmin(ReadOnlyAdmin):
     @admin.display(description="change")
     def what(self, obj):
         return obj.summary()
+
+    @admin.display(description="proposed", ordering="proposed_at")
+    def proposed(self, obj):
+        return f"{obj.proposed_by.get_username()}, {obj.proposed_at:%Y-%m-%d %H:%M}"
+
+    @admin.display(description="decided", ordering="decided_at")
+    def decided(self, obj):
+        return f"{obj.decided_by.get_username()}, {obj.decided_at:%Y-%m-%d %H:%M}" if obj.decided_by_id else "-"
 
     def has_decide_permission(self, request):
         return request.user.has_perm("environments.change_environment")
