@@ -343,20 +343,25 @@ def _on_their_way(applications, ordered: dict[int, list[Environment]], current: 
         .filter(rank__lte=limit).order_by("application_id", "-id")
     )
     latest: dict[tuple[int, int], dict] = {}
+    reached: set[tuple[int, int]] = set()  # where a release succeeded once, whatever came after
     rows = (Deployment.objects.filter(release__in=releases)
             .annotate(approved=Count("approvals", filter=Q(approvals__decision=Approval.Decision.APPROVE)))
             .values("id", "release_id", "environment_id", "state", "required_approvals", "approved").order_by("id"))
     for row in rows:
         latest[(row["release_id"], row["environment_id"])] = row
+        if row["state"] == State.SUCCEEDED:
+            reached.add((row["release_id"], row["environment_id"]))
     way: dict[int, list[dict]] = defaultdict(list)
     for release in releases:
         steps = []
         for environment in ordered.get(release.application_id, []):
             row = latest.get((release.pk, environment.pk))
+            label = step_label(row["state"], entries.get(row["id"]), row["approved"],
+                               row["required_approvals"]) if row else ""
+            if row and row["state"] != State.SUCCEEDED and (release.pk, environment.pk) in reached:
+                label = f"{label}; ran here before"  # a rollback replaced it, and a later attempt did not run
             steps.append({"environment": environment, "state": row["state"] if row else "",
-                          "deployment_id": row["id"] if row else None,
-                          "label": step_label(row["state"], entries.get(row["id"]), row["approved"],
-                                              row["required_approvals"]) if row else ""})
+                          "deployment_id": row["id"] if row else None, "label": label})
         way[release.application_id].append({"release": release, "steps": steps})
     return way, counts
 

@@ -101,6 +101,20 @@ def test_board_shows_what_runs_where_its_queues_and_the_releases_on_their_way(cl
     assert 'id="releases-release"' in body  # the app list stays below: settings remain reachable
 
 
+def test_board_says_a_release_ran_before_where_a_rollback_replaced_it(client, people):
+    older, newer = in_staging(people, version="3.0.0"), in_staging(people, version="3.1.0")
+    stale = awaiting(people, older)
+    people.deploy(newer, people.production, actor=person(people.bob))
+    services.deployment_approve(actor=person(people.carol), deployment_id=stale.pk)  # 3.0.0 back: a rollback
+    services.deployment_start(deployment_id=stale.pk)
+    services.deployment_record_result(deployment_id=stale.pk, state=Deployment.State.SUCCEEDED)
+    again = awaiting(people, newer)
+    services.deployment_cancel(actor=person(people.bob), deployment_id=again.pk)
+    (mac,) = page(client, people.dave, reverse("admin:index")).context["board"]
+    way = {row["release"].version: [s["label"] for s in row["steps"]] for row in mac["on_the_way"]}
+    assert way["3.1.0"] == ["done", "done", "cancelled; ran here before"]
+
+
 def test_board_counts_every_release_on_its_way_and_shows_the_latest(client, people):
     live = in_staging(people)
     people.deploy(live, people.production, actor=person(people.bob))
