@@ -13,6 +13,7 @@ from django_q.models import Failure, OrmQ, Schedule, Success
 
 from access.models import ApiToken
 from access.services import (
+    group_delete,
     group_permissions_change,
     token_revoke,
     user_delete,
@@ -20,7 +21,6 @@ from access.services import (
     user_save,
     user_set_password,
 )
-from audit.actors import Actor
 from audit.services import audit_refusal
 from core.decisions import PolicyRefusal
 from edge.admin import OutcomeAdmin, admin_actor, refusal_message, run_each
@@ -71,7 +71,7 @@ class ApiTokenAdmin(admin.ModelAdmin):
 class MembershipCheckedUserForm(UserChangeForm):
     """Group changes go through group_membership_change: no one joins a releasers group by themselves."""
 
-    request_user = None
+    request = None
 
     def clean_groups(self):
         groups = self.cleaned_data.get("groups")
@@ -80,7 +80,7 @@ class MembershipCheckedUserForm(UserChangeForm):
         current = set(self.instance.groups.values_list("pk", flat=True))
         for group in groups:
             if group.pk not in current:
-                actor = Actor(user=self.request_user, via="admin")
+                actor = admin_actor(self.request)  # who, and from where, as every admin event says
                 decision = policy.decide_membership(actor=actor, group=group, user=self.instance)
                 if not decision.allowed:  # on record, like every refusal (the admin's transaction commits)
                     audit_refusal(actor=actor, action="group.add_member", refusal=decision.refusal, obj=group,
@@ -139,7 +139,7 @@ class PortalUserAdmin(OutcomeAdmin, UserAdmin):
 
     def get_form(self, request, obj=None, **kwargs):
         form = super().get_form(request, obj, **kwargs)
-        form.request_user = request.user
+        form.request = request
         return form
 
     def save_model(self, request, obj, form, change):
@@ -199,7 +199,14 @@ admin.site.register(User, PortalUserAdmin)
 
 class PortalGroupAdmin(OutcomeAdmin, GroupAdmin):
     """A group's permissions go through group_permissions_change: audited, and nobody gives a group they
-    belong to more rights."""
+    belong to more rights. Deleting one says who lost what (group_delete)."""
+
+    def delete_model(self, request, obj):
+        group_delete(actor=admin_actor(request), group=obj)
+
+    def delete_queryset(self, request, queryset):
+        for group in queryset:
+            group_delete(actor=admin_actor(request), group=group)
 
     def save_related(self, request, form, formsets, change):
         wanted = form.cleaned_data.pop("permissions", None)

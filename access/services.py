@@ -254,6 +254,21 @@ def group_permissions_change(*, actor: Actor, group: Group, permissions) -> None
     raise error
 
 
+def group_delete(*, actor: Actor, group: Group) -> None:
+    """Delete a group; the event says who lost what with it (its members, its model permissions and its
+    grants on environments), which the group's name alone would not tell an auditor."""
+    with transaction.atomic():
+        group = Group.objects.select_for_update().get(pk=group.pk)
+        grants = policy.group_environment_grants(group)
+        chain.append(actor=actor, action="group.delete", obj=group, data={
+            "group": group.name,
+            "members": sorted(group.user_set.values_list("username", flat=True)),
+            "permissions": sorted(map(_permission_label, group.permissions.select_related("content_type"))),
+            "environment_grants": grants,
+        })
+        group.delete()
+
+
 def _apply_permissions(actor: Actor, user, added, removed) -> None:
     user.user_permissions.add(*added)
     user.user_permissions.remove(*removed)

@@ -47,6 +47,15 @@ def _grants_on_any(environment_ids):
     return GroupObjectPermission.objects.filter(**where), UserObjectPermission.objects.filter(**where)
 
 
+def group_environment_grants(group: Group) -> list[str]:
+    """A group's grants on environments, as "permission on environment" (what its members hold through it)."""
+    rows = GroupObjectPermission.objects.filter(group=group, permission__codename__in=GRANTABLE).values_list(
+        "permission__codename", "object_pk")
+    names = {str(e.pk): str(e) for e in Environment.objects.filter(pk__in=[int(pk) for _, pk in rows])
+             .select_related("application")}
+    return sorted(f"{codename} on {names.get(pk, pk)}" for codename, pk in rows)
+
+
 def environment_grants(user, environment: Environment) -> set[str]:
     """The explicit per-environment grants a user holds, directly or through a group.
 

@@ -227,7 +227,8 @@ def test_a_group_admin_gives_their_own_group_no_more_rights_and_joins_no_group(c
         "date_joined_0": "2026-01-01", "date_joined_1": "00:00:00",
     }, follow=True)
     assert list(dave.groups.all()) == [auditors], page.content.decode()[:2000]
-    refused_in_chain("SELF_GRANT", actor="dave2", action_prefix="group.add_member")
+    joined = refused_in_chain("SELF_GRANT", actor="dave2", action_prefix="group.add_member")
+    assert joined.via == "admin" and joined.data["remote_addr"] == "127.0.0.1"  # from where, as every admin event
     root = make_user("root", superuser=True)
     client.force_login(root)
     client.post(reverse("admin:auth_group_change", args=[auditors.pk]), {"name": "auditors", "permissions": [grant.pk]})

@@ -358,3 +358,19 @@ def test_an_environment_stays_with_its_application(client, world, make_user):
     client.force_login(root)
     page = client.get(reverse("admin:environments_environment_change", args=[world.qa.pk])).content.decode()
     assert 'name="application"' not in page  # shown, not editable
+
+
+def test_deleting_a_group_says_who_lost_what(client, world, make_user):
+    from environments import services as env_services
+
+    root = make_user("root", superuser=True)
+    env_services.group_membership_change(actor=SYSTEM, group=world.releasers, user=world.dave, add=True)
+    world.releasers.permissions.add(Permission.objects.get(codename="view_deployment"))
+    client.force_login(root)
+    client.post(reverse("admin:auth_group_delete", args=[world.releasers.pk]), {"post": "yes"})
+    event = AuditEvent.objects.get(action="group.delete")
+    assert event.data["group"] == world.releasers.name and event.actor_username == "root"
+    assert {"bob", "carol", "dave"} <= set(event.data["members"])
+    assert event.data["permissions"] == ["environments.view_deployment"]
+    assert event.data["environment_grants"] == ["approve_environment on MAC Production",
+                                                "deploy_environment on MAC Production"]
