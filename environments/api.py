@@ -5,7 +5,7 @@ import datetime as dt
 from django.http import HttpRequest
 from django.utils import timezone
 from ninja import Field, Query, Router, Schema, Status
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict
 
 from edge.api import REFUSALS, ApplicationName, Day, Name, ObjectId, Text, actor_of, readable
 from environments import metrics, selectors, services
@@ -133,16 +133,12 @@ def application_environments(request: HttpRequest, application: ApplicationName)
 
 class MetricsQuery(Schema):
     since: Day | None = Field(None, description="First day; the period starts on the Monday of its ISO week.")
-    until: Day | None = Field(None, description="Last day (default today); the period ends with its ISO week.")
+    until: Day | None = Field(None, description="Last day (default today); the period ends with its ISO week. "
+                              "Before `since`, the two days are taken the other way round; the answer's `since` and "
+                              "`until` say the period measured (at most its latest 157 weeks).")
     weeks: int = Field(metrics.DEFAULT_WEEKS, ge=1, le=metrics.MAX_WEEKS,
                        description="Without `since`: this many ISO weeks up to `until`.")
     environment: Name | None = Field(None, description="One environment (default: all of the application's).")
-
-    @model_validator(mode="after")
-    def _in_order(self):
-        if self.since is not None and self.until is not None and self.until < self.since:
-            raise ValueError("until comes before since")
-        return self
 
 
 class MetricsWeek(BaseModel):
