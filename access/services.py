@@ -18,7 +18,7 @@ from audit.services import refused
 from core.compiled import Pending
 from environments import policy
 from environments.services import deployment_refuse_token_requests
-from releases.models import Application, VcsAlias
+from releases.models import Application
 from releases.services import vcs_alias_add
 
 TOKEN_PREFIX = "rp_"
@@ -174,12 +174,12 @@ def user_save(*, actor: Actor, user):
 
 def _keep_old_identities(actor: Actor, before, user) -> None:
     """Whoever implemented a change under their old user name or e-mail still did: each old identity
-    stays theirs as a VCS alias (unless it is someone's already), so that a new e-mail does not take a
-    person out of separation of duties (the alias's own event is in the chain)."""
+    stays theirs as a VCS alias (unless it is someone's already: policy.decide_alias), so that a new
+    e-mail does not take a person out of separation of duties (the alias's own event is in the chain)."""
     now = {user.get_username().strip().lower(), (user.email or "").strip().lower()}
     for old in (before.get_username(), before.email or ""):
         identity = old.strip().lower()
-        if identity and identity not in now and not VcsAlias.objects.filter(identity=identity).exists():
+        if identity and identity not in now and policy.decide_alias(user=user, identity=identity).allowed:
             vcs_alias_add(actor=actor, user=user, identity=identity)
 
 
