@@ -188,6 +188,8 @@ def exceptions_rows(period: Period) -> Iterator[tuple]:
 ACCESS_COLUMNS = ["application", "environment", "username", "email", "permission", "via", "since", "since_audit_seq",
                   "conflict", "conflict_releases", "changed_by", "change"]
 ACCOUNT_ACTIONS = ("user.create", "user.change", "user.set_password", "user.permissions")
+# What changes the rights of a group's members (the row names the group; its members hold what it holds).
+GROUP_ACTIONS = ("group.add_member", "group.remove_member", "group.permissions", "group.delete")
 # What identifies a person (separation of duties matches implementers by user name and e-mail) and
 # what lets them in.
 ACCOUNT_FIELDS = ("is_active", "is_staff", "is_superuser", "username", "email")
@@ -255,18 +257,30 @@ def _account_changes(event: AuditEvent) -> Iterator[tuple[str, str, bool]]:
     elif event.action == "user.create":
         flags = [flag for flag in ACCOUNT_FIELDS if data.get(flag) is True]
         yield "account", "created" + "".join(f"; {flag}" for flag in flags), False
+    elif event.action in ("group.add_member", "group.remove_member"):
+        joined = event.action == "group.add_member"
+        yield "group", f"{'added to' if joined else 'removed from'} {data.get('group')}", False
+    elif event.action == "group.permissions":
+        parts = [f"{label}: {', '.join(data[key])}" for key, label in (("added", "added"), ("removed", "removed"))
+                 if data.get(key)]
+        yield "group_permissions", "; ".join(parts), False
+    elif event.action == "group.delete":
+        lost = [f"{label}: {', '.join(data.get(key) or []) or 'none'}" for key, label in (
+            ("members", "members"), ("permissions", "permissions"), ("environment_grants", "environment grants"))]
+        yield "group_deleted", "; ".join(lost), False
 
 
 def account_rows(period: Period) -> Iterator[tuple]:
     """Administrator actions on accounts in the period: passwords set for another person, activation,
-    staff and superuser flags, user name and e-mail, permission changes (whatever the application: a
-    person is not)."""
+    staff and superuser flags, user name and e-mail, permission changes; and on groups: members added
+    and removed, a group's permissions, a group deleted with who lost what (whatever the application:
+    a person is not)."""
     events = AuditEvent.objects.filter(created_at__gte=period.since, created_at__lt=period.until,
-                                       action__in=ACCOUNT_ACTIONS).order_by("seq")
+                                       action__in=ACCOUNT_ACTIONS + GROUP_ACTIONS).order_by("seq")
     emails = dict(get_user_model().objects.filter(
         username__in=events.values_list("object_repr", flat=True)).values_list("username", "email"))
     for e in events.iterator(chunk_size=ITERATOR_CHUNK):
-        target = e.data.get("user", e.object_repr)
+        target = e.data.get("user") or (f"group {e.data.get('group')}" if e.action in GROUP_ACTIONS else e.object_repr)
         for what, change, conflict in _account_changes(e):
             yield ("", "", target, emails.get(target, ""), what, e.via, e.created_at, e.seq, conflict, "",
                    e.actor_username, change)

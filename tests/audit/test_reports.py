@@ -141,9 +141,11 @@ def test_access_shows_who_can_deploy_since_when_and_conflicts(world, history, ma
     pending = prod_request(world, carol_impl)
     services.deployment_approve(actor=person(world.erin), deployment_id=pending.pk)  # carol may not
     _, _, rows = export("access")
-    table = {(r["username"], r["permission"]): r for r in rows}
+    table = {(r["username"], r["permission"]): r for r in rows if r["environment"]}
     assert set(table) == {(u, p) for u in ("bob", "carol", "dave", "erin")
                           for p in ("approve_environment", "deploy_environment")}
+    joined = [r for r in rows if not r["environment"] and r["permission"] == "group"]
+    assert [(r["username"], r["change"]) for r in joined] == [("dave", "added to mac-releasers")]
     assert table[("bob", "deploy_environment")]["via"] == "group mac-releasers"
     dave = table[("dave", "approve_environment")]
     added = AuditEvent.objects.get(action="group.add_member", data__user="dave")
@@ -152,6 +154,30 @@ def test_access_shows_who_can_deploy_since_when_and_conflicts(world, history, ma
     assert table[("carol", "approve_environment")]["conflict"] == "true"
     assert table[("carol", "approve_environment")]["conflict_releases"] == carol_impl.version
     assert table[("bob", "approve_environment")]["conflict"] == "false"
+
+
+def test_access_lists_what_changed_the_rights_of_a_group(world, history, make_user):
+    """A group's members hold what it holds: its permissions changed, and the group deleted with who lost
+    what, are among the administrator actions."""
+    from django.contrib.auth.models import Group, Permission
+
+    from access.services import group_delete, group_permissions_change
+
+    root = make_user("root", superuser=True)
+    ops = Group.objects.create(name="ops")
+    services.group_membership_change(actor=person(root), group=ops, user=world.dave, add=True)
+    group_permissions_change(actor=person(root), group=ops,
+                             permissions=[Permission.objects.get(codename="change_environment")])
+    group_delete(actor=person(root), group=ops)
+    _, _, rows = export("access")
+    changes = [(r["username"], r["permission"], r["change"], r["changed_by"]) for r in rows
+               if r["username"] in ("group ops", "dave") and not r["environment"]]
+    assert changes[-3:] == [
+        ("dave", "group", "added to ops", "root"),
+        ("group ops", "group_permissions", "added: environments.change_environment", "root"),
+        ("group ops", "group_deleted", "members: dave; permissions: environments.change_environment; "
+                                       "environment grants: none", "root"),
+    ]
 
 
 def test_audit_report_and_manifest_let_anyone_recompute_the_chain(world, history):
