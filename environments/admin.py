@@ -406,7 +406,7 @@ def deployment_offers(actor, deployment: Deployment) -> list[Offer]:
                                                                          approve=True)))
         offers.append(Offer("reject", "Reject", policy.decide_approval(actor=actor, deployment=deployment,
                                                                        approve=False)))
-    if deployment.state in Deployment.OPEN_STATES and not deployment.cancel_requested_at:
+    if deployment.state in Deployment.OPEN_STATES:
         offers.append(Offer("cancel", "Cancel", policy.decide_cancel(actor=actor, deployment=deployment)))
     if deployment.emergency and deployment.reviewed_at is None:
         offers.append(Offer("review", "Mark as reviewed", policy.decide_review(actor=actor, deployment=deployment)))

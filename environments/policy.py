@@ -153,11 +153,11 @@ def decide_alias(*, user, identity: str) -> Decision:
     someone's (another person's user name or e-mail, or any alias), or it would take a change away from
     the person who implemented it."""
     identity = identity.strip().lower()
-    owners = identity_users([identity]).get(identity, set())
-    if owners - {user.pk}:
+    found, aliased = _identity_users([identity])
+    if found.get(identity, set()) - {user.pk}:
         return no(conflict("IDENTITY_TAKEN", f"{identity} is already another person's user name, e-mail or VCS "
                                               "alias; an identity names one person."))
-    if VcsAlias.objects.filter(identity=identity).exists():
+    if identity in aliased:
         return no(conflict("IDENTITY_TAKEN", f"{identity} is already a VCS alias of {user.get_username()}."))
     return Decision()
 
@@ -900,11 +900,16 @@ def decide_account_change(*, actor: Actor, user, raised: list[str]) -> Decision:
 EXECUTABLE_SETTINGS = ("playbook", "playbook_repo", "playbook_ref", "inventory")
 
 
+def _paths_of(application_id: int) -> dict[int, tuple[str, int | None, bool]]:
+    """An application's environments as {pk: (name, promoted from, restricted)}: its promotion paths."""
+    return {pk: (name, source, restricted) for pk, name, source, restricted in Environment.objects.filter(
+        application_id=application_id).values_list("pk", "name", "promotes_from_id", "restricted")}
+
+
 def _feeds_restricted(environment: Environment) -> bool:
     """Whether a restricted environment is promoted from this one, directly or further down its path."""
     below: dict[int | None, list[tuple[int, bool]]] = {}
-    for pk, source, restricted in Environment.objects.filter(application_id=environment.application_id).values_list(
-            "pk", "promotes_from_id", "restricted"):
+    for pk, (_name, source, restricted) in _paths_of(environment.application_id).items():
         below.setdefault(source, []).append((pk, restricted))
     todo, seen = [environment.pk], set()
     while todo:
@@ -920,13 +925,12 @@ def _feeds_restricted(environment: Environment) -> bool:
 def promotion_path(application_id: int, source_id: int | None) -> list[str]:
     """The environments a release passes before it may come from `source_id`: its name, then its own
     source's, up to where the path starts ("(a cycle)" if it comes back). One query."""
-    rows = {pk: (name, source) for pk, name, source in Environment.objects.filter(
-        application_id=application_id).values_list("pk", "name", "promotes_from_id")}
+    rows = _paths_of(application_id)
     path: list[str] = []
     while source_id is not None and source_id in rows:
         if len(path) > len(rows):
             return [*path, "(a cycle)"]
-        name, source_id = rows[source_id]
+        name, source_id, _restricted = rows[source_id]
         path.append(name)
     return path
 

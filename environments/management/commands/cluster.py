@@ -47,9 +47,13 @@ class Command(BaseCommand):
         bound to it by an earlier version of this command goes back to the demo playbook)."""
         actor = Actor.system(via="command")
         for environment in Environment.objects.filter(application__name=application):
-            wanted = ("rolling_upgrade.yml", str(cluster.inventory)) if environment.name == "Production" else (
-                ("deploy_demo.yml", "") if environment.inventory == str(cluster.inventory) else None)
-            if wanted is not None and (environment.playbook, environment.inventory) != wanted:
+            if environment.name == "Production":
+                wanted = ("rolling_upgrade.yml", str(cluster.inventory))
+            elif environment.inventory == str(cluster.inventory):
+                wanted = ("deploy_demo.yml", "")
+            else:
+                continue
+            if (environment.playbook, environment.inventory) != wanted:
                 environment.playbook, environment.inventory = wanted
                 environment_save(actor=actor, environment=environment, changed=["playbook", "inventory"])
             if environment.name == "Production":
