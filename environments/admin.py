@@ -9,6 +9,7 @@ from django.contrib.admin.utils import unquote
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.core.exceptions import PermissionDenied, ValidationError
+from django.db import models
 from django.db.models import Count, OuterRef, Q, Subquery
 from django.http import Http404, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect
@@ -56,6 +57,9 @@ class FreezeWindowInline(admin.TabularInline):
     model = FreezeWindow
     extra = 0
     fields = ["starts_at", "ends_at", "reason", "recurrence", "duration", "timezone"]
+    # narrower inputs than the admin's default, so that the row fits beside the form on a laptop screen
+    formfield_overrides = {models.CharField: {"widget": forms.TextInput(attrs={"size": 16})},
+                           models.DurationField: {"widget": forms.TextInput(attrs={"size": 9})}}
 
 
 def change_reason_field(help_text: str) -> forms.CharField:
@@ -275,6 +279,10 @@ class EnvironmentAdmin(OutcomeAdmin):
     def get_readonly_fields(self, request, obj=None):
         """An environment stays with its application (environment_save refuses a move)."""
         return [*self.readonly_fields, "application"] if obj is not None else self.readonly_fields
+
+    def get_fields(self, request, obj=None):
+        fields = super().get_fields(request, obj)
+        return ["application", *(f for f in fields if f != "application")]  # first, editable or not
     inlines = [FreezeWindowInline]
     form = EnvironmentForm
 
