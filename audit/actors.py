@@ -5,6 +5,9 @@ Every service takes an explicit `actor`; nothing reads the user from thread-loca
 
 from __future__ import annotations
 
+import os
+import pwd
+import socket
 from dataclasses import dataclass, field
 
 from django.contrib.auth.models import AbstractBaseUser
@@ -19,10 +22,16 @@ class Actor:
     token_kind: str = ""  # "ci" | "personal" | ""
     token_applications: frozenset[int] = field(default_factory=frozenset)
     remote_addr: str = ""
+    os_account: str = ""  # a command's: the operating system account and host that ran it
 
     @classmethod
     def system(cls, via: str = "system") -> Actor:
         return cls(via=via)
+
+    @classmethod
+    def command(cls) -> Actor:
+        """A management command run from a shell: the portal acts, and the chain records whose shell it was."""
+        return cls(via="command", os_account=f"{_os_user()} on {socket.gethostname()}")
 
     @classmethod
     def person(cls, user, via: str) -> Actor:
@@ -47,3 +56,15 @@ class Actor:
         if self.user is not None:
             return self.user.get_username()
         return "system"
+
+
+def _os_user() -> str:
+    """The account of the process's real user id (not $USER, which anyone sets), and who became it
+    through sudo, as sudo says."""
+    uid = os.getuid()
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:  # no name for this uid (a container without a passwd entry)
+        name = f"uid {uid}"
+    sudo = os.environ.get("SUDO_USER")
+    return f"{name} (sudo from {sudo})" if sudo and sudo != name else name

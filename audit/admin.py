@@ -82,7 +82,10 @@ class AuditEventAdmin(ReadOnlyAdmin):
 
     @admin.display(description="who (via)", ordering="actor_username")
     def who(self, obj):
-        return f"{obj.actor_username} ({obj.via})" if obj.via else obj.actor_username
+        via = obj.via
+        if account := (obj.data or {}).get("os_account"):  # a command's: whose shell ran it
+            via = f"{via}: {account}"
+        return f"{obj.actor_username} ({via})" if via else obj.actor_username
 
     @admin.display(description="action", ordering="action")
     def what(self, obj):

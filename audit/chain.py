@@ -187,6 +187,8 @@ def append(
         payload.setdefault("token_id", actor.token_id)
     if actor.remote_addr:
         payload.setdefault("remote_addr", actor.remote_addr)
+    if actor.os_account:
+        payload.setdefault("os_account", actor.os_account)
     event = AuditEvent(
         actor_id=actor_id,
         actor_username=username[:150],

@@ -1,4 +1,6 @@
 import os
+import pwd
+import socket
 import subprocess
 import sys
 from io import StringIO
@@ -7,6 +9,7 @@ from pathlib import Path
 import pytest
 from django.contrib.auth import get_user_model
 from django.core.management import CommandError, call_command
+from django.test import Client
 
 from access.models import ApiToken
 from access.services import token_actor, token_revoke
@@ -93,7 +96,31 @@ def test_create_token_prints_the_token_last(db, demo_mode):
     assert actor.is_ci and actor.token_name == "jenkins"
     mine = run("create_token", "--user", "carol").strip().splitlines()[-1]
     assert token_actor(mine).user.username == "carol"
-    assert AuditEvent.objects.filter(action="token.create").count() == 2
+    created = AuditEvent.objects.filter(action="token.create")
+    assert created.count() == 2
+
+
+def test_a_command_s_events_name_the_shell_account_that_ran_it(db, demo_mode, monkeypatch):
+    """Commands act as the portal (system, via command); the chain still says whose shell it was, by
+    the process's user id, whatever $USER claims."""
+    monkeypatch.setenv("USER", "someone-else")
+    monkeypatch.setenv("LOGNAME", "someone-else")
+    monkeypatch.delenv("SUDO_USER", raising=False)
+    run("demo_data")
+    run("create_token", "--user", "carol")
+    me = pwd.getpwuid(os.getuid()).pw_name
+    event = AuditEvent.objects.get(action="token.create")
+    assert (event.actor_username, event.via, event.data["os_account"]) == (
+        "system", "command", f"{me} on {socket.gethostname()}")
+    monkeypatch.setenv("SUDO_USER", "dave")
+    run("create_token", "--user", "bob")
+    event = AuditEvent.objects.filter(action="token.create").latest("seq")
+    assert event.data["os_account"] == f"{me} (sudo from dave) on {socket.gethostname()}"
+    assert chain.verify().ok
+    client = Client()
+    client.login(username="admin", password="admin")
+    listed = client.get("/admin/audit/auditevent/?action=token.create").content.decode()
+    assert f"system (command: {me} on {socket.gethostname()})" in listed
 
 
 def test_create_token_reuses_the_token_kept_in_its_file_while_it_is_valid(db, tmp_path, demo_mode):

@@ -58,7 +58,7 @@ class Command(BaseCommand):
                 and actor.token_name == (options["name"] or options["user"]))
 
     def _create(self, options) -> list[str]:
-        actor = Actor.system(via="command")
+        actor = Actor.command()
         if options["ci"]:
             if not options["application"]:
                 raise CommandError("A CI token needs --application APP.")

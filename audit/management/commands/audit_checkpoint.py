@@ -28,7 +28,7 @@ class Command(BaseCommand):
         path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(cp, indent=2, sort_keys=True) + "\n"
         path.write_text(text)
-        chain.append(actor=Actor.system(via="command"), action="evidence.checkpoint", object_type="audit.chain",
+        chain.append(actor=Actor.command(), action="evidence.checkpoint", object_type="audit.chain",
                      object_id=str(cp["seq"]), data={"seq": cp["seq"], "hash": cp["hash"], "file": str(path)})
         self.stderr.write(f"Checkpoint of seq {cp['seq']} written to {path}")
         self.stdout.write(text, ending="")

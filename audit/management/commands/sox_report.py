@@ -45,7 +45,7 @@ class Command(BaseCommand):
         period = Period(parse_moment(since, end=False), parse_moment(until, end=True), application)
         if period.until <= period.since:
             raise CommandError("--until must come after --since.")
-        export = Export(report, period, Actor.system(via="command"))
+        export = Export(report, period, Actor.command())
         if output is None:
             for chunk in export.chunks():
                 sys.stdout.buffer.write(chunk)

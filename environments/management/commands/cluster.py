@@ -45,7 +45,7 @@ class Command(BaseCommand):
     def _bind(self, cluster: Cluster, application: str):
         """The cluster stands for Production's hosts: only Production deploys to it (another environment
         bound to it by an earlier version of this command goes back to the demo playbook)."""
-        actor = Actor.system(via="command")
+        actor = Actor.command()
         for environment in Environment.objects.filter(application__name=application):
             if environment.name == "Production":
                 wanted = ("rolling_upgrade.yml", str(cluster.inventory))

@@ -108,7 +108,7 @@ class Command(BaseCommand):
                 "demo_data creates users whose password is their name (admin/admin among them): it runs only "
                 "in demo mode (PORTAL_DEMO=1), never against a real portal."
             )
-        actor = Actor.system(via="command")
+        actor = Actor.command()
         with transaction.atomic():
             app = self._application(actor)
             qa, staging, production = self._environments(actor, app)
