@@ -30,3 +30,8 @@ CHANGES_COLUMNS = [
 
 AUDIT_COLUMNS = ["seq", "created_at", "actor_id", "actor_username", "actor_email", "via", "action", "object_type",
                  "object_id", "object_repr", "code", "canonical", "prev_hash", "hash"]
+
+# A cell starting with one of these gets a leading "'": a spreadsheet shows it as text instead of
+# evaluating it. "'" itself is among them, so that the prefix can always be told from the value ("'=x"
+# stays "''=x", not "=x" once read back).
+DANGEROUS_FIRST = ("=", "+", "-", "@", "\t", "\r", "'")

@@ -30,10 +30,9 @@ from core.times import iso
 from environments import policy
 from environments.models import Approval, ControlChange, Deployment, Environment
 from evidence import pg_reports
-from evidence.columns import AUDIT_COLUMNS, CHANGES_COLUMNS, Period
+from evidence.columns import AUDIT_COLUMNS, CHANGES_COLUMNS, DANGEROUS_FIRST, Period
 from releases.models import Implementer, Release, ReleaseIssue
 
-DANGEROUS_FIRST = ("=", "+", "-", "@", "\t", "\r")
 CHUNK = 64 * 1024
 ITERATOR_CHUNK = 5000
 
@@ -292,7 +291,18 @@ def account_rows(period: Period) -> Iterator[tuple]:
 
 
 def audit_rows(period: Period, up_to_seq: int) -> Iterator[tuple]:
-    events = AuditEvent.objects.filter(created_at__gte=period.since, created_at__lt=period.until, seq__lte=up_to_seq)
+    """The period's events as one run of consecutive events: from the first event timed in the period
+    to the last one, every event between them included, so that each link of the run can be checked.
+
+    An event's time is taken as its writer asks for the chain's lock, so along the chain a time can be
+    a few milliseconds before the time of the event before it; such an event, between two events of the
+    period, is in the run even when its own time falls just outside the period (and an event at the
+    period's edge may be left to the next period's run)."""
+    timed = AuditEvent.objects.filter(created_at__gte=period.since, created_at__lt=period.until, seq__lte=up_to_seq)
+    bounds = timed.aggregate(first=Min("seq"), last=Max("seq"))
+    if bounds["first"] is None:
+        return
+    events = AuditEvent.objects.filter(seq__gte=bounds["first"], seq__lte=bounds["last"])
     yield from events.order_by("seq").values_list(*AUDIT_COLUMNS).iterator(chunk_size=ITERATOR_CHUNK)
 
 

@@ -25,6 +25,7 @@ from environments import services
 from environments.models import Deployment, FreezeWindow
 from evidence.reports import Export, Period, safe_cell
 from releases.services import PullRequest
+from portal.management.demo_history import moved_time
 from tests.conftest import SYSTEM, person
 
 State = Deployment.State
@@ -444,3 +445,39 @@ def test_exceptions_show_the_age_of_an_unreviewed_emergency_and_a_late_review(wo
     emergencies = {int(r["deployment_id"]): r["status"] for r in rows if r["kind"] == "emergency"}
     assert emergencies[history["unreviewed"].pk] == "UNREVIEWED, 9 days old (OVERDUE)"
     assert emergencies[history["reviewed"].pk].endswith("after 10 days (LATE)")
+
+
+def test_the_audit_report_is_a_run_of_consecutive_events_when_a_time_steps_back(db, tmp_path):
+    """An event is timed as its writer asks for the chain's lock, so a later event can carry a time a
+    moment before the one before it, even across midnight. The report of the day holds every event from
+    its first to its last, the stepped-back one included, and the auditor's script checks each link."""
+    midnight = dt.datetime(2026, 11, 10, tzinfo=dt.UTC)
+    for action, moment in (("test.before", midnight - dt.timedelta(hours=1)), ("test.first", midnight),
+                           ("test.stepped_back", midnight - dt.timedelta(milliseconds=3)),
+                           ("test.last", midnight + dt.timedelta(hours=1)),
+                           ("test.next_day", midnight + dt.timedelta(days=1, hours=1))):
+        with moved_time(moment):
+            chain.append(actor=SYSTEM, action=action)
+    e, data, rows = export("audit", Period(midnight, midnight + dt.timedelta(days=1)))
+    assert [r["action"] for r in rows] == ["test.first", "test.stepped_back", "test.last"]
+    (tmp_path / "day.csv").write_bytes(data)
+    (tmp_path / "day.manifest.json").write_text(e.manifest_json())
+    code, out = run_script(auditor_script(tmp_path), tmp_path / "day.csv", tmp_path / "day.manifest.json")
+    assert code == 0 and out.startswith("OK "), out
+    assert export("audit", Period(midnight + dt.timedelta(days=3), midnight + dt.timedelta(days=4)))[2] == []
+
+
+def test_a_value_that_starts_with_a_quote_reads_back_as_it_was(world, tmp_path):
+    """The formula guard's own prefix is "'": a value that starts with one ("'=dave", an alias an
+    administrator typed) is prefixed too, so the auditor's script reads back exactly what was hashed."""
+    for value in ("'=dave", "'plain", "''", "=sum(a1)"):
+        chain.append(actor=SYSTEM, action="test.quoted", object_type="releases.vcsalias", object_repr=value)
+    e, data, rows = export("audit")
+    assert [r["object_repr"] for r in rows if r["action"] == "test.quoted"] == ["''=dave", "''plain", "'''", "'=sum(a1)"]
+    (tmp_path / "q.csv").write_bytes(data)
+    (tmp_path / "q.manifest.json").write_text(e.manifest_json())
+    code, out = run_script(auditor_script(tmp_path), tmp_path / "q.csv", tmp_path / "q.manifest.json")
+    assert code == 0 and out.startswith("OK "), out
+    if connection.vendor == "postgresql":  # the COPY path writes the same cells
+        slow = Export("audit", whole_year(), SYSTEM, fast=False)
+        assert b"".join(slow.chunks()).startswith(data[:-2])
