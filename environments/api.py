@@ -79,12 +79,20 @@ class QueueEntry(BaseModel):
     requested_by: str
 
 
+class FreezeNow(BaseModel):
+    until: str
+    reason: str
+
+
 class EnvironmentStatus(BaseModel):
     name: str
     restricted: bool
     promotes_from: str | None
     current_version: str | None
     last_deployment: LastDeployment | None
+    frozen: FreezeNow | None = Field(description="The freeze holding the environment now, if any: a request is "
+                                     "refused (409 FREEZE_WINDOW) but an emergency; the portal's own automatic "
+                                     "deployments wait in the queue until it ends.")
     queue: list[QueueEntry] = Field(description="Open deployments in order: running, waiting, awaiting approval")
 
 

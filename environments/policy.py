@@ -617,10 +617,14 @@ def _as_decision(refusal: Refusal | None, next_step: str = Next.APPLY, checks: t
 
 
 def decide_request(
-    *, actor: Actor, release: Release, environment: Environment, emergency_reason: str = ""
+    *, actor: Actor, release: Release, environment: Environment, emergency_reason: str = "",
+    waits_out_a_freeze: bool = False,
 ) -> Decision:
     """May `actor` ask for `release` to go to `environment`? (rules 1-5, 7, 9). A busy environment is
-    no reason to refuse: the deployment waits its turn (rule 6)."""
+    no reason to refuse: the deployment waits its turn (rule 6). A freeze refuses a request, except one
+    that `waits_out_a_freeze`: the portal's own automatic deployment, which nobody is there to ask
+    again, joins the queue and waits at its front until the freeze ends (rules 6 and 7: it never runs
+    in the freeze)."""
     emergency = bool(emergency_reason.strip())
     if r := check_token_scope(actor, environment.application) or check_ci_not_restricted(actor, environment):
         return no(r)
@@ -651,14 +655,14 @@ def decide_request(
     now = timezone.now()
     reads = source_read, open_read, windows_read = (
         promotion_source_read(release, environment), open_deployment_read(release, environment),
-        None if emergency else freeze_windows_at(environment, now))
+        None if emergency or waits_out_a_freeze else freeze_windows_at(environment, now))
     together(*reads)
     source = promotion_source(release, environment, source_read)
     if r := check_promotion_path(release, environment, source):
         return no(r)
     if r := check_not_already_open(release, environment, open_read):
         return no(r)
-    if r := check_no_freeze(environment, emergency, now, windows_read):
+    if r := check_no_freeze(environment, emergency or waits_out_a_freeze, now, windows_read):
         return no(r)
     queue_now = emergency or environment.required_approvals == 0
     return Decision(checks=checks, next=Next.QUEUE if queue_now else Next.AWAIT_APPROVAL, promoted_from=source)

@@ -201,6 +201,8 @@ def application_environments(application: str, *, alongside: tuple[Pending, ...]
                 "id": d["id"], "version": d["release__version"], "state": d["state"],
                 "requested_at": _time(d["requested_at"]), "finished_at": _time(d["finished_at"]),
             },
+            "frozen": None if (freeze := frozen.get(env["id"])) is None else {
+                "until": _time(freeze.ends_at), "reason": freeze.reason},
             "queue": queues[env["id"]],
         })
     return rows

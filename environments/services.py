@@ -236,11 +236,13 @@ def _join_queue(deployment: Deployment, now: dt.datetime) -> None:
 # --- requests and decisions ------------------------------------------------------------------------
 
 def deployment_request(
-    *, actor: Actor, release: Release, environment: Environment, emergency_reason: str = ""
+    *, actor: Actor, release: Release, environment: Environment, emergency_reason: str = "",
+    waits_out_a_freeze: bool = False,
 ) -> Deployment:
     """Ask for `release` to go to `environment`. Joins the environment's queue at once where no approval
     is needed (or for an emergency), otherwise awaits approval until it expires. A busy environment
-    is no refusal: the deployment waits its turn."""
+    is no refusal: the deployment waits its turn (and one that `waits_out_a_freeze`, a frozen one's
+    end: see policy.decide_request)."""
     emergency_reason = emergency_reason.strip()
     # No savepoint when called inside a caller's transaction (a new release deploying itself): a
     # refusal leaves this block normally and is raised after it, and any other error fails the caller.
@@ -251,7 +253,8 @@ def deployment_request(
             # copy that holds both is as good as a fresh one.
             release = Release.objects.select_related("build", "application").get(pk=release.pk)
         decision = policy.decide_request(
-            actor=actor, release=release, environment=environment, emergency_reason=emergency_reason
+            actor=actor, release=release, environment=environment, emergency_reason=emergency_reason,
+            waits_out_a_freeze=waits_out_a_freeze,
         )
         if decision.allowed:
             now = timezone.now()
@@ -290,10 +293,12 @@ def deployment_request(
 
 
 def auto_deploy(*, release: Release, environment: Environment) -> Deployment | None:
-    """The portal asks for a deployment by itself. A refusal is on record in the audit chain and does
-    not fail the caller."""
+    """The portal asks for a deployment by itself. A frozen environment takes it into its queue, where
+    it waits for the freeze to end (nobody would be there to ask again). A refusal is on record in the
+    audit chain and does not fail the caller."""
     try:
-        return deployment_request(actor=Actor.system(via="auto"), release=release, environment=environment)
+        return deployment_request(actor=Actor.system(via="auto"), release=release, environment=environment,
+                                  waits_out_a_freeze=True)
     except PolicyRefusal:
         return None
 

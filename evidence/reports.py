@@ -136,7 +136,15 @@ def exceptions_rows(period: Period) -> Iterator[tuple]:
     ).select_related("release__application", "environment", "reviewed_by")
     if period.application:
         restricted = restricted.filter(release__application__name=period.application)
-    emergencies = restricted.filter(emergency=True).order_by(F("reviewed_at").asc(nulls_first=True), "requested_at")
+    # Every emergency requested in the period, and every earlier one still open in it (unreviewed, or
+    # reviewed only within or after it): an open exception does not drop out of the next period's report.
+    emergencies = Deployment.objects.filter(
+        Q(requested_at__gte=period.since) | Q(reviewed_at__isnull=True) | Q(reviewed_at__gte=period.since),
+        environment__restricted=True, emergency=True, requested_at__lt=period.until,
+    ).select_related("release__application", "environment", "reviewed_by")
+    if period.application:
+        emergencies = emergencies.filter(release__application__name=period.application)
+    emergencies = emergencies.order_by(F("reviewed_at").asc(nulls_first=True), "requested_at")
     for d in emergencies.iterator(chunk_size=ITERATOR_CHUNK):
         if d.reviewed_at:
             took = (d.reviewed_at - d.requested_at).days
@@ -148,14 +156,15 @@ def exceptions_rows(period: Period) -> Iterator[tuple]:
         yield ("emergency", status, d.requested_at, d.pk, d.release.application.name, d.environment.name,
                d.release.version, d.requested_by_label, "EMERGENCY", d.emergency_reason, "")
 
-    events = AuditEvent.objects.filter(created_at__gte=period.since, created_at__lt=period.until)
+    in_period = events = AuditEvent.objects.filter(created_at__gte=period.since, created_at__lt=period.until)
     if period.application:
         events = events.filter(Q(data__application=period.application) | Q(object_repr__startswith=period.application))
     for e in events.filter(action__endswith=".refused").order_by("seq").iterator(chunk_size=ITERATOR_CHUNK):
         yield ("refusal", "refused", e.created_at, e.data.get("deployment_id", ""), e.data.get("application", ""),
                e.data.get("environment", ""), e.data.get("version", ""), e.actor_username, e.code,
                f"{e.action}: {e.data.get('detail', '')}", e.seq)
-    grants = events.filter(action__in=["environment.grant", "group.add_member"]).order_by("seq")
+    # A group's new member holds whatever the group holds, whatever the application: listed in every report.
+    grants = (events.filter(action="environment.grant") | in_period.filter(action="group.add_member")).order_by("seq")
     for e in grants.iterator(chunk_size=ITERATOR_CHUNK):
         who = e.data.get("user") or f"group {e.data.get('group')}"
         what = (f"{e.data.get('permission')} on {e.data.get('environment')} to {who}" if e.action == "environment.grant"

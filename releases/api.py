@@ -181,7 +181,7 @@ def register_build(request: HttpRequest, body: BuildIn):
     return Status(201 if created else 200, selectors.build_as_dict(build))
 
 
-@router.get("/builds/{application}/{number}", response={200: BuildOut, **REFUSALS}, summary="One build")
+@router.get("/builds/{application}/{path:number}", response={200: BuildOut, **REFUSALS}, summary="One build")
 def get_build(request: HttpRequest, application: ApplicationName, number: BuildNumber):
     return selectors.build_detail(application, number, within=lambda: readable(request),
                                   alongside=(request.auth.lookup,))
@@ -207,7 +207,7 @@ def register_release(request: HttpRequest, body: ReleaseIn):
     return Status(201 if created else 200, selectors.release_detail_of(release))
 
 
-@router.get("/releases/{application}/{version}", response={200: ReleaseOut, **REFUSALS},
+@router.get("/releases/{application}/{path:version}", response={200: ReleaseOut, **REFUSALS},
             summary="A release and its deployments")
 def get_release(request: HttpRequest, application: ApplicationName, version: Version):
     return selectors.release_detail(application, version, within=lambda: readable(request),

@@ -24,8 +24,8 @@ from core.times import iso
 from environments import services
 from environments.models import Deployment, FreezeWindow
 from evidence.reports import Export, Period, safe_cell
-from releases.services import PullRequest
 from portal.management.demo_history import moved_time
+from releases.services import PullRequest
 from tests.conftest import SYSTEM, person
 
 State = Deployment.State
@@ -473,7 +473,8 @@ def test_a_value_that_starts_with_a_quote_reads_back_as_it_was(world, tmp_path):
     for value in ("'=dave", "'plain", "''", "=sum(a1)"):
         chain.append(actor=SYSTEM, action="test.quoted", object_type="releases.vcsalias", object_repr=value)
     e, data, rows = export("audit")
-    assert [r["object_repr"] for r in rows if r["action"] == "test.quoted"] == ["''=dave", "''plain", "'''", "'=sum(a1)"]
+    quoted = [r["object_repr"] for r in rows if r["action"] == "test.quoted"]
+    assert quoted == ["''=dave", "''plain", "'''", "'=sum(a1)"]
     (tmp_path / "q.csv").write_bytes(data)
     (tmp_path / "q.manifest.json").write_text(e.manifest_json())
     code, out = run_script(auditor_script(tmp_path), tmp_path / "q.csv", tmp_path / "q.manifest.json")
@@ -481,3 +482,19 @@ def test_a_value_that_starts_with_a_quote_reads_back_as_it_was(world, tmp_path):
     if connection.vendor == "postgresql":  # the COPY path writes the same cells
         slow = Export("audit", whole_year(), SYSTEM, fast=False)
         assert b"".join(slow.chunks()).startswith(data[:-2])
+
+
+def test_an_open_emergency_stays_in_later_periods_and_a_group_addition_in_every_application(world, history):
+    """The exceptions of a period list every emergency still open in it, even one requested before
+    (an unreviewed exception does not drop out of next month's report), but no emergency closed before
+    it; and a person added to a group, whatever the application asked for."""
+    old = timezone.now() - dt.timedelta(days=40)
+    Deployment.objects.filter(pk=history["unreviewed"].pk).update(requested_at=old)
+    Deployment.objects.filter(pk=history["reviewed"].pk).update(
+        requested_at=old, reviewed_at=old + dt.timedelta(days=1))
+    later = Period(timezone.now() - dt.timedelta(days=10), timezone.now() + dt.timedelta(days=1), "MAC")
+    _, _, rows = export("exceptions", later)
+    emergencies = {int(r["deployment_id"]): r["status"] for r in rows if r["kind"] == "emergency"}
+    assert emergencies == {history["unreviewed"].pk: "UNREVIEWED, 40 days old (OVERDUE)"}
+    grants = [r["detail"] for r in rows if r["kind"] == "grant"]
+    assert "dave added to group mac-releasers" in grants

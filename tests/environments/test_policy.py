@@ -282,6 +282,31 @@ def test_latest_automatic_deployment_wins_and_goes_on_by_itself(world):
     assert request(world, r2, world.qa, world.alice).state == State.RUNNING
 
 
+def test_a_release_registered_during_a_freeze_waits_in_the_queue_and_goes_when_it_ends(world):
+    """Nobody is there to ask again for the portal's own automatic deployment: a frozen environment takes
+    it into its queue (a newer release's supersedes it there), it never runs in the freeze, and it starts
+    when the freeze ends. A request by CI or a person during the freeze is still refused."""
+    for environment in (world.qa, world.staging):
+        environment.auto_deploy = True
+        environment.save(update_fields=["auto_deploy"])
+    now = timezone.now()
+    window = FreezeWindow.objects.create(environment=world.qa, starts_at=now - dt.timedelta(minutes=5),
+                                         ends_at=now + dt.timedelta(hours=2), reason="ledger migration")
+    first, second = world.release("7.0.0"), world.release("7.1.0")
+    older, newer = (Deployment.objects.get(release=r, environment=world.qa) for r in (first, second))
+    assert (older.state, newer.state) == (State.SUPERSEDED, State.QUEUED)
+    assert selectors.queue_entry(newer)["waiting_for"] == "frozen until " + (
+        f"{window.ends_at:%Y-%m-%d %H:%M} UTC (ledger migration)")
+    with pytest.raises(PolicyRefusal) as refused:
+        services.deployment_request(actor=world.ci, release=first, environment=world.qa)
+    assert refused.value.refusal.code == "FREEZE_WINDOW"
+    assert services.deployment_dispatch_idle(now=now + dt.timedelta(hours=1)) == []
+    assert [d.pk for d in services.deployment_dispatch_idle(now=window.ends_at + dt.timedelta(minutes=1))] == [
+        newer.pk]
+    services.deployment_record_result(deployment_id=newer.pk, state=State.SUCCEEDED)
+    assert Deployment.objects.get(release=second, environment=world.staging).state == State.RUNNING
+
+
 def test_a_deployment_a_person_asked_for_is_never_superseded(world):
     first, second = world.release(), world.release()
     running = request(world, first, world.qa, world.alice)

@@ -153,6 +153,41 @@ def test_busy_environment_answers_with_the_waiting_state_and_position(world, cli
     assert ci.get(f"/deployments/{body['id']}").json()["waiting_for"] == f"behind #{first['id']}"
 
 
+def test_a_release_registered_while_qa_is_frozen_is_queued_there_and_says_what_it_waits_for(world, ci):
+    import datetime as dt
+
+    from django.utils import timezone
+
+    from environments.models import FreezeWindow
+
+    world.qa.auto_deploy = True
+    world.qa.save(update_fields=["auto_deploy"])
+    now = timezone.now()
+    window = FreezeWindow.objects.create(environment=world.qa, starts_at=now - dt.timedelta(minutes=1),
+                                         ends_at=now + dt.timedelta(hours=3), reason="ledger migration")
+    assert ci.post("/builds", {**BUILD, "number": "101"}).status_code == 201
+    registered = ci.post("/releases", {**RELEASE, "version": "3.1.0", "build": "101"})
+    assert registered.status_code == 201
+    [deployment] = registered.json()["deployments"]
+    until = window.ends_at.astimezone(dt.UTC)
+    assert (deployment["environment"], deployment["state"]) == ("QA", "queued")
+    assert ci.get(f"/deployments/{deployment['id']}").json()["waiting_for"] == (
+        f"frozen until {until:%Y-%m-%d %H:%M} UTC (ledger migration)")
+    qa, staging, _ = ci.get("/applications/MAC/environments").json()
+    assert qa["frozen"] == {"until": until.isoformat(timespec="microseconds").replace("+00:00", "Z"),
+                            "reason": "ledger migration"}
+    assert staging["frozen"] is None and [e["id"] for e in qa["queue"]] == [deployment["id"]]
+
+
+def test_a_build_number_or_version_with_a_slash_is_read_back(ci):
+    """CI servers name builds by job paths (a multibranch job's `folder/branch-7`): what registers reads back."""
+    assert ci.post("/builds", {**BUILD, "number": "mac/main-7"}).status_code == 201
+    assert ci.post("/releases", {**RELEASE, "version": "5.0.0/rc1", "build": "mac/main-7"}).status_code == 201
+    assert ci.get("/builds/MAC/mac%2Fmain-7").json()["number"] == "mac/main-7"
+    assert ci.get("/builds/MAC/mac/main-7").json()["number"] == "mac/main-7"
+    assert ci.get("/releases/MAC/5.0.0%2Frc1").json()["build"] == "mac/main-7"
+
+
 def test_a_change_is_found_by_its_branch_builds_before_any_release(ci):
     assert ci.post("/builds", {**BUILD, "number": "7", "branch": "BIZPLAT-77/fix", "status": "in_progress"}
                    ).status_code == 201
