@@ -130,6 +130,11 @@ class EnvironmentReached(BaseModel):
     requested_by: str
     approved_by: list[str] = Field(description="Who approved that deployment (restricted environments).")
     finished_at: str | None
+    emergency: bool = Field(description="An emergency deployment: it skipped the freeze and the approval wait, "
+                                        "and stays an open exception until someone else reviews it.")
+    emergency_reason: str
+    reviewed_by: str | None = Field(description="Who reviewed the emergency afterwards (None: not yet).")
+    reviewed_at: str | None
 
 
 class ChangeNow(BaseModel):

@@ -215,7 +215,7 @@ def _release_detail_of_row(row: dict, details: tuple[Pending, Pending]) -> dict:
 def releases_with_details(*, approvals: bool = False):
     deployments = Deployment.objects.select_related("environment").order_by("id")
     if approvals:
-        deployments = deployments.prefetch_related("approvals__approver")
+        deployments = deployments.select_related("reviewed_by").prefetch_related("approvals__approver")
     return Release.objects.select_related("application", "build").prefetch_related(
         "issues", "implementers", Prefetch("deployments", queryset=deployments),
     )
@@ -266,6 +266,9 @@ def _reached(releases: list[Release]) -> list[dict]:
                     "version": release.version, "deployment_id": d.pk, "requested_by": d.requested_by_label,
                     "approved_by": [a.approver.get_username() for a in d.approvals.all() if a.decision == "approve"],
                     "finished_at": _time(d.finished_at),
+                    "emergency": d.emergency, "emergency_reason": d.emergency_reason,
+                    "reviewed_by": d.reviewed_by.get_username() if d.reviewed_by else None,
+                    "reviewed_at": _time(d.reviewed_at),
                 }
     return sorted(reached.values(), key=lambda r: (r["finished_at"] or "", r["environment"]))
 

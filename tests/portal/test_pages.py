@@ -195,6 +195,22 @@ def test_journey_says_who_approved_and_where_the_change_is_now(client, people):
     assert journey.summary == f"BIZPLAT-7 runs in QA, Staging and Production ({release.version})."
 
 
+def test_journey_shows_an_emergency_as_one_and_who_reviewed_it(client, people):
+    release = in_staging(people, issue_keys=["BIZPLAT-8"])
+    emergency = services.deployment_request(actor=person(people.bob), release=release,
+                                            environment=people.production, emergency_reason="payments down")
+    services.deployment_start(deployment_id=emergency.pk)
+    services.deployment_record_result(deployment_id=emergency.pk, state=State.SUCCEEDED)
+    url = reverse("admin:change_journey", args=["BIZPLAT-8"])
+    before = re.sub(r"<[^>]+>", "", text(page(client, people.dave, url)))
+    assert "Emergency: skipped the approval wait (payments down); not reviewed yet" in before
+    services.deployment_review(actor=person(people.carol), deployment_id=emergency.pk, comment="checked")
+    production = next(r for r in page(client, people.dave, url).context["journey"].reached
+                      if r["environment"] == "Production")
+    assert (production["emergency"], production["reviewed_by"], production["approved_by"]) == (True, "carol", [])
+    assert "reviewed by carol" in text(page(client, people.dave, url))
+
+
 # --- a release's page: Deploy to ... or why not --------------------------------------------------
 
 def standing(response) -> dict[str, dict]:
