@@ -250,21 +250,49 @@ def _runner_outcome(status: str, rc: int | None, cancelled: bool) -> str:
     return State.FAILED
 
 
-def kill_process_group(pid: int | None) -> bool:
-    """Kill a leftover ansible-playbook process group; only if the pid is still an Ansible process."""
-    if not pid:
-        return False
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    if b"ansible" not in cmdline:
-        return False
-    try:
-        os.killpg(os.getpgid(pid), signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
+# Every process of one deployment's run carries this variable in its environment: ansible-playbook,
+# Ansible's task workers (each starts a session of its own, out of the playbook's process group) and
+# whatever their tasks start on this host. Its value names the deployment and the engine that ran it.
+RUN_MARKER = "PORTAL_DEPLOYMENT_RUN"
+
+
+def run_marker(deployment_id: int, engine: str) -> str:
+    return f"{deployment_id}@{engine}"
+
+
+def _processes_of_run(marker: str) -> list[int]:
+    wanted = f"{RUN_MARKER}={marker}".encode()
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = Path(entry.path, "environ").read_bytes()
+        except OSError:  # gone meanwhile, or another user's
+            continue
+        if wanted in environ.split(b"\0"):
+            found.append(int(entry.name))
+    return found
+
+
+def kill_run(marker: str) -> int:
+    """Kill every process of one deployment's run on this host (see RUN_MARKER), however it was started
+    or re-parented; a few passes, since a process may start another while the others die. Returns how
+    many were killed. (A task running on a remote host over SSH is that host's to stop: the playbook's
+    connection to it is gone.)"""
+    killed = 0
+    for _ in range(5):
+        pids = _processes_of_run(marker)
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(0.05)
+    return killed
 
 
 def execute(deployment_id: int) -> str | None:
@@ -280,6 +308,7 @@ def execute(deployment_id: int) -> str | None:
         logger.info("deployment %s is not waiting for an engine; nothing to do", deployment_id)
         return None
     watcher = Watcher(deployment_id)
+    marker = run_marker(deployment_id, deployment.engine)
     private_dir = Path(settings.PORTAL_DEPLOY_DIR) / str(deployment_id)
     outcome, detail, extra = State.FAILED, "", {}
     try:
@@ -293,7 +322,7 @@ def execute(deployment_id: int) -> str | None:
         runner = ansible_runner.run(
             private_data_dir=str(private_dir), playbook=deployment.environment.playbook, inventory=inventory,
             extravars=extravars_for(deployment), ident="run", quiet=True, suppress_env_files=True,
-            envvars={"ANSIBLE_NOCOLOR": "1", "ANSIBLE_RETRY_FILES_ENABLED": "0",
+            envvars={RUN_MARKER: marker, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_RETRY_FILES_ENABLED": "0",
                      "ANSIBLE_DEPRECATION_WARNINGS": "0",
                      "PATH": _venv_bin() + os.pathsep + os.environ.get("PATH", "")},
             timeout=settings.PORTAL_DEPLOY_TIMEOUT, event_handler=watcher.event_handler,
@@ -307,7 +336,7 @@ def execute(deployment_id: int) -> str | None:
         logger.exception("deployment %s failed to run", deployment_id)
         detail = f"The deploy job failed before the playbook finished: {type(exc).__name__}: {exc}"
     finally:
-        kill_process_group(watcher.progress.pid)
+        kill_run(marker)  # what a cancel or a timeout left running: Ansible's workers and their tasks
         Deployment.objects.filter(pk=deployment_id).update(progress=watcher.progress.as_dict())
     finished = services.deployment_record_result(
         deployment_id=deployment_id, state=outcome, detail=detail[:2000], actor=ENGINE, extra=extra
@@ -318,9 +347,10 @@ def execute(deployment_id: int) -> str | None:
 def reap_stale(*, stale_after: float | None = None) -> list[int]:
     """End `interrupted` every running deployment whose deploy job stopped giving signs of life.
 
-    The result is recorded first (which starts the next waiting deployment); then, only on the host
-    whose engine ran it, the playbook it left behind is killed: another host's process ids mean
-    nothing here. A started deployment that no engine took up (its task was lost) is handed over again.
+    On the host whose engine ran it, what its run left behind is killed first (see kill_run); then the
+    result is recorded, which starts the next waiting deployment. Another host's processes are that
+    host's reaper's to kill. A started deployment that no engine took up (its task was lost) is handed
+    over again.
     """
     stale_after = settings.PORTAL_DEPLOY_STALE_SECONDS if stale_after is None else stale_after
     cutoff = timezone.now() - timedelta(seconds=stale_after)
@@ -330,6 +360,8 @@ def reap_stale(*, stale_after: float | None = None) -> list[int]:
         if not deployment.engine:
             services.deployment_redeliver(deployment_id=deployment.pk, stale_before=cutoff)
             continue
+        if deployment.engine.rsplit(":", 1)[0] == host:
+            kill_run(run_marker(deployment.pk, deployment.engine))
         try:
             services.deployment_record_result(
                 deployment_id=deployment.pk, state=State.INTERRUPTED, actor=ENGINE,
@@ -338,7 +370,5 @@ def reap_stale(*, stale_after: float | None = None) -> list[int]:
             )
         except PolicyRefusal:
             continue  # it ended meanwhile
-        if deployment.engine.rsplit(":", 1)[0] == host:
-            kill_process_group((deployment.progress or {}).get("pid"))
         reaped.append(deployment.pk)
     return reaped

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 from django.db import connections
 from django_q.models import Task
@@ -19,6 +20,21 @@ from tests.conftest import person
 from tests.deploy.conftest import ROOT, alive, register, running_long_step, state_of, use_repo, wait_for, worker_env
 
 State = Deployment.State
+
+
+def sleeps_of(deployment_id: int) -> list[int]:
+    """The `sleep` processes the long step of this deployment's run started (read from /proc: the
+    command line, and the run's variable in the environment)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(b"sleep\0") and any(
+                    v.startswith(f"PORTAL_DEPLOYMENT_RUN={deployment_id}@".encode())
+                    for v in (entry / "environ").read_bytes().split(b"\0")):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
 
 
 def test_cancel_while_queued_and_while_running(transactional_audit_db, world, deploy_dirs, artifact, playbook_repo):
@@ -45,12 +61,15 @@ def test_cancel_while_queued_and_while_running(transactional_audit_db, world, de
     thread.start()
     wait_for(lambda: running_long_step(running.pk), what="the long step to start")
     pid = Deployment.objects.get(pk=running.pk).progress["pid"]
+    long_step = wait_for(lambda: sleeps_of(running.pk), what="the long step's own process")
     assert alive(pid)
     services.deployment_cancel(actor=world.ci, deployment_id=running.pk, comment="stop it")
     thread.join(timeout=60)
 
     assert outcome["state"] == State.CANCELLED and state_of(running.pk) == State.CANCELLED
     assert wait_for(lambda: not alive(pid), timeout=10, what="the playbook process to die")
+    # and what the task started, under Ansible's worker, which is not in the playbook's process group
+    assert wait_for(lambda: not any(alive(p) for p in long_step), timeout=10, what="the task's process to die")
     actions = list(AuditEvent.objects.filter(object_id=str(running.pk), object_type="environments.deployment")
                    .values_list("action", flat=True))
     assert actions[-2:] == ["deployment.cancel_request", "deployment.finish"]
@@ -66,6 +85,7 @@ def test_worker_killed_mid_deploy_leaves_an_interrupted_deployment(
                                       environment=world.qa)
     wait_for(lambda: running_long_step(old.pk), timeout=90, what="the worker to run the playbook")
     pid = Deployment.objects.get(pk=old.pk).progress["pid"]
+    long_step = wait_for(lambda: sleeps_of(old.pk), what="the long step's own process")
     assert alive(pid)
 
     worker.kill(signal.SIGKILL)  # the worker dies; the playbook it started lives on
@@ -82,6 +102,7 @@ def test_worker_killed_mid_deploy_leaves_an_interrupted_deployment(
     assert state_of(old.pk) == State.INTERRUPTED
     assert state_of(new.pk) == State.RUNNING  # the interrupted one's end started the next
     assert wait_for(lambda: not alive(pid), timeout=10, what="the leftover playbook to be killed")
+    assert wait_for(lambda: not any(alive(p) for p in long_step), timeout=10, what="its task's process to die")
     assert tasks.run_deployment(old.pk) is None  # a re-delivered task never re-runs it
 
     worker_factory()
