@@ -11,6 +11,10 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 
+# Published in the registration's transaction before its audit event ("registering": a subscriber
+# locks what it will change once the release is registered, since the chain's lock comes after every
+# row lock) and after it ("registered": a subscriber acts).
+RELEASE_REGISTERING = "release.registering"
 RELEASE_REGISTERED = "release.registered"
 
 _subscribers: dict[str, list[Callable]] = defaultdict(list)

@@ -21,6 +21,8 @@ class EnvironmentsConfig(AppConfig):
         from core import events
         from environments import services
 
-        # A new release goes on to the auto-deploy environments that start its promotion path.
+        # A new release goes on to the auto-deploy environments that start its promotion path (locked
+        # before the registration's audit event: see services.lock_auto_deploy_targets).
+        events.subscribe(events.RELEASE_REGISTERING, services.lock_auto_deploy_targets)
         events.subscribe(events.RELEASE_REGISTERED, services.auto_deploy_next)
         post_spawn.connect(load_tasks, dispatch_uid="environments.load_tasks")

@@ -304,7 +304,8 @@ def auto_deploy(*, release: Release, environment: Environment) -> Deployment | N
 
 
 def _auto_deploy_targets(application_id, *after_id):
-    targets = Environment.objects.filter(application_id=application_id, auto_deploy=True)
+    targets = Environment.objects.select_for_update(of=("self",)).filter(application_id=application_id,
+                                                                         auto_deploy=True)
     targets = targets.filter(promotes_from_id=after_id[0]) if after_id else targets.filter(promotes_from__isnull=True)
     return targets.order_by("id").values(*model_fields(Environment))
 
@@ -314,13 +315,26 @@ _FIRST_AUTO_DEPLOY_TARGETS = CompiledRead(_auto_deploy_targets, int)
 _NEXT_AUTO_DEPLOY_TARGETS = CompiledRead(_auto_deploy_targets, int, int)
 
 
-def auto_deploy_next(*, release: Release, after: Environment | None = None) -> None:
-    """A new release (after=None) goes to the auto-deploy environments that start a promotion path;
-    a success in `after` goes on to the auto-deploy environments promoted from it."""
+def lock_auto_deploy_targets(*, release: Release, after: Environment | None = None) -> list[Environment]:
+    """Lock, until commit, the auto-deploy environments the release goes on to (see auto_deploy_next).
+
+    Asked before the caller appends to the audit chain. The chain's lock, taken at a transaction's
+    first append and held until its commit, comes after every environment a service locks: a service
+    that locked an environment after appending (a release deploying itself, a success going on to the
+    next environment) waited for that environment while holding the chain, and another service holding
+    that environment waited for the chain: a deadlock, which PostgreSQL ends by failing one of them."""
     if after is None:
-        targets = _FIRST_AUTO_DEPLOY_TARGETS.instances(Environment, release.application_id)
-    else:
-        targets = _NEXT_AUTO_DEPLOY_TARGETS.instances(Environment, release.application_id, after.pk)
+        return _FIRST_AUTO_DEPLOY_TARGETS.instances(Environment, release.application_id)
+    return _NEXT_AUTO_DEPLOY_TARGETS.instances(Environment, release.application_id, after.pk)
+
+
+def auto_deploy_next(*, release: Release, after: Environment | None = None,
+                     targets: list[Environment] | None = None) -> None:
+    """A new release (after=None) goes to the auto-deploy environments that start a promotion path;
+    a success in `after` goes on to the auto-deploy environments promoted from it (`targets`: those,
+    locked already by lock_auto_deploy_targets)."""
+    if targets is None:
+        targets = lock_auto_deploy_targets(release=release, after=after)
     for environment in targets:
         auto_deploy(release=release, environment=environment)
 
@@ -486,10 +500,12 @@ def _finish(deployment: Deployment, *, actor: Actor, state: str, detail: str = "
     """A running deployment ends: record it, go on along the promotion path, tell the channels, and
     start the next deployment waiting for the environment."""
     _set_state(deployment, state, finished_at=timezone.now(), result_detail=detail)
+    succeeded = state == State.SUCCEEDED
+    targets = lock_auto_deploy_targets(release=deployment.release, after=deployment.environment) if succeeded else []
     chain.append(actor=actor, action="deployment.finish", obj=deployment,
                  data=_deployment_data(deployment, result=state, detail=detail, **(extra or {})))
-    if state == State.SUCCEEDED:
-        auto_deploy_next(release=deployment.release, after=deployment.environment)
+    if succeeded:
+        auto_deploy_next(release=deployment.release, after=deployment.environment, targets=targets)
     _notify(deployment)
     _dispatch(deployment.environment)
 

@@ -175,6 +175,7 @@ def release_register(
             Implementer.objects.bulk_create(
                 Implementer(release=release, identity=i, user_id=users.get(i)) for i in identities
             )
+            events.publish(events.RELEASE_REGISTERING, release=release)
             chain.append(actor=actor, action="release.register", obj=release, data=payload)
             events.publish(events.RELEASE_REGISTERED, release=release)
             return release, True

@@ -197,3 +197,65 @@ def test_eight_writers_appending_at_once_never_fork_the_chain(transactional_audi
     assert list(AuditEvent.objects.values_list("seq", flat=True)) == list(range(1, writers * each + 1))
     per_writer = Counter(AuditEvent.objects.values_list("data__writer", flat=True))
     assert per_writer == dict.fromkeys(range(writers), each)
+
+
+def _pause_after(monkeypatch, action: str, seconds: float = 1.5):
+    """Hold every transaction that appends `action` just after that append (the chain's lock held)."""
+    import time
+
+    original = chain.append
+
+    def append(**kwargs):
+        event = original(**kwargs)
+        if kwargs.get("action") == action:
+            time.sleep(seconds)
+        return event
+
+    monkeypatch.setattr(chain, "append", append)
+
+
+def test_a_release_deploying_itself_and_a_finish_there_never_deadlock(transactional_audit_db, world, monkeypatch):
+    """A registration that deploys itself to QA, and the end of the deployment running in QA, at once:
+    each locks QA before it takes the chain's lock, so one waits for the other and both go through."""
+    import time
+
+    world.qa.auto_deploy = True
+    world.qa.save(update_fields=["auto_deploy"])
+    running = Deployment.objects.get(release=world.release("8.0.0"), environment=world.qa)  # deployed itself
+    build = world.build()
+    _pause_after(monkeypatch, "release.register")
+
+    def work(i):
+        if i == 0:
+            world.release("8.1.0", build=build)
+        else:
+            time.sleep(0.5)  # while the registration holds the chain
+            services.deployment_record_result(deployment_id=running.pk, state=Deployment.State.SUCCEEDED)
+        return "ok"
+
+    assert run_at_once(work, count=2) == ["ok", "ok"]
+    assert chain.verify().ok
+
+
+def test_a_success_going_on_to_staging_and_a_request_there_never_deadlock(transactional_audit_db, world, monkeypatch):
+    """A success in QA goes on to Staging by itself, while someone asks for Staging: the success locks
+    Staging before it takes the chain's lock, so the request waits for it (or it for the request)."""
+    import time
+
+    first, second = world.release("8.2.0"), world.release("8.3.0")
+    world.deploy(second, world.qa)
+    world.staging.auto_deploy = True
+    world.staging.save(update_fields=["auto_deploy"])
+    running = services.deployment_request(actor=world.ci, release=first, environment=world.qa)
+    _pause_after(monkeypatch, "deployment.finish")
+
+    def work(i):
+        if i == 0:
+            services.deployment_record_result(deployment_id=running.pk, state=Deployment.State.SUCCEEDED)
+        else:
+            time.sleep(0.5)  # while the success holds the chain
+            services.deployment_request(actor=person(world.alice), release=second, environment=world.staging)
+        return "ok"
+
+    assert run_at_once(work, count=2) == ["ok", "ok"]
+    assert chain.verify().ok
