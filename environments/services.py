@@ -8,6 +8,7 @@ written to the audit chain and committed before PolicyRefusal is raised.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import socket
 
@@ -34,6 +35,8 @@ from environments.models import (
     NotificationChannel,
 )
 from releases.models import Application, Release
+
+logger = logging.getLogger(__name__)
 
 State = Deployment.State
 ENGINE = Actor.system(via="task")
@@ -100,8 +103,20 @@ def _set_state(deployment: Deployment, state: str, **fields) -> None:
 
 
 def _enqueue(task: str, *args, name: str) -> None:
-    """Hand work to the worker once the transaction has committed (ids only; the task re-reads)."""
-    transaction.on_commit(lambda: async_task(f"environments.tasks.{task}", *args, task_name=name))
+    """Hand work to the worker once the transaction has committed (ids only; the task re-reads).
+
+    What committed stays committed when the broker cannot take the task (Redis down): the caller's
+    answer says what was done, and the error is logged. A deployment whose task was lost is handed over
+    again by the reaper (reap_deployments, every minute: deployment_redeliver)."""
+
+    def hand_over() -> None:
+        try:
+            async_task(f"environments.tasks.{task}", *args, task_name=name)
+        except Exception:  # noqa: BLE001 - the broker's own errors, whatever the broker
+            logger.exception("The task queue did not take %s %s; a running deployment's task is handed over "
+                             "again by reap_deployments once the queue is back.", task, args)
+
+    transaction.on_commit(hand_over)
 
 
 def _expire(deployment: Deployment, now: dt.datetime) -> None:

@@ -71,3 +71,31 @@ def test_the_portals_pages_have_no_inline_style_or_script(client, world, make_us
             assert 'src="/static/' in attributes, (url, attributes)
     html = client.get(reverse("admin:environments_deployment_change", args=[deployment.pk])).content.decode()
     assert 'class="output-log"' in html and 'src="/static/portal/live.js"' in html
+
+
+def test_a_release_is_answered_as_registered_when_the_task_queue_is_down(tmp_path):
+    """With the Redis broker unreachable, a release that deploys itself is still registered, its QA
+    deployment is on record (the reaper hands its task over once the queue is back), and the caller is
+    told so, not answered with an error for what committed."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTAL_") and k != "DATABASE_URL"}
+    env.update(PORTAL_DEMO="1", PORTAL_VAR_DIR=str(tmp_path), PORTAL_QUEUE_BROKER="redis",
+               REDIS_URL="redis://127.0.0.1:9/0")  # the discard port: nothing listens there
+    script = (
+        "from environments.models import Deployment, Environment\n"
+        "from releases.services import build_register, release_register\n"
+        "from tests.conftest import SYSTEM\n"
+        "from releases.models import Application\n"
+        "app = Application.objects.create(name='MAC', issue_key_prefix='BIZPLAT')\n"
+        "Environment.objects.create(application=app, name='QA', auto_deploy=True)\n"
+        "build_register(actor=SYSTEM, application='MAC', number='1', commit='c0ffee', branch='main',"
+        " status='successful')\n"
+        "release, created = release_register(actor=SYSTEM, application='MAC', version='1.0.0', build='1',"
+        " artifact_url='file:///x.tar.gz', artifact_sha256='0' * 64, issue_keys=[], implementers=['a'])\n"
+        "print('registered', created, [d.state for d in Deployment.objects.filter(release=release)])\n"
+    )
+    for command in (["migrate", "-v0"], ["shell", "-c", script]):
+        done = subprocess.run([sys.executable, "manage.py", *command], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+    assert "registered True ['running']" in done.stdout
+    assert "The task queue did not take run_deployment" in done.stderr
