@@ -68,7 +68,8 @@ def check(cp: dict) -> str | None:
     if event is None:
         last = chain.head()
         return (f"the chain was cut short: it ends at seq {last.seq if last else 0}, "
-                f"but the checkpoint of {created_at} names seq {seq}")
+                f"but the checkpoint of {created_at} names seq {seq} (a database restored from a backup "
+                "older than the checkpoint ends so too: check it against a checkpoint taken before the backup)")
     if event.hash != head_hash:
         return f"event seq {seq} does not match the checkpoint of {created_at}: the chain was rewritten up to there"
     return None

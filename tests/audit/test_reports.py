@@ -319,6 +319,21 @@ def test_checkpoint_detects_a_cut_tail_and_a_wrong_key(world, history, tmp_path,
     assert code == 1
 
 
+def test_a_checkpoint_is_never_overwritten_nor_written_into_a_folder_nobody_made(world, tmp_path, key_file):
+    from django.core.management import CommandError
+
+    first = checkpoint(tmp_path)
+    kept = first.read_text()
+    chain.append(actor=SYSTEM, action="test.more")
+    with pytest.raises(CommandError, match="exists already: a checkpoint is never overwritten"):
+        checkpoint(tmp_path)
+    assert first.read_text() == kept
+    with pytest.raises(CommandError, match="No folder"):
+        call_command("audit_checkpoint", "-o", str(tmp_path / "missing" / "cp.json"), stdout=StringIO(),
+                     stderr=StringIO())
+    assert not (tmp_path / "missing").exists()
+
+
 def auditor_script(tmp_path) -> Path:
     code = re.search(r"```python\n(.*?)```", DOCS.read_text(), re.S).group(1)
     path = tmp_path / "verify_export.py"
