@@ -6,9 +6,11 @@ import logging
 from http import HTTPStatus
 
 from django.core.exceptions import ObjectDoesNotExist, RequestDataTooBig
+from django.db import InterfaceError, OperationalError, connection
 from django.http import Http404, JsonResponse
-from ninja import NinjaAPI
+from ninja import NinjaAPI, Status
 from ninja.errors import AuthenticationError, HttpError, ValidationError
+from pydantic import BaseModel
 
 from core.decisions import NotFound, PolicyRefusal
 from edge.api import BearerToken, unknown_bearer
@@ -27,12 +29,36 @@ api = NinjaAPI(
     "Every answer is JSON; a failure is {\"code\", \"detail\"} with a 4xx status: 400 INVALID_JSON (a body that "
     "is not JSON), 401 UNAUTHENTICATED, 403 and 409 for the rules (who you are; the state of things), 404 "
     "NOT_FOUND, 413 TOO_LARGE (a body over the size limit), 422 INVALID naming each field (or a rule about the "
-    "content, e.g. UNKNOWN_BUILD). Text fields are stripped of surrounding whitespace and refuse NUL characters.",
+    "content, e.g. UNKNOWN_BUILD). Text fields are stripped of surrounding whitespace and refuse NUL characters. "
+    "503 UNAVAILABLE: the portal's database does not answer (try again shortly; the same registration again is "
+    "answered unchanged).",
     auth=BearerToken(),
     urls_namespace="api-v1",
 )
 api.add_router("", releases_router)
 api.add_router("", environments_router)
+
+_UNAVAILABLE = "The portal's database does not answer: try again shortly."
+# What a lost database connection raises (not a rule's or a row's error: those are IntegrityError & co).
+_CONNECTION_ERRORS = (OperationalError, InterfaceError)
+
+
+class Health(BaseModel):
+    status: str
+    database: str
+
+
+@api.get("/health", auth=None, response={200: Health, 503: Health}, summary="Whether the portal can serve",
+         description="For a load balancer's health check (no token): 200 when the database answers, 503 when "
+         "it does not. Send the Host header the portal is served under (ALLOWED_HOSTS).")
+def health(request):
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+    except _CONNECTION_ERRORS:
+        logger.warning("health check: the database does not answer", exc_info=True)
+        return Status(503, {"status": "unavailable", "database": "does not answer"})
+    return {"status": "ok", "database": "ok"}
 
 
 def _error(request, status: int, code: str, detail: str, **extra):
@@ -88,6 +114,9 @@ def _too_big(request, exc):
 
 @api.exception_handler(Exception)
 def _unexpected(request, exc):
+    if isinstance(exc, _CONNECTION_ERRORS):
+        logger.error("The database does not answer: %s", exc)
+        return _error(request, 503, "UNAVAILABLE", _UNAVAILABLE)
     logger.exception("Unexpected error in the API")
     return _error(request, 500, "INTERNAL", "Unexpected error; it has been logged.")
 
@@ -107,7 +136,12 @@ class JsonAnswersMiddleware:
 
     def __call__(self, request):
         response = self.get_response(request)
-        if unknown_bearer(request):
+        try:
+            unknown = unknown_bearer(request)
+        except _CONNECTION_ERRORS as exc:  # the token could not be looked up: nothing was shown or done
+            logger.error("The database does not answer: %s", exc)
+            return _error(request, 503, "UNAVAILABLE", _UNAVAILABLE)
+        if unknown:
             return _error(request, 401, "UNAUTHENTICATED", _UNAUTHENTICATED)
         if (response.status_code < 400 or not request.path_info.startswith(PREFIX)
                 or response.get("Content-Type", "").startswith("application/json")):

@@ -98,4 +98,31 @@ def test_a_release_is_answered_as_registered_when_the_task_queue_is_down(tmp_pat
                               text=True, timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
     assert "registered True ['running']" in done.stdout
-    assert "The task queue did not take run_deployment" in done.stderr
+    # one line per log record: time with its offset, level, logger, message
+    assert re.search(r"^20\d\d-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} ERROR environments\.services: The task queue did "
+                     r"not take run_deployment", done.stderr, re.M), done.stderr
+
+
+def test_health_says_whether_the_database_answers_and_the_api_answers_503_json_without_it(tmp_path, client, db):
+    """A load balancer probes /api/v1/health (no token). With the database gone (a port nothing listens
+    on), the probe and every API call answer 503 UNAVAILABLE as JSON, not Django's HTML error page."""
+    assert client.get("/api/v1/health").json() == {"status": "ok", "database": "ok"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTAL_") and k != "DATABASE_URL"}
+    env.update(PORTAL_DEMO="1", PORTAL_VAR_DIR=str(tmp_path), DATABASE_URL="postgres://portal@127.0.0.1:9/portal")
+    script = (
+        "import json\n"
+        "from django.test import Client\n"
+        "c = Client()\n"
+        "for path, headers in (('/api/v1/health', {}), ('/api/v1/builds/MAC/1', {'HTTP_AUTHORIZATION': 'Bearer rp_x'}),"
+        " ('/api/v1/applications/MAC/environments', {'HTTP_AUTHORIZATION': 'Bearer rp_x'})):\n"
+        "    r = c.get(path, HTTP_HOST='localhost', **headers)\n"
+        "    print(path, r.status_code, r['Content-Type'].split(';')[0], json.dumps(r.json(), sort_keys=True))\n"
+    )
+    done = subprocess.run([sys.executable, "manage.py", "shell", "-c", script], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    unavailable = ('503 application/json {"code": "UNAVAILABLE", "detail": "The portal\'s database does not answer: '
+                   'try again shortly."}')
+    assert [line for line in done.stdout.splitlines() if line.startswith("/api/")] == [
+        '/api/v1/health 503 application/json {"database": "does not answer", "status": "unavailable"}',
+        f"/api/v1/builds/MAC/1 {unavailable}", f"/api/v1/applications/MAC/environments {unavailable}"]
