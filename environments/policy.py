@@ -240,11 +240,21 @@ def check_build_gate(build: Build) -> Refusal | None:
 
 
 def check_finished_build_unchanged(build: Build, changed: dict) -> Refusal | None:
-    """A finished build's report never changes (the same report again is fine)."""
+    """A build is one CI run of one commit on one branch: a report of the same number for another
+    commit or branch is another run (BUILD_CONFLICT, whatever its status), and a finished build's report
+    never changes (the same report again is fine)."""
+    if "commit" in changed or "branch" in changed:
+        return conflict(
+            "BUILD_CONFLICT",
+            f"{build} is commit {build.commit} on {build.branch}; this report names commit "
+            f"{changed.get('commit', build.commit)} on {changed.get('branch', build.branch)}. A build number names "
+            "one CI run: send a number unique across the application's jobs and branches.",
+        )
     if changed and build.is_finished:
         return conflict(
             "BUILD_FINISHED",
-            f"{build} is already {build.get_status_display().lower()}; a finished build never changes.",
+            f"{build} is already {build.get_status_display().lower()}; a finished build never changes "
+            f"(this report differs in {', '.join(sorted(changed))}).",
         )
     return None
 

@@ -173,8 +173,9 @@ def unseen_as_missing(application: str):
 
 
 @router.post("/builds", response={200: BuildOut, 201: BuildOut, **REFUSALS}, summary="Register or update a build",
-             description="201 for a new build, 200 for a build in progress updated or the same report again; a "
-             "finished build never changes (409 BUILD_FINISHED). A CI token registers only for its applications "
+             description="201 for a new build, 200 for a build in progress updated (its status, URL or tests) or the "
+             "same report again; a finished build never changes (409 BUILD_FINISHED), and the same number for another "
+             "commit or branch is another CI run (409 BUILD_CONFLICT). A CI token registers only for its applications "
              "(another application answers 404, as one that does not exist).")
 def register_build(request: HttpRequest, body: BuildIn):
     with unseen_as_missing(body.application):

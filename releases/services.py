@@ -75,7 +75,7 @@ def build_register(
             build = _first(existing.instances(Build))
             if build is None:
                 build = Build.objects.create(application=app, number=number, **fields)
-                keys = _record_build_issues(app, build, new=True)
+                keys = _record_build_issues(app, build)
                 chain.append(actor=actor, action="build.register", obj=build,
                              data={**fields, "number": number, "issue_keys": keys})
                 return build, True
@@ -88,21 +88,17 @@ def build_register(
             else:
                 for k, v in changed.items():
                     setattr(build, k, v)
-                build.save(update_fields=[*changed, "updated_at"])
-                data = {"changed": changed}
-                if "branch" in changed:
-                    data["issue_keys"] = _record_build_issues(app, build)
-                chain.append(actor=actor, action="build.update", obj=build, data=data)
+                build.save(update_fields=[*changed, "updated_at"])  # its status, URL or tests: never its branch
+                chain.append(actor=actor, action="build.update", obj=build, data={"changed": changed})
                 return build, False
     raise error
 
 
-def _record_build_issues(app: Application, build: Build, *, new: bool = False) -> list[str]:
-    """Store the issue keys named in the build's branch (those not stored yet; the rows are append-only;
-    a `new` build has none)."""
+def _record_build_issues(app: Application, build: Build) -> list[str]:
+    """Store the issue keys named in a new build's branch (the rows are append-only, and a build's
+    branch never changes)."""
     keys = app.issue_keys_in(build.branch)
-    have = set(BuildIssue.objects.filter(build=build).values_list("key", flat=True)) if keys and not new else set()
-    BuildIssue.objects.bulk_create(BuildIssue(build=build, key=k) for k in keys if k not in have)
+    BuildIssue.objects.bulk_create(BuildIssue(build=build, key=k) for k in keys)
     return keys
 
 

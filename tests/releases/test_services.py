@@ -40,13 +40,24 @@ def test_builds_take_issue_keys_from_their_branch_names(world, branch, keys):
     assert AuditEvent.objects.get(action="build.register", object_id=str(build.pk)).data["issue_keys"] == keys
 
 
-def test_a_build_keeps_its_issue_keys_when_its_branch_is_corrected(world):
+def test_the_same_build_number_from_another_branch_or_commit_is_refused_even_in_progress(world):
+    """CI servers count builds per job or branch: build 7 of a feature branch is not build 7 of main.
+    Its report is refused (BUILD_CONFLICT, on record, naming both), and the build in progress keeps its
+    commit, branch and issue keys; its status, URL and tests still update."""
     build, _ = register_build(world)
-    assert not build.issues.exists()
-    build, _ = services.build_register(actor=world.ci, application="MAC", number="7", commit="abc123",
-                                       branch="feature/BIZPLAT-8-x", status="successful")
-    assert list(build.issues.values_list("key", flat=True)) == ["BIZPLAT-8"]
-    assert AuditEvent.objects.get(action="build.update", object_id=str(build.pk)).data["issue_keys"] == ["BIZPLAT-8"]
+    for other in ({"branch": "feature/BIZPLAT-8-x"}, {"commit": "fff999"}):
+        with pytest.raises(PolicyRefusal) as info:
+            services.build_register(actor=world.ci, application="MAC", number="7", status="in_progress",
+                                    **{"commit": "abc123", "branch": "main", **other})
+        assert info.value.refusal.code == "BUILD_CONFLICT"
+    assert info.value.refusal.detail == (
+        "MAC build 7 is commit abc123 on main; this report names commit fff999 on main. A build number names one "
+        "CI run: send a number unique across the application's jobs and branches.")
+    build.refresh_from_db()
+    assert (build.commit, build.branch, list(build.issues.all())) == ("abc123", "main", [])
+    assert AuditEvent.objects.filter(action="build.update.refused", code="BUILD_CONFLICT").count() == 2
+    updated, created = register_build(world, status="successful", url="https://ci.example.com/7")
+    assert (created, updated.status, updated.url) == (False, "successful", "https://ci.example.com/7")
 
 
 def test_build_issue_keys_are_append_only(world):
