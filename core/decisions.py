@@ -14,9 +14,13 @@ class Refusal:
     code: str
     detail: str
     status: int = 409
+    deployment_id: int | None = None  # the deployment the refusal is about, where it is another one
 
     def as_dict(self) -> dict:
-        return {"code": self.code, "detail": self.detail}
+        answer = {"code": self.code, "detail": self.detail}
+        if self.deployment_id is not None:
+            answer["deployment_id"] = self.deployment_id
+        return answer
 
 
 def forbidden(code: str, detail: str) -> Refusal:

@@ -114,6 +114,8 @@ ObjectId = Annotated[int, Field(ge=1, le=2**63 - 1, description="A positive 64-b
 class Error(BaseModel):
     code: str = Field(description="Stable code of the rule or failure, e.g. NOT_RELEASER, INVALID, NOT_FOUND.")
     detail: str = Field(description="One sentence a person understands.")
+    deployment_id: int | None = Field(None, description="ALREADY_REQUESTED: the open deployment of that release "
+                                      "there (a retried request finds it here).")
 
 
 class FieldError(BaseModel):

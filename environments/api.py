@@ -42,9 +42,14 @@ class DeploymentOut(BaseModel):
     application: str
     version: str
     environment: str
-    state: str
+    state: str = Field(description="Open: awaiting_approval, queued, running. Final: succeeded, failed, cancelled, "
+                       "rejected, interrupted (its worker died), superseded (a newer automatic deployment took its "
+                       "place in the queue), refused (a rule asked again at the front of the queue said no: "
+                       "refusal_code). Poll until the state is final.")
     requested_by: str
     requested_at: str | None
+    cancel_requested_at: str | None = Field(description="When a cancel of the running deployment was asked for: "
+                                            "its playbook is being stopped, and it ends cancelled.")
     expires_at: str | None
     queued_at: str | None
     started_at: str | None

@@ -578,9 +578,8 @@ def check_not_already_open(release: Release, environment: Environment, read: Pen
     found = (open_deployment_read(release, environment) if read is None else read).tuples()
     if found:
         [(open_id,)] = found
-        return conflict(
-            "ALREADY_REQUESTED", f"{release} already has an open deployment to {environment.name} (#{open_id})."
-        )
+        return Refusal("ALREADY_REQUESTED", f"{release} already has an open deployment to {environment.name} "
+                       f"(#{open_id}).", 409, deployment_id=open_id)
     return None
 
 

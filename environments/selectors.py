@@ -153,6 +153,7 @@ def deployment_as_dict(deployment: Deployment) -> dict:
         "state": deployment.state,
         "requested_by": deployment.requested_by_label,
         "requested_at": _time(deployment.requested_at),
+        "cancel_requested_at": _time(deployment.cancel_requested_at),
         "expires_at": _time(deployment.expires_at),
         "queued_at": _time(deployment.queued_at),
         "started_at": _time(deployment.started_at),

@@ -67,7 +67,7 @@ def _error(request, status: int, code: str, detail: str, **extra):
 
 @api.exception_handler(PolicyRefusal)
 def _refused(request, exc: PolicyRefusal):
-    return _error(request, exc.refusal.status, exc.refusal.code, exc.refusal.detail)
+    return api.create_response(request, exc.refusal.as_dict(), status=exc.refusal.status)
 
 
 @api.exception_handler(NotFound)

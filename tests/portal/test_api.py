@@ -188,6 +188,29 @@ def test_a_build_number_or_version_with_a_slash_is_read_back(ci):
     assert ci.get("/releases/MAC/5.0.0%2Frc1").json()["build"] == "mac/main-7"
 
 
+def test_a_retried_request_finds_the_open_deployment_in_the_refusal(world, client, ci):
+    register(ci)
+    alice = personal(world, client, world.alice)
+    body = {"application": "MAC", "version": "3.1.0", "environment": "QA"}
+    first = alice.post("/deployments", body).json()
+    again = alice.post("/deployments", body)
+    assert again.status_code == 409
+    assert again.json() == {"code": "ALREADY_REQUESTED", "deployment_id": first["id"],
+                            "detail": f"MAC 3.1.0 already has an open deployment to QA (#{first['id']})."}
+
+
+def test_cancelling_a_running_deployment_answers_that_its_stop_is_asked_for(world, client, ci):
+    register(ci)
+    alice = personal(world, client, world.alice)
+    running = alice.post("/deployments", {"application": "MAC", "version": "3.1.0", "environment": "QA"}).json()
+    assert (running["state"], running["cancel_requested_at"]) == ("running", None)
+    cancelled = alice.post(f"/deployments/{running['id']}/cancel", {"comment": "wrong version"})
+    assert cancelled.status_code == 200
+    body = cancelled.json()
+    assert body["state"] == "running" and body["cancel_requested_at"] is not None  # the engine stops it
+    assert ci.get(f"/deployments/{running['id']}").json()["cancel_requested_at"] == body["cancel_requested_at"]
+
+
 def test_a_change_is_found_by_its_branch_builds_before_any_release(ci):
     assert ci.post("/builds", {**BUILD, "number": "7", "branch": "BIZPLAT-77/fix", "status": "in_progress"}
                    ).status_code == 201
@@ -450,7 +473,11 @@ def test_openapi_documents_every_answer_and_input_rule(client):
     schema = client.get("/api/v1/openapi.json").json()
     for path, operations in schema["paths"].items():
         for method, operation in operations.items():
-            assert {"400", "401", "403", "404", "409", "413", "422"} <= set(operation["responses"]), (method, path)
+            if path == "/api/v1/health":  # reads nothing a client sends: up or not
+                assert set(operation["responses"]) == {"200", "503"}
+                continue
+            assert {"400", "401", "403", "404", "409", "413", "422", "503"} <= set(operation["responses"]), (
+                method, path)
     components = schema["components"]["schemas"]
     build = components["BuildIn"]["properties"]
     assert "NUL characters are refused" in build["commit"]["description"]
