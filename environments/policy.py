@@ -583,6 +583,18 @@ def check_not_already_open(release: Release, environment: Environment, read: Pen
     return None
 
 
+def check_not_back_to_older(release: Release, environment: Environment) -> Refusal | None:
+    """The portal promotes by itself only forward: a success of an older release (someone redeployed it to
+    QA) does not take the next environment back from a newer one it runs. A person may still ask."""
+    running = (Deployment.objects.filter(environment=environment, state=Deployment.State.SUCCEEDED)
+               .order_by("-finished_at", "-id").values_list("release_id", "release__version").first())
+    if running is not None and running[0] > release.pk:
+        return conflict("NEWER_RELEASE_THERE", f"{environment} runs {running[1]}, registered after "
+                        f"{release.version}: the portal does not take an environment back to an older release by "
+                        "itself (a person may request it).")
+    return None
+
+
 def check_not_expired(deployment: Deployment, now: dt.datetime | None = None) -> Refusal | None:
     """Rule 5: a request (and the approvals it gathered) is valid until it expires."""
     if deployment.expires_at is not None and deployment.expires_at <= (now or timezone.now()):
@@ -627,13 +639,13 @@ def _as_decision(refusal: Refusal | None, next_step: str = Next.APPLY, checks: t
 
 def decide_request(
     *, actor: Actor, release: Release, environment: Environment, emergency_reason: str = "",
-    waits_out_a_freeze: bool = False,
+    automatic: bool = False,
 ) -> Decision:
     """May `actor` ask for `release` to go to `environment`? (rules 1-5, 7, 9). A busy environment is
-    no reason to refuse: the deployment waits its turn (rule 6). A freeze refuses a request, except one
-    that `waits_out_a_freeze`: the portal's own automatic deployment, which nobody is there to ask
-    again, joins the queue and waits at its front until the freeze ends (rules 6 and 7: it never runs
-    in the freeze)."""
+    no reason to refuse: the deployment waits its turn (rule 6). A freeze refuses a request, except the
+    portal's own `automatic` one, which nobody is there to ask again: it joins the queue and waits at
+    its front until the freeze ends (rules 6 and 7: it never runs in the freeze). And an automatic
+    promotion never takes an environment back to a release older than the one it runs (NEWER_RELEASE_THERE)."""
     emergency = bool(emergency_reason.strip())
     if r := check_token_scope(actor, environment.application) or check_ci_not_restricted(actor, environment):
         return no(r)
@@ -664,14 +676,16 @@ def decide_request(
     now = timezone.now()
     reads = source_read, open_read, windows_read = (
         promotion_source_read(release, environment), open_deployment_read(release, environment),
-        None if emergency or waits_out_a_freeze else freeze_windows_at(environment, now))
+        None if emergency or automatic else freeze_windows_at(environment, now))
     together(*reads)
     source = promotion_source(release, environment, source_read)
     if r := check_promotion_path(release, environment, source):
         return no(r)
     if r := check_not_already_open(release, environment, open_read):
         return no(r)
-    if r := check_no_freeze(environment, emergency or waits_out_a_freeze, now, windows_read):
+    if automatic and environment.promotes_from_id and (r := check_not_back_to_older(release, environment)):
+        return no(r)
+    if r := check_no_freeze(environment, emergency or automatic, now, windows_read):
         return no(r)
     queue_now = emergency or environment.required_approvals == 0
     return Decision(checks=checks, next=Next.QUEUE if queue_now else Next.AWAIT_APPROVAL, promoted_from=source)

@@ -252,12 +252,12 @@ def _join_queue(deployment: Deployment, now: dt.datetime) -> None:
 
 def deployment_request(
     *, actor: Actor, release: Release, environment: Environment, emergency_reason: str = "",
-    waits_out_a_freeze: bool = False,
+    automatic: bool = False,
 ) -> Deployment:
     """Ask for `release` to go to `environment`. Joins the environment's queue at once where no approval
     is needed (or for an emergency), otherwise awaits approval until it expires. A busy environment
-    is no refusal: the deployment waits its turn (and one that `waits_out_a_freeze`, a frozen one's
-    end: see policy.decide_request)."""
+    is no refusal: the deployment waits its turn (and the portal's own `automatic` one a frozen
+    environment's thaw: see policy.decide_request)."""
     emergency_reason = emergency_reason.strip()
     # No savepoint when called inside a caller's transaction (a new release deploying itself): a
     # refusal leaves this block normally and is raised after it, and any other error fails the caller.
@@ -269,7 +269,7 @@ def deployment_request(
             release = Release.objects.select_related("build", "application").get(pk=release.pk)
         decision = policy.decide_request(
             actor=actor, release=release, environment=environment, emergency_reason=emergency_reason,
-            waits_out_a_freeze=waits_out_a_freeze,
+            automatic=automatic,
         )
         if decision.allowed:
             now = timezone.now()
@@ -313,7 +313,7 @@ def auto_deploy(*, release: Release, environment: Environment) -> Deployment | N
     audit chain and does not fail the caller."""
     try:
         return deployment_request(actor=Actor.system(via="auto"), release=release, environment=environment,
-                                  waits_out_a_freeze=True)
+                                  automatic=True)
     except PolicyRefusal:
         return None
 

@@ -35,6 +35,16 @@ RELEASE_EXAMPLE = {
     "pull_request": {"url": "https://vcs.example.com/mac/pull/9", "author": "alice@example.com",
                      "reviewers": ["erin@example.com"], "approved_at": "2026-11-29T10:00:00Z"},
 }
+# Where the deploy playbooks can fetch an artifact from: a URL they download, or a file on the worker.
+ARTIFACT_URL = r"^((https?|ftp|file)://|/)[^\x00]*$"
+ArtifactUrl = Annotated[
+    str, StringConstraints(min_length=1, max_length=1000),
+    matching(ARTIFACT_URL, "must be an http://, https://, ftp:// or file:// URL, or an absolute path on the worker"),
+    AfterValidator(str.strip),
+    Field(description="Where the deploy playbook fetches the artifact: an http://, https://, ftp:// or file:// "
+                      "URL, or an absolute path on the deploy worker. Trailing whitespace is stripped.",
+          json_schema_extra={"pattern": ARTIFACT_URL}),
+]
 BuildNumber = Annotated[Text(64, 1), example("101")]
 Version = Annotated[Text(100, 1), example("3.1.0")]
 
@@ -83,7 +93,7 @@ class ReleaseIn(BaseModel):
     application: Name
     version: Text(100, 1)
     build: Text(64, 1)
-    artifact_url: Text(1000, 1)
+    artifact_url: ArtifactUrl
     artifact_sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$", description="Stored lower-case.")]
     issue_keys: list[IssueKey] = Field(default_factory=list, max_length=500)
     implementers: list[Identity("Who wrote or committed the change (commit authors, committers, pull request "

@@ -307,6 +307,24 @@ def test_a_release_registered_during_a_freeze_waits_in_the_queue_and_goes_when_i
     assert Deployment.objects.get(release=second, environment=world.staging).state == State.RUNNING
 
 
+def test_an_older_release_redeployed_to_qa_does_not_take_staging_back_by_itself(world):
+    """Someone redeploys an older release to QA; its success does not promote it over the newer release
+    Staging runs (refused NEWER_RELEASE_THERE, on record). A person may still ask for it."""
+    world.staging.auto_deploy = True
+    world.staging.save(update_fields=["auto_deploy"])
+    older, newer = world.release("6.0.0"), world.release("6.1.0")
+    world.deploy(newer, world.qa)  # goes on to Staging by itself
+    staging = Deployment.objects.get(release=newer, environment=world.staging)
+    services.deployment_start(deployment_id=staging.pk)
+    services.deployment_record_result(deployment_id=staging.pk, state=State.SUCCEEDED)
+    world.deploy(older, world.qa)
+    assert not Deployment.objects.filter(release=older, environment=world.staging).exists()
+    refusal = AuditEvent.objects.get(action="deployment.request.refused", code="NEWER_RELEASE_THERE")
+    assert refusal.data["detail"] == ("MAC Staging runs 6.1.0, registered after 6.0.0: the portal does not take an "
+                                      "environment back to an older release by itself (a person may request it).")
+    assert request(world, older, world.staging, world.alice).state == State.RUNNING
+
+
 def test_a_deployment_a_person_asked_for_is_never_superseded(world):
     first, second = world.release(), world.release()
     running = request(world, first, world.qa, world.alice)

@@ -211,6 +211,19 @@ def test_cancelling_a_running_deployment_answers_that_its_stop_is_asked_for(worl
     assert ci.get(f"/deployments/{running['id']}").json()["cancel_requested_at"] == body["cancel_requested_at"]
 
 
+def test_an_artifact_url_the_playbook_cannot_fetch_is_refused_when_registered(ci):
+    assert ci.post("/builds", {**BUILD, "number": "101"}).status_code == 201
+    refused = ci.post("/releases", {**RELEASE, "version": "3.1.0", "build": "101", "artifact_url": "not a url"})
+    assert refused.status_code == 422
+    assert refused.json()["errors"] == [{"field": "artifact_url", "message": (
+        "Value error, must be an http://, https://, ftp:// or file:// URL, or an absolute path on the worker")}]
+    for n, url in enumerate(("https://artifacts.example.com/mac.tar.gz", "file:///srv/mac.tar.gz",
+                             "/srv/mac-3.2.0.tar.gz ")):
+        assert ci.post("/releases", {**RELEASE, "version": f"3.{n}.0", "build": "101", "artifact_url": url}
+                       ).status_code == 201
+    assert ci.get("/releases/MAC/3.2.0").json()["artifact_url"] == "/srv/mac-3.2.0.tar.gz"
+
+
 def test_a_change_is_found_by_its_branch_builds_before_any_release(ci):
     assert ci.post("/builds", {**BUILD, "number": "7", "branch": "BIZPLAT-77/fix", "status": "in_progress"}
                    ).status_code == 201
