@@ -9,6 +9,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import F, Q
+from django.utils import timezone
 
 from releases.models import Application, Release
 
@@ -240,7 +241,7 @@ class Deployment(models.Model):
     automatic = models.BooleanField(
         default=False, help_text="Asked for by the portal or CI, not by a person: a newer one may supersede it."
     )
-    requested_at = models.DateTimeField(auto_now_add=True)
+    requested_at = models.DateTimeField(default=timezone.now)  # the service gives its own now: queued_at's too
     expires_at = models.DateTimeField(null=True, blank=True)
     queued_at = models.DateTimeField(
         null=True, blank=True, help_text="When it passed the rules and joined the queue: the queue's order."

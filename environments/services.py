@@ -276,7 +276,7 @@ def deployment_request(
             queue_now = decision.next == Next.QUEUE
             expiry = dt.timedelta(hours=settings.PORTAL_APPROVAL_EXPIRY_HOURS)
             deployment = Deployment.objects.create(
-                release=release, environment=environment,
+                release=release, environment=environment, requested_at=now,
                 state=State.QUEUED if queue_now else State.AWAITING_APPROVAL,
                 requested_by=actor.user if actor.is_person else None,
                 requested_by_label=actor.label, requested_via=actor.via, requested_token_id=actor.token_id,

@@ -85,7 +85,13 @@ def _no_such_row(request, exc):
 
 @api.exception_handler(AuthenticationError)
 def _unauthenticated(request, exc):
-    return _error(request, 401, "UNAUTHENTICATED", _UNAUTHENTICATED)
+    return _unauthenticated_answer(request)
+
+
+def _unauthenticated_answer(request):
+    answer = _error(request, 401, "UNAUTHENTICATED", _UNAUTHENTICATED)
+    answer["WWW-Authenticate"] = 'Bearer realm="api"'  # RFC 6750: how to authenticate
+    return answer
 
 
 def _field(loc) -> str:
@@ -142,7 +148,7 @@ class JsonAnswersMiddleware:
             logger.error("The database does not answer: %s", exc)
             return _error(request, 503, "UNAVAILABLE", _UNAVAILABLE)
         if unknown:
-            return _error(request, 401, "UNAUTHENTICATED", _UNAUTHENTICATED)
+            return _unauthenticated_answer(request)
         if (response.status_code < 400 or not request.path_info.startswith(PREFIX)
                 or response.get("Content-Type", "").startswith("application/json")):
             return response

@@ -204,6 +204,7 @@ def test_cancelling_a_running_deployment_answers_that_its_stop_is_asked_for(worl
     alice = personal(world, client, world.alice)
     running = alice.post("/deployments", {"application": "MAC", "version": "3.1.0", "environment": "QA"}).json()
     assert (running["state"], running["cancel_requested_at"]) == ("running", None)
+    assert running["queued_at"] == running["requested_at"]  # one moment: asked for, and queued at once
     cancelled = alice.post(f"/deployments/{running['id']}/cancel", {"comment": "wrong version"})
     assert cancelled.status_code == 200
     body = cancelled.json()
@@ -255,6 +256,7 @@ def test_missing_or_bad_token_is_401(client, world, header):
     headers = {"HTTP_AUTHORIZATION": header} if header else {}
     response = client.post("/api/v1/builds", json.dumps(BUILD), content_type="application/json", **headers)
     assert response.status_code == 401 and response.json()["code"] == "UNAUTHENTICATED"
+    assert response["WWW-Authenticate"] == 'Bearer realm="api"'
 
 
 def test_revoked_token_is_401_and_revocation_is_audited(world, client):
