@@ -29,7 +29,7 @@ from audit.models import AuditEvent
 from core.times import iso
 from environments import policy
 from environments.models import Approval, ControlChange, Deployment, Environment
-from evidence import pg_reports
+from evidence import pg_reports, reconcile
 from evidence.columns import AUDIT_COLUMNS, CHANGES_COLUMNS, DANGEROUS_FIRST, Period
 from releases.models import Implementer, Release, ReleaseIssue
 
@@ -189,6 +189,14 @@ def exceptions_rows(period: Period) -> Iterator[tuple]:
             yield ("sod_incomplete", "EXCEPTION", d.requested_at, d.pk, d.release.application.name,
                    d.environment.name, d.release.version, d.requested_by_label, "SEPARATION_OF_DUTIES",
                    "missing checks: " + ";".join(sorted(missing)), "")
+
+    # The tables these rows come from, read again against the audit chain: a row changed outside the
+    # portal (by SQL) shows here (evidence.reconcile).
+    for m in reconcile.mismatches(period):
+        d = m.deployment
+        yield ("evidence_mismatch", "EXCEPTION", d.requested_at if d else "", d.pk if d else "",
+               d.release.application.name if d else "", d.environment.name if d else "",
+               d.release.version if d else "", "", "TABLE_DIFFERS_FROM_AUDIT_CHAIN", m.sentence(), "")
 
 
 # --- access ----------------------------------------------------------------------------------------

@@ -513,3 +513,33 @@ def test_an_open_emergency_stays_in_later_periods_and_a_group_addition_in_every_
     assert emergencies == {history["unreviewed"].pk: "UNREVIEWED, 40 days old (OVERDUE)"}
     grants = [r["detail"] for r in rows if r["kind"] == "grant"]
     assert "dave added to group mac-releasers" in grants
+
+
+def test_exceptions_show_where_a_table_was_changed_outside_the_portal(world, history):
+    """The reports read the working tables; someone who writes the database directly changes those and
+    not the chain. The exceptions report reads each restricted deployment and every VCS alias against
+    their audit events and lists what disagrees (nothing, as long as only the portal wrote)."""
+    from environments.models import Approval
+    from releases.models import VcsAlias
+    from releases.services import vcs_alias_add
+
+    alias = vcs_alias_add(actor=SYSTEM, user=world.carol, identity="carol-old@example.com")
+    assert [r for r in export("exceptions")[2] if r["kind"] == "evidence_mismatch"] == []
+
+    done, unreviewed = history["done"], history["unreviewed"]
+    Deployment.objects.filter(pk=done.pk).update(requested_by=world.carol, requested_by_label="carol")
+    Deployment.objects.filter(pk=unreviewed.pk).update(emergency=False, emergency_reason="")
+    Approval.objects.create(deployment=unreviewed, approver=world.erin, decision=Approval.Decision.APPROVE)
+    VcsAlias.objects.filter(pk=alias.pk).delete()
+    rows = [r for r in export("exceptions")[2] if r["kind"] == "evidence_mismatch"]
+    assert {(r["deployment_id"], r["detail"]) for r in rows} == {
+        (str(done.pk), f"deployment #{done.pk}: requested by is 'carol (user {world.carol.pk})' in the table, "
+                       f"'bob (user {world.bob.pk})' in the audit chain"),
+        (str(unreviewed.pk), f"deployment #{unreviewed.pk}: emergency (and its reason) is \"(False, '')\" in the "
+                             "table, '(True, \\'=HYPERLINK(\"http://evil\"), payments down\\')' in the audit chain"),
+        (str(unreviewed.pk), f"deployment #{unreviewed.pk}: approved by (user ids) is '[{world.erin.pk}]' in the "
+                             "table, '[]' in the audit chain"),
+        ("", f"VCS alias #{alias.pk}: identity is '(no row)' in the table, 'carol-old@example.com of carol, added "
+             f"at seq {AuditEvent.objects.get(action='vcs_alias.add').seq}' in the audit chain"),
+    }
+    assert {r["rule"] for r in rows} == {"TABLE_DIFFERS_FROM_AUDIT_CHAIN"}

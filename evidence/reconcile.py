@@ -1,0 +1,133 @@
+"""The working tables read again against the audit chain.
+
+The changes, exceptions and access reports and the admin's pages are read from the working tables
+(deployments, approvals, VCS aliases). The application never writes them but through its services, and
+each service writes an audit event in the same transaction; someone who writes the database directly
+changes the tables and not the chain (which verify_audit proves). This module says where the two
+disagree, for the restricted deployments of a period (who requested it, emergency or not and why, who
+approved and who rejected it, who reviewed an emergency, the state it is in) and for the VCS aliases
+separation of duties matches implementers by. People are compared by their user id, which a rename
+does not change.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from audit.models import AuditEvent
+from environments.models import Approval, Deployment
+from evidence.columns import Period
+from releases.models import VcsAlias
+
+DEPLOYMENT = "environments.deployment"
+CHUNK = 1000
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    subject: str  # "deployment #12", "VCS alias #3"
+    what: str  # the field that disagrees
+    table: str  # what the table says
+    chain: str  # what the audit chain says
+    deployment: Deployment | None = None
+
+    def sentence(self) -> str:
+        return f"{self.subject}: {self.what} is {self.table!r} in the table, {self.chain!r} in the audit chain"
+
+
+def _who(user_id, label) -> str:
+    return f"{label} (user {user_id})" if user_id else str(label)
+
+
+def _deployment_mismatches(d: Deployment, events: list[AuditEvent]) -> Iterator[Mismatch]:
+    for mismatch in _disagreements(d, events):
+        yield Mismatch(f"deployment #{d.pk}", *mismatch, deployment=d)
+
+
+def _disagreements(d: Deployment, events: list[AuditEvent]) -> Iterator[tuple[str, str, str]]:
+    """(what, the table's, the chain's) for each thing the table and the deployment's events disagree on."""
+    requests = [e for e in events if e.action == "deployment.request"]
+    if not requests:
+        yield ("its request", f"requested by {d.requested_by_label}", "no deployment.request event")
+        return
+    request = requests[0]
+    if (request.actor_id, request.actor_username if request.actor_id is None else "") != (
+        d.requested_by_id,
+        d.requested_by_label if d.requested_by_id is None else "",
+    ):
+        yield (
+            "requested by",
+            _who(d.requested_by_id, d.requested_by_label),
+            _who(request.actor_id, request.actor_username),
+        )
+    said = (bool(request.data.get("emergency")), request.data.get("emergency_reason", ""))
+    if said != (d.emergency, d.emergency_reason):
+        yield ("emergency (and its reason)", repr((d.emergency, d.emergency_reason)), repr(said))
+    for decision, action, what in (
+        (Approval.Decision.APPROVE, "deployment.approve", "approved by (user ids)"),
+        (Approval.Decision.REJECT, "deployment.reject", "rejected by (user ids)"),
+    ):
+        table = sorted(a.approver_id for a in d.approvals.all() if a.decision == decision)
+        chain = sorted(e.actor_id for e in events if e.action == action)
+        if table != chain:
+            yield (what, str(table), str(chain))
+    reviews = [e.actor_id for e in events if e.action == "deployment.review"]
+    if (reviews[-1] if reviews else None) != d.reviewed_by_id:
+        yield ("reviewed by (user id)", str(d.reviewed_by_id), str(reviews[-1] if reviews else None))
+    states = [e.data["state"] for e in events if "state" in (e.data or {})]
+    if states and states[-1] != d.state:
+        yield ("state", d.state, states[-1])
+
+
+def deployments(period: Period) -> Iterator[Mismatch]:
+    """The restricted deployments requested in the period, each against its own audit events."""
+    population = Deployment.objects.filter(
+        environment__restricted=True, requested_at__gte=period.since, requested_at__lt=period.until
+    )
+    if period.application:
+        population = population.filter(release__application__name=period.application)
+    ids = list(population.order_by("id").values_list("id", flat=True))
+    for start in range(0, len(ids), CHUNK):
+        chunk = ids[start : start + CHUNK]
+        events = defaultdict(list)
+        for event in (
+            AuditEvent.objects.filter(object_type=DEPLOYMENT, object_id__in=[str(i) for i in chunk])
+            .only("seq", "action", "actor_id", "actor_username", "data", "object_id")
+            .order_by("seq")
+        ):
+            events[int(event.object_id)].append(event)
+        for d in (
+            Deployment.objects.filter(pk__in=chunk)
+            .select_related("release__application", "environment")
+            .prefetch_related("approvals")
+            .order_by("id")
+        ):
+            yield from _deployment_mismatches(d, events[d.pk])
+
+
+def aliases() -> Iterator[Mismatch]:
+    """Every VCS alias (whatever the period: an alias matches implementers for good) against the event
+    that added it; and every alias the chain added that is no longer there."""
+    added = {
+        int(e.object_id): e for e in AuditEvent.objects.filter(action="vcs_alias.add").only("seq", "object_id", "data")
+    }
+    for alias in VcsAlias.objects.order_by("id"):
+        event = added.pop(alias.pk, None)
+        if event is None:
+            yield Mismatch(f"VCS alias #{alias.pk}", "identity", alias.identity, "no vcs_alias.add event")
+        elif event.data.get("identity") != alias.identity:
+            yield Mismatch(f"VCS alias #{alias.pk}", "identity", alias.identity, str(event.data.get("identity")))
+    for pk, event in sorted(added.items()):
+        yield Mismatch(
+            f"VCS alias #{pk}",
+            "identity",
+            "(no row)",
+            f"{event.data.get('identity')} of {event.data.get('user')}, added at seq {event.seq}",
+        )
+
+
+def mismatches(period: Period) -> Iterator[Mismatch]:
+    yield from deployments(period)
+    yield from aliases()
