@@ -53,6 +53,7 @@ class Decision:
     next: str = Next.APPLY
     waiting_for: str = ""  # why it holds, in a sentence
     promoted_from: Any = None  # the deployment that opened the promotion path (requests)
+    skips: str = ""  # what an emergency request goes past that would have held it (a freeze), in a sentence
 
     @property
     def allowed(self) -> bool:

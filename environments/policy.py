@@ -676,7 +676,7 @@ def decide_request(
     now = timezone.now()
     reads = source_read, open_read, windows_read = (
         promotion_source_read(release, environment), open_deployment_read(release, environment),
-        None if emergency or automatic else freeze_windows_at(environment, now))
+        None if automatic else freeze_windows_at(environment, now))
     together(*reads)
     source = promotion_source(release, environment, source_read)
     if r := check_promotion_path(release, environment, source):
@@ -687,8 +687,10 @@ def decide_request(
         return no(r)
     if r := check_no_freeze(environment, emergency or automatic, now, windows_read):
         return no(r)
+    freeze = active_freeze(environment, now, windows_read) if emergency else None
     queue_now = emergency or environment.required_approvals == 0
-    return Decision(checks=checks, next=Next.QUEUE if queue_now else Next.AWAIT_APPROVAL, promoted_from=source)
+    return Decision(checks=checks, next=Next.QUEUE if queue_now else Next.AWAIT_APPROVAL, promoted_from=source,
+                    skips=f"a freeze: {waiting_for_freeze(freeze)}" if freeze else "")
 
 
 def _check_open_for_decision(deployment: Deployment) -> Refusal | None:

@@ -293,7 +293,7 @@ def deployment_request(
                 data=_deployment_data(
                     deployment, emergency=deployment.emergency, emergency_reason=emergency_reason,
                     promoted_from=decision.promoted_from.pk if decision.promoted_from else None,
-                    sod_checks=list(decision.checks),
+                    sod_checks=list(decision.checks), **({"skipped": decision.skips} if decision.skips else {}),
                 ),
             )
             if queue_now:

@@ -144,8 +144,13 @@ def exceptions_rows(period: Period) -> Iterator[tuple]:
     ).select_related("release__application", "environment", "reviewed_by")
     if period.application:
         emergencies = emergencies.filter(release__application__name=period.application)
-    emergencies = emergencies.order_by(F("reviewed_at").asc(nulls_first=True), "requested_at")
-    for d in emergencies.iterator(chunk_size=ITERATOR_CHUNK):
+    emergencies = list(emergencies.order_by(F("reviewed_at").asc(nulls_first=True), "requested_at"))
+    # What each went past (a freeze), as its request's audit event says.
+    skipped = dict(AuditEvent.objects.filter(
+        action="deployment.request", object_type="environments.deployment",
+        object_id__in=[str(d.pk) for d in emergencies], data__has_key="skipped",
+    ).values_list("object_id", "data__skipped"))
+    for d in emergencies:
         if d.reviewed_at:
             took = (d.reviewed_at - d.requested_at).days
             late = " (LATE)" if policy.review_overdue(d.requested_at, reviewed_at=d.reviewed_at) else ""
@@ -153,8 +158,9 @@ def exceptions_rows(period: Period) -> Iterator[tuple]:
         else:
             age = (timezone.now() - d.requested_at).days
             status = f"UNREVIEWED, {age} days old" + (" (OVERDUE)" if policy.review_overdue(d.requested_at) else "")
+        went_past = f" (it went past {skipped[str(d.pk)]})" if str(d.pk) in skipped else ""
         yield ("emergency", status, d.requested_at, d.pk, d.release.application.name, d.environment.name,
-               d.release.version, d.requested_by_label, "EMERGENCY", d.emergency_reason, "")
+               d.release.version, d.requested_by_label, "EMERGENCY", d.emergency_reason + went_past, "")
 
     in_period = events = AuditEvent.objects.filter(created_at__gte=period.since, created_at__lt=period.until)
     if period.application:

@@ -119,6 +119,9 @@ def test_exceptions_lists_emergencies_refusals_and_grants(world, history):
     assert kinds[:2] == ["emergency", "emergency"]
     assert rows[0]["status"] == "UNREVIEWED, 0 days old" and int(rows[0]["deployment_id"]) == history["unreviewed"].pk
     assert rows[1]["status"].startswith("reviewed by erin") and rows[1]["status"].endswith("after 0 days")
+    # both went past the freeze that held Production (the request's audit event says so)
+    assert re.fullmatch(r"'=HYPERLINK\(\"http://evil\"\), payments down \(it went past a freeze: frozen until "
+                        r"20\d\d-\d\d-\d\d \d\d:\d\d UTC \(close\)\)", rows[0]["detail"]), rows[0]["detail"]
     refusals = [r for r in rows if r["kind"] == "refusal"]
     assert any(r["rule"] == "NOT_RELEASER" and r["actor"] == "dave" for r in refusals)
     requested = next(r for r in refusals if r["detail"].startswith("deployment.request.refused"))
