@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -236,6 +237,10 @@ class Watcher:
                 self.cancelled = Deployment.objects.filter(
                     pk=self.deployment_id, cancel_requested_at__isnull=False
                 ).exists()
+            if self.cancelled:
+                # Before ansible-runner stops the playbook: once it is gone, its workers and their tasks
+                # are re-parented and can no longer be told from anything else on the host.
+                kill_run(self.progress.pid)
             return self.cancelled
         except Exception:  # noqa: BLE001 - the callback must never raise
             logger.exception("cancel check failed for deployment %s", self.deployment_id)
@@ -250,47 +255,52 @@ def _runner_outcome(status: str, rc: int | None, cancelled: bool) -> str:
     return State.FAILED
 
 
-# Every process of one deployment's run carries this variable in its environment: ansible-playbook,
-# Ansible's task workers (each starts a session of its own, out of the playbook's process group) and
-# whatever their tasks start on this host. Its value names the deployment and the engine that ran it.
-RUN_MARKER = "PORTAL_DEPLOYMENT_RUN"
-
-
-def run_marker(deployment_id: int, engine: str) -> str:
-    return f"{deployment_id}@{engine}"
-
-
-def _processes_of_run(marker: str) -> list[int]:
-    wanted = f"{RUN_MARKER}={marker}".encode()
-    found = []
+def _children() -> dict[int, list[int]]:
+    """Every process's children on this host, from /proc (a process's parent is the 4th field of its stat)."""
+    children = defaultdict(list)
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+        if not entry.name.isdigit():
             continue
         try:
-            environ = Path(entry.path, "environ").read_bytes()
-        except OSError:  # gone meanwhile, or another user's
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:  # gone meanwhile
             continue
-        if wanted in environ.split(b"\0"):
-            found.append(int(entry.name))
-    return found
+        parent = int(stat.rsplit(")", 1)[1].split()[1])  # after the command name, which may hold spaces
+        children[parent].append(int(entry.name))
+    return children
 
 
-def kill_run(marker: str) -> int:
-    """Kill every process of one deployment's run on this host (see RUN_MARKER), however it was started
-    or re-parented; a few passes, since a process may start another while the others die. Returns how
-    many were killed. (A task running on a remote host over SSH is that host's to stop: the playbook's
-    connection to it is gone.)"""
+def kill_run(pid: int | None) -> int:
+    """Kill a deployment's ansible-playbook and every process under it: Ansible's task workers (each
+    starts a session of its own, out of the playbook's process group) and what their tasks run. Only
+    while the playbook still lives, and only if it is an Ansible process (a recycled pid is left alone).
+    A service a task started and detached (a daemon, re-parented away from the run) is not under it and
+    keeps running, as the playbook meant. A few passes, since a process may start another meanwhile.
+    Returns how many processes were killed. (A task on a remote host over SSH is that host's to stop.)"""
+    if not pid:
+        return 0
+    try:
+        if b"ansible" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return 0
+    except OSError:
+        return 0
     killed = 0
-    for _ in range(5):
-        pids = _processes_of_run(marker)
-        if not pids:
-            break
-        for pid in pids:
+    for _ in range(3):
+        children, tree, todo = _children(), [], [pid]
+        while todo:
+            current = todo.pop()
+            tree.append(current)
+            todo.extend(children.get(current, ()))
+        alive = False
+        for member in tree:
             try:
-                os.kill(pid, signal.SIGKILL)
+                os.kill(member, signal.SIGKILL)
                 killed += 1
+                alive = True
             except (ProcessLookupError, PermissionError):
                 pass
+        if not alive:
+            break
         time.sleep(0.05)
     return killed
 
@@ -308,7 +318,6 @@ def execute(deployment_id: int) -> str | None:
         logger.info("deployment %s is not waiting for an engine; nothing to do", deployment_id)
         return None
     watcher = Watcher(deployment_id)
-    marker = run_marker(deployment_id, deployment.engine)
     private_dir = Path(settings.PORTAL_DEPLOY_DIR) / str(deployment_id)
     outcome, detail, extra = State.FAILED, "", {}
     try:
@@ -322,7 +331,7 @@ def execute(deployment_id: int) -> str | None:
         runner = ansible_runner.run(
             private_data_dir=str(private_dir), playbook=deployment.environment.playbook, inventory=inventory,
             extravars=extravars_for(deployment), ident="run", quiet=True, suppress_env_files=True,
-            envvars={RUN_MARKER: marker, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_RETRY_FILES_ENABLED": "0",
+            envvars={"ANSIBLE_NOCOLOR": "1", "ANSIBLE_RETRY_FILES_ENABLED": "0",
                      "ANSIBLE_DEPRECATION_WARNINGS": "0",
                      "PATH": _venv_bin() + os.pathsep + os.environ.get("PATH", "")},
             timeout=settings.PORTAL_DEPLOY_TIMEOUT, event_handler=watcher.event_handler,
@@ -336,7 +345,7 @@ def execute(deployment_id: int) -> str | None:
         logger.exception("deployment %s failed to run", deployment_id)
         detail = f"The deploy job failed before the playbook finished: {type(exc).__name__}: {exc}"
     finally:
-        kill_run(marker)  # what a cancel or a timeout left running: Ansible's workers and their tasks
+        kill_run(watcher.progress.pid)  # what a failure or a timeout left running under the playbook
         Deployment.objects.filter(pk=deployment_id).update(progress=watcher.progress.as_dict())
     finished = services.deployment_record_result(
         deployment_id=deployment_id, state=outcome, detail=detail[:2000], actor=ENGINE, extra=extra
@@ -361,7 +370,7 @@ def reap_stale(*, stale_after: float | None = None) -> list[int]:
             services.deployment_redeliver(deployment_id=deployment.pk, stale_before=cutoff)
             continue
         if deployment.engine.rsplit(":", 1)[0] == host:
-            kill_run(run_marker(deployment.pk, deployment.engine))
+            kill_run((deployment.progress or {}).get("pid"))
         try:
             services.deployment_record_result(
                 deployment_id=deployment.pk, state=State.INTERRUPTED, actor=ENGINE,

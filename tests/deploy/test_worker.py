@@ -22,19 +22,25 @@ from tests.deploy.conftest import ROOT, alive, register, running_long_step, stat
 State = Deployment.State
 
 
-def sleeps_of(deployment_id: int) -> list[int]:
-    """The `sleep` processes the long step of this deployment's run started (read from /proc: the
-    command line, and the run's variable in the environment)."""
-    found = []
+def sleeps_under(pid: int) -> list[int]:
+    """The `sleep` processes under a process (read from /proc: each process's parent and command line)."""
+    parents, commands = {}, {}
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(b"sleep\0") and any(
-                    v.startswith(f"PORTAL_DEPLOYMENT_RUN={deployment_id}@".encode())
-                    for v in (entry / "environ").read_bytes().split(b"\0")):
-                found.append(int(entry.name))
+            if entry.name.isdigit():
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                commands[int(entry.name)] = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-    return found
+
+    def under(p):
+        while p > 1:
+            p = parents.get(p, 0)
+            if p == pid:
+                return True
+        return False
+
+    return [p for p, command in commands.items() if command.startswith(b"sleep\0") and under(p)]
 
 
 def test_cancel_while_queued_and_while_running(transactional_audit_db, world, deploy_dirs, artifact, playbook_repo):
@@ -61,7 +67,7 @@ def test_cancel_while_queued_and_while_running(transactional_audit_db, world, de
     thread.start()
     wait_for(lambda: running_long_step(running.pk), what="the long step to start")
     pid = Deployment.objects.get(pk=running.pk).progress["pid"]
-    long_step = wait_for(lambda: sleeps_of(running.pk), what="the long step's own process")
+    long_step = wait_for(lambda: sleeps_under(pid), what="the long step's own process")
     assert alive(pid)
     services.deployment_cancel(actor=world.ci, deployment_id=running.pk, comment="stop it")
     thread.join(timeout=60)
@@ -85,7 +91,7 @@ def test_worker_killed_mid_deploy_leaves_an_interrupted_deployment(
                                       environment=world.qa)
     wait_for(lambda: running_long_step(old.pk), timeout=90, what="the worker to run the playbook")
     pid = Deployment.objects.get(pk=old.pk).progress["pid"]
-    long_step = wait_for(lambda: sleeps_of(old.pk), what="the long step's own process")
+    long_step = wait_for(lambda: sleeps_under(pid), what="the long step's own process")
     assert alive(pid)
 
     worker.kill(signal.SIGKILL)  # the worker dies; the playbook it started lives on
