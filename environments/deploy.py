@@ -202,11 +202,12 @@ class Watcher:
 
     HEARTBEAT_EVERY = 2.0
 
-    def __init__(self, deployment_id: int):
+    def __init__(self, deployment_id: int, timeout: float | None = None):
         self.deployment_id = deployment_id
         self.progress = Progress(deployment_id)
-        self.cancelled = False
+        self.cancelled = self.timed_out = False
         self._last_beat = 0.0
+        self._deadline = None if timeout is None else time.monotonic() + timeout
 
     def event_handler(self, event: dict) -> bool:
         try:
@@ -237,17 +238,21 @@ class Watcher:
                 self.cancelled = Deployment.objects.filter(
                     pk=self.deployment_id, cancel_requested_at__isnull=False
                 ).exists()
-            if self.cancelled:
+            if self._deadline is not None and now >= self._deadline:
+                self.timed_out = True  # PORTAL_DEPLOY_TIMEOUT: stopped here, as a cancel is
+            if self.cancelled or self.timed_out:
                 # Before ansible-runner stops the playbook: once it is gone, its workers and their tasks
                 # are re-parented and can no longer be told from anything else on the host.
                 kill_run(self.progress.pid)
-            return self.cancelled
+            return self.cancelled or self.timed_out
         except Exception:  # noqa: BLE001 - the callback must never raise
             logger.exception("cancel check failed for deployment %s", self.deployment_id)
             return False
 
 
-def _runner_outcome(status: str, rc: int | None, cancelled: bool) -> str:
+def _runner_outcome(status: str, rc: int | None, cancelled: bool, timed_out: bool = False) -> str:
+    if timed_out or status == "timeout":
+        return State.FAILED
     if cancelled or status == "canceled":
         return State.CANCELLED
     if status == "successful" and rc == 0:
@@ -317,7 +322,7 @@ def execute(deployment_id: int) -> str | None:
     if deployment is None:
         logger.info("deployment %s is not waiting for an engine; nothing to do", deployment_id)
         return None
-    watcher = Watcher(deployment_id)
+    watcher = Watcher(deployment_id, timeout=settings.PORTAL_DEPLOY_TIMEOUT)
     private_dir = Path(settings.PORTAL_DEPLOY_DIR) / str(deployment_id)
     outcome, detail, extra = State.FAILED, "", {}
     try:
@@ -334,12 +339,17 @@ def execute(deployment_id: int) -> str | None:
             envvars={"ANSIBLE_NOCOLOR": "1", "ANSIBLE_RETRY_FILES_ENABLED": "0",
                      "ANSIBLE_DEPRECATION_WARNINGS": "0",
                      "PATH": _venv_bin() + os.pathsep + os.environ.get("PATH", "")},
-            timeout=settings.PORTAL_DEPLOY_TIMEOUT, event_handler=watcher.event_handler,
+            # The watcher stops the run at PORTAL_DEPLOY_TIMEOUT (with what runs under it); ansible-runner's
+            # own timeout is only the backstop of a callback that no longer runs.
+            timeout=settings.PORTAL_DEPLOY_TIMEOUT + 60, event_handler=watcher.event_handler,
             status_handler=watcher.status_handler, cancel_callback=watcher.cancel_callback,
         )
-        outcome = _runner_outcome(runner.status, runner.rc, watcher.cancelled)
+        outcome = _runner_outcome(runner.status, runner.rc, watcher.cancelled, watcher.timed_out)
         p = watcher.progress.as_dict()
         detail = result_detail(runner.status, runner.rc, p)
+        if watcher.timed_out:
+            detail = (f"Stopped after PORTAL_DEPLOY_TIMEOUT ({settings.PORTAL_DEPLOY_TIMEOUT} s), with every "
+                      f"process under the playbook ({detail})")
         extra = {"runner_status": runner.status, "rc": runner.rc, "hosts": p["hosts"], "playbook_commit": commit}
     except Exception as exc:  # noqa: BLE001 - any failure ends the deployment `failed`, with the reason
         logger.exception("deployment %s failed to run", deployment_id)

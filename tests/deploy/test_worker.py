@@ -81,6 +81,34 @@ def test_cancel_while_queued_and_while_running(transactional_audit_db, world, de
     assert actions[-2:] == ["deployment.cancel_request", "deployment.finish"]
 
 
+def test_a_playbook_past_its_timeout_is_stopped_with_what_runs_under_it(
+    transactional_audit_db, world, deploy_dirs, artifact, playbook_repo, settings
+):
+    settings.PORTAL_DEPLOY_TIMEOUT = 6
+    repo, _ = playbook_repo
+    use_repo(world.qa, repo, "slow.yml")
+    running = services.deployment_request(actor=world.ci, release=register(world, artifact, "4.1.0"),
+                                          environment=world.qa)
+    seen = {}
+
+    def watch():
+        try:
+            wait_for(lambda: running_long_step(running.pk), what="the long step to start")
+            seen["pid"] = pid = Deployment.objects.get(pk=running.pk).progress["pid"]
+            seen["sleeps"] = wait_for(lambda: sleeps_under(pid), what="the long step's own process")
+        finally:
+            connections.close_all()
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    assert deploy.execute(running.pk) == State.FAILED  # the long step sleeps 60 s
+    watcher.join(timeout=30)
+    deployment = Deployment.objects.get(pk=running.pk)
+    assert deployment.result_detail.startswith("Stopped after PORTAL_DEPLOY_TIMEOUT (6 s)"), deployment.result_detail
+    assert wait_for(lambda: not any(alive(p) for p in [seen["pid"], *seen["sleeps"]]), timeout=10,
+                    what="the playbook and its task's process to die")
+
+
 def test_worker_killed_mid_deploy_leaves_an_interrupted_deployment(
     transactional_audit_db, world, deploy_dirs, artifact, playbook_repo, worker_factory
 ):
