@@ -9,6 +9,7 @@ import os
 import pwd
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from django.contrib.auth.models import AbstractBaseUser
 
@@ -59,12 +60,23 @@ class Actor:
 
 
 def _os_user() -> str:
-    """The account of the process's real user id (not $USER, which anyone sets), and who became it
-    through sudo, as sudo says."""
+    """The account of the process's real user id (not $USER, which anyone sets), and the account that
+    logged in to reach it, where the kernel keeps one (/proc/self/loginuid: set at login, kept through sudo
+    and su, and not changed by the process; SUDO_USER is a variable anyone sets)."""
     uid = os.getuid()
+    name = _account(uid)
     try:
-        name = pwd.getpwuid(uid).pw_name
+        login = int(Path("/proc/self/loginuid").read_text().strip())
+    except (OSError, ValueError):
+        login = NO_LOGIN
+    return f"{name} (logged in as {_account(login)})" if login not in (NO_LOGIN, uid) else name
+
+
+NO_LOGIN = 4294967295  # (uid_t)-1: no login recorded (a service, a container)
+
+
+def _account(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
     except KeyError:  # no name for this uid (a container without a passwd entry)
-        name = f"uid {uid}"
-    sudo = os.environ.get("SUDO_USER")
-    return f"{name} (sudo from {sudo})" if sudo and sudo != name else name
+        return f"uid {uid}"

@@ -17,7 +17,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.contrib.contenttypes.models import ContentType
-from django.db.models import Q, Value
+from django.db.models import Q, Subquery, Value
 from django.db.models.functions import Lower
 from django.utils import timezone
 from guardian.models import GroupObjectPermission, UserObjectPermission
@@ -585,11 +585,17 @@ def check_not_already_open(release: Release, environment: Environment, read: Pen
 
 def check_not_back_to_older(release: Release, environment: Environment) -> Refusal | None:
     """The portal promotes by itself only forward: a success of an older release (someone redeployed it to
-    QA) does not take the next environment back from a newer one it runs. A person may still ask."""
-    running = (Deployment.objects.filter(environment=environment, state=Deployment.State.SUCCEEDED)
-               .order_by("-finished_at", "-id").values_list("release_id", "release__version").first())
-    if running is not None and running[0] > release.pk:
-        return conflict("NEWER_RELEASE_THERE", f"{environment} runs {running[1]}, registered after "
+    QA) does not take the next environment back from a newer one that runs there or is on its way there
+    (running, queued, awaiting approval). A person may still ask."""
+    newest = Deployment.objects.filter(
+        Q(state__in=Deployment.OPEN_STATES) | Q(pk=Subquery(
+            Deployment.objects.filter(environment=environment, state=Deployment.State.SUCCEEDED)
+            .order_by("-finished_at", "-id").values("pk")[:1])),
+        environment=environment, release_id__gt=release.pk,
+    ).order_by("-release_id").values_list("release__version", "state").first()
+    if newest is not None:
+        where = "runs" if newest[1] in (Deployment.State.SUCCEEDED, Deployment.State.RUNNING) else "is taking"
+        return conflict("NEWER_RELEASE_THERE", f"{environment} {where} {newest[0]}, registered after "
                         f"{release.version}: the portal does not take an environment back to an older release by "
                         "itself (a person may request it).")
     return None

@@ -325,6 +325,20 @@ def test_an_older_release_redeployed_to_qa_does_not_take_staging_back_by_itself(
     assert request(world, older, world.staging, world.alice).state == State.RUNNING
 
 
+def test_an_older_release_does_not_follow_a_newer_one_on_its_way_to_staging(world):
+    """A newer release runs in Staging (or waits there) when an older one succeeds in QA again: the older
+    one's automatic promotion is refused too, so it never queues behind the newer one and replaces it."""
+    world.staging.auto_deploy = True
+    world.staging.save(update_fields=["auto_deploy"])
+    older, newer = world.release("6.2.0"), world.release("6.3.0")
+    world.deploy(newer, world.qa)  # goes on to Staging by itself, and runs there
+    assert Deployment.objects.get(release=newer, environment=world.staging).state == State.RUNNING
+    world.deploy(older, world.qa)
+    assert not Deployment.objects.filter(release=older, environment=world.staging).exists()
+    refusal = AuditEvent.objects.get(action="deployment.request.refused", code="NEWER_RELEASE_THERE")
+    assert refusal.data["detail"].startswith("MAC Staging runs 6.3.0, registered after 6.2.0")
+
+
 def test_a_deployment_a_person_asked_for_is_never_superseded(world):
     first, second = world.release(), world.release()
     running = request(world, first, world.qa, world.alice)
