@@ -368,8 +368,9 @@ def reap_stale(*, stale_after: float | None = None) -> list[int]:
 
     On the host whose engine ran it, what its run left behind is killed first (see kill_run); then the
     result is recorded, which starts the next waiting deployment. Another host's processes are that
-    host's reaper's to kill. A started deployment that no engine took up (its task was lost) is handed
-    over again.
+    host's reaper's to kill: each reap also kills what is left of this host's runs that another host's
+    reaper ended (its worker runs one at start and every minute). A started deployment that no engine
+    took up (its task was lost) is handed over again.
     """
     stale_after = settings.PORTAL_DEPLOY_STALE_SECONDS if stale_after is None else stale_after
     cutoff = timezone.now() - timedelta(seconds=stale_after)
@@ -390,4 +391,10 @@ def reap_stale(*, stale_after: float | None = None) -> list[int]:
         except PolicyRefusal:
             continue  # it ended meanwhile
         reaped.append(deployment.pk)
+    since = timezone.now() - timedelta(seconds=settings.PORTAL_DEPLOY_TIMEOUT + 600)
+    for engine, progress in Deployment.objects.filter(
+            state=State.INTERRUPTED, finished_at__gte=since, engine__startswith=f"{host}:").values_list(
+            "engine", "progress"):
+        if engine.rsplit(":", 1)[0] == host:
+            kill_run((progress or {}).get("pid"))  # nothing, unless its playbook still lives here
     return reaped

@@ -194,3 +194,25 @@ def test_qcluster_runs_only_the_portals_tasks(transactional_audit_db, world, dep
         "os.remove", "builtins.exec"}
     assert not Task.objects.filter(func__in=["os.remove", "builtins.exec"]).exists()
     assert chain.verify().ok
+
+
+def test_a_run_another_hosts_reaper_ended_is_killed_by_its_own_hosts_next_reap(world, deploy_dirs):
+    """A reaper on another machine ends a stale deployment `interrupted` but cannot touch this host's
+    processes; this host's next reap (at worker start, then every minute) kills what is left of the run."""
+    import socket
+
+    deployment = services.deployment_request(actor=world.ci, release=world.release(), environment=world.qa)
+    # a playbook left behind: an Ansible-named process with a task under it
+    playbook = subprocess.Popen([sys.executable, "-c", "import subprocess; subprocess.run(['sleep', '120'])",
+                                 "ansible-playbook"])
+    try:
+        task = wait_for(lambda: sleeps_under(playbook.pid), what="the task under the playbook")
+        services.deployment_start(deployment_id=deployment.pk, engine=f"{socket.gethostname()}:4242")
+        Deployment.objects.filter(pk=deployment.pk).update(progress={"pid": playbook.pid})
+        services.deployment_record_result(deployment_id=deployment.pk, state=State.INTERRUPTED)  # elsewhere
+        assert alive(playbook.pid) and all(alive(p) for p in task)
+        deploy.reap_stale()
+        playbook.wait(timeout=10)
+        assert wait_for(lambda: not any(alive(p) for p in task), timeout=10, what="the task to die")
+    finally:
+        playbook.kill()
