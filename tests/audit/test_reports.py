@@ -546,3 +546,10 @@ def test_exceptions_show_where_a_table_was_changed_outside_the_portal(world, his
              f"at seq {AuditEvent.objects.get(action='vcs_alias.add').seq}' in the audit chain"),
     }
     assert {r["rule"] for r in rows} == {"TABLE_DIFFERS_FROM_AUDIT_CHAIN"}
+
+    # a request moved out of the period by SQL leaves the changes report, not this check
+    Deployment.objects.filter(pk=done.pk).update(requested_at=done.requested_at - dt.timedelta(days=400))
+    assert str(done.pk) not in {r["deployment_id"] for r in export("changes")[2]}
+    moved = [r["detail"] for r in export("exceptions")[2] if r["kind"] == "evidence_mismatch"
+             and r["deployment_id"] == str(done.pk)]
+    assert any(d.startswith(f"deployment #{done.pk}: requested at is ") for d in moved), moved
