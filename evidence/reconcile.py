@@ -40,7 +40,7 @@ class Mismatch:
 
 
 def _who(user_id, label) -> str:
-    return f"{label} (user {user_id})" if user_id else str(label)
+    return f"{label} (user id {user_id})" if user_id else str(label)
 
 
 def _deployment_mismatches(d: Deployment, events: list[AuditEvent]) -> Iterator[Mismatch]:
@@ -57,10 +57,9 @@ def _disagreements(d: Deployment, events: list[AuditEvent]) -> Iterator[tuple[st
     request = requests[0]
     if abs((d.requested_at - request.created_at).total_seconds()) > REQUEST_TIME_SLACK:
         yield ("requested at", iso(d.requested_at), iso(request.created_at))
-    if (request.actor_id, request.actor_username if request.actor_id is None else "") != (
-        d.requested_by_id,
-        d.requested_by_label if d.requested_by_id is None else "",
-    ):
+    # The label is the requester's name as it was then (a person's user name, ci:<token>, system): a
+    # later rename changes neither it nor the event.
+    if (request.actor_id, request.actor_username) != (d.requested_by_id, d.requested_by_label):
         yield (
             "requested by",
             _who(d.requested_by_id, d.requested_by_label),
@@ -125,12 +124,19 @@ def aliases() -> Iterator[Mismatch]:
     added = {
         int(e.object_id): e for e in AuditEvent.objects.filter(action="vcs_alias.add").only("seq", "object_id", "data")
     }
-    for alias in VcsAlias.objects.order_by("id"):
-        event = added.pop(alias.pk, None)
+    aliases = list(VcsAlias.objects.select_related("user").order_by("id"))
+    names = defaultdict(set)  # a person's names: their user name now, and the old ones kept as aliases
+    for alias in aliases:
+        names[alias.user_id].update({alias.user.get_username(), alias.identity})
+    for alias in aliases:
+        event, subject = added.pop(alias.pk, None), f"VCS alias #{alias.pk}"
         if event is None:
-            yield Mismatch(f"VCS alias #{alias.pk}", "identity", alias.identity, "no vcs_alias.add event")
+            yield Mismatch(subject, "identity", alias.identity, "no vcs_alias.add event")
         elif event.data.get("identity") != alias.identity:
-            yield Mismatch(f"VCS alias #{alias.pk}", "identity", alias.identity, str(event.data.get("identity")))
+            yield Mismatch(subject, "identity", alias.identity, str(event.data.get("identity")))
+        elif event.data.get("user") not in names[alias.user_id]:
+            yield Mismatch(subject, f"the owner of alias {alias.identity}", alias.user.get_username(),
+                           str(event.data.get("user")))
     for pk, event in sorted(added.items()):
         yield Mismatch(
             f"VCS alias #{pk}",

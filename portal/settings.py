@@ -152,6 +152,9 @@ _PLAIN_HTTP = DEBUG or DEMO
 SESSION_COOKIE_SECURE = not _PLAIN_HTTP
 CSRF_COOKIE_SECURE = not _PLAIN_HTTP
 SECURE_SSL_REDIRECT = _flag("PORTAL_SSL_REDIRECT", default=not _PLAIN_HTTP)
+# A load balancer probes the health check over plain HTTP on the internal network: it answers there
+# (it holds nothing but whether the database answers) instead of redirecting the probe to HTTPS.
+SECURE_REDIRECT_EXEMPT = [r"^api/v1/health$"]
 SECURE_HSTS_SECONDS = int(os.environ.get("PORTAL_HSTS_SECONDS", "0" if _PLAIN_HTTP else str(365 * 24 * 3600)))
 SECURE_HSTS_INCLUDE_SUBDOMAINS = _flag("PORTAL_HSTS_INCLUDE_SUBDOMAINS", default=True)
 SECURE_HSTS_PRELOAD = _flag("PORTAL_HSTS_PRELOAD", default=True)

@@ -64,7 +64,8 @@ class BuildIn(BaseModel):
     branch: Text(255, 1)
     url: Text(1000) = ""
     status: Literal["in_progress", "successful", "failed"]
-    tests: Tests = Tests()
+    tests: Tests | None = Field(None, description="The test counts; left out, a build's counts stay as they are "
+                                "(a new build's are 0).")
 
 
 class BuildOut(BaseModel):
@@ -192,7 +193,8 @@ def register_build(request: HttpRequest, body: BuildIn):
         build, created = services.build_register(
             actor=actor_of(request), application=body.application, number=body.number, commit=body.commit,
             branch=body.branch, url=body.url, status=body.status,
-            tests=services.TestCounts(body.tests.passed, body.tests.failed, body.tests.skipped),
+            tests=None if body.tests is None else services.TestCounts(body.tests.passed, body.tests.failed,
+                                                                      body.tests.skipped),
         )
     return Status(201 if created else 200, selectors.build_as_dict(build))
 

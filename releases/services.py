@@ -53,16 +53,16 @@ class TestCounts:
 
 def build_register(
     *, actor: Actor, application: str, number: str, commit: str, branch: str, url: str = "",
-    status: str, tests: TestCounts = TestCounts(),
+    status: str, tests: TestCounts | None = TestCounts(),
 ) -> tuple[Build, bool]:
     """Register a CI build, or update one still in progress. Returns (build, created).
 
-    A finished build never changes: the same report again is accepted, anything else refused.
+    A finished build never changes: the same report again is accepted, anything else refused. A report
+    without test counts (`tests=None`) leaves a build's as they are (a new build's are 0).
     """
-    fields = {
-        "commit": commit, "branch": branch, "url": url, "status": status,
-        "tests_passed": tests.passed, "tests_failed": tests.failed, "tests_skipped": tests.skipped,
-    }
+    fields = {"commit": commit, "branch": branch, "url": url, "status": status}
+    if tests is not None:
+        fields.update(tests_passed=tests.passed, tests_failed=tests.failed, tests_skipped=tests.skipped)
     with transaction.atomic():
         # The application's row lock serializes registrations of its builds, so a build that is not
         # there yet cannot be created concurrently: a plain INSERT, no savepoint.

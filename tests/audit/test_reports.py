@@ -522,11 +522,14 @@ def test_exceptions_show_where_a_table_was_changed_outside_the_portal(world, his
     """The reports read the working tables; someone who writes the database directly changes those and
     not the chain. The exceptions report reads each restricted deployment and every VCS alias against
     their audit events and lists what disagrees (nothing, as long as only the portal wrote)."""
+    from access.services import user_save
     from environments.models import Approval
     from releases.models import VcsAlias
     from releases.services import vcs_alias_add
 
     alias = vcs_alias_add(actor=SYSTEM, user=world.carol, identity="carol-old@example.com")
+    world.carol.username = "caroline"  # a rename, through the portal: her old name becomes her alias
+    user_save(actor=SYSTEM, user=world.carol)
     assert [r for r in export("exceptions")[2] if r["kind"] == "evidence_mismatch"] == []
 
     done, unreviewed = history["done"], history["unreviewed"]
@@ -536,16 +539,27 @@ def test_exceptions_show_where_a_table_was_changed_outside_the_portal(world, his
     VcsAlias.objects.filter(pk=alias.pk).delete()
     rows = [r for r in export("exceptions")[2] if r["kind"] == "evidence_mismatch"]
     assert {(r["deployment_id"], r["detail"]) for r in rows} == {
-        (str(done.pk), f"deployment #{done.pk}: requested by is 'carol (user {world.carol.pk})' in the table, "
-                       f"'bob (user {world.bob.pk})' in the audit chain"),
+        (str(done.pk), f"deployment #{done.pk}: requested by is 'carol (user id {world.carol.pk})' in the table, "
+                       f"'bob (user id {world.bob.pk})' in the audit chain"),
         (str(unreviewed.pk), f"deployment #{unreviewed.pk}: emergency (and its reason) is \"(False, '')\" in the "
                              "table, '(True, \\'=HYPERLINK(\"http://evil\"), payments down\\')' in the audit chain"),
         (str(unreviewed.pk), f"deployment #{unreviewed.pk}: approved by (user ids) is '[{world.erin.pk}]' in the "
                              "table, '[]' in the audit chain"),
         ("", f"VCS alias #{alias.pk}: identity is '(no row)' in the table, 'carol-old@example.com of carol, added "
-             f"at seq {AuditEvent.objects.get(action='vcs_alias.add').seq}' in the audit chain"),
+             f"at seq {AuditEvent.objects.get(action='vcs_alias.add', object_id=str(alias.pk)).seq}' in the audit "
+             "chain"),
     }
     assert {r["rule"] for r in rows} == {"TABLE_DIFFERS_FROM_AUDIT_CHAIN"}
+
+    # the name alone, or an alias given to someone else
+    Deployment.objects.filter(pk=done.pk).update(requested_by=world.bob, requested_by_label="carol")
+    other = vcs_alias_add(actor=SYSTEM, user=world.alice, identity="alice-old@example.com")
+    VcsAlias.objects.filter(pk=other.pk).update(user=world.bob)
+    details = {r["detail"] for r in export("exceptions")[2] if r["kind"] == "evidence_mismatch"}
+    assert f"deployment #{done.pk}: requested by is 'carol (user id {world.bob.pk})' in the table, 'bob (user id " \
+           f"{world.bob.pk})' in the audit chain" in details
+    assert f"VCS alias #{other.pk}: the owner of alias alice-old@example.com is 'bob' in the table, 'alice' in the " \
+           "audit chain" in details
 
     # a request moved out of the period by SQL leaves the changes report, not this check
     Deployment.objects.filter(pk=done.pk).update(requested_at=done.requested_at - dt.timedelta(days=400))

@@ -225,6 +225,15 @@ def test_an_artifact_url_the_playbook_cannot_fetch_is_refused_when_registered(ci
     assert ci.get("/releases/MAC/3.2.0").json()["artifact_url"] == "/srv/mac-3.2.0.tar.gz"
 
 
+def test_a_build_report_without_test_counts_keeps_the_counts_it_had(ci):
+    body = {k: v for k, v in BUILD.items() if k != "tests"}
+    assert ci.post("/builds", {**body, "number": "55", "status": "in_progress", "tests": {"passed": 3}}
+                   ).status_code == 201
+    assert ci.post("/builds", {**body, "number": "55", "status": "successful"}).status_code == 200
+    assert ci.get("/builds/MAC/55").json()["tests"] == {"passed": 3, "failed": 0, "skipped": 0}
+    assert ci.post("/builds", {**body, "number": "56"}).json()["tests"] == {"passed": 0, "failed": 0, "skipped": 0}
+
+
 def test_a_change_is_found_by_its_branch_builds_before_any_release(ci):
     assert ci.post("/builds", {**BUILD, "number": "7", "branch": "BIZPLAT-77/fix", "status": "in_progress"}
                    ).status_code == 201

@@ -103,6 +103,26 @@ def test_a_release_is_answered_as_registered_when_the_task_queue_is_down(tmp_pat
                      r"not take run_deployment", done.stderr, re.M), done.stderr
 
 
+def test_the_health_check_answers_over_plain_http_where_everything_else_redirects(tmp_path):
+    """Production settings redirect to HTTPS; a load balancer's plain-HTTP probe of the health check is
+    answered (its status only), any other path still redirected."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTAL_") and k != "DATABASE_URL"}
+    env.update(DJANGO_SETTINGS_MODULE="portal.settings", SECRET_KEY=secrets.token_urlsafe(64),
+               ALLOWED_HOSTS="portal.example.com", PORTAL_VAR_DIR=str(tmp_path))
+    script = (
+        "from django.test import Client\n"
+        "c = Client()\n"
+        "for path in ('/api/v1/health', '/api/v1/releases/MAC/1.0', '/admin/'):\n"
+        "    print(path, c.get(path, HTTP_HOST='portal.example.com').status_code)\n"
+    )
+    for command in (["migrate", "-v0"], ["shell", "-c", script]):
+        done = subprocess.run([sys.executable, "manage.py", *command], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+    assert [line for line in done.stdout.splitlines() if line.startswith("/")] == [
+        "/api/v1/health 200", "/api/v1/releases/MAC/1.0 301", "/admin/ 301"]
+
+
 def test_health_says_whether_the_database_answers_and_the_api_answers_503_json_without_it(tmp_path, client, db):
     """A load balancer probes /api/v1/health (no token). With the database gone (a port nothing listens
     on), the probe and every API call answer 503 UNAVAILABLE as JSON, not Django's HTML error page."""
