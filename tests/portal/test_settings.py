@@ -73,13 +73,22 @@ def test_the_portals_pages_have_no_inline_style_or_script(client, world, make_us
     assert 'class="output-log"' in html and 'src="/static/portal/live.js"' in html
 
 
+def manage(tmp_path, script: str, *, migrate: bool = True, **settings) -> subprocess.CompletedProcess:
+    """`manage.py shell -c script` in a portal of its own (migrated first unless told not to), with these
+    environment variables over the test run's own (none of its PORTAL_* or DATABASE_URL)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTAL_") and k != "DATABASE_URL"}
+    env.update(PORTAL_VAR_DIR=str(tmp_path), **settings)
+    for command in ([["migrate", "-v0"]] if migrate else []) + [["shell", "-c", script]]:
+        done = subprocess.run([sys.executable, "manage.py", *command], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
 def test_a_release_is_answered_as_registered_when_the_task_queue_is_down(tmp_path):
     """With the Redis broker unreachable, a release that deploys itself is still registered, its QA
     deployment is on record (the reaper hands its task over once the queue is back), and the caller is
     told so, not answered with an error for what committed."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTAL_") and k != "DATABASE_URL"}
-    env.update(PORTAL_DEMO="1", PORTAL_VAR_DIR=str(tmp_path), PORTAL_QUEUE_BROKER="redis",
-               REDIS_URL="redis://127.0.0.1:9/0")  # the discard port: nothing listens there
     script = (
         "from environments.models import Deployment, Environment\n"
         "from releases.services import build_register, release_register\n"
@@ -93,10 +102,8 @@ def test_a_release_is_answered_as_registered_when_the_task_queue_is_down(tmp_pat
         " artifact_url='file:///x.tar.gz', artifact_sha256='0' * 64, issue_keys=[], implementers=['a'])\n"
         "print('registered', created, [d.state for d in Deployment.objects.filter(release=release)])\n"
     )
-    for command in (["migrate", "-v0"], ["shell", "-c", script]):
-        done = subprocess.run([sys.executable, "manage.py", *command], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=120)
-        assert done.returncode == 0, done.stdout + done.stderr
+    done = manage(tmp_path, script, PORTAL_DEMO="1", PORTAL_QUEUE_BROKER="redis",
+                  REDIS_URL="redis://127.0.0.1:9/0")  # the discard port: nothing listens there
     assert "registered True ['running']" in done.stdout
     # one line per log record: time with its offset, level, logger, message
     assert re.search(r"^20\d\d-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} ERROR environments\.services: The task queue did "
@@ -106,19 +113,14 @@ def test_a_release_is_answered_as_registered_when_the_task_queue_is_down(tmp_pat
 def test_the_health_check_answers_over_plain_http_where_everything_else_redirects(tmp_path):
     """Production settings redirect to HTTPS; a load balancer's plain-HTTP probe of the health check is
     answered (its status only), any other path still redirected."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTAL_") and k != "DATABASE_URL"}
-    env.update(DJANGO_SETTINGS_MODULE="portal.settings", SECRET_KEY=secrets.token_urlsafe(64),
-               ALLOWED_HOSTS="portal.example.com", PORTAL_VAR_DIR=str(tmp_path))
     script = (
         "from django.test import Client\n"
         "c = Client()\n"
         "for path in ('/api/v1/health', '/api/v1/releases/MAC/1.0', '/admin/'):\n"
         "    print(path, c.get(path, HTTP_HOST='portal.example.com').status_code)\n"
     )
-    for command in (["migrate", "-v0"], ["shell", "-c", script]):
-        done = subprocess.run([sys.executable, "manage.py", *command], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=120)
-        assert done.returncode == 0, done.stdout + done.stderr
+    done = manage(tmp_path, script, DJANGO_SETTINGS_MODULE="portal.settings", SECRET_KEY=secrets.token_urlsafe(64),
+                  ALLOWED_HOSTS="portal.example.com")
     assert [line for line in done.stdout.splitlines() if line.startswith("/")] == [
         "/api/v1/health 200", "/api/v1/releases/MAC/1.0 301", "/admin/ 301"]
 
@@ -127,8 +129,6 @@ def test_health_says_whether_the_database_answers_and_the_api_answers_503_json_w
     """A load balancer probes /api/v1/health (no token). With the database gone (a port nothing listens
     on), the probe and every API call answer 503 UNAVAILABLE as JSON, not Django's HTML error page."""
     assert client.get("/api/v1/health").json() == {"status": "ok", "database": "ok"}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTAL_") and k != "DATABASE_URL"}
-    env.update(PORTAL_DEMO="1", PORTAL_VAR_DIR=str(tmp_path), DATABASE_URL="postgres://portal@127.0.0.1:9/portal")
     script = (
         "import json\n"
         "from django.test import Client\n"
@@ -138,9 +138,8 @@ def test_health_says_whether_the_database_answers_and_the_api_answers_503_json_w
         "    r = c.get(path, HTTP_HOST='localhost', **headers)\n"
         "    print(path, r.status_code, r['Content-Type'].split(';')[0], json.dumps(r.json(), sort_keys=True))\n"
     )
-    done = subprocess.run([sys.executable, "manage.py", "shell", "-c", script], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = manage(tmp_path, script, migrate=False, PORTAL_DEMO="1",
+                  DATABASE_URL="postgres://portal@127.0.0.1:9/portal")  # a port nothing listens on
     unavailable = ('503 application/json {"code": "UNAVAILABLE", "detail": "The portal\'s database does not answer: '
                    'try again shortly."}')
     assert [line for line in done.stdout.splitlines() if line.startswith("/api/")] == [
