@@ -260,12 +260,15 @@ def check_finished_build_unchanged(build: Build, changed: dict) -> Refusal | Non
 
 
 def check_release_registration(application, version: str, build_number: str, build: Build | None,
-                               existing: Release | None, digest: str) -> Refusal | None:
-    """A version names one artifact, cut from a known, successful build (rule 2)."""
+                               existing: Release | None, digest: str, differs: tuple[str, ...] = ()
+                               ) -> Refusal | None:
+    """A version names one artifact, cut from a known, successful build (rule 2). `differs`: the fields in
+    which a registration of a version registered already differs from the first one, where known."""
     if existing is not None and existing.registration_digest != digest:
         return conflict(
             "RELEASE_CONFLICT",
-            f"{application} {version} is already registered with other content; a version names one artifact only.",
+            f"{application} {version} is already registered with other content; a version names one artifact only"
+            + (f" (this registration differs in {', '.join(differs)})." if differs else "."),
         )
     if existing is None and build is None:
         return Refusal("UNKNOWN_BUILD", f"{application} has no build {build_number!r}; register the build first.", 422)

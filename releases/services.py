@@ -13,6 +13,7 @@ from django.utils.dateparse import parse_datetime
 
 from audit import chain
 from audit.actors import Actor
+from audit.models import AuditEvent
 from audit.services import refused
 from core import events
 from core.compiled import CompiledRead, model_fields, together
@@ -147,8 +148,9 @@ def release_register(
         payload["application"] = app.name
         digest = _registration_digest(payload)
         the_build, existing = _first(reads[1].instances(Build)), _first(reads[2].instances(Release))
+        differs = () if existing is None or existing.registration_digest == digest else _differs(existing, payload)
         refusal = policy.check_may_register(actor, app, "releases.add_release") or policy.check_release_registration(
-            app, version, build, the_build, existing, digest
+            app, version, build, the_build, existing, digest, differs
         )
         if refusal is None and existing is not None:
             existing.application = app
@@ -176,6 +178,21 @@ def release_register(
             events.publish(events.RELEASE_REGISTERED, release=release)
             return release, True
     raise error
+
+
+def _differs(existing: Release, payload: dict) -> tuple[str, ...]:
+    """The fields in which a registration differs from the release's first one, as its audit event holds
+    it (a conflict is rare: one read then)."""
+    first = AuditEvent.objects.filter(action="release.register", object_type="releases.release",
+                                      object_id=str(existing.pk)).values_list("data", flat=True).first() or {}
+
+    def flat(data: dict) -> dict:
+        pr = data.get("pull_request") or {}
+        return {**{k: v for k, v in data.items() if k != "pull_request"}, "pull_request": bool(pr),
+                **{f"pull_request.{k}": v for k, v in pr.items()}}
+
+    before, now = flat(first), flat(payload)
+    return tuple(sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k)))
 
 
 APPLICATION_FIELDS = ("name", "issue_key_prefix", "issue_url_pattern", "description")

@@ -92,7 +92,15 @@ def test_release_registration_repeat_and_conflict(world):
     with pytest.raises(PolicyRefusal) as info:
         services.release_register(**{**kwargs, "artifact_sha256": "0" * 64})
     assert (info.value.refusal.code, info.value.refusal.status) == ("RELEASE_CONFLICT", 409)
+    assert info.value.refusal.detail == ("MAC 2.0.0 is already registered with other content; a version names one "
+                                         "artifact only (this registration differs in artifact_sha256).")
     assert Release.objects.get(pk=release.pk).artifact_sha256 == release.artifact_sha256
+    with pytest.raises(PolicyRefusal) as info:
+        services.release_register(**{**kwargs, "issue_keys": ["BIZPLAT-2"], "pull_request": services.PullRequest(
+            "https://vcs/pr/9", "alice")})
+    assert info.value.refusal.detail.endswith(
+        "(this registration differs in issue_keys, pull_request, pull_request.author, pull_request.reviewers, "
+        "pull_request.url).")
 
 
 def test_unknown_build_is_refused(world):
