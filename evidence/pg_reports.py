@@ -56,6 +56,7 @@ def changes_sql(period: Period) -> tuple[str, list]:
         "(CASE WHEN d.emergency THEN 'true' ELSE 'false' END)", s("d.emergency_reason"), s("rv.username"),
         t("d.reviewed_at"), "d.promoted_from_id", t("pf.finished_at"), t("d.started_at"), t("d.finished_at"),
         s("d.state"), _json_list("d.sod_checks"), f"(SELECT min(ev.seq) {events})", f"(SELECT max(ev.seq) {events})",
+        s("d.result_detail"), s("d.review_comment"),
     ]
     select = ", ".join(f'{c} AS "{name}"' for c, name in zip(columns, CHANGES_COLUMNS, strict=True))
     sql = (

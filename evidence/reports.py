@@ -106,7 +106,7 @@ def _changes_queryset(period: Period):
         "release__pull_request_reviewers", "playbook_commit", "requested_by_label", "requested_at", "approver_list",
         "last_approved_at", "required_approvals", "emergency", "emergency_reason", "reviewed_by__username",
         "reviewed_at", "promoted_from_id", "promoted_from__finished_at", "started_at", "finished_at", "state",
-        "sod_checks", "audit_first", "audit_last",
+        "sod_checks", "audit_first", "audit_last", "result_detail", "review_comment",
     )
 
 

@@ -101,6 +101,11 @@ def test_changes_is_the_population_of_restricted_attempts(world, history):
     assert results[history["rejected"].pk] == "rejected" and results[history["cancelled"].pk] == "cancelled"
     emergency = next(r for r in rows if int(r["deployment_id"]) == history["unreviewed"].pk)
     assert emergency["emergency"] == "true" and emergency["emergency_reason"].startswith("'=HYPERLINK")
+    # who decided an attempt that did not go ahead, and why; what the reviewer of an emergency wrote
+    details = {int(r["deployment_id"]): (r["result_detail"], r["review_comment"]) for r in rows}
+    assert details[history["rejected"].pk] == ("Rejected by carol: wrong ticket", "")
+    assert details[history["cancelled"].pk] == ("Cancelled by bob", "")
+    assert details[history["reviewed"].pk][1] == "fine"
 
 
 def test_csv_is_rfc4180_and_formula_safe(world, history):
