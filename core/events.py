@@ -1,6 +1,6 @@
 """One small dispatcher between layers that must not import each other.
 
-A lower service publishes what happened ("release.registered"); the app that acts on it subscribes
+A lower service publishes what happens ("release.registering"); the app that acts on it subscribes
 once, when Django starts (its AppConfig.ready). Subscribers run synchronously, in the publisher's
 transaction, in the order they subscribed: a release's automatic deployments are requested in the
 same transaction that registers it. Only explicit, named events; no model signals.
@@ -11,11 +11,10 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 
-# Published in the registration's transaction before its audit event ("registering": a subscriber
-# locks what it will change once the release is registered, since the chain's lock comes after every
-# row lock) and after it ("registered": a subscriber acts).
+# Published in the registration's transaction before its audit event: a subscriber locks what it will
+# change once the release is registered (the chain's lock comes after every row lock) and returns what
+# to do then, which the registration runs after its audit event.
 RELEASE_REGISTERING = "release.registering"
-RELEASE_REGISTERED = "release.registered"
 
 _subscribers: dict[str, list[Callable]] = defaultdict(list)
 
@@ -25,6 +24,8 @@ def subscribe(event: str, handler: Callable) -> None:
         _subscribers[event].append(handler)
 
 
-def publish(event: str, **payload) -> None:
-    for handler in _subscribers[event]:
-        handler(**payload)
+def publish(event: str, **payload) -> list[Callable[[], object]]:
+    """Run the event's subscribers; returns what they asked to run once the publisher has written its audit
+    event (in their order)."""
+    then = [handler(**payload) for handler in _subscribers[event]]
+    return [step for step in then if step is not None]

@@ -131,7 +131,7 @@ class Invalid(Error):
 
 class BearerToken(HttpBearer):
     def authenticate(self, request: HttpRequest, token: str) -> Bearer | None:
-        lookup = token_lookup(token)
+        lookup = token_lookup(token.strip())  # `Bearer  <token>`: more than one space after the scheme
         return None if lookup is None else Bearer(lookup, remote_addr=request.META.get("REMOTE_ADDR", ""))
 
 

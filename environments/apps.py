@@ -21,8 +21,6 @@ class EnvironmentsConfig(AppConfig):
         from core import events
         from environments import services
 
-        # A new release goes on to the auto-deploy environments that start its promotion path (locked
-        # before the registration's audit event: see services.lock_auto_deploy_targets).
-        events.subscribe(events.RELEASE_REGISTERING, services.lock_auto_deploy_targets)
-        events.subscribe(events.RELEASE_REGISTERED, services.auto_deploy_next)
+        # A new release goes on to the auto-deploy environments that start its promotion path.
+        events.subscribe(events.RELEASE_REGISTERING, services.release_registering)
         post_spawn.connect(load_tasks, dispatch_uid="environments.load_tasks")

@@ -263,12 +263,13 @@ def check_release_registration(application, version: str, build_number: str, bui
                                existing: Release | None, digest: str, differs: tuple[str, ...] = ()
                                ) -> Refusal | None:
     """A version names one artifact, cut from a known, successful build (rule 2). `differs`: the fields in
-    which a registration of a version registered already differs from the first one, where known."""
-    if existing is not None and existing.registration_digest != digest:
+    which a registration of a version registered already, written otherwise (`digest`), differs from the
+    first one; none: the same registration written another way (a time in another time zone)."""
+    if existing is not None and existing.registration_digest != digest and differs:
         return conflict(
             "RELEASE_CONFLICT",
             f"{application} {version} is already registered with other content; a version names one artifact only"
-            + (f" (this registration differs in {', '.join(differs)})." if differs else "."),
+            + f" (this registration differs in {', '.join(differs)}).",
         )
     if existing is None and build is None:
         return Refusal("UNKNOWN_BUILD", f"{application} has no build {build_number!r}; register the build first.", 422)

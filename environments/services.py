@@ -11,6 +11,8 @@ import datetime as dt
 import logging
 import os
 import socket
+from collections.abc import Callable
+from functools import partial
 
 from django.conf import settings
 from django.contrib.auth.models import Group
@@ -341,6 +343,12 @@ def lock_auto_deploy_targets(*, release: Release, after: Environment | None = No
     if after is None:
         return _FIRST_AUTO_DEPLOY_TARGETS.instances(Environment, release.application_id)
     return _NEXT_AUTO_DEPLOY_TARGETS.instances(Environment, release.application_id, after.pk)
+
+
+def release_registering(*, release: Release) -> Callable[[], None]:
+    """A new release goes on to the auto-deploy environments that start its promotion path: locked now,
+    before the registration's audit event (see lock_auto_deploy_targets), deployed to once it is written."""
+    return partial(auto_deploy_next, release=release, targets=lock_auto_deploy_targets(release=release))
 
 
 def auto_deploy_next(*, release: Release, after: Environment | None = None,

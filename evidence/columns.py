@@ -25,7 +25,7 @@ CHANGES_COLUMNS = [
     "playbook_commit", "requested_by", "requested_at", "approvers", "approved_at", "required_approvals",
     "emergency", "emergency_reason", "reviewed_by", "reviewed_at", "promoted_from_deployment_id",
     "promoted_from_finished_at", "started_at", "finished_at", "result", "sod_checks", "audit_seq_first",
-    "audit_seq_last", "result_detail", "review_comment",
+    "audit_seq_last", "result_detail", "review_comment", "replaced_version", "rollback",
 ]
 
 AUDIT_COLUMNS = ["seq", "created_at", "actor_id", "actor_username", "actor_email", "via", "action", "object_type",

@@ -56,7 +56,8 @@ def changes_sql(period: Period) -> tuple[str, list]:
         "(CASE WHEN d.emergency THEN 'true' ELSE 'false' END)", s("d.emergency_reason"), s("rv.username"),
         t("d.reviewed_at"), "d.promoted_from_id", t("pf.finished_at"), t("d.started_at"), t("d.finished_at"),
         s("d.state"), _json_list("d.sod_checks"), f"(SELECT min(ev.seq) {events})", f"(SELECT max(ev.seq) {events})",
-        s("d.result_detail"), s("d.review_comment"),
+        s("d.result_detail"), s("d.review_comment"), s("rep.version"),
+        "(CASE WHEN rep.id > r.id THEN 'true' ELSE 'false' END)",
     ]
     select = ", ".join(f'{c} AS "{name}"' for c, name in zip(columns, CHANGES_COLUMNS, strict=True))
     sql = (
@@ -67,6 +68,11 @@ def changes_sql(period: Period) -> tuple[str, list]:
         " JOIN releases_build b ON b.id = r.build_id"
         " LEFT JOIN auth_user rv ON rv.id = d.reviewed_by_id"
         " LEFT JOIN environments_deployment pf ON pf.id = d.promoted_from_id"
+        # what ran in the environment when the attempt started: the last success there before it
+        " LEFT JOIN LATERAL (SELECT pr.id, pr.version FROM environments_deployment p"
+        " JOIN releases_release pr ON pr.id = p.release_id WHERE p.environment_id = d.environment_id"
+        " AND p.state = 'succeeded' AND p.finished_at < d.started_at"
+        " ORDER BY p.finished_at DESC, p.id DESC LIMIT 1) rep ON true"
         " WHERE e.restricted AND d.requested_at >= %s AND d.requested_at < %s"
     )
     params: list = [period.since, period.until]

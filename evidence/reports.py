@@ -83,6 +83,10 @@ def _per_release(model, field_name):
 
 def _changes_queryset(period: Period):
     approvals = Approval.objects.filter(deployment=OuterRef("pk"), decision=Approval.Decision.APPROVE).order_by()
+    # what ran in the environment when the attempt started: the last success there before it
+    replaced = Deployment.objects.filter(
+        environment=OuterRef("environment"), state=Deployment.State.SUCCEEDED, finished_at__lt=OuterRef("started_at")
+    ).order_by("-finished_at", "-id")
     events = AuditEvent.objects.filter(
         object_type="environments.deployment", object_id=Cast(OuterRef("pk"), CharField())
     ).order_by().values("object_type")
@@ -99,6 +103,8 @@ def _changes_queryset(period: Period):
         last_approved_at=Subquery(approvals.values("deployment").annotate(v=Max("decided_at")).values("v")[:1]),
         audit_first=Subquery(events.annotate(v=Min("seq")).values("v")[:1]),
         audit_last=Subquery(events.annotate(v=Max("seq")).values("v")[:1]),
+        replaced_version=Subquery(replaced.values("release__version")[:1]),
+        replaced_release=Subquery(replaced.values("release_id")[:1]),
     ).values_list(
         "pk", "release__application__name", "environment__name", "release__version", "release__artifact_sha256",
         "release__build__number", "release__build__url", "release__build__tests_passed",
@@ -106,15 +112,17 @@ def _changes_queryset(period: Period):
         "release__pull_request_reviewers", "playbook_commit", "requested_by_label", "requested_at", "approver_list",
         "last_approved_at", "required_approvals", "emergency", "emergency_reason", "reviewed_by__username",
         "reviewed_at", "promoted_from_id", "promoted_from__finished_at", "started_at", "finished_at", "state",
-        "sod_checks", "audit_first", "audit_last", "result_detail", "review_comment",
+        "sod_checks", "audit_first", "audit_last", "result_detail", "review_comment", "replaced_version",
+        "replaced_release", "release_id",
     )
 
 
 def changes_rows(period: Period) -> Iterator[tuple]:
     for row in _changes_queryset(period).iterator(chunk_size=ITERATOR_CHUNK):
-        row = list(row)
+        *row, replaced_release, release_id = row
         row[9], row[10], row[16] = _sorted_list(row[9]), _sorted_list(row[10]), _sorted_list(row[16])
-        yield row
+        # a rollback: the attempt took the environment back to a release older than the one it ran
+        yield [*row, replaced_release is not None and replaced_release > release_id]
 
 
 # --- exceptions ------------------------------------------------------------------------------------
@@ -123,6 +131,13 @@ EXCEPTIONS_COLUMNS = [
     "kind", "status", "time", "deployment_id", "application", "environment", "version", "actor", "rule",
     "detail", "audit_seq",
 ]
+def _about(d: Deployment | None) -> tuple:
+    """An exception's time, deployment_id, application, environment and version cells (blank: none)."""
+    if d is None:
+        return "", "", "", "", ""
+    return d.requested_at, d.pk, d.release.application.name, d.environment.name, d.release.version
+
+
 def _sod_missing(deployment: Deployment) -> set[str]:
     """Separation-of-duties checks a restricted deployment that went ahead should carry (the policy's list)."""
     required = policy.required_sod_checks(restricted=True, emergency=deployment.emergency,
@@ -159,8 +174,7 @@ def exceptions_rows(period: Period) -> Iterator[tuple]:
             age = (timezone.now() - d.requested_at).days
             status = f"UNREVIEWED, {age} days old" + (" (OVERDUE)" if policy.review_overdue(d.requested_at) else "")
         went_past = f" (it went past {skipped[str(d.pk)]})" if str(d.pk) in skipped else ""
-        yield ("emergency", status, d.requested_at, d.pk, d.release.application.name, d.environment.name,
-               d.release.version, d.requested_by_label, "EMERGENCY", d.emergency_reason + went_past, "")
+        yield ("emergency", status, *_about(d), d.requested_by_label, "EMERGENCY", d.emergency_reason + went_past, "")
 
     in_period = events = AuditEvent.objects.filter(created_at__gte=period.since, created_at__lt=period.until)
     if period.application:
@@ -192,17 +206,14 @@ def exceptions_rows(period: Period) -> Iterator[tuple]:
     for d in went_ahead.iterator(chunk_size=ITERATOR_CHUNK):
         missing = _sod_missing(d)
         if missing:
-            yield ("sod_incomplete", "EXCEPTION", d.requested_at, d.pk, d.release.application.name,
-                   d.environment.name, d.release.version, d.requested_by_label, "SEPARATION_OF_DUTIES",
+            yield ("sod_incomplete", "EXCEPTION", *_about(d), d.requested_by_label, "SEPARATION_OF_DUTIES",
                    "missing checks: " + ";".join(sorted(missing)), "")
 
     # The tables these rows come from, read again against the audit chain: a row changed outside the
     # portal (by SQL) shows here (evidence.reconcile).
     for m in reconcile.mismatches(period):
-        d = m.deployment
-        yield ("evidence_mismatch", "EXCEPTION", d.requested_at if d else "", d.pk if d else "",
-               d.release.application.name if d else "", d.environment.name if d else "",
-               d.release.version if d else "", "", "TABLE_DIFFERS_FROM_AUDIT_CHAIN", m.sentence(), "")
+        yield ("evidence_mismatch", "EXCEPTION", *_about(m.deployment), "", "TABLE_DIFFERS_FROM_AUDIT_CHAIN",
+               m.sentence(), "")
 
 
 # --- access ----------------------------------------------------------------------------------------

@@ -8,7 +8,19 @@ from ninja import Field, Router, Status
 from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints
 
 from core.decisions import PolicyRefusal
-from edge.api import REFUSALS, ApplicationName, DateTime, Identity, Name, Text, actor_of, example, matching, readable
+from edge.api import (
+    REFUSALS,
+    SPACE,
+    ApplicationName,
+    DateTime,
+    Identity,
+    Name,
+    Text,
+    actor_of,
+    example,
+    matching,
+    readable,
+)
 from environments import policy
 from releases import selectors, services
 from releases.models import ISSUE_KEY_MAX, ISSUE_KEY_PATTERN
@@ -16,11 +28,14 @@ from releases.models import ISSUE_KEY_MAX, ISSUE_KEY_PATTERN
 router = Router(tags=["builds and releases"])
 
 NonNegative = Annotated[int, Field(ge=0, le=2_147_483_647)]
+# An issue key as sent: whitespace around it (a key pasted with a trailing space) is stripped.
+ISSUE_KEY_AS_SENT = rf"^[{SPACE}]*{ISSUE_KEY_PATTERN[1:-1]}[{SPACE}]*$"
 IssueKey = Annotated[
-    str, StringConstraints(max_length=ISSUE_KEY_MAX), matching(ISSUE_KEY_PATTERN, "must look like PROJECT-123"),
-    AfterValidator(str.upper),
-    Field(description="A change ticket, PROJECT-123 (ASCII letters, digits, underscore); stored upper-case.",
-          json_schema_extra={"pattern": ISSUE_KEY_PATTERN}),
+    str, StringConstraints(max_length=ISSUE_KEY_MAX), matching(ISSUE_KEY_AS_SENT, "must look like PROJECT-123"),
+    AfterValidator(lambda key: key.strip().upper()),
+    Field(description="A change ticket, PROJECT-123 (ASCII letters, digits, underscore); stored upper-case, "
+                      "whitespace around it stripped.",
+          json_schema_extra={"pattern": ISSUE_KEY_AS_SENT}),
 ]
 
 

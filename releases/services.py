@@ -173,26 +173,30 @@ def release_register(
             Implementer.objects.bulk_create(
                 Implementer(release=release, identity=i, user_id=users.get(i)) for i in identities
             )
-            events.publish(events.RELEASE_REGISTERING, release=release)
+            then = events.publish(events.RELEASE_REGISTERING, release=release)
             chain.append(actor=actor, action="release.register", obj=release, data=payload)
-            events.publish(events.RELEASE_REGISTERED, release=release)
+            for step in then:
+                step()
             return release, True
     raise error
 
 
 def _differs(existing: Release, payload: dict) -> tuple[str, ...]:
     """The fields in which a registration differs from the release's first one, as its audit event holds
-    it (a conflict is rare: one read then)."""
+    it (a conflict is rare: one read then); none when only the way it was written differs (the approval's
+    time in another time zone)."""
     first = AuditEvent.objects.filter(action="release.register", object_type="releases.release",
                                       object_id=str(existing.pk)).values_list("data", flat=True).first() or {}
 
     def flat(data: dict) -> dict:
         pr = data.get("pull_request") or {}
+        approved_at = parse_datetime(pr["approved_at"]) if pr.get("approved_at") else None
         return {**{k: v for k, v in data.items() if k != "pull_request"}, "pull_request": bool(pr),
-                **{f"pull_request.{k}": v for k, v in pr.items()}}
+                **{f"pull_request.{k}": v for k, v in pr.items()}, "pull_request.approved_at": approved_at}
 
     before, now = flat(first), flat(payload)
-    return tuple(sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k)))
+    # The event also holds who sent it (token, address): only what a registration says counts.
+    return tuple(sorted(k for k in now.keys() if before.get(k) != now.get(k)))
 
 
 APPLICATION_FIELDS = ("name", "issue_key_prefix", "issue_url_pattern", "description")

@@ -432,6 +432,20 @@ def test_auditor_script_catches_a_truncated_tail(world, history, tmp_path, key_f
     assert code == 1 and "cut short" in out, out  # ... not with one
 
 
+def test_changes_name_what_each_attempt_replaced_and_mark_a_rollback(world, history):
+    """A person took production back to the first release after a later one ran there."""
+    back = world.deploy(history["release"], world.production, actor=person(world.bob))
+    for fast in (True, False):  # the fast path is PostgreSQL's COPY; elsewhere both are the same one
+        data = b"".join(Export("changes", whole_year(), SYSTEM, fast=fast).chunks())
+        rows = {int(r["deployment_id"]): r for r in csv.DictReader(io.StringIO(data.decode()))}
+        seen = {k: (rows[history[k].pk]["replaced_version"], rows[history[k].pk]["rollback"])
+                for k in ("done", "rejected", "reviewed")}
+        assert seen == {"done": ("", "false"), "rejected": ("", "false"),  # the first; one that never started
+                        "reviewed": (history["release"].version, "false")}, fast
+        assert (rows[back.pk]["replaced_version"], rows[back.pk]["rollback"]) == (
+            history["reviewed"].release.version, "true"), fast
+
+
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="the fast path exists on PostgreSQL")
 def test_postgres_fast_changes_export_gives_the_same_bytes(world, history):
     fast, slow = Export("changes", whole_year(), SYSTEM), Export("changes", whole_year(), SYSTEM, fast=False)

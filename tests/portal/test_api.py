@@ -433,6 +433,30 @@ def test_pull_request_dates_inside_the_range_keep_their_instant(ci):
     assert ci.get("/releases/MAC/3.1.0").json()["pull_request"]["approved_at"] == "1999-12-31T23:30:00.000000Z"
 
 
+
+def test_a_retry_writing_the_approval_time_in_another_time_zone_is_the_same_registration(ci):
+    register(ci)
+    retried = {**RELEASE["pull_request"], "approved_at": "2026-11-29T11:00:00+01:00"}  # 10:00Z, as registered
+    assert ci.post("/releases", {**RELEASE, "pull_request": retried}).status_code == 200
+    later = {**RELEASE["pull_request"], "approved_at": "2026-11-29T11:00:00Z"}
+    conflict = ci.post("/releases", {**RELEASE, "pull_request": later})
+    assert conflict.status_code == 409 and "differs in pull_request.approved_at" in conflict.json()["detail"]
+
+
+def test_issue_keys_are_stripped_of_whitespace_around_them(ci):
+    ci.post("/builds", BUILD)
+    keys = [" bizplat-7 ", "BIZPLAT-8\t", "BIZPLAT-7"]
+    assert ci.post("/releases", {**RELEASE, "issue_keys": keys}).status_code == 201
+    assert ci.get("/releases/MAC/3.1.0").json()["issue_keys"] == ["BIZPLAT-7", "BIZPLAT-8"]
+    invalid_field(ci.post("/releases", {**RELEASE, "version": "3.1.1", "issue_keys": ["BIZPLAT 7"]}), "issue_keys.0")
+
+
+def test_more_than_one_space_after_the_bearer_scheme(world, client, ci):
+    """RFC 7235 allows one or more spaces between the scheme and the credentials."""
+    response = client.get("/api/v1/builds/MAC/1", HTTP_AUTHORIZATION=f"Bearer   {ci.token}")
+    assert response.status_code == 404 and response.json()["code"] == "NOT_FOUND"
+
+
 @pytest.mark.parametrize(("patch", "field"), [
     ({"issue_keys": ["ß" * 30 + "-1"]}, "issue_keys.0"),
     ({"issue_keys": ["BİZPLAT-1"]}, "issue_keys.0"),
