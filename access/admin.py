@@ -15,6 +15,7 @@ from access.models import ApiToken
 from access.services import (
     group_delete,
     group_permissions_change,
+    group_rename,
     token_revoke,
     user_delete,
     user_permissions_change,
@@ -200,6 +201,12 @@ admin.site.register(User, PortalUserAdmin)
 class PortalGroupAdmin(OutcomeAdmin, GroupAdmin):
     """A group's permissions go through group_permissions_change: audited, and nobody gives a group they
     belong to more rights. Deleting one says who lost what (group_delete)."""
+
+    def save_model(self, request, obj, form, change):
+        if change and "name" in form.changed_data:
+            group_rename(actor=admin_actor(request), group=obj, name=obj.name)
+        else:
+            super().save_model(request, obj, form, change)
 
     def delete_model(self, request, obj):
         group_delete(actor=admin_actor(request), group=obj)

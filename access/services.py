@@ -254,6 +254,19 @@ def group_permissions_change(*, actor: Actor, group: Group, permissions) -> None
     raise error
 
 
+def group_rename(*, actor: Actor, group: Group, name: str) -> None:
+    """Rename a group. Its grants' and memberships' audit events name it as it was called then: the
+    rename links the two names (see evidence.reconcile)."""
+    with transaction.atomic():
+        locked = Group.objects.select_for_update().get(pk=group.pk)
+        if locked.name == name:
+            return
+        chain.append(actor=actor, action="group.rename", obj=locked,
+                     data={"group": name, "from": locked.name, "to": name})
+        locked.name = group.name = name
+        locked.save(update_fields=["name"])
+
+
 def group_delete(*, actor: Actor, group: Group) -> None:
     """Delete a group; the event says who lost what with it (its members, its model permissions and its
     grants on environments), which the group's name alone would not tell an auditor."""

@@ -5,9 +5,10 @@ The changes, exceptions and access reports and the admin's pages are read from t
 each service writes an audit event in the same transaction; someone who writes the database directly
 changes the tables and not the chain (which verify_audit proves). This module says where the two
 disagree, for the restricted deployments of a period (who requested it, emergency or not and why, who
-approved and who rejected it, who reviewed an emergency, the state it is in) and for the VCS aliases
-separation of duties matches implementers by. People are compared by their user id, which a rename
-does not change.
+approved and who rejected it, who reviewed an emergency, the state it is in), for the VCS aliases
+separation of duties matches implementers by, and for who may deploy to or approve for a restricted
+environment now (the grants, and the members of the groups that hold them). People are compared by
+their user id, which a rename does not change, or by every name the chain knows them by.
 """
 
 from __future__ import annotations
@@ -16,9 +17,13 @@ from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
+
 from audit.models import AuditEvent
 from core.times import iso
-from environments.models import Approval, Deployment
+from environments import policy
+from environments.models import Approval, Deployment, Environment
 from evidence.columns import Period
 from releases.models import VcsAlias
 
@@ -146,6 +151,83 @@ def aliases() -> Iterator[Mismatch]:
         )
 
 
+def _names(model, pks: set[int], action: str, renamed) -> dict[int, set[str]]:
+    """Every name the chain knows each user or group by: the one it has now and those its renames
+    (`action` events, `renamed(data)` -> (from, to) or None) gave it."""
+    names = defaultdict(set)
+    for pk, name in model.objects.filter(pk__in=pks).values_list("pk", "name" if model is Group else "username"):
+        names[pk].add(name)
+    for e in AuditEvent.objects.filter(action=action, object_id__in=[str(pk) for pk in pks]).only("object_id", "data"):
+        if (change := renamed(e.data or {})) is not None:
+            names[int(e.object_id)].update(change)
+    return names
+
+
+def _latest(events, key) -> dict:
+    latest = {}
+    for e in events.only("seq", "action", "object_id", "data").order_by("seq"):
+        latest[key(e)] = e
+    return latest
+
+
+def _ended(event: AuditEvent | None, gave: str, never: str) -> str | None:
+    """What the chain says of a right the table holds: None (the latest event gave it), or why not."""
+    if event is None:
+        return never
+    return None if event.action == gave else f"{event.action} at seq {event.seq}"
+
+
+def rights(period: Period) -> Iterator[Mismatch]:
+    """Each right to deploy to or approve for a restricted environment held now (directly or through a
+    group) against the chain: the latest event about that grant gave it (environment.grant, not a revoke,
+    nor the deletion of a group of that name since), and the latest about a holding group's member added
+    them (group.add_member)."""
+    environments = Environment.objects.filter(restricted=True).select_related("application").order_by("id")
+    if period.application:
+        environments = environments.filter(application__name=period.application)
+    held = []  # (environment, codename, user, group or None)
+    for env in environments:
+        by_group, direct = policy.grants_on(env)
+        for gp in by_group.select_related("group", "permission").order_by("id"):
+            held += [(env, gp.permission.codename, user, gp.group) for user in gp.group.user_set.order_by("id")]
+        held += [(env, up.permission.codename, up.user, None) for up in direct.select_related("user", "permission")
+                 .order_by("id")]
+    if not held:
+        return
+    users = _names(get_user_model(), {u.pk for _, _, u, _ in held}, "user.change",
+                   lambda d: (d["changed"]["username"]["from"], d["changed"]["username"]["to"])
+                   if "username" in d.get("changed", {}) else None)
+    groups = _names(Group, {g.pk for _, _, _, g in held if g}, "group.rename", lambda d: (d["from"], d["to"]))
+    grants = _latest(AuditEvent.objects.filter(action__in=("environment.grant", "environment.revoke"),
+                                               object_id__in={str(env.pk) for env, _, _, _ in held}),
+                     lambda e: (int(e.object_id), e.data.get("permission"), e.data.get("group"), e.data.get("user")))
+    # a group's grants end with its deletion: keyed by its name, as the grants name it
+    grants.update(_latest(AuditEvent.objects.filter(action="group.delete"), lambda e: e.data.get("group")))
+    memberships = _latest(AuditEvent.objects.filter(action__in=("group.add_member", "group.remove_member"),
+                                                    object_id__in={str(g.pk) for _, _, _, g in held if g}),
+                          lambda e: (int(e.object_id), e.data.get("user")))
+    seen = set()
+    for env, codename, user, group in held:
+        names = sorted(users[user.pk])
+        if group is None:
+            keys = [(env.pk, codename, None, name) for name in names]
+        else:
+            keys = [(env.pk, codename, name, None) for name in sorted(groups[group.pk])]
+            keys += [name for name in sorted(groups[group.pk])]  # a deletion of a group of that name
+        latest = max((e for e in (grants.get(k) for k in keys) if e is not None),
+                     key=lambda e: e.seq, default=None)
+        through = f" through group {group.name}" if group else ""
+        if why := _ended(latest, "environment.grant", "never granted"):
+            yield Mismatch(f"{codename} on {env}", f"the right of {user.get_username()}{through}", "held", why)
+        if group is not None and (group.pk, user.pk) not in seen:
+            seen.add((group.pk, user.pk))
+            latest = max((e for e in (memberships.get((group.pk, n)) for n in names) if e is not None),
+                         key=lambda e: e.seq, default=None)
+            if why := _ended(latest, "group.add_member", "never added"):
+                yield Mismatch(f"group {group.name}", f"the membership of {user.get_username()}", "member", why)
+
+
 def mismatches(period: Period) -> Iterator[Mismatch]:
     yield from deployments(period)
     yield from aliases()
+    yield from rights(period)

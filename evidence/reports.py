@@ -222,7 +222,7 @@ ACCESS_COLUMNS = ["application", "environment", "username", "email", "permission
                   "conflict", "conflict_releases", "changed_by", "change"]
 ACCOUNT_ACTIONS = ("user.create", "user.change", "user.set_password", "user.permissions")
 # What changes the rights of a group's members (the row names the group; its members hold what it holds).
-GROUP_ACTIONS = ("group.add_member", "group.remove_member", "group.permissions", "group.delete")
+GROUP_ACTIONS = ("group.add_member", "group.remove_member", "group.permissions", "group.rename", "group.delete")
 # What identifies a person (separation of duties matches implementers by user name and e-mail) and
 # what lets them in.
 ACCOUNT_FIELDS = ("is_active", "is_staff", "is_superuser", "username", "email")
@@ -297,6 +297,8 @@ def _account_changes(event: AuditEvent) -> Iterator[tuple[str, str, bool]]:
         parts = [f"{label}: {', '.join(data[key])}" for key, label in (("added", "added"), ("removed", "removed"))
                  if data.get(key)]
         yield "group_permissions", "; ".join(parts), False
+    elif event.action == "group.rename":
+        yield "group", f"renamed from {data.get('from')} to {data.get('to')}", False
     elif event.action == "group.delete":
         lost = [f"{label}: {', '.join(data.get(key) or []) or 'none'}" for key, label in (
             ("members", "members"), ("permissions", "permissions"), ("environment_grants", "environment grants"))]

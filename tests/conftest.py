@@ -53,8 +53,8 @@ def make_user(db):
             username, email=email if email is not None else f"{username}@example.com", password=username,
             is_staff=staff, is_superuser=superuser,
         )
-        for group in groups:
-            user.groups.add(group)
+        for group in groups:  # through the portal, as an administrator would: on the audit chain
+            env_services.group_membership_change(actor=SYSTEM, group=group, user=user, add=True)
         for dotted in perms:
             app_label, codename = dotted.split(".")
             user.user_permissions.add(Permission.objects.get(content_type__app_label=app_label, codename=codename))

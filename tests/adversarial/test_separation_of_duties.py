@@ -235,6 +235,11 @@ def test_a_group_admin_gives_their_own_group_no_more_rights_and_joins_no_group(c
     assert list(auditors.permissions.all()) == [grant]
     event = AuditEvent.objects.filter(action="group.permissions", actor_username="root").get()
     assert event.data["added"] == ["environments.change_environment"] and event.data["removed"] == []
+    # a rename is on the chain too: the grants' and memberships' events name the group as it was called
+    client.post(reverse("admin:auth_group_change", args=[auditors.pk]), {"name": "audit", "permissions": [grant.pk]})
+    renamed = AuditEvent.objects.get(action="group.rename")
+    assert (renamed.actor_username, renamed.data["from"], renamed.data["to"]) == ("root", "auditors", "audit")
+    assert Group.objects.get(pk=auditors.pk).name == "audit"
     assert chain.verify().ok
 
 

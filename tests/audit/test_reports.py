@@ -154,12 +154,16 @@ def test_access_shows_who_can_deploy_since_when_and_conflicts(world, history, ma
     assert set(table) == {(u, p) for u in ("bob", "carol", "dave", "erin")
                           for p in ("approve_environment", "deploy_environment")}
     joined = [r for r in rows if not r["environment"] and r["permission"] == "group"]
-    assert [(r["username"], r["change"]) for r in joined] == [("dave", "added to mac-releasers")]
+    assert [(r["username"], r["change"]) for r in joined] == [
+        (u, "added to mac-releasers") for u in ("bob", "carol", "erin", "dave")]  # the world's people, then dave
     assert table[("bob", "deploy_environment")]["via"] == "group mac-releasers"
     dave = table[("dave", "approve_environment")]
     added = AuditEvent.objects.get(action="group.add_member", data__user="dave")
     assert int(dave["since_audit_seq"]) == added.seq and dave["since"] == iso(added.created_at)
-    assert table[("bob", "deploy_environment")]["since"] == ""  # joined outside the services: unknown
+    world.releasers.user_set.add(world.alice)  # joined outside the services: since when is unknown
+    table = {(r["username"], r["permission"]): r for r in export("access")[2] if r["environment"]}
+    assert (table[("alice", "deploy_environment")]["since"], table[("dave", "deploy_environment")]["since"]) == (
+        "", iso(added.created_at))
     assert table[("carol", "approve_environment")]["conflict"] == "true"
     assert table[("carol", "approve_environment")]["conflict_releases"] == carol_impl.version
     assert table[("bob", "approve_environment")]["conflict"] == "false"
@@ -586,3 +590,52 @@ def test_exceptions_show_where_a_table_was_changed_outside_the_portal(world, his
     moved = [r["detail"] for r in export("exceptions")[2] if r["kind"] == "evidence_mismatch"
              and r["deployment_id"] == str(done.pk)]
     assert any(d.startswith(f"deployment #{done.pk}: requested at is ") for d in moved), moved
+
+
+def test_exceptions_show_a_right_to_deploy_or_approve_given_outside_the_portal(world, history):
+    """Who may deploy to or approve for a restricted environment is read from guardian's tables and
+    the groups; a grant or a membership written there directly has no audit event behind it."""
+    from django.contrib.auth.models import Group
+    from guardian.shortcuts import assign_perm
+
+    from access.services import group_delete, group_rename, user_save
+
+    def mismatches():
+        return {r["detail"] for r in export("exceptions")[2] if r["kind"] == "evidence_mismatch"}
+
+    group_rename(actor=SYSTEM, group=world.releasers, name="mac-approvers")  # through the portal: both names
+    world.bob.username = "robert"
+    user_save(actor=SYSTEM, user=world.bob)
+    services.environment_revoke(actor=SYSTEM, environment=world.production, codename="deploy_environment",
+                                group=world.releasers)
+    services.group_membership_change(actor=SYSTEM, group=world.releasers, user=world.erin, add=False)
+    assert mismatches() == set()
+
+    world.releasers.user_set.add(world.alice, world.erin)  # alice never added, erin removed before
+    assign_perm("environments.deploy_environment", world.dave, world.production)
+    assign_perm("environments.deploy_environment", world.releasers, world.production)
+    prod = str(world.production)
+    seq = {a: AuditEvent.objects.filter(action=a).order_by("-seq").first().seq
+           for a in ("environment.revoke", "group.remove_member")}
+    expected = {
+        "group mac-approvers: the membership of alice is 'member' in the table, 'never added' in the audit chain",
+        f"group mac-approvers: the membership of erin is 'member' in the table, 'group.remove_member at seq "
+        f"{seq['group.remove_member']}' in the audit chain",
+        f"deploy_environment on {prod}: the right of dave is 'held' in the table, 'never granted' in the audit chain",
+    } | {f"deploy_environment on {prod}: the right of {u} through group mac-approvers is 'held' in the table, "
+         f"'environment.revoke at seq {seq['environment.revoke']}' in the audit chain"
+         for u in ("alice", "carol", "dave", "erin", "robert")}
+    assert mismatches() == expected
+
+    # a group deleted through the portal, and one of the same name made again with its rights by SQL
+    group_delete(actor=SYSTEM, group=world.releasers)
+    again = Group.objects.create(name="mac-approvers")
+    again.user_set.add(world.carol)
+    assign_perm("environments.approve_environment", again, world.production)
+    deleted = AuditEvent.objects.get(action="group.delete").seq
+    assert mismatches() == {
+        f"deploy_environment on {prod}: the right of dave is 'held' in the table, 'never granted' in the audit chain",
+        f"approve_environment on {prod}: the right of carol through group mac-approvers is 'held' in the table, "
+        f"'group.delete at seq {deleted}' in the audit chain",
+        "group mac-approvers: the membership of carol is 'member' in the table, 'never added' in the audit chain",
+    }
