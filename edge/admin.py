@@ -132,6 +132,7 @@ class Offer:
     label: str
     decision: Decision
     target: object = None  # what the action is about (e.g. the environment of a deployment request)
+    note: str = ""  # what the person should know before acting (e.g. that nobody could review it after)
 
     @property
     def allowed(self) -> bool:

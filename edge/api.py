@@ -25,6 +25,9 @@ from environments.policy import readable_applications
 # Python's str.strip() removes exactly these (str.isspace()); written out so that every regular
 # expression engine (the JSON Schema one of a client, Python's, Rust's) reads the same class.
 SPACE = r"\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+# Characters that show nothing (Unicode's format characters of the Basic Multilingual Plane: zero-width
+# spaces and joiners, direction marks, the soft hyphen, the byte order mark): not in an identity.
+INVISIBLE = r"\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff"
 NO_NUL = r"^[^\x00]*$"
 NOT_BLANK = rf"^[{SPACE}]*[^\x00{SPACE}][^\x00]*$"
 TEXT_RULES = "Leading and trailing whitespace is stripped; NUL characters are refused."
@@ -78,14 +81,26 @@ def fits_lowercased(max_length: int):
     return AfterValidator(check)
 
 
+# An identity is matched against people by its letters: none invisible, and no ';' (the reports join
+# lists with it).
+IDENTITY = rf"^[{SPACE}]*[^\x00;{INVISIBLE}{SPACE}][^\x00;{INVISIBLE}]*$"
+
+
 def Identity(description: str):  # noqa: N802 - reads as a type
     """A VCS identity (e-mail address, login or name), compared and stored lower-case."""
-    return Annotated[Text(254, 1, f"{description} Compared and stored lower-case; at most 254 characters "
-                                  "once lower-cased."), fits_lowercased(254)]
+    rules = (f"{description} Compared and stored lower-case; at most 254 characters once lower-cased. "
+             f"{TEXT_RULES} Must not be blank; no ';' and no invisible formatting characters (zero-width "
+             "spaces and joiners, direction marks).")
+    return Annotated[
+        str, StringConstraints(min_length=1, max_length=254),
+        matching(IDENTITY, "must not be blank, nor contain NUL, ';' or invisible formatting characters"),
+        AfterValidator(_strip), fits_lowercased(254), Field(description=rules, json_schema_extra={"pattern": IDENTITY}),
+    ]
 
 
 def _parse_date_time(value: str) -> dt.datetime:
-    return dt.datetime.fromisoformat(value)
+    # in UTC: PostgreSQL refuses an offset beyond 15:59, which RFC 3339 allows
+    return dt.datetime.fromisoformat(value).astimezone(dt.UTC)
 
 
 DateTime = Annotated[
@@ -131,7 +146,7 @@ class Invalid(Error):
 
 class BearerToken(HttpBearer):
     def authenticate(self, request: HttpRequest, token: str) -> Bearer | None:
-        lookup = token_lookup(token.strip())  # `Bearer  <token>`: more than one space after the scheme
+        lookup = token_lookup(token.lstrip(" "))  # `Bearer  <token>`: more than one space after the scheme
         return None if lookup is None else Bearer(lookup, remote_addr=request.META.get("REMOTE_ADDR", ""))
 
 

@@ -53,11 +53,14 @@ class PortalAdminSite(admin.AdminSite):
         entries = {e["id"]: e for app in board for env in app["environments"] for e in env["queue"]}
         for deployment in mine:
             deployment.queue_entry = entries.get(deployment.pk)
+        exceptions, actor = env_selectors.open_exceptions(), admin_actor(request)
+        waiting, reviews = env_selectors.awaiting_decision_of(actor), env_selectors.reviews_awaiting(actor, exceptions)
         return {
-            "board": board,
-            "waiting_for_me": env_selectors.awaiting_decision_of(admin_actor(request)),
+            "board": board, "waiting_count": len(waiting) + len(reviews),
+            "waiting_for_me": waiting,
             "my_requests": mine, "my_open_requests": mine_open,
-            "open_exceptions": env_selectors.open_exceptions(),
+            "open_exceptions": exceptions,
+            "reviews_for_me": reviews,
         }
 
     def change_journey_view(self, request, issue_key: str):

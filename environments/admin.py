@@ -509,6 +509,10 @@ class DeploymentAdmin(ReleaseSearch, admin.ModelAdmin):
             "replaces": running if running and running.release_id != deployment.release_id else None,
             "rollback": bool(running and running.release_id > deployment.release_id),
             "offers": deployment_offers(admin_actor(request), deployment),
+            # an emergency waiting for its review: who could give it (none: someone must be given the right)
+            "reviewers": policy.possible_reviewers(deployment.release, deployment.environment,
+                                                   deployment.requested_by_id)
+            if deployment.emergency and deployment.reviewed_at is None else None,
             "sod_checks": [sentence for name, sentence in policy.SOD_CHECKS.items() if name in deployment.sod_checks]
             + [name for name in deployment.sod_checks if name not in policy.SOD_CHECKS],
             "approved": sum(1 for a in deployment.approvals.all() if a.decision == Approval.Decision.APPROVE),

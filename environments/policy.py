@@ -10,6 +10,7 @@ what happens next. Each runs a fixed number of queries, whatever the size of the
 from __future__ import annotations
 
 import datetime as dt
+import unicodedata
 from dataclasses import dataclass
 
 from auditlog.models import LogEntry
@@ -340,11 +341,12 @@ def check_may_request(actor: Actor, environment: Environment, grants: set[str]) 
     return None
 
 
-def check_may_approve(actor: Actor, environment: Environment, grants: set[str]) -> Refusal | None:
+def check_may_approve(actor: Actor, environment: Environment, grants: set[str], doing: str = "approving"
+                      ) -> Refusal | None:
     if APPROVE not in grants:
         return forbidden(
             "NOT_RELEASER",
-            f"You are not a releaser of {environment}: approving there needs the approve permission "
+            f"You are not a releaser of {environment}: {doing} there needs the approve permission "
             "granted on that environment.",
         )
     return None
@@ -647,6 +649,13 @@ def _as_decision(refusal: Refusal | None, next_step: str = Next.APPLY, checks: t
     return no(refusal) if refusal is not None else Decision(checks=checks, next=next_step)
 
 
+def stated(reason: str) -> str:
+    """A reason as given, stripped, or "" when it shows nothing (whitespace, invisible formatting or
+    control characters): an emergency needs a reason a person can read (rule 7)."""
+    shown = any(not (c.isspace() or unicodedata.category(c) in ("Cf", "Cc")) for c in reason)
+    return reason.strip() if shown else ""
+
+
 def decide_request(
     *, actor: Actor, release: Release, environment: Environment, emergency_reason: str = "",
     automatic: bool = False,
@@ -656,7 +665,7 @@ def decide_request(
     portal's own `automatic` one, which nobody is there to ask again: it joins the queue and waits at
     its front until the freeze ends (rules 6 and 7: it never runs in the freeze). And an automatic
     promotion never takes an environment back to a release older than the one it runs (NEWER_RELEASE_THERE)."""
-    emergency = bool(emergency_reason.strip())
+    emergency = bool(stated(emergency_reason))
     if r := check_token_scope(actor, environment.application) or check_ci_not_restricted(actor, environment):
         return no(r)
     if environment.application_id != release.application_id:
@@ -842,12 +851,30 @@ def review_overdue(deployment_requested_at: dt.datetime, *, reviewed_at: dt.date
     return (reviewed_at or now or timezone.now()) > due
 
 
-def decide_review(*, actor: Actor, deployment: Deployment) -> Decision:
-    """Rule 7: an emergency deployment is reviewed afterwards by a different eligible person."""
-    return _as_decision(_review_refusal(actor=actor, deployment=deployment), Next.APPLY, REVIEW_CHECKS)
+def decide_review(*, actor: Actor, deployment: Deployment, grants: set[str] | None = None,
+                  identities: set[str] | None = None) -> Decision:
+    """Rule 7: an emergency deployment is reviewed afterwards by a different eligible person. A listing
+    of many decisions passes what it read once for the person (see decide_approval)."""
+    return _as_decision(_review_refusal(actor=actor, deployment=deployment, grants=grants, identities=identities),
+                        Next.APPLY, REVIEW_CHECKS)
 
 
-def _review_refusal(*, actor: Actor, deployment: Deployment) -> Refusal | None:
+def possible_reviewers(release: Release, environment: Environment, requester_id: int | None) -> list[str]:
+    """Who could review an emergency deployment of `release` to `environment` asked by `requester_id`
+    (rule 7): the active holders of the approve permission there, neither implementers (under any
+    identity) nor the requester; their user names. Four queries."""
+    by_group, direct = grants_on(environment)
+    holders = set(get_user_model().objects.filter(
+        Q(groups__in=by_group.filter(permission__codename=APPROVE).values("group_id"))
+        | Q(pk__in=direct.filter(permission__codename=APPROVE).values("user_id")), is_active=True,
+    ).values_list("pk", "username"))
+    implementers = implementers_of(release)
+    ids = set(implementers.user_ids).union(*identity_users(implementers.identities).values())
+    return sorted(name for pk, name in holders if pk not in ids and pk != requester_id)
+
+
+def _review_refusal(*, actor: Actor, deployment: Deployment, grants: set[str] | None = None,
+                    identities: set[str] | None = None) -> Refusal | None:
     if not actor.is_person:
         return forbidden("NOT_A_PERSON", "Only a person can review an emergency deployment.")
     if not deployment.emergency:
@@ -856,10 +883,12 @@ def _review_refusal(*, actor: Actor, deployment: Deployment) -> Refusal | None:
         return conflict("ALREADY_REVIEWED", f"Deployment #{deployment.pk} has already been reviewed.")
     if deployment.state == Deployment.State.AWAITING_APPROVAL:
         return conflict("NOT_STARTED", "An emergency deployment is reviewed after it has been queued.")
-    if r := check_may_approve(actor, deployment.environment, environment_grants(actor.user, deployment.environment)):
+    if grants is None:
+        grants = environment_grants(actor.user, deployment.environment)
+    if r := check_may_approve(actor, deployment.environment, grants, doing="reviewing an emergency deployment"):
         return r
     if r := check_not_implementer(actor.user, implementers_of(deployment.release), "SOD_IMPLEMENTER_REVIEWER",
-                                  "review"):
+                                  "review", identities):
         return r
     if deployment.requested_by_id == actor.user.pk:
         return forbidden("SOD_REQUESTER_REVIEWER", "You requested this emergency deployment; someone else must "

@@ -363,6 +363,9 @@ def _on_their_way(applications, ordered: dict[int, list[Environment]], current: 
                                row["required_approvals"]) if row else ""
             if row and row["state"] != State.SUCCEEDED and (release.pk, environment.pk) in reached:
                 label = f"{label}; ran here before"  # a rollback replaced it, and a later attempt did not run
+            now = current.get(environment.pk)
+            if row and row["state"] == State.SUCCEEDED and now is not None and now.release_id < release.pk:
+                label = f"done; rolled back to {now.release.version}"  # what runs there now is older
             steps.append({"environment": environment, "state": row["state"] if row else "",
                           "deployment_id": row["id"] if row else None, "label": label})
         way[release.application_id].append({"release": release, "steps": steps})
@@ -408,8 +411,26 @@ def awaiting_decision_of(actor: Actor) -> list[Deployment]:
     # What the policy reads of the person is read once for all of them: a fixed number of queries.
     grants = policy.environment_grants_among(actor.user, {d.environment_id for d in pending})
     identities = policy.person_identities(actor.user) if pending and actor.is_person else None
-    return [d for d in pending if policy.decide_approval(
+    mine = [d for d in pending if policy.decide_approval(
         actor=actor, deployment=d, approve=True, grants=grants[d.environment_id], identities=identities).allowed]
+    # an approval that would take an environment back to an older release says so before the click
+    current = current_deployments({d.environment_id for d in mine}) if mine else {}
+    for d in mine:
+        now = current.get(d.environment_id)
+        d.rolls_back_from = now.release if now is not None and now.release_id > d.release_id else None
+    return mine
+
+
+def reviews_awaiting(actor: Actor, exceptions: list[dict]) -> list[Deployment]:
+    """The open emergencies (open_exceptions') that `actor` may review now: the policy asked for each,
+    with what it reads of the person read once."""
+    emergencies = [x["deployment"] for x in exceptions]
+    if not emergencies or not actor.is_person:
+        return []
+    grants = policy.environment_grants_among(actor.user, {d.environment_id for d in emergencies})
+    identities = policy.person_identities(actor.user)
+    return [d for d in emergencies if policy.decide_review(
+        actor=actor, deployment=d, grants=grants[d.environment_id], identities=identities).allowed]
 
 
 def requests_of(user, *, limit: int = MY_REQUESTS) -> tuple[list[Deployment], int]:
@@ -510,7 +531,8 @@ def open_exceptions(*, now: dt.datetime | None = None) -> list[dict]:
     rows = (
         Deployment.objects.filter(emergency=True, reviewed_at__isnull=True)
         .exclude(state=State.AWAITING_APPROVAL)
-        .select_related("release__application", "environment").order_by("requested_at", "id")
+        .select_related("release__application", "environment").prefetch_related("release__implementers")
+        .order_by("requested_at", "id")
     )
     return [{"deployment": d, "age_days": (now - d.requested_at).days,
              "overdue": policy.review_overdue(d.requested_at, now=now)} for d in rows]

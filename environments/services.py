@@ -260,7 +260,7 @@ def deployment_request(
     is needed (or for an emergency), otherwise awaits approval until it expires. A busy environment
     is no refusal: the deployment waits its turn (and the portal's own `automatic` one a frozen
     environment's thaw: see policy.decide_request)."""
-    emergency_reason = emergency_reason.strip()
+    emergency_reason = policy.stated(emergency_reason)
     # No savepoint when called inside a caller's transaction (a new release deploying itself): a
     # refusal leaves this block normally and is raised after it, and any other error fails the caller.
     with transaction.atomic(savepoint=False):

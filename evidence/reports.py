@@ -160,11 +160,11 @@ def exceptions_rows(period: Period) -> Iterator[tuple]:
     if period.application:
         emergencies = emergencies.filter(release__application__name=period.application)
     emergencies = list(emergencies.order_by(F("reviewed_at").asc(nulls_first=True), "requested_at"))
-    # What each went past (a freeze), as its request's audit event says.
-    skipped = dict(AuditEvent.objects.filter(
+    # Each one's request in the chain: its event, and what it went past (a freeze).
+    requests = {object_id: (seq, skipped) for object_id, seq, skipped in AuditEvent.objects.filter(
         action="deployment.request", object_type="environments.deployment",
-        object_id__in=[str(d.pk) for d in emergencies], data__has_key="skipped",
-    ).values_list("object_id", "data__skipped"))
+        object_id__in=[str(d.pk) for d in emergencies],
+    ).values_list("object_id", "seq", "data__skipped")}
     for d in emergencies:
         if d.reviewed_at:
             took = (d.reviewed_at - d.requested_at).days
@@ -173,8 +173,9 @@ def exceptions_rows(period: Period) -> Iterator[tuple]:
         else:
             age = (timezone.now() - d.requested_at).days
             status = f"UNREVIEWED, {age} days old" + (" (OVERDUE)" if policy.review_overdue(d.requested_at) else "")
-        went_past = f" (it went past {skipped[str(d.pk)]})" if str(d.pk) in skipped else ""
-        yield ("emergency", status, *_about(d), d.requested_by_label, "EMERGENCY", d.emergency_reason + went_past, "")
+        seq, skipped = requests.get(str(d.pk), ("", None))
+        went_past = f" (it went past {skipped})" if skipped else ""
+        yield ("emergency", status, *_about(d), d.requested_by_label, "EMERGENCY", d.emergency_reason + went_past, seq)
 
     in_period = events = AuditEvent.objects.filter(created_at__gte=period.since, created_at__lt=period.until)
     if period.application:

@@ -139,8 +139,12 @@ class ReleaseAdmin(ReleaseSearch, ReadOnlyAdmin):
                 emergency = policy.decide_request(actor=actor, release=release, environment=environment,
                                                   emergency_reason="a reason stated on the page")
                 if emergency.allowed:
+                    nobody = not policy.possible_reviewers(release, environment, actor.user.pk)
                     offers.append(Offer("emergency", f"Emergency deployment to {environment.name}", emergency,
-                                        environment))
+                                        environment, note=(
+                        f"Nobody could review it afterwards: every other releaser of {environment} implemented "
+                        "this change. It would stay an open exception until an administrator gives the approve "
+                        f"permission on {environment} to another person." if nobody else "")))
         return offers
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
@@ -153,6 +157,10 @@ class ReleaseAdmin(ReleaseSearch, ReadOnlyAdmin):
         offers = self.offers(request, page)
         for standing in page["standing"]:
             standing["offers"] = [o for o in offers if o.target == standing["environment"]]
+            # before the click: a deployment offered here would take the environment back to an older release
+            now = standing["current"]
+            standing["rolls_back_from"] = now.release if now and now.release_id > release.pk and any(
+                o.allowed for o in standing["offers"]) else None
         release = page["release"]
         context = {
             **self.admin_site.each_context(request), "title": str(release), "opts": self.opts, "original": release,

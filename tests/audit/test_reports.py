@@ -127,6 +127,8 @@ def test_exceptions_lists_emergencies_refusals_and_grants(world, history):
     # both went past the freeze that held Production (the request's audit event says so)
     assert re.fullmatch(r"'=HYPERLINK\(\"http://evil\"\), payments down \(it went past a freeze: frozen until "
                         r"20\d\d-\d\d-\d\d \d\d:\d\d UTC \(close\)\)", rows[0]["detail"]), rows[0]["detail"]
+    asked = AuditEvent.objects.get(action="deployment.request", object_id=str(history["unreviewed"].pk))
+    assert rows[0]["audit_seq"] == str(asked.seq)  # the request's event, to look up in the audit report
     refusals = [r for r in rows if r["kind"] == "refusal"]
     assert any(r["rule"] == "NOT_RELEASER" and r["actor"] == "dave" for r in refusals)
     requested = next(r for r in refusals if r["detail"].startswith("deployment.request.refused"))

@@ -452,6 +452,19 @@ def test_emergency_skips_freeze_and_approval_but_not_separation_of_duties(world,
     assert deployment.state == State.RUNNING and deployment.emergency
 
 
+@pytest.mark.parametrize("reason", ["\u200b", " \u2060\t", "\ufeff\u200d"])
+def test_a_reason_that_shows_nothing_makes_no_emergency(world, frozen_production, reason):
+    """Rule 7 asks for a reason a person can read: an invisible one is none, and a frozen environment
+    refuses the request as it refuses any other."""
+    release = world.release()
+    world.to_staging(release)
+    refused("FREEZE_WINDOW", request, world, release, world.production, world.carol, emergency_reason=reason)
+    frozen_production.delete()
+    deployment = request(world, release, world.production, world.carol, emergency_reason=reason)
+    assert (deployment.state, deployment.emergency, deployment.emergency_reason) == (
+        State.AWAITING_APPROVAL, False, "")
+
+
 def test_emergency_needs_a_releaser(world, make_user):
     release = world.release()
     world.deploy(release, world.qa)

@@ -1,5 +1,6 @@
 """The API contract of DESIGN.md, through real HTTP requests with real tokens."""
 
+import datetime as dt
 import json
 import re
 import sys
@@ -443,6 +444,18 @@ def test_a_retry_writing_the_approval_time_in_another_time_zone_is_the_same_regi
     assert conflict.status_code == 409 and "differs in pull_request.approved_at" in conflict.json()["detail"]
 
 
+@pytest.mark.parametrize("offset", ["+23:00", "-16:00"])
+def test_an_offset_beyond_what_the_database_takes_is_still_an_instant(ci, offset):
+    """RFC 3339 allows offsets up to 23:59; PostgreSQL stores none beyond 15:59: the API keeps the instant."""
+    ci.post("/builds", BUILD)
+    pull_request = {**RELEASE["pull_request"], "approved_at": f"2026-11-29T10:00:00{offset}"}
+    assert ci.post("/releases", {**RELEASE, "pull_request": pull_request}).status_code == 201
+    hours = int(offset[:3])
+    expected = dt.datetime(2026, 11, 29, 10, tzinfo=dt.UTC) - dt.timedelta(hours=hours)
+    assert ci.get("/releases/MAC/3.1.0").json()["pull_request"]["approved_at"] == expected.strftime(
+        "%Y-%m-%dT%H:%M:%S.000000Z")
+
+
 def test_issue_keys_are_stripped_of_whitespace_around_them(ci):
     ci.post("/builds", BUILD)
     keys = [" bizplat-7 ", "BIZPLAT-8\t", "BIZPLAT-7"]
@@ -455,6 +468,8 @@ def test_more_than_one_space_after_the_bearer_scheme(world, client, ci):
     """RFC 7235 allows one or more spaces between the scheme and the credentials."""
     response = client.get("/api/v1/builds/MAC/1", HTTP_AUTHORIZATION=f"Bearer   {ci.token}")
     assert response.status_code == 404 and response.json()["code"] == "NOT_FOUND"
+    for header in (f"Bearer \t{ci.token}", f"Bearer {ci.token}\x85", f"Bearer {ci.token} "):  # spaces only, before
+        assert client.get("/api/v1/builds/MAC/1", HTTP_AUTHORIZATION=header).status_code == 401, repr(header)
 
 
 @pytest.mark.parametrize(("patch", "field"), [
@@ -470,6 +485,22 @@ def test_values_that_grow_when_case_mapped_are_422_naming_the_field(ci, patch, f
     body = invalid_field(ci.post("/releases", {**RELEASE, **patch}), field)
     assert "once lower-cased" in body["detail"] or "PROJECT-123" in body["detail"]
     assert not Release.objects.exists()
+
+@pytest.mark.parametrize(("patch", "field"), [
+    ({"implementers": ["bob@example.com\u200b"]}, "implementers.0"),  # looks like bob, matches nobody
+    ({"implementers": ["alice@example.com", "\u2066bob\u2069"]}, "implementers.1"),
+    ({"implementers": ["m@x", "z;a@x"]}, "implementers.1"),  # the reports join lists with ';'
+    ({"pull_request": {**RELEASE["pull_request"], "author": "\ufeffalice"}}, "pull_request.author"),
+    ({"pull_request": {**RELEASE["pull_request"], "reviewers": ["erin;bob"]}}, "pull_request.reviewers.0"),
+])
+def test_identities_with_invisible_characters_or_a_list_separator_are_422(ci, patch, field):
+    """Separation of duties matches implementers by what a person reads: an identity that shows the
+    same letters as bob's must be bob's, or be refused."""
+    ci.post("/builds", BUILD)
+    body = invalid_field(ci.post("/releases", {**RELEASE, **patch}), field)
+    assert "invisible formatting characters" in body["detail"]
+    assert not Release.objects.exists()
+
 
 
 def test_identities_that_fit_once_lower_cased_are_stored_lower_case(ci):

@@ -113,6 +113,11 @@ def test_board_says_a_release_ran_before_where_a_rollback_replaced_it(client, pe
     (mac,) = page(client, people.dave, reverse("admin:index")).context["board"]
     way = {row["release"].version: [s["label"] for s in row["steps"]] for row in mac["on_the_way"]}
     assert way["3.1.0"] == ["done", "done", "cancelled; ran here before"]
+    people.deploy(older, people.staging, actor=person(people.bob))  # Staging back to 3.0.0 too
+    (mac,) = page(client, people.dave, reverse("admin:index")).context["board"]
+    way = {row["release"].version: [s["label"] for s in row["steps"]] for row in mac["on_the_way"]}
+    assert way["3.1.0"] == ["done", "done; rolled back to 3.0.0", "cancelled; ran here before"]
+    assert "done; rolled back to 3.0.0" in text(page(client, people.dave, reverse("admin:index")))
 
 
 def test_board_counts_every_release_on_its_way_and_shows_the_latest(client, people):
@@ -305,6 +310,51 @@ def test_under_a_freeze_a_releaser_is_offered_an_emergency_deployment(client, pe
     assert (deployment.emergency, deployment.emergency_reason, deployment.state) == (True, "payments down", "running")
     shown = text(page(client, people.carol, deployment_url(deployment)))
     assert "Approvals (an emergency skips the wait)" in shown and "0 of 1 required" not in shown
+
+
+def freeze_production(people):
+    now = timezone.now()
+    services.freeze_window_save(actor=SYSTEM, window=FreezeWindow(
+        environment=people.production, reason="year-end close", starts_at=now - dt.timedelta(hours=1),
+        ends_at=now + dt.timedelta(days=1)))
+
+
+def test_an_emergency_nobody_could_review_is_said_before_it_is_asked_and_on_its_page(client, people):
+    """bob and erin implemented it, carol asks: no releaser is left to review it (rule 7)."""
+    release = in_staging(people, implementers=("bob@example.com", "erin@example.com"))
+    freeze_production(people)
+    assert "Nobody could review it afterwards" in text(page(client, people.carol, release_url(release)))
+    client.post(reverse("admin:releases_release_deploy", args=[release.pk]),
+                {"environment": people.production.pk, "emergency": "1", "emergency_reason": "payments down"})
+    deployment = Deployment.objects.get(release=release, environment=people.production, emergency=True)
+    assert "Nobody can review it yet:" in text(page(client, people.dave, deployment_url(deployment)))
+    alice = page(client, people.alice, deployment_url(deployment))
+    assert offers(alice)["review"] == "NOT_RELEASER"
+    assert ("reviewing an emergency deployment there needs the approve permission" in
+            alice.context["offers"][-1].refusal.detail)
+
+    services.environment_grant(actor=SYSTEM, environment=people.production, codename="approve_environment",
+                               user=people.dave)
+    shown = text(page(client, people.dave, deployment_url(deployment)))
+    assert 'neither implemented nor requested it: <span id="reviewers">dave</span>.' in shown
+    board = page(client, people.dave, reverse("admin:index"))
+    assert [d.pk for d in board.context["reviews_for_me"]] == [deployment.pk]
+    assert "Waiting for me (1)" in text(board) and "Emergencies for you to review" in text(board)
+    assert page(client, people.carol, reverse("admin:index")).context["reviews_for_me"] == []
+    assert "Nobody could review it afterwards" not in text(page(client, people.carol, release_url(
+        in_staging(people, implementers=("bob@example.com",)))))
+
+
+def test_a_rollback_is_said_before_the_click_on_the_release_page_and_the_board(client, people):
+    oldest, older, newer = (in_staging(people, version=v) for v in ("2.9.0", "3.0.0", "3.1.0"))
+    awaiting(people, older)
+    people.deploy(newer, people.production, actor=person(people.bob))
+    assert "A rollback: Production runs 3.1.0, registered after 3.0.0." in text(
+        page(client, people.carol, reverse("admin:index")))
+    warned = "A rollback: Production runs 3.1.0, registered after 2.9.0; deploying puts the older release back."
+    assert warned in text(page(client, people.carol, release_url(oldest)))
+    assert "A rollback: Production" not in text(page(client, people.alice, release_url(oldest)))  # not hers to ask
+    assert "A rollback" not in text(page(client, people.carol, release_url(newer)))
 
 
 # --- a deployment's page -------------------------------------------------------------------------
