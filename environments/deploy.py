@@ -115,7 +115,7 @@ class Progress:
     failed_task: str = ""
     failed_message: str = ""  # Ansible's own words for the first failure
     pid: int | None = None
-    hosts: dict[str, str] = field(default_factory=dict)  # host -> upgrading | done | failed
+    hosts: dict[str, str] = field(default_factory=dict)  # host -> upgrading | done | failed | stopped
     runner_status: str = ""
     group_sizes: dict[str, int] = field(default_factory=dict)  # inventory pattern -> host count
 
@@ -127,6 +127,14 @@ class Progress:
             "failed_message": self.failed_message, "hosts": self.hosts,
             "pid": self.pid, "runner_status": self.runner_status,
         }
+
+    def stop(self) -> None:
+        """The run ended without finishing a host it was on (cancelled, timed out, killed, failed to
+        start the next task): that host is left as it was, which the page says."""
+        for host, state in self.hosts.items():
+            if state == "upgrading":
+                self.hosts[host] = "stopped"
+        self.current_task = ""
 
     def on_event(self, event: dict) -> None:
         data = event.get("event_data") or {}
@@ -356,6 +364,7 @@ def execute(deployment_id: int) -> str | None:
         detail = f"The deploy job failed before the playbook finished: {type(exc).__name__}: {exc}"
     finally:
         kill_run(watcher.progress.pid)  # what a failure or a timeout left running under the playbook
+        watcher.progress.stop()
         Deployment.objects.filter(pk=deployment_id).update(progress=watcher.progress.as_dict())
     finished = services.deployment_record_result(
         deployment_id=deployment_id, state=outcome, detail=detail[:2000], actor=ENGINE, extra=extra

@@ -24,6 +24,7 @@ from guardian.shortcuts import assign_perm, remove_perm
 
 from audit import chain
 from audit.actors import Actor
+from audit.models import AuditEvent
 from audit.services import audit_refusal, refused
 from core.compiled import CompiledRead, Pending, model_fields, together
 from core.decisions import Next, NotFound, PolicyRefusal, Refusal
@@ -545,11 +546,22 @@ def deployment_record_result(
         deployment = _lock_deployment(deployment_id)
         decision = policy.decide_finish(deployment)
         if decision.allowed:
+            if state == State.CANCELLED and deployment.cancel_requested_at is not None:
+                detail = f"{_cancelled_by(deployment)}. The run stopped: {detail}"
             _finish(deployment, actor=actor, state=state, detail=detail, extra=extra)
             return deployment
         error = refused(actor=actor, action="deployment.finish", refusal=decision.refusal, obj=deployment,
                         data=_deployment_data(deployment, result=state))
     raise error
+
+
+def _cancelled_by(deployment: Deployment) -> str:
+    """Who asked to stop a running deployment, and why, as the chain holds it."""
+    asked = AuditEvent.objects.filter(action="deployment.cancel_request", object_type="environments.deployment",
+                                      object_id=str(deployment.pk)).order_by("seq").last()
+    if asked is None:
+        return "Cancelled while it ran"
+    return f"Cancelled by {asked.actor_username} while it ran: {asked.data.get('comment') or ''}".strip(" :")
 
 
 def deployment_review(*, actor: Actor, deployment_id: int, comment: str = "") -> Deployment:

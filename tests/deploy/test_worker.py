@@ -79,6 +79,9 @@ def test_cancel_while_queued_and_while_running(transactional_audit_db, world, de
     actions = list(AuditEvent.objects.filter(object_id=str(running.pk), object_type="environments.deployment")
                    .values_list("action", flat=True))
     assert actions[-2:] == ["deployment.cancel_request", "deployment.finish"]
+    ended = Deployment.objects.get(pk=running.pk)
+    assert ended.result_detail.startswith("Cancelled by ci:ci while it ran: stop it. The run stopped: "), ended.result_detail
+    assert "upgrading" not in ended.progress["hosts"].values() and ended.progress["current_task"] == ""
 
 
 def test_a_playbook_past_its_timeout_is_stopped_with_what_runs_under_it(

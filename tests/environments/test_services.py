@@ -82,6 +82,10 @@ def test_cancel_queued_and_waiting_and_flag_running(world):
     refusal = info.value.refusal
     assert refusal.code == "CANCEL_REQUESTED" and "its playbook is being stopped" in refusal.detail
     assert last_event().action == "deployment.cancel.refused"
+    # the engine stops the run: the result says who stopped it, then how far the run got
+    ended = services.deployment_record_result(deployment_id=running.pk, state=State.CANCELLED,
+                                              detail="ansible-runner canceled, rc 254")
+    assert ended.result_detail == "Cancelled by alice while it ran. The run stopped: ansible-runner canceled, rc 254"
 
 
 def test_cancelled_before_an_engine_took_it_ends_without_running(world):
