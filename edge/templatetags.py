@@ -10,6 +10,7 @@ from django.contrib.admin.templatetags.base import InclusionAdminNode
 
 from edge.lists import CalendarChangeList
 from environments.models import Deployment
+from environments.selectors import waiting_phrase
 
 register = template.Library()
 
@@ -40,11 +41,18 @@ def requester(deployment: Deployment) -> str:
 
 
 @register.filter
+def waiting(waiting_for: str) -> str:
+    """A queue entry's `waiting_for` in words (environments.selectors.waiting_phrase)."""
+    return waiting_phrase(waiting_for)
+
+
+@register.filter
 def took(end: dt.datetime | None, start: dt.datetime | None) -> str:
     """How long from `start` to `end`, in words: "4 s", "2 min 5 s", "3 h 10 min"."""
     if not end or not start:
         return ""
-    seconds = max(0, int((end - start).total_seconds()))
+    # whole seconds of the times as the pages write them (truncated), so that shown times and spans add up
+    seconds = max(0, int(end.timestamp()) - int(start.timestamp()))
     if seconds < 60:
         return f"{seconds} s"
     if seconds < 3600:

@@ -34,6 +34,7 @@ from edge.admin import (
     run_each,
 )
 from edge.lists import LargeTablePaginator, ReleaseSearch
+from edge.templatetags import requester
 from environments import metrics, policy, selectors, services
 from environments.models import (
     FREEZE_PRESETS,
@@ -331,7 +332,7 @@ class EnvironmentAdmin(OutcomeAdmin):
         rows = format_html_join(
             "", '<li><a href="{}">#{}</a> {} {}{}</li>',
             ((reverse("admin:environments_deployment_change", args=[e["id"]]), e["id"], e["version"], e["state"],
-              f": waiting for {e['waiting_for']}" if e["waiting_for"] else "") for e in entries),
+              f": {selectors.waiting_phrase(e['waiting_for'])}" if e["waiting_for"] else "") for e in entries),
         )
         return format_html("<ol>{}</ol>", rows) if entries else "empty"
 
@@ -465,7 +466,7 @@ class DeploymentAdmin(ReleaseSearch, admin.ModelAdmin):
 
     @admin.display(description="requested by", ordering="requested_by_label")
     def requested_by_name(self, obj):
-        return obj.requested_by_label
+        return requester(obj)  # as the pages say it: the portal's own automatic deployments by that name
 
     def has_add_permission(self, request):
         return False

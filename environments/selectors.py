@@ -487,10 +487,20 @@ def queue_sentence(deployment: Deployment, entry: dict | None) -> str:
     if entry is None:
         return ""
     if entry["state"] == State.RUNNING:
-        return f"Running{'; waiting for ' + entry['waiting_for'] if entry['waiting_for'] else ''}."
+        return f"Running{'; ' + waiting_phrase(entry['waiting_for']) if entry['waiting_for'] else ''}."
     if entry["state"] == State.QUEUED:
-        return f"{entry['position']} in line; waiting for {entry['waiting_for']}."
-    return f"Waiting for {entry['waiting_for']}."
+        return f"{entry['position']} in line; {waiting_phrase(entry['waiting_for'])}."
+    return f"{waiting_phrase(entry['waiting_for']).capitalize()}."
+
+
+def waiting_phrase(waiting_for: str) -> str:
+    """What a deployment waits for (the API's `waiting_for`) in words: "waiting for approval (0 of 1)",
+    "waiting behind #12", "waiting, frozen until 2026-12-04 18:00 UTC (quarter close)"."""
+    if waiting_for.startswith("behind "):
+        return f"waiting {waiting_for}"
+    if waiting_for.startswith("frozen "):
+        return f"waiting, {waiting_for}"
+    return f"waiting for {waiting_for}"
 
 
 def deployment_log_tail(deployment_id: int, *, lines: int = LOG_TAIL_LINES) -> tuple[list[str], bool]:

@@ -322,13 +322,17 @@ def _summary(key: str, builds: list[Build], releases: list[Release], now: list[d
         if n["state"] == Deployment.State.AWAITING_APPROVAL:
             parts.append(f"waits for {n['waiting_for']} in {n['environment']} ({n['version']})")
         elif n["state"] == Deployment.State.QUEUED:
-            parts.append(f"is queued for {n['environment']} ({n['version']}), waiting for {n['waiting_for']}")
+            parts.append(f"is queued for {n['environment']} ({n['version']}), "
+                         f"{env_selectors.waiting_phrase(n['waiting_for'])}")
         elif n["state"] == Deployment.State.RUNNING:
             parts.append(f"is being deployed to {n['environment']} ({n['version']})")
+    replaced = [n["environment"] for n in now if n["state"] == "replaced"]
+    if replaced:
+        parts.append(f"ran in {_names(replaced)}, where later releases replaced it")
     later = [n["environment"] for n in now if n["state"] == "not_reached"]
     if later:
         parts.append(f"has not reached {_names(later)} yet")
-    return f"{key} " + "; ".join(parts) + "." if parts else f"{key} is released; nothing more to say."
+    return f"{key} " + "; ".join(parts) + "." if parts else f"{key} is released."
 
 
 def change_journey(issue_key: str, *, within: frozenset[int] | None = None) -> ChangeJourney:

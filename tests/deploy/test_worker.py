@@ -80,7 +80,8 @@ def test_cancel_while_queued_and_while_running(transactional_audit_db, world, de
                    .values_list("action", flat=True))
     assert actions[-2:] == ["deployment.cancel_request", "deployment.finish"]
     ended = Deployment.objects.get(pk=running.pk)
-    assert ended.result_detail.startswith("Cancelled by ci:ci while it ran: stop it. The run stopped: "), ended.result_detail
+    detail = ended.result_detail
+    assert detail.startswith("Cancelled by ci:ci while it ran: stop it. The run stopped: "), detail
     assert "upgrading" not in ended.progress["hosts"].values() and ended.progress["current_task"] == ""
 
 

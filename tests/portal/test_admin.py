@@ -165,9 +165,9 @@ def test_deployment_pages_show_the_queue(client, world, make_user):
     listing = client.get(reverse(CHANGELIST)).content.decode()
     assert "Queued, 1 in line" in listing
     page = client.get(reverse("admin:environments_deployment_change", args=[waiting.pk])).content.decode()
-    assert f"1 in line; waiting for behind #{running.pk}" in page
+    assert f"1 in line; waiting behind #{running.pk}" in page
     env_page = client.get(reverse("admin:environments_environment_change", args=[world.qa.pk])).content.decode()
-    assert f"#{waiting.pk}</a> {second.version} queued: waiting for behind #{running.pk}" in env_page
+    assert f"#{waiting.pk}</a> {second.version} queued: waiting behind #{running.pk}" in env_page
 
 def change_form_data(client, user) -> dict:
     form = client.get(reverse("admin:auth_user_change", args=[user.pk])).context["adminform"].form

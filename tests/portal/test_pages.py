@@ -198,6 +198,10 @@ def test_journey_says_who_approved_and_where_the_change_is_now(client, people):
     assert (production["requested_by"], production["approved_by"]) == ("bob", ["carol"])
     assert [n["state"] for n in journey.now] == ["deployed", "deployed", "deployed"]
     assert journey.summary == f"BIZPLAT-7 runs in QA, Staging and Production ({release.version})."
+    in_staging(people, issue_keys=["BIZPLAT-8"])  # a later change takes QA and Staging
+    journey = page(client, people.dave, reverse("admin:change_journey", args=["BIZPLAT-7"])).context["journey"]
+    assert journey.summary == (f"BIZPLAT-7 runs in Production ({release.version}); ran in QA and Staging, where "
+                               "later releases replaced it.")
 
 
 def test_journey_shows_an_emergency_as_one_and_who_reviewed_it(client, people):
@@ -549,3 +553,21 @@ def test_an_emergency_is_an_open_exception_on_the_board_until_someone_else_revie
     assert 'class="overdue"' in board and "review overdue" in board
     services.deployment_review(actor=person(world.carol), deployment_id=emergency.pk, comment="checked")
     assert "Open exceptions (0)" in text(page(client, world.carol, reverse("admin:index")))
+
+
+def test_spans_add_up_with_the_times_the_pages_show():
+    """A page writes times to the second (truncated): the span between two of them is their difference."""
+    from edge.templatetags import took
+
+    queued = dt.datetime(2026, 11, 30, 23, 37, 53, 900_000, tzinfo=dt.UTC)
+    started = dt.datetime(2026, 11, 30, 23, 38, 13, 100_000, tzinfo=dt.UTC)  # shown 23:38:13
+    finished = dt.datetime(2026, 11, 30, 23, 38, 16, 950_000, tzinfo=dt.UTC)  # shown 23:38:16
+    assert (took(started, queued), took(finished, started)) == ("20 s", "3 s")  # 53 + 20 = 13, 13 + 3 = 16
+
+
+def test_the_deployment_list_names_the_portal_as_the_pages_do(client, people):
+    people.qa.auto_deploy = True
+    people.qa.save(update_fields=["auto_deploy"])
+    people.release()
+    listed = text(page(client, people.dave, reverse("admin:environments_deployment_changelist")))
+    assert "the portal (automatic)" in listed
