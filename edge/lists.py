@@ -201,6 +201,15 @@ class ReleaseSearch:
     release_search: tuple[str, ...] = ("version", "issue_keys")  # of RELEASE_TERMS
     own_search: tuple[str, ...] = ()  # columns of the listed model, searched as icontains
 
+    def named(self) -> dict[str, set[str]]:
+        """Paths of the listed model whose values a word may name exactly (any case), with those values
+        lower-case, read from their own small tables: "MAC 1.3.1" is MAC's releases matching 1.3.1."""
+        return {}
+
+    def more_matches(self, word: str) -> list:
+        """More ways a word finds rows, each the pks of the listed model it finds (e.g. a person's name)."""
+        return []
+
     def get_search_results(self, request, queryset, search_term):
         if not search_term.strip():
             return queryset, False
@@ -209,7 +218,12 @@ class ReleaseSearch:
             carrying = ReleaseIssue.objects.filter(key=key).values("release_id")
             return queryset.filter(**{f"{self.release_path}__in": carrying}), False
         model = queryset.model
+        named = self.named()
         for word in search_words(search_term):
+            path = next((path for path, values in named.items() if word.lower() in values), None)
+            if path is not None:
+                queryset = queryset.filter(**{f"{path}__iexact": word})
+                continue
             # Unions rather than ORs: each side is estimated on its own (a LIKE finds few rows), so the
             # planner reads the rows of the releases found through their index instead of every row.
             first, *more = (RELEASE_TERMS[name](word) for name in self.release_search)
@@ -218,6 +232,11 @@ class ReleaseSearch:
             for column in self.own_search:  # a union, so each side is read through its own index
                 matching = matching.union(
                     model._default_manager.filter(**{f"{column}__icontains": word}).order_by().values("pk"))
+            number = word.removeprefix("#")
+            if number.isdigit() and len(number) < 19:  # a row's own number: #71 or 71
+                matching = matching.union(model._default_manager.filter(pk=int(number)).order_by().values("pk"))
+            for more in self.more_matches(word):
+                matching = matching.union(more)
             queryset = queryset.filter(pk__in=matching)
         return queryset, False
 

@@ -435,6 +435,16 @@ class DeploymentAdmin(ReleaseSearch, admin.ModelAdmin):
     list_filter = ["state", "environment__application", ("environment__name", EnvironmentNameFilter), "emergency"]
     search_fields = ["release__version", "requested_by_label", "release__issues__key"]  # by ReleaseSearch
     own_search = ("requested_by_label",)
+    search_help_text = ("An issue key, a version, a deployment's number, the application or environment by name, "
+                        "or who requested, approved, rejected or reviewed it (a user name).")
+
+    def named(self):
+        return {"release__application__name": {n.lower() for n in Application.objects.values_list("name", flat=True)},
+                "environment__name": {n.lower() for n in Environment.objects.values_list("name", flat=True)}}
+
+    def more_matches(self, word):
+        return [Approval.objects.filter(approver__username__iexact=word).order_by().values("deployment_id"),
+                Deployment.objects.filter(reviewed_by__username__iexact=word).order_by().values("pk")]
     list_select_related = ["release__application", "environment", "reviewed_by"]
     date_hierarchy = "requested_at"
     actions = None

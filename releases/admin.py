@@ -92,7 +92,11 @@ class ReleaseAdmin(ReleaseSearch, ReadOnlyAdmin):
     search_fields = ["version", "issues__key", "implementers__identity"]  # searched by ReleaseSearch
     release_path = "pk"
     release_search = ("version", "issue_keys", "implementers")
+    search_help_text = "An issue key, a version, an implementer, a release's number, or the application by name."
     paginator = LargeTablePaginator
+
+    def named(self):
+        return {"application__name": {n.lower() for n in Application.objects.values_list("name", flat=True)}}
     show_full_result_count = False
     show_facets = admin.ShowFacets.NEVER  # a count per filter choice reads the whole table
 

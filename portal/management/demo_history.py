@@ -125,15 +125,16 @@ class History:
                 timezone="Europe/Berlin", starts_at=start, ends_at=now))
 
     def month_end_freeze(self, now: dt.datetime) -> None:
-        """The month-end close, every month from the next one on (the last 2 working days), so the
-        calendar shows a recurring freeze that never holds while the demo is being set up."""
-        first = (now.replace(day=1) + dt.timedelta(days=32)).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        """The month-end close (the last 2 working days of each month) from tomorrow on, so the calendar
+        shows a recurring freeze, whatever the day, that never holds while the demo is being set up."""
+        berlin = ZoneInfo("Europe/Berlin")
+        first = dt.datetime.combine(now.astimezone(berlin).date() + dt.timedelta(days=1), dt.time())
         with moved_time(now - dt.timedelta(days=1)):
             services.freeze_window_save(actor=self.ci, window=FreezeWindow(
                 environment=self.production, reason="Month-end close: the last 2 working days of the month",
                 recurrence="FREQ=MONTHLY;BYDAY=MO,TU,WE,TH,FR;BYSETPOS=-2,-1;BYHOUR=0;BYMINUTE=0",
                 duration=dt.timedelta(days=1), timezone="Europe/Berlin",
-                starts_at=first.replace(tzinfo=ZoneInfo("Europe/Berlin")), ends_at=first + dt.timedelta(days=730)))
+                starts_at=first.replace(tzinfo=berlin), ends_at=first.replace(tzinfo=berlin) + dt.timedelta(days=730)))
 
     def quarter_end_freeze(self, now: dt.datetime) -> None:
         """A one-off freeze a few weeks ahead, so the calendar shows more than weekends."""

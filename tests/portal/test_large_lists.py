@@ -74,6 +74,32 @@ def test_any_other_search_is_the_admins_own_as_before(client, world, root):
     assert [r.pk for r in listing(client, root, RELEASES, q="2.0.0").context["cl"].result_list] == [other.pk]
 
 
+def test_a_search_finds_what_the_list_shows(client, world, root):
+    """What an analyst types after reading a row: the application and version as the row writes them,
+    the environment, a deployment's number, and who approved, rejected or reviewed it."""
+    from environments import services
+    from tests.conftest import person
+
+    older, newer = world.release(), world.release()
+    world.to_staging(older)
+    world.to_staging(newer)
+    production = world.deploy(older, world.production, actor=person(world.bob))  # approved by carol
+    refused = services.deployment_request(actor=person(world.bob), release=newer, environment=world.production)
+    services.deployment_reject(actor=person(world.erin), deployment_id=refused.pk, comment="not yet")
+
+    def found(**params):
+        return {d.pk for d in listing(client, root, DEPLOYMENTS, **params).context["cl"].result_list}
+
+    assert found(q=f"MAC {older.version}") == set(Deployment.objects.filter(release=older).values_list("pk", flat=True))
+    assert found(q="production") == {production.pk, refused.pk}
+    assert found(q=f"#{production.pk}") == found(q=str(production.pk)) >= {production.pk}
+    assert found(q="carol") == {production.pk} and found(q="erin") == {refused.pk}
+    assert found(q=f"Production {older.version}") == {production.pk}
+    releases = listing(client, root, RELEASES, q=f"mac {newer.version}")
+    assert [r.pk for r in releases.context["cl"].result_list] == [newer.pk]
+    assert "a version" in releases.content.decode()  # the list says what its search reads
+
+
 def three_in_staging(world) -> None:
     """Six deployments: three releases, each to QA and Staging."""
     for _ in range(3):
