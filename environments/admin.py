@@ -2,6 +2,7 @@ import copy
 import csv
 import datetime as dt
 import io
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from django import forms
 from django.contrib import admin, messages
@@ -160,6 +161,20 @@ class FreezeApplicationFilter(admin.SimpleListFilter):
         return queryset
 
 
+def _in_utc_and_local(moment: dt.datetime | None, zone: str) -> str:
+    """A freeze's time in UTC, as every page writes times, and in its own time zone where that is another
+    (a close that starts at midnight in Berlin starts at 23:00 UTC the day before)."""
+    if moment is None:
+        return ""
+    utc = f"{moment.astimezone(dt.UTC):%Y-%m-%d %H:%M} UTC"
+    if zone in ("UTC", "Etc/UTC"):
+        return utc
+    try:
+        return f"{utc} ({moment.astimezone(ZoneInfo(zone)):%Y-%m-%d %H:%M} {zone})"
+    except (ValueError, ZoneInfoNotFoundError):
+        return utc
+
+
 @admin.register(FreezeWindow)
 class FreezeWindowAdmin(OutcomeAdmin):
     """Freeze windows planned ahead, one-off or recurring. Saving and ending go through the services:
@@ -168,7 +183,7 @@ class FreezeWindowAdmin(OutcomeAdmin):
 
     form = FreezeWindowForm
     outcome_url = "admin:environments_freezewindow_changelist"
-    list_display = ["target", "schedule", "reason", "starts_at", "ends_at", "holds_now"]
+    list_display = ["target", "schedule", "reason", "starts", "ends", "holds_now"]
     list_filter = [FreezeApplicationFilter]
     list_select_related = ["environment__application", "application"]
     search_fields = ["reason"]
@@ -190,6 +205,14 @@ class FreezeWindowAdmin(OutcomeAdmin):
     @admin.display(description="schedule")
     def schedule(self, obj):
         return obj.schedule
+
+    @admin.display(description="starts", ordering="starts_at")
+    def starts(self, obj):
+        return _in_utc_and_local(obj.starts_at, obj.timezone)
+
+    @admin.display(description="ends", ordering="ends_at")
+    def ends(self, obj):
+        return _in_utc_and_local(obj.ends_at, obj.timezone)
 
     @admin.display(description="holds now")
     def holds_now(self, obj):

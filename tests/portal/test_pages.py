@@ -571,3 +571,15 @@ def test_the_deployment_list_names_the_portal_as_the_pages_do(client, people):
     people.release()
     listed = text(page(client, people.dave, reverse("admin:environments_deployment_changelist")))
     assert "the portal (automatic)" in listed
+
+
+def test_every_page_says_its_times_are_utc_and_a_freeze_shows_its_own_zone_too(client, people, make_user):
+    services.freeze_window_save(actor=SYSTEM, window=FreezeWindow(
+        environment=people.production, reason="close", timezone="Europe/Berlin",
+        starts_at=dt.datetime(2026, 12, 30, 23, tzinfo=dt.UTC), ends_at=dt.datetime(2027, 1, 2, 5, tzinfo=dt.UTC)))
+    root = make_user("root", superuser=True)
+    listed = text(page(client, root, reverse("admin:environments_freezewindow_changelist")))
+    assert "2026-12-30 23:00 UTC (2026-12-31 00:00 Europe/Berlin)" in listed
+    assert "2027-01-02 05:00 UTC (2027-01-02 06:00 Europe/Berlin)" in listed
+    for url in (reverse("admin:index"), reverse("admin:environments_deployment_changelist")):
+        assert "times in UTC" in text(page(client, root, url))
