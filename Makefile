@@ -5,8 +5,10 @@ BIN := $(VENV)/bin
 MANAGE := $(BIN)/python manage.py
 HOST ?= 127.0.0.1
 PORT ?= 8000
-# The demo cluster: HAProxy on CLUSTER_PORT, its three app instances on the next three ports.
-CLUSTER_PORT ?= 18080
+# The demo cluster: HAProxy on CLUSTER_PORT, its three app instances on the next three ports (unset: the
+# port of the cluster that runs already, else 18080).
+CLUSTER_PORT ?=
+CLUSTER_PORT_ARG = $(if $(CLUSTER_PORT),--port $(CLUSTER_PORT))
 # ansible-runner starts `ansible-playbook`: it must be on PATH.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
@@ -25,7 +27,7 @@ venv: $(BIN)/.installed
 # the web server (gunicorn) and the deploy worker (django-q2) together; Ctrl-C or SIGTERM stops both.
 # Every step is idempotent, so a second `make run` starts in seconds.
 run: venv
-	PORTAL_DEMO=1 exec $(MANAGE) run_demo --bind $(HOST):$(PORT) --cluster-port $(CLUSTER_PORT)
+	PORTAL_DEMO=1 exec $(MANAGE) run_demo --bind $(HOST):$(PORT) $(if $(CLUSTER_PORT),--cluster-port $(CLUSTER_PORT))
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -39,7 +41,7 @@ test-deploy-redis: venv
 	    $(BIN)/python -m pytest -m deploy $(PYTEST_ARGS)
 
 cluster: venv
-	PORTAL_DEMO=1 $(MANAGE) cluster start --bind --port $(CLUSTER_PORT)
+	PORTAL_DEMO=1 $(MANAGE) cluster start --bind $(CLUSTER_PORT_ARG)
 
 cluster-stop: venv
 	PORTAL_DEMO=1 $(MANAGE) cluster stop

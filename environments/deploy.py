@@ -28,6 +28,7 @@ import ansible_runner
 from ansible.inventory.manager import InventoryManager
 from ansible.parsing.dataloader import DataLoader
 from django.conf import settings
+from django.db.models import Q
 from django.utils import timezone
 
 from audit.actors import Actor
@@ -372,6 +373,23 @@ def execute(deployment_id: int) -> str | None:
     return finished.state
 
 
+def _engine_gone(engine: str, host: str) -> bool:
+    """Whether the worker process `engine` (host:pid) of this host no longer runs."""
+    name, _, pid = engine.rpartition(":")
+    if name != host or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # a process of another user has that number now: wait for the heartbeat to age
+    try:  # a zombie (its parent killed too, not yet reaped) is gone
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def reap_stale(*, stale_after: float | None = None) -> list[int]:
     """End `interrupted` every running deployment whose deploy job stopped giving signs of life.
 
@@ -385,7 +403,14 @@ def reap_stale(*, stale_after: float | None = None) -> list[int]:
     cutoff = timezone.now() - timedelta(seconds=stale_after)
     host = socket.gethostname()
     reaped = []
-    for deployment in Deployment.objects.filter(state=State.RUNNING, heartbeat_at__lt=cutoff):
+    # Stale, or run by a worker process of this host that is gone (a worker killed and started again
+    # need not wait for the heartbeat to age: its process is known dead at once).
+    candidates = Deployment.objects.filter(Q(heartbeat_at__lt=cutoff) | Q(engine__startswith=f"{host}:"),
+                                           state=State.RUNNING)
+    for deployment in candidates:
+        fresh = deployment.heartbeat_at is not None and deployment.heartbeat_at >= cutoff
+        if fresh and not _engine_gone(deployment.engine, host):
+            continue
         if not deployment.engine:
             services.deployment_redeliver(deployment_id=deployment.pk, stale_before=cutoff)
             continue

@@ -312,6 +312,9 @@ def rewrite_all_hashes_from(seq):
 def test_checkpoint_detects_a_rewritten_chain(world, history, tmp_path, key_file):
     cp = checkpoint(tmp_path)
     assert verify(cp)[0] == 0
+    err = StringIO()
+    call_command("verify_audit", "--checkpoint", str(cp), stdout=StringIO(), stderr=err)
+    assert f"The chain holds checkpoint {cp} (seq {json.loads(cp.read_text())['seq']}) unchanged." in err.getvalue()
     rewrite_all_hashes_from(5)
     assert verify()[0] == 0  # the chain alone looks fine after a full rewrite ...
     code, message = verify(cp)  # ... the checkpoint does not

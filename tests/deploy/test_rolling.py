@@ -130,12 +130,25 @@ def test_failing_health_check_stops_the_roll(world, deploy_dirs, artifact, clust
     assert deployment.progress["failed_host"] == "web2"
     assert deployment.result_detail.startswith('Failed on web2, task "Health check": ')
 
+    # started again (make run after an interrupted roll): the host left out is put back, and said so
+    from django.core.management import CommandError, call_command
+
+    out = io.StringIO()
+    (broken / "FAIL_HEALTH").unlink()  # its health is back; HAProxy still holds it out
+    call_command("cluster", "start", "--dir", str(cluster.directory), stdout=out)  # its port: the running one's
+    assert "web2 was left out of the load balancer (an interrupted rolling upgrade): put back." in out.getvalue()
+    assert cluster.server_status() == {"web1": "UP", "web2": "UP", "web3": "UP"}
+    assert f"Cluster at http://127.0.0.1:{cluster.front_port}/" in out.getvalue()
+    with pytest.raises(CommandError, match=f"The demo cluster runs on port {cluster.front_port}; stop it first"):
+        call_command("cluster", "start", "--dir", str(cluster.directory), "--port", str(cluster.front_port + 40))
+
 
 def test_cluster_status_says_what_runs_and_when_nothing_does(cluster):
     from django.core.management import CommandError, call_command
 
     out = io.StringIO()
-    call_command("cluster", "status", "--dir", str(cluster.directory), "--port", str(cluster.front_port), stdout=out)
+    call_command("cluster", "status", "--dir", str(cluster.directory), stdout=out)  # the port: the running one's
+    assert f"Cluster at http://127.0.0.1:{cluster.front_port}/" in out.getvalue()
     assert "web1 UP, web2 UP, web3 UP" in out.getvalue()
     cluster.stop()
     with pytest.raises(CommandError, match="The demo cluster is not running"):

@@ -133,8 +133,11 @@ def test_worker_killed_mid_deploy_leaves_an_interrupted_deployment(
     assert state_of(new.pk) == State.QUEUED  # it waits: never two at once, and never refused for it
     use_repo(world.qa, repo, "quick.yml")
 
-    time.sleep(3)
-    reap = subprocess.run([sys.executable, "manage.py", "reap_deployments", "--stale-after", "2"], cwd=ROOT,
+    # the worker starts again on this machine: its reaper need not wait for the heartbeat to age (120 s),
+    # the process that ran the deployment is gone
+    engine = int(Deployment.objects.get(pk=old.pk).engine.rsplit(":", 1)[1])
+    wait_for(lambda: not alive(engine), timeout=10, what="the worker's process to be gone")
+    reap = subprocess.run([sys.executable, "manage.py", "reap_deployments"], cwd=ROOT,
                           env=worker_env(deploy_dirs), capture_output=True, text=True, timeout=60)
     assert reap.returncode == 0 and f"[{old.pk}]" in reap.stdout, reap.stderr
     assert state_of(old.pk) == State.INTERRUPTED

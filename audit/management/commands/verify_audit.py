@@ -38,3 +38,5 @@ class Command(BaseCommand):
                 self.stderr.write(f"FAILED against checkpoint {checkpoint_file}: {problem}")
                 raise SystemExit(1)
         self.stdout.write(f"OK {result.count} {result.head_hash}")
+        if saved is not None:  # on stderr: stdout stays the one line scripts read
+            self.stderr.write(f"The chain holds checkpoint {checkpoint_file} (seq {saved.get('seq')}) unchanged.")

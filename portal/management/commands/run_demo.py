@@ -26,8 +26,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("--bind", default="127.0.0.1:8000", help="HOST:PORT of the web server.")
-        parser.add_argument("--cluster-port", type=int, default=18080,
-                            help="HAProxy front port of the demo cluster; its apps use the next three.")
+        parser.add_argument("--cluster-port", type=int, default=None,
+                            help="HAProxy front port of the demo cluster; its apps use the next three (default: "
+                                 "the running cluster's, else 18080).")
 
     def handle(self, *args, bind, cluster_port, **options):
         try:
@@ -38,12 +39,13 @@ class Command(BaseCommand):
         connections.close_all()
         call_command("serve", "--bind", bind)
 
-    def _prepare(self, bind: str, cluster_port: int) -> None:
+    def _prepare(self, bind: str, cluster_port: int | None) -> None:
         call_command("migrate", interactive=False, verbosity=1, stdout=self.stdout)
         call_command("collectstatic", interactive=False, verbosity=0)
         call_command("demo_data", stdout=self.stdout)
         if haproxy_available():
-            call_command("cluster", "start", "--bind", "--port", str(cluster_port), stdout=self.stdout)
+            port = ["--port", str(cluster_port)] if cluster_port else []
+            call_command("cluster", "start", "--bind", *port, stdout=self.stdout)
         else:
             self.stdout.write("haproxy is not installed: Production uses the demo playbook.\n"
                               "For the rolling-upgrade cluster: apt-get install haproxy, then make run again.")

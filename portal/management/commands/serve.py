@@ -99,7 +99,8 @@ class Command(BaseCommand):
             if child.running:
                 self.stderr.write(f"The {child.name} did not stop in time: killed.")
                 if child.name == "worker":
-                    self.stderr.write("A deployment it was running ends `interrupted` (reap_deployments) when its "
-                                      f"heartbeat is {settings.PORTAL_DEPLOY_STALE_SECONDS} seconds old.")
+                    self.stderr.write("A deployment it was running ends `interrupted` when the worker starts again "
+                                      "on this machine (reap_deployments), or on another one when its heartbeat is "
+                                      f"{settings.PORTAL_DEPLOY_STALE_SECONDS} seconds old.")
             child.kill_group()
             child.process.wait()
