@@ -143,16 +143,19 @@ class Progress:
         if self.pid is None and event.get("pid"):
             self.pid = event["pid"]
         if kind == "playbook_on_play_start":
+            # Ansible starts the play again for each batch of a serial play (a rolling upgrade's one host
+            # at a time): the hosts of the batch before are done, unless they failed. Hosts of one batch
+            # run side by side, so another host answering says nothing about the one before.
+            for host, state in self.hosts.items():
+                if state == "upgrading":
+                    self.hosts[host] = "done"
             pattern = data.get("play_pattern") or "all"
             self.hosts_total = max(self.hosts_total, self.group_sizes.get(pattern, self.group_sizes.get("all", 0)))
         elif kind == "playbook_on_task_start":
             self.current_task = data.get("task", "")
         elif kind in RESULT_EVENTS:
             host = data.get("host", "")
-            if host and host != self.current_host:
-                # serial plays: a host is done once the next one starts and it did not fail
-                if self.hosts.get(self.current_host) == "upgrading":
-                    self.hosts[self.current_host] = "done"
+            if host:
                 self.current_host = host
             if host and self.hosts.get(host) not in ("failed",):
                 self.hosts[host] = "upgrading"

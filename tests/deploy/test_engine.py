@@ -176,3 +176,47 @@ def test_a_task_for_a_deployment_this_database_does_not_have_is_ignored(db, capl
     assert deploy.execute(987_654) is None
     assert "deployment 987654 does not exist in this database" in caplog.text
     assert AuditEvent.objects.count() == before and not Deployment.objects.exists()
+
+
+def test_progress_follows_what_ansible_says_of_each_host(tmp_path):
+    """Real Ansible events, two hosts: side by side in one batch, neither is done before the batch ends
+    (a host answering says nothing of the other); one at a time (serial), a host is done when the next
+    batch starts; a run stopped midway leaves its hosts `stopped`."""
+    import os
+    import sys
+
+    import ansible_runner
+
+    (tmp_path / "project").mkdir()
+    (tmp_path / "inventory").mkdir()
+    (tmp_path / "inventory" / "hosts").write_text(
+        "[cluster]\nh1\nh2\n[cluster:vars]\nansible_connection=local\n"
+        f"ansible_python_interpreter={sys.executable}\n")
+
+    def states(serial: bool) -> list[dict]:
+        play = ("- hosts: cluster\n  gather_facts: false\n" + ("  serial: 1\n" if serial else "")
+                + "  tasks:\n    - debug: msg=one\n    - debug: msg=two\n")
+        (tmp_path / "project" / "play.yml").write_text(play)
+        progress, seen = deploy.Progress(deployment_id=0, group_sizes={"cluster": 2, "all": 2}), []
+
+        def on_event(event):
+            progress.on_event(event)
+            if event.get("event") in ("runner_on_ok", "playbook_on_play_start"):
+                seen.append(dict(progress.hosts))
+            return True
+
+        runner = ansible_runner.run(private_data_dir=str(tmp_path), playbook="play.yml", quiet=True,
+                                    event_handler=on_event, envvars={
+                                        "ANSIBLE_FORKS": "2", "PATH": deploy._venv_bin() + os.pathsep + os.environ["PATH"]})
+        assert runner.status == "successful", runner.stdout.read()
+        assert progress.hosts == {"h1": "done", "h2": "done"} and progress.as_dict()["hosts_done"] == 2
+        return seen
+
+    side_by_side = states(serial=False)
+    assert all("done" not in s.values() for s in side_by_side)  # until the end of the play
+    one_at_a_time = states(serial=True)
+    assert {"h1": "done"} in [{h: s for h, s in seen.items() if h == "h1"} for seen in one_at_a_time
+                              if "h2" in seen and seen["h2"] == "upgrading"]
+    stopped = deploy.Progress(deployment_id=0, hosts={"h1": "done", "h2": "upgrading"}, current_task="two")
+    stopped.stop()
+    assert (stopped.hosts, stopped.current_task) == ({"h1": "done", "h2": "stopped"}, "")
