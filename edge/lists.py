@@ -200,6 +200,8 @@ class ReleaseSearch:
     release_path = "release"  # the path from the listed model to its release ("pk" for releases)
     release_search: tuple[str, ...] = ("version", "issue_keys")  # of RELEASE_TERMS
     own_search: tuple[str, ...] = ()  # columns of the listed model, searched as icontains
+    numbered = False  # whether the list shows its rows' numbers (#71): a number then finds its row
+    joining: frozenset[str] = frozenset()  # words of a row's title that find nothing ("MAC 1.3.1 to QA")
 
     def named(self) -> dict[str, set[str]]:
         """Paths of the listed model whose values a word may name exactly (any case), with those values
@@ -219,7 +221,8 @@ class ReleaseSearch:
             return queryset.filter(**{f"{self.release_path}__in": carrying}), False
         model = queryset.model
         named = self.named()
-        for word in search_words(search_term):
+        words = search_words(search_term)
+        for word in [w for w in words if w.lower() not in self.joining] or words:
             path = next((path for path, values in named.items() if word.lower() in values), None)
             if path is not None:
                 queryset = queryset.filter(**{f"{path}__iexact": word})
@@ -233,7 +236,7 @@ class ReleaseSearch:
                 matching = matching.union(
                     model._default_manager.filter(**{f"{column}__icontains": word}).order_by().values("pk"))
             number = word.removeprefix("#")
-            if number.isdigit() and len(number) < 19:  # a row's own number: #71 or 71
+            if self.numbered and number.isdigit() and len(number) < 19:  # a row's own number: #71 or 71
                 matching = matching.union(model._default_manager.filter(pk=int(number)).order_by().values("pk"))
             for more in self.more_matches(word):
                 matching = matching.union(more)

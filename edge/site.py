@@ -42,6 +42,8 @@ class PortalAdminSite(admin.AdminSite):
         if query:
             if key := as_issue_key(query):
                 return redirect("admin:change_journey", issue_key=key)
+            if query.startswith("#") and query[1:].isdigit() and len(query) < 20:  # a deployment, as pages name it
+                return redirect("admin:environments_deployment_change", int(query[1:]))
             return redirect(reverse("admin:releases_release_changelist") + "?" + urlencode({"q": query}))
         return super().index(request, extra_context={**self.board_context(request), **(extra_context or {})})
 

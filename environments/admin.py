@@ -426,6 +426,8 @@ def _outcome(deployment: Deployment, done: str) -> str:
     state = deployment.get_state_display().lower()
     if done == "cancelled" and deployment.state == Deployment.State.RUNNING:
         return "cancel requested, the playbook is being stopped"
+    if done == "reviewed":  # a review changes no state: say the one it has
+        return "reviewed" if deployment.state in Deployment.OPEN_STATES else f"reviewed (it {state})"
     return done if state == done else f"{done}, now {state}"
 
 
@@ -458,6 +460,7 @@ class DeploymentAdmin(ReleaseSearch, admin.ModelAdmin):
     list_filter = ["state", "environment__application", ("environment__name", EnvironmentNameFilter), "emergency"]
     search_fields = ["release__version", "requested_by_label", "release__issues__key"]  # by ReleaseSearch
     own_search = ("requested_by_label",)
+    numbered, joining = True, frozenset({"to"})  # a row reads "#71 MAC 1.3.1 to Production"
     search_help_text = ("An issue key, a version, a deployment's number, the application or environment by name, "
                         "or who requested, approved, rejected or reviewed it (a user name).")
 
@@ -541,12 +544,16 @@ class DeploymentAdmin(ReleaseSearch, admin.ModelAdmin):
         live = selectors.deployment_live(deployment)
         running = selectors.current_deployments([deployment.environment_id]).get(deployment.environment_id) \
             if live["open"] else None
+        before = selectors.ran_before(deployment) if not live["open"] and deployment.started_at else None
         context = {
             **self.admin_site.each_context(request), "title": f"Deployment #{deployment.pk}", "opts": self.opts,
             "original": deployment, "deployment": deployment, "live": live,
             # what an open deployment would replace; an older release going back is a rollback, said so
             "replaces": running if running and running.release_id != deployment.release_id else None,
             "rollback": bool(running and running.release_id > deployment.release_id),
+            # and what an ended one replaced (or was to replace): as the changes report says it
+            "ran_before": before if before and before.release_id != deployment.release_id else None,
+            "rolled_back": bool(before and before.release_id > deployment.release_id),
             "offers": deployment_offers(admin_actor(request), deployment),
             # an emergency waiting for its review: who could give it (none: someone must be given the right)
             "reviewers": policy.possible_reviewers(deployment.release, deployment.environment,

@@ -302,6 +302,14 @@ def approved_prefetch() -> Prefetch:
                     queryset=Approval.objects.filter(decision=Approval.Decision.APPROVE).select_related("approver"))
 
 
+def ran_before(deployment: Deployment) -> Deployment | None:
+    """The deployment whose release ran in the environment when `deployment` started: the last success
+    there before it (evidence.reports' replaced_version). One query."""
+    return (Deployment.objects.filter(environment_id=deployment.environment_id, state=State.SUCCEEDED,
+                                      finished_at__lt=deployment.started_at)
+            .select_related("release").order_by("-finished_at", "-id").first())
+
+
 def current_deployments(environment_ids) -> dict[int, Deployment]:
     """Per environment, the deployment whose release runs there now: its last succeeded one. Three queries."""
     last = Deployment.objects.filter(environment=OuterRef("pk"), state=State.SUCCEEDED).order_by("-finished_at", "-id")

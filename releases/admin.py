@@ -92,7 +92,7 @@ class ReleaseAdmin(ReleaseSearch, ReadOnlyAdmin):
     search_fields = ["version", "issues__key", "implementers__identity"]  # searched by ReleaseSearch
     release_path = "pk"
     release_search = ("version", "issue_keys", "implementers")
-    search_help_text = "An issue key, a version, an implementer, a release's number, or the application by name."
+    search_help_text = "An issue key, a version, an implementer, or the application by name."
     paginator = LargeTablePaginator
 
     def named(self):

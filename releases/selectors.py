@@ -297,10 +297,12 @@ def _where_now(releases: list[Release]) -> list[dict]:
             row.update(state=entry["state"], version=entry["version"], deployment_id=entry["id"], since=None,
                        waiting_for=entry["waiting_for"])
         else:
-            reached = any(d.environment_id == environment.pk and d.state == Deployment.State.SUCCEEDED
-                          for r in releases for d in r.deployments.all())
+            reached = [r.pk for r in releases for d in r.deployments.all()
+                       if d.environment_id == environment.pk and d.state == Deployment.State.SUCCEEDED]
             row.update(state="replaced" if reached else "not_reached", version=None, deployment_id=None, since=None,
-                       waiting_for="")
+                       waiting_for="",
+                       # what runs there now is older than what carried the change there: a rollback
+                       rolled_back=bool(reached and running is not None and running.release_id < max(reached)))
         rows.append(row)
     return rows
 
@@ -326,9 +328,12 @@ def _summary(key: str, builds: list[Build], releases: list[Release], now: list[d
                          f"{env_selectors.waiting_phrase(n['waiting_for'])}")
         elif n["state"] == Deployment.State.RUNNING:
             parts.append(f"is being deployed to {n['environment']} ({n['version']})")
-    replaced = [n["environment"] for n in now if n["state"] == "replaced"]
+    replaced = [n["environment"] for n in now if n["state"] == "replaced" and not n.get("rolled_back")]
     if replaced:
         parts.append(f"ran in {_names(replaced)}, where later releases replaced it")
+    for n in now:
+        if n["state"] == "replaced" and n.get("rolled_back"):
+            parts.append(f"ran in {n['environment']}, which was rolled back to {n['current_version']}")
     later = [n["environment"] for n in now if n["state"] == "not_reached"]
     if later:
         parts.append(f"has not reached {_names(later)} yet")

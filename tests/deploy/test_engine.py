@@ -205,9 +205,9 @@ def test_progress_follows_what_ansible_says_of_each_host(tmp_path):
                 seen.append(dict(progress.hosts))
             return True
 
+        path = deploy._venv_bin() + os.pathsep + os.environ["PATH"]
         runner = ansible_runner.run(private_data_dir=str(tmp_path), playbook="play.yml", quiet=True,
-                                    event_handler=on_event, envvars={
-                                        "ANSIBLE_FORKS": "2", "PATH": deploy._venv_bin() + os.pathsep + os.environ["PATH"]})
+                                    event_handler=on_event, envvars={"ANSIBLE_FORKS": "2", "PATH": path})
         assert runner.status == "successful", runner.stdout.read()
         assert progress.hosts == {"h1": "done", "h2": "done"} and progress.as_dict()["hosts_done"] == 2
         return seen

@@ -95,6 +95,11 @@ def test_a_search_finds_what_the_list_shows(client, world, root):
     assert found(q=f"#{production.pk}") == {production.pk} and production.pk in found(q=str(production.pk))
     assert found(q="carol") == {production.pk} and found(q="erin") == {refused.pk}
     assert found(q=f"Production {older.version}") == {production.pk}
+    assert found(q=f"MAC {older.version} to Production") == {production.pk}  # a row's title, pasted
+    assert not listing(client, root, RELEASES, q=f"#{older.pk}").context["cl"].result_list  # not shown there
+    client.force_login(root)
+    assert client.get(reverse("admin:index"), {"q": f"#{production.pk}"}).url == reverse(
+        "admin:environments_deployment_change", args=[production.pk])
     releases = listing(client, root, RELEASES, q=f"mac {newer.version}")
     assert [r.pk for r in releases.context["cl"].result_list] == [newer.pk]
     assert "a version" in releases.content.decode()  # the list says what its search reads

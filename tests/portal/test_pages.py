@@ -204,6 +204,18 @@ def test_journey_says_who_approved_and_where_the_change_is_now(client, people):
                                "later releases replaced it.")
 
 
+def test_journey_says_where_a_change_was_rolled_back(client, people):
+    older = in_staging(people, version="2.0.0", issue_keys=["BIZPLAT-6"])
+    change = in_staging(people, version="2.1.0", issue_keys=["BIZPLAT-7"])
+    people.deploy(older, people.production, actor=person(people.bob))
+    people.deploy(change, people.production, actor=person(people.bob))
+    people.deploy(older, people.production, actor=person(people.bob))  # back to 2.0.0: a rollback
+    shown = page(client, people.dave, reverse("admin:change_journey", args=["BIZPLAT-7"]))
+    assert shown.context["journey"].summary == (
+        "BIZPLAT-7 runs in QA and Staging (2.1.0); ran in Production, which was rolled back to 2.0.0.")
+    assert "2.0.0 runs here now (rolled back to it)." in text(shown)
+
+
 def test_journey_shows_an_emergency_as_one_and_who_reviewed_it(client, people):
     release = in_staging(people, issue_keys=["BIZPLAT-8"])
     emergency = services.deployment_request(actor=person(people.bob), release=release,
@@ -377,6 +389,14 @@ def test_deployment_page_says_what_it_replaces_and_when_that_is_a_rollback(clien
     latest = in_staging(people, version="3.2.0")
     shown = text(page(client, people.carol, deployment_url(awaiting(people, latest))))
     assert "<dd id=\"replaces\">3.1.0, which runs in Production now" in shown and "rollback" not in shown
+    # once it ran, the page still says what it replaced, and that it was a rollback (as the changes report)
+    services.deployment_approve(actor=person(people.carol), deployment_id=stale.pk)
+    services.deployment_start(deployment_id=stale.pk)
+    services.deployment_record_result(deployment_id=stale.pk, state=State.SUCCEEDED)
+    shown = text(page(client, people.dave, deployment_url(stale)))
+    assert "<dt>Replaced</dt><dd id=\"replaced\">" in shown
+    assert ">3.1.0</a>, which ran in Production when it started" in shown
+    assert "3.1.0 was registered after 3.0.0: this deployment took the environment back to the older release" in shown
 
 
 def test_deployment_page_offers_approve_reject_cancel_the_way_the_policy_decides(client, people):
