@@ -550,10 +550,10 @@ class DeploymentAdmin(ReleaseSearch, admin.ModelAdmin):
             "original": deployment, "deployment": deployment, "live": live,
             # what an open deployment would replace; an older release going back is a rollback, said so
             "replaces": running if running and running.release_id != deployment.release_id else None,
-            "rollback": bool(running and running.release_id > deployment.release_id),
+            "rollback": policy.is_rollback(deployment.release_id, running and running.release_id),
             # and what an ended one replaced (or was to replace): as the changes report says it
             "ran_before": before if before and before.release_id != deployment.release_id else None,
-            "rolled_back": bool(before and before.release_id > deployment.release_id),
+            "rolled_back": policy.is_rollback(deployment.release_id, before and before.release_id),
             "offers": deployment_offers(admin_actor(request), deployment),
             # an emergency waiting for its review: who could give it (none: someone must be given the right)
             "reviewers": policy.possible_reviewers(deployment.release, deployment.environment,

@@ -607,6 +607,13 @@ def check_not_back_to_older(release: Release, environment: Environment) -> Refus
     return None
 
 
+def is_rollback(release_id: int, running_release_id: int | None) -> bool:
+    """Whether deploying release `release_id` where `running_release_id` runs takes the environment back
+    to an older release: one registered before the one it runs (what NEWER_RELEASE_THERE keeps the
+    portal from doing by itself, and what pages and reports call a rollback)."""
+    return running_release_id is not None and running_release_id > release_id
+
+
 def check_not_expired(deployment: Deployment, now: dt.datetime | None = None) -> Refusal | None:
     """Rule 5: a request (and the approvals it gathered) is valid until it expires."""
     if deployment.expires_at is not None and deployment.expires_at <= (now or timezone.now()):

@@ -371,9 +371,9 @@ def _on_their_way(applications, ordered: dict[int, list[Environment]], current: 
                                row["required_approvals"]) if row else ""
             if row and row["state"] != State.SUCCEEDED and (release.pk, environment.pk) in reached:
                 label = f"{label}; ran here before"  # a rollback replaced it, and a later attempt did not run
-            now = current.get(environment.pk)
-            if row and row["state"] == State.SUCCEEDED and now is not None and now.release_id < release.pk:
-                label = f"done; rolled back to {now.release.version}"  # what runs there now is older
+            now = current.get(environment.pk)  # older than this release: the environment was rolled back
+            if row and row["state"] == State.SUCCEEDED and now and policy.is_rollback(now.release_id, release.pk):
+                label = f"done; rolled back to {now.release.version}"
             steps.append({"environment": environment, "state": row["state"] if row else "",
                           "deployment_id": row["id"] if row else None, "label": label})
         way[release.application_id].append({"release": release, "steps": steps})
@@ -425,7 +425,7 @@ def awaiting_decision_of(actor: Actor) -> list[Deployment]:
     current = current_deployments({d.environment_id for d in mine}) if mine else {}
     for d in mine:
         now = current.get(d.environment_id)
-        d.rolls_back_from = now.release if now is not None and now.release_id > d.release_id else None
+        d.rolls_back_from = now.release if policy.is_rollback(d.release_id, now and now.release_id) else None
     return mine
 
 

@@ -122,7 +122,7 @@ def changes_rows(period: Period) -> Iterator[tuple]:
         *row, replaced_release, release_id = row
         row[9], row[10], row[16] = _sorted_list(row[9]), _sorted_list(row[10]), _sorted_list(row[16])
         # a rollback: the attempt took the environment back to a release older than the one it ran
-        yield [*row, replaced_release is not None and replaced_release > release_id]
+        yield [*row, policy.is_rollback(release_id, replaced_release)]
 
 
 # --- exceptions ------------------------------------------------------------------------------------

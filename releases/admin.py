@@ -163,7 +163,7 @@ class ReleaseAdmin(ReleaseSearch, ReadOnlyAdmin):
             standing["offers"] = [o for o in offers if o.target == standing["environment"]]
             # before the click: a deployment offered here would take the environment back to an older release
             now = standing["current"]
-            standing["rolls_back_from"] = now.release if now and now.release_id > release.pk and any(
+            standing["rolls_back_from"] = now.release if policy.is_rollback(release.pk, now and now.release_id) and any(
                 o.allowed for o in standing["offers"]) else None
         release = page["release"]
         context = {

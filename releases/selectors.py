@@ -13,6 +13,7 @@ from django.db.transaction import TransactionManagementError
 from core.compiled import CompiledRead, Pending, model_fields, together
 from core.decisions import NotFound
 from core.times import iso_or_none as _time
+from environments import policy
 from environments import selectors as env_selectors
 from environments.models import Deployment, Environment
 from releases.models import Application, Build, BuildIssue, Implementer, Release, ReleaseIssue
@@ -302,7 +303,7 @@ def _where_now(releases: list[Release]) -> list[dict]:
             row.update(state="replaced" if reached else "not_reached", version=None, deployment_id=None, since=None,
                        waiting_for="",
                        # what runs there now is older than what carried the change there: a rollback
-                       rolled_back=bool(reached and running is not None and running.release_id < max(reached)))
+                       rolled_back=bool(reached and running) and policy.is_rollback(running.release_id, max(reached)))
         rows.append(row)
     return rows
 

@@ -12,20 +12,24 @@ from io import StringIO
 from pathlib import Path
 
 import pytest
+from django.contrib.auth.models import Group, Permission
 from django.core.management import call_command
 from django.db import connection
 from django.urls import reverse
 from django.utils import timezone
+from guardian.shortcuts import assign_perm
 
+from access.services import group_delete, group_permissions_change, group_rename, user_save
 from audit import chain, triggers
 from audit.models import AuditEvent
 from core.decisions import PolicyRefusal
 from core.times import iso
 from environments import services
-from environments.models import Deployment, FreezeWindow
+from environments.models import Approval, Deployment, FreezeWindow
 from evidence.reports import Export, Period, safe_cell
 from portal.management.demo_history import moved_time
-from releases.services import PullRequest
+from releases.models import VcsAlias
+from releases.services import PullRequest, vcs_alias_add
 from tests.conftest import SYSTEM, person
 
 State = Deployment.State
@@ -174,10 +178,6 @@ def test_access_shows_who_can_deploy_since_when_and_conflicts(world, history, ma
 def test_access_lists_what_changed_the_rights_of_a_group(world, history, make_user):
     """A group's members hold what it holds: its permissions changed, and the group deleted with who lost
     what, are among the administrator actions."""
-    from django.contrib.auth.models import Group, Permission
-
-    from access.services import group_delete, group_permissions_change
-
     root = make_user("root", superuser=True)
     ops = Group.objects.create(name="ops")
     services.group_membership_change(actor=person(root), group=ops, user=world.dave, add=True)
@@ -550,10 +550,6 @@ def test_exceptions_show_where_a_table_was_changed_outside_the_portal(world, his
     """The reports read the working tables; someone who writes the database directly changes those and
     not the chain. The exceptions report reads each restricted deployment and every VCS alias against
     their audit events and lists what disagrees (nothing, as long as only the portal wrote)."""
-    from access.services import user_save
-    from environments.models import Approval
-    from releases.models import VcsAlias
-    from releases.services import vcs_alias_add
 
     alias = vcs_alias_add(actor=SYSTEM, user=world.carol, identity="carol-old@example.com")
     world.carol.username = "caroline"  # a rename, through the portal: her old name becomes her alias
@@ -600,11 +596,6 @@ def test_exceptions_show_where_a_table_was_changed_outside_the_portal(world, his
 def test_exceptions_show_a_right_to_deploy_or_approve_given_outside_the_portal(world, history):
     """Who may deploy to or approve for a restricted environment is read from guardian's tables and
     the groups; a grant or a membership written there directly has no audit event behind it."""
-    from django.contrib.auth.models import Group
-    from guardian.shortcuts import assign_perm
-
-    from access.services import group_delete, group_rename, user_save
-
     def mismatches():
         return {r["detail"] for r in export("exceptions")[2] if r["kind"] == "evidence_mismatch"}
 

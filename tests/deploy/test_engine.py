@@ -1,6 +1,10 @@
 """The deploy engine with real ansible-runner and the bundled demo playbook."""
 
+import os
+import sys
 from pathlib import Path
+
+import ansible_runner
 
 from audit import chain
 from audit.models import AuditEvent
@@ -182,11 +186,6 @@ def test_progress_follows_what_ansible_says_of_each_host(tmp_path):
     """Real Ansible events, two hosts: side by side in one batch, neither is done before the batch ends
     (a host answering says nothing of the other); one at a time (serial), a host is done when the next
     batch starts; a run stopped midway leaves its hosts `stopped`."""
-    import os
-    import sys
-
-    import ansible_runner
-
     (tmp_path / "project").mkdir()
     (tmp_path / "inventory").mkdir()
     (tmp_path / "inventory" / "hosts").write_text(

@@ -8,7 +8,7 @@ from django.utils import timezone
 
 from audit.models import AuditEvent
 from core.decisions import PolicyRefusal
-from environments import selectors, services
+from environments import policy, selectors, services
 from environments.models import Deployment, FreezeWindow
 from releases.models import VcsAlias
 from releases.services import PullRequest
@@ -558,3 +558,8 @@ def test_non_restricted_environment_needs_a_deploy_permission(world):
     release = world.release()
     refused("NOT_PERMITTED", request, world, release, world.qa, world.dave)
     assert request(world, release, world.qa, world.alice).state == State.RUNNING
+
+
+def test_a_rollback_is_a_release_registered_before_the_one_that_runs():
+    """One rule for every page and report that says "rollback" (and for NEWER_RELEASE_THERE's order)."""
+    assert [policy.is_rollback(5, running) for running in (7, 5, 3, None)] == [True, False, False, False]

@@ -11,8 +11,10 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from audit.models import AuditEvent
+from environments import services
 from environments.models import Deployment
 from releases.models import as_issue_key
+from tests.conftest import person
 
 DEPLOYMENTS = reverse("admin:environments_deployment_changelist")
 RELEASES = reverse("admin:releases_release_changelist")
@@ -77,9 +79,6 @@ def test_any_other_search_is_the_admins_own_as_before(client, world, root):
 def test_a_search_finds_what_the_list_shows(client, world, root):
     """What an analyst types after reading a row: the application and version as the row writes them,
     the environment, a deployment's number, and who approved, rejected or reviewed it."""
-    from environments import services
-    from tests.conftest import person
-
     older, newer = world.release(), world.release()
     world.to_staging(older)
     world.to_staging(newer)

@@ -14,6 +14,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from audit.models import AuditEvent
+from edge.templatetags import took
 from environments import services
 from environments.models import Deployment, DeploymentEvent, Environment, FreezeWindow
 from releases import selectors as release_selectors
@@ -577,8 +578,6 @@ def test_an_emergency_is_an_open_exception_on_the_board_until_someone_else_revie
 
 def test_spans_add_up_with_the_times_the_pages_show():
     """A page writes times to the second (truncated): the span between two of them is their difference."""
-    from edge.templatetags import took
-
     queued = dt.datetime(2026, 11, 30, 23, 37, 53, 900_000, tzinfo=dt.UTC)
     started = dt.datetime(2026, 11, 30, 23, 38, 13, 100_000, tzinfo=dt.UTC)  # shown 23:38:13
     finished = dt.datetime(2026, 11, 30, 23, 38, 16, 950_000, tzinfo=dt.UTC)  # shown 23:38:16
