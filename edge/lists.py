@@ -236,7 +236,7 @@ class ReleaseSearch:
                 matching = matching.union(
                     model._default_manager.filter(**{f"{column}__icontains": word}).order_by().values("pk"))
             number = word.removeprefix("#")
-            if self.numbered and number.isdigit() and len(number) < 19:  # a row's own number: #71 or 71
+            if self.numbered and number.isascii() and number.isdigit() and len(number) < 19:  # #71 or 71
                 matching = matching.union(model._default_manager.filter(pk=int(number)).order_by().values("pk"))
             for more in self.more_matches(word):
                 matching = matching.union(more)

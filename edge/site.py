@@ -4,6 +4,7 @@ a search for a change's issue key; a change's journey has a page of its own."""
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlencode
 
 from django.contrib import admin
@@ -42,7 +43,7 @@ class PortalAdminSite(admin.AdminSite):
         if query:
             if key := as_issue_key(query):
                 return redirect("admin:change_journey", issue_key=key)
-            if query.startswith("#") and query[1:].isdigit() and len(query) < 20:  # a deployment, as pages name it
+            if re.fullmatch(r"#[0-9]{1,18}", query):  # a deployment, as the pages name it
                 return redirect("admin:environments_deployment_change", int(query[1:]))
             return redirect(reverse("admin:releases_release_changelist") + "?" + urlencode({"q": query}))
         return super().index(request, extra_context={**self.board_context(request), **(extra_context or {})})

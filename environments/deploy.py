@@ -406,9 +406,12 @@ def reap_stale(*, stale_after: float | None = None) -> list[int]:
     cutoff = timezone.now() - timedelta(seconds=stale_after)
     host = socket.gethostname()
     reaped = []
-    # Stale, or run by a worker process of this host that is gone (a worker killed and started again
-    # need not wait for the heartbeat to age: its process is known dead at once).
-    candidates = Deployment.objects.filter(Q(heartbeat_at__lt=cutoff) | Q(engine__startswith=f"{host}:"),
+    # Stale, or run by a worker process of this host that is gone and silent for PORTAL_DEPLOY_GONE_SECONDS (a
+    # worker killed and started again need not wait the whole stale time). The heartbeat still has to
+    # have stopped: a worker of another PID namespace with the same host name beats every 2 seconds.
+    gone_cutoff = timezone.now() - timedelta(seconds=min(stale_after, settings.PORTAL_DEPLOY_GONE_SECONDS))
+    candidates = Deployment.objects.filter(Q(heartbeat_at__lt=cutoff) | Q(engine__startswith=f"{host}:",
+                                                                         heartbeat_at__lt=gone_cutoff),
                                            state=State.RUNNING)
     for deployment in candidates:
         fresh = deployment.heartbeat_at is not None and deployment.heartbeat_at >= cutoff

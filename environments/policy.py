@@ -657,10 +657,15 @@ def _as_decision(refusal: Refusal | None, next_step: str = Next.APPLY, checks: t
 
 
 def stated(reason: str) -> str:
-    """A reason as given, stripped, or "" when it shows nothing (whitespace, invisible formatting or
-    control characters): an emergency needs a reason a person can read (rule 7)."""
-    shown = any(not (c.isspace() or unicodedata.category(c) in ("Cf", "Cc")) for c in reason)
+    """A reason as given, stripped, or "" when it shows nothing (no letter, digit, punctuation or symbol
+    that shows: only whitespace, invisible formatting, control, combining or private-use characters, or
+    blank-looking ones): an emergency needs a reason a person can read (rule 7)."""
+    shown = any(unicodedata.category(c)[0] in "LNPS" and c not in BLANK_LOOKING for c in reason)
     return reason.strip() if shown else ""
+
+
+# Letters and symbols that show nothing: the braille blank and the Hangul fillers.
+BLANK_LOOKING = frozenset("\u2800\u3164\uffa0\u115f\u1160")
 
 
 def decide_request(

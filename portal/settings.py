@@ -194,6 +194,8 @@ PORTAL_DEPLOY_DIR = Path(os.environ.get("PORTAL_DEPLOY_DIR", VAR_DIR / "deployme
 PORTAL_DEPLOY_ROOT = Path(os.environ.get("PORTAL_DEPLOY_ROOT", VAR_DIR / "deploy"))  # where the demo installs
 PORTAL_DEPLOY_TIMEOUT = int(os.environ.get("PORTAL_DEPLOY_TIMEOUT", "3600"))  # seconds, one playbook run
 PORTAL_DEPLOY_STALE_SECONDS = int(os.environ.get("PORTAL_DEPLOY_STALE_SECONDS", "120"))  # heartbeat age
+# ... and of one whose worker process on this host is gone
+PORTAL_DEPLOY_GONE_SECONDS = int(os.environ.get("PORTAL_DEPLOY_GONE_SECONDS", "30"))
 
 # Notifications: attempts and the pause before each retry (seconds).
 PORTAL_NOTIFY_BACKOFF = [float(x) for x in os.environ.get("PORTAL_NOTIFY_BACKOFF", "2,10,60").split(",")]

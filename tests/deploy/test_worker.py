@@ -137,8 +137,10 @@ def test_worker_killed_mid_deploy_leaves_an_interrupted_deployment(
     # the process that ran the deployment is gone
     engine = int(Deployment.objects.get(pk=old.pk).engine.rsplit(":", 1)[1])
     wait_for(lambda: not alive(engine), timeout=10, what="the worker's process to be gone")
+    time.sleep(2)  # and silent for PORTAL_DEPLOY_GONE_SECONDS (1 here, 30 by default; stale: 120)
     reap = subprocess.run([sys.executable, "manage.py", "reap_deployments"], cwd=ROOT,
-                          env=worker_env(deploy_dirs), capture_output=True, text=True, timeout=60)
+                          env={**worker_env(deploy_dirs), "PORTAL_DEPLOY_GONE_SECONDS": "1"},
+                          capture_output=True, text=True, timeout=60)
     assert reap.returncode == 0 and f"[{old.pk}]" in reap.stdout, reap.stderr
     assert state_of(old.pk) == State.INTERRUPTED
     assert state_of(new.pk) == State.RUNNING  # the interrupted one's end started the next

@@ -452,7 +452,8 @@ def test_emergency_skips_freeze_and_approval_but_not_separation_of_duties(world,
     assert deployment.state == State.RUNNING and deployment.emergency
 
 
-@pytest.mark.parametrize("reason", ["\u200b", " \u2060\t", "\ufeff\u200d"])
+@pytest.mark.parametrize("reason", ["\u200b", " \u2060\t", "\ufeff\u200d", "\u2800", "\u3164\uffa0",
+                                    "\u034f\ufe0f", "\ue000"])
 def test_a_reason_that_shows_nothing_makes_no_emergency(world, frozen_production, reason):
     """Rule 7 asks for a reason a person can read: an invisible one is none, and a frozen environment
     refuses the request as it refuses any other."""

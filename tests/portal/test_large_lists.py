@@ -95,6 +95,9 @@ def test_a_search_finds_what_the_list_shows(client, world, root):
     assert found(q="carol") == {production.pk} and found(q="erin") == {refused.pk}
     assert found(q=f"Production {older.version}") == {production.pk}
     assert found(q=f"MAC {older.version} to Production") == {production.pk}  # a row's title, pasted
+    assert found(q="²") == found(q="#²") == set()  # a digit int() does not read is no number
+    client.force_login(root)
+    assert client.get(reverse("admin:index"), {"q": "#²"}).status_code == 302  # to the releases' search
     assert not listing(client, root, RELEASES, q=f"#{older.pk}").context["cl"].result_list  # not shown there
     client.force_login(root)
     assert client.get(reverse("admin:index"), {"q": f"#{production.pk}"}).url == reverse(

@@ -100,7 +100,8 @@ class Command(BaseCommand):
                 self.stderr.write(f"The {child.name} did not stop in time: killed.")
                 if child.name == "worker":
                     self.stderr.write("A deployment it was running ends `interrupted` when the worker starts again "
-                                      "on this machine (reap_deployments), or on another one when its heartbeat is "
+                                      f"on this machine and its heartbeat is {settings.PORTAL_DEPLOY_GONE_SECONDS} "
+                                      "seconds old (reap_deployments), or on another one when it is "
                                       f"{settings.PORTAL_DEPLOY_STALE_SECONDS} seconds old.")
             child.kill_group()
             child.process.wait()
