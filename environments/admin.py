@@ -35,7 +35,7 @@ from edge.admin import (
     run_each,
 )
 from edge.lists import LargeTablePaginator, ReleaseSearch
-from edge.templatetags import requester
+from edge.templatetags import moment, requester
 from environments import metrics, policy, selectors, services
 from environments.models import (
     FREEZE_PRESETS,
@@ -161,16 +161,14 @@ class FreezeApplicationFilter(admin.SimpleListFilter):
         return queryset
 
 
-def _in_utc_and_local(moment: dt.datetime | None, zone: str) -> str:
+def _in_utc_and_local(when: dt.datetime | None, zone: str) -> str:
     """A freeze's time in UTC, as every page writes times, and in its own time zone where that is another
     (a close that starts at midnight in Berlin starts at 23:00 UTC the day before)."""
-    if moment is None:
-        return ""
-    utc = f"{moment.astimezone(dt.UTC):%Y-%m-%d %H:%M} UTC"
-    if zone in ("UTC", "Etc/UTC"):
+    utc = moment(when)
+    if when is None or zone in ("UTC", "Etc/UTC"):
         return utc
     try:
-        return f"{utc} ({moment.astimezone(ZoneInfo(zone)):%Y-%m-%d %H:%M} {zone})"
+        return f"{utc} ({when.astimezone(ZoneInfo(zone)):%Y-%m-%d %H:%M} {zone})"
     except (ValueError, ZoneInfoNotFoundError):
         return utc
 

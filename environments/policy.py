@@ -873,16 +873,15 @@ def decide_review(*, actor: Actor, deployment: Deployment, grants: set[str] | No
 
 def possible_reviewers(release: Release, environment: Environment, requester_id: int | None) -> list[str]:
     """Who could review an emergency deployment of `release` to `environment` asked by `requester_id`
-    (rule 7): the active holders of the approve permission there, neither implementers (under any
-    identity) nor the requester; their user names. Four queries."""
+    (rule 7): the active holders of the approve permission there whom the review's own check would let
+    review; their user names. A few queries, and one per holder (their identities)."""
     by_group, direct = grants_on(environment)
-    holders = set(get_user_model().objects.filter(
+    holders = get_user_model().objects.filter(
         Q(groups__in=by_group.filter(permission__codename=APPROVE).values("group_id"))
         | Q(pk__in=direct.filter(permission__codename=APPROVE).values("user_id")), is_active=True,
-    ).values_list("pk", "username"))
-    implementers = implementers_of(release)
-    ids = set(implementers.user_ids).union(*identity_users(implementers.identities).values())
-    return sorted(name for pk, name in holders if pk not in ids and pk != requester_id)
+    ).distinct().order_by("username")
+    return [user.get_username() for user in holders if _reviewer_refusal(
+        Actor(user=user), release, environment, requester_id, grants={APPROVE}) is None]
 
 
 def _review_refusal(*, actor: Actor, deployment: Deployment, grants: set[str] | None = None,
@@ -895,14 +894,22 @@ def _review_refusal(*, actor: Actor, deployment: Deployment, grants: set[str] | 
         return conflict("ALREADY_REVIEWED", f"Deployment #{deployment.pk} has already been reviewed.")
     if deployment.state == Deployment.State.AWAITING_APPROVAL:
         return conflict("NOT_STARTED", "An emergency deployment is reviewed after it has been queued.")
+    return _reviewer_refusal(actor, deployment.release, deployment.environment, deployment.requested_by_id,
+                             grants, identities)
+
+
+def _reviewer_refusal(actor: Actor, release: Release, environment: Environment, requester_id: int | None,
+                      grants: set[str] | None = None, identities: set[str] | None = None) -> Refusal | None:
+    """Rule 7's person: a releaser of the environment who neither implemented the release nor asked for
+    its emergency deployment (asked of a deployment, and of who could review one not asked yet)."""
     if grants is None:
-        grants = environment_grants(actor.user, deployment.environment)
-    if r := check_may_approve(actor, deployment.environment, grants, doing="reviewing an emergency deployment"):
+        grants = environment_grants(actor.user, environment)
+    if r := check_may_approve(actor, environment, grants, doing="reviewing an emergency deployment"):
         return r
-    if r := check_not_implementer(actor.user, implementers_of(deployment.release), "SOD_IMPLEMENTER_REVIEWER",
-                                  "review", identities):
+    if r := check_not_implementer(actor.user, implementers_of(release), "SOD_IMPLEMENTER_REVIEWER", "review",
+                                  identities):
         return r
-    if deployment.requested_by_id == actor.user.pk:
+    if requester_id == actor.user.pk:
         return forbidden("SOD_REQUESTER_REVIEWER", "You requested this emergency deployment; someone else must "
                           "review it.")
     return None
