@@ -604,8 +604,10 @@ def _grant_change(*, actor: Actor, environment: Environment, codename: str, user
     if (user is None) == (group is None):
         raise ValueError("Grant to exactly one user or one group.")
     action = "environment.grant" if grant else "environment.revoke"
+    # the ids say whose right it is whatever the names become (evidence.reconcile)
     data = {"environment": str(environment), "permission": codename,
-            "user": user.get_username() if user else None, "group": group.name if group else None}
+            "user": user.get_username() if user else None, "group": group.name if group else None,
+            "user_id": user.pk if user else None, "group_id": group.pk if group else None}
     with transaction.atomic():
         environment = _lock_environment(environment.pk)
         decision = policy.decide_grant(actor=actor, environment=environment, user=user, group=group)
@@ -629,7 +631,7 @@ def environment_revoke(*, actor: Actor, environment: Environment, codename: str,
 def group_membership_change(*, actor: Actor, group: Group, user, add: bool) -> None:
     """Add a user to a group or remove them; joining a releasers group is receiving its grants."""
     action = "group.add_member" if add else "group.remove_member"
-    data = {"group": group.name, "user": user.get_username()}
+    data = {"group": group.name, "user": user.get_username(), "user_id": user.pk}
     with transaction.atomic():
         decision = policy.decide_membership(actor=actor, group=group, user=user, add=add)
         if decision.allowed:

@@ -163,13 +163,6 @@ def _names(model, pks: set[int], action: str, renamed) -> dict[int, set[str]]:
     return names
 
 
-def _latest(events, key) -> dict:
-    latest = {}
-    for e in events.only("seq", "action", "object_id", "data").order_by("seq"):
-        latest[key(e)] = e
-    return latest
-
-
 def _ended(event: AuditEvent | None, gave: str, never: str) -> str | None:
     """What the chain says of a right the table holds: None (the latest event gave it), or why not."""
     if event is None:
@@ -177,14 +170,63 @@ def _ended(event: AuditEvent | None, gave: str, never: str) -> str | None:
     return None if event.action == gave else f"{event.action} at seq {event.seq}"
 
 
-def rights(period: Period) -> Iterator[Mismatch]:
-    """Each right to deploy to or approve for a restricted environment held now (directly or through a
-    group) against the chain: the latest event about that grant gave it (environment.grant, not a revoke,
-    nor the deletion of a group of that name since), and the latest about a holding group's member added
-    them (group.add_member)."""
-    environments = Environment.objects.filter(restricted=True).select_related("application").order_by("id")
-    if period.application:
-        environments = environments.filter(application__name=period.application)
+ONLY = ("seq", "action", "object_id", "data")
+
+
+class _Stream:
+    """The events about one kind of right (a grant, a membership), found two ways: one written since
+    grantees' ids are recorded (`key(event, True)` is not None) by the grantee's id; an earlier one by
+    the names the chain knows the grantee by, and then the deletions of a user or group of that name
+    count too (a name outlives its owner; an id does not come back)."""
+
+    def __init__(self, events, key, deletions: tuple[tuple[str, str], ...]):
+        self.by_id, self.by_name = {}, {}
+        for e in events.only(*ONLY).order_by("seq"):
+            if (by_id := key(e, True)) is not None:
+                self.by_id[by_id] = e
+            else:
+                self.by_name[key(e, False)] = e
+        self.deleted = {}  # (action, object id) and (action, name) -> the latest deletion
+        for action, name_field in deletions:
+            for e in AuditEvent.objects.filter(action=action).only(*ONLY).order_by("seq"):
+                self.deleted[(action, int(e.object_id))] = self.deleted[(action, (e.data or {}).get(name_field))] = e
+
+    def latest(self, id_key, name_keys, deletion: str, pk: int, names: set[str]) -> AuditEvent | None:
+        """The latest event about a right: its own (by id, or by name) or its holder's deletion."""
+        found = [self.by_id.get(id_key), self.deleted.get((deletion, pk))]
+        if by_name := [e for e in (self.by_name.get(k) for k in name_keys) if e is not None]:
+            found += by_name + [self.deleted.get((deletion, name)) for name in names]
+        return max((e for e in found if e is not None), key=lambda e: e.seq, default=None)
+
+
+@dataclass(frozen=True)
+class Right:
+    """A right to deploy to or approve for a restricted environment held now, directly or through a
+    group, with the latest audit events about it."""
+
+    environment: Environment
+    codename: str
+    user: object
+    group: Group | None
+    grant: AuditEvent | None  # the latest event about the grant (to the user, or to the group)
+    membership: AuditEvent | None  # through a group: the latest about the user's membership of it
+
+    def why_not_given(self) -> str | None:
+        return _ended(self.grant, "environment.grant", "never granted")
+
+    def why_not_member(self) -> str | None:
+        return _ended(self.membership, "group.add_member", "never added") if self.group is not None else None
+
+    def since(self) -> AuditEvent | None:
+        """The event from which the chain says the user holds it; None if the chain does not say so."""
+        if self.why_not_given() or self.why_not_member():
+            return None
+        return max((e for e in (self.grant, self.membership) if e is not None), key=lambda e: e.seq)
+
+
+def held_rights(environments) -> list[Right]:
+    """Each right to deploy or approve on these restricted environments held now (the grants, and the
+    members of the groups that hold them), each with the audit events that gave or ended it."""
     held = []  # (environment, codename, user, group or None)
     for env in environments:
         by_group, direct = policy.grants_on(env)
@@ -193,37 +235,67 @@ def rights(period: Period) -> Iterator[Mismatch]:
         held += [(env, up.permission.codename, up.user, None) for up in direct.select_related("user", "permission")
                  .order_by("id")]
     if not held:
-        return
+        return []
     users = _names(get_user_model(), {u.pk for _, _, u, _ in held}, "user.change",
                    lambda d: (d["changed"]["username"]["from"], d["changed"]["username"]["to"])
                    if "username" in d.get("changed", {}) else None)
     groups = _names(Group, {g.pk for _, _, _, g in held if g}, "group.rename", lambda d: (d["from"], d["to"]))
-    grants = _latest(AuditEvent.objects.filter(action__in=("environment.grant", "environment.revoke"),
+
+    def grant_key(e, by_id):
+        d = e.data or {}
+        if by_id:
+            role = "group" if d.get("group_id") is not None else "user"
+            return (int(e.object_id), d.get("permission"), role, d[f"{role}_id"]) if f"{role}_id" in d else None
+        return (int(e.object_id), d.get("permission"), d.get("group"), d.get("user"))
+
+    def member_key(e, by_id):
+        d = e.data or {}
+        if by_id:
+            return (int(e.object_id), d["user_id"]) if "user_id" in d else None
+        return (int(e.object_id), d.get("user"))
+
+    user_deleted = ("user.delete", "username")
+    grants = _Stream(AuditEvent.objects.filter(action__in=("environment.grant", "environment.revoke"),
                                                object_id__in={str(env.pk) for env, _, _, _ in held}),
-                     lambda e: (int(e.object_id), e.data.get("permission"), e.data.get("group"), e.data.get("user")))
-    # a group's grants end with its deletion: keyed by its name, as the grants name it
-    grants.update(_latest(AuditEvent.objects.filter(action="group.delete"), lambda e: e.data.get("group")))
-    memberships = _latest(AuditEvent.objects.filter(action__in=("group.add_member", "group.remove_member"),
+                     grant_key, (("group.delete", "group"), user_deleted))
+    memberships = _Stream(AuditEvent.objects.filter(action__in=("group.add_member", "group.remove_member"),
                                                     object_id__in={str(g.pk) for _, _, _, g in held if g}),
-                          lambda e: (int(e.object_id), e.data.get("user")))
-    seen = set()
+                          member_key, (user_deleted,))
+    rights = []
     for env, codename, user, group in held:
-        names = sorted(users[user.pk])
+        names = users[user.pk]
         if group is None:
-            keys = [(env.pk, codename, None, name) for name in names]
+            grant = grants.latest((env.pk, codename, "user", user.pk),
+                                  [(env.pk, codename, None, n) for n in sorted(names)], "user.delete", user.pk, names)
+            membership = None
         else:
-            keys = [(env.pk, codename, name, None) for name in sorted(groups[group.pk])]
-            keys += [name for name in sorted(groups[group.pk])]  # a deletion of a group of that name
-        latest = max((e for e in (grants.get(k) for k in keys) if e is not None),
-                     key=lambda e: e.seq, default=None)
+            group_names = groups[group.pk]
+            grant = grants.latest((env.pk, codename, "group", group.pk),
+                                  [(env.pk, codename, n, None) for n in sorted(group_names)],
+                                  "group.delete", group.pk, group_names)
+            membership = memberships.latest((group.pk, user.pk), [(group.pk, n) for n in sorted(names)],
+                                            "user.delete", user.pk, names)
+        rights.append(Right(env, codename, user, group, grant, membership))
+    return rights
+
+
+def rights(period: Period) -> Iterator[Mismatch]:
+    """Each right to deploy to or approve for a restricted environment held now against the chain: the
+    latest event about that grant gave it (environment.grant, not a revoke, nor the deletion of its
+    holder since), and the latest about a holding group's member added them (group.add_member)."""
+    environments = Environment.objects.filter(restricted=True).select_related("application").order_by("id")
+    if period.application:
+        environments = environments.filter(application__name=period.application)
+    seen = set()
+    for right in held_rights(environments):
+        user, group = right.user, right.group
         through = f" through group {group.name}" if group else ""
-        if why := _ended(latest, "environment.grant", "never granted"):
-            yield Mismatch(f"{codename} on {env}", f"the right of {user.get_username()}{through}", "held", why)
+        if why := right.why_not_given():
+            yield Mismatch(f"{right.codename} on {right.environment}", f"the right of {user.get_username()}{through}",
+                           "held", why)
         if group is not None and (group.pk, user.pk) not in seen:
             seen.add((group.pk, user.pk))
-            latest = max((e for e in (memberships.get((group.pk, n)) for n in names) if e is not None),
-                         key=lambda e: e.seq, default=None)
-            if why := _ended(latest, "group.add_member", "never added"):
+            if why := right.why_not_member():
                 yield Mismatch(f"group {group.name}", f"the membership of {user.get_username()}", "member", why)
 
 

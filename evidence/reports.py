@@ -14,6 +14,7 @@ import datetime as dt
 import hashlib
 import io
 import json
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -229,43 +230,27 @@ GROUP_ACTIONS = ("group.add_member", "group.remove_member", "group.permissions",
 ACCOUNT_FIELDS = ("is_active", "is_staff", "is_superuser", "username", "email")
 
 
-def _since(environment: Environment, codename: str, group: str | None, user: str) -> AuditEvent | None:
-    """The latest audit event from which this user held this right (grant, and membership if by group)."""
-    grant = AuditEvent.objects.filter(action="environment.grant", object_id=str(environment.pk),
-                                      data__permission=codename)
-    grant = grant.filter(data__group=group) if group else grant.filter(data__user=user)
-    latest = [grant.order_by("-seq").first()]
-    if group:
-        latest.append(AuditEvent.objects.filter(action="group.add_member", data__group=group, data__user=user)
-                      .order_by("-seq").first())
-    if any(e is None for e in latest):
-        return None
-    return max(latest, key=lambda e: e.seq)
-
-
 def access_rows(period: Period) -> Iterator[tuple]:
     environments = Environment.objects.filter(restricted=True).select_related("application").order_by(
         "application__name", "name")
     if period.application:
         environments = environments.filter(application__name=period.application)
+    rights = defaultdict(list)  # the rights held now, each with the events the chain gave it by
+    for right in reconcile.held_rights(environments):
+        if right.user.is_active:
+            rights[right.environment.pk].append(right)
     for env in environments:
-        holders: list[tuple[object, str, str | None]] = []
-        by_group, direct = policy.grants_on(env)
-        for gp in by_group.select_related("group", "permission"):
-            for user in gp.group.user_set.filter(is_active=True).order_by("username"):
-                holders.append((user, gp.permission.codename, gp.group.name))
-        for up in direct.filter(user__is_active=True).select_related("user", "permission"):
-            holders.append((up.user, up.permission.codename, None))
         deployed = Release.objects.filter(
             deployments__environment=env, deployments__requested_at__gte=period.since,
             deployments__requested_at__lt=period.until, deployments__queued_at__isnull=False,
         ).distinct()
         implementers = {release.version: policy.implementers_of(release) for release in deployed}
-        for user, codename, group in sorted(holders, key=lambda h: (h[0].username, h[1], h[2] or "")):
-            since = _since(env, codename, group, user.username)
+        by_name = sorted(rights[env.pk], key=lambda r: (r.user.username, r.codename, r.group.name if r.group else ""))
+        for right in by_name:
+            user, since = right.user, right.since()
             conflicts = sorted(v for v, imp in implementers.items() if imp.match(user))
-            yield (env.application.name, env.name, user.username, user.email, codename,
-                   f"group {group}" if group else "direct", since.created_at if since else "",
+            yield (env.application.name, env.name, user.username, user.email, right.codename,
+                   f"group {right.group.name}" if right.group else "direct", since.created_at if since else "",
                    since.seq if since else "", bool(conflicts), conflicts, "", "")
     yield from account_rows(period)
 
