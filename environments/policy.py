@@ -10,10 +10,13 @@ what happens next. Each runs a fixed number of queries, whatever the size of the
 from __future__ import annotations
 
 import datetime as dt
+import re
 import unicodedata
 from dataclasses import dataclass
+from functools import cached_property
 
 from auditlog.models import LogEntry
+from confusable_homoglyphs import confusables
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
@@ -88,6 +91,43 @@ def holds_any_grant(user) -> bool:
     )
 
 
+ANGLE_ADDRESS = re.compile(r"<([^<>]*)>\s*$")  # git's "Name <e-mail>"
+
+
+def _as_shown(text: str) -> str:
+    """`text` as a reader sees it: in Unicode's compatibility form ('ｂｏｂ' and '𝐛𝐨𝐛' are 'bob'), each
+    letter of another script that looks like a Latin letter or digit written as that one (a Cyrillic
+    'о' is an 'o')."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    if text.isascii():
+        return text
+    swaps = {}
+    for found in confusables.is_confusable(text, greedy=True, preferred_aliases=["latin"]) or []:
+        if latin := [h["c"] for h in found["homoglyphs"] if h["c"].isascii() and h["c"].isalnum()]:
+            swaps[found["character"]] = latin[0]
+    return "".join(swaps.get(c, c) for c in text).lower()
+
+
+def identity_forms(identity: str) -> frozenset[str]:
+    """What a VCS identity (or a person's user name, e-mail or alias) may name a person by, lower-case:
+    itself; the address inside git's "Name <e-mail>"; an address without its "+tag" (bob+ci@ is bob@'s
+    mailbox); and each as a reader sees it (_as_shown). Separation of duties matches two identities when
+    their forms meet, so that what shows the same person is the same person."""
+    forms = {identity.strip().lower()}
+    forms |= {_as_shown(f) for f in forms}
+    forms |= {m.group(1).strip() for f in forms if (m := ANGLE_ADDRESS.search(f))}
+    for form in list(forms):
+        local, at, domain = form.rpartition("@")
+        if at and (mailbox := local.split("+", 1)[0]) and mailbox != local:
+            forms.add(f"{mailbox}@{domain}")
+    forms.discard("")
+    return frozenset(forms)
+
+
+def forms_of(identities) -> frozenset[str]:
+    return frozenset(f for identity in identities for f in identity_forms(identity))
+
+
 def person_identities(user) -> set[str]:
     """Everything a person may appear as in VCS metadata, lower-case."""
     identities = {user.get_username().lower()}
@@ -119,27 +159,31 @@ _IDENTITY_ROWS = CompiledRead(_identity_rows, (str,))
 
 
 def identity_users_read(identities) -> Pending:
-    """resolve_identity_users' read of these identities, to be run with others (core.compiled.together)."""
-    return _IDENTITY_ROWS.later(sorted(set(identities)))
+    """resolve_identity_users' read of these identities (all their forms), to be run with others
+    (core.compiled.together)."""
+    return _IDENTITY_ROWS.later(sorted(forms_of(identities)))
 
 
 def _identity_users(identities, read: Pending | None = None) -> tuple[dict[str, set[int]], dict[str, int]]:
-    """identity_users, and the user each identity is a VCS alias of (`read`: identity_users_read's of
-    the same identities, when run already)."""
+    """identity_users (by any of an identity's forms), and the user each identity itself is a VCS alias
+    of (`read`: identity_users_read's of the same identities, when run already)."""
     identities = sorted(set(identities))
     found: dict[str, set[int]] = {}
     aliased: dict[str, int] = {}
     if not identities:
         return found, aliased
-    wanted = set(identities)
+    by_form: dict[str, set[int]] = {}
     for is_alias, user_id, first, second in (identity_users_read(identities) if read is None else read).tuples():
         if is_alias:
-            found.setdefault(first, set()).add(user_id)
+            by_form.setdefault(first, set()).add(user_id)
             aliased[first] = user_id
             continue
-        for identity in {(first or "").strip().lower(), second.lower()} & wanted:
-            found.setdefault(identity, set()).add(user_id)
-    return found, aliased
+        for form in {(first or "").strip().lower(), second.lower()}:
+            by_form.setdefault(form, set()).add(user_id)
+    for identity in identities:
+        if users := {pk for form in identity_forms(identity) for pk in by_form.get(form, ())}:
+            found[identity] = users
+    return found, {identity: aliased[identity] for identity in identities if identity in aliased}
 
 
 def resolve_identity_users(identities, read: Pending | None = None) -> dict[str, int]:
@@ -184,6 +228,10 @@ class Implementers:
     identities: frozenset[str]
     user_ids: frozenset[int]
 
+    @cached_property
+    def forms(self) -> frozenset[str]:
+        return forms_of(self.identities)
+
     def match(self, user, identities: set[str] | None = None) -> str | None:
         """How `user` is an implementer ('user', 'identity'), or None. `identities`: the person's, when
         already read (person_identities)."""
@@ -191,7 +239,7 @@ class Implementers:
             return None
         if user.pk in self.user_ids:
             return "user"
-        if self.identities & (person_identities(user) if identities is None else identities):
+        if self.forms & forms_of(person_identities(user) if identities is None else identities):
             return "identity"
         return None
 
@@ -387,11 +435,12 @@ def independent_reviewers(release: Release, implementers: Implementers) -> list[
         return []
     people = identity_users(candidates | {author} if author else candidates)
     excluded_users = set(implementers.user_ids) | people.get(author, set())
-    excluded_identities = set(implementers.identities) | ({author} if author else set())
+    excluded = implementers.forms | (identity_forms(author) if author else frozenset())
     identities = identities_of_users(pk for r in candidates for pk in people.get(r, ()))
     return sorted(
         r for r in candidates
-        if not any(pk in excluded_users or identities[pk] & excluded_identities for pk in people.get(r, ()))
+        if not identity_forms(r) & excluded
+        and not any(pk in excluded_users or forms_of(identities[pk]) & excluded for pk in people.get(r, ()))
     )
 
 

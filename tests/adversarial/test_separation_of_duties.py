@@ -11,9 +11,10 @@ from access.services import token_create, user_permissions_change
 from audit import chain
 from audit.models import AuditEvent
 from core.decisions import PolicyRefusal
-from environments import services
+from environments import policy, services
 from environments.models import Deployment
 from releases.models import VcsAlias
+from releases.services import PullRequest
 from tests.conftest import SYSTEM, person
 
 CHANGELIST = "admin:environments_deployment_changelist"
@@ -80,6 +81,49 @@ def test_implementer_matched_only_by_email_case_cannot_request(world):
     with pytest.raises(PolicyRefusal):
         services.deployment_request(actor=person(world.bob), release=release, environment=world.production)
     refused_in_chain("SOD_IMPLEMENTER_REQUESTER", actor="bob", action_prefix="deployment.request")
+
+
+@pytest.mark.parametrize("identity", [
+    "Bob Example <bob@example.com>",  # git's "%an <%ae>"
+    "bob+ci@example.com",  # the same mailbox
+    "b\u043eb@example.com",  # a Cyrillic 'о'
+    "\uff42\uff4f\uff42@example.com",  # full-width letters
+    "Bob <B\u03bfb+x@Example.com>",  # all of it, a Greek 'ο'
+])
+def test_implementer_shown_as_bob_is_bob(world, identity):
+    """What shows bob's address is bob: the release names him as its implementer, and he may neither
+    request nor approve it, nor review it as its pull request's reviewer."""
+    release = world.release(implementers=[identity])
+    assert list(release.implementers.values_list("user__username", flat=True)) == ["bob"]
+    world.to_staging(release)
+    with pytest.raises(PolicyRefusal):
+        services.deployment_request(actor=person(world.bob), release=release, environment=world.production)
+    refused_in_chain("SOD_IMPLEMENTER_REQUESTER", actor="bob", action_prefix="deployment.request")
+    deployment = services.deployment_request(actor=person(world.erin), release=release, environment=world.production)
+    with pytest.raises(PolicyRefusal):
+        services.deployment_approve(actor=person(world.bob), deployment_id=deployment.pk)
+    refused_in_chain("SOD_IMPLEMENTER_APPROVER", actor="bob", action_prefix="deployment.approve")
+
+
+def test_a_reviewer_shown_as_the_implementer_is_no_independent_review(world):
+    world.production.requires_code_review = True
+    world.production.save()
+    pr = PullRequest(url="https://git.example.com/pr/1", author="alice@example.com",
+                     reviewers=("Carol <carol+review@example.com>",), approved_at="2026-11-29T10:00:00+00:00")
+    release = world.release(implementers=["c\u0430rol@example.com"], pull_request=pr)  # a Cyrillic 'а'
+    world.to_staging(release)
+    with pytest.raises(PolicyRefusal) as refused:
+        services.deployment_request(actor=person(world.bob), release=release, environment=world.production)
+    assert refused.value.refusal.code == "NO_CODE_REVIEW"
+
+
+def test_identities_of_other_scripts_name_nobody_they_do_not_show(world, make_user):
+    """One script throughout is any script: иван is not ivan, and 'Name <e-mail>' names the address only."""
+    ivan = make_user("ivan")
+    release = world.release(implementers=["\u0438\u0432\u0430\u043d@example.com", "Ivan <alice@example.com>"])
+    assert dict(release.implementers.values_list("identity", "user__username")) == {
+        "иван@example.com": None, "ivan <alice@example.com>": "alice"}
+    assert not policy.implementers_of(release).match(ivan)
 
 
 @pytest.mark.parametrize("kind", ["ci", "implementer", "requester"])
