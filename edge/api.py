@@ -104,7 +104,7 @@ def _parse_date_time(value: str) -> dt.datetime:
 
 
 DateTime = Annotated[
-    str, matching(DATE_TIME, "must be an " + DATE_TIME_RULES[0].lower() + DATE_TIME_RULES[1:-1]),
+    str, matching(DATE_TIME, "must be an " + DATE_TIME_RULES[:-1]),
     AfterValidator(_parse_date_time),
     Field(description=DATE_TIME_RULES, json_schema_extra={"format": "date-time", "pattern": DATE_TIME}),
 ]

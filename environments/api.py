@@ -15,7 +15,7 @@ router = Router(tags=["deployments"])
 
 
 class DeploymentIn(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"application": "MAC", "version": "3.1.0", "environment": "QA"}]})
 
     application: Name
@@ -25,7 +25,8 @@ class DeploymentIn(BaseModel):
 
 
 class DecisionIn(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"comment": "Change tickets and test results checked."}]})
+    model_config = ConfigDict(extra="forbid",
+                              json_schema_extra={"examples": [{"comment": "Change tickets and test results checked."}]})
 
     comment: Text(2000) = ""
 

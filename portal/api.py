@@ -5,9 +5,10 @@ is JSON and in the OpenAPI document (Django's own 404 and 405 pages included).""
 import logging
 from http import HTTPStatus
 
-from django.core.exceptions import ObjectDoesNotExist, RequestDataTooBig
+from django.core.exceptions import DisallowedHost, ObjectDoesNotExist, RequestDataTooBig
 from django.db import InterfaceError, OperationalError, connection
 from django.http import Http404, JsonResponse
+from django.views import defaults
 from ninja import NinjaAPI, Status
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 from pydantic import BaseModel
@@ -99,9 +100,18 @@ def _field(loc) -> str:
     return ".".join(parts) or "body"
 
 
+def _message(error: dict) -> str:
+    """pydantic's message, as a client reads it: a rule's own sentence without "Value error, ", and no
+    class names of the portal's."""
+    if error.get("type") in ("model_type", "model_attributes_type", "dict_type"):
+        return "Input should be a JSON object"
+    message = error.get("msg", "invalid")
+    return message.removeprefix("Value error, ")
+
+
 @api.exception_handler(ValidationError)
 def _invalid(request, exc: ValidationError):
-    errors = [{"field": _field(e.get("loc", ())), "message": e.get("msg", "invalid")} for e in exc.errors]
+    errors = [{"field": _field(e.get("loc", ())), "message": _message(e)} for e in exc.errors]
     detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or "The request body is not valid."
     return _error(request, 422, "INVALID", detail, errors=errors)
 
@@ -125,6 +135,15 @@ def _unexpected(request, exc):
         return _error(request, 503, "UNAVAILABLE", _UNAVAILABLE)
     logger.exception("Unexpected error in the API")
     return _error(request, 500, "INTERNAL", "Unexpected error; it has been logged.")
+
+
+def bad_request(request, exception, template_name="400.html"):
+    """settings' handler400: a request Django refuses before any view (a Host header the portal does not
+    serve, say) is answered {"code", "detail"} under /api/v1/ too, saying what was wrong."""
+    if not request.path_info.startswith(PREFIX):
+        return defaults.bad_request(request, exception, template_name)
+    detail = str(exception) if isinstance(exception, DisallowedHost) else "The request is not valid."
+    return JsonResponse({"code": "BAD_REQUEST", "detail": detail}, status=400)
 
 
 _CODES = {400: "BAD_REQUEST", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "TOO_LARGE"}

@@ -4,6 +4,8 @@ so of the site's middleware it needs the security headers and its own JSON answe
 (settings.API_MIDDLEWARE); the rest would cost every CI call a third of its time for nothing.
 The API's documentation page is HTML with scripts: it keeps the site's stack (and its policy)."""
 
+import io
+
 from django.conf import settings
 from django.core.handlers.wsgi import WSGIHandler
 
@@ -34,6 +36,18 @@ class ApiHandler(ApiMiddleware, WSGIHandler):
     pass
 
 
+def with_length(environ: dict) -> dict:
+    """A body sent in chunks (Transfer-Encoding: chunked, no Content-Length), as CI tools that stream
+    their request do: Django reads a body by its length only and would see none. Where the server ends
+    the stream itself (`wsgi.input_terminated`, gunicorn), the body is read here, at most one byte
+    beyond the size limit (which then answers 413)."""
+    if (environ.get("CONTENT_LENGTH") or not environ.get("wsgi.input_terminated")
+            or "chunked" not in environ.get("HTTP_TRANSFER_ENCODING", "").lower()):
+        return environ
+    body = environ["wsgi.input"].read(settings.DATA_UPLOAD_MAX_MEMORY_SIZE + 1)
+    return {**environ, "wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body))}
+
+
 class Dispatch:
     """A WSGI application (or a test client's handler) that hands each request to the stack its
     path takes."""
@@ -42,5 +56,6 @@ class Dispatch:
         self.site, self.api = site, api
 
     def __call__(self, environ, *args, **kwargs):
-        handler = self.api if takes_api_stack(environ.get("PATH_INFO", "")) else self.site
-        return handler(environ, *args, **kwargs)
+        if takes_api_stack(environ.get("PATH_INFO", "")):
+            return self.api(with_length(environ), *args, **kwargs)
+        return self.site(environ, *args, **kwargs)

@@ -9,3 +9,5 @@ urlpatterns = [
     path(PREFIX.lstrip("/"), api.urls),
     path("admin/", admin.site.urls),
 ]
+
+handler400 = "portal.api.bad_request"

@@ -5,7 +5,7 @@ from typing import Annotated, Literal
 
 from django.http import HttpRequest
 from ninja import Field, Router, Status
-from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, StringConstraints
 
 from core.decisions import PolicyRefusal
 from edge.api import (
@@ -23,11 +23,18 @@ from edge.api import (
 )
 from environments import policy
 from releases import selectors, services
-from releases.models import ISSUE_KEY_MAX, ISSUE_KEY_PATTERN
+from releases.models import BUILD_NUMBER_MAX, ISSUE_KEY_MAX, ISSUE_KEY_PATTERN
 
 router = Router(tags=["builds and releases"])
 
-NonNegative = Annotated[int, Field(ge=0, le=2_147_483_647)]
+def _json_number(value):
+    """A count is a JSON number (5, or 5.0: JSON Schema's integer); a string or true is not one."""
+    if isinstance(value, str | bool):
+        raise ValueError("must be a JSON number, not a string or true/false")
+    return value
+
+
+NonNegative = Annotated[int, BeforeValidator(_json_number), Field(ge=0, le=2_147_483_647)]
 # An issue key as sent: whitespace around it (a key pasted with a trailing space) is stripped.
 ISSUE_KEY_AS_SENT = rf"^[{SPACE}]*{ISSUE_KEY_PATTERN[1:-1]}[{SPACE}]*$"
 IssueKey = Annotated[
@@ -60,21 +67,28 @@ ArtifactUrl = Annotated[
                       "URL, or an absolute path on the deploy worker. Trailing whitespace is stripped.",
           json_schema_extra={"pattern": ARTIFACT_URL}),
 ]
-BuildNumber = Annotated[Text(64, 1), example("101")]
+BuildNumber = Annotated[Text(BUILD_NUMBER_MAX, 1), example("101")]
 Version = Annotated[Text(100, 1), example("3.1.0")]
 
 
+# What a client sends names only the fields described: a misspelt one ("issueKeys") is refused, not
+# dropped (a registration cannot be corrected once made).
+SENT = ConfigDict(extra="forbid")
+
+
 class Tests(BaseModel):
+    model_config = SENT
+
     passed: NonNegative = 0
     failed: NonNegative = 0
     skipped: NonNegative = 0
 
 
 class BuildIn(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [BUILD_EXAMPLE]})
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [BUILD_EXAMPLE]})
 
     application: Name
-    number: Text(64, 1)
+    number: Text(BUILD_NUMBER_MAX, 1)
     commit: Text(64, 1)
     branch: Text(255, 1)
     url: Text(1000) = ""
@@ -96,6 +110,8 @@ class BuildOut(BaseModel):
 
 
 class PullRequestIn(BaseModel):
+    model_config = SENT
+
     url: Text(1000, 1)
     author: Identity("Who opened the pull request.")
     reviewers: list[Identity("Who reviewed it; a reviewer who is the author or an implementer under any identity "
@@ -104,11 +120,11 @@ class PullRequestIn(BaseModel):
 
 
 class ReleaseIn(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [RELEASE_EXAMPLE]})
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [RELEASE_EXAMPLE]})
 
     application: Name
     version: Text(100, 1)
-    build: Text(64, 1)
+    build: Text(BUILD_NUMBER_MAX, 1)
     artifact_url: ArtifactUrl
     artifact_sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$", description="Stored lower-case.")]
     issue_keys: list[IssueKey] = Field(default_factory=list, max_length=500)

@@ -7,6 +7,7 @@ from django.db import models
 from django.db.models import Q
 
 ISSUE_KEY_MAX = 64
+BUILD_NUMBER_MAX = 255  # a Jenkins BUILD_TAG holds the job's whole folder path
 ISSUE_KEY_PATTERN = r"^[A-Za-z][A-Za-z0-9_]*-[0-9]+$"  # PROJECT-123: the API, the board's search, the lists
 _ISSUE_KEY = re.compile(ISSUE_KEY_PATTERN)
 
@@ -101,7 +102,7 @@ class Build(models.Model):
         FAILED = "failed", "Failed"
 
     application = models.ForeignKey(Application, on_delete=models.PROTECT, related_name="builds")
-    number = models.CharField(max_length=64)
+    number = models.CharField(max_length=BUILD_NUMBER_MAX)
     commit = models.CharField(max_length=64)
     branch = models.CharField(max_length=255)
     url = models.CharField(max_length=1000, blank=True)

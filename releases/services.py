@@ -80,7 +80,9 @@ def build_register(
                 chain.append(actor=actor, action="build.register", obj=build,
                              data={**fields, "number": number, "issue_keys": keys})
                 return build, True
-            changed = {k: v for k, v in fields.items() if getattr(build, k) != v}
+            # a commit hash in either case is the same commit
+            changed = {k: v for k, v in fields.items()
+                       if getattr(build, k) != v and not (k == "commit" and build.commit.lower() == v.lower())}
             if not changed:
                 return build, False
             if refusal := policy.check_finished_build_unchanged(build, changed):

@@ -218,7 +218,7 @@ def test_an_artifact_url_the_playbook_cannot_fetch_is_refused_when_registered(ci
     refused = ci.post("/releases", {**RELEASE, "version": "3.1.0", "build": "101", "artifact_url": "not a url"})
     assert refused.status_code == 422
     assert refused.json()["errors"] == [{"field": "artifact_url", "message": (
-        "Value error, must be an http://, https://, ftp:// or file:// URL, or an absolute path on the worker")}]
+        "must be an http://, https://, ftp:// or file:// URL, or an absolute path on the worker")}]
     for n, url in enumerate(("https://artifacts.example.com/mac.tar.gz", "file:///srv/mac.tar.gz",
                              "/srv/mac-3.2.0.tar.gz ")):
         assert ci.post("/releases", {**RELEASE, "version": f"3.{n}.0", "build": "101", "artifact_url": url}
@@ -413,6 +413,51 @@ def invalid_field(response, field):
     assert body["code"] == "INVALID" and field in [e["field"] for e in body["errors"]], body
     assert field in body["detail"]
     return body
+
+
+@pytest.mark.parametrize(("path", "body", "field"), [
+    ("/releases", {**RELEASE, "issueKeys": ["BIZPLAT-1"]}, "issueKeys"),  # camelCase: the keys would be lost
+    ("/releases", {**RELEASE, "pull_request": {**RELEASE["pull_request"], "approvedAt": "x"}},
+     "pull_request.approvedAt"),
+    ("/builds", {**BUILD, "tests": {"passed": 10, "failures": 3}}, "tests.failures"),
+    ("/deployments", {"application": "MAC", "version": "3.1.0", "environment": "QA", "emergency": True}, "emergency"),
+])
+def test_a_field_the_api_does_not_know_is_422_not_dropped(ci, path, body, field):
+    """A misspelt field is refused by name: dropped, it would leave a registration that can never be
+    corrected (the same registration again with the field right is a conflict)."""
+    if path != "/builds":
+        ci.post("/builds", BUILD)
+    answer = invalid_field(ci.post(path, body), field)
+    assert "Extra inputs are not permitted" in answer["detail"]
+
+
+@pytest.mark.parametrize("count", ["5", True, 5.5])
+def test_test_counts_are_json_numbers(ci, count):
+    invalid_field(ci.post("/builds", {**BUILD, "tests": {"passed": count}}), "tests.passed")
+    assert ci.post("/builds", {**BUILD, "tests": {"passed": 5.0}}).json()["tests"]["passed"] == 5  # JSON's 5
+
+
+def test_a_body_that_is_no_object_says_so_in_json_terms(ci):
+    answer = invalid_field(ci.post("/builds", [BUILD]), "body")
+    assert answer["errors"][0]["message"] == "Input should be a JSON object"
+    date = invalid_field(ci.post("/releases", {**RELEASE, "pull_request": {**RELEASE["pull_request"],
+                                                                           "approved_at": "yesterday"}}),
+                         "pull_request.approved_at")
+    assert date["errors"][0]["message"].startswith("must be an RFC 3339 date-time")
+
+
+def test_a_commit_hash_in_either_case_is_the_same_build(ci):
+    assert ci.post("/builds", {**BUILD, "commit": "c0ffee01"}).status_code == 201
+    again = ci.post("/builds", {**BUILD, "commit": "C0FFEE01"})
+    assert again.status_code == 200 and again.json()["commit"] == "c0ffee01"
+    assert ci.post("/builds", {**BUILD, "commit": "c0ffee02"}).json()["code"] == "BUILD_CONFLICT"
+
+
+def test_a_jenkins_build_tag_fits_the_build_number(ci):
+    tag = "jenkins-acme-platform-mac-service-feature%2FBIZPLAT-64951-rounding-fix-for-month-end-close-128"
+    assert ci.post("/builds", {**BUILD, "number": tag}).status_code == 201
+    assert ci.get(f"/builds/MAC/{tag.replace('%', '%25')}").json()["number"] == tag
+    invalid_field(ci.post("/builds", {**BUILD, "number": "9" * 256}), "number")
 
 
 @pytest.mark.parametrize("approved_at", [
