@@ -222,9 +222,11 @@ def exceptions_rows(period: Period) -> Iterator[tuple]:
 
 ACCESS_COLUMNS = ["application", "environment", "username", "email", "permission", "via", "since", "since_audit_seq",
                   "conflict", "conflict_releases", "changed_by", "change"]
-ACCOUNT_ACTIONS = ("user.create", "user.change", "user.set_password", "user.permissions")
+ACCOUNT_ACTIONS = ("user.create", "user.change", "user.set_password", "user.permissions", "user.delete")
 # What changes the rights of a group's members (the row names the group; its members hold what it holds).
 GROUP_ACTIONS = ("group.add_member", "group.remove_member", "group.permissions", "group.rename", "group.delete")
+# Who may deploy to or approve for an environment, given and taken away.
+GRANT_ACTIONS = ("environment.grant", "environment.revoke")
 # What identifies a person (separation of duties matches implementers by user name and e-mail) and
 # what lets them in.
 ACCOUNT_FIELDS = ("is_active", "is_staff", "is_superuser", "username", "email")
@@ -273,6 +275,8 @@ def _account_changes(event: AuditEvent) -> Iterator[tuple[str, str, bool]]:
         parts = [f"{label}: {', '.join(data[key])}" for key, label in (("added", "added"), ("removed", "removed"))
                  if data.get(key)]
         yield "user_permissions", "; ".join(parts), not by_other
+    elif event.action == "user.delete":
+        yield "account", "deleted", False
     elif event.action == "user.create":
         flags = [flag for flag in ACCOUNT_FIELDS if data.get(flag) is True]
         yield "account", "created" + "".join(f"; {flag}" for flag in flags), False
@@ -283,6 +287,10 @@ def _account_changes(event: AuditEvent) -> Iterator[tuple[str, str, bool]]:
         parts = [f"{label}: {', '.join(data[key])}" for key, label in (("added", "added"), ("removed", "removed"))
                  if data.get(key)]
         yield "group_permissions", "; ".join(parts), False
+    elif event.action in GRANT_ACTIONS:
+        given = event.action == "environment.grant"
+        yield ("environment_grant", f"{'granted' if given else 'revoked'} {data.get('permission')} on "
+                                    f"{data.get('environment')}", False)
     elif event.action == "group.rename":
         yield "group", f"renamed from {data.get('from')} to {data.get('to')}", False
     elif event.action == "group.delete":
@@ -297,14 +305,19 @@ def account_rows(period: Period) -> Iterator[tuple]:
     and removed, a group's permissions, a group deleted with who lost what (whatever the application:
     a person is not)."""
     events = AuditEvent.objects.filter(created_at__gte=period.since, created_at__lt=period.until,
-                                       action__in=ACCOUNT_ACTIONS + GROUP_ACTIONS).order_by("seq")
-    emails = dict(get_user_model().objects.filter(
-        username__in=events.values_list("object_repr", flat=True)).values_list("username", "email"))
+                                       action__in=ACCOUNT_ACTIONS + GROUP_ACTIONS + GRANT_ACTIONS).order_by("seq")
+    # a person's e-mail by their id, which a rename does not change (by name for events without one)
+    by_id, by_name = {}, {}
+    for pk, username, email in get_user_model().objects.values_list("pk", "username", "email"):
+        by_id[pk], by_name[username] = email, email
     for e in events.iterator(chunk_size=ITERATOR_CHUNK):
-        target = e.data.get("user") or (f"group {e.data.get('group')}" if e.action in GROUP_ACTIONS else e.object_repr)
+        target = e.data.get("user") or (f"group {e.data.get('group')}" if e.action in GROUP_ACTIONS + GRANT_ACTIONS
+                                         else e.object_repr)
+        user_id = e.data.get("user_id") if e.action not in ACCOUNT_ACTIONS else int(e.object_id or 0)
+        email = by_id.get(user_id) if user_id else None
+        email = email if email is not None else by_name.get(target, e.data.get("email", ""))
         for what, change, conflict in _account_changes(e):
-            yield ("", "", target, emails.get(target, ""), what, e.via, e.created_at, e.seq, conflict, "",
-                   e.actor_username, change)
+            yield ("", "", target, email, what, e.via, e.created_at, e.seq, conflict, "", e.actor_username, change)
 
 
 # --- audit -----------------------------------------------------------------------------------------

@@ -195,6 +195,37 @@ def test_access_lists_what_changed_the_rights_of_a_group(world, history, make_us
     ]
 
 
+def test_access_times_rights_given_and_taken_away_and_keeps_people_through_renames(world, history, make_user):
+    """The removal of access can be timed (a grant and its revoke are among the administrator actions);
+    a renamed person keeps their e-mail, and a right held through a renamed group its `since`."""
+    root = make_user("root", superuser=True)
+    frank = make_user("frank")
+    prod = str(world.production)
+    services.environment_grant(actor=person(root), environment=world.production, codename="approve_environment",
+                               user=frank)
+    services.environment_revoke(actor=person(root), environment=world.production, codename="approve_environment",
+                                user=frank)
+    revoked = AuditEvent.objects.get(action="environment.revoke", data__user="frank").seq
+    assign_perm("environments.approve_environment", frank, world.production)  # back by SQL
+    group_rename(actor=person(root), group=world.releasers, name="mac-approvers")
+    world.carol.username = "carolk"
+    user_save(actor=person(root), user=world.carol)
+    _, _, rows = export("access")
+    actions = [(r["username"], r["email"], r["permission"], r["change"]) for r in rows if not r["environment"]]
+    assert ("frank", "frank@example.com", "environment_grant", f"granted approve_environment on {prod}") in actions
+    assert ("frank", "frank@example.com", "environment_grant", f"revoked approve_environment on {prod}") in actions
+    assert ("carol", "carol@example.com", "username", "carol -> carolk") in actions
+    held = {(r["username"], r["permission"], r["via"]): r for r in rows if r["environment"]}
+    # the revoked right put back by SQL has no event behind it (the exceptions report names it)
+    assert held[("frank", "approve_environment", "direct")]["since_audit_seq"] == ""
+    assert f"the right of frank is 'held' in the table, 'environment.revoke at seq {revoked}'" in " ".join(
+        r["detail"] for r in export("exceptions")[2] if r["kind"] == "evidence_mismatch")
+    dave = held[("dave", "approve_environment", "group mac-approvers")]
+    added = AuditEvent.objects.get(action="group.add_member", data__user="dave")
+    assert dave["since_audit_seq"] == str(added.seq)
+    assert held[("carolk", "approve_environment", "group mac-approvers")]["since_audit_seq"] != ""
+
+
 def test_audit_report_and_manifest_let_anyone_recompute_the_chain(world, history):
     e, data, rows = export("audit")
     import hashlib
