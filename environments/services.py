@@ -655,7 +655,8 @@ SETTINGS_FIELDS = ("name", "promotes_from", "restricted", "auto_deploy", "requir
                    "playbook", "inventory", "playbook_repo", "playbook_ref")
 
 
-def _settings_of(environment: Environment) -> dict:
+def settings_of(environment: Environment) -> dict:
+    """The settings the chain records an environment by (its events' `changed`, a control change's `now`)."""
     return {name: getattr(environment, f"{name}_id" if name == "promotes_from" else name) for name in SETTINGS_FIELDS}
 
 
@@ -690,8 +691,8 @@ def environment_save(
                              data={"environment": str(before), "changes": weaker, "reason": reason})
                 return change
         else:
-            old = {} if before is None else _settings_of(before)
-            new = _settings_of(environment)
+            old = {} if before is None else settings_of(before)
+            new = settings_of(environment)
             environment.save()
             diff = {k: [old.get(k), v] for k, v in new.items() if creating or old.get(k) != v}
             data = {"changed": diff, "executable": _from_to(before, environment, policy.EXECUTABLE_SETTINGS)}
@@ -708,7 +709,7 @@ def _apply_control_change(change: ControlChange, environment: Environment | None
                 setattr(environment, f"{name}_id" if name == "promotes_from" else name, new)
         environment.full_clean()
         environment.save(update_fields=[f for f in SETTINGS_FIELDS if f in change.changes])
-        return _settings_of(environment)
+        return settings_of(environment)
     window = FreezeWindow.objects.select_for_update().get(pk=change.freeze_window_id)
     if "removed" in change.changes:
         window.ends_at = max(now, window.starts_at + dt.timedelta(microseconds=1))
@@ -730,7 +731,7 @@ def _set_freeze_fields(window: FreezeWindow, values: dict) -> None:
 
 def _current_of(change: ControlChange, environment: Environment | None) -> dict:
     if change.freeze_window_id is None:
-        current = _settings_of(environment)
+        current = settings_of(environment)
         if "path" in change.changes:  # where the proposed source leads now
             current["path"] = policy.promotion_path(environment.application_id, change.changes["promotes_from"][1])
         return current

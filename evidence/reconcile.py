@@ -19,15 +19,21 @@ from dataclasses import dataclass
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
+from django.db.models import Q
 
 from audit.models import AuditEvent
 from core.times import iso
 from environments import policy
-from environments.models import Approval, Deployment, Environment
+from environments.models import Approval, ControlChange, Deployment, Environment
+from environments.services import settings_of
 from evidence.columns import Period
 from releases.models import VcsAlias
 
 DEPLOYMENT = "environments.deployment"
+ENVIRONMENT = "environments.environment"
+RELEASE = "releases.release"
+BUILD = "releases.build"
+CONTROL_CHANGE = "environments.controlchange"
 CHUNK = 1000
 REQUEST_TIME_SLACK = 60  # seconds between a request's time in the table and its event's (one transaction)
 
@@ -105,6 +111,7 @@ def deployments(period: Period) -> Iterator[Mismatch]:
     if period.application:
         by_chain = by_chain.filter(release__application__name=period.application)
     ids = sorted({*population.values_list("id", flat=True), *by_chain.values_list("id", flat=True)})
+    seen_releases: set[int] = set()
     for start in range(0, len(ids), CHUNK):
         chunk = ids[start : start + CHUNK]
         events = defaultdict(list)
@@ -114,13 +121,62 @@ def deployments(period: Period) -> Iterator[Mismatch]:
             .order_by("seq")
         ):
             events[int(event.object_id)].append(event)
-        for d in (
+        chunk_deployments = list(
             Deployment.objects.filter(pk__in=chunk)
-            .select_related("release__application", "environment")
-            .prefetch_related("approvals")
+            .select_related("release__application", "release__build", "environment")
+            .prefetch_related("approvals", "release__issues", "release__implementers")
             .order_by("id")
-        ):
+        )
+        for d in chunk_deployments:
             yield from _deployment_mismatches(d, events[d.pk])
+        releases = {d.release_id: d.release for d in chunk_deployments if d.release_id not in seen_releases}
+        seen_releases.update(releases)
+        yield from _release_mismatches(releases)
+
+
+BUILD_FIELDS = ("commit", "branch", "url", "status", "tests_passed", "tests_failed", "tests_skipped")
+
+
+def _release_mismatches(releases: dict) -> Iterator[Mismatch]:
+    """The releases of those deployments, and the builds they were cut from, against their events: a
+    release's registration (artifact, build, issue keys, implementers, pull request) never changes; a
+    build's report is its registration and its updates."""
+    if not releases:
+        return
+    registered = {int(e.object_id): e.data or {} for e in AuditEvent.objects.filter(
+        action="release.register", object_type=RELEASE, object_id__in=[str(pk) for pk in releases]).only(*ONLY)}
+    builds = {r.build_id: r.build for r in releases.values()}
+    reported: dict[int, dict] = defaultdict(dict)
+    for e in AuditEvent.objects.filter(action__in=("build.register", "build.update"), object_type=BUILD,
+                                       object_id__in=[str(pk) for pk in builds]).only(*ONLY).order_by("seq"):
+        data = e.data or {}
+        reported[int(e.object_id)].update(data if e.action == "build.register" else data.get("changed") or {})
+    for pk, release in sorted(releases.items()):
+        subject = f"release {release}"
+        if (said := registered.get(pk)) is None:
+            yield Mismatch(subject, "its registration", "registered", "no release.register event")
+            continue
+        pr = said.get("pull_request") or {}
+        for what, table, chain in (
+            ("artifact_url", release.artifact_url, said.get("artifact_url")),
+            ("artifact_sha256", release.artifact_sha256, said.get("artifact_sha256")),
+            ("build", release.build.number, said.get("build")),
+            ("issue_keys", sorted(i.key for i in release.issues.all()), said.get("issue_keys")),
+            ("implementers", sorted(i.identity for i in release.implementers.all()), said.get("implementers")),
+            ("pull_request_url", release.pull_request_url, pr.get("url", "")),
+            ("pull_request_author", release.pull_request_author, pr.get("author", "")),
+            ("pull_request_reviewers", release.pull_request_reviewers, pr.get("reviewers", [])),
+        ):
+            if table != chain:
+                yield Mismatch(subject, what, str(table), str(chain))
+    for pk, build in sorted(builds.items()):
+        said = reported.get(pk)
+        if said is None:
+            yield Mismatch(f"build {build}", "its registration", "registered", "no build.register event")
+            continue
+        for name in BUILD_FIELDS:
+            if name in said and said[name] != getattr(build, name):
+                yield Mismatch(f"build {build}", name, str(getattr(build, name)), str(said[name]))
 
 
 def aliases() -> Iterator[Mismatch]:
@@ -299,7 +355,45 @@ def rights(period: Period) -> Iterator[Mismatch]:
                 yield Mismatch(f"group {group.name}", f"the membership of {user.get_username()}", "member", why)
 
 
+def environment_settings(period: Period) -> Iterator[Mismatch]:
+    """Each restricted environment's settings (its name, promotion path, restriction, approvals, code
+    review, automatic deployment, playbook and inventory) against what its events set: its creation and
+    changes (`changed`: from, to) and the control changes approved for it (`now`: all of them after)."""
+    environments = Environment.objects.filter(restricted=True).select_related("application").order_by("id")
+    if period.application:
+        environments = environments.filter(application__name=period.application)
+    environments = list(environments)
+    if not environments:
+        return
+    ids = {str(env.pk) for env in environments}
+    said: dict[int, dict] = defaultdict(dict)
+    created = set()
+    changes = dict(ControlChange.objects.filter(environment_id__in=[env.pk for env in environments],
+                                                freeze_window__isnull=True).values_list("pk", "environment_id"))
+    events = AuditEvent.objects.filter(
+        Q(action__in=("environment.create", "environment.change"), object_type=ENVIRONMENT, object_id__in=ids)
+        | Q(action="control_change.approve", object_type=CONTROL_CHANGE,
+            object_id__in=[str(pk) for pk in changes])).only(*ONLY).order_by("seq")
+    for e in events:
+        data = e.data or {}
+        if e.action == "control_change.approve":
+            said[changes[int(e.object_id)]].update(data.get("now") or {})
+            continue
+        if e.action == "environment.create":
+            created.add(int(e.object_id))
+        said[int(e.object_id)].update({name: new for name, (_old, new) in (data.get("changed") or {}).items()})
+    for env in environments:
+        subject = f"environment {env}"
+        if env.pk not in created:
+            yield Mismatch(subject, "its creation", "exists", "no environment.create event")
+            continue
+        for name, value in settings_of(env).items():
+            if name in said[env.pk] and said[env.pk][name] != value:
+                yield Mismatch(subject, name, str(value), str(said[env.pk][name]))
+
+
 def mismatches(period: Period) -> Iterator[Mismatch]:
     yield from deployments(period)
     yield from aliases()
     yield from rights(period)
+    yield from environment_settings(period)

@@ -70,10 +70,10 @@ class World:
         self.app = Application.objects.create(name="MAC", issue_key_prefix="BIZPLAT")
         self.qa = Environment.objects.create(application=self.app, name="QA")  # auto-deploy: tests turn it on
         self.staging = Environment.objects.create(application=self.app, name="Staging", promotes_from=self.qa)
-        self.production = Environment.objects.create(
+        self.production = env_services.environment_save(actor=SYSTEM, environment=Environment(  # audited
             application=self.app, name="Production", promotes_from=self.staging, restricted=True,
             required_approvals=1,
-        )
+        ))
         self.releasers = Group.objects.create(name="mac-releasers")
         for codename in ("deploy_environment", "approve_environment"):
             env_services.environment_grant(actor=SYSTEM, environment=self.production, codename=codename,

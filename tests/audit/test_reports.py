@@ -25,10 +25,10 @@ from audit.models import AuditEvent
 from core.decisions import PolicyRefusal
 from core.times import iso
 from environments import services
-from environments.models import Approval, Deployment, FreezeWindow
+from environments.models import Approval, Deployment, Environment, FreezeWindow
 from evidence.reports import Export, Period, safe_cell
 from portal.management.demo_history import moved_time
-from releases.models import VcsAlias
+from releases.models import Build, Release, VcsAlias
 from releases.services import PullRequest, vcs_alias_add
 from tests.conftest import SYSTEM, person
 
@@ -224,6 +224,66 @@ def test_access_times_rights_given_and_taken_away_and_keeps_people_through_renam
     added = AuditEvent.objects.get(action="group.add_member", data__user="dave")
     assert dave["since_audit_seq"] == str(added.seq)
     assert held[("carolk", "approve_environment", "group mac-approvers")]["since_audit_seq"] != ""
+
+
+def test_exceptions_show_a_restricted_environments_settings_changed_outside_the_portal(world, history, make_user):
+    """Where a restricted environment deploys from and to, and how strictly, is what its events set:
+    changed through the portal (at once when stricter, by a second administrator when weaker) it agrees;
+    changed or made by SQL, it does not."""
+    def settings_mismatches():
+        return {r["detail"] for r in export("exceptions")[2]
+                if r["kind"] == "evidence_mismatch" and r["detail"].startswith("environment ")}
+
+    root, otto = make_user("root", superuser=True), make_user("otto", superuser=True)
+    production = Environment.objects.get(pk=world.production.pk)
+    production.required_approvals = 2  # stricter: at once
+    services.environment_save(actor=person(root), environment=production)
+    production.inventory = "hosts-2026.ini"  # weaker: proposed, then approved by another administrator
+    proposal = services.environment_save(actor=person(root), environment=production, reason="new hosts")
+    services.control_change_approve(actor=person(otto), change_id=proposal.pk)
+    assert settings_mismatches() == set()
+
+    prod = str(world.production)
+    Environment.objects.filter(pk=world.production.pk).update(inventory="/tmp/elsewhere.ini", required_approvals=1)
+    Environment.objects.create(application=world.app, name="Shadow", restricted=True, required_approvals=1)
+    assert settings_mismatches() == {
+        f"environment {prod}: inventory is '/tmp/elsewhere.ini' in the table, 'hosts-2026.ini' in the audit chain",
+        f"environment {prod}: required_approvals is '1' in the table, '2' in the audit chain",
+        "environment MAC Shadow: its creation is 'exists' in the table, 'no environment.create event' in the audit "
+        "chain",
+    }
+
+
+def test_exceptions_show_a_deployed_release_or_its_build_changed_outside_the_portal(world, history):
+    """What was deployed is what was registered: a release's implementers or reviewers, or its build's
+    test results, changed by SQL (past the append-only triggers, by the database's owner) disagree with
+    the events that registered them."""
+    def release_mismatches():
+        return {r["detail"] for r in export("exceptions")[2]
+                if r["kind"] == "evidence_mismatch" and r["detail"].startswith(("release ", "build "))}
+
+    done = history["done"]
+    release, build = done.release, done.release.build
+    assert release_mismatches() == set()
+    implementers = sorted(release.implementers.values_list("identity", flat=True))
+    Build.objects.filter(pk=build.pk).update(tests_failed=12)
+    for table in ("releases_implementer", "releases_release"):
+        triggers.drop(connection, table)
+    try:
+        release.implementers.filter(identity=implementers[0]).delete()
+        Release.objects.filter(pk=release.pk).update(pull_request_reviewers=["erin", "nobody"])
+    finally:
+        for table in ("releases_implementer", "releases_release"):
+            triggers.install(connection, table)
+    reviewers = Release.objects.get(pk=release.pk)
+    said = AuditEvent.objects.get(action="release.register", object_id=str(release.pk)).data
+    assert release_mismatches() == {
+        f"build {build}: tests_failed is '12' in the table, '{build.tests_failed}' in the audit chain",
+        f"release {release}: implementers is {str(implementers[1:])!r} in the table, {str(implementers)!r} in the "
+        "audit chain",
+        f"release {release}: pull_request_reviewers is {str(reviewers.pull_request_reviewers)!r} in the table, "
+        f"{str((said.get('pull_request') or {}).get('reviewers', []))!r} in the audit chain",
+    }
 
 
 def test_audit_report_and_manifest_let_anyone_recompute_the_chain(world, history):
