@@ -8,6 +8,7 @@ from http import HTTPStatus
 from django.core.exceptions import DisallowedHost, ObjectDoesNotExist, RequestDataTooBig
 from django.db import InterfaceError, OperationalError, connection
 from django.http import Http404, JsonResponse
+from django.urls import Resolver404, resolve
 from django.views import defaults
 from ninja import NinjaAPI, Status
 from ninja.errors import AuthenticationError, HttpError, ValidationError
@@ -146,6 +147,14 @@ def bad_request(request, exception, template_name="400.html"):
     return JsonResponse({"code": "BAD_REQUEST", "detail": detail}, status=400)
 
 
+def _routes(path: str) -> bool:
+    try:
+        resolve(path)
+    except Resolver404:
+        return False
+    return True
+
+
 _CODES = {400: "BAD_REQUEST", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "TOO_LARGE"}
 
 
@@ -154,12 +163,22 @@ class JsonAnswersMiddleware:
     a path parameter holding a slash; a method the path does not have) is answered as {"code", "detail"}
     too, keeping the `Allow` header of a 405. A request whose bearer token stands for nobody is
     answered 401 whatever the view answered (edge.api.Bearer: the token may be looked up together
-    with the view's own reads)."""
+    with the view's own reads). HEAD is answered as GET without its body; a path that exists without
+    its trailing slash says so."""
 
     def __init__(self, get_response):
         self.get_response = get_response
 
     def __call__(self, request):
+        if request.method == "HEAD":  # wherever GET is served (RFC 9110): GET's status and headers, no body
+            request.method = "GET"
+            response = self._answer(request)
+            response["Content-Length"] = str(len(response.content))
+            response.content = b""
+            return response
+        return self._answer(request)
+
+    def _answer(self, request):
         response = self.get_response(request)
         try:
             unknown = unknown_bearer(request)
@@ -176,7 +195,10 @@ class JsonAnswersMiddleware:
             reason = HTTPStatus(status).phrase
         except ValueError:
             reason = "Error"
-        answer = JsonResponse({"code": _CODES.get(status, "ERROR"), "detail": f"{reason}."}, status=status)
+        detail = f"{reason}."
+        if status == 404 and request.path_info.endswith("/") and _routes(request.path_info[:-1]):
+            detail = f"Not Found: the API's paths end without a slash ({request.path_info[:-1]})."
+        answer = JsonResponse({"code": _CODES.get(status, "ERROR"), "detail": detail}, status=status)
         if response.has_header("Allow"):
             answer["Allow"] = response["Allow"]
         return answer

@@ -56,3 +56,10 @@ def test_a_host_the_portal_does_not_serve_is_answered_in_json(portal, ci_token):
     assert (status, content_type) == (400, "application/json")
     answer = json.loads(body)
     assert answer["code"] == "BAD_REQUEST" and "ci-gateway.example.com" in answer["detail"]
+
+
+def test_head_is_answered_like_get_without_a_body(portal, ci_token):
+    auth = {"Authorization": f"Bearer {ci_token}"}
+    status, content_type, body = _send(portal, "GET", "/api/v1/applications/MAC/environments", headers=auth)
+    assert status == 200 and content_type.startswith("application/json") and body
+    assert _send(portal, "HEAD", "/api/v1/applications/MAC/environments", headers=auth) == (200, content_type, b"")

@@ -579,6 +579,21 @@ def test_malformed_ids_and_unknown_paths_answer_json(ci, method, path, status):
         assert response.json()["errors"][0]["field"] == "deployment_id"
 
 
+def test_head_answers_as_get_without_the_body(ci):
+    ci.post("/builds", BUILD)
+    got = ci.get("/builds/MAC/101")
+    head = ci.client.head("/api/v1/builds/MAC/101", **ci._headers())
+    assert (head.status_code, head.content, head["Content-Length"]) == (200, b"", str(len(got.content)))
+    assert ci.client.head("/api/v1/builds/MAC/999", **ci._headers()).status_code == 404
+    post_only = ci.client.head("/api/v1/builds", **ci._headers())
+    assert (post_only.status_code, post_only["Allow"]) == (405, "POST")
+
+
+def test_a_trailing_slash_is_named_as_the_reason_of_a_404(ci):
+    answer = ci.post("/builds/", BUILD)
+    assert answer.status_code == 404 and "end without a slash (/api/v1/builds)" in answer.json()["detail"]
+
+
 def test_unsupported_method_answers_json_with_allow(ci):
     response = ci.client.put("/api/v1/builds", "{}", content_type="application/json",
                              HTTP_AUTHORIZATION=f"Bearer {ci.token}")
