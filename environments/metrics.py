@@ -24,7 +24,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
-from django.db.models import Avg, Count, Exists, F, FloatField, Func, OuterRef, Q, Subquery, Value
+from django.db.models import Avg, Count, Exists, F, FloatField, Func, OuterRef, Q, Subquery
 from django.db.models.functions import Coalesce, Least, TruncWeek
 from django.utils import timezone
 
@@ -248,16 +248,24 @@ def _lead_times(application: Application, environment_ids, period: MetricsPeriod
 
 def _restores(environment_ids, period: MetricsPeriod):
     """Per environment and week: failures that began an outage, and how long until the next success."""
-    ended = Deployment.objects.filter(environment_id=OuterRef("environment_id"),
-                                      state__in=(State.SUCCEEDED, State.FAILED))
-    previous = ended.filter(finished_at__lt=OuterRef("finished_at")).order_by("-finished_at", "-id")
-    restored_by = ended.filter(state=State.SUCCEEDED, finished_at__gt=OuterRef("finished_at")).order_by("finished_at")
+    # Each a single probe of the index on (environment, state, finished_at): one state at a time (the
+    # deployment before a failure, of either state, would sort every earlier deployment of its
+    # environment, for each failure).
+    def last(state: str, before: bool):
+        found = Deployment.objects.filter(environment_id=OuterRef("environment_id"), state=state)
+        if before:
+            found = found.filter(finished_at__lt=OuterRef("finished_at")).order_by("-finished_at")
+        else:
+            found = found.filter(finished_at__gt=OuterRef("finished_at")).order_by("finished_at")
+        return Subquery(found.values("finished_at")[:1])
+
     return (
         Deployment.objects.filter(environment_id__in=environment_ids, state=State.FAILED,
                                   finished_at__gte=period.since, finished_at__lt=period.until)
-        .annotate(previous_state=Coalesce(Subquery(previous.values("state")[:1]), Value("")))
-        .exclude(previous_state=State.FAILED)
-        .annotate(restored_at=Subquery(restored_by.values("finished_at")[:1]))
+        .annotate(failed_before=last(State.FAILED, before=True), succeeded_before=last(State.SUCCEEDED, before=True))
+        # the first of a run of failures: no failure before it, or a success between them
+        .filter(Q(failed_before__isnull=True) | Q(succeeded_before__gt=F("failed_before")))
+        .annotate(restored_at=last(State.SUCCEEDED, before=False))
         .order_by().values("environment_id", week=_week("finished_at"))
         .annotate(failures=Count("id"), restored=Count("restored_at"),
                   time_to_restore=Avg(SecondsBetween(F("restored_at"), F("finished_at"))))

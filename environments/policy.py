@@ -13,7 +13,7 @@ import datetime as dt
 import re
 import unicodedata
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 from auditlog.models import LogEntry
 from confusable_homoglyphs import confusables
@@ -108,6 +108,7 @@ def _as_shown(text: str) -> str:
     return "".join(swaps.get(c, c) for c in text).lower()
 
 
+@lru_cache(maxsize=8192)  # pure; asked for the same few people's identities again and again
 def identity_forms(identity: str) -> frozenset[str]:
     """What a VCS identity (or a person's user name, e-mail or alias) may name a person by, lower-case:
     itself; the address inside git's "Name <e-mail>"; an address without its "+tag" (bob+ci@ is bob@'s
@@ -242,6 +243,28 @@ class Implementers:
         if self.forms & forms_of(person_identities(user) if identities is None else identities):
             return "identity"
         return None
+
+
+class ImplementersIndex:
+    """The implementers of many releases, asked which of them a person implemented: Implementers.match
+    of each release at once (a report over a year of releases asks it for every holder of a right)."""
+
+    def __init__(self, rows):
+        """rows: (release key, identity, user id or None)."""
+        self.by_user: dict[int, set] = {}
+        self.by_form: dict[str, set] = {}
+        for key, identity, user_id in rows:
+            if user_id is not None:
+                self.by_user.setdefault(user_id, set()).add(key)
+            for form in identity_forms(identity):
+                self.by_form.setdefault(form, set()).add(key)
+
+    def implemented_by(self, user, identities: set[str]) -> set:
+        """The keys of the releases `user` implemented (`identities`: theirs, person_identities)."""
+        found = set(self.by_user.get(user.pk, ()))
+        for form in forms_of(identities):
+            found |= self.by_form.get(form, set())
+        return found
 
 
 def implementers_of(release: Release) -> Implementers:

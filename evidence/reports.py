@@ -32,7 +32,7 @@ from environments import policy
 from environments.models import Approval, ControlChange, Deployment, Environment
 from evidence import pg_reports, reconcile
 from evidence.columns import AUDIT_COLUMNS, CHANGES_COLUMNS, DANGEROUS_FIRST, Period
-from releases.models import Implementer, Release, ReleaseIssue
+from releases.models import Implementer, ReleaseIssue
 
 CHUNK = 64 * 1024
 ITERATOR_CHUNK = 5000
@@ -242,15 +242,12 @@ def access_rows(period: Period) -> Iterator[tuple]:
         if right.user.is_active:
             rights[right.environment.pk].append(right)
     for env in environments:
-        deployed = Release.objects.filter(
-            deployments__environment=env, deployments__requested_at__gte=period.since,
-            deployments__requested_at__lt=period.until, deployments__queued_at__isnull=False,
-        ).distinct()
-        implementers = {release.version: policy.implementers_of(release) for release in deployed}
+        implementers = _implementers_deployed(env, period) if rights[env.pk] else policy.ImplementersIndex(())
+        people = policy.identities_of_users(r.user.pk for r in rights[env.pk])
         by_name = sorted(rights[env.pk], key=lambda r: (r.user.username, r.codename, r.group.name if r.group else ""))
         for right in by_name:
             user, since = right.user, right.since()
-            conflicts = sorted(v for v, imp in implementers.items() if imp.match(user))
+            conflicts = sorted(implementers.implemented_by(user, people[user.pk]))
             yield (env.application.name, env.name, user.username, user.email, right.codename,
                    f"group {right.group.name}" if right.group else "direct", since.created_at if since else "",
                    since.seq if since else "", bool(conflicts), conflicts, "", "")
@@ -297,6 +294,14 @@ def _account_changes(event: AuditEvent) -> Iterator[tuple[str, str, bool]]:
         lost = [f"{label}: {', '.join(data.get(key) or []) or 'none'}" for key, label in (
             ("members", "members"), ("permissions", "permissions"), ("environment_grants", "environment grants"))]
         yield "group_deleted", "; ".join(lost), False
+
+
+def _implementers_deployed(environment: Environment, period: Period) -> policy.ImplementersIndex:
+    """The implementers of the releases deployed to the environment in the period, by version (one query)."""
+    deployed = Deployment.objects.filter(environment=environment, requested_at__gte=period.since,
+                                         requested_at__lt=period.until, queued_at__isnull=False).values("release_id")
+    return policy.ImplementersIndex(Implementer.objects.filter(release_id__in=deployed).values_list(
+        "release__version", "identity", "user_id").iterator(chunk_size=ITERATOR_CHUNK))
 
 
 def account_rows(period: Period) -> Iterator[tuple]:

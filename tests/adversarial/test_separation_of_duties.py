@@ -296,3 +296,16 @@ def test_weakening_the_control_to_ship_ones_own_change_needs_a_second_person(wor
         services.control_change_approve(actor=person(root), change_id=proposal.pk)
     refused_in_chain("SOD_PROPOSER_APPROVER", actor="root", action_prefix="control_change.approve")
     assert chain.verify().ok
+
+
+def test_the_access_reports_index_says_what_match_says(world):
+    """The access report asks which of a year's releases each holder implemented at once
+    (ImplementersIndex); it answers what Implementers.match answers release by release."""
+    releases = [world.release(implementers=ids) for ids in (
+        ["Bob Example <bob@example.com>"], ["c\u0430rol+x@example.com"], ["alice@example.com", "erin"], ["nobody"])]
+    index = policy.ImplementersIndex(
+        (r.version, i.identity, i.user_id) for r in releases for i in r.implementers.all())
+    for user in (world.alice, world.bob, world.carol, world.erin, world.dave):
+        by_match = {r.version for r in releases if policy.implementers_of(r).match(user)}
+        assert index.implemented_by(user, policy.person_identities(user)) == by_match, user
+    assert index.implemented_by(world.carol, policy.person_identities(world.carol)) == {releases[1].version}
