@@ -9,7 +9,7 @@ import datetime as dt
 
 from django.conf import settings
 from django.contrib import admin
-from django.core.paginator import Paginator
+from django.core.paginator import EmptyPage, Paginator
 from django.db import connections, models, router
 from django.utils import timezone
 from django.utils.functional import cached_property
@@ -39,6 +39,7 @@ class LargeTablePaginator(Paginator):
     the plain number ("" when the count is exact)."""
 
     count_label = ""
+    beyond = ""  # what the pages do not reach, when the count stopped at its limit
 
     @cached_property
     def count(self) -> int:
@@ -61,7 +62,21 @@ class LargeTablePaginator(Paginator):
             self.count_label = f"about {about:,}"
             return about
         self.count_label = f"more than {limit:,}"
+        self.beyond = f"the pages reach the first {limit:,}: a narrower search, a filter or the dates reach the rest"
         return limit
+
+    def page(self, number):
+        """A page past the last one counted shows the last one: the admin would otherwise drop the search
+        and start again from the unfiltered list."""
+        try:
+            number = self.validate_number(number)
+        except EmptyPage:
+            number = max(self.num_pages, 1)
+        return super().page(number)
+
+    def get_elided_page_range(self, number=1, *, on_each_side=3, on_ends=2):
+        number = min(int(number), max(self.num_pages, 1))  # the page shown (see page) for a page asked beyond
+        return super().get_elided_page_range(number, on_each_side=on_each_side, on_ends=on_ends)
 
 
 def _significant(n: int, digits: int = 3) -> int:

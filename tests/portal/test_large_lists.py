@@ -6,6 +6,7 @@ indexes, never with SELECT DISTINCT over the whole table. Fixed query counts: te
 import datetime as dt
 
 import pytest
+from django.contrib import admin
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
@@ -133,8 +134,30 @@ def test_beyond_the_limit_the_list_says_about_from_the_estimate_or_more_than(cli
     page = succeeded.content.decode()
     assert "more than 4 deployments" in page and "more than 4 results" in page
 
+    assert "the pages reach the first 4: a narrower search, a filter or the dates reach the rest" in page
+
     qa = listing(client, root, DEPLOYMENTS, environment__name="QA")
     assert (qa.context["cl"].result_count, qa.context["cl"].paginator.count_label) == (3, "")  # exact
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="SQLite counts exactly: every page is reached")
+def test_a_page_beyond_those_counted_shows_the_last_one_and_keeps_the_search(client, world, root, settings,
+                                                                           monkeypatch):
+    three_in_staging(world)
+    settings.PORTAL_EXACT_COUNT_LIMIT = 4
+    monkeypatch.setattr(admin.site._registry[Deployment], "list_per_page", 2)
+    far = listing(client, root, DEPLOYMENTS, state__exact="succeeded", p="3")  # pages 1 and 2 hold the first 4
+    cl = far.context["cl"]
+    assert (len(cl.result_list), cl.paginator.count_label) == (2, "more than 4")
+    assert [d.pk for d in cl.result_list] == [d.pk for d in listing(client, root, DEPLOYMENTS, state__exact="succeeded",
+                                                                    p="2").context["cl"].result_list]
+    assert "state__exact=succeeded" in far.content.decode()  # the filter is still on
+
+
+def test_an_empty_list_says_0(client, world, root):
+    page = listing(client, root, DEPLOYMENTS, q="nothing-is-called-this").content.decode()
+    assert "0 deployments" in page
 
 
 @pytest.mark.skipif(connection.vendor == "postgresql", reason="SQLite has no estimate: it counts")
