@@ -49,6 +49,9 @@ class AuditEventAdmin(ReadOnlyAdmin):
     list_display = ["seq", "created_at", "who", "what", "code", "object_repr"]
     list_filter = [("action", IndexedValuesFilter), ("code", IndexedValuesFilter), ("via", IndexedValuesFilter)]
     search_fields = list(SEARCH_COLUMNS)  # as the admin searches on SQLite; see get_search_results
+    search_help_text = ("Who acted (a user name, ci:<token>, system), the object (MAC 1.4.0, a deployment's "
+                        "number), an action (deployment.approve) or a refusal's rule (SOD_IMPLEMENTER_APPROVER). "
+                        "Issue keys are found in Deployments and Releases.")
     date_hierarchy = "created_at"
     ordering = ["-seq"]
     paginator = LargeTablePaginator

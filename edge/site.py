@@ -45,6 +45,8 @@ class PortalAdminSite(admin.AdminSite):
                 return redirect("admin:change_journey", issue_key=key)
             if re.fullmatch(r"#[0-9]{1,18}", query):  # a deployment, as the pages name it
                 return redirect("admin:environments_deployment_change", int(query[1:]))
+            if (release := release_selectors.the_release_of_version(query)) is not None:  # a version, whole
+                return redirect("admin:releases_release_change", release)
             return redirect(reverse("admin:releases_release_changelist") + "?" + urlencode({"q": query}))
         return super().index(request, extra_context={**self.board_context(request), **(extra_context or {})})
 

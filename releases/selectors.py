@@ -63,6 +63,13 @@ _BUILD_COLUMNS = ("number", "commit", "branch", "url", "status", "tests_passed",
                   "created_at", "updated_at")
 
 
+def the_release_of_version(version: str) -> int | None:
+    """The one release with exactly this version (whatever its application), or None: none, or one in
+    each of several applications."""
+    found = list(Release.objects.filter(version=version).order_by().values_list("pk", flat=True)[:2])
+    return found[0] if len(found) == 1 else None
+
+
 def build_as_dict(build: Build) -> dict:
     return _build_dict({"application": build.application.name,
                         **{name: getattr(build, name) for name in _BUILD_COLUMNS}})

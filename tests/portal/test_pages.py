@@ -184,8 +184,11 @@ def test_searching_an_issue_key_opens_the_changes_journey(client, people):
     assert journey.summary == (f"BIZPLAT-64951 runs in QA and Staging ({release.version}); "
                                "has not reached Production yet.")
     assert journey.summary in text(response)
-    versions = client.get(reverse("admin:index"), {"q": release.version})
-    assert versions.url == reverse("admin:releases_release_changelist") + f"?q={release.version}"
+    version = client.get(reverse("admin:index"), {"q": release.version})  # a version whole opens its release
+    assert version.url == reverse("admin:releases_release_change", args=[release.pk])
+    prefix = release.version.rsplit(".", 1)[0]  # part of one: the releases it may be
+    versions = client.get(reverse("admin:index"), {"q": prefix})
+    assert versions.url == reverse("admin:releases_release_changelist") + f"?q={prefix}"
     missing = client.get(reverse("admin:change_journey", args=["BIZPLAT-404"]))
     assert missing.status_code == 404 and missing.templates[0].name == "admin/releases/change_journey.html"
     assert "No build or release carries BIZPLAT-404." in text(missing)  # the API's sentence, on the portal's page
@@ -566,14 +569,14 @@ def test_an_emergency_is_an_open_exception_on_the_board_until_someone_else_revie
     emergency = services.deployment_request(actor=person(world.bob), release=release, environment=world.production,
                                             emergency_reason="payments down")
     board = text(page(client, world.carol, reverse("admin:index")))
-    assert "Open exceptions (1)" in board and f"#{emergency.pk}" in board and "awaiting review" in board
+    assert "Emergencies awaiting review (1)" in board and f"#{emergency.pk}" in board and "awaiting review" in board
     assert '<p class="frozen">' in board and "UTC: quarter close" in board  # the freeze on Production's column
     Deployment.objects.filter(pk=emergency.pk).update(
         requested_at=now - dt.timedelta(days=settings.PORTAL_REVIEW_DUE_DAYS + 1))
     board = page(client, world.carol, reverse("admin:index")).content.decode()
     assert 'class="overdue"' in board and "review overdue" in board
     services.deployment_review(actor=person(world.carol), deployment_id=emergency.pk, comment="checked")
-    assert "Open exceptions (0)" in text(page(client, world.carol, reverse("admin:index")))
+    assert "Emergencies awaiting review (0)" in text(page(client, world.carol, reverse("admin:index")))
 
 
 def test_spans_add_up_with_the_times_the_pages_show():
