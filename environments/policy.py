@@ -91,42 +91,72 @@ def holds_any_grant(user) -> bool:
     )
 
 
-ANGLE_ADDRESS = re.compile(r"<([^<>]*)>\s*$")  # git's "Name <e-mail>"
+# An e-mail address inside an identity: git's "Name <e-mail>", "e-mail (Name)", "mailto:e-mail".
+ADDRESS_IN = re.compile(r"[^\s<>()\[\]{},;:\"'`]+@[^\s<>()\[\]{},;:\"'`]+")
+HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cn", "Co", "Cs", "Me", "Mn"})  # controls, formats, marks left over
+
+
+def _hidden(c: str) -> bool:
+    """A character a reader does not see: formatting (zero-width, direction, tags), a control, a
+    combining mark or variation selector NFKC left alone, or a letter that shows as a blank."""
+    return unicodedata.category(c) in HIDDEN_CATEGORIES or c in BLANK_LOOKING
 
 
 def _as_shown(text: str) -> str:
-    """`text` as a reader sees it: in Unicode's compatibility form ('ｂｏｂ' and '𝐛𝐨𝐛' are 'bob'), each
-    letter of another script that looks like a Latin letter or digit written as that one (a Cyrillic
-    'о' is an 'o')."""
-    text = unicodedata.normalize("NFKC", text).lower()
+    """`text` as a reader sees it, lower-case: in Unicode's compatibility form ('ｂｏｂ' and '𝐛𝐨𝐛' are
+    'bob'), without what does not show (_hidden), single spaces, and each letter that looks like an
+    ASCII letter or digit (a Cyrillic 'о', a Latin 'ɑ') written as that one (Unicode's confusables)."""
+    text = "".join(c for c in unicodedata.normalize("NFKC", text).lower() if not _hidden(c))
+    text = " ".join(text.split())
     if text.isascii():
         return text
-    swaps = {}
-    for found in confusables.is_confusable(text, greedy=True, preferred_aliases=["latin"]) or []:
-        if latin := [h["c"] for h in found["homoglyphs"] if h["c"].isascii() and h["c"].isalnum()]:
-            swaps[found["character"]] = latin[0]
-    return "".join(swaps.get(c, c) for c in text).lower()
+    swapped = []
+    for c in text:
+        looks_like = [h["c"] for h in confusables.confusables_data.get(c, ()) if h["c"].isascii() and h["c"].isalnum()]
+        swapped.append(looks_like[0].lower() if not c.isascii() and looks_like else c)
+    return "".join(swapped)
 
 
 @lru_cache(maxsize=8192)  # pure; asked for the same few people's identities again and again
 def identity_forms(identity: str) -> frozenset[str]:
     """What a VCS identity (or a person's user name, e-mail or alias) may name a person by, lower-case:
-    itself; the address inside git's "Name <e-mail>"; an address without its "+tag" (bob+ci@ is bob@'s
-    mailbox); and each as a reader sees it (_as_shown). Separation of duties matches two identities when
-    their forms meet, so that what shows the same person is the same person."""
+    itself, as a reader sees it (_as_shown), and the e-mail addresses inside either ("Name <e-mail>")."""
     forms = {identity.strip().lower()}
-    forms |= {_as_shown(f) for f in forms}
-    forms |= {m.group(1).strip() for f in forms if (m := ANGLE_ADDRESS.search(f))}
-    for form in list(forms):
-        local, at, domain = form.rpartition("@")
-        if at and (mailbox := local.split("+", 1)[0]) and mailbox != local:
-            forms.add(f"{mailbox}@{domain}")
+    forms.add(_as_shown(identity))
+    forms |= {address.rstrip(".") for form in list(forms) for address in ADDRESS_IN.findall(form)}
     forms.discard("")
     return frozenset(forms)
 
 
-def forms_of(identities) -> frozenset[str]:
-    return frozenset(f for identity in identities for f in identity_forms(identity))
+def _mailbox(form: str) -> str | None:
+    """An address's mailbox without its "+tag" (bob+ci@example.com is bob@example.com's), if it has one."""
+    local, at, domain = form.rpartition("@")
+    if at and "+" in local and (box := local.split("+", 1)[0]):
+        return f"{box}@{domain}"
+    return None
+
+
+@dataclass(frozen=True)
+class Shown:
+    """What some identities show: their forms, and the mailboxes of their +tagged addresses."""
+
+    forms: frozenset[str]
+    mailboxes: frozenset[str]
+
+    def meets(self, other: Shown) -> bool:
+        """Whether the two name one person: a form in common, or one's +tagged address is the other's
+        mailbox (two +tags of one shared mailbox, dev+alice@ and dev+bob@, do not meet)."""
+        return bool(self.forms & other.forms or self.mailboxes & other.forms or self.forms & other.mailboxes)
+
+    @property
+    def searched(self) -> frozenset[str]:
+        """What to look a person up by (their user name, e-mail or alias as stored)."""
+        return self.forms | self.mailboxes
+
+
+def shown(identities) -> Shown:
+    forms = frozenset(f for identity in identities for f in identity_forms(identity))
+    return Shown(forms, frozenset(m for f in forms if (m := _mailbox(f))))
 
 
 def person_identities(user) -> set[str]:
@@ -162,7 +192,7 @@ _IDENTITY_ROWS = CompiledRead(_identity_rows, (str,))
 def identity_users_read(identities) -> Pending:
     """resolve_identity_users' read of these identities (all their forms), to be run with others
     (core.compiled.together)."""
-    return _IDENTITY_ROWS.later(sorted(forms_of(identities)))
+    return _IDENTITY_ROWS.later(sorted(shown(identities).searched))
 
 
 def _identity_users(identities, read: Pending | None = None) -> tuple[dict[str, set[int]], dict[str, int]]:
@@ -182,7 +212,7 @@ def _identity_users(identities, read: Pending | None = None) -> tuple[dict[str, 
         for form in {(first or "").strip().lower(), second.lower()}:
             by_form.setdefault(form, set()).add(user_id)
     for identity in identities:
-        if users := {pk for form in identity_forms(identity) for pk in by_form.get(form, ())}:
+        if users := {pk for form in shown([identity]).searched for pk in by_form.get(form, ())}:
             found[identity] = users
     return found, {identity: aliased[identity] for identity in identities if identity in aliased}
 
@@ -230,8 +260,8 @@ class Implementers:
     user_ids: frozenset[int]
 
     @cached_property
-    def forms(self) -> frozenset[str]:
-        return forms_of(self.identities)
+    def shown(self) -> Shown:
+        return shown(self.identities)
 
     def match(self, user, identities: set[str] | None = None) -> str | None:
         """How `user` is an implementer ('user', 'identity'), or None. `identities`: the person's, when
@@ -240,7 +270,7 @@ class Implementers:
             return None
         if user.pk in self.user_ids:
             return "user"
-        if self.forms & forms_of(person_identities(user) if identities is None else identities):
+        if self.shown.meets(shown(person_identities(user) if identities is None else identities)):
             return "identity"
         return None
 
@@ -253,17 +283,25 @@ class ImplementersIndex:
         """rows: (release key, identity, user id or None)."""
         self.by_user: dict[int, set] = {}
         self.by_form: dict[str, set] = {}
+        self.by_mailbox: dict[str, set] = {}
         for key, identity, user_id in rows:
             if user_id is not None:
                 self.by_user.setdefault(user_id, set()).add(key)
-            for form in identity_forms(identity):
+            implementer = shown([identity])
+            for form in implementer.forms:
                 self.by_form.setdefault(form, set()).add(key)
+            for mailbox in implementer.mailboxes:
+                self.by_mailbox.setdefault(mailbox, set()).add(key)
 
     def implemented_by(self, user, identities: set[str]) -> set:
-        """The keys of the releases `user` implemented (`identities`: theirs, person_identities)."""
+        """The keys of the releases `user` implemented (`identities`: theirs, person_identities): what
+        Implementers.match says of each."""
+        person = shown(identities)
         found = set(self.by_user.get(user.pk, ()))
-        for form in forms_of(identities):
+        for form in person.forms | person.mailboxes:
             found |= self.by_form.get(form, set())
+        for form in person.forms:
+            found |= self.by_mailbox.get(form, set())
         return found
 
 
@@ -458,12 +496,12 @@ def independent_reviewers(release: Release, implementers: Implementers) -> list[
         return []
     people = identity_users(candidates | {author} if author else candidates)
     excluded_users = set(implementers.user_ids) | people.get(author, set())
-    excluded = implementers.forms | (identity_forms(author) if author else frozenset())
+    excluded = shown(implementers.identities | ({author} if author else set()))
     identities = identities_of_users(pk for r in candidates for pk in people.get(r, ()))
     return sorted(
         r for r in candidates
-        if not identity_forms(r) & excluded
-        and not any(pk in excluded_users or forms_of(identities[pk]) & excluded for pk in people.get(r, ()))
+        if not shown([r]).meets(excluded)
+        and not any(pk in excluded_users or shown(identities[pk]).meets(excluded) for pk in people.get(r, ()))
     )
 
 

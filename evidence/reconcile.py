@@ -54,18 +54,29 @@ def _who(user_id, label) -> str:
     return f"{label} (user id {user_id})" if user_id else str(label)
 
 
-def _deployment_mismatches(d: Deployment, events: list[AuditEvent]) -> Iterator[Mismatch]:
-    for mismatch in _disagreements(d, events):
+def _deployment_mismatches(d: Deployment, events: list[AuditEvent], names: dict[int, set[str]]
+                           ) -> Iterator[Mismatch]:
+    for mismatch in _disagreements(d, events, names.get(d.environment_id, set())):
         yield Mismatch(f"deployment #{d.pk}", *mismatch, deployment=d)
 
 
-def _disagreements(d: Deployment, events: list[AuditEvent]) -> Iterator[tuple[str, str, str]]:
-    """(what, the table's, the chain's) for each thing the table and the deployment's events disagree on."""
+def _disagreements(d: Deployment, events: list[AuditEvent], environment_names: set[str]
+                   ) -> Iterator[tuple[str, str, str]]:
+    """(what, the table's, the chain's) for each thing the table and the deployment's events disagree on
+    (`environment_names`: every name the chain knows its environment by)."""
     requests = [e for e in events if e.action == "deployment.request"]
     if not requests:
         yield ("its request", f"requested by {d.requested_by_label}", "no deployment.request event")
         return
     request = requests[0]
+    said = request.data or {}
+    # what was requested where: a release's version and artifact never change, an environment's name
+    # only through its events
+    if (d.release.version, d.release.artifact_sha256) != (said.get("version"), said.get("artifact_sha256")):
+        yield ("release", f"{d.release.version} ({d.release.artifact_sha256})",
+               f"{said.get('version')} ({said.get('artifact_sha256')})")
+    if said.get("environment") not in environment_names | {d.environment.name}:
+        yield ("environment", d.environment.name, str(said.get("environment")))
     if abs((d.requested_at - request.created_at).total_seconds()) > REQUEST_TIME_SLACK:
         yield ("requested at", iso(d.requested_at), iso(request.created_at))
     # The label is the requester's name as it was then (a person's user name, ci:<token>, system): a
@@ -104,9 +115,12 @@ def deployments(period: Period) -> Iterator[Mismatch]:
         population = population.filter(release__application__name=period.application)
     # And those whose request the chain puts in the period: a requested_at moved by SQL takes a
     # deployment out of the changes report, not out of this check.
+    # (in whichever environment its row is now: one moved out of a restricted environment by SQL too)
+    names, restricted = environment_history()
     requested = AuditEvent.objects.filter(action="deployment.request", object_type=DEPLOYMENT,
-                                          created_at__gte=period.since, created_at__lt=period.until)
-    by_chain = Deployment.objects.filter(environment__restricted=True, pk__in=[
+                                          created_at__gte=period.since, created_at__lt=period.until,
+                                          data__environment__in=sorted({n for pk in restricted for n in names[pk]}))
+    by_chain = Deployment.objects.filter(pk__in=[
         int(i) for i in requested.values_list("object_id", flat=True) if i.isdigit()])
     if period.application:
         by_chain = by_chain.filter(release__application__name=period.application)
@@ -128,7 +142,7 @@ def deployments(period: Period) -> Iterator[Mismatch]:
             .order_by("id")
         )
         for d in chunk_deployments:
-            yield from _deployment_mismatches(d, events[d.pk])
+            yield from _deployment_mismatches(d, events[d.pk], names)
         releases = {d.release_id: d.release for d in chunk_deployments if d.release_id not in seen_releases}
         seen_releases.update(releases)
         yield from _release_mismatches(releases)
@@ -355,37 +369,66 @@ def rights(period: Period) -> Iterator[Mismatch]:
                 yield Mismatch(f"group {group.name}", f"the membership of {user.get_username()}", "member", why)
 
 
+def _settings_events(environment_ids=None):
+    """The events that set environments' settings, oldest first: their creation and changes (`changed`:
+    from, to) and the control changes approved for them (`now`: every setting after). (environment id,
+    {setting: value}, is_creation) each."""
+    changes = ControlChange.objects.filter(freeze_window__isnull=True, environment__isnull=False)
+    if environment_ids is not None:
+        changes = changes.filter(environment_id__in=environment_ids)
+    changed = dict(changes.values_list("pk", "environment_id"))
+    own = Q(action__in=("environment.create", "environment.change"), object_type=ENVIRONMENT)
+    if environment_ids is not None:
+        own &= Q(object_id__in=[str(pk) for pk in environment_ids])
+    events = AuditEvent.objects.filter(own | Q(action="control_change.approve", object_type=CONTROL_CHANGE,
+                                               object_id__in=[str(pk) for pk in changed])).only(*ONLY).order_by("seq")
+    for e in events:
+        data = e.data or {}
+        if e.action == "control_change.approve":
+            yield changed[int(e.object_id)], data.get("now") or {}, False
+        else:
+            yield (int(e.object_id), {name: new for name, (_old, new) in (data.get("changed") or {}).items()},
+                   e.action == "environment.create")
+
+
+def environment_history() -> tuple[dict[int, set[str]], set[int]]:
+    """Every name the chain knows each environment by, and the environments it has ever made restricted."""
+    names: dict[int, set[str]] = defaultdict(set)
+    restricted = set()
+    for pk, name, is_restricted in Environment.objects.values_list("pk", "name", "restricted"):
+        names[pk].add(name)
+        if is_restricted:
+            restricted.add(pk)
+    for pk, settings, _created in _settings_events():
+        if "name" in settings:
+            names[pk].add(settings["name"])
+        if settings.get("restricted"):
+            restricted.add(pk)
+    return names, restricted
+
+
 def environment_settings(period: Period) -> Iterator[Mismatch]:
-    """Each restricted environment's settings (its name, promotion path, restriction, approvals, code
-    review, automatic deployment, playbook and inventory) against what its events set: its creation and
-    changes (`changed`: from, to) and the control changes approved for it (`now`: all of them after)."""
-    environments = Environment.objects.filter(restricted=True).select_related("application").order_by("id")
+    """Each environment's settings (its name, promotion path, restriction, approvals, code review,
+    automatic deployment, playbook and inventory) against what its events set: its creation and changes
+    and the control changes approved for it. A restricted environment must have been made through the
+    portal (an environment.create event); one the chain made restricted is read whatever its row says."""
+    environments = Environment.objects.select_related("application").order_by("id")
     if period.application:
         environments = environments.filter(application__name=period.application)
     environments = list(environments)
     if not environments:
         return
-    ids = {str(env.pk) for env in environments}
     said: dict[int, dict] = defaultdict(dict)
     created = set()
-    changes = dict(ControlChange.objects.filter(environment_id__in=[env.pk for env in environments],
-                                                freeze_window__isnull=True).values_list("pk", "environment_id"))
-    events = AuditEvent.objects.filter(
-        Q(action__in=("environment.create", "environment.change"), object_type=ENVIRONMENT, object_id__in=ids)
-        | Q(action="control_change.approve", object_type=CONTROL_CHANGE,
-            object_id__in=[str(pk) for pk in changes])).only(*ONLY).order_by("seq")
-    for e in events:
-        data = e.data or {}
-        if e.action == "control_change.approve":
-            said[changes[int(e.object_id)]].update(data.get("now") or {})
-            continue
-        if e.action == "environment.create":
-            created.add(int(e.object_id))
-        said[int(e.object_id)].update({name: new for name, (_old, new) in (data.get("changed") or {}).items()})
+    for pk, settings, is_creation in _settings_events([env.pk for env in environments]):
+        said[pk].update(settings)
+        if is_creation:
+            created.add(pk)
     for env in environments:
         subject = f"environment {env}"
         if env.pk not in created:
-            yield Mismatch(subject, "its creation", "exists", "no environment.create event")
+            if env.restricted:
+                yield Mismatch(subject, "its creation", "exists", "no environment.create event")
             continue
         for name, value in settings_of(env).items():
             if name in said[env.pk] and said[env.pk][name] != value:

@@ -170,13 +170,14 @@ class JsonAnswersMiddleware:
         self.get_response = get_response
 
     def __call__(self, request):
-        if request.method == "HEAD":  # wherever GET is served (RFC 9110): GET's status and headers, no body
-            request.method = "GET"
-            response = self._answer(request)
+        if request.method != "HEAD" or not request.path_info.startswith(PREFIX):
+            return self._answer(request)
+        request.method = "GET"  # wherever GET is served (RFC 9110): GET's status and headers, no body
+        response = self._answer(request)
+        if not response.streaming:
             response["Content-Length"] = str(len(response.content))
             response.content = b""
-            return response
-        return self._answer(request)
+        return response
 
     def _answer(self, request):
         response = self.get_response(request)

@@ -7,6 +7,7 @@ The API's documentation page is HTML with scripts: it keeps the site's stack (an
 import io
 
 from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.core.handlers.wsgi import WSGIHandler
 
 from portal.api import PREFIX
@@ -36,16 +37,39 @@ class ApiHandler(ApiMiddleware, WSGIHandler):
     pass
 
 
+class ChunkedBody:
+    """The body of a request sent in chunks (Transfer-Encoding: chunked, no Content-Length), as CI tools
+    that stream their request do: Django reads a body by its length only and would see none. Where the
+    server ends the stream itself (`wsgi.input_terminated`, gunicorn), the request is given the size
+    limit for its length and this stream for its body, which reads the chunks when the view first reads
+    the body (after the token is checked, as a body with a length is), at most one byte beyond the limit
+    (which then answers 413)."""
+
+    def __init__(self, stream, limit: int):
+        self._stream, self._limit, self._body = stream, limit, None
+
+    def _read_all(self) -> io.BytesIO:
+        if self._body is None:
+            body = self._stream.read(self._limit + 1)
+            if len(body) > self._limit:
+                raise RequestDataTooBig("The request body is too large.")
+            self._body = io.BytesIO(body)
+        return self._body
+
+    def read(self, size=-1):
+        return self._read_all().read(size)
+
+    def readline(self, size=-1):
+        return self._read_all().readline(size)
+
+
 def with_length(environ: dict) -> dict:
-    """A body sent in chunks (Transfer-Encoding: chunked, no Content-Length), as CI tools that stream
-    their request do: Django reads a body by its length only and would see none. Where the server ends
-    the stream itself (`wsgi.input_terminated`, gunicorn), the body is read here, at most one byte
-    beyond the size limit (which then answers 413)."""
-    if (environ.get("CONTENT_LENGTH") or not environ.get("wsgi.input_terminated")
-            or "chunked" not in environ.get("HTTP_TRANSFER_ENCODING", "").lower()):
-        return environ
-    body = environ["wsgi.input"].read(settings.DATA_UPLOAD_MAX_MEMORY_SIZE + 1)
-    return {**environ, "wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body))}
+    """A chunked request's environ with a length and a ChunkedBody (see there); any other as it is."""
+    coding = [part.strip() for part in environ.get("HTTP_TRANSFER_ENCODING", "").lower().split(",")]
+    if environ.get("CONTENT_LENGTH") or not environ.get("wsgi.input_terminated") or coding != ["chunked"]:
+        return environ  # another coding (gzip, chunked) is not read: the body is then empty (422)
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    return {**environ, "wsgi.input": ChunkedBody(environ["wsgi.input"], limit), "CONTENT_LENGTH": str(limit)}
 
 
 class Dispatch:

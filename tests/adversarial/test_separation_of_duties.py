@@ -89,6 +89,10 @@ def test_implementer_matched_only_by_email_case_cannot_request(world):
     "b\u043eb@example.com",  # a Cyrillic 'о'
     "\uff42\uff4f\uff42@example.com",  # full-width letters
     "Bob <B\u03bfb+x@Example.com>",  # all of it, a Greek 'ο'
+    "Bob <bob@example.com>\u2800",  # a braille blank after it
+    "bob@example.com\ufe0f", "b\u034fob@example.com", "bob@example.com\U000e0001",  # marks and tags that do not show
+    "bob@ex\u0251mple.com",  # a Latin alpha
+    "Bob <bob@example.com> (work)", "bob@example.com (Bob)", "mailto:bob@example.com", "Bob <bob@example.com>.",
 ])
 def test_implementer_shown_as_bob_is_bob(world, identity):
     """What shows bob's address is bob: the release names him as its implementer, and he may neither
@@ -298,11 +302,21 @@ def test_weakening_the_control_to_ship_ones_own_change_needs_a_second_person(wor
     assert chain.verify().ok
 
 
+def test_two_tags_of_one_shared_mailbox_are_two_people(world, make_user):
+    """bob+ci@ is bob@'s mailbox; dev+alice@ and dev+bob@ of a shared mailbox are not each other."""
+    ann, ben = make_user("ann", email="dev+ann@example.com"), make_user("ben", email="dev+ben@example.com")
+    release = world.release(implementers=["dev+ann@example.com"])
+    assert policy.implementers_of(release).match(ann) and not policy.implementers_of(release).match(ben)
+    plain = world.release(implementers=["Dev <dev@example.com>"])
+    assert policy.implementers_of(plain).match(ann) and policy.implementers_of(plain).match(ben)  # the mailbox itself
+
+
 def test_the_access_reports_index_says_what_match_says(world):
     """The access report asks which of a year's releases each holder implemented at once
     (ImplementersIndex); it answers what Implementers.match answers release by release."""
     releases = [world.release(implementers=ids) for ids in (
-        ["Bob Example <bob@example.com>"], ["c\u0430rol+x@example.com"], ["alice@example.com", "erin"], ["nobody"])]
+        ["Bob Example <bob@example.com>"], ["c\u0430rol+x@example.com"], ["alice@example.com", "erin"], ["nobody"],
+        ["dev+x@example.com"])]
     index = policy.ImplementersIndex(
         (r.version, i.identity, i.user_id) for r in releases for i in r.implementers.all())
     for user in (world.alice, world.bob, world.carol, world.erin, world.dave):

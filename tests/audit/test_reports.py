@@ -254,6 +254,31 @@ def test_exceptions_show_a_restricted_environments_settings_changed_outside_the_
     }
 
 
+def test_exceptions_still_read_what_sql_moved_out_of_a_restricted_environment(world, history):
+    """A deployment moved to another environment or release, or Production no longer restricted, by SQL:
+    the reports read restricted environments, so these would leave them; the chain says where each
+    deployment was requested and that Production was made restricted."""
+    def mismatches():
+        return {r["detail"] for r in export("exceptions")[2] if r["kind"] == "evidence_mismatch"}
+
+    done, unreviewed = history["done"], history["unreviewed"]
+    other = world.release()
+    Deployment.objects.filter(pk=unreviewed.pk).update(environment=world.qa)
+    Deployment.objects.filter(pk=done.pk).update(release=other)
+    assert mismatches() == {
+        f"deployment #{unreviewed.pk}: environment is 'QA' in the table, 'Production' in the audit chain",
+        f"deployment #{done.pk}: release is '{other.version} ({other.artifact_sha256})' in the table, "
+        f"'{done.release.version} ({done.release.artifact_sha256})' in the audit chain",
+    }
+    Deployment.objects.filter(pk=unreviewed.pk).update(environment=world.production)
+    Deployment.objects.filter(pk=done.pk).update(release=done.release)
+    Environment.objects.filter(pk=world.production.pk).update(restricted=False, required_approvals=0)
+    assert mismatches() == {
+        f"environment {world.production}: restricted is 'False' in the table, 'True' in the audit chain",
+        f"environment {world.production}: required_approvals is '0' in the table, '1' in the audit chain",
+    }
+
+
 def test_exceptions_show_a_deployed_release_or_its_build_changed_outside_the_portal(world, history):
     """What was deployed is what was registered: a release's implementers or reviewers, or its build's
     test results, changed by SQL (past the append-only triggers, by the database's owner) disagree with
@@ -336,6 +361,8 @@ def test_reports_page_for_auditors(client, world, history, make_user):
     url = reverse("admin:audit_reports")
     assert b"SOX reports" in client.get(url).content
     today = timezone.now().date().isoformat()
+    head = client.head(url, {"report": "changes", "since": "2000-01-01", "until": today})
+    assert head.status_code in (200, 405) and not AuditEvent.objects.filter(action="report.export").exists()
     response = client.get(url, {"report": "changes", "since": "2000-01-01", "until": today})
     assert response.status_code == 200 and response.streaming
     archive = zipfile.ZipFile(io.BytesIO(b"".join(response.streaming_content)))

@@ -3,6 +3,7 @@ sent in chunks, a Host header the portal does not serve)."""
 
 import http.client
 import json
+import socket
 import subprocess
 import sys
 from urllib.parse import urlsplit
@@ -63,3 +64,14 @@ def test_head_is_answered_like_get_without_a_body(portal, ci_token):
     status, content_type, body = _send(portal, "GET", "/api/v1/applications/MAC/environments", headers=auth)
     assert status == 200 and content_type.startswith("application/json") and body
     assert _send(portal, "HEAD", "/api/v1/applications/MAC/environments", headers=auth) == (200, content_type, b"")
+
+
+def test_a_chunked_body_is_not_waited_for_before_the_token_is_checked(portal):
+    """A client that starts a chunked body and never ends it holds no worker for a request without a
+    valid token: the body is read when the view reads it, after the token."""
+    address = urlsplit(portal.url)
+    with socket.create_connection((address.hostname, address.port), timeout=20) as conn:
+        conn.sendall(b"POST /api/v1/builds HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n1\r\n{\r\n")  # and nothing more
+        answer = conn.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
