@@ -2,6 +2,7 @@
 {"code", "detail"} with a 4xx status. Nothing a client sends may produce a 500, and every answer
 is JSON and in the OpenAPI document (Django's own 404 and 405 pages included)."""
 
+import json
 import logging
 from http import HTTPStatus
 
@@ -12,6 +13,7 @@ from django.urls import Resolver404, resolve
 from django.views import defaults
 from ninja import NinjaAPI, Status
 from ninja.errors import AuthenticationError, HttpError, ValidationError
+from ninja.parser import Parser
 from pydantic import BaseModel
 
 from core.decisions import NotFound, PolicyRefusal
@@ -24,7 +26,33 @@ logger = logging.getLogger(__name__)
 PREFIX = "/api/v1/"
 _UNAUTHENTICATED = "A valid bearer token is required: Authorization: Bearer <token>."
 
+class RepeatedName(ValueError):
+    """A JSON object naming a member twice."""
+
+
+def _once_each(pairs):
+    members = {}
+    for name, value in pairs:
+        if name in members:
+            raise RepeatedName(name)
+        members[name] = value
+    return members
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+class StrictJson(Parser):
+    """JSON as RFC 8259 interoperates: an object names each member once (a second "status" would
+    otherwise silently win over the first) and NaN or Infinity is no number."""
+
+    def parse_body(self, request):
+        return json.loads(request.body, object_pairs_hook=_once_each, parse_constant=_no_constant)
+
+
 api = NinjaAPI(
+    parser=StrictJson(),
     title="Release Portal API",
     version="1",
     description="CI registers builds and releases and requests deployments; people approve with personal tokens. "
@@ -120,6 +148,10 @@ def _invalid(request, exc: ValidationError):
 @api.exception_handler(HttpError)
 def _http_error(request, exc: HttpError):
     if exc.status_code == 400:
+        if isinstance(exc.__cause__, RepeatedName):
+            name = exc.__cause__.args[0]
+            return _error(request, 400, "INVALID_JSON", f"The request body names {name!r} twice in one object; "
+                                                        "each name once.")
         return _error(request, 400, "INVALID_JSON", "The request body is not valid JSON.")
     return _error(request, exc.status_code, "ERROR", str(exc))
 

@@ -594,6 +594,17 @@ def test_a_trailing_slash_is_named_as_the_reason_of_a_404(ci):
     assert answer.status_code == 404 and "end without a slash (/api/v1/builds)" in answer.json()["detail"]
 
 
+def test_a_name_twice_in_one_object_or_nan_is_no_json_the_api_reads(ci):
+    twice = ci.post("/builds", '{"application": "MAC", "number": "7", "commit": "c", "branch": "b", '
+                               '"status": "successful", "status": "in_progress"}', raw=True)
+    assert twice.status_code == 400 and twice.json() == {
+        "code": "INVALID_JSON", "detail": "The request body names 'status' twice in one object; each name once."}
+    nan = ci.post("/builds", '{"application": "MAC", "number": "7", "commit": "c", "branch": "b", '
+                             '"status": "successful", "tests": {"passed": NaN}}', raw=True)
+    assert nan.status_code == 400 and nan.json()["code"] == "INVALID_JSON"
+    assert not Build.objects.exists()
+
+
 def test_unsupported_method_answers_json_with_allow(ci):
     response = ci.client.put("/api/v1/builds", "{}", content_type="application/json",
                              HTTP_AUTHORIZATION=f"Bearer {ci.token}")
