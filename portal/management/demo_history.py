@@ -106,7 +106,7 @@ class History:
         self.environments = list(Environment.objects.filter(application=application).order_by("id"))
         users = get_user_model().objects
         self.bob, self.carol = users.get(username="bob"), users.get(username="carol")
-        self.ci = Actor.system(via="command")  # the demo command: registers builds, releases and freezes
+        self.ci = Actor.command()  # the demo command: registers builds, releases and freezes (its shell recorded)
         today = now.date()
         self.first_monday = today - dt.timedelta(days=today.weekday(), weeks=WEEKS)
 

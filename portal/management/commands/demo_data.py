@@ -40,7 +40,7 @@ APPLICATION = "MAC"
 ISSUE_PREFIX = "BIZPLAT"
 ISSUE_URL = "https://jira.example.com/browse/{key}"
 RELEASERS = "mac-releasers"
-HISTORY = Actor.system(via="command")
+HISTORY = Actor.command()  # the demo command, with the shell that ran it
 HISTORY_DETAIL = "Recorded by demo_data as the demo's history; no playbook ran."
 
 
@@ -203,8 +203,9 @@ class Command(BaseCommand):
 
     def _history(self, release: Release, demo: DemoRelease):
         User = get_user_model()
-        bob, carol = Actor(user=User.objects.get(username="bob"), via="command"), \
-            Actor(user=User.objects.get(username="carol"), via="command")
+        shell = Actor.command().os_account  # the demo's people act through the command: its shell is recorded
+        bob, carol = (Actor(user=User.objects.get(username=name), via="command", os_account=shell)
+                      for name in ("bob", "carol"))
         for name in demo.reached:
             environment = Environment.objects.get(application=release.application, name=name)
             deployment = Deployment.objects.filter(release=release, environment=environment).first()
