@@ -15,7 +15,7 @@ from typing import Annotated
 from django.http import HttpRequest
 from ninja.errors import AuthenticationError
 from ninja.security import HttpBearer
-from pydantic import AfterValidator, BaseModel, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 from access.services import token_actor_of, token_lookup
 from audit.actors import Actor
@@ -124,6 +124,13 @@ def example(value) -> Field:
 
 ApplicationName = Annotated[Name, example("MAC")]
 ObjectId = Annotated[int, Field(ge=1, le=2**63 - 1, description="A positive 64-bit integer.")]
+
+
+def sent(*examples: dict) -> ConfigDict:
+    """The model configuration of what a client sends: only the fields described (a misspelt one,
+    "issueKeys", is refused by name, not dropped: a registration cannot be corrected once made), with
+    the documentation's examples."""
+    return ConfigDict(extra="forbid", **({"json_schema_extra": {"examples": list(examples)}} if examples else {}))
 
 
 class Error(BaseModel):

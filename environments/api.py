@@ -5,9 +5,9 @@ import datetime as dt
 from django.http import HttpRequest
 from django.utils import timezone
 from ninja import Field, Query, Router, Schema, Status
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
-from edge.api import REFUSALS, ApplicationName, Day, Name, ObjectId, Text, actor_of, readable
+from edge.api import REFUSALS, ApplicationName, Day, Name, ObjectId, Text, actor_of, readable, sent
 from environments import metrics, selectors, services
 from releases import selectors as release_selectors
 
@@ -15,8 +15,7 @@ router = Router(tags=["deployments"])
 
 
 class DeploymentIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"application": "MAC", "version": "3.1.0", "environment": "QA"}]})
+    model_config = sent({"application": "MAC", "version": "3.1.0", "environment": "QA"})
 
     application: Name
     version: Text(100, 1)
@@ -25,8 +24,7 @@ class DeploymentIn(BaseModel):
 
 
 class DecisionIn(BaseModel):
-    model_config = ConfigDict(extra="forbid",
-                              json_schema_extra={"examples": [{"comment": "Change tickets and test results checked."}]})
+    model_config = sent({"comment": "Change tickets and test results checked."})
 
     comment: Text(2000) = ""
 

@@ -242,7 +242,9 @@ def access_rows(period: Period) -> Iterator[tuple]:
         if right.user.is_active:
             rights[right.environment.pk].append(right)
     for env in environments:
-        implementers = _implementers_deployed(env, period) if rights[env.pk] else policy.ImplementersIndex(())
+        if not rights[env.pk]:
+            continue
+        implementers = _implementers_deployed(env, period)
         people = policy.identities_of_users(r.user.pk for r in rights[env.pk])
         by_name = sorted(rights[env.pk], key=lambda r: (r.user.username, r.codename, r.group.name if r.group else ""))
         for right in by_name:

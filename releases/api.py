@@ -5,7 +5,7 @@ from typing import Annotated, Literal
 
 from django.http import HttpRequest
 from ninja import Field, Router, Status
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, StringConstraints
+from pydantic import AfterValidator, BaseModel, BeforeValidator, StringConstraints
 
 from core.decisions import PolicyRefusal
 from edge.api import (
@@ -20,6 +20,7 @@ from edge.api import (
     example,
     matching,
     readable,
+    sent,
 )
 from environments import policy
 from releases import selectors, services
@@ -71,13 +72,8 @@ BuildNumber = Annotated[Text(BUILD_NUMBER_MAX, 1), example("101")]
 Version = Annotated[Text(100, 1), example("3.1.0")]
 
 
-# What a client sends names only the fields described: a misspelt one ("issueKeys") is refused, not
-# dropped (a registration cannot be corrected once made).
-SENT = ConfigDict(extra="forbid")
-
-
 class Tests(BaseModel):
-    model_config = SENT
+    model_config = sent()
 
     passed: NonNegative = 0
     failed: NonNegative = 0
@@ -85,7 +81,7 @@ class Tests(BaseModel):
 
 
 class BuildIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [BUILD_EXAMPLE]})
+    model_config = sent(BUILD_EXAMPLE)
 
     application: Name
     number: Text(BUILD_NUMBER_MAX, 1)
@@ -110,7 +106,7 @@ class BuildOut(BaseModel):
 
 
 class PullRequestIn(BaseModel):
-    model_config = SENT
+    model_config = sent()
 
     url: Text(1000, 1)
     author: Identity("Who opened the pull request.")
@@ -120,7 +116,7 @@ class PullRequestIn(BaseModel):
 
 
 class ReleaseIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [RELEASE_EXAMPLE]})
+    model_config = sent(RELEASE_EXAMPLE)
 
     application: Name
     version: Text(100, 1)

@@ -564,3 +564,24 @@ def test_non_restricted_environment_needs_a_deploy_permission(world):
 def test_a_rollback_is_a_release_registered_before_the_one_that_runs():
     """One rule for every page and report that says "rollback" (and for NEWER_RELEASE_THERE's order)."""
     assert [policy.is_rollback(5, running) for running in (7, 5, 3, None)] == [True, False, False, False]
+
+
+def test_who_could_review_reads_a_fixed_number_of_queries_whatever_the_releasers(world, make_user):
+    """The deployment page asks who could review an emergency: four queries for three releasers or eight."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    release = world.release(implementers=["erin@example.com"])
+
+    def counted():
+        with CaptureQueriesContext(connection) as captured:
+            names = policy.possible_reviewers(release, world.production, world.bob.pk)
+        return names, len(captured)
+
+    few, few_queries = counted()
+    assert few == ["carol"]  # bob asked, erin implemented it
+    for n in range(5):
+        make_user(f"releaser{n}", groups=[world.releasers])
+    many, many_queries = counted()
+    assert many == ["carol", *(f"releaser{n}" for n in range(5))]
+    assert few_queries == many_queries == 4
