@@ -1,4 +1,6 @@
 from django.apps import AppConfig
+from django.conf import settings
+from django.core import checks
 from django.db import connections
 from django.db.models.signals import post_migrate
 
@@ -15,6 +17,20 @@ def _reinstall_append_only_triggers(sender, using="default", **kwargs):
             triggers.install(connection, table)
 
 
+def _seal_key_set(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
+    """`check --deploy`: a portal that seals no event cannot tell its own events from ones appended by
+    whoever can write the database (audit/seal.py)."""
+    if settings.PORTAL_AUDIT_SEAL_KEY is not None:
+        return []
+    return [checks.Warning(
+        "No audit seal key: the events the portal writes are not sealed, so an event appended by whoever can "
+        "write the database cannot be told from the portal's own.",
+        hint="Set PORTAL_AUDIT_SEAL_KEY_FILE (or PORTAL_AUDIT_SEAL_KEY) on every machine that serves or runs the "
+             "portal, to a key kept off the database and its backups (docs/operating.md).",
+        id="audit.W001",
+    )]
+
+
 class AuditConfig(AppConfig):
     name = "audit"
     verbose_name = "Audit"
@@ -23,4 +39,5 @@ class AuditConfig(AppConfig):
         from audit import field_history
 
         field_history.wire()
+        checks.register(_seal_key_set, checks.Tags.security, deploy=True)
         post_migrate.connect(_reinstall_append_only_triggers, sender=self, dispatch_uid="audit.triggers")

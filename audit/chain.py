@@ -12,14 +12,17 @@ import queue
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from uuid import UUID
 
+from django.conf import settings
 from django.db import connection, connections, transaction
+from django.db.models import Count, Max, Min
 from django.utils import timezone
 from psycopg.types.string import TextLoader
 
+from audit import seal
 from audit.actors import Actor
 from audit.models import AuditEvent
 from core.compiled import prepared
@@ -213,6 +216,7 @@ def append(
         event.created_at = timezone.now()
         event.canonical = canonical(event)
         event.hash = link_hash(event.prev_hash, event.canonical)
+        event.seal = _seal_of(seal.at_position_zero(event.canonical, event.seq))
         _insert(event)
     return event
 
@@ -236,6 +240,7 @@ def _append_postgresql(event: AuditEvent, parts: tuple[str, str, str]) -> None:
     before, between, after = parts
     event.created_at = timezone.now()
     prefix = f"{before}{_string(iso(event.created_at))}{between}"
+    event.seal = _seal_of(f"{prefix}0{after}")
     fields = [f for f in _insert_fields() if f.attname not in _POSITION]
     params = [field.get_db_prep_save(getattr(event, field.attname), connection) for field in fields]
     sql, params = prepared(_append_sql(_typed_columns(tuple(fields))), [prefix, after, *params])
@@ -251,6 +256,11 @@ def _append_postgresql(event: AuditEvent, parts: tuple[str, str, str]) -> None:
 
 
 _POSITION = ("seq", "canonical", "prev_hash", "hash")  # what the database fills in under the lock
+
+
+def _seal_of(text_at_zero: str) -> str | None:
+    key = settings.PORTAL_AUDIT_SEAL_KEY
+    return None if key is None else seal.seal(text_at_zero, key)
 
 
 @functools.cache
@@ -308,11 +318,16 @@ class VerifyResult:
     head_hash: str
     problem: str = ""
     bad_seq: int | None = None
+    seals_checked: bool = False  # a seal key was given
+    unsealed_until: int = 0  # the last event without a seal: sealing began after it
+
+
+_FROM_SETTINGS = object()
 
 
 # The columns verify reads, in this order: the twelve hashed fields, then the stored text and links.
 VERIFY_COLUMNS = ("seq", "created_at", "actor_id", "actor_username", "actor_email", "via", "action", "object_type",
-                  "object_id", "object_repr", "code", "data", "canonical", "prev_hash", "hash")
+                  "object_id", "object_repr", "code", "data", "canonical", "prev_hash", "hash", "seal")
 VERIFY_CHUNK = 2000
 
 
@@ -321,8 +336,12 @@ def _event_rows(events: Iterable[AuditEvent]) -> Iterator[tuple]:
         yield tuple(getattr(event, column) for column in VERIFY_COLUMNS)
 
 
-def verify(events: Iterable[AuditEvent] | None = None, *, workers: int | None = None) -> VerifyResult:
-    """Recompute the whole chain; report the first event whose link or content does not match.
+def verify(events: Iterable[AuditEvent] | None = None, *, workers: int | None = None,
+           key: bytes | None = _FROM_SETTINGS) -> VerifyResult:
+    """Recompute the whole chain; report the first event whose link or content does not match, and
+    with a seal `key` (default: settings.PORTAL_AUDIT_SEAL_KEY; None: seals are not read) the first
+    event the portal did not write: one without a valid seal after the first sealed event, or one
+    carrying the seal of another (audit/seal.py).
 
     Reads plain rows in chunks and builds each canonical text from the columns, without model
     instances, so memory stays flat whatever the length of the chain. On PostgreSQL: a server-side
@@ -331,26 +350,102 @@ def verify(events: Iterable[AuditEvent] | None = None, *, workers: int | None = 
     JSON decoded here; a chain of more than VERIFY_PARALLEL_FROM events is split into one range per
     worker process (`workers`, default one per core), see _verify_parallel.
     """
+    key = settings.PORTAL_AUDIT_SEAL_KEY if key is _FROM_SETTINGS else key
     if events is not None:
-        return _verify_rows(_event_rows(events))
+        events = list(events)
+        sealing = _Sealing.of_events(key, events)
+        result = _verify_rows(_event_rows(events), sealing=sealing)
+        return _with_copies(result, sealing, _copied_seal_in(events))
+    sealing = _Sealing.of_database(key)
     if connection.vendor == "postgresql":
         workers = workers or os.cpu_count() or 1
         head_seq = AuditEvent.objects.order_by("-seq").values_list("seq", flat=True).first() or 0
         # Inside a transaction the other processes would not see what it wrote: one process then.
         if workers > 1 and head_seq >= VERIFY_PARALLEL_FROM and not connection.in_atomic_block:
-            return _verify_parallel(head_seq, workers)
+            return _with_copies(_verify_parallel(head_seq, workers, sealing), sealing, _copied_seal)
         with transaction.atomic(), closing(_postgresql_rows()) as rows:
-            return _verify_rows(rows, from_text=True)
+            return _with_copies(_verify_rows(rows, from_text=True, sealing=sealing), sealing, _copied_seal)
     # SQLite: no transaction here, it would take the database's write lock.
     rows = AuditEvent.objects.order_by("seq").values_list(*VERIFY_COLUMNS)
-    return _verify_rows(rows.iterator(chunk_size=VERIFY_CHUNK))
+    return _with_copies(_verify_rows(rows.iterator(chunk_size=VERIFY_CHUNK), sealing=sealing), sealing, _copied_seal)
+
+
+@dataclass(frozen=True)
+class _Sealing:
+    """What verify reads of the seals: the key (None: not read), the last event without a seal, and the
+    first sealed event before it (None if there is none: every unsealed event is older than sealing)."""
+
+    key: bytes | None
+    unsealed_until: int
+    sealed_before_it: int | None = None
+
+    @classmethod
+    def of_database(cls, key: bytes | None) -> _Sealing:
+        unsealed = AuditEvent.objects.filter(seal__isnull=True)
+        last = unsealed.aggregate(last=Max("seq"))["last"] or 0
+        first = None
+        # Events 1..last all unsealed (the partial index counts them): no sealed one before. Otherwise
+        # the first sealed one is looked for (the chain is then wrong, or has a gap verify names).
+        if key is not None and last and unsealed.count() != last:
+            first = (AuditEvent.objects.filter(seal__isnull=False, seq__lt=last).order_by("seq")
+                     .values_list("seq", flat=True).first())
+        return cls(key, last, first)
+
+    @classmethod
+    def of_events(cls, key: bytes | None, events: list[AuditEvent]) -> _Sealing:
+        last = max((e.seq for e in events if e.seal is None), default=0)
+        return cls(key, last, min((e.seq for e in events if e.seal is not None and e.seq < last), default=None))
+
+    def problem(self, seq: int, value: str | None, text: str) -> str | None:
+        """What is wrong with event `seq`'s seal, or None."""
+        if self.key is None:
+            return None
+        if value is None:
+            if self.sealed_before_it is not None and seq > self.sealed_before_it:
+                return (f"event seq {seq} has no seal, though event seq {self.sealed_before_it} before it has one: "
+                        "it was not written by the portal (or the portal ran without its seal key)")
+            return None
+        if not seal.holds(value, seal.at_position_zero(text, seq), self.key):
+            return (f"event seq {seq}: its seal does not match: it was not written by the portal (or the key is not "
+                    "the one the portal seals with)")
+        return None
+
+
+def _with_copies(result: VerifyResult, sealing: _Sealing, copied) -> VerifyResult:
+    """The result with what it says of the seals, failed where an event carries another's seal (an
+    event copied to a later place: its content, and so its seal, are the other's)."""
+    checked = sealing.key is not None
+    if result.ok and checked and (pair := copied() if callable(copied) else copied):
+        first, copy = pair  # the chain is intact up to the copy (verify read it whole and gap-free)
+        before = AuditEvent.objects.filter(seq=copy - 1).values_list("hash", flat=True).first() or GENESIS_HASH
+        result = VerifyResult(False, copy - 1, copy - 1, before,
+                              f"event seq {copy} carries the seal of event seq {first}: a copy of it, not "
+                              "written by the portal", copy)
+    return replace(result, seals_checked=checked, unsealed_until=sealing.unsealed_until)
+
+
+def _copied_seal() -> tuple[int, int] | None:
+    """The first pair of events with one seal, (the first, the later), or None."""
+    return (AuditEvent.objects.filter(seal__isnull=False).values("seal")
+            .annotate(first=Min("seq"), copy=Max("seq"), n=Count("seq")).filter(n__gt=1)
+            .order_by("copy").values_list("first", "copy").first())
+
+
+def _copied_seal_in(events: list[AuditEvent]) -> tuple[int, int] | None:
+    seen: dict[str, int] = {}
+    for event in sorted(events, key=lambda e: e.seq):
+        if event.seal is not None:
+            if event.seal in seen:
+                return seen[event.seal], event.seq
+            seen[event.seal] = event.seq
+    return None
 
 
 # Below this many events one process verifies (starting processes costs more than it saves).
 VERIFY_PARALLEL_FROM = 200_000
 
 
-def _verify_parallel(head_seq: int, workers: int) -> VerifyResult:
+def _verify_parallel(head_seq: int, workers: int, sealing: _Sealing) -> VerifyResult:
     """The chain 1..head_seq in `workers` consecutive ranges, each verified by a process of its own with
     its own connection, from the `prev_hash` stored in the range's first event; then the ranges are
     joined in order: each range's first `prev_hash` must be the hash the range before ends on. The
@@ -360,7 +455,7 @@ def _verify_parallel(head_seq: int, workers: int) -> VerifyResult:
     ranges = [(lo, min(lo + size - 1, head_seq)) for lo in range(1, head_seq + 1, size)]
     connections.close_all()  # no connection crosses the fork; each process opens its own
     with multiprocessing.get_context("fork").Pool(len(ranges)) as pool:
-        parts = pool.starmap(_verify_range, ranges)
+        parts = pool.starmap(_verify_range, [(lo, hi, sealing) for lo, hi in ranges])
     count, prev_hash = 0, GENESIS_HASH
     for (lo, _hi), (first_prev, result) in zip(ranges, parts, strict=True):
         if first_prev is not None and first_prev != prev_hash:
@@ -373,13 +468,14 @@ def _verify_parallel(head_seq: int, workers: int) -> VerifyResult:
     return VerifyResult(True, count, head_seq, prev_hash)
 
 
-def _verify_range(lo: int, hi: int) -> tuple[str | None, VerifyResult]:
+def _verify_range(lo: int, hi: int, sealing: _Sealing) -> tuple[str | None, VerifyResult]:
     """In a worker process: the stored prev_hash of event `lo` (None if it is missing) and the range
     verified from it."""
     try:
         first_prev = AuditEvent.objects.filter(seq=lo).values_list("prev_hash", flat=True).first()
         with transaction.atomic(), closing(_postgresql_rows(lo, hi)) as rows:
-            return first_prev, _verify_rows(rows, from_text=True, start_seq=lo, prev_hash=first_prev or GENESIS_HASH)
+            return first_prev, _verify_rows(rows, from_text=True, start_seq=lo, prev_hash=first_prev or GENESIS_HASH,
+                                            sealing=sealing)
     finally:
         connections.close_all()
 
@@ -433,13 +529,13 @@ def _postgresql_rows(lo: int | None = None, hi: int | None = None) -> Iterator[t
 
 
 def _verify_rows(rows: Iterable[tuple], *, from_text: bool = False, start_seq: int = 1,
-                 prev_hash: str = GENESIS_HASH) -> VerifyResult:
+                 prev_hash: str = GENESIS_HASH, sealing: _Sealing = _Sealing(None, 0)) -> VerifyResult:
     """`from_text`: the rows hold created_at as iso text already and data as JSON text. The rows start
     at `start_seq`, linked to `prev_hash` (a range of the chain)."""
     expected_seq, count = start_seq, 0
     sha256, loads = hashlib.sha256, json.loads
     for (seq, created_at, actor_id, actor_username, actor_email, via, action, object_type, object_id, object_repr,
-         code, data, stored_text, stored_prev, stored_hash) in rows:
+         code, data, stored_text, stored_prev, stored_hash, stored_seal) in rows:
         if seq != expected_seq:
             return VerifyResult(
                 False, count, expected_seq - 1, prev_hash,
@@ -461,5 +557,7 @@ def _verify_rows(rows: Iterable[tuple], *, from_text: bool = False, start_seq: i
                 False, count, seq - 1, prev_hash,
                 f"event seq {seq}: content does not match its hash (changed after it was written)", seq,
             )
+        if sealing.key is not None and (unsealed := sealing.problem(seq, stored_seal, text)):
+            return VerifyResult(False, count, seq - 1, prev_hash, unsealed, seq)
         prev_hash, expected_seq, count = stored_hash, expected_seq + 1, count + 1
     return VerifyResult(True, count, expected_seq - 1, prev_hash)

@@ -48,6 +48,10 @@ class AuditEvent(models.Model):
     canonical = models.TextField(help_text="The exact text that was hashed (see audit.chain.canonical).")
     prev_hash = models.CharField(max_length=64)
     hash = models.CharField(max_length=64, unique=True)
+    # Null where the portal wrote it without a seal key (and every event before the key was set);
+    # nullable so that adding it to a chain of events needs no rewrite of the table (audit/seal.py).
+    seal = models.CharField(max_length=81, null=True, blank=True,
+                            help_text="nonce:HMAC of the event by the portal's seal key (audit.seal).")
 
     objects = AuditEventQuerySet.as_manager()
 
@@ -65,6 +69,8 @@ class AuditEvent(models.Model):
             models.Index(fields=["action", "created_at"], name="auditevent_action_time_idx"),
             models.Index(fields=["code", "created_at"], name="auditevent_code_time_idx"),
             models.Index(fields=["via", "created_at"], name="auditevent_via_time_idx"),
+            # The events without a seal (none after the key is set): verify reads the last one at once.
+            models.Index(fields=["seq"], condition=models.Q(seal__isnull=True), name="auditevent_unsealed_idx"),
         ]
 
     def __str__(self) -> str:

@@ -28,6 +28,7 @@ from bench.seed import SPAN, START  # noqa: E402
 def setup_django():
     os.environ["DATABASE_URL"] = seed.database_url()
     os.environ.setdefault("SECRET_KEY", "benchmark-only")
+    os.environ.setdefault("PORTAL_AUDIT_SEAL_KEY", "benchmark-only-seal-key")  # every append sealed, as in production
     os.environ["DJANGO_SETTINGS_MODULE"] = "portal.settings"
     import django
 

@@ -46,6 +46,7 @@ BEGIN, END = "<!-- bench results: written by bench/run.py -->", "<!-- end of ben
 def setup_django() -> None:
     os.environ["DATABASE_URL"] = seed.database_url()
     os.environ.setdefault("SECRET_KEY", "benchmark-only")
+    os.environ.setdefault("PORTAL_AUDIT_SEAL_KEY", "benchmark-only-seal-key")  # every append sealed, as in production
     os.environ["ALLOWED_HOSTS"] = "127.0.0.1,localhost,testserver"
     os.environ.setdefault("PORTAL_LOG_LEVEL", "WARNING")
     os.environ.setdefault("PORTAL_SSL_REDIRECT", "0")  # plain HTTP in process, as behind a proxy that ends TLS

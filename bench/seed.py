@@ -19,7 +19,7 @@ import json
 import os
 import time
 
-SEED_VERSION = 1
+SEED_VERSION = 2  # 2: the chain is sealed (audit/seal.py)
 START = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 SPAN = dt.timedelta(days=360)
 PASSWORD = "bench-admin"  # the bench database is throwaway; the pages benchmark logs in as bench-admin
@@ -194,8 +194,11 @@ def _chain(releases: int, deployments: int, events: int) -> None:
     """The audit events of the last `events` deployments, hashed in order and written with COPY."""
     from django.db import connection, transaction
 
-    from audit import chain
+    from django.conf import settings
 
+    from audit import chain, seal
+
+    key = settings.PORTAL_AUDIT_SEAL_KEY  # sealed as the portal seals (the bench sets a key)
     per = deployments // releases
     step = SPAN / deployments
     names = ["QA"] * 4 + ["Staging"] * 3 + ["Production"] * (per - 7)
@@ -206,7 +209,7 @@ def _chain(releases: int, deployments: int, events: int) -> None:
         connection.ensure_connection()
         with connection.connection.cursor() as cur, cur.copy(
             "COPY audit_auditevent (seq, created_at, actor_id, actor_username, actor_email, via, action, object_type,"
-            " object_id, object_repr, code, data, canonical, prev_hash, hash) FROM STDIN"
+            " object_id, object_repr, code, data, canonical, prev_hash, hash, seal) FROM STDIN"
         ) as copy:
             for seq, g in enumerate(range(first, deployments + 1), start=1):
                 p = (g - 1) % per
@@ -219,6 +222,7 @@ def _chain(releases: int, deployments: int, events: int) -> None:
                 text = canonical_text(seq, iso(at), None, user, "", "worker", "deployment.finish",
                                       "environments.deployment", object_id, object_repr, "", data)
                 digest = link_hash(prev, text)
+                sealed = None if key is None else seal.seal(seal.at_position_zero(text, seq), key)
                 copy.write_row((seq, at, None, user, "", "worker", "deployment.finish", "environments.deployment",
-                                object_id, object_repr, "", json.dumps(data), text, prev, digest))
+                                object_id, object_repr, "", json.dumps(data), text, prev, digest, sealed))
                 prev = digest

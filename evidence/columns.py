@@ -29,7 +29,7 @@ CHANGES_COLUMNS = [
 ]
 
 AUDIT_COLUMNS = ["seq", "created_at", "actor_id", "actor_username", "actor_email", "via", "action", "object_type",
-                 "object_id", "object_repr", "code", "canonical", "prev_hash", "hash"]
+                 "object_id", "object_repr", "code", "canonical", "prev_hash", "hash", "seal"]
 
 # A cell starting with one of these gets a leading "'": a spreadsheet shows it as text instead of
 # evaluating it. "'" itself is among them, so that the prefix can always be told from the value ("'=x"

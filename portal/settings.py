@@ -3,7 +3,8 @@
 DATABASE_URL   database (default: SQLite under var/)
 SECRET_KEY     required unless PORTAL_DEMO=1 or PORTAL_DEBUG=1
 PORTAL_DEBUG   1 turns Django's DEBUG on (never in production)
-PORTAL_DEMO    1 for the local demo (`make run`): a throwaway secret key is allowed
+PORTAL_DEMO    1 for the local demo (`make run`): a throwaway secret key (and audit seal key) is allowed
+PORTAL_AUDIT_SEAL_KEY, PORTAL_AUDIT_SEAL_KEY_FILE  the key that seals the audit events the portal writes
 ALLOWED_HOSTS  comma-separated host names (default: localhost,127.0.0.1)
 
 HTTPS (secure by default; off in demo and debug mode, which serve plain http on loopback):
@@ -188,6 +189,27 @@ PORTAL_REVIEW_DUE_DAYS = int(os.environ.get("PORTAL_REVIEW_DUE_DAYS", "5"))
 # The lists of deployments and audit events count exactly up to this many rows; beyond it they say "about"
 # (PostgreSQL's estimate of the whole table) or "more than" (a filtered list): see edge.lists.
 PORTAL_EXACT_COUNT_LIMIT = int(os.environ.get("PORTAL_EXACT_COUNT_LIMIT", "10000"))
+
+# The key that seals every audit event the portal appends (audit/seal.py): kept off the database and
+# its backups, on every machine that serves or runs the portal. Without it events are not sealed
+# (`check --deploy` warns).
+def _seal_key() -> bytes | None:
+    if value := os.environ.get("PORTAL_AUDIT_SEAL_KEY", "").strip():
+        return value.encode()
+    if path := os.environ.get("PORTAL_AUDIT_SEAL_KEY_FILE", "").strip():
+        try:
+            key = Path(path).read_bytes().strip()
+        except OSError as exc:
+            raise ImproperlyConfigured(f"Cannot read PORTAL_AUDIT_SEAL_KEY_FILE {path}: {exc.strerror}.") from None
+        if not key:
+            raise ImproperlyConfigured(f"PORTAL_AUDIT_SEAL_KEY_FILE {path} is empty.")
+        return key
+    return None
+
+
+PORTAL_AUDIT_SEAL_KEY = _seal_key()
+if PORTAL_AUDIT_SEAL_KEY is None and (DEBUG or DEMO):
+    PORTAL_AUDIT_SEAL_KEY = b"insecure-demo-seal-key-do-not-use-in-production"
 
 # The deploy engine.
 PORTAL_DEPLOY_DIR = Path(os.environ.get("PORTAL_DEPLOY_DIR", VAR_DIR / "deployments"))  # runner private dirs

@@ -3,6 +3,8 @@
 import os
 
 os.environ.setdefault("SECRET_KEY", "test-only-secret-key")
+# Every event the suite writes is sealed, as in production (the processes tests start inherit it).
+os.environ.setdefault("PORTAL_AUDIT_SEAL_KEY", "test-only-audit-seal-key")
 # The test client and the servers tests start speak plain http on loopback.
 os.environ.setdefault("PORTAL_SSL_REDIRECT", "0")
 # Each test session has a queue of its own (a Redis list outlives the test database).

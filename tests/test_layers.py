@@ -13,7 +13,7 @@ PACKAGES = ("core", "audit", "releases", "environments", "access", "evidence", "
 # Lowest first. A module belongs to the first layer whose patterns match its dotted name.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("kernel", ("core", "core.*")),
-    ("audit chain", ("audit.models", "audit.chain", "audit.actors", "audit.services", "audit.triggers")),
+    ("audit chain", ("audit.models", "audit.chain", "audit.seal", "audit.actors", "audit.services", "audit.triggers")),
     ("domain models", ("releases.models", "environments.models", "access.models")),
     ("rules", ("environments.policy",)),
     ("services", ("*.services", "*.selectors", "environments.metrics", "audit.field_history")),

@@ -12,9 +12,11 @@ from io import StringIO
 from pathlib import Path
 
 import pytest
+from django.conf import settings
 from django.contrib.auth.models import Group, Permission
 from django.core.management import call_command
 from django.db import connection
+from django.test import override_settings
 from django.urls import reverse
 from django.utils import timezone
 from guardian.shortcuts import assign_perm, remove_perm
@@ -434,8 +436,11 @@ def test_checkpoint_detects_a_rewritten_chain(world, history, tmp_path, key_file
     call_command("verify_audit", "--checkpoint", str(cp), stdout=StringIO(), stderr=err)
     assert f"The chain holds checkpoint {cp} (seq {json.loads(cp.read_text())['seq']}) unchanged." in err.getvalue()
     rewrite_all_hashes_from(5)
-    assert verify()[0] == 0  # the chain alone looks fine after a full rewrite ...
-    code, message = verify(cp)  # ... the checkpoint does not
+    code, message = verify()  # the edited event's seal no longer holds ...
+    assert code == 1 and "event seq 5: its seal does not match" in message
+    with override_settings(PORTAL_AUDIT_SEAL_KEY=None):
+        assert verify()[0] == 0  # ... without the seal key the chain alone looks fine after a full rewrite ...
+        code, message = verify(cp)  # ... the checkpoint does not
     assert code == 1 and "rewritten" in message
 
 
@@ -476,10 +481,12 @@ def auditor_script(tmp_path) -> Path:
     return path
 
 
-def run_script(script, csv_path, manifest, cp=None, key=None):
+def run_script(script, csv_path, manifest, cp=None, key=None, seal_key=None):
     args = ["python3", "-I", str(script), str(csv_path), str(manifest)]
     if cp:
         args += ["--checkpoint", str(cp), "--key-file", str(key)]
+    if seal_key:
+        args += ["--seal-key-file", str(seal_key)]
     result = subprocess.run(args, capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
     return result.returncode, result.stdout + result.stderr
 
@@ -507,6 +514,23 @@ def test_auditor_script_accepts_an_honest_export(world, history, tmp_path, key_f
     csv_path, manifest = write_export(tmp_path)
     code, out = run_script(auditor_script(tmp_path), csv_path, manifest, cp, key_file)
     assert code == 0 and out.startswith("OK "), out
+
+
+def test_auditor_script_checks_the_seals_with_the_seal_key(world, history, tmp_path):
+    from tests.audit.test_seal import forge
+
+    seal_key = tmp_path / "seal.key"
+    seal_key.write_bytes(settings.PORTAL_AUDIT_SEAL_KEY + b"\n")
+    script = auditor_script(tmp_path)
+    csv_path, manifest = write_export(tmp_path)
+    code, out = run_script(script, csv_path, manifest, seal_key=seal_key)
+    rows = json.loads(manifest.read_text())["row_count"]
+    assert code == 0 and out.startswith(f"OK {rows} events") and out.endswith(f"; {rows} sealed\n"), out
+    forged = forge()  # a grant "given" by SQL, hashed into the chain as the portal would
+    csv_path, manifest = write_export(tmp_path, "forged")
+    assert run_script(script, csv_path, manifest)[0] == 0  # the chain alone holds it
+    code, out = run_script(script, csv_path, manifest, seal_key=seal_key)
+    assert code == 1 and f"seq {forged.seq}: no seal, though seq 1 before it has one" in out, out
 
 
 @pytest.mark.parametrize("needle, message", [

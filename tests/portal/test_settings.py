@@ -17,8 +17,11 @@ ROOT = Path(__file__).resolve().parents[2]
 def check_deploy(tmp_path, **extra) -> subprocess.CompletedProcess:
     """`manage.py check --deploy` as production runs it: its own secret key, host names, no demo."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PORTAL_") and k != "DATABASE_URL"}
+    seal_key = tmp_path / "seal.key"
+    seal_key.write_text(secrets.token_urlsafe(32))
     env.update(DJANGO_SETTINGS_MODULE="portal.settings", SECRET_KEY=secrets.token_urlsafe(64),
-               ALLOWED_HOSTS="portal.example.com", PORTAL_VAR_DIR=str(tmp_path), **extra)
+               ALLOWED_HOSTS="portal.example.com", PORTAL_VAR_DIR=str(tmp_path))
+    env.update({"PORTAL_AUDIT_SEAL_KEY_FILE": str(seal_key), **extra})
     return subprocess.run([sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=120)
 
@@ -34,6 +37,12 @@ def test_turning_https_off_is_visible_to_the_deployment_checks(tmp_path):
     done = check_deploy(tmp_path, PORTAL_SSL_REDIRECT="0", PORTAL_HSTS_SECONDS="0")
     assert done.returncode != 0
     assert "security.W004" in done.stderr and "security.W008" in done.stderr
+
+
+def test_a_portal_without_an_audit_seal_key_is_visible_to_the_deployment_checks(tmp_path):
+    done = check_deploy(tmp_path, PORTAL_AUDIT_SEAL_KEY_FILE="")
+    assert done.returncode != 0
+    assert "audit.W001" in done.stderr and "PORTAL_AUDIT_SEAL_KEY_FILE" in done.stderr
 
 
 def test_every_page_has_a_self_only_content_security_policy(client, make_user):

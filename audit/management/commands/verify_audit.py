@@ -11,7 +11,8 @@ class Command(BaseCommand):
     help = (
         "Recompute the audit hash chain. Prints 'OK <count> <head hash>' or names the first bad event (exit 1). "
         "With --checkpoint FILE it also proves the chain still holds a signed checkpoint (not rewritten before it, "
-        "not cut short after it)."
+        "not cut short after it). With the seal key (PORTAL_AUDIT_SEAL_KEY or PORTAL_AUDIT_SEAL_KEY_FILE) it also "
+        "proves that every event since sealing began was written by the portal."
     )
 
     def add_arguments(self, parser):
@@ -38,5 +39,18 @@ class Command(BaseCommand):
                 self.stderr.write(f"FAILED against checkpoint {checkpoint_file}: {problem}")
                 raise SystemExit(1)
         self.stdout.write(f"OK {result.count} {result.head_hash}")
+        self.stderr.write(_seals_said(result))  # on stderr: stdout stays the one line scripts read
         if saved is not None:  # on stderr: stdout stays the one line scripts read
             self.stderr.write(f"The chain holds checkpoint {checkpoint_file} (seq {saved.get('seq')}) unchanged.")
+
+
+def _seals_said(result: chain.VerifyResult) -> str:
+    if not result.seals_checked:
+        return ("Seals not checked: no seal key (PORTAL_AUDIT_SEAL_KEY or PORTAL_AUDIT_SEAL_KEY_FILE), so an event "
+                "appended by whoever can write the database is not told from the portal's own.")
+    if result.unsealed_until >= result.head_seq:
+        return "No event is sealed: the portal has written none with its seal key."
+    if result.unsealed_until:
+        return (f"Events {result.unsealed_until + 1} to {result.head_seq} are sealed by the portal's key; events 1 to "
+                f"{result.unsealed_until} were written before sealing began.")
+    return f"Every event (1 to {result.head_seq}) is sealed by the portal's key."

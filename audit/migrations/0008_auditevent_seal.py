@@ -1,0 +1,24 @@
+"""Seals (audit/seal.py): a nullable column, so that neither database rewrites the table to add it
+(SQLite would remake it, and the remade table would lose its append-only triggers), and an index of
+the events without one."""
+
+from django.db import migrations, models
+
+
+class Migration(migrations.Migration):
+
+    dependencies = [("audit", "0007_drop_hash_pattern_index")]
+
+    operations = [
+        migrations.AddField(
+            model_name="auditevent",
+            name="seal",
+            field=models.CharField(blank=True, help_text="nonce:HMAC of the event by the portal's seal key (audit.seal).",
+                                   max_length=81, null=True),
+        ),
+        migrations.AddIndex(
+            model_name="auditevent",
+            index=models.Index(condition=models.Q(("seal__isnull", True)), fields=["seq"],
+                               name="auditevent_unsealed_idx"),
+        ),
+    ]

@@ -1,0 +1,46 @@
+"""Seals: which events the portal itself wrote.
+
+Whoever can write the database can append an event that the chain takes as any other (its hash
+is computed from what is already there): a right given by SQL could be made to look given through
+the portal. So the portal seals each event it appends with a key the database never holds
+(settings.PORTAL_AUDIT_SEAL_KEY, from PORTAL_AUDIT_SEAL_KEY or PORTAL_AUDIT_SEAL_KEY_FILE):
+
+    seal = nonce ":" HMAC-SHA256(key, nonce "\\n" text)
+
+where `nonce` is 16 random hex digits and `text` is the event's canonical text with its position
+left out (its `seq` written as 0): the seal is made before the chain's lock is taken, when the
+position is not known yet. The chain fixes each event's position; the seal says who wrote it.
+`verify_audit` with the key then refuses an event without a valid seal after the first sealed one,
+and a seal that two events carry (an old event copied to the head).
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+
+_NONCE_BYTES = 8
+
+
+def seal(text_at_zero: str, key: bytes) -> str:
+    """A new seal of an event whose canonical text, at position 0, is `text_at_zero`."""
+    nonce = secrets.token_hex(_NONCE_BYTES)
+    return f"{nonce}:{_mac(key, nonce, text_at_zero)}"
+
+
+def holds(value: str, text_at_zero: str, key: bytes) -> bool:
+    nonce, _, mac = value.partition(":")
+    return len(nonce) == 2 * _NONCE_BYTES and hmac.compare_digest(_mac(key, nonce, text_at_zero), mac)
+
+
+def _mac(key: bytes, nonce: str, text: str) -> str:
+    return hmac.digest(key, f"{nonce}\n{text}".encode(), "sha256").hex()
+
+
+def at_position_zero(text: str, seq: int) -> str:
+    """An event's canonical text with its `seq` written as 0. The top-level `"seq":N,"via":` is the
+    last of its kind in the text: only `via`, a JSON string (whose quotes are escaped), follows it."""
+    head, found, tail = text.rpartition(f'"seq":{seq},"via":')
+    if not found:
+        raise ValueError(f"not the canonical text of event {seq}")
+    return f'{head}"seq":0,"via":{tail}'

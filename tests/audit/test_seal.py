@@ -1,0 +1,180 @@
+"""Seals: an event appended by whoever can write the database, with a hash that links as the portal's
+would, is told from the portal's own by `verify_audit` with the seal key (audit/seal.py)."""
+
+import datetime as dt
+import os
+import subprocess
+import sys
+from io import StringIO
+from pathlib import Path
+
+import pytest
+from django.core.management import call_command
+from django.db import connection
+from django.test import override_settings
+
+from audit import chain, seal
+from audit.actors import Actor
+from audit.models import AuditEvent
+
+ACTOR = Actor.system(via="test")
+KEY = b"test-only-audit-seal-key"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def appended(n: int = 3) -> list[AuditEvent]:
+    return [chain.append(actor=ACTOR, action="test.event", data={"n": i}) for i in range(n)]
+
+
+def forge(*, action="environment.grant", data=None, seal_value=None, like: AuditEvent | None = None) -> AuditEvent:
+    """What a database writer can do without the portal: compute the next event as the chain does and
+    INSERT it (an INSERT is allowed: the table is append-only, not closed). `like`: copy that event's
+    content and seal to the head."""
+    head = AuditEvent.objects.order_by("-seq").first()
+    source = like or AuditEvent(created_at=dt.datetime.now(dt.UTC), actor_username="dave", via="admin",
+                                action=action, object_type="environments.environment", object_id="1",
+                                data=data or {"user": "mallory", "permission": "deploy"}, seal=seal_value)
+    event = AuditEvent(seq=head.seq + 1, prev_hash=head.hash, **{
+        f: getattr(source, f) for f in ("created_at", "actor_id", "actor_username", "actor_email", "via", "action",
+                                        "object_type", "object_id", "object_repr", "code", "data", "seal")})
+    event.canonical = chain.canonical(event)
+    event.hash = chain.link_hash(event.prev_hash, event.canonical)
+    event.save(force_insert=True)
+    return event
+
+
+def verify_command() -> tuple[int, str, str]:
+    out, err = StringIO(), StringIO()
+    try:
+        call_command("verify_audit", stdout=out, stderr=err)
+    except SystemExit as exc:
+        return exc.code, out.getvalue(), err.getvalue()
+    return 0, out.getvalue(), err.getvalue()
+
+
+def test_every_event_the_portal_appends_is_sealed_over_its_content(db):
+    events = appended()
+    for event in events:
+        stored = AuditEvent.objects.get(pk=event.pk)
+        assert stored.seal == event.seal and len(stored.seal) == 81
+        assert seal.holds(stored.seal, seal.at_position_zero(stored.canonical, stored.seq), KEY)
+        assert not seal.holds(stored.seal, seal.at_position_zero(stored.canonical, stored.seq), b"another key")
+    assert len({e.seal for e in events}) == 3  # each has a nonce of its own
+    result = chain.verify()
+    assert (result.ok, result.seals_checked, result.unsealed_until) == (True, True, 0)
+    code, out, err = verify_command()
+    assert code == 0 and out.startswith("OK 3 ") and "Every event (1 to 3) is sealed by the portal's key." in err
+
+
+@pytest.mark.parametrize("data", [{"n": 1}, {"seq": 7, "via": "x", "note": '"seq":7,"via":'}])
+def test_the_text_a_seal_covers_is_the_canonical_text_at_position_zero(data):
+    """Both forms of the canonical text (the fast one and the general one) give the same text at
+    position 0, whatever the event's data holds."""
+    fields = dict(created_at="2026-12-01T05:00:00.000001Z", actor_id=None, actor_username="ci:bench",
+                  actor_email="", via='a"pi', action="build.register", object_type="releases.build", object_id="9",
+                  object_repr="MAC #9", code="", data=data)
+    at_zero = chain.canonical_text(0, **fields)
+    assert seal.at_position_zero(chain.canonical_text(123, **fields), 123) == at_zero
+    general = chain._canonical_dict(123, *fields.values())
+    assert general == chain.canonical_text(123, **fields) and seal.at_position_zero(general, 123) == at_zero
+    with pytest.raises(ValueError):
+        seal.at_position_zero(at_zero, 123)
+
+
+def test_an_event_inserted_by_sql_is_told_from_the_portals_own(db):
+    appended()
+    forged = forge()  # no seal: the attack the auditor showed (a right given by SQL, "given" in the chain)
+    assert chain.verify(key=None).ok  # the chain alone cannot tell it
+    result = chain.verify()
+    assert (result.ok, result.bad_seq, result.head_seq) == (False, forged.seq, forged.seq - 1)
+    assert f"event seq {forged.seq} has no seal, though event seq 1 before it has one" in result.problem
+    code, out, err = verify_command()
+    assert code == 1 and f"FAILED at seq {forged.seq}" in err and "not written by the portal" in err
+
+
+def test_a_seal_made_without_the_key_does_not_hold(db):
+    appended()
+    text = "anything"
+    forged = forge(seal_value=seal.seal(text, b"a guessed key"))
+    result = chain.verify()
+    assert (result.ok, result.bad_seq) == (False, forged.seq)
+    assert "its seal does not match" in result.problem
+
+
+def test_an_event_copied_to_the_head_with_its_seal_is_found(db):
+    """An old grant copied to the head (after its revoke, say): its content and seal are genuine, so
+    only the repeated seal gives it away."""
+    first, *_ = appended()
+    copy = forge(like=first)
+    assert chain.verify(events=AuditEvent.objects.all()).problem == chain.verify().problem
+    result = chain.verify()
+    assert (result.ok, result.bad_seq, result.count, result.head_seq) == (False, copy.seq, 3, 3)
+    assert result.head_hash == AuditEvent.objects.get(seq=3).hash
+    assert f"carries the seal of event seq {first.seq}" in result.problem
+
+
+def test_a_chain_begun_before_the_key_was_set_is_sealed_from_then_on(db):
+    with override_settings(PORTAL_AUDIT_SEAL_KEY=None):
+        unsealed = appended(2)
+        assert all(AuditEvent.objects.get(pk=e.pk).seal is None for e in unsealed)
+        code, _, err = verify_command()
+        assert code == 0 and "Seals not checked: no seal key" in err
+    appended(2)
+    result = chain.verify()
+    assert (result.ok, result.unsealed_until) == (True, 2)
+    code, _, err = verify_command()
+    assert code == 0 and "Events 3 to 4 are sealed by the portal's key; events 1 to 2 were written before" in err
+    forge()
+    assert not chain.verify().ok
+
+
+def test_a_portal_that_lost_its_key_is_found_at_its_first_unsealed_event(db):
+    """An unsealed event after a sealed one fails verify, whoever wrote it: the portal without its key
+    looks like a writer without the portal, and says so."""
+    appended(2)
+    with override_settings(PORTAL_AUDIT_SEAL_KEY=None):
+        late = appended(1)[0]
+    result = chain.verify()
+    assert (result.ok, result.bad_seq) == (False, late.seq)
+    assert "or the portal ran without its seal key" in result.problem
+
+
+def test_verify_with_another_key_fails_at_the_first_sealed_event(db):
+    first, *_ = appended()
+    result = chain.verify(key=b"not the portal's")
+    assert (result.ok, result.bad_seq, result.count) == (False, first.seq, 0)
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="verify splits the chain on PostgreSQL only")
+@pytest.mark.parametrize("attack", ["unsealed", "copied", "foreign"])
+def test_verify_in_several_processes_finds_what_one_pass_finds(transactional_audit_db, monkeypatch, attack):
+    events = appended(20)
+    if attack == "unsealed":
+        forge()
+    elif attack == "copied":
+        forge(like=events[3])
+    else:
+        forge(seal_value=seal.seal("x", b"a guessed key"))
+    appended(3)
+    one_pass = chain.verify(workers=1)
+    monkeypatch.setattr(chain, "VERIFY_PARALLEL_FROM", 10)
+    split = chain.verify(workers=3)
+    assert split == one_pass and not split.ok and split.bad_seq == 21
+
+
+def test_production_settings_read_the_key_from_a_file_and_refuse_one_they_cannot_read(tmp_path):
+    key = tmp_path / "seal.key"
+    key.write_text("a key off the database\n")
+    script = "from django.conf import settings; print(settings.PORTAL_AUDIT_SEAL_KEY)"
+    done = production_shell(tmp_path, script, PORTAL_AUDIT_SEAL_KEY_FILE=str(key))
+    assert done.returncode == 0 and done.stdout.strip() == "b'a key off the database'", done.stderr
+    done = production_shell(tmp_path, script, PORTAL_AUDIT_SEAL_KEY_FILE=str(tmp_path / "missing.key"))
+    assert done.returncode != 0 and "Cannot read PORTAL_AUDIT_SEAL_KEY_FILE" in done.stderr
+    assert production_shell(tmp_path, script).stdout.strip() == "None"
+
+
+def production_shell(tmp_path, script: str, **settings) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTAL_") and k != "DATABASE_URL"}
+    env.update(DJANGO_SETTINGS_MODULE="portal.settings", SECRET_KEY="x" * 50, PORTAL_VAR_DIR=str(tmp_path), **settings)
+    return subprocess.run([sys.executable, "manage.py", "shell", "-v0", "-c", script], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
