@@ -425,10 +425,24 @@ def _with_copies(result: VerifyResult, sealing: _Sealing, copied) -> VerifyResul
 
 
 def _copied_seal() -> tuple[int, int] | None:
-    """The first pair of events with one seal, (the first, the later), or None."""
+    """The first pair of events with one seal, (the first, the later), or None. On PostgreSQL the
+    unique constraint on seals, while it is in place and valid, answers at once: no copy can be there
+    (one made while it was dropped keeps it from being built again)."""
+    if connection.vendor == "postgresql" and _seals_unique_in_postgresql():
+        return None
     return (AuditEvent.objects.filter(seal__isnull=False).values("seal")
             .annotate(first=Min("seq"), copy=Max("seq"), n=Count("seq")).filter(n__gt=1)
             .order_by("copy").values_list("first", "copy").first())
+
+
+def _seals_unique_in_postgresql() -> bool:
+    table = connection.ops.quote_name(AuditEvent._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = %s::regclass AND i.indisunique"
+            " AND i.indisvalid AND i.indisready AND pg_get_indexdef(i.indexrelid) LIKE %s)",
+            [table, "% USING btree (seal) WHERE (seal IS NOT NULL)"])
+        return cursor.fetchone()[0]
 
 
 def _copied_seal_in(events: list[AuditEvent]) -> tuple[int, int] | None:

@@ -60,6 +60,10 @@ class AuditEvent(models.Model):
         permissions = [("export_reports", "Can export SOX reports and the audit log")]
         constraints = [
             models.CheckConstraint(condition=models.Q(seq__gte=1), name="auditevent_seq_positive"),
+            # An event copied with its seal to the head is refused (audit/seal.py). Partial: an index
+            # of its own on both databases, where SQLite would remake the table for a plain one.
+            models.UniqueConstraint(fields=["seal"], condition=models.Q(seal__isnull=False),
+                                    name="auditevent_seal_unique"),
         ]
         indexes = [
             models.Index(fields=["object_type", "object_id"], name="auditevent_object_idx"),

@@ -10,12 +10,15 @@ the portal. So the portal seals each event it appends with a key the database ne
 where `nonce` is 16 random hex digits and `text` is the event's canonical text with its position
 left out (its `seq` written as 0): the seal is made before the chain's lock is taken, when the
 position is not known yet. The chain fixes each event's position; the seal says who wrote it.
-`verify_audit` with the key then refuses an event without a valid seal after the first sealed one,
-and a seal that two events carry (an old event copied to the head).
+`verify_audit` with the key then refuses an event without a valid seal after the first sealed one.
+A seal is unique (the database refuses a second event with the seal of another: an old event copied
+to the head); verify checks that this constraint is in place, and without it looks for such copies.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import hmac
 import secrets
 
@@ -34,7 +37,14 @@ def holds(value: str, text_at_zero: str, key: bytes) -> bool:
 
 
 def _mac(key: bytes, nonce: str, text: str) -> str:
-    return hmac.digest(key, f"{nonce}\n{text}".encode(), "sha256").hex()
+    mac = _keyed(key).copy()  # the key's HMAC state, computed once: verify makes a million of these
+    mac.update(f"{nonce}\n{text}".encode())
+    return mac.hexdigest()
+
+
+@functools.lru_cache(maxsize=4)
+def _keyed(key: bytes):
+    return hmac.new(key, digestmod=hashlib.sha256)
 
 
 def at_position_zero(text: str, seq: int) -> str:

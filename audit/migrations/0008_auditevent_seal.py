@@ -1,6 +1,6 @@
 """Seals (audit/seal.py): a nullable column, so that neither database rewrites the table to add it
-(SQLite would remake it, and the remade table would lose its append-only triggers), and an index of
-the events without one."""
+(SQLite would remake it, and the remade table would lose its append-only triggers), seals unique
+(an event copied with its seal is refused), and an index of the events without one."""
 
 from django.db import migrations, models
 
@@ -15,6 +15,11 @@ class Migration(migrations.Migration):
             name="seal",
             field=models.CharField(blank=True, help_text="nonce:HMAC of the event by the portal's seal key (audit.seal).",
                                    max_length=81, null=True),
+        ),
+        migrations.AddConstraint(
+            model_name="auditevent",
+            constraint=models.UniqueConstraint(condition=models.Q(("seal__isnull", False)), fields=("seal",),
+                                               name="auditevent_seal_unique"),
         ),
         migrations.AddIndex(
             model_name="auditevent",

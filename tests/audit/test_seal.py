@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 from django.core.management import call_command
-from django.db import connection
+from django.db import IntegrityError, connection, transaction
 from django.test import override_settings
 
-from audit import chain, seal
+from audit import chain, seal, triggers
 from audit.actors import Actor
 from audit.models import AuditEvent
 
@@ -41,6 +41,14 @@ def forge(*, action="environment.grant", data=None, seal_value=None, like: Audit
     event.hash = chain.link_hash(event.prev_hash, event.canonical)
     event.save(force_insert=True)
     return event
+
+
+def drop_unique_seals():
+    """Drop the unique constraint on seals (and, on SQLite, rebuild the guard against replacing inserts,
+    which refuses a second row of any unique key the table has)."""
+    with connection.cursor() as cursor:
+        cursor.execute("DROP INDEX auditevent_seal_unique")
+    triggers.install(connection, "audit_auditevent")
 
 
 def verify_command() -> tuple[int, str, str]:
@@ -101,10 +109,13 @@ def test_a_seal_made_without_the_key_does_not_hold(db):
     assert "its seal does not match" in result.problem
 
 
-def test_an_event_copied_to_the_head_with_its_seal_is_found(db):
-    """An old grant copied to the head (after its revoke, say): its content and seal are genuine, so
-    only the repeated seal gives it away."""
+def test_an_event_copied_to_the_head_with_its_seal_is_refused_or_found(db):
+    """An old grant copied to the head (after its revoke, say): its content and seal are genuine. The
+    database refuses it while seals are unique; with that constraint dropped, verify finds it."""
     first, *_ = appended()
+    with pytest.raises(IntegrityError), transaction.atomic():
+        forge(like=first)
+    drop_unique_seals()  # what a database administrator can do first
     copy = forge(like=first)
     assert chain.verify(events=AuditEvent.objects.all()).problem == chain.verify().problem
     result = chain.verify()
@@ -146,13 +157,11 @@ def test_verify_with_another_key_fails_at_the_first_sealed_event(db):
 
 
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="verify splits the chain on PostgreSQL only")
-@pytest.mark.parametrize("attack", ["unsealed", "copied", "foreign"])
+@pytest.mark.parametrize("attack", ["unsealed", "foreign"])  # a copy is found after the ranges, as in one pass
 def test_verify_in_several_processes_finds_what_one_pass_finds(transactional_audit_db, monkeypatch, attack):
-    events = appended(20)
+    appended(20)
     if attack == "unsealed":
         forge()
-    elif attack == "copied":
-        forge(like=events[3])
     else:
         forge(seal_value=seal.seal("x", b"a guessed key"))
     appended(3)
