@@ -1,6 +1,7 @@
 import datetime as dt
 
 from django import forms
+from django.conf import settings
 from django.contrib import admin
 from django.core.exceptions import PermissionDenied
 from django.db import connections
@@ -12,6 +13,7 @@ from django.template.response import TemplateResponse
 from django.urls import path
 from django.utils import timezone
 
+from audit import seal
 from audit.downloads import zip_stream
 from audit.models import AuditEvent
 from edge.admin import BoundedDaysForm, ReadOnlyAdmin, admin_actor
@@ -81,7 +83,11 @@ class AuditEventAdmin(ReadOnlyAdmin):
         return queryset, False
 
     def get_readonly_fields(self, request, obj=None):
-        return [f.name for f in self.model._meta.fields]
+        return [f.name for f in self.model._meta.fields] + ["seal_check"]
+
+    @admin.display(description="seal check")
+    def seal_check(self, obj):
+        return seal.says(obj.seal, obj.canonical, obj.seq, settings.PORTAL_AUDIT_SEAL_KEY)
 
     @admin.display(description="who (via)", ordering="actor_username")
     def who(self, obj):

@@ -20,6 +20,10 @@ def _reinstall_append_only_triggers(sender, using="default", **kwargs):
 def _seal_key_set(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
     """`check --deploy`: a portal that seals no event cannot tell its own events from ones appended by
     whoever can write the database (audit/seal.py)."""
+    if settings.PORTAL_AUDIT_SEAL_KEY == getattr(settings, "DEMO_SEAL_KEY", None):
+        return [checks.Warning(
+            "The audit seal key is the demo's (PORTAL_DEMO or PORTAL_DEBUG without a key): it is public, so it "
+            "seals nothing.", hint="Set PORTAL_AUDIT_SEAL_KEY_FILE (docs/operating.md).", id="audit.W002")]
     if settings.PORTAL_AUDIT_SEAL_KEY is not None:
         return []
     return [checks.Warning(

@@ -320,6 +320,7 @@ class VerifyResult:
     bad_seq: int | None = None
     seals_checked: bool = False  # a seal key was given
     unsealed_until: int = 0  # the last event without a seal: sealing began after it
+    first_sealed: int | None = None  # the first sealed event (None: none is)
 
 
 _FROM_SETTINGS = object()
@@ -353,75 +354,42 @@ def verify(events: Iterable[AuditEvent] | None = None, *, workers: int | None = 
     key = settings.PORTAL_AUDIT_SEAL_KEY if key is _FROM_SETTINGS else key
     if events is not None:
         events = list(events)
-        sealing = _Sealing.of_events(key, events)
-        result = _verify_rows(_event_rows(events), sealing=sealing)
-        return _with_copies(result, sealing, _copied_seal_in(events))
-    sealing = _Sealing.of_database(key)
+        return _with_copies(_verify_rows(_event_rows(events), key=key).result, key, _copied_seal_in(events))
     if connection.vendor == "postgresql":
+        if children := _tables_inheriting():
+            return VerifyResult(False, 0, 0, GENESIS_HASH, f"the audit table has child tables ({', '.join(children)}): "
+                                "their rows are read as events but not guarded as the table's own are")
         workers = workers or os.cpu_count() or 1
         head_seq = AuditEvent.objects.order_by("-seq").values_list("seq", flat=True).first() or 0
         # Inside a transaction the other processes would not see what it wrote: one process then.
         if workers > 1 and head_seq >= VERIFY_PARALLEL_FROM and not connection.in_atomic_block:
-            return _with_copies(_verify_parallel(head_seq, workers, sealing), sealing, _copied_seal)
+            return _with_copies(_verify_parallel(head_seq, workers, key), key, _copied_seal)
         with transaction.atomic(), closing(_postgresql_rows()) as rows:
-            return _with_copies(_verify_rows(rows, from_text=True, sealing=sealing), sealing, _copied_seal)
+            return _with_copies(_verify_rows(rows, from_text=True, key=key).result, key, _copied_seal)
     # SQLite: no transaction here, it would take the database's write lock.
     rows = AuditEvent.objects.order_by("seq").values_list(*VERIFY_COLUMNS)
-    return _with_copies(_verify_rows(rows.iterator(chunk_size=VERIFY_CHUNK), sealing=sealing), sealing, _copied_seal)
+    return _with_copies(_verify_rows(rows.iterator(chunk_size=VERIFY_CHUNK), key=key).result, key, _copied_seal)
 
 
-@dataclass(frozen=True)
-class _Sealing:
-    """What verify reads of the seals: the key (None: not read), the last event without a seal, and the
-    first sealed event before it (None if there is none: every unsealed event is older than sealing)."""
-
-    key: bytes | None
-    unsealed_until: int
-    sealed_before_it: int | None = None
-
-    @classmethod
-    def of_database(cls, key: bytes | None) -> _Sealing:
-        unsealed = AuditEvent.objects.filter(seal__isnull=True)
-        last = unsealed.aggregate(last=Max("seq"))["last"] or 0
-        first = None
-        # Events 1..last all unsealed (the partial index counts them): no sealed one before. Otherwise
-        # the first sealed one is looked for (the chain is then wrong, or has a gap verify names).
-        if key is not None and last and unsealed.count() != last:
-            first = (AuditEvent.objects.filter(seal__isnull=False, seq__lt=last).order_by("seq")
-                     .values_list("seq", flat=True).first())
-        return cls(key, last, first)
-
-    @classmethod
-    def of_events(cls, key: bytes | None, events: list[AuditEvent]) -> _Sealing:
-        last = max((e.seq for e in events if e.seal is None), default=0)
-        return cls(key, last, min((e.seq for e in events if e.seal is not None and e.seq < last), default=None))
-
-    def problem(self, seq: int, value: str | None, text: str) -> str | None:
-        """What is wrong with event `seq`'s seal, or None."""
-        if self.key is None:
-            return None
-        if value is None:
-            if self.sealed_before_it is not None and seq > self.sealed_before_it:
-                return (f"event seq {seq} has no seal, though event seq {self.sealed_before_it} before it has one: "
-                        "it was not written by the portal (or the portal ran without its seal key)")
-            return None
-        if not seal.holds(value, seal.at_position_zero(text, seq), self.key):
-            return (f"event seq {seq}: its seal does not match: it was not written by the portal (or the key is not "
-                    "the one the portal seals with)")
-        return None
+def _tables_inheriting() -> list[str]:
+    """Tables that inherit from the audit table: PostgreSQL reads their rows with its own, but its
+    constraints and triggers do not hold them."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT inhrelid::regclass::text FROM pg_inherits WHERE inhparent = %s::regclass ORDER BY 1",
+                       [connection.ops.quote_name(AuditEvent._meta.db_table)])
+        return [name for (name,) in cursor.fetchall()]
 
 
-def _with_copies(result: VerifyResult, sealing: _Sealing, copied) -> VerifyResult:
-    """The result with what it says of the seals, failed where an event carries another's seal (an
-    event copied to a later place: its content, and so its seal, are the other's)."""
-    checked = sealing.key is not None
-    if result.ok and checked and (pair := copied() if callable(copied) else copied):
+def _with_copies(result: VerifyResult, key: bytes | None, copied) -> VerifyResult:
+    """The result, failed where an event carries another's seal (an event copied to a later place:
+    its content, and so its seal, are the other's), and saying whether seals were read."""
+    if result.ok and key is not None and (pair := copied() if callable(copied) else copied):
         first, copy = pair  # the chain is intact up to the copy (verify read it whole and gap-free)
         before = AuditEvent.objects.filter(seq=copy - 1).values_list("hash", flat=True).first() or GENESIS_HASH
         result = VerifyResult(False, copy - 1, copy - 1, before,
                               f"event seq {copy} carries the seal of event seq {first}: a copy of it, not "
                               "written by the portal", copy)
-    return replace(result, seals_checked=checked, unsealed_until=sealing.unsealed_until)
+    return replace(result, seals_checked=key is not None)
 
 
 def _copied_seal() -> tuple[int, int] | None:
@@ -459,37 +427,48 @@ def _copied_seal_in(events: list[AuditEvent]) -> tuple[int, int] | None:
 VERIFY_PARALLEL_FROM = 200_000
 
 
-def _verify_parallel(head_seq: int, workers: int, sealing: _Sealing) -> VerifyResult:
+def _verify_parallel(head_seq: int, workers: int, key: bytes | None) -> VerifyResult:
     """The chain 1..head_seq in `workers` consecutive ranges, each verified by a process of its own with
     its own connection, from the `prev_hash` stored in the range's first event; then the ranges are
-    joined in order: each range's first `prev_hash` must be the hash the range before ends on. The
-    answer is the one a single pass gives: the first bad event, the events verified before it, and the
-    head the chain is intact up to. Events appended while it runs are after head_seq and not read."""
+    joined in order: each range's first `prev_hash` must be the hash the range before ends on, and no
+    range may hold an unsealed event once a range before it held a sealed one. The answer is the one a
+    single pass gives: the first bad event, the events verified before it, and the head the chain is
+    intact up to. Events appended while it runs are after head_seq and not read."""
     size = -(-head_seq // workers)
     ranges = [(lo, min(lo + size - 1, head_seq)) for lo in range(1, head_seq + 1, size)]
     connections.close_all()  # no connection crosses the fork; each process opens its own
     with multiprocessing.get_context("fork").Pool(len(ranges)) as pool:
-        parts = pool.starmap(_verify_range, [(lo, hi, sealing) for lo, hi in ranges])
-    count, prev_hash = 0, GENESIS_HASH
-    for (lo, _hi), (first_prev, result) in zip(ranges, parts, strict=True):
+        parts = pool.starmap(_verify_range, [(lo, hi, key) for lo, hi in ranges])
+    count, prev_hash, sealed_since, unsealed_until = 0, GENESIS_HASH, None, 0
+    for (lo, _hi), (first_prev, scan) in zip(ranges, parts, strict=True):
+        result = scan.result
         if first_prev is not None and first_prev != prev_hash:
             return VerifyResult(False, count, lo - 1, prev_hash,
                                 f"event seq {lo}: prev_hash does not match the hash of event {lo - 1}", lo)
+        if sealed_since is not None and scan.first_unsealed is not None:  # before any failure of its range
+            seq, before = scan.first_unsealed
+            return VerifyResult(False, count + seq - lo, seq - 1, before, _unsealed(seq, sealed_since), seq)
         if not result.ok:  # intact up to the range's last good event, or up to the range before
             head = (result.head_seq, result.head_hash) if result.count else (lo - 1, prev_hash)
-            return VerifyResult(False, count + result.count, *head, result.problem, result.bad_seq)
+            problem = result.problem
+            if sealed_since is not None and scan.sealed_since is not None \
+                    and problem == _unsealed(result.bad_seq, scan.sealed_since):
+                problem = _unsealed(result.bad_seq, sealed_since)  # the first sealed event of the chain
+            return VerifyResult(False, count + result.count, *head, problem, result.bad_seq)
         count, prev_hash = count + result.count, result.head_hash
-    return VerifyResult(True, count, head_seq, prev_hash)
+        sealed_since = sealed_since if sealed_since is not None else result.first_sealed
+        unsealed_until = max(unsealed_until, result.unsealed_until)
+    return VerifyResult(True, count, head_seq, prev_hash, unsealed_until=unsealed_until, first_sealed=sealed_since)
 
 
-def _verify_range(lo: int, hi: int, sealing: _Sealing) -> tuple[str | None, VerifyResult]:
+def _verify_range(lo: int, hi: int, key: bytes | None) -> tuple[str | None, _Scan]:
     """In a worker process: the stored prev_hash of event `lo` (None if it is missing) and the range
     verified from it."""
     try:
         first_prev = AuditEvent.objects.filter(seq=lo).values_list("prev_hash", flat=True).first()
         with transaction.atomic(), closing(_postgresql_rows(lo, hi)) as rows:
             return first_prev, _verify_rows(rows, from_text=True, start_seq=lo, prev_hash=first_prev or GENESIS_HASH,
-                                            sealing=sealing)
+                                            key=key)
     finally:
         connections.close_all()
 
@@ -542,24 +521,42 @@ def _postgresql_rows(lo: int | None = None, hi: int | None = None) -> Iterator[t
         fetcher.join()
 
 
+@dataclass(frozen=True)
+class _Scan:
+    """A pass over consecutive events: its result, and the first event without a seal (its seq and
+    the hash before it) if no sealed event came before it in the pass (for joining ranges)."""
+
+    result: VerifyResult
+    first_unsealed: tuple[int, str] | None = None
+    sealed_since: int | None = None  # the first sealed event of the pass
+
+
+def _unsealed(seq: int, sealed_since: int) -> str:
+    return (f"event seq {seq} has no seal, though event seq {sealed_since} before it has one: it was not written "
+            "by the portal (or the portal ran without its seal key)")
+
+
 def _verify_rows(rows: Iterable[tuple], *, from_text: bool = False, start_seq: int = 1,
-                 prev_hash: str = GENESIS_HASH, sealing: _Sealing = _Sealing(None, 0)) -> VerifyResult:
+                 prev_hash: str = GENESIS_HASH, key: bytes | None = None) -> _Scan:
     """`from_text`: the rows hold created_at as iso text already and data as JSON text. The rows start
-    at `start_seq`, linked to `prev_hash` (a range of the chain)."""
+    at `start_seq`, linked to `prev_hash` (a range of the chain). With a seal `key`, each seal must
+    hold, and once an event is sealed every later one must be (read here, event by event: nothing the
+    database could be made to answer otherwise, an index or an aggregate, decides it)."""
     expected_seq, count = start_seq, 0
-    sha256, loads = hashlib.sha256, json.loads
+    sealed_since, unsealed_until, first_unsealed = None, 0, None
+    sha256, loads, holds, at_zero = hashlib.sha256, json.loads, seal.holds, seal.at_position_zero
     for (seq, created_at, actor_id, actor_username, actor_email, via, action, object_type, object_id, object_repr,
          code, data, stored_text, stored_prev, stored_hash, stored_seal) in rows:
         if seq != expected_seq:
-            return VerifyResult(
+            return _Scan(VerifyResult(
                 False, count, expected_seq - 1, prev_hash,
                 f"event seq {seq}: expected seq {expected_seq} (an event is missing)", seq,
-            )
+            ), first_unsealed, sealed_since)
         if stored_prev != prev_hash:
-            return VerifyResult(
+            return _Scan(VerifyResult(
                 False, count, seq - 1, prev_hash,
                 f"event seq {seq}: prev_hash does not match the hash of event {seq - 1}", seq,
-            )
+            ), first_unsealed, sealed_since)
         if from_text:
             data = loads(data)
         else:
@@ -567,11 +564,24 @@ def _verify_rows(rows: Iterable[tuple], *, from_text: bool = False, start_seq: i
         text = canonical_text(seq, created_at, actor_id, actor_username, actor_email, via, action, object_type,
                               object_id, object_repr, code, data)
         if text != stored_text or sha256(f"{prev_hash}\n{text}".encode()).hexdigest() != stored_hash:
-            return VerifyResult(
+            return _Scan(VerifyResult(
                 False, count, seq - 1, prev_hash,
                 f"event seq {seq}: content does not match its hash (changed after it was written)", seq,
-            )
-        if sealing.key is not None and (unsealed := sealing.problem(seq, stored_seal, text)):
-            return VerifyResult(False, count, seq - 1, prev_hash, unsealed, seq)
+            ), first_unsealed, sealed_since)
+        if key is not None:
+            if stored_seal is None:
+                if sealed_since is not None:
+                    return _Scan(VerifyResult(False, count, seq - 1, prev_hash, _unsealed(seq, sealed_since), seq),
+                                 first_unsealed, sealed_since)
+                unsealed_until, first_unsealed = seq, first_unsealed or (seq, prev_hash)
+            elif holds(stored_seal, at_zero(text, seq), key):
+                sealed_since = sealed_since or seq
+            else:
+                return _Scan(VerifyResult(
+                    False, count, seq - 1, prev_hash,
+                    f"event seq {seq}: its seal does not hold: it was not written by the portal (or the key is not "
+                    "the one the portal seals with)", seq,
+                ), first_unsealed, sealed_since)
         prev_hash, expected_seq, count = stored_hash, expected_seq + 1, count + 1
-    return VerifyResult(True, count, expected_seq - 1, prev_hash)
+    return _Scan(VerifyResult(True, count, expected_seq - 1, prev_hash, unsealed_until=unsealed_until,
+                              first_sealed=sealed_since), first_unsealed, sealed_since)

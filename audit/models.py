@@ -73,8 +73,6 @@ class AuditEvent(models.Model):
             models.Index(fields=["action", "created_at"], name="auditevent_action_time_idx"),
             models.Index(fields=["code", "created_at"], name="auditevent_code_time_idx"),
             models.Index(fields=["via", "created_at"], name="auditevent_via_time_idx"),
-            # The events without a seal (none after the key is set): verify reads the last one at once.
-            models.Index(fields=["seq"], condition=models.Q(seal__isnull=True), name="auditevent_unsealed_idx"),
         ]
 
     def __str__(self) -> str:

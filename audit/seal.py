@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import re
 import secrets
 
 _NONCE_BYTES = 8
@@ -31,9 +32,15 @@ def seal(text_at_zero: str, key: bytes) -> str:
     return f"{nonce}:{_mac(key, nonce, text_at_zero)}"
 
 
+_FORM = re.compile(r"[0-9a-f]{16}:[0-9a-f]{64}")
+
+
 def holds(value: str, text_at_zero: str, key: bytes) -> bool:
+    """Whether `value` is a seal of the text by the key (and written as the portal writes one)."""
+    if not _FORM.fullmatch(value):
+        return False
     nonce, _, mac = value.partition(":")
-    return len(nonce) == 2 * _NONCE_BYTES and hmac.compare_digest(_mac(key, nonce, text_at_zero), mac)
+    return hmac.compare_digest(_mac(key, nonce, text_at_zero), mac)
 
 
 def _mac(key: bytes, nonce: str, text: str) -> str:
@@ -54,3 +61,16 @@ def at_position_zero(text: str, seq: int) -> str:
     if not found:
         raise ValueError(f"not the canonical text of event {seq}")
     return f'{head}"seq":0,"via":{tail}'
+
+
+def says(value: str | None, canonical: str, seq: int, key: bytes | None) -> str:
+    """What one event's seal says, for a person reading it (`verify_audit` reads the whole chain)."""
+    if key is None:
+        return "not checked: this portal has no seal key"
+    if value is None:
+        return "none: written without the seal key (before sealing began, or not by the portal)"
+    try:
+        held = holds(value, at_position_zero(canonical, seq), key)
+    except ValueError:
+        held = False
+    return "holds: written by the portal" if held else "does not hold: not written by the portal with its key"

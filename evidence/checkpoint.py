@@ -37,31 +37,48 @@ def checkpoint_key() -> bytes:
     raise CheckpointError("No checkpoint key: set PORTAL_CHECKPOINT_KEY or PORTAL_CHECKPOINT_KEY_FILE.")
 
 
-def _signed_text(seq: int, head_hash: str, created_at: str) -> bytes:
-    return json.dumps({"seq": seq, "hash": head_hash, "created_at": created_at}, sort_keys=True,
-                      separators=(",", ":")).encode()
+_UNSAID = object()  # a checkpoint from before seals says nothing of them
 
 
-def sign(seq: int, head_hash: str, created_at: str, key: bytes) -> str:
-    return hmac.new(key, _signed_text(seq, head_hash, created_at), hashlib.sha256).hexdigest()
+def _signed_text(seq: int, head_hash: str, created_at: str, sealed_from) -> bytes:
+    signed = {"seq": seq, "hash": head_hash, "created_at": created_at}
+    if sealed_from is not _UNSAID:
+        signed["sealed_from"] = sealed_from
+    return json.dumps(signed, sort_keys=True, separators=(",", ":")).encode()
+
+
+def sign(seq: int, head_hash: str, created_at: str, key: bytes, sealed_from=_UNSAID) -> str:
+    return hmac.new(key, _signed_text(seq, head_hash, created_at, sealed_from), hashlib.sha256).hexdigest()
 
 
 def make() -> dict:
     key = checkpoint_key()
     head = chain.head()
     seq, head_hash = (head.seq, head.hash) if head else (0, chain.GENESIS_HASH)
+    # Where sealing began: the database says it today, the checkpoint keeps it (seals removed later
+    # from events before the head would otherwise make them look older than sealing).
+    sealed_from = (AuditEvent.objects.filter(seal__isnull=False, seq__lte=seq).order_by("seq")
+                   .values_list("seq", flat=True).first())
     created_at = iso(timezone.now())
-    return {"seq": seq, "hash": head_hash, "created_at": created_at, "hmac": sign(seq, head_hash, created_at, key)}
+    return {"seq": seq, "hash": head_hash, "created_at": created_at, "sealed_from": sealed_from,
+            "hmac": sign(seq, head_hash, created_at, key, sealed_from)}
 
 
-def check(cp: dict) -> str | None:
-    """None when the database's chain holds the checkpoint; otherwise what is wrong."""
+def check(cp: dict, verified: chain.VerifyResult) -> str | None:
+    """None when the database's chain, as `verified` (the chain verified just before), holds the
+    checkpoint; otherwise what is wrong."""
     try:
         seq, head_hash, created_at, mac = int(cp["seq"]), str(cp["hash"]), str(cp["created_at"]), str(cp["hmac"])
+        sealed_from = cp.get("sealed_from", _UNSAID)
+        if sealed_from is not _UNSAID and sealed_from is not None:
+            sealed_from = int(sealed_from)
     except (KeyError, TypeError, ValueError):
         return "the checkpoint file is not a checkpoint (needs seq, hash, created_at, hmac)"
-    if not hmac.compare_digest(sign(seq, head_hash, created_at, checkpoint_key()), mac):
+    if not hmac.compare_digest(sign(seq, head_hash, created_at, checkpoint_key(), sealed_from), str(mac)):
         return "the checkpoint's signature does not match: wrong key, or the checkpoint was altered"
+    if verified.seals_checked and sealed_from not in (_UNSAID, None) and verified.first_sealed != sealed_from:
+        return (f"the checkpoint of {created_at} says events are sealed from seq {sealed_from} on, but the chain's "
+                f"first sealed event is now {verified.first_sealed or 'none'}: seals were removed since")
     if seq == 0:
         return None
     event = AuditEvent.objects.filter(seq=seq).first()

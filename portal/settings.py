@@ -208,8 +208,9 @@ def _seal_key() -> bytes | None:
 
 
 PORTAL_AUDIT_SEAL_KEY = _seal_key()
+DEMO_SEAL_KEY = b"insecure-demo-seal-key-do-not-use-in-production"  # public: `check --deploy` warns of it
 if PORTAL_AUDIT_SEAL_KEY is None and (DEBUG or DEMO):
-    PORTAL_AUDIT_SEAL_KEY = b"insecure-demo-seal-key-do-not-use-in-production"
+    PORTAL_AUDIT_SEAL_KEY = DEMO_SEAL_KEY
 
 # The deploy engine.
 PORTAL_DEPLOY_DIR = Path(os.environ.get("PORTAL_DEPLOY_DIR", VAR_DIR / "deployments"))  # runner private dirs

@@ -1,6 +1,6 @@
 """Seals (audit/seal.py): a nullable column, so that neither database rewrites the table to add it
-(SQLite would remake it, and the remade table would lose its append-only triggers), seals unique
-(an event copied with its seal is refused), and an index of the events without one."""
+(SQLite would remake it, and the remade table would lose its append-only triggers), and seals
+unique (an event copied with its seal is refused)."""
 
 from django.db import migrations, models
 
@@ -20,10 +20,5 @@ class Migration(migrations.Migration):
             model_name="auditevent",
             constraint=models.UniqueConstraint(condition=models.Q(("seal__isnull", False)), fields=("seal",),
                                                name="auditevent_seal_unique"),
-        ),
-        migrations.AddIndex(
-            model_name="auditevent",
-            index=models.Index(condition=models.Q(("seal__isnull", True)), fields=["seq"],
-                               name="auditevent_unsealed_idx"),
         ),
     ]

@@ -437,7 +437,7 @@ def test_checkpoint_detects_a_rewritten_chain(world, history, tmp_path, key_file
     assert f"The chain holds checkpoint {cp} (seq {json.loads(cp.read_text())['seq']}) unchanged." in err.getvalue()
     rewrite_all_hashes_from(5)
     code, message = verify()  # the edited event's seal no longer holds ...
-    assert code == 1 and "event seq 5: its seal does not match" in message
+    assert code == 1 and "event seq 5: its seal does not hold" in message
     with override_settings(PORTAL_AUDIT_SEAL_KEY=None):
         assert verify()[0] == 0  # ... without the seal key the chain alone looks fine after a full rewrite ...
         code, message = verify(cp)  # ... the checkpoint does not
@@ -531,6 +531,20 @@ def test_auditor_script_checks_the_seals_with_the_seal_key(world, history, tmp_p
     assert run_script(script, csv_path, manifest)[0] == 0  # the chain alone holds it
     code, out = run_script(script, csv_path, manifest, seal_key=seal_key)
     assert code == 1 and f"seq {forged.seq}: no seal, though seq 1 before it has one" in out, out
+
+
+def test_auditor_script_finds_seals_removed_since_a_checkpoint(world, history, tmp_path, key_file):
+    from tests.audit.test_seal import strip_seals
+
+    seal_key = tmp_path / "seal.key"
+    seal_key.write_bytes(settings.PORTAL_AUDIT_SEAL_KEY)
+    cp = checkpoint(tmp_path)
+    strip_seals()
+    csv_path, manifest = write_export(tmp_path)
+    script = auditor_script(tmp_path)
+    assert run_script(script, csv_path, manifest, cp, key_file)[0] == 0  # the hashes still link
+    code, out = run_script(script, csv_path, manifest, cp, key_file, seal_key=seal_key)
+    assert code == 1 and "no seal, though the checkpoint says events are sealed from seq 1 on" in out, out
 
 
 @pytest.mark.parametrize("needle, message", [

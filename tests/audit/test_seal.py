@@ -2,6 +2,7 @@
 would, is told from the portal's own by `verify_audit` with the seal key (audit/seal.py)."""
 
 import datetime as dt
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 from django.core.management import call_command
 from django.db import IntegrityError, connection, transaction
 from django.test import override_settings
+from django.urls import reverse
 
 from audit import chain, seal, triggers
 from audit.actors import Actor
@@ -51,10 +53,10 @@ def drop_unique_seals():
     triggers.install(connection, "audit_auditevent")
 
 
-def verify_command() -> tuple[int, str, str]:
+def verify_command(*args) -> tuple[int, str, str]:
     out, err = StringIO(), StringIO()
     try:
-        call_command("verify_audit", stdout=out, stderr=err)
+        call_command("verify_audit", *args, stdout=out, stderr=err)
     except SystemExit as exc:
         return exc.code, out.getvalue(), err.getvalue()
     return 0, out.getvalue(), err.getvalue()
@@ -106,7 +108,7 @@ def test_a_seal_made_without_the_key_does_not_hold(db):
     forged = forge(seal_value=seal.seal(text, b"a guessed key"))
     result = chain.verify()
     assert (result.ok, result.bad_seq) == (False, forged.seq)
-    assert "its seal does not match" in result.problem
+    assert "its seal does not hold" in result.problem
 
 
 def test_an_event_copied_to_the_head_with_its_seal_is_refused_or_found(db):
@@ -158,17 +160,21 @@ def test_verify_with_another_key_fails_at_the_first_sealed_event(db):
 
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="verify splits the chain on PostgreSQL only")
 @pytest.mark.parametrize("attack", ["unsealed", "foreign"])  # a copy is found after the ranges, as in one pass
-def test_verify_in_several_processes_finds_what_one_pass_finds(transactional_audit_db, monkeypatch, attack):
-    appended(20)
+@pytest.mark.parametrize("at", [17, 21])  # the first event of the third range of 8, and one inside it
+def test_verify_in_several_processes_finds_what_one_pass_finds(transactional_audit_db, monkeypatch, attack, at):
+    appended(at - 1)
     if attack == "unsealed":
         forge()
     else:
         forge(seal_value=seal.seal("x", b"a guessed key"))
-    appended(3)
+    appended(24 - at)
     one_pass = chain.verify(workers=1)
     monkeypatch.setattr(chain, "VERIFY_PARALLEL_FROM", 10)
     split = chain.verify(workers=3)
-    assert split == one_pass and not split.ok and split.bad_seq == 21
+    assert split == one_pass and not split.ok and split.bad_seq == at
+    assert split.count == at - 1 and split.head_hash == AuditEvent.objects.get(seq=at - 1).hash
+    if attack == "unsealed":
+        assert f"event seq {at} has no seal, though event seq 1 before it has one" in split.problem
 
 
 def test_production_settings_read_the_key_from_a_file_and_refuse_one_they_cannot_read(tmp_path):
@@ -187,3 +193,64 @@ def production_shell(tmp_path, script: str, **settings) -> subprocess.CompletedP
     env.update(DJANGO_SETTINGS_MODULE="portal.settings", SECRET_KEY="x" * 50, PORTAL_VAR_DIR=str(tmp_path), **settings)
     return subprocess.run([sys.executable, "manage.py", "shell", "-v0", "-c", script], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
+
+
+def test_an_events_page_says_what_its_seal_says(client, make_user):
+    client.force_login(make_user("root", superuser=True))
+    sealed = appended(1)[0]
+    forged, garbage = forge(), forge(seal_value="0123456789abcdef:" + "0" * 64)
+
+    def page(event):
+        return client.get(reverse("admin:audit_auditevent_change", args=[event.pk])).content.decode()
+
+    assert "holds: written by the portal" in page(sealed)
+    assert "none: written without the seal key" in page(forged)
+    assert "does not hold: not written by the portal with its key" in page(garbage)
+    with override_settings(PORTAL_AUDIT_SEAL_KEY=None):
+        assert "not checked: this portal has no seal key" in page(sealed)
+
+
+def strip_seals():
+    """What the table's owner can do: turn the append-only triggers off and clear every seal (the
+    seals are not hashed, so the chain still links)."""
+    triggers.drop(connection, "audit_auditevent")
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("UPDATE audit_auditevent SET seal = NULL")
+    finally:
+        triggers.install(connection, "audit_auditevent")
+
+
+def test_seals_removed_since_a_checkpoint_are_found_by_it(db, tmp_path, monkeypatch):
+    """Without seals an event appended by SQL looks older than sealing; a checkpoint keeps where sealing
+    began, signed, so `verify_audit --checkpoint` finds the seals removed."""
+    monkeypatch.setenv("PORTAL_CHECKPOINT_KEY", "the checkpoint key")
+    appended(3)
+    cp = tmp_path / "cp.json"
+    call_command("audit_checkpoint", "-o", str(cp), stdout=StringIO(), stderr=StringIO())
+    assert json.loads(cp.read_text())["sealed_from"] == 1
+    strip_seals()
+    forged = forge()
+    code, _, err = verify_command()
+    assert code == 0 and "No event is sealed" in err and "a checkpoint taken since says where sealing began" in err
+    code, _, err = verify_command("--checkpoint", str(cp))
+    assert code == 1 and "says events are sealed from seq 1 on, but the chain's first sealed event is now" in err
+    assert forged.seq == 5  # the checkpoint's own event is 4
+
+
+def test_a_malformed_seal_fails_verify_with_a_sentence(db):
+    appended(2)
+    forge(seal_value="0123456789abcdef:é" + "0" * 63)
+    code, _, err = verify_command()
+    assert code == 1 and "FAILED at seq 3: event seq 3: its seal does not hold" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="table inheritance is PostgreSQL's")
+def test_events_in_a_table_inheriting_the_audit_table_fail_verify(db):
+    """PostgreSQL reads a child table's rows with its parent's, but the parent's unique constraint and
+    triggers do not hold them: a copied event could hide there."""
+    appended(2)
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE TABLE audit_extra () INHERITS (audit_auditevent)")
+    result = chain.verify()
+    assert not result.ok and "the audit table has child tables (audit_extra)" in result.problem

@@ -43,6 +43,8 @@ def test_a_portal_without_an_audit_seal_key_is_visible_to_the_deployment_checks(
     done = check_deploy(tmp_path, PORTAL_AUDIT_SEAL_KEY_FILE="")
     assert done.returncode != 0
     assert "audit.W001" in done.stderr and "PORTAL_AUDIT_SEAL_KEY_FILE" in done.stderr
+    done = check_deploy(tmp_path, PORTAL_AUDIT_SEAL_KEY_FILE="", PORTAL_DEMO="1")  # the demo's public key
+    assert done.returncode != 0 and "audit.W002" in done.stderr
 
 
 def test_every_page_has_a_self_only_content_security_policy(client, make_user):

@@ -32,7 +32,7 @@ class Command(BaseCommand):
             raise SystemExit(1)
         if saved is not None:
             try:
-                problem = check(saved)
+                problem = check(saved, result)
             except CheckpointError as exc:
                 raise CommandError(str(exc)) from None
             if problem:
@@ -48,9 +48,11 @@ def _seals_said(result: chain.VerifyResult) -> str:
     if not result.seals_checked:
         return ("Seals not checked: no seal key (PORTAL_AUDIT_SEAL_KEY or PORTAL_AUDIT_SEAL_KEY_FILE), so an event "
                 "appended by whoever can write the database is not told from the portal's own.")
-    if result.unsealed_until >= result.head_seq:
-        return "No event is sealed: the portal has written none with its seal key."
+    if result.first_sealed is None:
+        return ("No event is sealed: the portal has written none with its seal key (if it has, the seals were "
+                "removed: a checkpoint taken since says where sealing began).")
     if result.unsealed_until:
-        return (f"Events {result.unsealed_until + 1} to {result.head_seq} are sealed by the portal's key; events 1 to "
-                f"{result.unsealed_until} were written before sealing began.")
+        before = "event 1 was" if result.unsealed_until == 1 else f"events 1 to {result.unsealed_until} were"
+        return (f"Events {result.first_sealed} to {result.head_seq} are sealed by the portal's key; {before} "
+                "written before sealing began.")
     return f"Every event (1 to {result.head_seq}) is sealed by the portal's key."
