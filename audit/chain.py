@@ -356,11 +356,14 @@ def verify(events: Iterable[AuditEvent] | None = None, *, workers: int | None = 
         events = list(events)
         return _with_copies(_verify_rows(_event_rows(events), key=key).result, key, _copied_seal_in(events))
     if connection.vendor == "postgresql":
-        if children := _tables_inheriting():
-            return VerifyResult(False, 0, 0, GENESIS_HASH, f"the audit table has child tables ({', '.join(children)}): "
-                                "their rows are read as events but not guarded as the table's own are")
+        if hiding := _what_may_hide_rows():
+            return VerifyResult(False, 0, 0, GENESIS_HASH, f"the audit table has {hiding}: events could be read "
+                                "by the portal and not by verify (or the other way round), so nothing is proven")
         workers = workers or os.cpu_count() or 1
         head_seq = AuditEvent.objects.order_by("-seq").values_list("seq", flat=True).first() or 0
+        first_seq = AuditEvent.objects.order_by("seq").values_list("seq", flat=True).first()
+        if first_seq is not None and first_seq < 1:  # ranges read 1..head: a row before would go unread
+            return VerifyResult(False, 0, 0, GENESIS_HASH, _before_start(first_seq), first_seq)
         # Inside a transaction the other processes would not see what it wrote: one process then.
         if workers > 1 and head_seq >= VERIFY_PARALLEL_FROM and not connection.in_atomic_block:
             return _with_copies(_verify_parallel(head_seq, workers, key), key, _copied_seal)
@@ -371,13 +374,26 @@ def verify(events: Iterable[AuditEvent] | None = None, *, workers: int | None = 
     return _with_copies(_verify_rows(rows.iterator(chunk_size=VERIFY_CHUNK), key=key).result, key, _copied_seal)
 
 
-def _tables_inheriting() -> list[str]:
-    """Tables that inherit from the audit table: PostgreSQL reads their rows with its own, but its
-    constraints and triggers do not hold them."""
+def _what_may_hide_rows() -> str:
+    """What could make PostgreSQL show verify other rows than the portal's reads (or hold rows that its
+    constraints and triggers do not guard): tables inheriting the audit table, row-level security or
+    its policies, rules. "" when there is none."""
+    table = connection.ops.quote_name(AuditEvent._meta.db_table)
     with connection.cursor() as cursor:
-        cursor.execute("SELECT inhrelid::regclass::text FROM pg_inherits WHERE inhparent = %s::regclass ORDER BY 1",
-                       [connection.ops.quote_name(AuditEvent._meta.db_table)])
-        return [name for (name,) in cursor.fetchall()]
+        cursor.execute(
+            "SELECT (SELECT string_agg(inhrelid::regclass::text, ', ' ORDER BY 1) FROM pg_inherits"
+            " WHERE inhparent = c.oid), c.relrowsecurity OR c.relforcerowsecurity"
+            " OR EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = c.oid),"
+            " EXISTS (SELECT 1 FROM pg_rewrite WHERE ev_class = c.oid)"
+            " FROM pg_class c WHERE c.oid = %s::regclass", [table])
+        children, row_security, rules = cursor.fetchone()
+    found = [f"child tables ({children})" if children else "", "row-level security" if row_security else "",
+             "rules" if rules else ""]
+    return " and ".join(f for f in found if f)
+
+
+def _before_start(seq: int) -> str:
+    return f"event seq {seq}: before the chain's first event (seq 1): not an event the portal wrote"
 
 
 def _with_copies(result: VerifyResult, key: bytes | None, copied) -> VerifyResult:
@@ -548,10 +564,10 @@ def _verify_rows(rows: Iterable[tuple], *, from_text: bool = False, start_seq: i
     for (seq, created_at, actor_id, actor_username, actor_email, via, action, object_type, object_id, object_repr,
          code, data, stored_text, stored_prev, stored_hash, stored_seal) in rows:
         if seq != expected_seq:
-            return _Scan(VerifyResult(
-                False, count, expected_seq - 1, prev_hash,
-                f"event seq {seq}: expected seq {expected_seq} (an event is missing)", seq,
-            ), first_unsealed, sealed_since)
+            problem = (_before_start(seq) if seq < 1 else f"event seq {seq}: expected seq {expected_seq} "
+                       + ("(an event is missing)" if seq > expected_seq else "(one seq twice)"))
+            return _Scan(VerifyResult(False, count, expected_seq - 1, prev_hash, problem, seq),
+                         first_unsealed, sealed_since)
         if stored_prev != prev_hash:
             return _Scan(VerifyResult(
                 False, count, seq - 1, prev_hash,

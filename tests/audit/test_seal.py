@@ -254,3 +254,44 @@ def test_events_in_a_table_inheriting_the_audit_table_fail_verify(db):
         cursor.execute("CREATE TABLE audit_extra () INHERITS (audit_auditevent)")
     result = chain.verify()
     assert not result.ok and "the audit table has child tables (audit_extra)" in result.problem
+    assert "nothing is proven" in result.problem
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="row-level security and rules are PostgreSQL's")
+@pytest.mark.parametrize("hiding, sql", [
+    ("row-level security", ["ALTER TABLE audit_auditevent ENABLE ROW LEVEL SECURITY",
+                            "ALTER TABLE audit_auditevent FORCE ROW LEVEL SECURITY",
+                            "CREATE POLICY hide ON audit_auditevent USING (seq >= 1 OR current_query() NOT LIKE "
+                            "'%audit_chain_verify%')"]),
+    ("rules", ["CREATE RULE quiet AS ON UPDATE TO audit_auditevent DO INSTEAD NOTHING"]),
+])
+def test_what_could_show_verify_other_rows_than_the_portals_fails_it(db, hiding, sql):
+    """A policy can tell verify's query from the portal's (the insider's second review did): the table
+    must have none, nor rules."""
+    appended(2)
+    with connection.cursor() as cursor:
+        for statement in sql:
+            cursor.execute(statement)
+    result = chain.verify()
+    assert not result.ok and f"the audit table has {hiding}" in result.problem
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="verify splits the chain on PostgreSQL only")
+def test_an_event_before_the_chains_start_fails_verify_in_ranges_too(transactional_audit_db, monkeypatch):
+    appended(24)
+    with connection.cursor() as cursor:
+        cursor.execute("ALTER TABLE audit_auditevent DROP CONSTRAINT auditevent_seq_positive")
+    try:
+        AuditEvent.objects.bulk_create([AuditEvent(seq=-1, created_at=dt.datetime.now(dt.UTC),
+                                                   action="group.add_member", canonical="{}", prev_hash="x", hash="y")])
+        one_pass = chain.verify(workers=1)
+        monkeypatch.setattr(chain, "VERIFY_PARALLEL_FROM", 10)
+        split = chain.verify(workers=3)
+        assert not split.ok and split.bad_seq == -1 and "before the chain's first event" in split.problem
+        assert not one_pass.ok and one_pass.bad_seq == -1 and "before the chain's first event" in one_pass.problem
+    finally:
+        triggers.drop(connection, "audit_auditevent")
+        with connection.cursor() as cursor:
+            cursor.execute("DELETE FROM audit_auditevent WHERE seq < 1")
+            cursor.execute("ALTER TABLE audit_auditevent ADD CONSTRAINT auditevent_seq_positive CHECK (seq >= 1)")
+        triggers.install(connection, "audit_auditevent")
