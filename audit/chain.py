@@ -560,7 +560,7 @@ def _verify_rows(rows: Iterable[tuple], *, from_text: bool = False, start_seq: i
     database could be made to answer otherwise, an index or an aggregate, decides it)."""
     expected_seq, count = start_seq, 0
     sealed_since, unsealed_until, first_unsealed = None, 0, None
-    sha256, loads, holds, at_zero = hashlib.sha256, json.loads, seal.holds, seal.at_position_zero
+    sha256, loads, holds = hashlib.sha256, json.loads, seal.checker(key) if key is not None else None
     for (seq, created_at, actor_id, actor_username, actor_email, via, action, object_type, object_id, object_repr,
          code, data, stored_text, stored_prev, stored_hash, stored_seal) in rows:
         if seq != expected_seq:
@@ -590,7 +590,7 @@ def _verify_rows(rows: Iterable[tuple], *, from_text: bool = False, start_seq: i
                     return _Scan(VerifyResult(False, count, seq - 1, prev_hash, _unsealed(seq, sealed_since), seq),
                                  first_unsealed, sealed_since)
                 unsealed_until, first_unsealed = seq, first_unsealed or (seq, prev_hash)
-            elif holds(stored_seal, at_zero(text, seq), key):
+            elif holds(stored_seal, text, seq):
                 sealed_since = sealed_since or seq
             else:
                 return _Scan(VerifyResult(

@@ -192,9 +192,8 @@ def _relational(releases: int, deployments: int) -> None:
 
 def _chain(releases: int, deployments: int, events: int) -> None:
     """The audit events of the last `events` deployments, hashed in order and written with COPY."""
-    from django.db import connection, transaction
-
     from django.conf import settings
+    from django.db import connection, transaction
 
     from audit import chain, seal
 

@@ -89,6 +89,12 @@ def test_the_text_a_seal_covers_is_the_canonical_text_at_position_zero(data):
     assert general == chain.canonical_text(123, **fields) and seal.at_position_zero(general, 123) == at_zero
     with pytest.raises(ValueError):
         seal.at_position_zero(at_zero, 123)
+    text, value = chain.canonical_text(123, **fields), seal.seal(at_zero, KEY)
+    check = seal.checker(KEY)  # verify's own form of holds(value, at_position_zero(text, seq), key)
+    assert check(value, text, 123) and seal.holds(value, at_zero, KEY)
+    for other, seq in ((value, 124), (value[:-1] + "é", 123), (value.upper(), 123), (value + "0", 123)):
+        assert not check(other, text, seq) and not (seq == 123 and seal.holds(other, at_zero, KEY))
+    assert not seal.checker(b"another key")(value, text, 123)
 
 
 def test_an_event_inserted_by_sql_is_told_from_the_portals_own(db):
