@@ -196,4 +196,5 @@ def readable(request: HttpRequest) -> frozenset[int] | None:
 
 
 # Every operation may answer these (a refusal, or a request the API cannot read).
-REFUSALS = {400: Error, 401: Error, 403: Error, 404: Error, 409: Error, 413: Error, 422: Invalid, 503: Error}
+REFUSALS = {400: Error, 401: Error, 403: Error, 404: Error, 409: Error, 413: Error, 415: Error, 422: Invalid,
+            503: Error}

@@ -43,11 +43,29 @@ def _no_constant(name):
     raise ValueError(f"{name} is not a JSON number")
 
 
+class UnreadCoding(ValueError):
+    """A body sent compressed (a content coding, or a transfer coding besides chunked): not read."""
+
+
+def _coding(request) -> str:
+    """The header naming a coding the API does not read, as sent, or ""."""
+    content = request.META.get("HTTP_CONTENT_ENCODING", "").strip()
+    if content and content.lower() != "identity":
+        return f"Content-Encoding: {content}"
+    transfer = request.META.get("HTTP_TRANSFER_ENCODING", "").strip()
+    if transfer and [c.strip() for c in transfer.lower().split(",")] != ["chunked"]:
+        return f"Transfer-Encoding: {transfer}"
+    return ""
+
+
 class StrictJson(Parser):
     """JSON as RFC 8259 interoperates: an object names each member once (a second "status" would
-    otherwise silently win over the first) and NaN or Infinity is no number."""
+    otherwise silently win over the first) and NaN or Infinity is no number. A compressed body is
+    refused by name (415) rather than read as something else."""
 
     def parse_body(self, request):
+        if coding := _coding(request):
+            raise UnreadCoding(coding)
         return json.loads(request.body, object_pairs_hook=_once_each, parse_constant=_no_constant)
 
 
@@ -58,8 +76,9 @@ api = NinjaAPI(
     description="CI registers builds and releases and requests deployments; people approve with personal tokens. "
     "Every answer is JSON; a failure is {\"code\", \"detail\"} with a 4xx status: 400 INVALID_JSON (a body that "
     "is not JSON), 401 UNAUTHENTICATED, 403 and 409 for the rules (who you are; the state of things), 404 "
-    "NOT_FOUND, 413 TOO_LARGE (a body over the size limit), 422 INVALID naming each field (or a rule about the "
-    "content, e.g. UNKNOWN_BUILD). Text fields are stripped of surrounding whitespace and refuse NUL characters. "
+    "NOT_FOUND, 413 TOO_LARGE (a body over the size limit), 415 UNSUPPORTED_ENCODING (a compressed body), 422 "
+    "INVALID naming each field (or a rule about the content, e.g. UNKNOWN_BUILD). Text fields are stripped of "
+    "surrounding whitespace and refuse NUL characters. "
     "503 UNAVAILABLE: the portal's database does not answer (try again shortly; the same registration again is "
     "answered unchanged).",
     auth=BearerToken(),
@@ -148,6 +167,9 @@ def _invalid(request, exc: ValidationError):
 @api.exception_handler(HttpError)
 def _http_error(request, exc: HttpError):
     if exc.status_code == 400:
+        if isinstance(exc.__cause__, UnreadCoding):
+            return _error(request, 415, "UNSUPPORTED_ENCODING", f"The request body is sent compressed "
+                          f"({exc.__cause__.args[0]}): send it as plain JSON (chunked or with a length).")
         if isinstance(exc.__cause__, RepeatedName):
             name = exc.__cause__.args[0]
             return _error(request, 400, "INVALID_JSON", f"The request body names {name!r} twice in one object; "

@@ -1,6 +1,7 @@
 """The API as gunicorn serves it, over loopback: what only a real server and a real client show (a body
 sent in chunks, a Host header the portal does not serve)."""
 
+import gzip
 import http.client
 import json
 import socket
@@ -49,6 +50,9 @@ def test_a_body_sent_in_chunks_is_read(portal, ci_token):
     status, _, body = _send(portal, "POST", "/api/v1/builds", body=b" " * (256 * 1024 + 1), headers=headers,
                             chunked=True)
     assert (status, json.loads(body)["code"]) == (413, "TOO_LARGE")
+    status, _, body = _send(portal, "POST", "/api/v1/builds", body=gzip.compress(json.dumps(build).encode()),
+                            headers={**headers, "Transfer-Encoding": "gzip, chunked"}, chunked=True)
+    assert (status, json.loads(body)["code"]) == (415, "UNSUPPORTED_ENCODING"), body  # named, not read as empty
 
 
 def test_a_host_the_portal_does_not_serve_is_answered_in_json(portal, ci_token):

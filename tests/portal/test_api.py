@@ -1,6 +1,7 @@
 """The API contract of DESIGN.md, through real HTTP requests with real tokens."""
 
 import datetime as dt
+import gzip
 import json
 import re
 import sys
@@ -603,6 +604,21 @@ def test_a_name_twice_in_one_object_or_nan_is_no_json_the_api_reads(ci):
                              '"status": "successful", "tests": {"passed": NaN}}', raw=True)
     assert nan.status_code == 400 and nan.json()["code"] == "INVALID_JSON"
     assert not Build.objects.exists()
+
+
+def test_a_compressed_body_is_refused_by_name(ci):
+    """A client that compresses its body is told so, not that its JSON is broken."""
+    body = gzip.compress(json.dumps(BUILD).encode())
+    for header, value in (("HTTP_CONTENT_ENCODING", "gzip"), ("HTTP_TRANSFER_ENCODING", "gzip, chunked")):
+        answer = ci.client.post("/api/v1/builds", body, content_type="application/json", **{header: value},
+                                **ci._headers())
+        name = header.removeprefix("HTTP_").replace("_", "-").title()
+        assert answer.status_code == 415 and answer.json() == {"code": "UNSUPPORTED_ENCODING", "detail": (
+            f"The request body is sent compressed ({name}: {value}): send it as plain JSON (chunked or with a "
+            "length).")}
+    plain = ci.client.post("/api/v1/builds", json.dumps(BUILD), content_type="application/json",
+                           HTTP_CONTENT_ENCODING="identity", **ci._headers())
+    assert plain.status_code == 201 and Build.objects.count() == 1
 
 
 def test_unsupported_method_answers_json_with_allow(ci):
