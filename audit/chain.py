@@ -17,8 +17,8 @@ from decimal import Decimal
 from uuid import UUID
 
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.db import connection, connections, transaction
-from django.db.models import Count, Max, Min
 from django.utils import timezone
 from psycopg.types.string import TextLoader
 
@@ -33,7 +33,11 @@ GENESIS_HASH = "0" * 64
 CHAIN_LOCK_KEY = 7_341_120_001
 # On PostgreSQL every append starts with these: the chain's lock (held until commit), then the head.
 _LOCK_SQL = f"SELECT pg_advisory_xact_lock({int(CHAIN_LOCK_KEY)}); "
-_HEAD_SQL = "SELECT seq, hash FROM audit_auditevent ORDER BY seq DESC LIMIT 1"
+_HEAD_SQL = "SELECT seq, hash, seal IS NOT NULL AS sealed FROM audit_auditevent ORDER BY seq DESC LIMIT 1"
+# Once the chain is sealed, a process without the seal key writes nothing (an unsealed event would stay in
+# the chain, and verify would stop at it for good).
+_NO_KEY = ("The audit chain is sealed, and this process has no seal key (PORTAL_AUDIT_SEAL_KEY or "
+           "PORTAL_AUDIT_SEAL_KEY_FILE): it records nothing until it has the portal's key.")
 
 
 def _plain(value):
@@ -130,8 +134,8 @@ def link_hash(prev_hash: str, text: str) -> str:
     return hashlib.sha256(f"{prev_hash}\n{text}".encode()).hexdigest()
 
 
-def _lock_chain_and_read_head() -> tuple[int, str] | None:
-    """Serialize appends and read the head of the chain: (seq, hash), or None for an empty chain.
+def _lock_chain_and_read_head() -> tuple[int, str, bool] | None:
+    """Serialize appends and read the head of the chain: (seq, hash, sealed), or None for an empty chain.
 
     PostgreSQL: a transaction-scoped advisory lock held until commit. The lock and the read go in
     one round trip as two statements of one simple query: each statement takes its own snapshot
@@ -149,7 +153,8 @@ def _lock_chain_and_read_head() -> tuple[int, str] | None:
             if not cursor.nextset():
                 raise RuntimeError("The chain head query returned no result set.")
             return cursor.fetchone()
-    return AuditEvent.objects.order_by("-seq").values_list("seq", "hash").first()
+    head = AuditEvent.objects.order_by("-seq").values_list("seq", "hash", "seal").first()
+    return None if head is None else (head[0], head[1], head[2] is not None)
 
 
 def head() -> AuditEvent | None:
@@ -212,6 +217,8 @@ def append(
             _append_postgresql(event, parts)
             return event
         last = _lock_chain_and_read_head()
+        if last and last[2] and settings.PORTAL_AUDIT_SEAL_KEY is None:
+            raise ImproperlyConfigured(_NO_KEY)
         event.seq, event.prev_hash = (last[0] + 1, last[1]) if last else (1, GENESIS_HASH)
         event.created_at = timezone.now()
         event.canonical = canonical(event)
@@ -243,12 +250,15 @@ def _append_postgresql(event: AuditEvent, parts: tuple[str, str, str]) -> None:
     event.seal = _seal_of(f"{prefix}0{after}")
     fields = [f for f in _insert_fields() if f.attname not in _POSITION]
     params = [field.get_db_prep_save(getattr(event, field.attname), connection) for field in fields]
-    sql, params = prepared(_append_sql(_typed_columns(tuple(fields))), [prefix, after, *params])
+    sql, params = prepared(_append_sql(_typed_columns(tuple(fields))), [prefix, after, *params,
+                                                                          event.seal is not None])
     with connection.cursor() as cursor:
         cursor.execute(_LOCK_SQL + sql, params)
         if not cursor.nextset():
             raise RuntimeError("The chain append returned no result.")
-        event.pk, event.seq, event.prev_hash, event.hash = cursor.fetchone()
+        if (row := cursor.fetchone()) is None:  # the guard below: a sealed head, an unsealed event
+            raise ImproperlyConfigured(_NO_KEY)
+        event.pk, event.seq, event.prev_hash, event.hash = row
     event.canonical = f"{prefix}{event.seq}{after}"
     if link_hash(event.prev_hash, event.canonical) != event.hash:
         raise RuntimeError(f"The database hashed audit event {event.seq} differently from audit.chain.link_hash.")
@@ -281,6 +291,7 @@ def _append_sql(columns: tuple[tuple[str, str], ...]) -> str:
         f"INSERT INTO {table} ({', '.join(quote(c) for c, _ in columns)}, seq, canonical, prev_hash, hash) "
         f"SELECT {', '.join(f'CAST(%s AS {kind})' for _, kind in columns)}, e.seq, e.canonical, e.prev_hash, "
         f"encode(sha256(convert_to(e.prev_hash || E'\\n' || e.canonical, 'UTF8')), 'hex') FROM e "
+        f"WHERE CAST(%s AS boolean) OR NOT COALESCE((SELECT sealed FROM head), false) "
         f"RETURNING {quote(AuditEvent._meta.pk.column)}, seq, prev_hash, hash"
     )
 
@@ -354,7 +365,9 @@ def verify(events: Iterable[AuditEvent] | None = None, *, workers: int | None = 
     key = settings.PORTAL_AUDIT_SEAL_KEY if key is _FROM_SETTINGS else key
     if events is not None:
         events = list(events)
-        return _with_copies(_verify_rows(_event_rows(events), key=key).result, key, _copied_seal_in(events))
+        hashes = {e.seq: e.hash for e in events}
+        return _with_copies(_verify_rows(_event_rows(events), key=key).result, key, _copied_seal_in(events),
+                            hashes.get)
     if connection.vendor == "postgresql":
         if hiding := _what_may_hide_rows():
             return VerifyResult(False, 0, 0, GENESIS_HASH, f"the audit table has {hiding}: events could be read "
@@ -396,27 +409,31 @@ def _before_start(seq: int) -> str:
     return f"event seq {seq}: before the chain's first event (seq 1): not an event the portal wrote"
 
 
-def _with_copies(result: VerifyResult, key: bytes | None, copied) -> VerifyResult:
+def _with_copies(result: VerifyResult, key: bytes | None, copied, hash_of=None) -> VerifyResult:
     """The result, failed where an event carries another's seal (an event copied to a later place:
-    its content, and so its seal, are the other's), and saying whether seals were read."""
-    if result.ok and key is not None and (pair := copied() if callable(copied) else copied):
-        first, copy = pair  # the chain is intact up to the copy (verify read it whole and gap-free)
-        before = AuditEvent.objects.filter(seq=copy - 1).values_list("hash", flat=True).first() or GENESIS_HASH
-        result = VerifyResult(False, copy - 1, copy - 1, before,
+    its content, and so its seal, are the other's) before any other problem, and saying whether seals
+    were read. `copied`: the first copy (or a function finding it); `hash_of`: an event's hash by seq."""
+    if key is not None and (pair := copied() if callable(copied) else copied) and (
+            result.ok or result.bad_seq is None or pair[1] < result.bad_seq):
+        first, copy = pair  # the chain is intact up to the copy (the events before it verified)
+        hash_of = hash_of or (lambda seq: AuditEvent.objects.filter(seq=seq).values_list("hash", flat=True).first())
+        result = VerifyResult(False, copy - 1, copy - 1, hash_of(copy - 1) or GENESIS_HASH,
                               f"event seq {copy} carries the seal of event seq {first}: a copy of it, not "
                               "written by the portal", copy)
     return replace(result, seals_checked=key is not None)
 
 
 def _copied_seal() -> tuple[int, int] | None:
-    """The first pair of events with one seal, (the first, the later), or None. On PostgreSQL the
-    unique constraint on seals, while it is in place and valid, answers at once: no copy can be there
-    (one made while it was dropped keeps it from being built again)."""
+    """The first event that carries the seal of an event before it, as (that event, the copy), or None.
+    On PostgreSQL the unique constraint on seals, while it is in place and valid, answers at once: no
+    copy can be there (one made while it was dropped keeps it from being built again)."""
     if connection.vendor == "postgresql" and _seals_unique_in_postgresql():
         return None
-    return (AuditEvent.objects.filter(seal__isnull=False).values("seal")
-            .annotate(first=Min("seq"), copy=Max("seq"), n=Count("seq")).filter(n__gt=1)
-            .order_by("copy").values_list("first", "copy").first())
+    table = connection.ops.quote_name(AuditEvent._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT first, seq FROM (SELECT seq, min(seq) OVER (PARTITION BY seal) AS first FROM {table}"
+                       " WHERE seal IS NOT NULL) s WHERE seq > first ORDER BY seq LIMIT 1")
+        return cursor.fetchone()
 
 
 def _seals_unique_in_postgresql() -> bool:
@@ -549,7 +566,7 @@ class _Scan:
 
 def _unsealed(seq: int, sealed_since: int) -> str:
     return (f"event seq {seq} has no seal, though event seq {sealed_since} before it has one: it was not written "
-            "by the portal (or the portal ran without its seal key)")
+            "by the portal (which writes nothing without its key once the chain is sealed)")
 
 
 def _verify_rows(rows: Iterable[tuple], *, from_text: bool = False, start_seq: int = 1,

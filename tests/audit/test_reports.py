@@ -28,10 +28,12 @@ from core.decisions import PolicyRefusal
 from core.times import iso
 from environments import services
 from environments.models import Approval, Deployment, Environment, FreezeWindow
+from evidence import checkpoint as checkpoints
 from evidence.reports import Export, Period, safe_cell
 from portal.management.demo_history import moved_time
 from releases.models import Build, Release, VcsAlias
 from releases.services import PullRequest, vcs_alias_add
+from tests.audit.forgery import forge, strip_seals
 from tests.conftest import SYSTEM, person
 
 State = Deployment.State
@@ -444,6 +446,19 @@ def test_checkpoint_detects_a_rewritten_chain(world, history, tmp_path, key_file
     assert code == 1 and "rewritten" in message
 
 
+def test_a_checkpoint_from_before_seals_still_holds(world, history, tmp_path, key_file):
+    """Checkpoints written before seals sign seq, hash and time only: verify_audit and the auditors'
+    script still accept them (and read nothing of seals from them)."""
+    cp = checkpoint(tmp_path)
+    old = {k: v for k, v in json.loads(cp.read_text()).items() if k != "sealed_from"}
+    old["hmac"] = checkpoints.sign(old["seq"], old["hash"], old["created_at"], checkpoints.checkpoint_key())
+    cp.write_text(json.dumps(old))
+    assert verify(cp)[0] == 0
+    csv_path, manifest = write_export(tmp_path)
+    code, out = run_script(auditor_script(tmp_path), csv_path, manifest, cp, key_file)
+    assert code == 0 and out.startswith("OK "), out
+
+
 def test_checkpoint_detects_a_cut_tail_and_a_wrong_key(world, history, tmp_path, key_file, monkeypatch):
     cp = checkpoint(tmp_path)
     seq = json.loads(cp.read_text())["seq"]
@@ -517,15 +532,14 @@ def test_auditor_script_accepts_an_honest_export(world, history, tmp_path, key_f
 
 
 def test_auditor_script_checks_the_seals_with_the_seal_key(world, history, tmp_path):
-    from tests.audit.test_seal import forge
-
     seal_key = tmp_path / "seal.key"
     seal_key.write_bytes(settings.PORTAL_AUDIT_SEAL_KEY + b"\n")
     script = auditor_script(tmp_path)
     csv_path, manifest = write_export(tmp_path)
     code, out = run_script(script, csv_path, manifest, seal_key=seal_key)
     rows = json.loads(manifest.read_text())["row_count"]
-    assert code == 0 and out.startswith(f"OK {rows} events") and out.endswith(f"; {rows} sealed\n"), out
+    assert code == 0 and out.startswith(f"OK {rows} events") and f"; {rows} sealed (from seq " in out, out
+    assert out.endswith(", 0 without a seal\n"), out
     forged = forge()  # a grant "given" by SQL, hashed into the chain as the portal would
     csv_path, manifest = write_export(tmp_path, "forged")
     assert run_script(script, csv_path, manifest)[0] == 0  # the chain alone holds it
@@ -534,8 +548,6 @@ def test_auditor_script_checks_the_seals_with_the_seal_key(world, history, tmp_p
 
 
 def test_auditor_script_finds_seals_removed_since_a_checkpoint(world, history, tmp_path, key_file):
-    from tests.audit.test_seal import strip_seals
-
     seal_key = tmp_path / "seal.key"
     seal_key.write_bytes(settings.PORTAL_AUDIT_SEAL_KEY)
     cp = checkpoint(tmp_path)

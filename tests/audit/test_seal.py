@@ -10,6 +10,7 @@ from io import StringIO
 from pathlib import Path
 
 import pytest
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.db import IntegrityError, connection, transaction
 from django.test import override_settings
@@ -18,6 +19,7 @@ from django.urls import reverse
 from audit import chain, seal, triggers
 from audit.actors import Actor
 from audit.models import AuditEvent
+from tests.audit.forgery import drop_unique_seals, forge, strip_seals
 
 ACTOR = Actor.system(via="test")
 KEY = b"test-only-audit-seal-key"
@@ -26,31 +28,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def appended(n: int = 3) -> list[AuditEvent]:
     return [chain.append(actor=ACTOR, action="test.event", data={"n": i}) for i in range(n)]
-
-
-def forge(*, action="environment.grant", data=None, seal_value=None, like: AuditEvent | None = None) -> AuditEvent:
-    """What a database writer can do without the portal: compute the next event as the chain does and
-    INSERT it (an INSERT is allowed: the table is append-only, not closed). `like`: copy that event's
-    content and seal to the head."""
-    head = AuditEvent.objects.order_by("-seq").first()
-    source = like or AuditEvent(created_at=dt.datetime.now(dt.UTC), actor_username="dave", via="admin",
-                                action=action, object_type="environments.environment", object_id="1",
-                                data=data or {"user": "mallory", "permission": "deploy"}, seal=seal_value)
-    event = AuditEvent(seq=head.seq + 1, prev_hash=head.hash, **{
-        f: getattr(source, f) for f in ("created_at", "actor_id", "actor_username", "actor_email", "via", "action",
-                                        "object_type", "object_id", "object_repr", "code", "data", "seal")})
-    event.canonical = chain.canonical(event)
-    event.hash = chain.link_hash(event.prev_hash, event.canonical)
-    event.save(force_insert=True)
-    return event
-
-
-def drop_unique_seals():
-    """Drop the unique constraint on seals (and, on SQLite, rebuild the guard against replacing inserts,
-    which refuses a second row of any unique key the table has)."""
-    with connection.cursor() as cursor:
-        cursor.execute("DROP INDEX auditevent_seal_unique")
-    triggers.install(connection, "audit_auditevent")
 
 
 def verify_command(*args) -> tuple[int, str, str]:
@@ -147,15 +124,18 @@ def test_a_chain_begun_before_the_key_was_set_is_sealed_from_then_on(db):
     assert not chain.verify().ok
 
 
-def test_a_portal_that_lost_its_key_is_found_at_its_first_unsealed_event(db):
-    """An unsealed event after a sealed one fails verify, whoever wrote it: the portal without its key
-    looks like a writer without the portal, and says so."""
+def test_a_process_without_the_key_writes_nothing_once_the_chain_is_sealed(db):
+    """An unsealed event would stay in the chain and stop verify at it for good: a worker or command
+    started without the key fails loudly instead, and its transaction writes nothing."""
     appended(2)
-    with override_settings(PORTAL_AUDIT_SEAL_KEY=None):
-        late = appended(1)[0]
+    with override_settings(PORTAL_AUDIT_SEAL_KEY=None), pytest.raises(ImproperlyConfigured, match="no seal key"):
+        with transaction.atomic():
+            chain.append(actor=ACTOR, action="test.event")
+    assert AuditEvent.objects.count() == 2 and chain.verify().ok
+    forged = forge()  # one written by SQL is still named
     result = chain.verify()
-    assert (result.ok, result.bad_seq) == (False, late.seq)
-    assert "or the portal ran without its seal key" in result.problem
+    assert (result.ok, result.bad_seq) == (False, forged.seq)
+    assert "has no seal, though event seq 1 before it has one" in result.problem
 
 
 def test_verify_with_another_key_fails_at_the_first_sealed_event(db):
@@ -214,17 +194,6 @@ def test_an_events_page_says_what_its_seal_says(client, make_user):
     assert "does not hold: not written by the portal with its key" in page(garbage)
     with override_settings(PORTAL_AUDIT_SEAL_KEY=None):
         assert "not checked: this portal has no seal key" in page(sealed)
-
-
-def strip_seals():
-    """What the table's owner can do: turn the append-only triggers off and clear every seal (the
-    seals are not hashed, so the chain still links)."""
-    triggers.drop(connection, "audit_auditevent")
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("UPDATE audit_auditevent SET seal = NULL")
-    finally:
-        triggers.install(connection, "audit_auditevent")
 
 
 def test_seals_removed_since_a_checkpoint_are_found_by_it(db, tmp_path, monkeypatch):
@@ -301,3 +270,31 @@ def test_an_event_before_the_chains_start_fails_verify_in_ranges_too(transaction
             cursor.execute("DELETE FROM audit_auditevent WHERE seq < 1")
             cursor.execute("ALTER TABLE audit_auditevent ADD CONSTRAINT auditevent_seq_positive CHECK (seq >= 1)")
         triggers.install(connection, "audit_auditevent")
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="verify splits the chain on PostgreSQL only")
+def test_a_chain_sealed_partway_verifies_in_ranges_as_in_one_pass(transactional_audit_db, monkeypatch):
+    with override_settings(PORTAL_AUDIT_SEAL_KEY=None):
+        appended(10)
+    appended(14)
+    one_pass = chain.verify(workers=1)
+    monkeypatch.setattr(chain, "VERIFY_PARALLEL_FROM", 10)
+    split = chain.verify(workers=3)
+    assert split == one_pass and split.ok and (split.unsealed_until, split.first_sealed) == (10, 11)
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="the catalog is PostgreSQL's")
+def test_the_migrated_unique_constraint_on_seals_is_what_verify_trusts(db):
+    """Verify skips looking for copies only while this holds (it reads the index's definition)."""
+    assert chain._seals_unique_in_postgresql()
+    drop_unique_seals()
+    assert not chain._seals_unique_in_postgresql()
+
+
+def test_the_first_copy_is_named(db):
+    first, *_ = appended(3)
+    drop_unique_seals()
+    copies = [forge(like=first), appended(1)[0], forge(like=first)]
+    result = chain.verify()
+    assert (result.ok, result.bad_seq, result.head_seq) == (False, copies[0].seq, copies[0].seq - 1)
+    assert chain.verify(events=AuditEvent.objects.all()) == result

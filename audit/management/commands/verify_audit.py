@@ -40,7 +40,7 @@ class Command(BaseCommand):
                 raise SystemExit(1)
         self.stdout.write(f"OK {result.count} {result.head_hash}")
         self.stderr.write(_seals_said(result))  # on stderr: stdout stays the one line scripts read
-        if saved is not None:  # on stderr: stdout stays the one line scripts read
+        if saved is not None:
             self.stderr.write(f"The chain holds checkpoint {checkpoint_file} (seq {saved.get('seq')}) unchanged.")
 
 
