@@ -66,8 +66,10 @@ class ChunkedBody:
 def with_length(environ: dict) -> dict:
     """A chunked request's environ with a length and a ChunkedBody (see there); any other as it is."""
     coding = [part.strip() for part in environ.get("HTTP_TRANSFER_ENCODING", "").lower().split(",")]
-    if environ.get("CONTENT_LENGTH") or not environ.get("wsgi.input_terminated") or coding != ["chunked"]:
-        return environ  # another coding (gzip, chunked) is not read: the body is then empty (422)
+    if environ.get("CONTENT_LENGTH") or not environ.get("wsgi.input_terminated") or coding[-1] != "chunked":
+        return environ
+    # With another coding before chunked (gzip, chunked) the body is read as sent, and the API's parser
+    # refuses it by name (415) rather than seeing no body at all.
     limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
     return {**environ, "wsgi.input": ChunkedBody(environ["wsgi.input"], limit), "CONTENT_LENGTH": str(limit)}
 
