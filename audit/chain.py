@@ -19,6 +19,7 @@ from uuid import UUID
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connection, connections, transaction
+from django.db.models import Max, Min
 from django.utils import timezone
 from psycopg.types.string import TextLoader
 
@@ -373,8 +374,8 @@ def verify(events: Iterable[AuditEvent] | None = None, *, workers: int | None = 
             return VerifyResult(False, 0, 0, GENESIS_HASH, f"the audit table has {hiding}: events could be read "
                                 "by the portal and not by verify (or the other way round), so nothing is proven")
         workers = workers or os.cpu_count() or 1
-        head_seq = AuditEvent.objects.order_by("-seq").values_list("seq", flat=True).first() or 0
-        first_seq = AuditEvent.objects.order_by("seq").values_list("seq", flat=True).first()
+        ends = AuditEvent.objects.aggregate(first=Min("seq"), head=Max("seq"))
+        head_seq, first_seq = ends["head"] or 0, ends["first"]
         if first_seq is not None and first_seq < 1:  # ranges read 1..head: a row before would go unread
             return VerifyResult(False, 0, 0, GENESIS_HASH, _before_start(first_seq), first_seq)
         # Inside a transaction the other processes would not see what it wrote: one process then.
@@ -578,18 +579,17 @@ def _verify_rows(rows: Iterable[tuple], *, from_text: bool = False, start_seq: i
     expected_seq, count = start_seq, 0
     sealed_since, unsealed_until, first_unsealed = None, 0, None
     sha256, loads, holds = hashlib.sha256, json.loads, seal.checker(key) if key is not None else None
+
+    def stop(problem: str, bad_seq: int) -> _Scan:  # intact up to the event before `expected_seq`
+        return _Scan(VerifyResult(False, count, expected_seq - 1, prev_hash, problem, bad_seq), first_unsealed,
+                     sealed_since)
     for (seq, created_at, actor_id, actor_username, actor_email, via, action, object_type, object_id, object_repr,
          code, data, stored_text, stored_prev, stored_hash, stored_seal) in rows:
         if seq != expected_seq:
-            problem = (_before_start(seq) if seq < 1 else f"event seq {seq}: expected seq {expected_seq} "
-                       + ("(an event is missing)" if seq > expected_seq else "(one seq twice)"))
-            return _Scan(VerifyResult(False, count, expected_seq - 1, prev_hash, problem, seq),
-                         first_unsealed, sealed_since)
+            return stop(_before_start(seq) if seq < 1 else f"event seq {seq}: expected seq {expected_seq} "
+                        + ("(an event is missing)" if seq > expected_seq else "(one seq twice)"), seq)
         if stored_prev != prev_hash:
-            return _Scan(VerifyResult(
-                False, count, seq - 1, prev_hash,
-                f"event seq {seq}: prev_hash does not match the hash of event {seq - 1}", seq,
-            ), first_unsealed, sealed_since)
+            return stop(f"event seq {seq}: prev_hash does not match the hash of event {seq - 1}", seq)
         if from_text:
             data = loads(data)
         else:
@@ -597,24 +597,17 @@ def _verify_rows(rows: Iterable[tuple], *, from_text: bool = False, start_seq: i
         text = canonical_text(seq, created_at, actor_id, actor_username, actor_email, via, action, object_type,
                               object_id, object_repr, code, data)
         if text != stored_text or sha256(f"{prev_hash}\n{text}".encode()).hexdigest() != stored_hash:
-            return _Scan(VerifyResult(
-                False, count, seq - 1, prev_hash,
-                f"event seq {seq}: content does not match its hash (changed after it was written)", seq,
-            ), first_unsealed, sealed_since)
+            return stop(f"event seq {seq}: content does not match its hash (changed after it was written)", seq)
         if key is not None:
             if stored_seal is None:
                 if sealed_since is not None:
-                    return _Scan(VerifyResult(False, count, seq - 1, prev_hash, _unsealed(seq, sealed_since), seq),
-                                 first_unsealed, sealed_since)
+                    return stop(_unsealed(seq, sealed_since), seq)
                 unsealed_until, first_unsealed = seq, first_unsealed or (seq, prev_hash)
             elif holds(stored_seal, text, seq):
                 sealed_since = sealed_since or seq
             else:
-                return _Scan(VerifyResult(
-                    False, count, seq - 1, prev_hash,
-                    f"event seq {seq}: its seal does not hold: it was not written by the portal (or the key is not "
-                    "the one the portal seals with)", seq,
-                ), first_unsealed, sealed_since)
+                return stop(f"event seq {seq}: its seal does not hold: it was not written by the portal (or the key "
+                            "is not the one the portal seals with)", seq)
         prev_hash, expected_seq, count = stored_hash, expected_seq + 1, count + 1
     return _Scan(VerifyResult(True, count, expected_seq - 1, prev_hash, unsealed_until=unsealed_until,
                               first_sealed=sealed_since), first_unsealed, sealed_since)
