@@ -47,14 +47,19 @@ class UnreadCoding(ValueError):
     """A body sent compressed (a content coding, or a transfer coding besides chunked): not read."""
 
 
+def transfer_codings(meta: dict) -> list[str]:
+    """A request's transfer codings in the order applied (`gzip, chunked`: ["gzip", "chunked"]); [""]
+    without the header."""
+    return [part.strip() for part in meta.get("HTTP_TRANSFER_ENCODING", "").lower().split(",")]
+
+
 def _coding(request) -> str:
     """The header naming a coding the API does not read, as sent, or ""."""
     content = request.META.get("HTTP_CONTENT_ENCODING", "").strip()
     if content and content.lower() != "identity":
         return f"Content-Encoding: {content}"
-    transfer = request.META.get("HTTP_TRANSFER_ENCODING", "").strip()
-    if transfer and [c.strip() for c in transfer.lower().split(",")] != ["chunked"]:
-        return f"Transfer-Encoding: {transfer}"
+    if transfer_codings(request.META) not in ([""], ["chunked"]):
+        return f"Transfer-Encoding: {request.META['HTTP_TRANSFER_ENCODING'].strip()}"
     return ""
 
 

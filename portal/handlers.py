@@ -10,7 +10,7 @@ from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.core.handlers.wsgi import WSGIHandler
 
-from portal.api import PREFIX
+from portal.api import PREFIX, transfer_codings
 
 DOCS = f"{PREFIX}docs"
 
@@ -65,8 +65,8 @@ class ChunkedBody:
 
 def with_length(environ: dict) -> dict:
     """A chunked request's environ with a length and a ChunkedBody (see there); any other as it is."""
-    coding = [part.strip() for part in environ.get("HTTP_TRANSFER_ENCODING", "").lower().split(",")]
-    if environ.get("CONTENT_LENGTH") or not environ.get("wsgi.input_terminated") or coding[-1] != "chunked":
+    if environ.get("CONTENT_LENGTH") or not environ.get("wsgi.input_terminated") \
+            or transfer_codings(environ)[-1] != "chunked":
         return environ
     # With another coding before chunked (gzip, chunked) the body is read as sent, and the API's parser
     # refuses it by name (415) rather than seeing no body at all.
