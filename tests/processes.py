@@ -44,6 +44,13 @@ def portal_env(var_dir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def production_env(var_dir: Path, **extra: str) -> dict[str, str]:
+    """The environment of a portal of its own with the production settings: none of the test run's
+    PORTAL_* or DATABASE_URL (so its own SQLite database under `var_dir`), `extra` over it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTAL_") and k != "DATABASE_URL"}
+    return {**env, "DJANGO_SETTINGS_MODULE": "portal.settings", "PORTAL_VAR_DIR": str(var_dir), **extra}
+
+
 def _bindable(port: int) -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

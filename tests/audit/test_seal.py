@@ -3,11 +3,9 @@ would, is told from the portal's own by `verify_audit` with the seal key (audit/
 
 import datetime as dt
 import json
-import os
 import subprocess
 import sys
 from io import StringIO
-from pathlib import Path
 
 import pytest
 from django.core.exceptions import ImproperlyConfigured
@@ -20,10 +18,10 @@ from audit import chain, seal, triggers
 from audit.actors import Actor
 from audit.models import AuditEvent
 from tests.audit.forgery import drop_unique_seals, forge, strip_seals
+from tests.processes import ROOT, production_env
 
 ACTOR = Actor.system(via="test")
 KEY = b"test-only-audit-seal-key"
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def appended(n: int = 3) -> list[AuditEvent]:
@@ -175,8 +173,7 @@ def test_production_settings_read_the_key_from_a_file_and_refuse_one_they_cannot
 
 
 def production_shell(tmp_path, script: str, **settings) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTAL_") and k != "DATABASE_URL"}
-    env.update(DJANGO_SETTINGS_MODULE="portal.settings", SECRET_KEY="x" * 50, PORTAL_VAR_DIR=str(tmp_path), **settings)
+    env = production_env(tmp_path, SECRET_KEY="x" * 50, **settings)
     return subprocess.run([sys.executable, "manage.py", "shell", "-v0", "-c", script], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
 

@@ -19,6 +19,7 @@ from environments.models import Deployment, Environment
 from environments.policy import environment_grants
 from releases.models import Application, Release
 from tests.conftest import SYSTEM
+from tests.processes import production_env
 
 
 def run(*args) -> str:
@@ -44,8 +45,7 @@ def test_demo_data_refuses_outside_demo_mode(db, settings):
 
 
 def test_demo_data_command_exits_non_zero_outside_demo_mode(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTAL_") and k != "DATABASE_URL"}
-    env.update(DJANGO_SETTINGS_MODULE="portal.settings", SECRET_KEY="x" * 60, PORTAL_VAR_DIR=str(tmp_path))
+    env = production_env(tmp_path, SECRET_KEY="x" * 60)
     done = subprocess.run([sys.executable, "manage.py", "demo_data"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode != 0

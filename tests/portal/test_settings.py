@@ -11,17 +11,17 @@ from pathlib import Path
 import pytest
 from django.urls import reverse
 
+from tests.processes import production_env
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def check_deploy(tmp_path, **extra) -> subprocess.CompletedProcess:
     """`manage.py check --deploy` as production runs it: its own secret key, host names, no demo."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTAL_") and k != "DATABASE_URL"}
     seal_key = tmp_path / "seal.key"
     seal_key.write_text(secrets.token_urlsafe(32))
-    env.update(DJANGO_SETTINGS_MODULE="portal.settings", SECRET_KEY=secrets.token_urlsafe(64),
-               ALLOWED_HOSTS="portal.example.com", PORTAL_VAR_DIR=str(tmp_path))
-    env.update({"PORTAL_AUDIT_SEAL_KEY_FILE": str(seal_key), **extra})
+    env = production_env(tmp_path, **{"SECRET_KEY": secrets.token_urlsafe(64), "ALLOWED_HOSTS": "portal.example.com",
+                                      "PORTAL_AUDIT_SEAL_KEY_FILE": str(seal_key), **extra})
     return subprocess.run([sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=120)
 
