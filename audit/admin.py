@@ -1,7 +1,6 @@
 import datetime as dt
 
 from django import forms
-from django.conf import settings
 from django.contrib import admin
 from django.core.exceptions import PermissionDenied
 from django.db import connections
@@ -87,7 +86,7 @@ class AuditEventAdmin(ReadOnlyAdmin):
 
     @admin.display(description="seal check")
     def seal_check(self, obj):
-        return seal.says(obj.seal, obj.canonical, obj.seq, settings.PORTAL_AUDIT_SEAL_KEY)
+        return seal.says(obj.seal, obj.canonical, obj.seq, seal.keys())
 
     @admin.display(description="who (via)", ordering="actor_username")
     def who(self, obj):

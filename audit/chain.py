@@ -34,7 +34,7 @@ GENESIS_HASH = "0" * 64
 CHAIN_LOCK_KEY = 7_341_120_001
 # On PostgreSQL every append starts with these: the chain's lock (held until commit), then the head.
 _LOCK_SQL = f"SELECT pg_advisory_xact_lock({int(CHAIN_LOCK_KEY)}); "
-_HEAD_SQL = "SELECT seq, hash, seal IS NOT NULL AS sealed FROM audit_auditevent ORDER BY seq DESC LIMIT 1"
+_HEAD_SQL = "SELECT seq, hash, seal FROM audit_auditevent ORDER BY seq DESC LIMIT 1"
 # Once the chain is sealed, a process without the seal key writes nothing (an unsealed event would stay in
 # the chain, and verify would stop at it for good).
 _NO_KEY = ("The audit chain is sealed, and this process has no seal key (PORTAL_AUDIT_SEAL_KEY or "
@@ -135,8 +135,8 @@ def link_hash(prev_hash: str, text: str) -> str:
     return hashlib.sha256(f"{prev_hash}\n{text}".encode()).hexdigest()
 
 
-def _lock_chain_and_read_head() -> tuple[int, str, bool] | None:
-    """Serialize appends and read the head of the chain: (seq, hash, sealed), or None for an empty chain.
+def _lock_chain_and_read_head() -> tuple[int, str, str | None] | None:
+    """Serialize appends and read the head of the chain: (seq, hash, seal), or None for an empty chain.
 
     PostgreSQL: a transaction-scoped advisory lock held until commit. The lock and the read go in
     one round trip as two statements of one simple query: each statement takes its own snapshot
@@ -154,8 +154,7 @@ def _lock_chain_and_read_head() -> tuple[int, str, bool] | None:
             if not cursor.nextset():
                 raise RuntimeError("The chain head query returned no result set.")
             return cursor.fetchone()
-    head = AuditEvent.objects.order_by("-seq").values_list("seq", "hash", "seal").first()
-    return None if head is None else (head[0], head[1], head[2] is not None)
+    return AuditEvent.objects.order_by("-seq").values_list("seq", "hash", "seal").first()
 
 
 def head() -> AuditEvent | None:
@@ -218,7 +217,7 @@ def append(
             _append_postgresql(event, parts)
             return event
         last = _lock_chain_and_read_head()
-        if last and last[2] and settings.PORTAL_AUDIT_SEAL_KEY is None:
+        if last and last[2] is not None and settings.PORTAL_AUDIT_SEAL_KEY is None:
             raise ImproperlyConfigured(_NO_KEY)
         event.seq, event.prev_hash = (last[0] + 1, last[1]) if last else (1, GENESIS_HASH)
         event.created_at = timezone.now()
@@ -292,7 +291,7 @@ def _append_sql(columns: tuple[tuple[str, str], ...]) -> str:
         f"INSERT INTO {table} ({', '.join(quote(c) for c, _ in columns)}, seq, canonical, prev_hash, hash) "
         f"SELECT {', '.join(f'CAST(%s AS {kind})' for _, kind in columns)}, e.seq, e.canonical, e.prev_hash, "
         f"encode(sha256(convert_to(e.prev_hash || E'\\n' || e.canonical, 'UTF8')), 'hex') FROM e "
-        f"WHERE CAST(%s AS boolean) OR NOT COALESCE((SELECT sealed FROM head), false) "
+        f"WHERE CAST(%s AS boolean) OR (SELECT seal FROM head) IS NULL "
         f"RETURNING {quote(AuditEvent._meta.pk.column)}, seq, prev_hash, hash"
     )
 
@@ -333,6 +332,8 @@ class VerifyResult:
     seals_checked: bool = False  # a seal key was given
     unsealed_until: int = 0  # the last event without a seal: sealing began after it
     first_sealed: int | None = None  # the first sealed event (None: none is)
+    seal_keys: int = 0  # the keys seals were checked with (the retired ones and the current one)
+    current_from: int | None = None  # the first event sealed by the newest of them (None: none is)
 
 
 _FROM_SETTINGS = object()
@@ -350,11 +351,12 @@ def _event_rows(events: Iterable[AuditEvent]) -> Iterator[tuple]:
 
 
 def verify(events: Iterable[AuditEvent] | None = None, *, workers: int | None = None,
-           key: bytes | None = _FROM_SETTINGS) -> VerifyResult:
+           keys: tuple[bytes, ...] | bytes | None = _FROM_SETTINGS) -> VerifyResult:
     """Recompute the whole chain; report the first event whose link or content does not match, and
-    with a seal `key` (default: settings.PORTAL_AUDIT_SEAL_KEY; None: seals are not read) the first
-    event the portal did not write: one without a valid seal after the first sealed event, or one
-    carrying the seal of another (audit/seal.py).
+    with seal `keys` (oldest first; default: seal.keys(), the retired keys and the current one; None:
+    seals are not read) the first event the portal did not write: one without a valid seal after the
+    first sealed event, one sealed by an older key than an event before it, or one carrying the seal
+    of another (audit/seal.py).
 
     Reads plain rows in chunks and builds each canonical text from the columns, without model
     instances, so memory stays flat whatever the length of the chain. On PostgreSQL: a server-side
@@ -363,11 +365,11 @@ def verify(events: Iterable[AuditEvent] | None = None, *, workers: int | None = 
     JSON decoded here; a chain of more than VERIFY_PARALLEL_FROM events is split into one range per
     worker process (`workers`, default one per core), see _verify_parallel.
     """
-    key = settings.PORTAL_AUDIT_SEAL_KEY if key is _FROM_SETTINGS else key
+    keys = seal.keys() if keys is _FROM_SETTINGS else (keys,) if isinstance(keys, bytes) else tuple(keys or ())
     if events is not None:
         events = list(events)
         hashes = {e.seq: e.hash for e in events}
-        return _with_copies(_verify_rows(_event_rows(events), key=key).result, key, _copied_seal_in(events),
+        return _with_copies(_verify_rows(_event_rows(events), keys=keys).result, keys, _copied_seal_in(events),
                             hashes.get)
     if connection.vendor == "postgresql":
         if hiding := _what_may_hide_rows():
@@ -380,12 +382,12 @@ def verify(events: Iterable[AuditEvent] | None = None, *, workers: int | None = 
             return VerifyResult(False, 0, 0, GENESIS_HASH, _before_start(first_seq), first_seq)
         # Inside a transaction the other processes would not see what it wrote: one process then.
         if workers > 1 and head_seq >= VERIFY_PARALLEL_FROM and not connection.in_atomic_block:
-            return _with_copies(_verify_parallel(head_seq, workers, key), key, _copied_seal)
+            return _with_copies(_verify_parallel(head_seq, workers, keys), keys, _copied_seal)
         with transaction.atomic(), closing(_postgresql_rows()) as rows:
-            return _with_copies(_verify_rows(rows, from_text=True, key=key).result, key, _copied_seal)
+            return _with_copies(_verify_rows(rows, from_text=True, keys=keys).result, keys, _copied_seal)
     # SQLite: no transaction here, it would take the database's write lock.
     rows = AuditEvent.objects.order_by("seq").values_list(*VERIFY_COLUMNS)
-    return _with_copies(_verify_rows(rows.iterator(chunk_size=VERIFY_CHUNK), key=key).result, key, _copied_seal)
+    return _with_copies(_verify_rows(rows.iterator(chunk_size=VERIFY_CHUNK), keys=keys).result, keys, _copied_seal)
 
 
 def _what_may_hide_rows() -> str:
@@ -410,18 +412,18 @@ def _before_start(seq: int) -> str:
     return f"event seq {seq}: before the chain's first event (seq 1): not an event the portal wrote"
 
 
-def _with_copies(result: VerifyResult, key: bytes | None, copied, hash_of=None) -> VerifyResult:
+def _with_copies(result: VerifyResult, keys: tuple[bytes, ...], copied, hash_of=None) -> VerifyResult:
     """The result, failed where an event carries another's seal (an event copied to a later place:
     its content, and so its seal, are the other's) before any other problem, and saying whether seals
     were read. `copied`: the first copy (or a function finding it); `hash_of`: an event's hash by seq."""
-    if key is not None and (pair := copied() if callable(copied) else copied) and (
+    if keys and (pair := copied() if callable(copied) else copied) and (
             result.ok or result.bad_seq is None or pair[1] < result.bad_seq):
         first, copy = pair  # the chain is intact up to the copy (the events before it verified)
         hash_of = hash_of or (lambda seq: AuditEvent.objects.filter(seq=seq).values_list("hash", flat=True).first())
         result = VerifyResult(False, copy - 1, copy - 1, hash_of(copy - 1) or GENESIS_HASH,
                               f"event seq {copy} carries the seal of event seq {first}: a copy of it, not "
                               "written by the portal", copy)
-    return replace(result, seals_checked=key is not None)
+    return replace(result, seals_checked=bool(keys), seal_keys=len(keys))
 
 
 def _copied_seal() -> tuple[int, int] | None:
@@ -461,27 +463,33 @@ def _copied_seal_in(events: list[AuditEvent]) -> tuple[int, int] | None:
 VERIFY_PARALLEL_FROM = 200_000
 
 
-def _verify_parallel(head_seq: int, workers: int, key: bytes | None) -> VerifyResult:
+def _verify_parallel(head_seq: int, workers: int, keys: tuple[bytes, ...]) -> VerifyResult:
     """The chain 1..head_seq in `workers` consecutive ranges, each verified by a process of its own with
     its own connection, from the `prev_hash` stored in the range's first event; then the ranges are
-    joined in order: each range's first `prev_hash` must be the hash the range before ends on, and no
-    range may hold an unsealed event once a range before it held a sealed one. The answer is the one a
-    single pass gives: the first bad event, the events verified before it, and the head the chain is
-    intact up to. Events appended while it runs are after head_seq and not read."""
+    joined in order: each range's first `prev_hash` must be the hash the range before ends on, no
+    range may hold an unsealed event once a range before it held a sealed one, nor an event sealed by
+    an older key than one a range before it used. The answer is the one a single pass gives: the first
+    bad event, the events verified before it, and the head the chain is intact up to. Events appended
+    while it runs are after head_seq and not read."""
     size = -(-head_seq // workers)
     ranges = [(lo, min(lo + size - 1, head_seq)) for lo in range(1, head_seq + 1, size)]
     connections.close_all()  # no connection crosses the fork; each process opens its own
     with multiprocessing.get_context("fork").Pool(len(ranges)) as pool:
-        parts = pool.starmap(_verify_range, [(lo, hi, key) for lo, hi in ranges])
-    count, prev_hash, sealed_since, unsealed_until = 0, GENESIS_HASH, None, 0
+        parts = pool.starmap(_verify_range, [(lo, hi, keys) for lo, hi in ranges])
+    count, prev_hash, sealed_since, unsealed_until, newest, current_from = 0, GENESIS_HASH, None, 0, None, None
     for (lo, _hi), (first_prev, scan) in zip(ranges, parts, strict=True):
         result = scan.result
         if first_prev is not None and first_prev != prev_hash:
             return VerifyResult(False, count, lo - 1, prev_hash,
                                 f"event seq {lo}: prev_hash does not match the hash of event {lo - 1}", lo)
-        if sealed_since is not None and scan.first_unsealed is not None:  # before any failure of its range
-            seq, before = scan.first_unsealed
-            return VerifyResult(False, count + seq - lo, seq - 1, before, _unsealed(seq, sealed_since), seq)
+        # what the ranges before make wrong in this one, before any failure of its own
+        wrong = [(*scan.first_unsealed, _unsealed(scan.first_unsealed[0], sealed_since))
+                 if sealed_since is not None and scan.first_unsealed is not None else None,
+                 (*scan.first_below[newest[0]], _older_key(scan.first_below[newest[0]][0], newest[1]))
+                 if newest is not None and scan.first_below[newest[0]] is not None else None]
+        if found := min((w for w in wrong if w is not None), default=None):
+            seq, before, problem = found
+            return VerifyResult(False, count + seq - lo, seq - 1, before, problem, seq)
         if not result.ok:  # intact up to the range's last good event, or up to the range before
             head = (result.head_seq, result.head_hash) if result.count else (lo - 1, prev_hash)
             problem = result.problem
@@ -492,17 +500,21 @@ def _verify_parallel(head_seq: int, workers: int, key: bytes | None) -> VerifyRe
         count, prev_hash = count + result.count, result.head_hash
         sealed_since = sealed_since if sealed_since is not None else result.first_sealed
         unsealed_until = max(unsealed_until, result.unsealed_until)
-    return VerifyResult(True, count, head_seq, prev_hash, unsealed_until=unsealed_until, first_sealed=sealed_since)
+        if scan.newest is not None and (newest is None or scan.newest[0] > newest[0]):
+            newest = scan.newest
+        current_from = current_from if current_from is not None else result.current_from
+    return VerifyResult(True, count, head_seq, prev_hash, unsealed_until=unsealed_until, first_sealed=sealed_since,
+                        current_from=current_from)
 
 
-def _verify_range(lo: int, hi: int, key: bytes | None) -> tuple[str | None, _Scan]:
+def _verify_range(lo: int, hi: int, keys: tuple[bytes, ...]) -> tuple[str | None, _Scan]:
     """In a worker process: the stored prev_hash of event `lo` (None if it is missing) and the range
     verified from it."""
     try:
         first_prev = AuditEvent.objects.filter(seq=lo).values_list("prev_hash", flat=True).first()
         with transaction.atomic(), closing(_postgresql_rows(lo, hi)) as rows:
             return first_prev, _verify_rows(rows, from_text=True, start_seq=lo, prev_hash=first_prev or GENESIS_HASH,
-                                            key=key)
+                                            keys=keys)
     finally:
         connections.close_all()
 
@@ -557,12 +569,16 @@ def _postgresql_rows(lo: int | None = None, hi: int | None = None) -> Iterator[t
 
 @dataclass(frozen=True)
 class _Scan:
-    """A pass over consecutive events: its result, and the first event without a seal (its seq and
-    the hash before it) if no sealed event came before it in the pass (for joining ranges)."""
+    """A pass over consecutive events: its result, and for joining ranges what a range before could
+    make wrong in it: its first event without a seal (its seq and the hash before it) if no sealed
+    event came before it in the pass, and for each key k the first event sealed by a key older than k
+    (likewise); its first sealed event, and its newest key with the first event that key sealed."""
 
     result: VerifyResult
     first_unsealed: tuple[int, str] | None = None
     sealed_since: int | None = None  # the first sealed event of the pass
+    first_below: tuple[tuple[int, str] | None, ...] = ()
+    newest: tuple[int, int] | None = None  # (the newest key's index, the first event it sealed)
 
 
 def _unsealed(seq: int, sealed_since: int) -> str:
@@ -570,19 +586,27 @@ def _unsealed(seq: int, sealed_since: int) -> str:
             "by the portal (which writes nothing without its key once the chain is sealed)")
 
 
+def _older_key(seq: int, newer_at: int) -> str:
+    return (f"event seq {seq} is sealed by an older key than event seq {newer_at} before it: it was not written by "
+            "the portal, which seals with its current key only (or the retired seal keys are not listed oldest "
+            "first)")
+
+
 def _verify_rows(rows: Iterable[tuple], *, from_text: bool = False, start_seq: int = 1,
-                 prev_hash: str = GENESIS_HASH, key: bytes | None = None) -> _Scan:
+                 prev_hash: str = GENESIS_HASH, keys: tuple[bytes, ...] = ()) -> _Scan:
     """`from_text`: the rows hold created_at as iso text already and data as JSON text. The rows start
-    at `start_seq`, linked to `prev_hash` (a range of the chain). With a seal `key`, each seal must
-    hold, and once an event is sealed every later one must be (read here, event by event: nothing the
-    database could be made to answer otherwise, an index or an aggregate, decides it)."""
+    at `start_seq`, linked to `prev_hash` (a range of the chain). With seal `keys` (oldest first), each
+    seal must hold, once an event is sealed every later one must be, and by the same key or a newer
+    one (read here, event by event: nothing the database could be made to answer otherwise, an index
+    or an aggregate, decides it)."""
     expected_seq, count = start_seq, 0
     sealed_since, unsealed_until, first_unsealed = None, 0, None
-    sha256, loads, holds = hashlib.sha256, json.loads, seal.checker(key) if key is not None else None
+    newest, newest_at, current_from, first_below = -1, 0, None, [None] * len(keys)
+    sha256, loads, holds = hashlib.sha256, json.loads, seal.checker(keys) if keys else None
 
     def stop(problem: str, bad_seq: int) -> _Scan:  # intact up to the event before `expected_seq`
         return _Scan(VerifyResult(False, count, expected_seq - 1, prev_hash, problem, bad_seq), first_unsealed,
-                     sealed_since)
+                     sealed_since, tuple(first_below), (newest, newest_at) if newest >= 0 else None)
     for (seq, created_at, actor_id, actor_username, actor_email, via, action, object_type, object_id, object_repr,
          code, data, stored_text, stored_prev, stored_hash, stored_seal) in rows:
         if seq != expected_seq:
@@ -598,16 +622,23 @@ def _verify_rows(rows: Iterable[tuple], *, from_text: bool = False, start_seq: i
                               object_id, object_repr, code, data)
         if text != stored_text or sha256(f"{prev_hash}\n{text}".encode()).hexdigest() != stored_hash:
             return stop(f"event seq {seq}: content does not match its hash (changed after it was written)", seq)
-        if key is not None:
+        if holds is not None:
             if stored_seal is None:
                 if sealed_since is not None:
                     return stop(_unsealed(seq, sealed_since), seq)
                 unsealed_until, first_unsealed = seq, first_unsealed or (seq, prev_hash)
-            elif holds(stored_seal, text, seq):
-                sealed_since = sealed_since or seq
-            else:
+            elif (index := holds(stored_seal, text, seq)) is None:
                 return stop(f"event seq {seq}: its seal does not hold: it was not written by the portal (or the key "
-                            "is not the one the portal seals with)", seq)
+                            "is not one the portal seals with)", seq)
+            elif index != newest:
+                for k in range(index + 1, len(keys)):  # for the join: a range before may have used key k
+                    first_below[k] = first_below[k] or (seq, prev_hash)
+                if index < newest:
+                    return stop(_older_key(seq, newest_at), seq)
+                newest, newest_at, sealed_since = index, seq, sealed_since or seq
+                if index == len(keys) - 1:
+                    current_from = seq
         prev_hash, expected_seq, count = stored_hash, expected_seq + 1, count + 1
     return _Scan(VerifyResult(True, count, expected_seq - 1, prev_hash, unsealed_until=unsealed_until,
-                              first_sealed=sealed_since), first_unsealed, sealed_since)
+                              first_sealed=sealed_since, current_from=current_from), first_unsealed, sealed_since,
+                 tuple(first_below), (newest, newest_at) if newest >= 0 else None)

@@ -50,8 +50,8 @@ class AuditEvent(models.Model):
     hash = models.CharField(max_length=64, unique=True)
     # Null where the portal wrote it without a seal key (and every event before the key was set);
     # nullable so that adding it to a chain of events needs no rewrite of the table (audit/seal.py).
-    seal = models.CharField(max_length=81, null=True, blank=True,
-                            help_text="nonce:HMAC of the event by the portal's seal key (audit.seal).")
+    seal = models.CharField(max_length=90, null=True, blank=True,
+                            help_text="key id.nonce:HMAC of the event by the portal's seal key (audit.seal).")
 
     objects = AuditEventQuerySet.as_manager()
 

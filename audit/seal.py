@@ -5,14 +5,21 @@ is computed from what is already there): a right given by SQL could be made to l
 the portal. So the portal seals each event it appends with a key the database never holds
 (settings.PORTAL_AUDIT_SEAL_KEY, from PORTAL_AUDIT_SEAL_KEY or PORTAL_AUDIT_SEAL_KEY_FILE):
 
-    seal = nonce ":" HMAC-SHA256(key, nonce "\\n" text)
+    seal = kid "." nonce ":" HMAC-SHA256(key, kid "." nonce "\\n" text)
 
-where `nonce` is 16 random hex digits and `text` is the event's canonical text with its position
-left out (its `seq` written as 0): the seal is made before the chain's lock is taken, when the
-position is not known yet. The chain fixes each event's position; the seal says who wrote it.
-`verify_audit` with the key then refuses an event without a valid seal after the first sealed one.
-A seal is unique (the database refuses a second event with the seal of another: an old event copied
-to the head); verify checks that this constraint is in place, and without it looks for such copies.
+where `kid` names the key (8 hex digits of an HMAC by the key of a constant: it tells nothing of the
+key), `nonce` is 16 random hex digits and `text` is the event's canonical text with its position left
+out (its `seq` written as 0): the seal is made before the chain's lock is taken, when the position is
+not known yet. The chain fixes each event's position; the seal says who wrote it. `verify_audit` with
+the key then refuses an event without a valid seal after the first sealed one. A seal is unique (the
+database refuses a second event with the seal of another: an old event copied to the head); verify
+checks that this constraint is in place, and without it looks for such copies.
+
+The key can be changed (a key that may have leaked must be): the keys it replaced stay listed, oldest
+first (settings.PORTAL_AUDIT_RETIRED_SEAL_KEYS), so that the events they sealed still verify, and an
+event sealed by an older key than an event before it is refused (whoever holds a retired key cannot
+append with it). Seals written before seals named their key (`nonce ":" mac`, no `kid`) are the
+oldest key's.
 """
 
 from __future__ import annotations
@@ -22,33 +29,65 @@ import hashlib
 import hmac
 import secrets
 
+from django.conf import settings
+
 _NONCE_BYTES = 8
+_KID = 8  # hex digits naming the key
+_UNNAMED = 2 * _NONCE_BYTES + 65  # "nonce:mac", written before seals named their key
+_NAMED = _KID + 1 + _UNNAMED  # "kid.nonce:mac"
+
+
+@functools.lru_cache(maxsize=16)
+def key_id(key: bytes) -> str:
+    """The name a seal gives its key."""
+    return hmac.new(key, b"portal audit seal key id", hashlib.sha256).hexdigest()[:_KID]
+
+
+def keys() -> tuple[bytes, ...]:
+    """The keys that seals may hold for, oldest first: the retired ones, then the current one (the one
+    the portal seals with). Empty without a seal key."""
+    current = settings.PORTAL_AUDIT_SEAL_KEY
+    retired = tuple(dict.fromkeys(k for k in getattr(settings, "PORTAL_AUDIT_RETIRED_SEAL_KEYS", ()) if k != current))
+    return retired if current is None else (*retired, current)
 
 
 def seal(text_at_zero: str, key: bytes) -> str:
     """A new seal of an event whose canonical text, at position 0, is `text_at_zero`."""
-    nonce = secrets.token_hex(_NONCE_BYTES)
+    nonce = f"{key_id(key)}.{secrets.token_hex(_NONCE_BYTES)}"
     return f"{nonce}:{_mac(key, nonce, text_at_zero)}"
 
 
 def holds(value: str, text_at_zero: str, key: bytes) -> bool:
     """Whether `value` is a seal of the text (at position 0) by the key."""
-    return checker(key)(value, text_at_zero, 0)
+    return checker((key,))(value, text_at_zero, 0) is not None
 
 
-def checker(key: bytes):
-    """A function telling whether a seal holds for the canonical text of event `seq`: what verify asks
-    a million times, with the key's HMAC state made once. A seal not written as the portal writes one
-    (16 + 1 + 64 characters) does not hold; the MACs are compared as bytes, whatever they hold."""
-    copy, compare = _keyed(key).copy, hmac.compare_digest
+def checker(keys: tuple[bytes, ...] | bytes):
+    """A function telling which of `keys` (oldest first) a seal of the canonical text of event `seq`
+    holds for: its index in `keys`, or None if it holds for none. What verify asks a million times,
+    with each key's HMAC state made once. A seal not written as the portal writes one does not hold;
+    one without a key's name is the oldest key's; the MACs are compared as bytes, whatever they hold."""
+    keys = (keys,) if isinstance(keys, bytes) else tuple(keys)
+    states = {key_id(key): (index, _keyed(key).copy) for index, key in enumerate(keys)}
+    oldest = (0, _keyed(keys[0]).copy) if keys else None
+    compare = hmac.compare_digest
 
-    def check(value: str, text: str, seq: int) -> bool:
+    def check(value: str, text: str, seq: int) -> int | None:
         parts = _around_seq(text, seq)
-        if parts is None or len(value) != 2 * _NONCE_BYTES + 65 or value[2 * _NONCE_BYTES] != ":":
-            return False
+        if parts is None:
+            return None
+        if len(value) == _NAMED and value[_KID] == "." and value[_NAMED - 65] == ":":
+            found, cut = states.get(value[:_KID]), _NAMED - 65
+        elif len(value) == _UNNAMED and value[_UNNAMED - 65] == ":":
+            found, cut = oldest, _UNNAMED - 65
+        else:
+            return None
+        if found is None:
+            return None
+        index, copy = found
         mac = copy()
-        mac.update(f'{value[:2 * _NONCE_BYTES]}\n{parts[0]}"seq":0,"via":{parts[1]}'.encode())
-        return compare(mac.hexdigest().encode(), value[2 * _NONCE_BYTES + 1:].encode())
+        mac.update(f'{value[:cut]}\n{parts[0]}"seq":0,"via":{parts[1]}'.encode())
+        return index if compare(mac.hexdigest().encode(), value[cut + 1:].encode()) else None
 
     return check
 
@@ -78,12 +117,16 @@ def _around_seq(text: str, seq: int) -> tuple[str, str] | None:
     return (head, tail) if found else None
 
 
-def says(value: str | None, canonical: str, seq: int, key: bytes | None) -> str:
+def says(value: str | None, canonical: str, seq: int, keys: tuple[bytes, ...]) -> str:
     """What one event's seal says, for a person reading it (`verify_audit` reads the whole chain)."""
-    if key is None:
+    if not keys:
         return "not checked: this portal has no seal key"
     if value is None:
         return "none: written without the seal key (before sealing began, or not by the portal)"
-    if checker(key)(value, canonical, seq):
-        return "holds: written by the portal (verify_audit also finds an event copied with its seal)"
-    return "does not hold: not written by the portal with its key"
+    index = checker(keys)(value, canonical, seq)
+    if index is None:
+        return "does not hold: not written by the portal with its key"
+    by = "" if index == len(keys) - 1 and settings.PORTAL_AUDIT_SEAL_KEY is not None else \
+        f" with a retired key (key {index + 1} of {len(keys)}, oldest first)"
+    return f"holds: written by the portal{by} (verify_audit also finds an event copied with its seal)"
+

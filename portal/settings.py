@@ -5,6 +5,7 @@ SECRET_KEY     required unless PORTAL_DEMO=1 or PORTAL_DEBUG=1
 PORTAL_DEBUG   1 turns Django's DEBUG on (never in production)
 PORTAL_DEMO    1 for the local demo (`make run`): a throwaway secret key (and audit seal key) is allowed
 PORTAL_AUDIT_SEAL_KEY, PORTAL_AUDIT_SEAL_KEY_FILE  the key that seals the audit events the portal writes
+PORTAL_AUDIT_RETIRED_SEAL_KEYS_FILE  the seal keys it replaced, oldest first, one per line
 ALLOWED_HOSTS  comma-separated host names (default: localhost,127.0.0.1)
 
 HTTPS (secure by default; off in demo and debug mode, which serve plain http on loopback):
@@ -192,22 +193,29 @@ PORTAL_EXACT_COUNT_LIMIT = int(os.environ.get("PORTAL_EXACT_COUNT_LIMIT", "10000
 
 # The key that seals every audit event the portal appends (audit/seal.py): kept off the database and
 # its backups, on every machine that serves or runs the portal. Without it events are not sealed
-# (`check --deploy` warns).
+# (`check --deploy` warns). The keys it replaced, oldest first, one per line of
+# PORTAL_AUDIT_RETIRED_SEAL_KEYS_FILE: the events they sealed still verify (docs/operating.md).
+def _key_file(variable: str) -> bytes | None:
+    if not (path := os.environ.get(variable, "").strip()):
+        return None
+    try:
+        content = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise ImproperlyConfigured(f"Cannot read {variable} {path}: {exc.strerror}.") from None
+    if not content:
+        raise ImproperlyConfigured(f"{variable} {path} is empty.")
+    return content
+
+
 def _seal_key() -> bytes | None:
     if value := os.environ.get("PORTAL_AUDIT_SEAL_KEY", "").strip():
         return value.encode()
-    if path := os.environ.get("PORTAL_AUDIT_SEAL_KEY_FILE", "").strip():
-        try:
-            key = Path(path).read_bytes().strip()
-        except OSError as exc:
-            raise ImproperlyConfigured(f"Cannot read PORTAL_AUDIT_SEAL_KEY_FILE {path}: {exc.strerror}.") from None
-        if not key:
-            raise ImproperlyConfigured(f"PORTAL_AUDIT_SEAL_KEY_FILE {path} is empty.")
-        return key
-    return None
+    return _key_file("PORTAL_AUDIT_SEAL_KEY_FILE")
 
 
 PORTAL_AUDIT_SEAL_KEY = _seal_key()
+PORTAL_AUDIT_RETIRED_SEAL_KEYS = tuple(
+    line.strip() for line in (_key_file("PORTAL_AUDIT_RETIRED_SEAL_KEYS_FILE") or b"").splitlines() if line.strip())
 DEMO_SEAL_KEY = b"insecure-demo-seal-key-do-not-use-in-production"  # public: `check --deploy` warns of it
 if PORTAL_AUDIT_SEAL_KEY is None and (DEBUG or DEMO):
     PORTAL_AUDIT_SEAL_KEY = DEMO_SEAL_KEY

@@ -23,6 +23,7 @@ from guardian.shortcuts import assign_perm, remove_perm
 
 from access.services import group_delete, group_permissions_change, group_rename, user_delete, user_save
 from audit import chain, triggers
+from audit.actors import Actor
 from audit.models import AuditEvent
 from core.decisions import PolicyRefusal
 from core.times import iso
@@ -496,12 +497,14 @@ def auditor_script(tmp_path) -> Path:
     return path
 
 
-def run_script(script, csv_path, manifest, cp=None, key=None, seal_key=None):
+def run_script(script, csv_path, manifest, cp=None, key=None, seal_key=None, retired=None):
     args = ["python3", "-I", str(script), str(csv_path), str(manifest)]
     if cp:
         args += ["--checkpoint", str(cp), "--key-file", str(key)]
     if seal_key:
         args += ["--seal-key-file", str(seal_key)]
+    if retired:
+        args += ["--retired-seal-keys-file", str(retired)]
     result = subprocess.run(args, capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
     return result.returncode, result.stdout + result.stderr
 
@@ -545,6 +548,27 @@ def test_auditor_script_checks_the_seals_with_the_seal_key(world, history, tmp_p
     assert run_script(script, csv_path, manifest)[0] == 0  # the chain alone holds it
     code, out = run_script(script, csv_path, manifest, seal_key=seal_key)
     assert code == 1 and f"seq {forged.seq}: no seal, though seq 1 before it has one" in out, out
+
+
+def test_auditor_script_checks_the_seals_of_retired_keys_in_their_order(world, history, tmp_path):
+    """The seal key changed: the export verifies with the new key and the retired one, not with the
+    new one alone, and an event sealed with the retired key after the change is refused."""
+    old_key, new_key = settings.PORTAL_AUDIT_SEAL_KEY, b"the seal key since the change"
+    (seal_key := tmp_path / "seal.key").write_bytes(new_key)
+    (retired := tmp_path / "retired.keys").write_bytes(b"an older key never used\n" + old_key + b"\n")
+    script = auditor_script(tmp_path)
+    with override_settings(PORTAL_AUDIT_SEAL_KEY=new_key, PORTAL_AUDIT_RETIRED_SEAL_KEYS=(old_key,)):
+        changed = chain.append(actor=Actor.system(via="test"), action="test.event")
+        chain.append(actor=Actor.system(via="test"), action="test.event")
+        csv_path, manifest = write_export(tmp_path)
+        code, out = run_script(script, csv_path, manifest, seal_key=seal_key, retired=retired)
+        assert code == 0 and f"the newest seal key used is key 3 of 3, from seq {changed.seq}" in out, out
+        code, out = run_script(script, csv_path, manifest, seal_key=seal_key)
+        assert code == 1 and "seq 1: its seal does not hold" in out, out
+        forged = forge(sealed_with=old_key)
+        csv_path, manifest = write_export(tmp_path, "forged")
+        code, out = run_script(script, csv_path, manifest, seal_key=seal_key, retired=retired)
+        assert code == 1 and f"seq {forged.seq}: sealed by an older key than seq {changed.seq} before it" in out, out
 
 
 def test_auditor_script_finds_seals_removed_since_a_checkpoint(world, history, tmp_path, key_file):

@@ -41,7 +41,7 @@ def test_every_event_the_portal_appends_is_sealed_over_its_content(db):
     events = appended()
     for event in events:
         stored = AuditEvent.objects.get(pk=event.pk)
-        assert stored.seal == event.seal and len(stored.seal) == 81
+        assert stored.seal == event.seal and len(stored.seal) == 90
         assert seal.holds(stored.seal, seal.at_position_zero(stored.canonical, stored.seq), KEY)
         assert not seal.holds(stored.seal, seal.at_position_zero(stored.canonical, stored.seq), b"another key")
     assert len({e.seal for e in events}) == 3  # each has a nonce of its own
@@ -66,16 +66,16 @@ def test_the_text_a_seal_covers_is_the_canonical_text_at_position_zero(data):
         seal.at_position_zero(at_zero, 123)
     text, value = chain.canonical_text(123, **fields), seal.seal(at_zero, KEY)
     check = seal.checker(KEY)  # verify's own form of holds(value, at_position_zero(text, seq), key)
-    assert check(value, text, 123) and seal.holds(value, at_zero, KEY)
+    assert check(value, text, 123) == 0 and seal.holds(value, at_zero, KEY)
     for other, seq in ((value, 124), (value[:-1] + "é", 123), (value.upper(), 123), (value + "0", 123)):
-        assert not check(other, text, seq) and not (seq == 123 and seal.holds(other, at_zero, KEY))
-    assert not seal.checker(b"another key")(value, text, 123)
+        assert check(other, text, seq) is None and not (seq == 123 and seal.holds(other, at_zero, KEY))
+    assert seal.checker(b"another key")(value, text, 123) is None
 
 
 def test_an_event_inserted_by_sql_is_told_from_the_portals_own(db):
     appended()
     forged = forge()  # no seal: the attack the auditor showed (a right given by SQL, "given" in the chain)
-    assert chain.verify(key=None).ok  # the chain alone cannot tell it
+    assert chain.verify(keys=None).ok  # the chain alone cannot tell it
     result = chain.verify()
     assert (result.ok, result.bad_seq, result.head_seq) == (False, forged.seq, forged.seq - 1)
     assert f"event seq {forged.seq} has no seal, though event seq 1 before it has one" in result.problem
@@ -138,7 +138,7 @@ def test_a_process_without_the_key_writes_nothing_once_the_chain_is_sealed(db):
 
 def test_verify_with_another_key_fails_at_the_first_sealed_event(db):
     first, *_ = appended()
-    result = chain.verify(key=b"not the portal's")
+    result = chain.verify(keys=b"not the portal's")
     assert (result.ok, result.bad_seq, result.count) == (False, first.seq, 0)
 
 
@@ -295,3 +295,98 @@ def test_the_first_copy_is_named(db):
     result = chain.verify()
     assert (result.ok, result.bad_seq, result.head_seq) == (False, copies[0].seq, copies[0].seq - 1)
     assert chain.verify(events=AuditEvent.objects.all()) == result
+
+
+OLD = b"the seal key before this one"
+
+
+def test_a_changed_seal_key_keeps_what_the_old_one_sealed_verifying(db, client, make_user):
+    """A key that may have leaked must be replaceable: the retired key stays listed (oldest first) so
+    its events still verify, and the portal seals with the new one from then on."""
+    with override_settings(PORTAL_AUDIT_SEAL_KEY=OLD):
+        appended(2)
+    with override_settings(PORTAL_AUDIT_RETIRED_SEAL_KEYS=(OLD,)):
+        appended(2)
+        result = chain.verify()
+        assert (result.ok, result.seal_keys, result.first_sealed, result.current_from) == (True, 2, 1, 3)
+        code, out, err = verify_command()
+        assert code == 0 and out.startswith("OK 4 ")
+        assert "Every event (1 to 4) is sealed by the portal's keys (2, oldest first). The current key seals from " \
+               "event 3 on." in err
+        client.force_login(make_user("root", superuser=True))
+        pages = [client.get(reverse("admin:audit_auditevent_change", args=[e.pk])).content.decode()
+                 for e in AuditEvent.objects.filter(seq__in=(1, 3)).order_by("seq")]
+        assert "holds: written by the portal with a retired key (key 1 of 2, oldest first)" in pages[0]
+        assert "holds: written by the portal (verify_audit" in pages[1]
+    result = chain.verify()  # the retired key forgotten: its events are not the portal's
+    assert (result.ok, result.bad_seq) == (False, 1) and "its seal does not hold" in result.problem
+    result = chain.verify(keys=(KEY, OLD))  # listed newest first
+    assert (result.ok, result.bad_seq) == (False, 3) and "not listed oldest first" in result.problem
+
+
+def test_an_event_sealed_with_a_retired_key_after_the_change_is_not_the_portals(db):
+    """Whoever holds a retired key (the reason to change it) cannot append with it."""
+    with override_settings(PORTAL_AUDIT_SEAL_KEY=OLD):
+        appended(2)
+    with override_settings(PORTAL_AUDIT_RETIRED_SEAL_KEYS=(OLD,)):
+        appended(1)
+        forged = forge(sealed_with=OLD)
+        result = chain.verify()
+        assert (result.ok, result.bad_seq, result.head_seq) == (False, forged.seq, forged.seq - 1)
+        assert f"event seq {forged.seq} is sealed by an older key than event seq 3 before it" in result.problem
+        assert chain.verify(events=AuditEvent.objects.all()) == result
+
+
+def test_seals_written_before_seals_named_their_key_are_the_oldest_keys(db):
+    forge(action="test.event", sealed_with=OLD, key_named=False)
+    forge(action="test.event", sealed_with=OLD, key_named=False)
+    assert len(AuditEvent.objects.get(seq=1).seal) == 81 and chain.verify(keys=OLD).ok
+    result = chain.verify(keys=(b"an older key still", OLD))  # a seal naming no key is the oldest key's
+    assert (result.ok, result.bad_seq) == (False, 1)
+    with override_settings(PORTAL_AUDIT_RETIRED_SEAL_KEYS=(OLD,)):
+        appended(1)
+        assert chain.verify().ok and chain.verify().current_from == 3
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="verify splits the chain on PostgreSQL only")
+# ranges of 8: the new key from the first range, or the second, or the third; the event with the retired key
+# first in the third range or inside it
+@pytest.mark.parametrize("changed_at, at", [(1, 17), (1, 21), (9, 17), (18, 21)])
+def test_verify_in_several_processes_finds_a_retired_keys_event_as_one_pass(transactional_audit_db, monkeypatch,
+                                                                            changed_at, at):
+    with override_settings(PORTAL_AUDIT_SEAL_KEY=OLD):
+        appended(changed_at - 1)
+    with override_settings(PORTAL_AUDIT_RETIRED_SEAL_KEYS=(OLD,)):
+        appended(at - changed_at)
+        forge(sealed_with=OLD)
+        appended(24 - at)
+        one_pass = chain.verify(workers=1)
+        monkeypatch.setattr(chain, "VERIFY_PARALLEL_FROM", 10)
+        split = chain.verify(workers=3)
+    assert split == one_pass and not split.ok and split.bad_seq == at
+    assert f"event seq {at} is sealed by an older key than event seq {changed_at} before it" in split.problem
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="verify splits the chain on PostgreSQL only")
+def test_a_chain_of_three_keys_verifies_in_ranges_as_in_one_pass(transactional_audit_db, monkeypatch):
+    newer = b"the key between"
+    with override_settings(PORTAL_AUDIT_SEAL_KEY=OLD):
+        appended(5)
+    with override_settings(PORTAL_AUDIT_SEAL_KEY=newer, PORTAL_AUDIT_RETIRED_SEAL_KEYS=(OLD,)):
+        appended(10)
+    with override_settings(PORTAL_AUDIT_RETIRED_SEAL_KEYS=(OLD, newer)):
+        appended(9)
+        one_pass = chain.verify(workers=1)
+        monkeypatch.setattr(chain, "VERIFY_PARALLEL_FROM", 10)
+        split = chain.verify(workers=3)
+    assert split == one_pass and split.ok and (split.seal_keys, split.current_from) == (3, 16)
+
+
+def test_production_settings_read_the_retired_seal_keys_one_per_line(tmp_path):
+    retired = tmp_path / "retired.keys"
+    retired.write_text("the first key\n\n  the second key  \n")
+    script = "from django.conf import settings; print(settings.PORTAL_AUDIT_RETIRED_SEAL_KEYS)"
+    done = production_shell(tmp_path, script, PORTAL_AUDIT_RETIRED_SEAL_KEYS_FILE=str(retired))
+    assert done.returncode == 0 and done.stdout.strip() == "(b'the first key', b'the second key')", done.stderr
+    done = production_shell(tmp_path, script, PORTAL_AUDIT_RETIRED_SEAL_KEYS_FILE=str(tmp_path / "missing"))
+    assert done.returncode != 0 and "Cannot read PORTAL_AUDIT_RETIRED_SEAL_KEYS_FILE" in done.stderr

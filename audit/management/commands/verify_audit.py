@@ -11,8 +11,9 @@ class Command(BaseCommand):
     help = (
         "Recompute the audit hash chain. Prints 'OK <count> <head hash>' or names the first bad event (exit 1). "
         "With --checkpoint FILE it also proves the chain still holds a signed checkpoint (not rewritten before it, "
-        "not cut short after it). With the seal key (PORTAL_AUDIT_SEAL_KEY or PORTAL_AUDIT_SEAL_KEY_FILE) it also "
-        "proves that every event since sealing began was written by the portal."
+        "not cut short after it). With the seal key (PORTAL_AUDIT_SEAL_KEY or PORTAL_AUDIT_SEAL_KEY_FILE, and the "
+        "keys it replaced in PORTAL_AUDIT_RETIRED_SEAL_KEYS_FILE) it also proves that every event since sealing "
+        "began was written by the portal."
     )
 
     def add_arguments(self, parser):
@@ -51,8 +52,14 @@ def _seals_said(result: chain.VerifyResult) -> str:
     if result.first_sealed is None:
         return ("No event is sealed: the portal has written none with its seal key (if it has, the seals were "
                 "removed: a checkpoint taken since says where sealing began).")
+    keys = "the portal's key" if result.seal_keys == 1 else f"the portal's keys ({result.seal_keys}, oldest first)"
     if result.unsealed_until:
         before = "event 1 was" if result.unsealed_until == 1 else f"events 1 to {result.unsealed_until} were"
-        return (f"Events {result.first_sealed} to {result.head_seq} are sealed by the portal's key; {before} "
-                "written before sealing began.")
-    return f"Every event (1 to {result.head_seq}) is sealed by the portal's key."
+        said = f"Events {result.first_sealed} to {result.head_seq} are sealed by {keys}; {before} written before " \
+               "sealing began."
+    else:
+        said = f"Every event (1 to {result.head_seq}) is sealed by {keys}."
+    if result.seal_keys > 1:
+        said += (" None is sealed by the current key yet." if result.current_from is None
+                 else f" The current key seals from event {result.current_from} on.")
+    return said
