@@ -25,7 +25,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 
 from django.db.models import Avg, Count, Exists, F, FloatField, Func, OuterRef, Q, Subquery
-from django.db.models.functions import Coalesce, Least, TruncWeek
+from django.db.models.functions import Coalesce, TruncWeek
 from django.utils import timezone
 
 from environments.models import Approval, Deployment, Environment
@@ -52,6 +52,19 @@ class SecondsBetween(Func):
     def as_sqlite(self, compiler, connection, **extra):
         return self.as_sql(compiler, connection, template="((julianday(%(expressions)s)) * 86400.0)",
                            arg_joiner=") - julianday(", **extra)
+
+
+class EarlierOf(Func):
+    """The earlier of two times, or the one that is not null: PostgreSQL's LEAST skips nulls, so each
+    runs once; SQLite's MIN of values is null if any is."""
+
+    function = "LEAST"
+    arity = 2
+
+    def as_sqlite(self, compiler, connection, **extra):
+        first, second = self.get_source_expressions()
+        return Func(Coalesce(first, second), Coalesce(second, first), function="MIN",
+                    output_field=self.output_field).as_sql(compiler, connection, **extra)
 
 
 def monday_of(day: dt.date) -> dt.date:
@@ -229,7 +242,7 @@ def _lead_times(application: Application, environment_ids, period: MetricsPeriod
     successful = Build.objects.filter(application=application, status=Build.Status.SUCCESSFUL).order_by("created_at")
     on_its_branch = Subquery(successful.filter(issues__key=OuterRef("key")).values("created_at")[:1])
     released_from = Subquery(successful.filter(releases__issues__key=OuterRef("key")).values("created_at")[:1])
-    first_build = Least(Coalesce(on_its_branch, released_from), Coalesce(released_from, on_its_branch))
+    first_build = EarlierOf(on_its_branch, released_from)
     return (
         ReleaseIssue.objects.filter(
             release__application=application, release__deployments__environment_id__in=environment_ids,
