@@ -106,17 +106,23 @@ def _disagreements(d: Deployment, events: list[AuditEvent], environment_names: s
         yield ("state", d.state, states[-1])
 
 
-def deployments(period: Period) -> Iterator[Mismatch]:
-    """The restricted deployments requested in the period, each against its own audit events."""
-    population = Deployment.objects.filter(
+def restricted_requested(period: Period):
+    """The deployments to restricted environments requested in the period (of its application only, if
+    it names one): the population of the changes and exceptions reports."""
+    found = Deployment.objects.filter(
         environment__restricted=True, requested_at__gte=period.since, requested_at__lt=period.until
     )
-    if period.application:
-        population = population.filter(release__application__name=period.application)
+    return found.filter(release__application__name=period.application) if period.application else found
+
+
+def deployments(period: Period, settings_events: list[tuple[int, dict, bool]]) -> Iterator[Mismatch]:
+    """The restricted deployments requested in the period, each against its own audit events.
+    `settings_events`: every environment's (`_settings_events()`)."""
+    population = restricted_requested(period)
     # And those whose request the chain puts in the period: a requested_at moved by SQL takes a
     # deployment out of the changes report, not out of this check.
     # (in whichever environment its row is now: one moved out of a restricted environment by SQL too)
-    names, restricted = environment_history()
+    names, restricted = environment_history(settings_events)
     requested = AuditEvent.objects.filter(action="deployment.request", object_type=DEPLOYMENT,
                                           created_at__gte=period.since, created_at__lt=period.until,
                                           data__environment__in=sorted({n for pk in restricted for n in names[pk]}))
@@ -369,17 +375,13 @@ def rights(period: Period) -> Iterator[Mismatch]:
                 yield Mismatch(f"group {group.name}", f"the membership of {user.get_username()}", "member", why)
 
 
-def _settings_events(environment_ids=None):
+def _settings_events():
     """The events that set environments' settings, oldest first: their creation and changes (`changed`:
     from, to) and the control changes approved for them (`now`: every setting after). (environment id,
     {setting: value}, is_creation) each."""
     changes = ControlChange.objects.filter(freeze_window__isnull=True, environment__isnull=False)
-    if environment_ids is not None:
-        changes = changes.filter(environment_id__in=environment_ids)
     changed = dict(changes.values_list("pk", "environment_id"))
     own = Q(action__in=("environment.create", "environment.change"), object_type=ENVIRONMENT)
-    if environment_ids is not None:
-        own &= Q(object_id__in=[str(pk) for pk in environment_ids])
     events = AuditEvent.objects.filter(own | Q(action="control_change.approve", object_type=CONTROL_CHANGE,
                                                object_id__in=[str(pk) for pk in changed])).only(*ONLY).order_by("seq")
     for e in events:
@@ -391,7 +393,7 @@ def _settings_events(environment_ids=None):
                    e.action == "environment.create")
 
 
-def environment_history() -> tuple[dict[int, set[str]], set[int]]:
+def environment_history(settings_events: list[tuple[int, dict, bool]]) -> tuple[dict[int, set[str]], set[int]]:
     """Every name the chain knows each environment by, and the environments it has ever made restricted."""
     names: dict[int, set[str]] = defaultdict(set)
     restricted = set()
@@ -399,7 +401,7 @@ def environment_history() -> tuple[dict[int, set[str]], set[int]]:
         names[pk].add(name)
         if is_restricted:
             restricted.add(pk)
-    for pk, settings, _created in _settings_events():
+    for pk, settings, _created in settings_events:
         if "name" in settings:
             names[pk].add(settings["name"])
         if settings.get("restricted"):
@@ -407,7 +409,7 @@ def environment_history() -> tuple[dict[int, set[str]], set[int]]:
     return names, restricted
 
 
-def environment_settings(period: Period) -> Iterator[Mismatch]:
+def environment_settings(period: Period, settings_events: list[tuple[int, dict, bool]]) -> Iterator[Mismatch]:
     """Each environment's settings (its name, promotion path, restriction, approvals, code review,
     automatic deployment, playbook and inventory) against what its events set: its creation and changes
     and the control changes approved for it. A restricted environment must have been made through the
@@ -420,7 +422,7 @@ def environment_settings(period: Period) -> Iterator[Mismatch]:
         return
     said: dict[int, dict] = defaultdict(dict)
     created = set()
-    for pk, settings, is_creation in _settings_events([env.pk for env in environments]):
+    for pk, settings, is_creation in settings_events:
         said[pk].update(settings)
         if is_creation:
             created.add(pk)
@@ -436,7 +438,8 @@ def environment_settings(period: Period) -> Iterator[Mismatch]:
 
 
 def mismatches(period: Period) -> Iterator[Mismatch]:
-    yield from deployments(period)
+    settings_events = list(_settings_events())  # read once: the deployments' environments and their settings
+    yield from deployments(period, settings_events)
     yield from aliases()
     yield from rights(period)
-    yield from environment_settings(period)
+    yield from environment_settings(period, settings_events)

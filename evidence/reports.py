@@ -91,12 +91,7 @@ def _changes_queryset(period: Period):
     events = AuditEvent.objects.filter(
         object_type="environments.deployment", object_id=Cast(OuterRef("pk"), CharField())
     ).order_by().values("object_type")
-    qs = Deployment.objects.filter(
-        environment__restricted=True, requested_at__gte=period.since, requested_at__lt=period.until
-    )
-    if period.application:
-        qs = qs.filter(release__application__name=period.application)
-    return qs.order_by("requested_at", "id").annotate(
+    return reconcile.restricted_requested(period).order_by("requested_at", "id").annotate(
         issue_keys=_per_release(ReleaseIssue, "key"),
         implementer_list=_per_release(Implementer, "identity"),
         approver_list=Subquery(approvals.values("deployment").annotate(v=ListAgg("approver__username"))
@@ -147,11 +142,8 @@ def _sod_missing(deployment: Deployment) -> set[str]:
 
 
 def exceptions_rows(period: Period) -> Iterator[tuple]:
-    restricted = Deployment.objects.filter(
-        environment__restricted=True, requested_at__gte=period.since, requested_at__lt=period.until
-    ).select_related("release__application", "environment", "reviewed_by")
-    if period.application:
-        restricted = restricted.filter(release__application__name=period.application)
+    restricted = reconcile.restricted_requested(period).select_related("release__application", "environment",
+                                                                        "reviewed_by")
     # Every emergency requested in the period, and every earlier one still open in it (unreviewed, or
     # reviewed only within or after it): an open exception does not drop out of the next period's report.
     emergencies = Deployment.objects.filter(
