@@ -487,7 +487,11 @@ def _verify_parallel(head_seq: int, workers: int, keys: tuple[bytes, ...]) -> Ve
                  if sealed_since is not None and scan.first_unsealed is not None else None,
                  (*scan.first_below[newest[0]], _older_key(scan.first_below[newest[0]][0], newest[1]))
                  if newest is not None and scan.first_below[newest[0]] is not None else None]
-        if found := min((w for w in wrong if w is not None), default=None):
+        found = min((w for w in wrong if w is not None), default=None)
+        if found and found[0] == result.bad_seq and scan.newest is not None and newest is not None \
+                and scan.newest[0] > newest[0]:
+            found = None  # the range's own newer key came first: its own answer names the right event
+        if found:
             seq, before, problem = found
             return VerifyResult(False, count + seq - lo, seq - 1, before, problem, seq)
         if not result.ok:  # intact up to the range's last good event, or up to the range before

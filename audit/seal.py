@@ -17,8 +17,9 @@ checks that this constraint is in place, and without it looks for such copies.
 
 The key can be changed (a key that may have leaked must be): the keys it replaced stay listed, oldest
 first (settings.PORTAL_AUDIT_RETIRED_SEAL_KEYS), so that the events they sealed still verify, and an
-event sealed by an older key than an event before it is refused (whoever holds a retired key cannot
-append with it). Seals written before seals named their key (`nonce ":" mac`, no `kid`) are the
+event sealed by an older key than an event before it is refused: once the new key has sealed an event,
+whoever holds a retired key cannot append with it (the procedure in docs/operating.md has the new key
+seal one at once). Seals written before seals named their key (`nonce ":" mac`, no `kid`) are the
 oldest key's.
 """
 
@@ -126,7 +127,8 @@ def says(value: str | None, canonical: str, seq: int, keys: tuple[bytes, ...]) -
     index = checker(keys)(value, canonical, seq)
     if index is None:
         return "does not hold: not written by the portal with its key"
-    by = "" if index == len(keys) - 1 and settings.PORTAL_AUDIT_SEAL_KEY is not None else \
-        f" with a retired key (key {index + 1} of {len(keys)}, oldest first)"
-    return f"holds: written by the portal{by} (verify_audit also finds an event copied with its seal)"
+    if index == len(keys) - 1 and settings.PORTAL_AUDIT_SEAL_KEY is not None:
+        return "holds: written by the portal (verify_audit also finds an event copied with its seal)"
+    return (f"holds for a retired key (key {index + 1} of {len(keys)}, oldest first): written by the portal if no "
+            "event before it is sealed by a newer key, which verify_audit checks (with copies of seals)")
 

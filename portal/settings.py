@@ -195,14 +195,14 @@ PORTAL_EXACT_COUNT_LIMIT = int(os.environ.get("PORTAL_EXACT_COUNT_LIMIT", "10000
 # its backups, on every machine that serves or runs the portal. Without it events are not sealed
 # (`check --deploy` warns). The keys it replaced, oldest first, one per line of
 # PORTAL_AUDIT_RETIRED_SEAL_KEYS_FILE: the events they sealed still verify (docs/operating.md).
-def _key_file(variable: str) -> bytes | None:
+def _key_file(variable: str, *, may_be_empty: bool = False) -> bytes | None:
     if not (path := os.environ.get(variable, "").strip()):
         return None
     try:
         content = Path(path).read_bytes().strip()
     except OSError as exc:
         raise ImproperlyConfigured(f"Cannot read {variable} {path}: {exc.strerror}.") from None
-    if not content:
+    if not content and not may_be_empty:
         raise ImproperlyConfigured(f"{variable} {path} is empty.")
     return content
 
@@ -215,7 +215,8 @@ def _seal_key() -> bytes | None:
 
 PORTAL_AUDIT_SEAL_KEY = _seal_key()
 PORTAL_AUDIT_RETIRED_SEAL_KEYS = tuple(
-    line.strip() for line in (_key_file("PORTAL_AUDIT_RETIRED_SEAL_KEYS_FILE") or b"").splitlines() if line.strip())
+    line.strip() for line in (_key_file("PORTAL_AUDIT_RETIRED_SEAL_KEYS_FILE", may_be_empty=True) or b"").splitlines()
+    if line.strip())
 DEMO_SEAL_KEY = b"insecure-demo-seal-key-do-not-use-in-production"  # public: `check --deploy` warns of it
 if PORTAL_AUDIT_SEAL_KEY is None and (DEBUG or DEMO):
     PORTAL_AUDIT_SEAL_KEY = DEMO_SEAL_KEY

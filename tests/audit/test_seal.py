@@ -316,7 +316,8 @@ def test_a_changed_seal_key_keeps_what_the_old_one_sealed_verifying(db, client, 
         client.force_login(make_user("root", superuser=True))
         pages = [client.get(reverse("admin:audit_auditevent_change", args=[e.pk])).content.decode()
                  for e in AuditEvent.objects.filter(seq__in=(1, 3)).order_by("seq")]
-        assert "holds: written by the portal with a retired key (key 1 of 2, oldest first)" in pages[0]
+        assert "holds for a retired key (key 1 of 2, oldest first): written by the portal if no event before it" \
+            in pages[0]
         assert "holds: written by the portal (verify_audit" in pages[1]
     result = chain.verify()  # the retired key forgotten: its events are not the portal's
     assert (result.ok, result.bad_seq) == (False, 1) and "its seal does not hold" in result.problem
@@ -368,6 +369,22 @@ def test_verify_in_several_processes_finds_a_retired_keys_event_as_one_pass(tran
 
 
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="verify splits the chain on PostgreSQL only")
+def test_a_range_sealed_by_a_newer_key_names_its_own_event_as_one_pass(transactional_audit_db, monkeypatch):
+    """The insider's review: keys OLD < MID < KEY; the second range begins with KEY and then holds an
+    event sealed by OLD, older than MID of the first range too: one pass names the range's own KEY."""
+    with override_settings(PORTAL_AUDIT_SEAL_KEY=b"the key between", PORTAL_AUDIT_RETIRED_SEAL_KEYS=(OLD,)):
+        appended(8)
+    with override_settings(PORTAL_AUDIT_RETIRED_SEAL_KEYS=(OLD, b"the key between")):
+        appended(3)
+        forge(sealed_with=OLD)
+        appended(12)
+        one_pass = chain.verify(workers=1)
+        monkeypatch.setattr(chain, "VERIFY_PARALLEL_FROM", 10)
+        split = chain.verify(workers=3)
+    assert split == one_pass and split.bad_seq == 12 and "older key than event seq 9 before it" in split.problem
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="verify splits the chain on PostgreSQL only")
 def test_a_chain_of_three_keys_verifies_in_ranges_as_in_one_pass(transactional_audit_db, monkeypatch):
     newer = b"the key between"
     with override_settings(PORTAL_AUDIT_SEAL_KEY=OLD):
@@ -390,3 +407,23 @@ def test_production_settings_read_the_retired_seal_keys_one_per_line(tmp_path):
     assert done.returncode == 0 and done.stdout.strip() == "(b'the first key', b'the second key')", done.stderr
     done = production_shell(tmp_path, script, PORTAL_AUDIT_RETIRED_SEAL_KEYS_FILE=str(tmp_path / "missing"))
     assert done.returncode != 0 and "Cannot read PORTAL_AUDIT_RETIRED_SEAL_KEYS_FILE" in done.stderr
+    retired.write_text("")  # made ready before the first change: no key retired yet
+    done = production_shell(tmp_path, script, PORTAL_AUDIT_RETIRED_SEAL_KEYS_FILE=str(retired))
+    assert done.returncode == 0 and done.stdout.strip() == "()", done.stderr
+
+
+def test_the_key_change_procedure_has_the_new_key_seal_the_checkpoints_event(db, tmp_path, monkeypatch):
+    """docs/operating.md: right after the change a checkpoint signs the chain as the old key left it,
+    and its own event is the first the new key seals; from then on a retired key cannot append."""
+    monkeypatch.setenv("PORTAL_CHECKPOINT_KEY", "the checkpoint key")
+    with override_settings(PORTAL_AUDIT_SEAL_KEY=OLD):
+        appended(3)
+    with override_settings(PORTAL_AUDIT_RETIRED_SEAL_KEYS=(OLD,)):
+        cp = tmp_path / "seal-key.json"
+        call_command("audit_checkpoint", "-o", str(cp), stdout=StringIO(), stderr=StringIO())
+        assert json.loads(cp.read_text())["seq"] == 3
+        code, _, err = verify_command("--checkpoint", str(cp))
+        assert code == 0 and "The current key seals from event 4 on." in err
+        forged = forge(sealed_with=OLD)
+        code, _, err = verify_command("--checkpoint", str(cp))
+        assert code == 1 and f"FAILED at seq {forged.seq}: event seq {forged.seq} is sealed by an older key" in err
