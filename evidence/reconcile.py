@@ -13,6 +13,7 @@ their user id, which a rename does not change, or by every name the chain knows 
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -300,6 +301,30 @@ class Right:
         return max((e for e in (self.grant, self.membership) if e is not None), key=lambda e: e.seq)
 
 
+def _member_key(e, by_id):
+    d = e.data or {}
+    if by_id:
+        return (int(e.object_id), d["user_id"]) if "user_id" in d else None
+    return (int(e.object_id), d.get("user"))
+
+
+_USER_DELETED = ("user.delete", "username")
+
+
+def _memberships(group_pks: set[int]) -> _Stream:
+    """The membership events of these groups: `.latest((group pk, user pk), [(group pk, name)...],
+    "user.delete", user pk, names)` is the latest about one member."""
+    return _Stream(AuditEvent.objects.filter(action__in=("group.add_member", "group.remove_member"),
+                                             object_id__in={str(pk) for pk in group_pks}),
+                   _member_key, (_USER_DELETED,))
+
+
+def _user_names(pks: set[int]) -> dict[int, set[str]]:
+    return _names(get_user_model(), pks, "user.change",
+                  lambda d: (d["changed"]["username"]["from"], d["changed"]["username"]["to"])
+                  if "username" in d.get("changed", {}) else None)
+
+
 def held_rights(environments) -> list[Right]:
     """Each right to deploy or approve on these restricted environments held now (the grants, and the
     members of the groups that hold them), each with the audit events that gave or ended it."""
@@ -312,9 +337,7 @@ def held_rights(environments) -> list[Right]:
                  .order_by("id")]
     if not held:
         return []
-    users = _names(get_user_model(), {u.pk for _, _, u, _ in held}, "user.change",
-                   lambda d: (d["changed"]["username"]["from"], d["changed"]["username"]["to"])
-                   if "username" in d.get("changed", {}) else None)
+    users = _user_names({u.pk for _, _, u, _ in held})
     groups = _names(Group, {g.pk for _, _, _, g in held if g}, "group.rename", lambda d: (d["from"], d["to"]))
 
     def grant_key(e, by_id):
@@ -324,19 +347,10 @@ def held_rights(environments) -> list[Right]:
             return (int(e.object_id), d.get("permission"), role, d[f"{role}_id"]) if f"{role}_id" in d else None
         return (int(e.object_id), d.get("permission"), d.get("group"), d.get("user"))
 
-    def member_key(e, by_id):
-        d = e.data or {}
-        if by_id:
-            return (int(e.object_id), d["user_id"]) if "user_id" in d else None
-        return (int(e.object_id), d.get("user"))
-
-    user_deleted = ("user.delete", "username")
     grants = _Stream(AuditEvent.objects.filter(action__in=("environment.grant", "environment.revoke"),
                                                object_id__in={str(env.pk) for env, _, _, _ in held}),
-                     grant_key, (("group.delete", "group"), user_deleted))
-    memberships = _Stream(AuditEvent.objects.filter(action__in=("group.add_member", "group.remove_member"),
-                                                    object_id__in={str(g.pk) for _, _, _, g in held if g}),
-                          member_key, (user_deleted,))
+                     grant_key, (("group.delete", "group"), _USER_DELETED))
+    memberships = _memberships({g.pk for _, _, _, g in held if g})
     rights = []
     for env, codename, user, group in held:
         names = users[user.pk]
@@ -373,6 +387,68 @@ def rights(period: Period) -> Iterator[Mismatch]:
             seen.add((group.pk, user.pk))
             if why := right.why_not_member():
                 yield Mismatch(f"group {group.name}", f"the membership of {user.get_username()}", "member", why)
+
+
+RAISED_FLAGS = ("is_superuser", "is_staff")
+
+
+def accounts() -> Iterator[Mismatch]:
+    """Every account's rights beyond a grant on an environment against the events that gave them: its
+    superuser and staff flags, its being active after the chain deactivated it, and the model
+    permissions it holds directly or through a group (with its membership of that group). A right to
+    change accounts, groups or environments given by SQL shows here, as a grant does in rights()."""
+    user_model = get_user_model()
+    said: dict[int, dict] = {}  # user pk -> its flags as the chain last set them
+    given: dict[tuple[str, int], set[str]] = defaultdict(set)  # ("user" or "group", pk) -> model permissions
+    kinds = {user_model._meta.label_lower: "user", Group._meta.label_lower: "group"}
+    for e in AuditEvent.objects.filter(
+        action__in=("user.create", "user.change", "user.permissions", "group.permissions"), object_type__in=kinds,
+    ).only(*ONLY, "object_type").order_by("seq"):
+        data, pk = e.data or {}, int(e.object_id)
+        if e.action == "user.create":  # Django's defaults where an event does not say (the demo's before)
+            said[pk] = {"is_active": data.get("is_active", True), "is_staff": data.get("is_staff", False),
+                        "is_superuser": data.get("is_superuser", False)}
+        elif e.action == "user.change":
+            for flag, change in (data.get("changed") or {}).items():
+                if flag in (*RAISED_FLAGS, "is_active"):
+                    said.setdefault(pk, {})[flag] = change.get("to")
+        else:
+            held = given[(kinds[e.object_type], pk)]
+            held |= set(data.get("added") or [])
+            held -= set(data.get("removed") or [])
+    users = {pk: (name, flags) for pk, name, *flags in user_model.objects.order_by("pk").values_list(
+        "pk", user_model.USERNAME_FIELD, "is_active", *RAISED_FLAGS)}
+    for pk, (name, (active, *raised)) in users.items():
+        chain = said.get(pk)
+        for flag, value in zip(RAISED_FLAGS, raised, strict=True):
+            if value and (chain is None or chain.get(flag) is not True):
+                yield Mismatch(f"account {name}", flag, "True",
+                               "no user.create event" if chain is None else str(chain.get(flag, False)))
+        if active and chain is not None and chain.get("is_active") is False:
+            yield Mismatch(f"account {name}", "is_active", "True", "False")
+    permissions = (("user", user_model.user_permissions.through, "user_id"), ("group", Group.permissions.through,
+                                                                             "group_id"))
+    group_names = dict(Group.objects.values_list("pk", "name"))
+    holding = set()  # the groups that hold a model permission
+    for kind, through, column in permissions:
+        for pk, app_label, codename in through.objects.order_by(column, "permission__content_type__app_label",
+                                                                "permission__codename").values_list(
+                column, "permission__content_type__app_label", "permission__codename"):
+            if kind == "group":
+                holding.add(pk)
+            if (label := f"{app_label}.{codename}") not in given[(kind, pk)]:
+                subject = f"account {users[pk][0]}" if kind == "user" else f"group {group_names[pk]}"
+                yield Mismatch(subject, f"the model permission {label}", "held", "never given")
+    if not holding:
+        return
+    members = list(user_model.groups.through.objects.filter(group_id__in=holding).order_by("group_id", "user_id")
+                   .values_list("group_id", "user_id"))
+    names, stream = _user_names({user for _, user in members}), _memberships(holding)
+    for group, user in members:
+        latest = stream.latest((group, user), [(group, n) for n in sorted(names[user])], "user.delete", user,
+                               names[user])
+        if why := _ended(latest, "group.add_member", "never added"):
+            yield Mismatch(f"group {group_names[group]}", f"the membership of {users[user][0]}", "member", why)
 
 
 def _settings_events():
@@ -441,5 +517,9 @@ def mismatches(period: Period) -> Iterator[Mismatch]:
     settings_events = list(_settings_events())  # read once: the deployments' environments and their settings
     yield from deployments(period, settings_events)
     yield from aliases()
-    yield from rights(period)
+    seen = set()  # a membership both a grant and a model permission come through is said once
+    for mismatch in itertools.chain(rights(period), accounts()):
+        if mismatch not in seen:
+            seen.add(mismatch)
+            yield mismatch
     yield from environment_settings(period, settings_events)

@@ -13,6 +13,7 @@ from django.contrib.auth.models import Group, Permission
 from django.db import connection
 from django.test.client import ClientHandler
 
+from access.services import user_permissions_change, user_save
 from audit import triggers
 from audit.actors import Actor
 from environments import services as env_services
@@ -49,15 +50,16 @@ def ci_actor(*applications: Application, name: str = "ci") -> Actor:
 @pytest.fixture
 def make_user(db):
     def make(username: str, *, email: str | None = None, groups=(), perms=(), superuser=False, staff=True):
-        user = get_user_model().objects.create_user(
-            username, email=email if email is not None else f"{username}@example.com", password=username,
-            is_staff=staff, is_superuser=superuser,
-        )
-        for group in groups:  # through the portal, as an administrator would: on the audit chain
+        # through the portal, as an administrator would: the account, its groups and permissions on the chain
+        user = get_user_model()(username=username, email=email if email is not None else f"{username}@example.com",
+                                is_staff=staff, is_superuser=superuser)
+        user.set_password(username)
+        user_save(actor=SYSTEM, user=user)
+        for group in groups:
             env_services.group_membership_change(actor=SYSTEM, group=group, user=user, add=True)
-        for dotted in perms:
-            app_label, codename = dotted.split(".")
-            user.user_permissions.add(Permission.objects.get(content_type__app_label=app_label, codename=codename))
+        if perms:
+            user_permissions_change(actor=SYSTEM, user=user, permissions=[Permission.objects.get(
+                content_type__app_label=dotted.split(".")[0], codename=dotted.split(".")[1]) for dotted in perms])
         return user
 
     return make

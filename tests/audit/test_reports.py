@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group, Permission
 from django.core.management import call_command
 from django.db import connection
@@ -920,4 +921,36 @@ def test_grants_written_before_ids_were_recorded_are_matched_by_name(world, hist
         f"approve_environment on {prod}: the right of carol through group legacy-approvers is 'held' in the table, "
         f"'group.delete at seq {deleted}' in the audit chain",
         "group legacy-approvers: the membership of carol is 'member' in the table, 'never added' in the audit chain",
+    }
+
+
+def test_exceptions_show_account_rights_given_outside_the_portal(world, history, make_user):
+    """A superuser or staff flag, a model permission (a person's or a group's) or a membership of a group
+    that holds one, written to the tables directly, has no event behind it: the right to change
+    accounts, groups or environments, and so to grant deploy and approve, given by SQL."""
+    users, perm = get_user_model().objects, lambda app, codename: Permission.objects.get(
+        content_type__app_label=app, codename=codename)
+    make_user("root", superuser=True)
+    admins = Group.objects.create(name="account-admins")  # as the admin makes one: its rights through the portal
+    group_permissions_change(actor=SYSTEM, group=admins, permissions=[perm("auth", "change_user")])
+    services.group_membership_change(actor=SYSTEM, group=admins, user=world.carol, add=True)
+    world.erin.is_active = False
+    user_save(actor=SYSTEM, user=world.erin)
+    assert _rights_mismatches() == set()
+
+    users.filter(pk=world.dave.pk).update(is_superuser=True)
+    world.alice.user_permissions.add(perm("auth", "change_group"))
+    admins.permissions.add(perm("environments", "change_environment"))
+    admins.user_set.add(world.bob)
+    users.filter(pk=world.erin.pk).update(is_active=True)
+    users.create_user("mallory", is_staff=True)  # as `createsuperuser` or an INSERT would
+    assert _rights_mismatches() == {
+        "account dave: is_superuser is 'True' in the table, 'False' in the audit chain",
+        "account alice: the model permission auth.change_group is 'held' in the table, 'never given' in the audit "
+        "chain",
+        "group account-admins: the model permission environments.change_environment is 'held' in the table, 'never "
+        "given' in the audit chain",
+        "group account-admins: the membership of bob is 'member' in the table, 'never added' in the audit chain",
+        "account erin: is_active is 'True' in the table, 'False' in the audit chain",
+        "account mallory: is_staff is 'True' in the table, 'no user.create event' in the audit chain",
     }

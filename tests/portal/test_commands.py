@@ -17,6 +17,7 @@ from audit import chain
 from audit.models import AuditEvent
 from environments.models import Deployment, Environment
 from environments.policy import environment_grants
+from evidence import reconcile
 from releases.models import Application, Release
 from tests.conftest import SYSTEM
 from tests.processes import production_env
@@ -87,6 +88,31 @@ def test_demo_data_builds_the_demo_and_twice_changes_nothing(db, demo_mode):
         "alice@example.com", "bob@example.com"]  # bob implemented it: he may not request it
     assert Application.objects.get(name="MAC").issue_url("BIZPLAT-104") == "https://jira.example.com/browse/BIZPLAT-104"
     assert chain.verify().ok
+    assert list(reconcile.accounts()) == []  # every account, flag and permission made through the portal
+
+
+def test_create_admin_makes_the_first_administrator_on_the_audit_chain(db, monkeypatch):
+    """A new installation's first account, made through the portal: the exceptions report finds nothing
+    of it to question (createsuperuser's account would be made outside the portal)."""
+    monkeypatch.setattr(sys, "stdin", StringIO("a long pass phrase\n"))
+    assert run("create_admin", "root", "--email", "root@example.com").strip() == "Administrator root created."
+    root = get_user_model().objects.get(username="root")
+    assert (root.is_superuser, root.is_staff, root.email) == (True, True, "root@example.com")
+    assert Client().login(username="root", password="a long pass phrase")
+    event = AuditEvent.objects.get(action="user.create")
+    assert (event.via, event.data["user"], event.data["is_superuser"]) == ("command", "root", True)
+    assert list(reconcile.accounts()) == [] and chain.verify().ok
+    monkeypatch.setattr(sys, "stdin", StringIO("another one\n"))
+    with pytest.raises(CommandError, match="There is an account root already"):
+        run("create_admin", "root")
+    monkeypatch.setattr(sys, "stdin", StringIO("\n"))
+    with pytest.raises(CommandError, match="An empty password is not accepted"):
+        run("create_admin", "second")
+    assert not get_user_model().objects.filter(username="second").exists()
+    get_user_model().objects.create_superuser("outside", password="x")  # what createsuperuser does
+    assert {m.sentence() for m in reconcile.accounts()} == {
+        "account outside: is_superuser is 'True' in the table, 'no user.create event' in the audit chain",
+        "account outside: is_staff is 'True' in the table, 'no user.create event' in the audit chain"}
 
 
 def test_create_token_prints_the_token_last(db, demo_mode):

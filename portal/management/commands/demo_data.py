@@ -27,7 +27,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 from django.utils import timezone
 
-from audit import chain
+from access.services import group_permissions_change, user_save
 from audit.actors import Actor
 from environments import policy, services
 from environments.models import Deployment, Environment
@@ -152,9 +152,7 @@ class Command(BaseCommand):
     def _groups(self, actor, production):
         for name, perms in GROUP_PERMISSIONS.items():
             group, _ = Group.objects.get_or_create(name=name)
-            wanted = {_permission(p) for p in perms}
-            if set(group.permissions.all()) != wanted:
-                group.permissions.set(wanted)
+            group_permissions_change(actor=actor, group=group, permissions=[_permission(p) for p in perms])
         releasers = Group.objects.get(name=RELEASERS)
         held = policy.GroupObjectPermission.objects.filter(group=releasers, object_pk=str(production.pk))
         have = set(held.values_list("permission__codename", flat=True))
@@ -167,9 +165,9 @@ class Command(BaseCommand):
         for name, (email, password, groups, superuser) in USERS.items():
             user = User.objects.filter(username=name).first()
             if user is None:
-                user = User.objects.create_user(name, email=email, password=password, is_staff=True,
-                                                is_superuser=superuser)
-                chain.append(actor=actor, action="user.create", obj=user, data={"username": name, "email": email})
+                user = User(username=name, email=email, is_staff=True, is_superuser=superuser)
+                user.set_password(password)
+                user_save(actor=actor, user=user)
             for group_name in groups:
                 group = Group.objects.get(name=group_name)
                 if not user.groups.filter(pk=group.pk).exists():
