@@ -129,6 +129,6 @@ def says(value: str | None, canonical: str, seq: int, keys: tuple[bytes, ...]) -
         return "does not hold: not written by the portal with its key"
     if index == len(keys) - 1 and settings.PORTAL_AUDIT_SEAL_KEY is not None:
         return "holds: written by the portal (verify_audit also finds an event copied with its seal)"
-    return (f"holds for a retired key (key {index + 1} of {len(keys)}, oldest first): written by the portal if no "
-            "event before it is sealed by a newer key, which verify_audit checks (with copies of seals)")
+    return (f"holds for a retired key (key {index + 1} of {len(keys)}, oldest first): written by the portal, "
+            "unless an event before it is sealed by a newer key (verify_audit checks that, and copies of seals)")
 
