@@ -67,12 +67,22 @@ class LargeTablePaginator(Paginator):
 
     def page(self, number):
         """A page past the last one counted shows the last one: the admin would otherwise drop the search
-        and start again from the unfiltered list."""
+        and start again from the unfiltered list.
+
+        The page's rows are found by their keys first: the list's order and offset over the key and the
+        sorted columns alone, then those rows with their joins and annotated columns. Read in one query,
+        PostgreSQL joins every row a search finds (300,000 of a million deployments) or skips every row
+        before a deep page with its joins, to keep a hundred."""
         try:
             number = self.validate_number(number)
         except EmptyPage:
             number = max(self.num_pages, 1)
-        return super().page(number)
+        if not isinstance(self.object_list, models.QuerySet):
+            return super().page(number)
+        bottom = (number - 1) * self.per_page
+        top = self.count if bottom + self.per_page + self.orphans >= self.count else bottom + self.per_page
+        keys = list(self.object_list.values_list("pk", flat=True)[bottom:top])
+        return self._get_page(self.object_list.filter(pk__in=keys), number, self)
 
     def get_elided_page_range(self, number=1, *, on_each_side=3, on_ends=2):
         number = min(int(number), max(self.num_pages, 1))  # the page shown (see page) for a page asked beyond

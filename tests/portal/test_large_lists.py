@@ -221,3 +221,24 @@ def test_a_search_reads_the_releases_found_not_a_join_of_every_row(client, world
     # the keys are read on their own (a union of release ids), never joined to every deployment
     searched = [sql for sql in found.sql if "releases_releaseissue" in sql]
     assert searched and not any('JOIN "releases_releaseissue"' in sql for sql in searched)
+
+
+@pytest.mark.parametrize("order", ["", "-5", "2.-1"])  # the default order, a column, two columns
+def test_a_page_found_by_its_keys_shows_the_rows_the_list_would_in_its_order(client, world, root, monkeypatch,
+                                                                             order):
+    """A page of many is read as its keys first, then those rows: the same rows in the same order as
+    the list's own slice, on every page, with a search too."""
+    for _ in range(4):
+        world.to_staging(world.release())
+    model_admin = admin.site._registry[Deployment]
+    monkeypatch.setattr(type(model_admin), "list_per_page", 3)
+    for params in ({}, {"q": "1.0"}):
+        if order:
+            params = {**params, "o": order}
+        shown = []
+        for page in (1, 2, 3):
+            response = listing(client, root, DEPLOYMENTS, p=page, **params)
+            cl = response.context["cl"]
+            shown += [d.pk for d in cl.result_list]
+        whole = listing(client, root, DEPLOYMENTS, **params).context["cl"].queryset
+        assert shown == list(whole.values_list("pk", flat=True)) and len(shown) == 8

@@ -1,16 +1,28 @@
 """Every page keeps a fixed number of queries, whatever the size of the history: the board, a release,
 a deployment, a change's journey and the lists (searched for an issue key, filtered) are counted with a
-short history and with a longer one."""
+short history and with a longer one. The lists of growing tables show a few rows a page here, so that
+both histories span pages (a list of one page reads its rows in one query; one of many finds its
+page's keys first: edge.lists.LargeTablePaginator)."""
 
+import pytest
 from django.contrib.auth.models import Permission
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
+from audit.admin import AuditEventAdmin
 from audit.models import AuditEvent
 from environments import services
+from environments.admin import DeploymentAdmin
 from environments.models import Deployment
+from releases.admin import ReleaseAdmin
 from tests.conftest import person
+
+
+@pytest.fixture(autouse=True)
+def _lists_of_a_few_rows(monkeypatch):
+    for model_admin in (AuditEventAdmin, DeploymentAdmin, ReleaseAdmin):
+        monkeypatch.setattr(model_admin, "list_per_page", 2)
 
 
 def queries(client, url) -> int:
@@ -50,6 +62,7 @@ def scene(world, key: str) -> dict[str, str]:
         "journey": reverse("admin:change_journey", args=[key]),
         "releases": reverse("admin:releases_release_changelist"),
         "deployments": reverse("admin:environments_deployment_changelist"),
+        "deployments, the second page": reverse("admin:environments_deployment_changelist") + "?p=2",
         "deployments of the key": reverse("admin:environments_deployment_changelist") + f"?q={key}",
         "succeeded deployments": reverse("admin:environments_deployment_changelist") + "?state__exact=succeeded",
         "releases of the key": reverse("admin:releases_release_changelist") + f"?q={key.lower()}",
