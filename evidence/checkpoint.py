@@ -31,9 +31,12 @@ def checkpoint_key() -> bytes:
     path = os.environ.get("PORTAL_CHECKPOINT_KEY_FILE")
     if path:
         try:
-            return Path(path).read_bytes().strip()
+            key = Path(path).read_bytes().strip()
         except OSError as exc:
             raise CheckpointError(f"Cannot read the checkpoint key file {path}: {exc.strerror}.") from None
+        if not key:  # an HMAC by an empty key is one anybody can make
+            raise CheckpointError(f"The checkpoint key file {path} is empty.")
+        return key
     raise CheckpointError("No checkpoint key: set PORTAL_CHECKPOINT_KEY or PORTAL_CHECKPOINT_KEY_FILE.")
 
 

@@ -476,6 +476,18 @@ def test_checkpoint_detects_a_cut_tail_and_a_wrong_key(world, history, tmp_path,
     assert code == 1
 
 
+def test_an_empty_checkpoint_key_file_is_refused(world, tmp_path, monkeypatch):
+    """An HMAC by an empty key is one anybody can make: the seal key's file is refused so too."""
+    from django.core.management import CommandError
+
+    (empty := tmp_path / "checkpoint.key").write_text("\n")
+    monkeypatch.delenv("PORTAL_CHECKPOINT_KEY", raising=False)
+    monkeypatch.setenv("PORTAL_CHECKPOINT_KEY_FILE", str(empty))
+    with pytest.raises(CommandError, match=f"The checkpoint key file {empty} is empty"):
+        checkpoint(tmp_path)
+    assert not list(tmp_path.glob("*.json")) and not AuditEvent.objects.filter(action="evidence.checkpoint").exists()
+
+
 def test_a_checkpoint_is_never_overwritten_nor_written_into_a_folder_nobody_made(world, tmp_path, key_file):
     from django.core.management import CommandError
 
