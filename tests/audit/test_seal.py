@@ -161,15 +161,28 @@ def test_verify_in_several_processes_finds_what_one_pass_finds(transactional_aud
         assert f"event seq {at} has no seal, though event seq 1 before it has one" in split.problem
 
 
-def test_production_settings_read_the_key_from_a_file_and_refuse_one_they_cannot_read(tmp_path):
+@pytest.mark.parametrize("variable, setting, content, read, unset, empty", [
+    ("PORTAL_AUDIT_SEAL_KEY_FILE", "PORTAL_AUDIT_SEAL_KEY", "a key off the database\n", "b'a key off the database'",
+     "None", None),  # an empty key file is refused
+    ("PORTAL_AUDIT_RETIRED_SEAL_KEYS_FILE", "PORTAL_AUDIT_RETIRED_SEAL_KEYS", "the first key\n\n  the second key  \n",
+     "(b'the first key', b'the second key')", "()", "()"),  # one made ready before the first change retires none
+])
+def test_production_settings_read_a_seal_key_file_and_refuse_one_they_cannot_read(tmp_path, variable, setting,
+                                                                                  content, read, unset, empty):
     key = tmp_path / "seal.key"
-    key.write_text("a key off the database\n")
-    script = "from django.conf import settings; print(settings.PORTAL_AUDIT_SEAL_KEY)"
-    done = production_shell(tmp_path, script, PORTAL_AUDIT_SEAL_KEY_FILE=str(key))
-    assert done.returncode == 0 and done.stdout.strip() == "b'a key off the database'", done.stderr
-    done = production_shell(tmp_path, script, PORTAL_AUDIT_SEAL_KEY_FILE=str(tmp_path / "missing.key"))
-    assert done.returncode != 0 and "Cannot read PORTAL_AUDIT_SEAL_KEY_FILE" in done.stderr
-    assert production_shell(tmp_path, script).stdout.strip() == "None"
+    key.write_text(content)
+    script = f"from django.conf import settings; print(settings.{setting})"
+    done = production_shell(tmp_path, script, **{variable: str(key)})
+    assert done.returncode == 0 and done.stdout.strip() == read, done.stderr
+    done = production_shell(tmp_path, script, **{variable: str(tmp_path / "missing.key")})
+    assert done.returncode != 0 and f"Cannot read {variable}" in done.stderr
+    assert production_shell(tmp_path, script).stdout.strip() == unset
+    key.write_text("")
+    done = production_shell(tmp_path, script, **{variable: str(key)})
+    if empty is None:
+        assert done.returncode != 0 and f"{variable} {key} is empty" in done.stderr
+    else:
+        assert done.returncode == 0 and done.stdout.strip() == empty, done.stderr
 
 
 def production_shell(tmp_path, script: str, **settings) -> subprocess.CompletedProcess:
@@ -397,19 +410,6 @@ def test_a_chain_of_three_keys_verifies_in_ranges_as_in_one_pass(transactional_a
         monkeypatch.setattr(chain, "VERIFY_PARALLEL_FROM", 10)
         split = chain.verify(workers=3)
     assert split == one_pass and split.ok and (split.seal_keys, split.current_from) == (3, 16)
-
-
-def test_production_settings_read_the_retired_seal_keys_one_per_line(tmp_path):
-    retired = tmp_path / "retired.keys"
-    retired.write_text("the first key\n\n  the second key  \n")
-    script = "from django.conf import settings; print(settings.PORTAL_AUDIT_RETIRED_SEAL_KEYS)"
-    done = production_shell(tmp_path, script, PORTAL_AUDIT_RETIRED_SEAL_KEYS_FILE=str(retired))
-    assert done.returncode == 0 and done.stdout.strip() == "(b'the first key', b'the second key')", done.stderr
-    done = production_shell(tmp_path, script, PORTAL_AUDIT_RETIRED_SEAL_KEYS_FILE=str(tmp_path / "missing"))
-    assert done.returncode != 0 and "Cannot read PORTAL_AUDIT_RETIRED_SEAL_KEYS_FILE" in done.stderr
-    retired.write_text("")  # made ready before the first change: no key retired yet
-    done = production_shell(tmp_path, script, PORTAL_AUDIT_RETIRED_SEAL_KEYS_FILE=str(retired))
-    assert done.returncode == 0 and done.stdout.strip() == "()", done.stderr
 
 
 def test_the_key_change_procedure_has_the_new_key_seal_the_checkpoints_event(db, tmp_path, monkeypatch):
