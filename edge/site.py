@@ -59,7 +59,12 @@ class PortalAdminSite(admin.AdminSite):
         for deployment in mine:
             deployment.queue_entry = entries.get(deployment.pk)
         exceptions, actor = env_selectors.open_exceptions(), admin_actor(request)
-        waiting, reviews = env_selectors.awaiting_decision_of(actor), env_selectors.reviews_awaiting(actor, exceptions)
+        waiting = env_selectors.awaiting_decision_of(actor)
+        decisions = env_selectors.review_decisions(actor, exceptions)
+        for x in exceptions:  # one the person may not review says why, in the rule's own sentence
+            decision = decisions.get(x["deployment"].pk)
+            x["why_not"] = None if decision is None else decision.refusal
+        reviews = [x["deployment"] for x in exceptions if x["deployment"].pk in decisions and x["why_not"] is None]
         return {
             "board": board, "waiting_count": len(waiting) + len(reviews),
             "waiting_for_me": waiting,

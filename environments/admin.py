@@ -516,7 +516,8 @@ class DeploymentAdmin(ReleaseSearch, admin.ModelAdmin):
     def has_change_permission(self, request, obj=None):
         return False  # every change is an action of the deployment's page, through a service
 
-    @admin.display(description="deployment", ordering="release__version")
+    # Sorted in the order the releases were registered: versions as text would put 0.10.0 before 0.2.0.
+    @admin.display(description="deployment", ordering="release_id")
     def release_to_environment(self, obj):
         return f"{obj.release} to {obj.environment.name}"
 

@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from audit.actors import Actor
 from core.compiled import CompiledRead, Pending, together
-from core.decisions import NotFound
+from core.decisions import Decision, NotFound
 from core.times import iso_or_none as _time
 from environments import policy
 from environments.models import Approval, Deployment, DeploymentEvent, Environment, FreezeWindow
@@ -429,16 +429,16 @@ def awaiting_decision_of(actor: Actor) -> list[Deployment]:
     return mine
 
 
-def reviews_awaiting(actor: Actor, exceptions: list[dict]) -> list[Deployment]:
-    """The open emergencies (open_exceptions') that `actor` may review now: the policy asked for each,
-    with what it reads of the person read once."""
+def review_decisions(actor: Actor, exceptions: list[dict]) -> dict[int, Decision]:
+    """Whether `actor` may review each open emergency (open_exceptions'), by deployment id: the policy
+    asked for each, with what it reads of the person read once (none for who is not a person)."""
     emergencies = [x["deployment"] for x in exceptions]
     if not emergencies or not actor.is_person:
-        return []
+        return {}
     grants = policy.environment_grants_among(actor.user, {d.environment_id for d in emergencies})
     identities = policy.person_identities(actor.user)
-    return [d for d in emergencies if policy.decide_review(
-        actor=actor, deployment=d, grants=grants[d.environment_id], identities=identities).allowed]
+    return {d.pk: policy.decide_review(actor=actor, deployment=d, grants=grants[d.environment_id],
+                                       identities=identities) for d in emergencies}
 
 
 def requests_of(user, *, limit: int = MY_REQUESTS) -> tuple[list[Deployment], int]:

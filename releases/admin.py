@@ -48,11 +48,15 @@ class BuildIssueInline(admin.TabularInline):
 
 @admin.register(Build)
 class BuildAdmin(ReadOnlyAdmin):
-    list_display = ["application", "number", "branch", "status", "tests_passed", "tests_failed", "created_at"]
+    list_display = ["application", "build_number", "branch", "status", "tests_passed", "tests_failed", "created_at"]
     list_filter = ["application", "status"]
     search_fields = ["number", "commit", "branch"]
     list_select_related = ["application"]
     inlines = [BuildIssueInline]
+
+    @admin.display(description="number", ordering="id")  # registration order: numbers as text put 10 before 9
+    def build_number(self, obj):
+        return obj.number
 
 
 class ReleaseChangeList(ChangeList):
@@ -107,7 +111,7 @@ class ReleaseAdmin(ReleaseSearch, ReadOnlyAdmin):
     def get_changelist(self, request, **kwargs):
         return ReleaseChangeList
 
-    @admin.display(description="build", ordering="build__number")
+    @admin.display(description="build", ordering="build_id")  # registration order: numbers as text put 10 before 9
     def build_number(self, obj):
         return obj.build.number
 

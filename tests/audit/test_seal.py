@@ -331,7 +331,7 @@ def test_a_changed_seal_key_keeps_what_the_old_one_sealed_verifying(db, client, 
                  for e in AuditEvent.objects.filter(seq__in=(1, 3)).order_by("seq")]
         assert "holds for a retired key (key 1 of 2, oldest first): written by the portal, unless an event before " \
             "it is sealed by a newer key" in pages[0]
-        assert "holds: written by the portal (verify_audit" in pages[1]
+        assert "holds: written by the portal with its current key" in pages[1]
     result = chain.verify()  # the retired key forgotten: its events are not the portal's
     assert (result.ok, result.bad_seq) == (False, 1) and "its seal does not hold" in result.problem
     result = chain.verify(keys=(KEY, OLD))  # listed newest first

@@ -262,3 +262,18 @@ def test_a_filtered_list_beyond_the_limit_offers_the_whole_tables_calendar(clien
     few = listing(client, root, DEPLOYMENTS, state__exact="failed")  # exact: its own dates only
     assert "requested_at__month=1&amp;" in few.content.decode()
     assert "requested_at__month=3&amp;" not in few.content.decode()
+
+
+def test_sorted_by_release_the_deployments_follow_the_order_releases_were_registered(client, world, root):
+    """Not the versions as text, which put 0.10.0 before 0.2.0 (an analyst's walk found it)."""
+    releases = [world.release(version) for version in ("0.1.0", "0.2.0", "0.10.0")]
+    for release in releases:
+        world.deploy(release, world.qa)
+    column = admin.site._registry[Deployment].list_display.index("release_to_environment")
+    ascending = listing(client, root, DEPLOYMENTS, o=str(column)).context["cl"].result_list
+    assert [d.release.version for d in ascending] == ["0.1.0", "0.2.0", "0.10.0"]
+    nine, ten = world.build(number=9), world.build(number=10)
+    column = admin.site._registry[type(nine)].list_display.index("build_number")
+    shown = [b.pk for b in listing(client, root, reverse("admin:releases_build_changelist"), q="",
+                                   o=f"-{column}").context["cl"].result_list]
+    assert shown.index(ten.pk) < shown.index(nine.pk)  # the newer build first, not "9" before "10"
