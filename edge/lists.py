@@ -146,13 +146,10 @@ class _Calendar:
     a row matches the list's filter: instant where many rows match, seconds at a million rows where a
     search matches a few. So on PostgreSQL a filtered list known to hold `few` rows (its exact count,
     at most PORTAL_EXACT_COUNT_LIMIT) takes its bounds over those rows as its filter finds them (a
-    subquery with a limit, which the planner does not turn into that walk). A filtered list known to
-    hold more than that (`many`) takes the whole table's first and last dates (two index reads; a MIN
-    over 300,000 rows a search found reads each of them): its calendar may offer years none of them
-    falls in, as a calendar offers days with no row."""
+    subquery with a limit, which the planner does not turn into that walk)."""
 
-    def __init__(self, queryset: models.QuerySet, few: int | None = None, many: bool = False):
-        self._queryset, self._few, self._many = queryset, few, many
+    def __init__(self, queryset: models.QuerySet, few: int | None = None):
+        self._queryset, self._few = queryset, few
         self._bounds: dict[str, dict] = {}
 
     def aggregate(self, *, first: models.Min, last: models.Max) -> dict:
@@ -166,9 +163,6 @@ class _Calendar:
             connection = connections[queryset.db]
             if self._few == 0:
                 found = {"first": None, "last": None}  # nothing listed: nothing to read
-            elif self._many and connection.vendor == "postgresql":
-                found = queryset.model._default_manager.using(queryset.db).aggregate(
-                    first=models.Min(field_name), last=models.Max(field_name))
             elif self._few is None or connection.vendor != "postgresql":
                 found = queryset.aggregate(first=models.Min(field_name), last=models.Max(field_name))
             else:
@@ -209,7 +203,7 @@ class CalendarChangeList:
         exact = not getattr(getattr(changelist, "paginator", None), "count_label", "")  # not "more than"
         filtered = bool(changelist.queryset.query.where)
         few = count if filtered and exact and count is not None and count <= limit else None
-        self.queryset = _Calendar(changelist.queryset, few, many=filtered and not exact)
+        self.queryset = _Calendar(changelist.queryset, few)
 
     def __getattr__(self, name):
         return getattr(self._changelist, name)
