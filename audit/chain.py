@@ -39,6 +39,11 @@ _HEAD_SQL = "SELECT seq, hash, seal FROM audit_auditevent ORDER BY seq DESC LIMI
 # the chain, and verify would stop at it for good).
 _NO_KEY = ("The audit chain is sealed, and this process has no seal key (PORTAL_AUDIT_SEAL_KEY or "
            "PORTAL_AUDIT_SEAL_KEY_FILE): it records nothing until it has the portal's key.")
+# Nor does a process that seals with the demo's public key (PORTAL_DEMO or PORTAL_DEBUG without a key) a
+# chain another key sealed: a command pointed at a real database with the demo's settings.
+_DEMO_KEY = ("This process seals with the demo's public key (PORTAL_DEMO or PORTAL_DEBUG without a seal key), and "
+             "the audit chain is sealed by another key: it records nothing (an event sealed with the demo's key "
+             "would fail verify_audit for good). Set PORTAL_AUDIT_SEAL_KEY_FILE to the portal's key.")
 
 
 def _plain(value):
@@ -213,12 +218,15 @@ def append(
     with transaction.atomic(savepoint=False):
         parts = _canonical_parts(event.actor_id, event.actor_username, event.actor_email, event.via, event.action,
                                  event.object_type, event.object_id, event.object_repr, event.code, event.data)
-        if connection.vendor == "postgresql" and parts is not None and not _server_side_binding():
+        demo = settings.PORTAL_AUDIT_SEAL_KEY == getattr(settings, "DEMO_SEAL_KEY", None)
+        if connection.vendor == "postgresql" and parts is not None and not _server_side_binding() and not demo:
             _append_postgresql(event, parts)
             return event
         last = _lock_chain_and_read_head()
         if last and last[2] is not None and settings.PORTAL_AUDIT_SEAL_KEY is None:
             raise ImproperlyConfigured(_NO_KEY)
+        if demo and last and last[2] is not None and not seal.may_be_by(last[2], settings.PORTAL_AUDIT_SEAL_KEY):
+            raise ImproperlyConfigured(_DEMO_KEY)
         event.seq, event.prev_hash = (last[0] + 1, last[1]) if last else (1, GENESIS_HASH)
         event.created_at = timezone.now()
         event.canonical = canonical(event)

@@ -44,6 +44,12 @@ def key_id(key: bytes) -> str:
     return hmac.new(key, b"portal audit seal key id", hashlib.sha256).hexdigest()[:_KID]
 
 
+def may_be_by(value: str, key: bytes) -> bool:
+    """Whether a seal may be the key's, by its name alone (a seal written before seals named their key
+    may be any key's)."""
+    return len(value) != _NAMED or value[:_KID] == key_id(key)
+
+
 def keys() -> tuple[bytes, ...]:
     """The keys that seals may hold for, oldest first: the retired ones, then the current one (the one
     the portal seals with). Empty without a seal key."""

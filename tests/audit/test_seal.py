@@ -427,3 +427,19 @@ def test_the_key_change_procedure_has_the_new_key_seal_the_checkpoints_event(db,
         forged = forge(sealed_with=OLD)
         code, _, err = verify_command("--checkpoint", str(cp))
         assert code == 1 and f"FAILED at seq {forged.seq}: event seq {forged.seq} is sealed by an older key" in err
+
+
+def test_a_process_with_the_demos_key_writes_nothing_to_a_chain_another_key_sealed(db, settings):
+    """A command run against a real database with the demo's settings (PORTAL_DEMO=1, no key) would seal
+    with the demo's public key, and verify would fail at its event for good: it fails loudly instead."""
+    appended(2)
+    with override_settings(PORTAL_AUDIT_SEAL_KEY=settings.DEMO_SEAL_KEY), \
+            pytest.raises(ImproperlyConfigured, match="seals with the demo's public key"), transaction.atomic():
+        chain.append(actor=ACTOR, action="test.event")
+    assert AuditEvent.objects.count() == 2 and chain.verify().ok
+
+
+def test_the_demos_own_chain_is_sealed_with_the_demos_key(db, settings):
+    with override_settings(PORTAL_AUDIT_SEAL_KEY=settings.DEMO_SEAL_KEY):
+        appended(3)
+        assert chain.verify().ok and AuditEvent.objects.count() == 3
