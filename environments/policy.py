@@ -113,6 +113,21 @@ def _as_shown(text: str) -> str:
     return "".join(c if c.isascii() else _ascii_twin(c) for c in text)
 
 
+# Shapes one reads as another: the ASCII letters and digits Unicode's confusables take for one another
+# (an upper-case I or a 1 for an l, a 0 for an O), and the Cyrillic palochka, a bar like an l in either
+# case (the table takes the small one, what lower-casing makes of the capital, for an i).
+_SAME_SHAPE = str.maketrans({"I": "l", "1": "l", "0": "o", "O": "o", "\u04c0": "l", "\u04cf": "l"})
+
+
+def _as_drawn(text: str) -> str:
+    """`text` as a reader sees its letters' shapes: each taken for the one it is drawn like before
+    lower-casing ('a1ice', 'aӏice' and 'AIice' are 'alice'; 'b0b' is 'bob'), then each other letter
+    for its ASCII twin as _as_shown does."""
+    text = " ".join("".join(c for c in unicodedata.normalize("NFKC", text) if not _hidden(c)).split())
+    text = text.translate(_SAME_SHAPE).lower()
+    return "".join(c if c.isascii() else _ascii_twin(c) for c in text)
+
+
 @lru_cache(maxsize=4096)
 def _ascii_twin(c: str) -> str:
     """The ASCII letter or digit a character looks like (Unicode's confusables), else itself."""
@@ -123,9 +138,10 @@ def _ascii_twin(c: str) -> str:
 @lru_cache(maxsize=8192)  # pure; asked for the same few people's identities again and again
 def identity_forms(identity: str) -> frozenset[str]:
     """What a VCS identity (or a person's user name, e-mail or alias) may name a person by, lower-case:
-    itself, as a reader sees it (_as_shown), and the e-mail addresses inside either ("Name <e-mail>")."""
+    itself, as a reader sees it (_as_shown, _as_drawn), and the e-mail addresses inside any ("Name <e-mail>")."""
     forms = {identity.strip().lower()}
     forms.add(_as_shown(identity))
+    forms.add(_as_drawn(identity))
     forms |= {address.rstrip(".") for form in list(forms) for address in ADDRESS_IN.findall(form)}
     forms.discard("")
     return frozenset(forms)

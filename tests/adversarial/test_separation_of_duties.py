@@ -109,6 +109,22 @@ def test_implementer_shown_as_bob_is_bob(world, identity):
     refused_in_chain("SOD_IMPLEMENTER_APPROVER", actor="bob", action_prefix="deployment.approve")
 
 
+@pytest.mark.parametrize("identity", [
+    "a\u04c0ice@example.com",  # a Cyrillic capital palochka (stored lower-case: the small one)
+    "a\u04cfice@example.com",  # the small palochka, which Unicode's table takes for an i
+    "A1ICE@EXAMPLE.COM",  # a one
+])
+def test_implementer_drawn_as_alice_is_alice(world, identity):
+    """An l drawn as a palochka or a 1 is alice's: she may not approve what such an identity implemented.
+    (An upper-case I is stored lower-case, an i: 'aiice' shows as what it is.)"""
+    release = world.release(implementers=[identity])
+    assert list(release.implementers.values_list("user__username", flat=True)) == ["alice"]
+    world.to_staging(release)
+    deployment = services.deployment_request(actor=person(world.bob), release=release, environment=world.production)
+    with pytest.raises(PolicyRefusal):
+        services.deployment_approve(actor=person(world.alice), deployment_id=deployment.pk)
+
+
 def test_a_reviewer_shown_as_the_implementer_is_no_independent_review(world):
     world.production.requires_code_review = True
     world.production.save()
