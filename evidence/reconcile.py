@@ -16,12 +16,14 @@ from __future__ import annotations
 import itertools
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
+from django.db import transaction
 from django.db.models import Q
 
+from audit import chain as audit_chain
 from audit.models import AuditEvent
 from core.times import iso
 from environments import policy
@@ -46,6 +48,9 @@ class Mismatch:
     table: str  # what the table says
     chain: str  # what the audit chain says
     deployment: Deployment | None = None
+    # An account's right the table holds and no event gave: the event that would record it, as
+    # (action, "user" or "group", pk, name, data) (adopt_rights)
+    adopt: tuple | None = field(default=None, compare=False)
 
     def sentence(self) -> str:
         return f"{self.subject}: {self.what} is {self.table!r} in the table, {self.chain!r} in the audit chain"
@@ -422,10 +427,13 @@ def accounts() -> Iterator[Mismatch]:
         chain = said.get(pk)
         for flag, value in zip(RAISED_FLAGS, raised, strict=True):
             if value and (chain is None or chain.get(flag) is not True):
-                yield Mismatch(f"account {name}", flag, "True",
-                               "no user.create event" if chain is None else str(chain.get(flag, False)))
+                was = None if chain is None else chain.get(flag, False)
+                yield Mismatch(f"account {name}", flag, "True", "no user.create event" if chain is None else str(was),
+                               adopt=("user.change", "user", pk, name,
+                                      {"user": name, "changed": {flag: {"from": was, "to": True}}}))
         if active and chain is not None and chain.get("is_active") is False:
-            yield Mismatch(f"account {name}", "is_active", "True", "False")
+            yield Mismatch(f"account {name}", "is_active", "True", "False", adopt=(
+                "user.change", "user", pk, name, {"user": name, "changed": {"is_active": {"from": False, "to": True}}}))
     permissions = (("user", user_model.user_permissions.through, "user_id"), ("group", Group.permissions.through,
                                                                              "group_id"))
     group_names = dict(Group.objects.values_list("pk", "name"))
@@ -437,8 +445,11 @@ def accounts() -> Iterator[Mismatch]:
             if kind == "group":
                 holding.add(pk)
             if (label := f"{app_label}.{codename}") not in given[(kind, pk)]:
-                subject = f"account {users[pk][0]}" if kind == "user" else f"group {group_names[pk]}"
-                yield Mismatch(subject, f"the model permission {label}", "held", "never given")
+                name = users[pk][0] if kind == "user" else group_names[pk]
+                yield Mismatch(f"account {name}" if kind == "user" else f"group {name}",
+                               f"the model permission {label}", "held", "never given",
+                               adopt=(f"{kind}.permissions", kind, pk, name,
+                                      {kind: name, "added": [label], "removed": []}))
     if not holding:
         return
     members = list(user_model.groups.through.objects.filter(group_id__in=holding).order_by("group_id", "user_id")
@@ -448,7 +459,28 @@ def accounts() -> Iterator[Mismatch]:
         latest = stream.latest((group, user), [(group, n) for n in sorted(names[user])], "user.delete", user,
                                names[user])
         if why := _ended(latest, "group.add_member", "never added"):
-            yield Mismatch(f"group {group_names[group]}", f"the membership of {users[user][0]}", "member", why)
+            yield Mismatch(f"group {group_names[group]}", f"the membership of {users[user][0]}", "member", why,
+                           adopt=("group.add_member", "group", group, group_names[group],
+                                  {"group": group_names[group], "user": users[user][0], "user_id": user}))
+
+
+def adopt_rights(*, actor, reason: str, dry_run: bool = False) -> list[Mismatch]:
+    """Record on the chain the accounts' rights the tables hold and no event gave (accounts()): rights
+    made before the portal audited them (an administrator made with createsuperuser) or outside it. Each
+    is the event the portal would have written (user.change, user.permissions, group.permissions,
+    group.add_member) with `adopted`: the reason, by `actor`; the exceptions report of its period lists
+    it (RIGHT_MADE_OUTSIDE_PORTAL), later ones no longer do. What it found, adopted unless `dry_run`."""
+    if not reason.strip():
+        raise ValueError("Say why these rights are adopted: the reason is part of the record.")
+    labels = {"user": get_user_model()._meta.label_lower, "group": Group._meta.label_lower}
+    with transaction.atomic():
+        found = [m for m in accounts() if m.adopt is not None]
+        if not dry_run:
+            for m in found:
+                action, kind, pk, name, data = m.adopt
+                audit_chain.append(actor=actor, action=action, object_type=labels[kind], object_id=str(pk),
+                                   object_repr=name, data={**data, "adopted": reason.strip()})
+    return found
 
 
 def _settings_events():

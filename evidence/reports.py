@@ -141,6 +141,19 @@ def _sod_missing(deployment: Deployment) -> set[str]:
     return required - set(deployment.sod_checks or [])
 
 
+ADOPTABLE = ("user.change", "user.permissions", "group.permissions", "group.add_member")
+
+
+def _adopted(data: dict) -> str:
+    """What an adopted right is, in a few words."""
+    if "changed" in data:
+        return ", ".join(f"{flag} {change.get('from')} -> {change.get('to')}"
+                         for flag, change in data["changed"].items())
+    if "added" in data:
+        return "holds " + ", ".join(data["added"])
+    return f"{data.get('user')} a member"
+
+
 def exceptions_rows(period: Period) -> Iterator[tuple]:
     restricted = reconcile.restricted_requested(period).select_related("release__application", "environment",
                                                                         "reviewed_by")
@@ -178,12 +191,19 @@ def exceptions_rows(period: Period) -> Iterator[tuple]:
                e.data.get("environment", ""), e.data.get("version", ""), e.actor_username, e.code,
                f"{e.action}: {e.data.get('detail', '')}", e.seq)
     # A group's new member holds whatever the group holds, whatever the application: listed in every report.
-    grants = (events.filter(action="environment.grant") | in_period.filter(action="group.add_member")).order_by("seq")
+    grants = (events.filter(action="environment.grant") | in_period.filter(action="group.add_member")).exclude(
+        data__has_key="adopted").order_by("seq")
     for e in grants.iterator(chunk_size=ITERATOR_CHUNK):
         who = e.data.get("user") or f"group {e.data.get('group')}"
         what = (f"{e.data.get('permission')} on {e.data.get('environment')} to {who}" if e.action == "environment.grant"
                 else f"{e.data.get('user')} added to group {e.data.get('group')}")
         yield ("grant", "granted", e.created_at, "", "", "", "", e.actor_username, e.action, what, e.seq)
+
+    # Rights found made outside the portal (or before it audited them) and recorded by adopt_rights.
+    adopted = in_period.filter(action__in=ADOPTABLE, data__has_key="adopted").order_by("seq")
+    for e in adopted.iterator(chunk_size=ITERATOR_CHUNK):
+        yield ("adopted_right", "adopted", e.created_at, "", "", "", "", e.actor_username, "RIGHT_MADE_OUTSIDE_PORTAL",
+               f"{e.action} {e.object_repr}: {_adopted(e.data)}; reason: {e.data.get('adopted')}", e.seq)
 
     changes = ControlChange.objects.filter(proposed_at__gte=period.since, proposed_at__lt=period.until).select_related(
         "environment__application", "proposed_by", "decided_by").order_by("proposed_at", "id")

@@ -31,6 +31,7 @@ from core.times import iso
 from environments import services
 from environments.models import Approval, Deployment, Environment, FreezeWindow
 from evidence import checkpoint as checkpoints
+from evidence import reconcile
 from evidence.reports import Export, Period, safe_cell
 from portal.management.demo_history import moved_time
 from releases.models import Build, Release, VcsAlias
@@ -966,3 +967,18 @@ def test_exceptions_show_account_rights_given_outside_the_portal(world, history,
         "account erin: is_active is 'True' in the table, 'False' in the audit chain",
         "account mallory: is_staff is 'True' in the table, 'no user.create event' in the audit chain",
     }
+
+    # adopted, with a reason: on the chain, listed once in the exceptions of their period, then no longer
+    assert len(reconcile.adopt_rights(actor=SYSTEM, reason="made before the portal audited accounts",
+                                      dry_run=True)) == 6 and _rights_mismatches() != set()
+    adopted = reconcile.adopt_rights(actor=SYSTEM, reason="made before the portal audited accounts")
+    assert len(adopted) == 6 and _rights_mismatches() == set()
+    rows = [r for r in export("exceptions")[2] if r["kind"] == "adopted_right"]
+    assert {r["rule"] for r in rows} == {"RIGHT_MADE_OUTSIDE_PORTAL"} and len(rows) == 6
+    assert any(r["detail"] == "user.change dave: is_superuser False -> True; reason: made before the portal audited "
+               "accounts" for r in rows), [r["detail"] for r in rows]
+    assert any(r["detail"].startswith("group.add_member account-admins: bob a member") for r in rows)
+    assert not [r for r in export("exceptions")[2] if r["detail"] == "bob added to group account-admins"]
+    assert reconcile.adopt_rights(actor=SYSTEM, reason="again") == [] and chain.verify().ok
+    with pytest.raises(ValueError, match="Say why"):
+        reconcile.adopt_rights(actor=SYSTEM, reason=" ")

@@ -113,6 +113,16 @@ def test_create_admin_makes_the_first_administrator_on_the_audit_chain(db, monke
     assert {m.sentence() for m in reconcile.accounts()} == {
         "account outside: is_superuser is 'True' in the table, 'no user.create event' in the audit chain",
         "account outside: is_staff is 'True' in the table, 'no user.create event' in the audit chain"}
+    # an installation's administrator made so before this release: adopted on the record, with the reason
+    listed = run("adopt_rights", "--reason", "the first administrator, made with createsuperuser", "--dry-run")
+    assert listed.count("would adopt: account outside") == 2 and len(list(reconcile.accounts())) == 2
+    with pytest.raises(CommandError, match="the following arguments are required: --reason"):
+        run("adopt_rights")
+    assert run("adopt_rights", "--reason", "the first administrator, made with createsuperuser").count(
+        "adopted: account outside") == 2
+    assert list(reconcile.accounts()) == [] and chain.verify().ok
+    event = AuditEvent.objects.filter(action="user.change", object_repr="outside").first()
+    assert (event.via, event.data["adopted"]) == ("command", "the first administrator, made with createsuperuser")
 
 
 def test_create_token_prints_the_token_last(db, demo_mode):

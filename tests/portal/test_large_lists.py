@@ -123,9 +123,12 @@ def test_beyond_the_limit_the_list_says_about_from_the_estimate_or_more_than(cli
         cursor.execute("ANALYZE environments_deployment")  # autovacuum does it on a table that grows
 
     everything = listing(client, root, DEPLOYMENTS)
-    assert everything.context["cl"].paginator.count_label == "about 6"  # ANALYZE read every row of a small table
-    assert "about 6 deployments" in everything.content.decode()
-    assert "about 6 results" not in everything.content.decode()  # said once, below the list (nothing to clear)
+    # ANALYZE read every row of a small table (6); autovacuum may cut the dead pages earlier tests left
+    # between ANALYZE and the count, and the estimate scales its density by the table's size now
+    label = everything.context["cl"].paginator.count_label
+    assert label in ("about 5", "about 6"), label
+    assert f"{label} deployments" in everything.content.decode()
+    assert f"{label} results" not in everything.content.decode()  # said once, below the list (nothing to clear)
     assert len(everything.context["cl"].result_list) == 6
     assert not any("COUNT(*)" in sql and " LIMIT " not in sql for sql in everything.sql)  # never a whole count
 
