@@ -51,6 +51,12 @@ def _grants_on_any(environment_ids):
     return GroupObjectPermission.objects.filter(**where), UserObjectPermission.objects.filter(**where)
 
 
+def groups_granting_restricted() -> set[int]:
+    """The groups holding a grant to deploy to or approve for a restricted environment (their members do)."""
+    restricted = list(Environment.objects.filter(restricted=True).values_list("pk", flat=True))
+    return set(_grants_on_any(restricted)[0].values_list("group_id", flat=True))
+
+
 def group_environment_grants(group: Group) -> list[str]:
     """A group's grants on environments, as "permission on environment" (what its members hold through it)."""
     rows = GroupObjectPermission.objects.filter(group=group, permission__codename__in=GRANTABLE).values_list(

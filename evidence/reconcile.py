@@ -455,13 +455,17 @@ def accounts() -> Iterator[Mismatch]:
     members = list(user_model.groups.through.objects.filter(group_id__in=holding).order_by("group_id", "user_id")
                    .values_list("group_id", "user_id"))
     names, stream = _user_names({user for _, user in members}), _memberships(holding)
+    # A membership that brings a right to deploy to or approve for a restricted environment is never
+    # adopted: another administrator gives it through the portal, where rule 4 is asked.
+    granting = policy.groups_granting_restricted()
     for group, user in members:
         latest = stream.latest((group, user), [(group, n) for n in sorted(names[user])], "user.delete", user,
                                names[user])
         if why := _ended(latest, "group.add_member", "never added"):
             yield Mismatch(f"group {group_names[group]}", f"the membership of {users[user][0]}", "member", why,
-                           adopt=("group.add_member", "group", group, group_names[group],
-                                  {"group": group_names[group], "user": users[user][0], "user_id": user}))
+                           adopt=None if group in granting else (
+                               "group.add_member", "group", group, group_names[group],
+                               {"group": group_names[group], "user": users[user][0], "user_id": user}))
 
 
 def adopt_rights(*, actor, reason: str, dry_run: bool = False) -> list[Mismatch]:

@@ -980,5 +980,14 @@ def test_exceptions_show_account_rights_given_outside_the_portal(world, history,
     assert any(r["detail"].startswith("group.add_member account-admins: bob a member") for r in rows)
     assert not [r for r in export("exceptions")[2] if r["detail"] == "bob added to group account-admins"]
     assert reconcile.adopt_rights(actor=SYSTEM, reason="again") == [] and chain.verify().ok
+
+    # a membership bringing a right to deploy or approve on a restricted environment is never adopted
+    group_permissions_change(actor=SYSTEM, group=world.releasers, permissions=[perm("environments", "view_deployment")])
+    world.releasers.user_set.add(make_user("frank"))  # by SQL
+    assert "group mac-releasers: the membership of frank is 'member' in the table, 'never added' in the audit " \
+           "chain" in _rights_mismatches()
+    assert reconcile.adopt_rights(actor=SYSTEM, reason="frank too") == []
+    assert "group mac-releasers: the membership of frank is 'member' in the table, 'never added' in the audit " \
+           "chain" in _rights_mismatches()
     with pytest.raises(ValueError, match="Say why"):
         reconcile.adopt_rights(actor=SYSTEM, reason=" ")
