@@ -297,7 +297,12 @@ class Right:
         return _ended(self.grant, "environment.grant", "never granted")
 
     def why_not_member(self) -> str | None:
-        return _ended(self.membership, "group.add_member", "never added") if self.group is not None else None
+        if self.group is None:
+            return None
+        if self.membership is not None and "adopted" in (self.membership.data or {}):
+            # adopt_rights never gives one: it was recorded while the group held no such grant
+            return f"adopted at seq {self.membership.seq}, never given through the portal"
+        return _ended(self.membership, "group.add_member", "never added")
 
     def since(self) -> AuditEvent | None:
         """The event from which the chain says the user holds it; None if the chain does not say so."""
@@ -314,6 +319,7 @@ def _member_key(e, by_id):
 
 
 _USER_DELETED = ("user.delete", "username")
+_GROUP_DELETED = ("group.delete", "group")
 
 
 def _memberships(group_pks: set[int]) -> _Stream:
@@ -321,7 +327,7 @@ def _memberships(group_pks: set[int]) -> _Stream:
     "user.delete", user pk, names)` is the latest about one member."""
     return _Stream(AuditEvent.objects.filter(action__in=("group.add_member", "group.remove_member"),
                                              object_id__in={str(pk) for pk in group_pks}),
-                   _member_key, (_USER_DELETED,))
+                   _member_key, (_USER_DELETED, _GROUP_DELETED))
 
 
 def _user_names(pks: set[int]) -> dict[int, set[str]]:
@@ -407,10 +413,15 @@ def accounts() -> Iterator[Mismatch]:
     given: dict[tuple[str, int], set[str]] = defaultdict(set)  # ("user" or "group", pk) -> model permissions
     kinds = {user_model._meta.label_lower: "user", Group._meta.label_lower: "group"}
     for e in AuditEvent.objects.filter(
-        action__in=("user.create", "user.change", "user.permissions", "group.permissions"), object_type__in=kinds,
+        action__in=("user.create", "user.change", "user.permissions", "user.delete", "group.permissions",
+                    "group.delete"), object_type__in=kinds,
     ).only(*ONLY, "object_type").order_by("seq"):
         data, pk = e.data or {}, int(e.object_id)
-        if e.action == "user.create":  # Django's defaults where an event does not say (the demo's before)
+        if e.action.endswith(".delete"):  # an id written again by SQL gets nothing the deleted one had
+            if e.action == "user.delete":
+                said.pop(pk, None)
+            given.pop((kinds[e.object_type], pk), None)
+        elif e.action == "user.create":  # Django's defaults where an event does not say (the demo's before)
             said[pk] = {"is_active": data.get("is_active", True), "is_staff": data.get("is_staff", False),
                         "is_superuser": data.get("is_superuser", False)}
         elif e.action == "user.change":
@@ -461,6 +472,8 @@ def accounts() -> Iterator[Mismatch]:
     for group, user in members:
         latest = stream.latest((group, user), [(group, n) for n in sorted(names[user])], "user.delete", user,
                                names[user])
+        if (gone := stream.deleted.get((_GROUP_DELETED[0], group))) and (latest is None or gone.seq > latest.seq):
+            latest = gone  # the group was deleted since: its id written again by SQL is another group
         if why := _ended(latest, "group.add_member", "never added"):
             yield Mismatch(f"group {group_names[group]}", f"the membership of {users[user][0]}", "member", why,
                            adopt=None if group in granting else (

@@ -900,6 +900,7 @@ def test_a_deleted_users_rights_do_not_come_back_with_their_id(world, history, m
         "the audit chain",
         f"group mac-releasers: the membership of gina is 'member' in the table, 'user.delete at seq {deleted}' in the "
         "audit chain",
+        "account gina: is_staff is 'True' in the table, 'no user.create event' in the audit chain",  # since deleted
     }
 
 
@@ -991,3 +992,55 @@ def test_exceptions_show_account_rights_given_outside_the_portal(world, history,
            "chain" in _rights_mismatches()
     with pytest.raises(ValueError, match="Say why"):
         reconcile.adopt_rights(actor=SYSTEM, reason=" ")
+
+
+def test_an_id_deleted_through_the_portal_and_written_again_by_sql_has_nothing_the_deleted_one_had(world, history,
+                                                                                                 make_user):
+    """The insider's review: a user or group deleted through the portal and inserted again by SQL on its
+    id (with a superuser flag, the right to change environments, a member) is not the one the chain
+    gave those rights to."""
+    perm = Permission.objects.get
+    root = make_user("root2", superuser=True, perms=["auth.change_user"])
+    admins = Group.objects.create(name="admins2")
+    group_permissions_change(actor=SYSTEM, group=admins, permissions=[perm(codename="change_environment")])
+    services.group_membership_change(actor=SYSTEM, group=admins, user=world.carol, add=True)
+    user_pk, group_pk = root.pk, admins.pk
+    user_delete(actor=SYSTEM, user=root)
+    group_delete(actor=SYSTEM, group=admins)
+    assert _rights_mismatches() == set()
+    mallory = get_user_model().objects.create(pk=user_pk, username="mallory", is_superuser=True)
+    mallory.user_permissions.add(perm(codename="change_user"))
+    other = Group.objects.create(pk=group_pk, name="other")
+    other.permissions.add(perm(codename="change_environment"))
+    other.user_set.add(world.carol)
+    deleted = AuditEvent.objects.get(action="group.delete").seq
+    assert _rights_mismatches() == {
+        "account mallory: is_superuser is 'True' in the table, 'no user.create event' in the audit chain",
+        "account mallory: the model permission auth.change_user is 'held' in the table, 'never given' in the audit "
+        "chain",
+        "group other: the model permission environments.change_environment is 'held' in the table, 'never given' in "
+        "the audit chain",
+        f"group other: the membership of carol is 'member' in the table, 'group.delete at seq {deleted}' in the audit "
+        "chain",
+    }
+
+
+def test_a_membership_adopted_while_its_group_held_no_grant_gives_no_right_on_a_restricted_environment(world,
+                                                                                                       history,
+                                                                                                       make_user):
+    """The insider's review: the group's grants removed by SQL for a moment, a member added by SQL and
+    adopted, the grants put back: the adopted membership still brings no right to deploy or approve."""
+    from guardian.models import GroupObjectPermission
+
+    group_permissions_change(actor=SYSTEM, group=world.releasers,
+                             permissions=[Permission.objects.get(codename="view_deployment")])
+    frank = make_user("frank")
+    world.releasers.user_set.add(frank)
+    grants = list(GroupObjectPermission.objects.filter(group=world.releasers).values())
+    GroupObjectPermission.objects.filter(group=world.releasers).delete()
+    assert len(reconcile.adopt_rights(actor=SYSTEM, reason="frank")) == 1
+    for row in grants:
+        GroupObjectPermission.objects.create(**row)
+    adopted = AuditEvent.objects.get(action="group.add_member", data__adopted="frank").seq
+    assert f"group mac-releasers: the membership of frank is 'member' in the table, 'adopted at seq {adopted}, never " \
+           "given through the portal' in the audit chain" in _rights_mismatches()
