@@ -4,7 +4,7 @@ from django.core import checks
 from django.db import connections
 from django.db.models.signals import post_migrate
 
-from audit import triggers
+from audit import seal, triggers
 
 
 def _reinstall_append_only_triggers(sender, using="default", **kwargs):
@@ -20,7 +20,7 @@ def _reinstall_append_only_triggers(sender, using="default", **kwargs):
 def _seal_key_set(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
     """`check --deploy`: a portal that seals no event cannot tell its own events from ones appended by
     whoever can write the database (audit/seal.py)."""
-    if settings.PORTAL_AUDIT_SEAL_KEY == getattr(settings, "DEMO_SEAL_KEY", None):
+    if seal.sealing_with_demo_key():
         return [checks.Warning(
             "The audit seal key is the demo's (PORTAL_DEMO or PORTAL_DEBUG without a key): it is public, so it "
             "seals nothing.", hint="Set PORTAL_AUDIT_SEAL_KEY_FILE (docs/operating.md).", id="audit.W002")]

@@ -218,7 +218,7 @@ def append(
     with transaction.atomic(savepoint=False):
         parts = _canonical_parts(event.actor_id, event.actor_username, event.actor_email, event.via, event.action,
                                  event.object_type, event.object_id, event.object_repr, event.code, event.data)
-        demo = settings.PORTAL_AUDIT_SEAL_KEY == getattr(settings, "DEMO_SEAL_KEY", None)
+        demo = seal.sealing_with_demo_key()
         if connection.vendor == "postgresql" and parts is not None and not _server_side_binding() and not demo:
             _append_postgresql(event, parts)
             return event

@@ -50,6 +50,11 @@ def may_be_by(value: str, key: bytes) -> bool:
     return len(value) != _NAMED or value[:_KID] == key_id(key)
 
 
+def sealing_with_demo_key() -> bool:
+    """Whether this process seals with the demo's public key (PORTAL_DEMO or PORTAL_DEBUG without a key)."""
+    return settings.PORTAL_AUDIT_SEAL_KEY == getattr(settings, "DEMO_SEAL_KEY", None)
+
+
 def keys() -> tuple[bytes, ...]:
     """The keys that seals may hold for, oldest first: the retired ones, then the current one (the one
     the portal seals with). Empty without a seal key."""
