@@ -49,7 +49,7 @@ class Mismatch:
     chain: str  # what the audit chain says
     deployment: Deployment | None = None
     # An account's right the table holds and no event gave: the event that would record it, as
-    # (action, "user" or "group", pk, name, data) (adopt_rights)
+    # (action, object type, pk, name, data) (adopt_rights)
     adopt: tuple | None = field(default=None, compare=False)
 
     def sentence(self) -> str:
@@ -411,7 +411,8 @@ def accounts() -> Iterator[Mismatch]:
     user_model = get_user_model()
     said: dict[int, dict] = {}  # user pk -> its flags as the chain last set them
     given: dict[tuple[str, int], set[str]] = defaultdict(set)  # ("user" or "group", pk) -> model permissions
-    kinds = {user_model._meta.label_lower: "user", Group._meta.label_lower: "group"}
+    labels = {"user": user_model._meta.label_lower, "group": Group._meta.label_lower}
+    kinds = {label: kind for kind, label in labels.items()}
     for e in AuditEvent.objects.filter(
         action__in=("user.create", "user.change", "user.permissions", "user.delete", "group.permissions",
                     "group.delete"), object_type__in=kinds,
@@ -440,11 +441,12 @@ def accounts() -> Iterator[Mismatch]:
             if value and (chain is None or chain.get(flag) is not True):
                 was = None if chain is None else chain.get(flag, False)
                 yield Mismatch(f"account {name}", flag, "True", "no user.create event" if chain is None else str(was),
-                               adopt=("user.change", "user", pk, name,
+                               adopt=("user.change", labels["user"], pk, name,
                                       {"user": name, "changed": {flag: {"from": was, "to": True}}}))
         if active and chain is not None and chain.get("is_active") is False:
             yield Mismatch(f"account {name}", "is_active", "True", "False", adopt=(
-                "user.change", "user", pk, name, {"user": name, "changed": {"is_active": {"from": False, "to": True}}}))
+                "user.change", labels["user"], pk, name,
+                {"user": name, "changed": {"is_active": {"from": False, "to": True}}}))
     permissions = (("user", user_model.user_permissions.through, "user_id"), ("group", Group.permissions.through,
                                                                              "group_id"))
     group_names = dict(Group.objects.values_list("pk", "name"))
@@ -459,7 +461,7 @@ def accounts() -> Iterator[Mismatch]:
                 name = users[pk][0] if kind == "user" else group_names[pk]
                 yield Mismatch(f"account {name}" if kind == "user" else f"group {name}",
                                f"the model permission {label}", "held", "never given",
-                               adopt=(f"{kind}.permissions", kind, pk, name,
+                               adopt=(f"{kind}.permissions", labels[kind], pk, name,
                                       {kind: name, "added": [label], "removed": []}))
     if not holding:
         return
@@ -477,8 +479,12 @@ def accounts() -> Iterator[Mismatch]:
         if why := _ended(latest, "group.add_member", "never added"):
             yield Mismatch(f"group {group_names[group]}", f"the membership of {users[user][0]}", "member", why,
                            adopt=None if group in granting else (
-                               "group.add_member", "group", group, group_names[group],
+                               "group.add_member", labels["group"], group, group_names[group],
                                {"group": group_names[group], "user": users[user][0], "user_id": user}))
+
+
+# The events adopt_rights writes (each with `adopted`: its reason).
+ADOPTED_ACTIONS = ("user.change", "user.permissions", "group.permissions", "group.add_member")
 
 
 def adopt_rights(*, actor, reason: str, dry_run: bool = False) -> list[Mismatch]:
@@ -489,13 +495,12 @@ def adopt_rights(*, actor, reason: str, dry_run: bool = False) -> list[Mismatch]
     it (RIGHT_MADE_OUTSIDE_PORTAL), later ones no longer do. What it found, adopted unless `dry_run`."""
     if not reason.strip():
         raise ValueError("Say why these rights are adopted: the reason is part of the record.")
-    labels = {"user": get_user_model()._meta.label_lower, "group": Group._meta.label_lower}
     with transaction.atomic():
         found = [m for m in accounts() if m.adopt is not None]
         if not dry_run:
             for m in found:
-                action, kind, pk, name, data = m.adopt
-                audit_chain.append(actor=actor, action=action, object_type=labels[kind], object_id=str(pk),
+                action, object_type, pk, name, data = m.adopt
+                audit_chain.append(actor=actor, action=action, object_type=object_type, object_id=str(pk),
                                    object_repr=name, data={**data, "adopted": reason.strip()})
     return found
 

@@ -141,9 +141,6 @@ def _sod_missing(deployment: Deployment) -> set[str]:
     return required - set(deployment.sod_checks or [])
 
 
-ADOPTABLE = ("user.change", "user.permissions", "group.permissions", "group.add_member")
-
-
 def _adopted(data: dict) -> str:
     """What an adopted right is, in a few words."""
     if "changed" in data:
@@ -200,7 +197,7 @@ def exceptions_rows(period: Period) -> Iterator[tuple]:
         yield ("grant", "granted", e.created_at, "", "", "", "", e.actor_username, e.action, what, e.seq)
 
     # Rights found made outside the portal (or before it audited them) and recorded by adopt_rights.
-    adopted = in_period.filter(action__in=ADOPTABLE, data__has_key="adopted").order_by("seq")
+    adopted = in_period.filter(action__in=reconcile.ADOPTED_ACTIONS, data__has_key="adopted").order_by("seq")
     for e in adopted.iterator(chunk_size=ITERATOR_CHUNK):
         yield ("adopted_right", "adopted", e.created_at, "", "", "", "", e.actor_username, "RIGHT_MADE_OUTSIDE_PORTAL",
                f"{e.action} {e.object_repr}: {_adopted(e.data)}; reason: {e.data.get('adopted')}", e.seq)
