@@ -2,7 +2,7 @@
 against the seeded database, logged in as the seeded superuser.
 
 To measure another page, add a Page to PAGES: a name and a path (with {release}, {deployment},
-{issue_key} filled from the seeded data), and auth="token" for an API path.
+{issue_key}, {year}, {month} filled from the seeded data), and auth="token" for an API path.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ PAGES = [
     Page("deployments searched for a person (300,000 approvals)", "/admin/environments/deployment/?q=bench-approver"),
     Page("deployments sorted by requester", "/admin/environments/deployment/?o=3"),
     Page("deployments, page 5,000", "/admin/environments/deployment/?p=5000"),
+    Page("deployments of one month (its days that hold one)",
+         "/admin/environments/deployment/?requested_at__year={year}&requested_at__month={month}"),
     Page("releases searched for a version", "/admin/releases/release/?q=1.0.5000"),
     Page("audit events list", "/admin/audit/auditevent/"),
     Page("audit events searched for a version", "/admin/audit/auditevent/?q=1.0.50000"),
@@ -46,13 +48,17 @@ TARGET_MS = 200
 
 
 def seeded_values() -> dict:
+    from django.utils import timezone
+
     from environments.models import Deployment
     from releases.models import Release
 
     release = Release.objects.filter(version="1.0.50000").values_list("pk", flat=True).first()
     deployment = (Deployment.objects.filter(release_id=release, environment__name="Production")
                   .order_by("id").values_list("pk", flat=True).first())
+    requested = timezone.localtime(Deployment.objects.get(pk=deployment).requested_at)
     return {"release": release, "deployment": deployment, "issue_key": "BIZPLAT-50000",
+            "year": requested.year, "month": requested.month,
             "epic_key": f"BIZPLAT-{1000000 + 49999 // 10}"}
 
 
