@@ -141,6 +141,13 @@ def _sod_missing(deployment: Deployment) -> set[str]:
     return required - set(deployment.sod_checks or [])
 
 
+def _actor(event: AuditEvent) -> str:
+    """Who acted, as an exception row names them: a command's event (`system`) with the operating-system
+    account that ran it, which its event holds."""
+    shell = event.data.get("os_account")
+    return f"{event.actor_username} (shell account {shell})" if shell else event.actor_username
+
+
 def _adopted(data: dict) -> str:
     """What an adopted right is, in a few words."""
     if "changed" in data:
@@ -185,7 +192,7 @@ def exceptions_rows(period: Period) -> Iterator[tuple]:
         events = events.filter(Q(data__application=period.application) | Q(object_repr__startswith=period.application))
     for e in events.filter(action__endswith=".refused").order_by("seq").iterator(chunk_size=ITERATOR_CHUNK):
         yield ("refusal", "refused", e.created_at, e.data.get("deployment_id", ""), e.data.get("application", ""),
-               e.data.get("environment", ""), e.data.get("version", ""), e.actor_username, e.code,
+               e.data.get("environment", ""), e.data.get("version", ""), _actor(e), e.code,
                f"{e.action}: {e.data.get('detail', '')}", e.seq)
     # A group's new member holds whatever the group holds, whatever the application: listed in every report.
     grants = (events.filter(action="environment.grant") | in_period.filter(action="group.add_member")).exclude(
@@ -194,12 +201,12 @@ def exceptions_rows(period: Period) -> Iterator[tuple]:
         who = e.data.get("user") or f"group {e.data.get('group')}"
         what = (f"{e.data.get('permission')} on {e.data.get('environment')} to {who}" if e.action == "environment.grant"
                 else f"{e.data.get('user')} added to group {e.data.get('group')}")
-        yield ("grant", "granted", e.created_at, "", "", "", "", e.actor_username, e.action, what, e.seq)
+        yield ("grant", "granted", e.created_at, "", "", "", "", _actor(e), e.action, what, e.seq)
 
     # Rights found made outside the portal (or before it audited them) and recorded by adopt_rights.
     adopted = in_period.filter(action__in=reconcile.ADOPTED_ACTIONS, data__has_key="adopted").order_by("seq")
     for e in adopted.iterator(chunk_size=ITERATOR_CHUNK):
-        yield ("adopted_right", "adopted", e.created_at, "", "", "", "", e.actor_username, "RIGHT_MADE_OUTSIDE_PORTAL",
+        yield ("adopted_right", "adopted", e.created_at, "", "", "", "", _actor(e), "RIGHT_MADE_OUTSIDE_PORTAL",
                f"{e.action} {e.object_repr}: {_adopted(e.data)}; reason: {e.data.get('adopted')}", e.seq)
 
     changes = ControlChange.objects.filter(proposed_at__gte=period.since, proposed_at__lt=period.until).select_related(

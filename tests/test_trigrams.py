@@ -1,15 +1,21 @@
 """The migrations that build trigram indexes create PostgreSQL's pg_trgm first, and go on with a warning
 where the database role may not create it (the searches then read their tables whole): checked with a
-real role that holds no CREATE right, on a database of its own."""
+real role that holds no CREATE right, on a database of its own. `create_search_indexes` builds them
+later, once the extension can be had."""
 
+import io
 import logging
 
 import psycopg
 import pytest
+from django.core.management import CommandError, call_command
 from django.db import connection, connections
 from django.db.backends.postgresql.base import DatabaseWrapper
 
 from core.trigrams import pg_trgm_available
+from portal.management.commands.create_search_indexes import _AUDIT, search_indexes
+
+SEARCH_TEXT_SQL = _AUDIT.SEARCH_TEXT_SQL
 
 pytestmark = pytest.mark.skipif(connection.vendor != "postgresql", reason="pg_trgm is PostgreSQL's")
 
@@ -69,3 +75,62 @@ def test_a_role_that_may_create_it_gets_it(bare_database):
     with owner.schema_editor() as editor:
         assert pg_trgm_available(editor, without="-") is True
     assert _has_pg_trgm(owner)
+
+
+def _search_indexes(wrapper) -> dict[str, bool]:
+    """The search indexes there, each with whether it is valid."""
+    with wrapper.cursor() as cursor:
+        cursor.execute("SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+                       " WHERE c.relname = ANY(%s)", [[name for name, _, _ in search_indexes()]])
+        return dict(cursor.fetchall())
+
+
+def test_create_search_indexes_tells_a_role_that_may_not_create_pg_trgm_what_a_superuser_must_run(bare_database):
+    bare_database(ROLE)
+    with pytest.raises(CommandError) as refused:
+        call_command("create_search_indexes", "--database", ROLE, stdout=io.StringIO())
+    assert f"pg_trgm cannot be created by the role '{ROLE}'" in str(refused.value)
+    assert f"in the database '{DATABASE}': CREATE EXTENSION pg_trgm; then run this command again" in str(refused.value)
+
+
+@pytest.fixture
+def without_search_indexes(transactional_audit_db):
+    """The test database as a portal migrated by a role without pg_trgm left it: no search index (and
+    whatever the test leaves, built again afterwards)."""
+    with connection.cursor() as cursor:
+        for name, _, _ in search_indexes():
+            cursor.execute(f"DROP INDEX IF EXISTS {name}")
+    yield
+    call_command("create_search_indexes", stdout=io.StringIO())
+
+
+def test_create_search_indexes_builds_what_the_migrations_could_not_and_then_changes_nothing(without_search_indexes):
+    assert _search_indexes(connection) == {}
+    out = io.StringIO()
+    call_command("create_search_indexes", stdout=out)
+    assert _search_indexes(connection) == {name: True for name, _, _ in search_indexes()}
+    assert "5 index(es) built" in out.getvalue() and "building (concurrently" in out.getvalue()
+
+    # what the audit list's search reads: the index the migration defines, chosen by the planner
+    with connection.cursor() as cursor:
+        cursor.execute("SET enable_seqscan = off")
+        cursor.execute(f"EXPLAIN SELECT seq FROM audit_auditevent WHERE {SEARCH_TEXT_SQL} LIKE '%%BOB%%'")
+        plan = "\n".join(row[0] for row in cursor.fetchall())
+        cursor.execute("RESET enable_seqscan")
+    assert "auditevent_search_trgm" in plan, plan
+
+    again = io.StringIO()
+    call_command("create_search_indexes", stdout=again)
+    assert "Every search index is there." in again.getvalue() and "building" not in again.getvalue()
+
+
+def test_create_search_indexes_builds_again_an_index_a_failed_concurrent_build_left_invalid(without_search_indexes):
+    call_command("create_search_indexes", stdout=io.StringIO())
+    with connection.cursor() as cursor:  # what a concurrent build that fails leaves behind
+        cursor.execute("UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'release_version_trgm_idx'::regclass")
+    assert _search_indexes(connection)["release_version_trgm_idx"] is False
+    out = io.StringIO()
+    call_command("create_search_indexes", stdout=out)
+    assert "release_version_trgm_idx on releases_release: invalid (a build that failed), dropped." in out.getvalue()
+    assert _search_indexes(connection) == {name: True for name, _, _ in search_indexes()}
+    assert "1 index(es) built" in out.getvalue()

@@ -1,3 +1,4 @@
+import csv
 import os
 import pwd
 import socket
@@ -10,6 +11,7 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.core.management import CommandError, call_command
 from django.test import Client
+from django.utils import timezone
 
 from access.models import ApiToken
 from access.services import token_actor, token_revoke
@@ -91,7 +93,7 @@ def test_demo_data_builds_the_demo_and_twice_changes_nothing(db, demo_mode):
     assert list(reconcile.accounts()) == []  # every account, flag and permission made through the portal
 
 
-def test_create_admin_makes_the_first_administrator_on_the_audit_chain(db, monkeypatch):
+def test_create_admin_makes_the_first_administrator_on_the_audit_chain(db, monkeypatch, tmp_path):
     """A new installation's first account, made through the portal: the exceptions report finds nothing
     of it to question (createsuperuser's account would be made outside the portal)."""
     monkeypatch.setattr(sys, "stdin", StringIO("a long pass phrase\n"))
@@ -123,6 +125,14 @@ def test_create_admin_makes_the_first_administrator_on_the_audit_chain(db, monke
     assert list(reconcile.accounts()) == [] and chain.verify().ok
     event = AuditEvent.objects.filter(action="user.change", object_repr="outside").first()
     assert (event.via, event.data["adopted"]) == ("command", "the first administrator, made with createsuperuser")
+    # the exceptions report names whose shell it was on the row itself
+    today, report = timezone.now().date().isoformat(), tmp_path / "exceptions.csv"
+    run("sox_report", "exceptions", "--since", today, "--until", today, "-o", str(report))
+    with report.open(newline="") as rows:
+        adopted = [row for row in csv.DictReader(rows) if row["kind"] == "adopted_right"]
+    shell = event.data["os_account"]
+    assert len(adopted) == 2 and {row["actor"] for row in adopted} == {f"system (shell account {shell})"}
+    assert shell.endswith(f" on {socket.gethostname()}")
 
 
 def test_create_token_prints_the_token_last(db, demo_mode):
