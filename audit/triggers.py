@@ -12,6 +12,7 @@ empty the tables afterwards (see tests/conftest.py); nothing in the portal calls
 """
 
 from django.db import migrations
+from django.db.migrations.exceptions import IrreversibleError
 
 PG_FUNCTION = """
 CREATE OR REPLACE FUNCTION portal_refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -133,3 +134,19 @@ def migration_operation(table: str, *, reinstall: bool = False):
         drop(schema_editor.connection, table)
 
     return migrations.RunPython(forward, migrations.RunPython.noop if reinstall else backward)
+
+
+def keep_seals():
+    """A migration operation, the last of a migration that brought seals in, so the first to run when it
+    is migrated back: it refuses while any event holds a seal, since going back would narrow or drop the
+    column, and with it the evidence of which events the portal wrote (audit.seal). Forwards nothing."""
+
+    def refuse(apps, schema_editor):
+        with schema_editor.connection.cursor() as cursor:
+            cursor.execute("SELECT EXISTS (SELECT 1 FROM audit_auditevent WHERE seal IS NOT NULL)")
+            if cursor.fetchone()[0]:
+                raise IrreversibleError(
+                    "The audit events are sealed: migrating the audit app back would narrow or drop their seals, "
+                    "the evidence of which events the portal wrote. Keep the audit app's migrations where they are.")
+
+    return migrations.RunPython(migrations.RunPython.noop, refuse, elidable=False)

@@ -4,7 +4,7 @@ unique (an event copied with its seal is refused)."""
 
 from django.db import migrations, models
 
-from audit.triggers import migration_operation
+from audit.triggers import keep_seals, migration_operation
 
 
 class Migration(migrations.Migration):
@@ -25,4 +25,5 @@ class Migration(migrations.Migration):
         ),
         # SQLite's guard against replacing inserts refuses a second row of each unique key: seals now too.
         migration_operation("audit_auditevent", reinstall=True),
+        keep_seals(),  # migrated back, first: refused over sealed events
     ]

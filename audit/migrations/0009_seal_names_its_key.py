@@ -7,6 +7,8 @@ lose its append-only triggers: only Django's state changes."""
 
 from django.db import migrations, models
 
+from audit.triggers import keep_seals
+
 
 def widen(apps, schema_editor):
     if schema_editor.connection.vendor == "postgresql":
@@ -32,4 +34,5 @@ class Migration(migrations.Migration):
             )],
             database_operations=[migrations.RunPython(widen, narrow, elidable=False)],
         ),
+        keep_seals(),  # migrated back, first: refused over sealed events
     ]

@@ -5,12 +5,14 @@ import pytest
 from auditlog.models import LogEntry
 from django.core.management import call_command
 from django.db import DatabaseError, connection, transaction
+from django.db.migrations.exceptions import IrreversibleError
+from django.db.migrations.recorder import MigrationRecorder
 
 from audit import chain, triggers
 from audit.models import AuditEvent
 from environments.models import Approval
 from releases.models import Implementer, ReleaseIssue
-from tests.conftest import person
+from tests.conftest import SYSTEM, person
 
 sqlite_only = pytest.mark.skipif(connection.vendor != "sqlite", reason="REPLACE exists on SQLite only")
 
@@ -148,4 +150,17 @@ def test_migrate_puts_back_triggers_a_table_rebuild_dropped(db):
     """SQLite rebuilds a table for most ALTERs, losing its triggers; every migrate reinstalls them."""
     triggers.drop(connection, "releases_release")
     call_command("migrate", verbosity=0, interactive=False)
+    assert_every_guarded_table_has_its_triggers()
+
+
+def test_migrating_the_audit_app_back_over_sealed_events_is_refused_and_changes_nothing(transactional_audit_db):
+    """Going back past audit/0009 or audit/0008 would narrow or drop the seals (on SQLite, remake the table
+    without its triggers): refused while an event holds one."""
+    event = chain.append(actor=SYSTEM, action="test.sealed", data={"n": 1})
+    assert event.seal
+    with pytest.raises(IrreversibleError, match="The audit events are sealed"):
+        call_command("migrate", "audit", "0007", verbosity=0, interactive=False)
+    assert AuditEvent.objects.get(pk=event.pk).seal == event.seal
+    assert MigrationRecorder(connection).migration_qs.filter(app="audit", name="0009_seal_names_its_key").exists()
+    assert chain.verify().ok
     assert_every_guarded_table_has_its_triggers()
