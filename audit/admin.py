@@ -41,6 +41,12 @@ SEARCH_COLUMNS = ("actor_username", "object_repr", "object_id", "action", "code"
 SEARCH_TEXT_SQL = "UPPER(" + " || chr(31) || ".join(f'"audit_auditevent"."{c}"' for c in SEARCH_COLUMNS) + ")"
 
 
+class CodeFilter(IndexedValuesFilter):
+    """By refusal code; an event that is no refusal has none."""
+
+    empty_label = "none (not a refusal)"
+
+
 @admin.register(AuditEvent)
 class AuditEventAdmin(ReadOnlyAdmin):
     """Read-only: the chain is written by services and verified by `verify_audit`. The list stays fast
@@ -48,7 +54,7 @@ class AuditEventAdmin(ReadOnlyAdmin):
     from indexes, the count capped or estimated."""
 
     list_display = ["seq", "created_at", "who", "what", "code", "object_repr"]
-    list_filter = [("action", IndexedValuesFilter), ("code", IndexedValuesFilter), ("via", IndexedValuesFilter)]
+    list_filter = [("action", IndexedValuesFilter), ("code", CodeFilter), ("via", IndexedValuesFilter)]
     search_fields = list(SEARCH_COLUMNS)  # as the admin searches on SQLite; see get_search_results
     search_help_text = ("Who acted (a user name, ci:<token>, system), the object (MAC 1.4.0, a deployment's "
                         "number), an action (deployment.approve) or a refusal's rule (SOD_IMPLEMENTER_APPROVER). "

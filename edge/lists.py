@@ -101,11 +101,17 @@ class IndexedValuesFilter(admin.AllValuesFieldListFilter):
     events); this walks the column's index from one value to the next (a recursive query, one index
     probe per distinct value, on PostgreSQL and SQLite alike)."""
 
+    empty_label = "(empty)"  # how the choice of rows whose value is "" reads (Django would show no text)
+
     def __init__(self, field, request, params, model, model_admin, field_path):
         super().__init__(field, request, params, model, model_admin, field_path)
         if field_path != field.name or field.null:
             raise ValueError(f"{field_path}: an indexed, non-null column of the listed table")
         self.lookup_choices = indexed_values(model, field.name, request)
+
+    def choices(self, changelist):
+        for choice in super().choices(changelist):
+            yield {**choice, "display": self.empty_label} if choice["display"] == "" else choice
 
 
 def indexed_values(model, field_name: str, request=None) -> list:

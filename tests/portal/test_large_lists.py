@@ -182,6 +182,10 @@ def test_audit_filters_offer_every_value_read_from_the_index(client, world, root
     assert not any("DISTINCT" in sql for sql in response.sql)
     chosen = listing(client, root, AUDIT, action="deployment.finish").context["cl"]
     assert {e.action for e in chosen.result_list} == {"deployment.finish"}
+    # the events without a code (no refusal) are a choice with words, not an empty link
+    assert '<a href="?code=">none (not a refusal)</a>' in response.content.decode()
+    plain = listing(client, root, AUDIT, code="").context["cl"]
+    assert plain.result_count == AuditEvent.objects.filter(code="").count() > 0
 
 
 def test_the_date_hierarchy_offers_the_periods_that_hold_a_row_without_reading_them_all(client, world, root):
