@@ -188,13 +188,20 @@ def test_audit_filters_offer_every_value_read_from_the_index(client, world, root
     assert plain.result_count == AuditEvent.objects.filter(code="").count() > 0
 
 
-def test_the_date_hierarchy_offers_the_periods_that_hold_a_row_without_reading_them_all(client, world, root):
+def january_and_march(world) -> Deployment:
+    """The six deployments of three_in_staging, the first asked for on 15 January 2026, the others on 2
+    March; returns the second."""
     three_in_staging(world)
-    first, second, *rest = Deployment.objects.order_by("id")
+    first, *rest = Deployment.objects.order_by("id")
     Deployment.objects.filter(pk=first.pk).update(requested_at=dt.datetime(2026, 1, 15, 9, tzinfo=dt.UTC))
+    march = dt.datetime(2026, 3, 2, 9, tzinfo=dt.UTC)
+    Deployment.objects.filter(pk__in=[d.pk for d in rest]).update(requested_at=march)
+    return rest[0]
+
+
+def test_the_date_hierarchy_offers_the_periods_that_hold_a_row_without_reading_them_all(client, world, root):
+    second = january_and_march(world)
     Deployment.objects.filter(pk=second.pk).update(requested_at=dt.datetime(2026, 3, 4, 9, tzinfo=dt.UTC))
-    Deployment.objects.filter(pk__in=[d.pk for d in rest]).update(
-        requested_at=dt.datetime(2026, 3, 2, 9, tzinfo=dt.UTC))
 
     months = listing(client, root, DEPLOYMENTS)
     page = months.content.decode()
@@ -212,6 +219,24 @@ def test_the_date_hierarchy_offers_the_periods_that_hold_a_row_without_reading_t
     # each day offered lists its rows
     day = listing(client, root, DEPLOYMENTS, requested_at__year=2026, requested_at__month=3, requested_at__day=4)
     assert [d.pk for d in day.context["cl"].result_list] == [second.pk]
+
+
+def test_a_search_finding_more_than_the_limit_offers_every_period_between_without_probing(client, world, root,
+                                                                                          settings):
+    """Each query over a search that finds many rows pays for finding them again (a second at a million
+    rows): there the hierarchy offers the calendar between its first and last row, as the whole list did
+    before; a search that finds few is probed as any list."""
+    january_and_march(world)
+    settings.PORTAL_EXACT_COUNT_LIMIT = 10
+    probed = listing(client, root, DEPLOYMENTS, q="BIZPLAT-1")
+    assert "requested_at__month=2&" not in probed.content.decode()
+    assert any("WITH periods" in sql for sql in probed.sql)
+
+    settings.PORTAL_EXACT_COUNT_LIMIT = 2
+    many = listing(client, root, DEPLOYMENTS, q="BIZPLAT-1")
+    assert len(many.context["cl"].result_list) == 6  # counted only up to the limit on PostgreSQL
+    assert all(f"requested_at__month={m}&" in many.content.decode() for m in (1, 2, 3))
+    assert not any("WITH periods" in sql for sql in many.sql)
 
 
 def test_the_date_hierarchys_probes_are_one_query_whatever_the_gaps(client, world, root):
