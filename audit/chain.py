@@ -11,7 +11,7 @@ import os
 import queue
 import threading
 from collections.abc import Iterable, Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from uuid import UUID
@@ -220,12 +220,8 @@ def append(
                                  event.object_type, event.object_id, event.object_repr, event.code, event.data)
         demo = seal.sealing_with_demo_key()
         if connection.vendor == "postgresql" and parts is not None and not _server_side_binding() and not demo:
-            if (together := _together()) is not None:
-                together.append(_ready(event, parts))  # written when the block ends (appended_together)
-            else:
-                _append_postgresql(event, parts)
+            _append_postgresql(event, parts)
             return event
-        _write_pending()  # what a block put off goes first: the chain keeps the order of the appends
         last = _lock_chain_and_read_head()
         if last and last[2] is not None and settings.PORTAL_AUDIT_SEAL_KEY is None:
             raise ImproperlyConfigured(_NO_KEY)
@@ -240,80 +236,22 @@ def append(
     return event
 
 
-@contextmanager
-def appended_together():
-    """Inside a transaction, a block whose appends are written together when it ends, in one round trip
-    that takes the chain's lock: appends are serialized, and the lock is held from a transaction's first
-    append to its commit, so a service that appends several events among other writes (a release that
-    deploys itself, and supersedes an older one) holds every other writer back for all of them
-    otherwise. Each event is complete when `append` returns but for its position (`seq`, hashes, `pk`),
-    which it has once the block ends; its time is taken when it is appended, as always before the lock.
-
-    No savepoint may be opened in the block around an append: the events waiting would be written
-    inside it, and lost with it if it were rolled back while the writes they record stay (such an append
-    raises TransactionManagementError). An append that does not take PostgreSQL's one-round-trip form
-    writes those waiting and itself at once. A block inside another writes with the outer one. Nothing
-    is written where the block ends by an exception (its transaction ends too)."""
-    if not connection.in_atomic_block:
-        raise transaction.TransactionManagementError("appended_together() is used inside a transaction.")
-    if getattr(connection, "_chain_together", None) is not None:
-        yield
-        return
-    connection._chain_together = (_savepoints(), [])
-    try:
-        yield
-        _write_pending()
-    finally:
-        connection._chain_together = None
-
-
-def _together() -> list[_Ready] | None:
-    """The events waiting for the end of an appended_together block, if appends may wait here."""
-    together = getattr(connection, "_chain_together", None)
-    if together is None:
-        return None
-    savepoints, pending = together
-    if _savepoints() != savepoints:
-        raise transaction.TransactionManagementError(
-            "An audit event appended inside a savepoint opened in an appended_together() block: the events "
-            "waiting would be lost if the savepoint were rolled back.")
-    return pending
-
-
-def _savepoints() -> list[str]:
-    """The savepoints open on the connection (an atomic block without one, which cannot be rolled back
-    on its own, stands in Django's list as None)."""
-    return [sid for sid in connection.savepoint_ids if sid is not None]
-
-
-def _write_pending() -> None:
-    together = getattr(connection, "_chain_together", None)
-    if together is not None and together[1]:
-        pending = list(together[1])
-        together[1].clear()
-        _write_postgresql(pending)
-
-
 def _server_side_binding() -> bool:
     """Server-side binding sends each query on its own (extended protocol): no two statements in one."""
     return bool(connection.settings_dict.get("OPTIONS", {}).get("server_side_binding"))
 
 
-@dataclass
-class _Ready:
-    """An event whose text is built but for its position, and the INSERT that puts it at the head."""
+def _append_postgresql(event: AuditEvent, parts: tuple[str, str, str]) -> None:
+    """Lock, read the head and insert the event in one round trip, so that under the chain's lock there
+    are only this round trip and the caller's commit.
 
-    event: AuditEvent
-    prefix: str
-    after: str
-    sql: str
-    params: list
-
-
-def _ready(event: AuditEvent, parts: tuple[str, str, str]) -> _Ready:
-    """The canonical text is built here but for the event's position, which only the lock holder knows:
-    PostgreSQL puts it in and hashes the text as `link_hash` does. The time is taken now, before the lock
-    is asked for."""
+    The canonical text is built here but for the event's position, which only the lock holder knows:
+    PostgreSQL puts it in and hashes the text as `link_hash` does. The hash it returns is checked
+    against `link_hash` of the text this process expects; a mismatch raises and the caller's
+    transaction rolls back, so what the chain holds is always what this module defines. The time is
+    taken just before the lock is asked for. Two statements of one simple query, as in
+    `_lock_chain_and_read_head`: the INSERT takes its snapshot once the lock is granted.
+    """
     before, between, after = parts
     event.created_at = timezone.now()
     prefix = f"{before}{_string(iso(event.created_at))}{between}"
@@ -322,35 +260,17 @@ def _ready(event: AuditEvent, parts: tuple[str, str, str]) -> _Ready:
     params = [field.get_db_prep_save(getattr(event, field.attname), connection) for field in fields]
     sql, params = prepared(_append_sql(_typed_columns(tuple(fields))), [prefix, after, *params,
                                                                           event.seal is not None])
-    return _Ready(event, prefix, after, sql, params)
-
-
-def _append_postgresql(event: AuditEvent, parts: tuple[str, str, str]) -> None:
-    """Lock, read the head and insert the event in one round trip, so that under the chain's lock there
-    are only this round trip and the caller's commit (see _write_postgresql)."""
-    _write_postgresql([_ready(event, parts)])
-
-
-def _write_postgresql(events: list[_Ready]) -> None:
-    """The chain's lock, then each event's INSERT at the head, in one round trip: statements of one
-    simple query, as in `_lock_chain_and_read_head`, each INSERT taking its snapshot once the lock is
-    granted (and seeing the one before it). The hash PostgreSQL returns for each is checked against
-    `link_hash` of the text this process expects; a mismatch raises and the caller's transaction rolls
-    back, so what the chain holds is always what this module defines."""
     with connection.cursor() as cursor:
-        cursor.execute(_LOCK_SQL + "; ".join(r.sql for r in events), [p for r in events for p in r.params])
-        for ready in events:
-            if not cursor.nextset():
-                raise RuntimeError("The chain append returned no result.")
-            if (row := cursor.fetchone()) is None:  # the guard below: a sealed head, an unsealed event
-                raise ImproperlyConfigured(_NO_KEY)
-            event = ready.event
-            event.pk, event.seq, event.prev_hash, event.hash = row
-            event.canonical = f"{ready.prefix}{event.seq}{ready.after}"
-            if link_hash(event.prev_hash, event.canonical) != event.hash:
-                raise RuntimeError(
-                    f"The database hashed audit event {event.seq} differently from audit.chain.link_hash.")
-            event._state.adding, event._state.db = False, connection.alias
+        cursor.execute(_LOCK_SQL + sql, params)
+        if not cursor.nextset():
+            raise RuntimeError("The chain append returned no result.")
+        if (row := cursor.fetchone()) is None:  # the guard below: a sealed head, an unsealed event
+            raise ImproperlyConfigured(_NO_KEY)
+        event.pk, event.seq, event.prev_hash, event.hash = row
+    event.canonical = f"{prefix}{event.seq}{after}"
+    if link_hash(event.prev_hash, event.canonical) != event.hash:
+        raise RuntimeError(f"The database hashed audit event {event.seq} differently from audit.chain.link_hash.")
+    event._state.adding, event._state.db = False, connection.alias
 
 
 _POSITION = ("seq", "canonical", "prev_hash", "hash")  # what the database fills in under the lock

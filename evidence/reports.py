@@ -352,9 +352,8 @@ def audit_rows(period: Period, up_to_seq: int) -> Iterator[tuple]:
     """The period's events as one run of consecutive events: from the first event timed in the period
     to the last one, every event between them included, so that each link of the run can be checked.
 
-    An event's time is taken as its writer appends it, before the chain's lock (a release
-    registration's events are written together as its transaction ends), so along the chain a time can
-    be some milliseconds before the time of the event before it; such an event, between two events of the
+    An event's time is taken as its writer asks for the chain's lock, so along the chain a time can be
+    a few milliseconds before the time of the event before it; such an event, between two events of the
     period, is in the run even when its own time falls just outside the period (and an event at the
     period's edge may be left to the next period's run)."""
     timed = AuditEvent.objects.filter(created_at__gte=period.since, created_at__lt=period.until, seq__lte=up_to_seq)

@@ -140,9 +140,7 @@ def release_register(
             "reviewers": _norm_identities(pull_request.reviewers), "approved_at": pull_request.approved_at,
         },
     }
-    # Its events (the release's, its automatic deployment's, an older one superseded) are written
-    # together at the end, so that the chain's lock is held for one round trip and the commit.
-    with transaction.atomic(), chain.appended_together():
+    with transaction.atomic():
         # The application's row lock serializes registrations of its releases: a version that is not
         # there yet cannot be registered concurrently (a plain INSERT, no savepoint).
         reads = application_read(application, lock=True), _BUILD[False].later(application, build), _RELEASE.later(

@@ -6,7 +6,6 @@ from io import StringIO
 import pytest
 from django.core.management import call_command
 from django.db import DatabaseError, connection, transaction
-from django.test.utils import CaptureQueriesContext
 
 from audit import chain, triggers
 from audit.actors import Actor
@@ -260,52 +259,3 @@ def test_verify_in_several_processes_finds_a_removed_event_on_a_range_boundary(t
     split = chain.verify(workers=3)
     assert split == chain.verify(workers=1)
     assert (split.ok, split.count) == (False, 8)
-
-
-def _locks(queries) -> int:
-    return sum("pg_advisory_xact_lock" in q["sql"] for q in queries)
-
-
-def test_appended_together_writes_a_blocks_events_in_order_in_one_round_trip_when_it_ends(db):
-    before = chain.append(actor=ACTOR, action="test.before")
-    with CaptureQueriesContext(connection) as captured, transaction.atomic(), chain.appended_together():
-        events = [chain.append(actor=ACTOR, action="test.together", data={"n": n}) for n in range(3)]
-        waiting = [e.seq for e in events]
-        Environment.objects.count()  # other work in between
-    assert [e.seq for e in events] == [before.seq + 1, before.seq + 2, before.seq + 3]
-    assert [e.data["n"] for e in AuditEvent.objects.filter(action="test.together").order_by("seq")] == [0, 1, 2]
-    assert all(e.pk and e.hash == AuditEvent.objects.get(pk=e.pk).hash for e in events)
-    assert events[0].prev_hash == before.hash and events[2].prev_hash == events[1].hash
-    assert chain.verify().ok
-    if connection.vendor == "postgresql":  # one lock, taken once the block's work is done
-        sql = [q["sql"] for q in captured.captured_queries]
-        assert waiting == [None, None, None] and _locks(captured.captured_queries) == 1
-        counted = next(i for i, q in enumerate(sql) if "COUNT(*)" in q)
-        assert "pg_advisory_xact_lock" in sql[counted + 1]  # after the block's other work
-
-
-@pytest.mark.skipif(connection.vendor != "postgresql", reason="on SQLite every append is written at once")
-def test_an_append_in_a_savepoint_opened_in_the_block_is_refused_rather_than_risk_the_events_waiting(db):
-    """Written inside the savepoint, the events waiting would go if it were rolled back, while the writes
-    they record stay: refused, and the whole transaction with it."""
-    with pytest.raises(transaction.TransactionManagementError, match="inside a savepoint"), transaction.atomic(), \
-            chain.appended_together():
-        chain.append(actor=ACTOR, action="test.kept")
-        with transaction.atomic():
-            chain.append(actor=ACTOR, action="test.in_savepoint")
-    assert not AuditEvent.objects.filter(action__startswith="test.").exists()
-    assert chain.verify().ok
-
-
-def test_a_block_ended_by_an_exception_writes_nothing(db):
-    with pytest.raises(RuntimeError), transaction.atomic(), chain.appended_together():
-        chain.append(actor=ACTOR, action="test.lost")
-        raise RuntimeError("failed")
-    assert not AuditEvent.objects.filter(action="test.lost").exists()
-    chain.append(actor=ACTOR, action="test.after")
-    assert chain.verify().ok
-
-
-def test_appended_together_is_used_inside_a_transaction(transactional_audit_db):
-    with pytest.raises(transaction.TransactionManagementError), chain.appended_together():
-        pass

@@ -13,7 +13,6 @@ from django.test.utils import CaptureQueriesContext
 from access.models import ApiToken
 from access.services import token_create
 from audit import chain
-from audit.models import AuditEvent
 from environments import services as env_services
 from tests.conftest import SYSTEM, person
 
@@ -132,39 +131,5 @@ def test_a_release_that_deploys_itself_costs_the_same_at_any_history(world, clie
     together = (TOGETHER_AUTO_DEPLOY, TOGETHER_AUTO_DEPLOY, TOGETHER_SUPERSEDING)
     if connection.vendor != "postgresql":
         together = (0, 0, 0)
-
-    def appends(n: int) -> int:
-        # On PostgreSQL a registration's events are written together, in one round trip, at its end
-        # (audit.chain.appended_together); elsewhere one by one.
-        return per_append if connection.vendor == "postgresql" else n * per_append
-
-    assert (first - appends(3), second - appends(2), third - appends(3)) == tuple(
+    assert (first - 3 * per_append, second - 2 * per_append, third - 3 * per_append) == tuple(
         n - t for n, t in zip(AUTO_DEPLOY, together, strict=True))
-
-
-@pytest.mark.skipif(connection.vendor != "postgresql", reason="SQLite writes each event at once, under its own lock")
-def test_a_release_that_deploys_itself_takes_the_chains_lock_once_for_its_events_after_its_other_work(world,
-                                                                                                     client):
-    """The release's event, its automatic deployment's and the superseded one's are written together,
-    after every other statement of the registration: every other writer waits for one round trip."""
-    _, token = token_create(actor=SYSTEM, kind=ApiToken.Kind.CI, name="jenkins", applications=[world.app])
-    world.qa.auto_deploy = True
-    world.qa.save(update_fields=["auto_deploy"])
-    for n in (1, 2):  # the first runs in QA, the second waits there
-        counts(world, client, token, n)
-    call(client, token, "POST", "/builds", {"application": "MAC", "number": "b3", "commit": "a1b2c3",
-                                            "branch": "feature/BIZPLAT-1-x", "status": "successful"})
-    headers = {"HTTP_AUTHORIZATION": f"Bearer {token}"}
-    with CaptureQueriesContext(connection) as captured:
-        response = client.post("/api/v1/releases", json.dumps({
-            "application": "MAC", "version": "9.3", "build": "b3", "artifact_url": "file:///a.tgz",
-            "artifact_sha256": SHA, "issue_keys": ["BIZPLAT-1"], "implementers": ["alice@example.com"]}),
-            content_type="application/json", **headers)
-    assert response.status_code == 201, response.content
-    sql = [q["sql"] for q in captured.captured_queries]
-    locks = [i for i, q in enumerate(sql) if "pg_advisory_xact_lock" in q]
-    writes = [i for i, q in enumerate(sql) if q.startswith(("INSERT", "UPDATE"))]
-    assert len(locks) == 1 and max(writes) < locks[0], sql
-    head = AuditEvent.objects.order_by("-seq")[:3]
-    assert [e.action for e in reversed(head)] == ["release.register", "deployment.request", "deployment.supersede"]
-    assert chain.verify().ok
