@@ -66,6 +66,31 @@ def _manage(env, *args, timeout=120):
     return done.stdout
 
 
+def _asks_for_the_database(item) -> bool:
+    """Whether pytest-django sets up the test database for this test (as it decides: a django_db
+    marker, or one of its database fixtures)."""
+    return bool(item.get_closest_marker("django_db")) or bool(
+        {"db", "transactional_db", "live_server"} & set(getattr(item, "fixturenames", ())))
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup, django_db_blocker, request):
+    """The test database, also when only browser tests run: pytest-django sets up the databases of the
+    selected tests that ask for one, and a browser test uses it only through the portal's processes.
+    Without this, `pytest tests/browser/test_admin.py` would have served (and at its end flushed) the
+    database the settings name outside tests: a developer's own demo."""
+    if any(_asks_for_the_database(item) for item in request.session.items):
+        yield  # pytest-django's own set it up
+        return
+    from django.test.utils import setup_databases, teardown_databases
+
+    with django_db_blocker.unblock():
+        databases = setup_databases(verbosity=0, interactive=False, aliases={"default"})
+    yield
+    with django_db_blocker.unblock():
+        teardown_databases(databases, verbosity=0)
+
+
 @pytest.fixture(scope="package")
 def portal(django_db_setup, django_db_blocker, tmp_path_factory):
     """The portal and its worker, serving the demo from the test database."""
