@@ -60,11 +60,12 @@ class PortalAdminSite(admin.AdminSite):
             deployment.queue_entry = entries.get(deployment.pk)
         exceptions, actor = env_selectors.open_exceptions(), admin_actor(request)
         waiting = env_selectors.awaiting_decision_of(actor)
-        decisions = env_selectors.review_decisions(actor, exceptions)
+        decisions, reviews = env_selectors.review_decisions(actor, exceptions), []
         for x in exceptions:  # one the person may not review says why, in the rule's own sentence
             decision = decisions.get(x["deployment"].pk)
             x["why_not"] = None if decision is None else decision.refusal
-        reviews = [x["deployment"] for x in exceptions if x["deployment"].pk in decisions and x["why_not"] is None]
+            if decision is not None and decision.allowed:
+                reviews.append(x["deployment"])
         return {
             "board": board, "waiting_count": len(waiting) + len(reviews),
             "waiting_for_me": waiting,
