@@ -23,12 +23,12 @@ import hashlib
 import itertools
 import re
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from django.core.exceptions import EmptyResultSet
 from django.db import DEFAULT_DB_ALIAS, connections
-from django.db.models import Model, QuerySet
+from django.db.models import Field, Model, QuerySet
 from django.db.transaction import TransactionManagementError
 from django.utils import timezone
 from psycopg import sql as psycopg_sql
@@ -322,3 +322,73 @@ def model_fields(model: type[Model]) -> list[str]:
     """The attnames of a model's fields, in its order: values(*model_fields(M)) reads whole rows for
     CompiledRead.instances()."""
     return [f.attname for f in model._meta.concrete_fields]
+
+
+def insert_new(instance: Model, *, children: Sequence[Model] = (), using: str = DEFAULT_DB_ALIAS) -> bool:
+    """INSERT an unsaved instance in one prepared statement, unless a row with the same values of a
+    unique constraint is there (`ON CONFLICT DO NOTHING`, on PostgreSQL and SQLite alike). True when
+    inserted, the instance then as if saved (its primary key set); False when the row was there (on
+    PostgreSQL, once a transaction still inserting it has committed), the instance left unsaved.
+    `children`: unsaved rows of one model whose foreign key points at the instance's model, inserted
+    with it (on PostgreSQL in the same statement, a data-modifying WITH; elsewhere right after it),
+    their foreign key set to it; they are not read back (their primary keys stay unset).
+
+    A row the caller's own lock does not guard can be created this way without a savepoint and
+    without serializing every writer on a parent row's lock. The models' save machinery is not run:
+    only for models no signal listens to (auto_now fields are filled in as save() fills them)."""
+    connection = connections[using]
+    model = type(instance)
+    params = _insert_params(instance, connection)
+    child_model, link = (type(children[0]), _link(type(children[0]), model)) if children else (None, None)
+    together_ = connection.vendor == "postgresql" and children
+    for child in children if together_ else ():
+        params += _insert_params(child, connection, without=link)
+    sql = _insert_new_sql(model, using, (child_model, link, len(children)) if together_ else None)
+    rows = fetch(sql, params, using=using)
+    if not rows:
+        return False
+    instance.pk = rows[0][0]
+    instance._state.adding, instance._state.db = False, using
+    for child in children:
+        setattr(child, link.name, instance)
+    if children and not together_:
+        child_model.objects.using(using).bulk_create(children)
+    return True
+
+
+def _link(child: type[Model], parent: type[Model]) -> Field:
+    """The one foreign key of `child` to `parent`."""
+    links = [f for f in child._meta.concrete_fields if f.is_relation and f.related_model is parent]
+    if len(links) != 1:
+        raise ValueError(f"{child.__name__} has not exactly one foreign key to {parent.__name__}.")
+    return links[0]
+
+
+def _insert_params(instance: Model, connection, without: Field | None = None) -> list:
+    return [field.get_db_prep_save(field.pre_save(instance, True), connection)
+            for field in _inserted_fields(type(instance)) if field is not without]
+
+
+@functools.cache
+def _inserted_fields(model: type[Model]) -> tuple:
+    return tuple(f for f in model._meta.concrete_fields if not f.primary_key)
+
+
+@functools.cache
+def _insert_new_sql(model: type[Model], using: str, children: tuple | None) -> str:
+    connection = connections[using]
+    quote = connection.ops.quote_name
+    fields = _inserted_fields(model)
+    insert = (f"INSERT INTO {quote(model._meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "
+              f"VALUES ({', '.join(['%s'] * len(fields))})")
+    if children is None:
+        return f"{insert} ON CONFLICT DO NOTHING RETURNING {quote(model._meta.pk.column)}"
+    child, link, count = children
+    values = [f for f in _inserted_fields(child) if f is not link]
+    row = f"({', '.join(f'CAST(%s AS {f.db_type(connection)})' for f in values)})"
+    names = ", ".join(quote(f.column) for f in values)
+    return (f"WITH parent AS ({insert} ON CONFLICT DO NOTHING RETURNING {quote(model._meta.pk.column)}), "
+            f"children AS (INSERT INTO {quote(child._meta.db_table)} ({quote(link.column)}, {names}) "
+            f"SELECT parent.{quote(model._meta.pk.column)}, {names} FROM parent, "
+            f"(VALUES {', '.join([row] * count)}) AS v({names})) "
+            f"SELECT {quote(model._meta.pk.column)} FROM parent")

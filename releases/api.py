@@ -218,8 +218,8 @@ def unseen_as_missing(application: str):
 def register_build(request: HttpRequest, body: BuildIn):
     with unseen_as_missing(body.application):
         build, created = services.build_register(
-            actor=actor_of(request), application=body.application, number=body.number, commit=body.commit,
-            branch=body.branch, url=body.url, status=body.status,
+            actor=lambda: actor_of(request), alongside=(request.auth.lookup,), application=body.application,
+            number=body.number, commit=body.commit, branch=body.branch, url=body.url, status=body.status,
             tests=None if body.tests is None else services.TestCounts(body.tests.passed, body.tests.failed,
                                                                       body.tests.skipped),
         )

@@ -20,12 +20,14 @@ from releases.models import Application, Build, BuildIssue, Implementer, Release
 
 
 def _applications(name, within=None, *, lock: bool):
-    applications = Application.objects.select_for_update() if lock else Application.objects
+    # FOR NO KEY UPDATE: it serializes the lockers (a release registration) without holding back the
+    # foreign-key checks of rows that point at the application (a build being registered meanwhile).
+    applications = Application.objects.select_for_update(no_key=True) if lock else Application.objects
     return _within(applications.filter(name=name), within, "pk").order_by("name").values(
         *model_fields(Application))[:1]
 
 
-# Every API call that names an application reads it (and every registration locks it): compiled
+# Every API call that names an application reads it (and every release registration locks it): compiled
 # once per variant (core.compiled), by (lock, limited to some applications).
 _APPLICATION = {
     (lock, limited): CompiledRead(functools.partial(_applications, lock=lock), str, *([(int,)] if limited else []))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from django.contrib.auth import get_user_model
@@ -16,7 +17,7 @@ from audit.actors import Actor
 from audit.models import AuditEvent
 from audit.services import refused
 from core import events
-from core.compiled import CompiledRead, model_fields, together
+from core.compiled import CompiledRead, Pending, insert_new, model_fields, together
 from environments import policy
 from releases.models import Application, Build, BuildIssue, Implementer, Release, ReleaseIssue, VcsAlias
 from releases.selectors import application_of, application_read
@@ -53,33 +54,40 @@ class TestCounts:
 
 
 def build_register(
-    *, actor: Actor, application: str, number: str, commit: str, branch: str, url: str = "",
-    status: str, tests: TestCounts | None = TestCounts(),
+    *, actor: Actor | Callable[[], Actor], application: str, number: str, commit: str, branch: str, url: str = "",
+    status: str, tests: TestCounts | None = TestCounts(), alongside: tuple[Pending, ...] = (),
 ) -> tuple[Build, bool]:
     """Register a CI build, or update one still in progress. Returns (build, created).
 
     A finished build never changes: the same report again is accepted, anything else refused. A report
-    without test counts (`tests=None`) leaves a build's as they are (a new build's are 0).
+    without test counts (`tests=None`) leaves a build's as they are (a new build's are 0). `actor` may
+    be asked for once the first reads are in, with the reads `alongside` (the API's token lookup) in
+    their round trip: before anything is written.
     """
     fields = {"commit": commit, "branch": branch, "url": url, "status": status}
     if tests is not None:
         fields.update(tests_passed=tests.passed, tests_failed=tests.failed, tests_skipped=tests.skipped)
     with transaction.atomic():
-        # The application's row lock serializes registrations of its builds, so a build that is not
-        # there yet cannot be created concurrently: a plain INSERT, no savepoint.
-        app, existing = application_read(application, lock=True), _BUILD[True].later(application, number)
-        together(app, existing)  # the application's lock first, then its build
+        # No lock on the application: registrations of its builds run side by side (CI registers one
+        # for every commit of every branch). A build already there is locked as it is read, so that
+        # two updates of it run one after the other; a new one is inserted unless the same number
+        # arrived meanwhile, which is then read (locked) and answered as a repeat or an update.
+        app, existing = application_read(application), _BUILD[True].later(application, number)
+        together(*alongside, app, existing)
+        actor = actor() if callable(actor) else actor
         app = application_of(app, application)
         if refusal := policy.check_may_register(actor, app, "releases.add_build"):
             error = refused(actor=actor, action="build.register", refusal=refusal, obj=app, data={"number": number})
         else:
             build = _first(existing.instances(Build))
             if build is None:
-                build = Build.objects.create(application=app, number=number, **fields)
-                keys = _record_build_issues(app, build)
-                chain.append(actor=actor, action="build.register", obj=build,
-                             data={**fields, "number": number, "issue_keys": keys})
-                return build, True
+                build = Build(application=app, number=number, **fields)
+                keys = app.issue_keys_in(branch)  # the rows are append-only, and a build's branch never changes
+                if insert_new(build, children=[BuildIssue(key=k) for k in keys]):
+                    chain.append(actor=actor, action="build.register", obj=build,
+                                 data={**fields, "number": number, "issue_keys": keys})
+                    return build, True
+                build = _BUILD[True].instances(Build, application, number)[0]  # registered meanwhile
             # a commit hash in either case is the same commit
             changed = {k: v for k, v in fields.items()
                        if getattr(build, k) != v and not (k == "commit" and build.commit.lower() == v.lower())}
@@ -95,14 +103,6 @@ def build_register(
                 chain.append(actor=actor, action="build.update", obj=build, data={"changed": changed})
                 return build, False
     raise error
-
-
-def _record_build_issues(app: Application, build: Build) -> list[str]:
-    """Store the issue keys named in a new build's branch (the rows are append-only, and a build's
-    branch never changes)."""
-    keys = app.issue_keys_in(build.branch)
-    BuildIssue.objects.bulk_create(BuildIssue(build=build, key=k) for k in keys)
-    return keys
 
 
 @dataclass(frozen=True)
