@@ -229,7 +229,9 @@ def dispatch_section(args, token_holder: dict):
         ["figure", "broker", "samples", "median ms", "p90 ms", "max ms", "to the claim, median ms",
          "claim to start, median ms", "target"],
         rows,
-        "Start: the ansible-playbook process's creation as the kernel records it (/proc/PID/stat, 10 ms ticks);"
+        "Start: the ansible-playbook process's creation as the kernel records it (/proc/PID/stat, 10 ms ticks,"
+        " taken at the middle of its tick: a figure is within 5 ms either way, so the baseline of a few"
+        " milliseconds may read a little below zero);"
         " an end: the deployment's finished_at, written just before the commit that also starts the next one."
         " `claim`: the engine's claim of the deployment (its audit event), which splits the figure into the"
         " broker's and worker's share and the engine's own preparation (Git checkout, runner set-up). "
