@@ -32,8 +32,17 @@ from core.times import iso
 GENESIS_HASH = "0" * 64
 # Arbitrary constant naming the advisory lock that serializes appends on PostgreSQL.
 CHAIN_LOCK_KEY = 7_341_120_001
-# On PostgreSQL every append starts with these: the chain's lock (held until commit), then the head.
-_LOCK_SQL = f"SELECT pg_advisory_xact_lock({int(CHAIN_LOCK_KEY)}); "
+# On PostgreSQL every append starts with these (_LOCK_SQL): the checks of the foreign keys the
+# transaction has written so far, then the chain's lock (held until commit), then the head. Django's
+# foreign keys are checked at commit (DEFERRABLE INITIALLY DEFERRED), and a check locks the row it points
+# at (FOR KEY SHARE): at commit it would be asked for under the chain's lock, and wait for a transaction
+# holding that row (a build being updated, an application being saved) which itself waits for the
+# chain: a deadlock. So they run first, outside the chain's lock, and the rest of the transaction's
+# checks are deferred again (_AFTER_LOCK_SQL, after the append's own statement; an audit event has no
+# foreign key: its actor is a plain number, so that it outlives the account).
+_LOCK_SQL = f"SET CONSTRAINTS ALL IMMEDIATE; SELECT pg_advisory_xact_lock({int(CHAIN_LOCK_KEY)}); "
+_LOCK_RESULTS = 2  # _LOCK_SQL's results, before the statement that follows it
+_AFTER_LOCK_SQL = "; SET CONSTRAINTS ALL DEFERRED"
 _HEAD_SQL = "SELECT seq, hash, seal FROM audit_auditevent ORDER BY seq DESC LIMIT 1"
 # Once the chain is sealed, a process without the seal key writes nothing (an unsealed event would stay in
 # the chain, and verify would stop at it for good).
@@ -153,11 +162,8 @@ def _lock_chain_and_read_head() -> tuple[int, str, str | None] | None:
     """
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
-            cursor.execute(
-                _LOCK_SQL + _HEAD_SQL
-            )
-            if not cursor.nextset():
-                raise RuntimeError("The chain head query returned no result set.")
+            cursor.execute(_LOCK_SQL + _HEAD_SQL + _AFTER_LOCK_SQL)
+            _skip_lock_results(cursor, "The chain head query returned no result set.")
             return cursor.fetchone()
     return AuditEvent.objects.order_by("-seq").values_list("seq", "hash", "seal").first()
 
@@ -261,9 +267,8 @@ def _append_postgresql(event: AuditEvent, parts: tuple[str, str, str]) -> None:
     sql, params = prepared(_append_sql(_typed_columns(tuple(fields))), [prefix, after, *params,
                                                                           event.seal is not None])
     with connection.cursor() as cursor:
-        cursor.execute(_LOCK_SQL + sql, params)
-        if not cursor.nextset():
-            raise RuntimeError("The chain append returned no result.")
+        cursor.execute(_LOCK_SQL + sql + _AFTER_LOCK_SQL, params)
+        _skip_lock_results(cursor, "The chain append returned no result.")
         if (row := cursor.fetchone()) is None:  # the guard below: a sealed head, an unsealed event
             raise ImproperlyConfigured(_NO_KEY)
         event.pk, event.seq, event.prev_hash, event.hash = row
@@ -271,6 +276,13 @@ def _append_postgresql(event: AuditEvent, parts: tuple[str, str, str]) -> None:
     if link_hash(event.prev_hash, event.canonical) != event.hash:
         raise RuntimeError(f"The database hashed audit event {event.seq} differently from audit.chain.link_hash.")
     event._state.adding, event._state.db = False, connection.alias
+
+
+def _skip_lock_results(cursor, missing: str) -> None:
+    """Move the cursor past _LOCK_SQL's results to the statement's own."""
+    for _ in range(_LOCK_RESULTS):
+        if not cursor.nextset():
+            raise RuntimeError(missing)
 
 
 _POSITION = ("seq", "canonical", "prev_hash", "hash")  # what the database fills in under the lock

@@ -24,7 +24,9 @@ from releases.selectors import application_of, application_read
 
 
 def _builds(application, number, *, lock: bool):
-    builds = Build.objects.select_for_update(of=("self",)) if lock else Build.objects
+    # FOR NO KEY UPDATE: an update of a build never changes its key, and the foreign-key check of a
+    # release cut from it (FOR KEY SHARE) need not wait for one.
+    builds = Build.objects.select_for_update(of=("self",), no_key=True) if lock else Build.objects
     return builds.filter(application__name=application, number=number).order_by("-created_at").values(
         *model_fields(Build))[:1]
 
@@ -69,25 +71,24 @@ def build_register(
         fields.update(tests_passed=tests.passed, tests_failed=tests.failed, tests_skipped=tests.skipped)
     with transaction.atomic():
         # No lock on the application: registrations of its builds run side by side (CI registers one
-        # for every commit of every branch). A build already there is locked as it is read, so that
-        # two updates of it run one after the other; a new one is inserted unless the same number
-        # arrived meanwhile, which is then read (locked) and answered as a repeat or an update.
-        app, existing = application_read(application), _BUILD[True].later(application, number)
+        # for every commit of every branch). A new build is inserted unless the same number arrived
+        # meanwhile; a build that is there (or arrived meanwhile) is read again, locked, so that two
+        # updates of it run one after the other. Nothing is locked before the actor is known.
+        app, existing = application_read(application), _BUILD[False].later(application, number)
         together(*alongside, app, existing)
         actor = actor() if callable(actor) else actor
         app = application_of(app, application)
         if refusal := policy.check_may_register(actor, app, "releases.add_build"):
             error = refused(actor=actor, action="build.register", refusal=refusal, obj=app, data={"number": number})
         else:
-            build = _first(existing.instances(Build))
-            if build is None:
+            if not existing.tuples():
                 build = Build(application=app, number=number, **fields)
                 keys = app.issue_keys_in(branch)  # the rows are append-only, and a build's branch never changes
                 if insert_new(build, children=[BuildIssue(key=k) for k in keys]):
                     chain.append(actor=actor, action="build.register", obj=build,
                                  data={**fields, "number": number, "issue_keys": keys})
                     return build, True
-                build = _BUILD[True].instances(Build, application, number)[0]  # registered meanwhile
+            build = _BUILD[True].instances(Build, application, number)[0]
             # a commit hash in either case is the same commit
             changed = {k: v for k, v in fields.items()
                        if getattr(build, k) != v and not (k == "commit" and build.commit.lower() == v.lower())}

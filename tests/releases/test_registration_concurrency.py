@@ -4,6 +4,7 @@ QA in); a build number or a release version reported by two CI runs at once is s
 release."""
 
 import hashlib
+import json
 import threading
 import time
 from collections import Counter
@@ -13,10 +14,12 @@ from django.db import connection, connections, transaction
 
 from audit import chain
 from audit.models import AuditEvent
+from core.decisions import PolicyRefusal
 from environments.models import Deployment
 from releases import services
-from releases.models import Build, BuildIssue, Release
+from releases.models import Application, Build, BuildIssue, Release
 from releases.selectors import application_get
+from tests.conftest import SYSTEM
 from tests.environments.test_concurrency import run_at_once
 
 pytestmark = [
@@ -25,8 +28,8 @@ pytestmark = [
 ]
 
 
-def register(world, number, status="successful", branch="feature/BIZPLAT-9-x"):
-    return services.build_register(actor=world.ci, application="MAC", number=number, commit="abc123",
+def register(world, number, status="successful", branch="feature/BIZPLAT-9-x", commit="abc123"):
+    return services.build_register(actor=world.ci, application="MAC", number=number, commit=commit,
                                    branch=branch, status=status)
 
 
@@ -63,41 +66,64 @@ def waiting_on_a_lock(count: int, seconds: float = 30) -> None:
     raise AssertionError(f"{count} session(s) never waited for a lock")
 
 
+def held_open_while_another_waits(first, second) -> tuple:
+    """first() in a transaction held open once it returned; then second() in another thread; once that
+    one waits for a lock, the first commits. Both outcomes: a value, or the exception raised."""
+    done, release = threading.Event(), threading.Event()
+    outcomes: dict = {}
+
+    def run(name, work, hold):
+        try:
+            with transaction.atomic():
+                outcomes[name] = work()
+                if hold:
+                    done.set()
+                    release.wait(30)
+        except Exception as exc:  # noqa: BLE001 - the outcome the test looks at
+            outcomes[name] = exc
+        finally:
+            done.set()
+            connections.close_all()
+
+    threads = [threading.Thread(target=run, args=("first", first, True)),
+               threading.Thread(target=run, args=("second", second, False))]
+    threads[0].start()
+    assert done.wait(30)
+    threads[1].start()
+    try:
+        waiting_on_a_lock(1)
+    finally:
+        release.set()
+        for t in threads:
+            t.join(60)
+    return outcomes["first"], outcomes["second"]
+
+
 def test_a_build_reported_while_the_same_number_is_being_inserted_is_its_update(transactional_audit_db, world):
     """The second report finds no build, waits for the first one's insert to commit, and is then
     answered from that build: here an update of it (in progress -> successful)."""
-    inserted, release = threading.Event(), threading.Event()
-    answers = {}
+    (build, created), (again, created_again) = held_open_while_another_waits(
+        lambda: register(world, "77", status="in_progress"), lambda: register(world, "77", status="successful"))
 
-    def first():
-        try:
-            with transaction.atomic():
-                answers["first"] = register(world, "77", status="in_progress")
-                inserted.set()
-                release.wait(30)
-        finally:
-            connections.close_all()
-
-    def second():
-        try:
-            answers["second"] = register(world, "77", status="successful")
-        finally:
-            connections.close_all()
-
-    threads = [threading.Thread(target=first), threading.Thread(target=second)]
-    threads[0].start()
-    assert inserted.wait(30)
-    threads[1].start()
-    waiting_on_a_lock(1)  # the second's insert waits for the first's uncommitted row
-    release.set()
-    for t in threads:
-        t.join(60)
-
-    (build, created), (again, created_again) = answers["first"], answers["second"]
     assert (created, created_again) == (True, False)
     assert again.pk == build.pk and again.status == "successful"
     assert list(AuditEvent.objects.filter(object_id=str(build.pk), action__startswith="build.")
                 .order_by("seq").values_list("action", flat=True)) == ["build.register", "build.update"]
+    assert chain.verify().ok
+
+
+def test_saving_an_application_while_one_of_its_builds_registers_does_not_deadlock(transactional_audit_db, world):
+    """The build's foreign key is checked before it asks for the chain's lock, so the application's
+    save waits for the build, not the build's commit for the save (which would wait for the chain)."""
+    def save():
+        app = Application.objects.get(pk=world.app.pk)
+        app.description = "Renamed team"
+        return services.application_save(actor=SYSTEM, application=app)
+
+    (build, created), saved = held_open_while_another_waits(lambda: register(world, "90"), save)
+
+    assert created and Build.objects.filter(pk=build.pk).exists()
+    assert Application.objects.get(pk=world.app.pk).description == "Renamed team", saved
     assert chain.verify().ok
 
 
@@ -175,34 +201,71 @@ def test_releases_of_one_application_register_at_once_and_wait_in_line_in_qa(tra
 
 
 def test_a_release_registered_while_the_same_version_is_being_inserted_is_its_repeat(transactional_audit_db, built):
-    inserted, release = threading.Event(), threading.Event()
-    answers = {}
+    (first_release, created), (again, created_again) = held_open_while_another_waits(
+        lambda: register_release(built, "7.0"), lambda: register_release(built, "7.0"))  # the second waits
 
-    def first():
-        try:
-            with transaction.atomic():
-                answers["first"] = register_release(built, "7.0")
-                inserted.set()
-                release.wait(30)
-        finally:
-            connections.close_all()
-
-    def second():
-        try:
-            answers["second"] = register_release(built, "7.0")
-        finally:
-            connections.close_all()
-
-    threads = [threading.Thread(target=first), threading.Thread(target=second)]
-    threads[0].start()
-    assert inserted.wait(30)
-    threads[1].start()
-    waiting_on_a_lock(1)  # the second waits for the first's application lock
-    release.set()
-    for t in threads:
-        t.join(60)
-
-    (first_release, created), (again, created_again) = answers["first"], answers["second"]
     assert (created, created_again) == (True, False) and again.pk == first_release.pk
     assert Release.objects.filter(application=built.app, version="7.0").count() == 1
     assert chain.verify().ok
+
+
+def test_a_release_and_a_report_on_its_build_do_not_deadlock(transactional_audit_db, built):
+    """The release's foreign key to its build is checked before the chain's lock, and the report (a
+    finished build reported failed: refused) locks the build without excluding that check."""
+    (release, created), refusal = held_open_while_another_waits(
+        lambda: register_release(built, "8.0"),
+        lambda: register(built, built.the_build.number, status="failed", branch=built.the_build.branch,
+                         commit=built.the_build.commit))
+
+    assert created and Release.objects.filter(pk=release.pk).exists()
+    assert isinstance(refusal, PolicyRefusal) and refusal.refusal.code == "BUILD_FINISHED", refusal
+    assert chain.verify().ok
+
+
+def test_an_unknown_token_takes_no_lock_on_a_build(transactional_audit_db, world, client):
+    """The token is known before any row is locked: a request with an unknown one does not wait for a
+    build that an update holds (and so cannot hold up its updates either)."""
+    build = world.build()
+    locked, watching, stop = threading.Event(), threading.Event(), threading.Event()
+    seen_waiting = []
+
+    def hold_the_build():
+        try:
+            with transaction.atomic():
+                Build.objects.select_for_update().get(pk=build.pk)
+                locked.set()
+                stop.wait(30)
+        finally:
+            connections.close_all()
+
+    def watch():
+        try:
+            with connection.cursor() as cursor:
+                while not stop.is_set():
+                    cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                   "AND wait_event_type = 'Lock'")
+                    seen_waiting.append(cursor.fetchone()[0])
+                    watching.set()
+                    time.sleep(0.01)
+        finally:
+            connections.close_all()
+
+    holder, watcher = threading.Thread(target=hold_the_build), threading.Thread(target=watch)
+    holder.start()
+    try:
+        assert locked.wait(30)
+        watcher.start()
+        assert watching.wait(30)
+        with connection.cursor() as cursor:
+            cursor.execute("SET lock_timeout = '2s'")  # a request that waited would wait this long
+        response = client.post("/api/v1/builds", json.dumps({
+            "application": "MAC", "number": build.number, "commit": build.commit, "branch": build.branch,
+            "status": "failed"}), content_type="application/json", HTTP_AUTHORIZATION="Bearer rp_not-a-token")
+    finally:
+        stop.set()
+        holder.join(60)
+        watcher.join(60)
+        with connection.cursor() as cursor:
+            cursor.execute("RESET lock_timeout")
+    assert response.status_code == 401, response.content
+    assert seen_waiting and max(seen_waiting) == 0
