@@ -272,14 +272,15 @@ def group_delete(*, actor: Actor, group: Group) -> None:
     grants on environments), which the group's name alone would not tell an auditor."""
     with transaction.atomic():
         group = Group.objects.select_for_update().get(pk=group.pk)
-        grants = policy.group_environment_grants(group)
-        chain.append(actor=actor, action="group.delete", obj=group, data={
+        data = {
             "group": group.name,
             "members": sorted(group.user_set.values_list("username", flat=True)),
             "permissions": sorted(map(_permission_label, group.permissions.select_related("content_type"))),
-            "environment_grants": grants,
-        })
-        group.delete()
+            "environment_grants": policy.group_environment_grants(group),
+        }
+        about = chain.naming(group)
+        group.delete()  # before the event: the rows it deletes are locked before the chain's lock
+        chain.append(actor=actor, action="group.delete", **about, data=data)
 
 
 def _apply_permissions(actor: Actor, user, added, removed) -> None:
@@ -298,8 +299,9 @@ def user_delete(*, actor: Actor, user) -> None:
         user = get_user_model().objects.select_for_update().get(pk=user.pk)  # no new evidence meanwhile
         decision = policy.decide_user_delete(actor=actor, user=user)
         if decision.allowed:
-            chain.append(actor=actor, action="user.delete", obj=user, data=data)
-            user.delete()
+            about = chain.naming(user)
+            user.delete()  # before the event: the rows it deletes are locked before the chain's lock
+            chain.append(actor=actor, action="user.delete", **about, data=data)
             return
         error = refused(actor=actor, action="user.delete", refusal=decision.refusal, obj=user, data=data)
     raise error

@@ -17,6 +17,7 @@ from decimal import Decimal
 from uuid import UUID
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connection, connections, transaction
 from django.db.models import Max, Min
@@ -32,16 +33,19 @@ from core.times import iso
 GENESIS_HASH = "0" * 64
 # Arbitrary constant naming the advisory lock that serializes appends on PostgreSQL.
 CHAIN_LOCK_KEY = 7_341_120_001
-# On PostgreSQL every append starts with these (_LOCK_SQL): the checks of the foreign keys the
-# transaction has written so far, then the chain's lock (held until commit), then the head. Django's
-# foreign keys are checked at commit (DEFERRABLE INITIALLY DEFERRED), and a check locks the row it points
-# at (FOR KEY SHARE): at commit it would be asked for under the chain's lock, and wait for a transaction
-# holding that row (a build being updated, an application being saved) which itself waits for the
-# chain: a deadlock. So they run first, outside the chain's lock, and the rest of the transaction's
-# checks are deferred again (_AFTER_LOCK_SQL, after the append's own statement; an audit event has no
-# foreign key: its actor is a plain number, so that it outlives the account).
-_LOCK_SQL = f"SET CONSTRAINTS ALL IMMEDIATE; SELECT pg_advisory_xact_lock({int(CHAIN_LOCK_KEY)}); "
-_LOCK_RESULTS = 2  # _LOCK_SQL's results, before the statement that follows it
+# On PostgreSQL every append starts with these (_lock_sql): the checks of the foreign keys the
+# transaction has written so far, the acting person's account locked as a foreign key's check locks it,
+# then the chain's lock (held until commit), then the head. Django's foreign keys are checked at commit
+# (DEFERRABLE INITIALLY DEFERRED), and a check locks the row it points at (FOR KEY SHARE): at commit it
+# would be asked for under the chain's lock, and wait for a transaction holding that row (a build being
+# updated, an application or an account being saved) which itself waits for the chain: a deadlock. So
+# they run first, outside the chain's lock, and the rest of the transaction's checks are deferred again
+# (_AFTER_LOCK_SQL, after the append's own statement). The rows written after the append that point at
+# the acting person (the field history django-auditlog writes as a service saves) find that person's
+# account locked already. An audit event itself has no foreign key: its actor is a plain number, so
+# that it outlives the account.
+_CHECK_SQL = "SET CONSTRAINTS ALL IMMEDIATE; "
+_CHAIN_LOCK_SQL = f"SELECT pg_advisory_xact_lock({int(CHAIN_LOCK_KEY)}); "
 _AFTER_LOCK_SQL = "; SET CONSTRAINTS ALL DEFERRED"
 _HEAD_SQL = "SELECT seq, hash, seal FROM audit_auditevent ORDER BY seq DESC LIMIT 1"
 # Once the chain is sealed, a process without the seal key writes nothing (an unsealed event would stay in
@@ -149,7 +153,21 @@ def link_hash(prev_hash: str, text: str) -> str:
     return hashlib.sha256(f"{prev_hash}\n{text}".encode()).hexdigest()
 
 
-def _lock_chain_and_read_head() -> tuple[int, str, str | None] | None:
+@functools.cache
+def _person_lock_sql() -> str:
+    users = get_user_model()._meta
+    quote = connection.ops.quote_name
+    return f"SELECT 1 FROM {quote(users.db_table)} WHERE {quote(users.pk.column)} = %s FOR KEY SHARE; "
+
+
+def _lock_sql(actor_id: int | None) -> tuple[str, list, int]:
+    """The statements that go before an append's own, their parameters, and how many results they give."""
+    if actor_id is None:
+        return _CHECK_SQL + _CHAIN_LOCK_SQL, [], 2
+    return _CHECK_SQL + _person_lock_sql() + _CHAIN_LOCK_SQL, [actor_id], 3
+
+
+def _lock_chain_and_read_head(actor_id: int | None) -> tuple[int, str, str | None] | None:
     """Serialize appends and read the head of the chain: (seq, hash, seal), or None for an empty chain.
 
     PostgreSQL: a transaction-scoped advisory lock held until commit. The lock and the read go in
@@ -162,14 +180,21 @@ def _lock_chain_and_read_head() -> tuple[int, str, str | None] | None:
     """
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
-            cursor.execute(_LOCK_SQL + _HEAD_SQL + _AFTER_LOCK_SQL)
-            _skip_lock_results(cursor, "The chain head query returned no result set.")
+            lock_sql, lock_params, results = _lock_sql(actor_id)
+            cursor.execute(lock_sql + _HEAD_SQL + _AFTER_LOCK_SQL, lock_params or None)
+            _skip_results(cursor, results, "The chain head query returned no result set.")
             return cursor.fetchone()
     return AuditEvent.objects.order_by("-seq").values_list("seq", "hash", "seal").first()
 
 
 def head() -> AuditEvent | None:
     return AuditEvent.objects.order_by("-seq").first()
+
+
+def naming(obj) -> dict:
+    """How an event names the object it is about (append's object_type, object_id and object_repr): for
+    an event written after the object is deleted, taken before."""
+    return {"object_type": obj._meta.label_lower, "object_id": str(obj.pk), "object_repr": str(obj)}
 
 
 def append(
@@ -189,9 +214,9 @@ def append(
     and the caller's commit: appends are serialized, so each round trip there is paid by every writer.
     """
     if obj is not None:
-        object_type = object_type or obj._meta.label_lower
-        object_id = object_id or str(obj.pk)
-        object_repr = object_repr or str(obj)
+        about = naming(obj)
+        object_type, object_id = object_type or about["object_type"], object_id or about["object_id"]
+        object_repr = object_repr or about["object_repr"]
     user = actor.user
     if actor.is_ci:
         username, email, actor_id = actor.label, "", None
@@ -228,7 +253,7 @@ def append(
         if connection.vendor == "postgresql" and parts is not None and not _server_side_binding() and not demo:
             _append_postgresql(event, parts)
             return event
-        last = _lock_chain_and_read_head()
+        last = _lock_chain_and_read_head(event.actor_id)
         if last and last[2] is not None and settings.PORTAL_AUDIT_SEAL_KEY is None:
             raise ImproperlyConfigured(_NO_KEY)
         if demo and last and last[2] is not None and not seal.may_be_by(last[2], settings.PORTAL_AUDIT_SEAL_KEY):
@@ -267,8 +292,9 @@ def _append_postgresql(event: AuditEvent, parts: tuple[str, str, str]) -> None:
     sql, params = prepared(_append_sql(_typed_columns(tuple(fields))), [prefix, after, *params,
                                                                           event.seal is not None])
     with connection.cursor() as cursor:
-        cursor.execute(_LOCK_SQL + sql + _AFTER_LOCK_SQL, params)
-        _skip_lock_results(cursor, "The chain append returned no result.")
+        lock_sql, lock_params, results = _lock_sql(event.actor_id)
+        cursor.execute(lock_sql + sql + _AFTER_LOCK_SQL, [*lock_params, *params])
+        _skip_results(cursor, results, "The chain append returned no result.")
         if (row := cursor.fetchone()) is None:  # the guard below: a sealed head, an unsealed event
             raise ImproperlyConfigured(_NO_KEY)
         event.pk, event.seq, event.prev_hash, event.hash = row
@@ -278,9 +304,9 @@ def _append_postgresql(event: AuditEvent, parts: tuple[str, str, str]) -> None:
     event._state.adding, event._state.db = False, connection.alias
 
 
-def _skip_lock_results(cursor, missing: str) -> None:
-    """Move the cursor past _LOCK_SQL's results to the statement's own."""
-    for _ in range(_LOCK_RESULTS):
+def _skip_results(cursor, results: int, missing: str) -> None:
+    """Move the cursor past the results of _lock_sql's statements to the statement's own."""
+    for _ in range(results):
         if not cursor.nextset():
             raise RuntimeError(missing)
 

@@ -825,9 +825,10 @@ def freeze_window_end(*, actor: Actor, window: FreezeWindow, reason: str = "") -
         result = _weaken_freeze(actor=actor, target=target, window=window, weaker=weaker, reason=reason) if weaker \
             else None
         if result is None:
-            chain.append(actor=actor, action="freeze.remove", obj=window,
-                         data={"target": target, **policy.freeze_fields(window), "reason": reason or window.reason})
-            window.delete()
+            data = {"target": target, **policy.freeze_fields(window), "reason": reason or window.reason}
+            about = chain.naming(window)
+            window.delete()  # before the event: the rows it deletes are locked before the chain's lock
+            chain.append(actor=actor, action="freeze.remove", **about, data=data)
             return window
         if not isinstance(result, Refusal):
             return result
