@@ -19,6 +19,7 @@ from environments.models import Deployment
 from releases import services
 from releases.models import Application, Build, BuildIssue, Release
 from releases.selectors import application_get
+from tests.concurrency import held_open_while_another_waits
 from tests.conftest import SYSTEM
 from tests.environments.test_concurrency import run_at_once
 
@@ -51,52 +52,6 @@ def test_the_same_build_reported_at_once_is_one_build(transactional_audit_db, wo
     assert BuildIssue.objects.filter(build__number="42").count() == 1
     assert AuditEvent.objects.filter(action__startswith="build.").count() == 1  # the repeats change nothing
     assert chain.verify().ok
-
-
-def waiting_on_a_lock(count: int, seconds: float = 30) -> None:
-    """Until `count` other sessions of this database wait for a lock."""
-    deadline = time.monotonic() + seconds
-    with connection.cursor() as cursor:
-        while time.monotonic() < deadline:
-            cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                           "AND wait_event_type = 'Lock'")
-            if cursor.fetchone()[0] >= count:
-                return
-            time.sleep(0.02)
-    raise AssertionError(f"{count} session(s) never waited for a lock")
-
-
-def held_open_while_another_waits(first, second) -> tuple:
-    """first() in a transaction held open once it returned; then second() in another thread; once that
-    one waits for a lock, the first commits. Both outcomes: a value, or the exception raised."""
-    done, release = threading.Event(), threading.Event()
-    outcomes: dict = {}
-
-    def run(name, work, hold):
-        try:
-            with transaction.atomic():
-                outcomes[name] = work()
-                if hold:
-                    done.set()
-                    release.wait(30)
-        except Exception as exc:  # noqa: BLE001 - the outcome the test looks at
-            outcomes[name] = exc
-        finally:
-            done.set()
-            connections.close_all()
-
-    threads = [threading.Thread(target=run, args=("first", first, True)),
-               threading.Thread(target=run, args=("second", second, False))]
-    threads[0].start()
-    assert done.wait(30)
-    threads[1].start()
-    try:
-        waiting_on_a_lock(1)
-    finally:
-        release.set()
-        for t in threads:
-            t.join(60)
-    return outcomes["first"], outcomes["second"]
 
 
 def test_a_build_reported_while_the_same_number_is_being_inserted_is_its_update(transactional_audit_db, world):
