@@ -6,8 +6,8 @@ import datetime as dt
 from collections import defaultdict
 from dataclasses import dataclass
 
-from django.db.models import Case, Count, F, IntegerField, OuterRef, Prefetch, Q, Subquery, Value, When, Window
-from django.db.models.functions import RowNumber
+from django.db import connection
+from django.db.models import Count, OuterRef, Prefetch, Q, Subquery
 from django.utils import timezone
 
 from audit.actors import Actor
@@ -332,27 +332,45 @@ def step_label(state: str, entry: dict | None = None, approved: int = 0, require
     return State(state).label.lower()
 
 
+def _union_of(querysets: list) -> list:
+    """The values of several one-column querysets, each ordered and sliced on its own, in one query."""
+    if not querysets:
+        return []
+    parts, params = [], []
+    for n, queryset in enumerate(querysets):
+        sql, part_params = queryset.query.sql_with_params()
+        parts.append(f"SELECT * FROM ({sql}) AS part{n}")
+        params.extend(part_params)
+    with connection.cursor() as cursor:
+        cursor.execute(" UNION ALL ".join(parts), params)
+        return [value for (value,) in cursor.fetchall()]
+
+
 def _on_their_way(applications, ordered: dict[int, list[Environment]], current: dict[int, Deployment],
                   entries: dict[int, dict], limit: int) -> tuple[dict[int, list[dict]], dict[int, int]]:
     """Per application, the releases on their way: those with an open deployment, and those registered
     after the release that runs at the end of the promotion path. The latest `limit` of each (open ones
-    first), each with its step in every environment; and how many there are. Three queries."""
+    first), each with its step in every environment; and how many there are. Four queries."""
     open_ids = {e["release_id"] for e in entries.values()}
-    where = Q(pk__in=open_ids)
+    where, newest = Q(pk__in=open_ids), []
     for application in applications:
         environments = ordered.get(application.pk, [])
         sources = {e.promotes_from_id for e in environments}
         ends = [e for e in environments if e.pk not in sources]
         after = min((current[e.pk].release_id if e.pk in current else 0) for e in ends) if ends else 0
         where |= Q(application_id=application.pk, pk__gt=after)
+        newest.append(Release.objects.filter(application_id=application.pk, pk__gt=after).order_by("-id")
+                      .values("pk")[:limit])
     counts = dict(Release.objects.filter(where).values("application_id").annotate(n=Count("id"))
                   .values_list("application_id", "n"))
-    first_open = Case(When(pk__in=open_ids, then=Value(0)), default=Value(1), output_field=IntegerField())
-    releases = list(
-        Release.objects.filter(where).select_related("application")
-        .annotate(rank=Window(RowNumber(), partition_by=[F("application_id")], order_by=[first_open, F("id").desc()]))
-        .filter(rank__lte=limit).order_by("application_id", "-id")
-    )
+    # The open ones and each application's newest `limit` (through the index, however many are on
+    # their way), then the latest `limit` of each, open ones first.
+    candidates = Release.objects.filter(pk__in={*open_ids, *_union_of(newest)}).select_related("application")
+    chosen: dict[int, list[Release]] = defaultdict(list)
+    for release in sorted(candidates, key=lambda r: (r.pk not in open_ids, -r.pk)):
+        if len(chosen[release.application_id]) < limit:
+            chosen[release.application_id].append(release)
+    releases = sorted((r for rs in chosen.values() for r in rs), key=lambda r: (r.application_id, -r.pk))
     latest: dict[tuple[int, int], dict] = {}
     reached: set[tuple[int, int]] = set()  # where a release succeeded once, whatever came after
     rows = (Deployment.objects.filter(release__in=releases)
