@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.options import csrf_protect_m
 from django.core.exceptions import ValidationError
 from django.shortcuts import redirect
 from django.template.response import TemplateResponse
@@ -39,6 +40,16 @@ class OutcomeAdmin(admin.ModelAdmin):
     and shows the object again (or `outcome_url`)."""
 
     outcome_url: str | None = None
+
+    @csrf_protect_m
+    def changeform_view(self, request, object_id=None, form_url="", extra_context=None):
+        """Without the transaction Django puts around a whole form: each service the form calls is a
+        transaction of its own, committed with its audit event. A transaction that appended holds the
+        chain's lock until it commits, so a later service's row locks in the same transaction (a
+        membership's group, a proposal's application) were taken under it, and could wait for another
+        service holding that row while it waited for the chain: a deadlock. A refused or only proposed
+        part is on record either way, and said on the page (not_applied); the other parts apply."""
+        return self._changeform_view(request, object_id, form_url, extra_context)
 
     def not_applied(self, request, text: str, level=messages.ERROR) -> None:
         self.message_user(request, text, level)

@@ -8,6 +8,8 @@ from auditlog.context import set_actor
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.db import connection
+from django.test import Client
+from django.urls import reverse
 
 from access.services import group_delete, group_rename
 from audit import chain
@@ -60,4 +62,28 @@ def test_deleting_a_group_while_a_member_is_being_removed(transactional_audit_db
     assert ended_well(outcomes), outcomes
     assert not Group.objects.filter(pk=group.pk).exists()
     assert AuditEvent.objects.filter(action="group.delete", object_id=str(group.pk)).exists()
+    assert chain.verify().ok
+
+
+def test_an_account_form_adding_a_group_while_the_groups_permissions_change(transactional_audit_db, world,
+                                                                              make_user):
+    """The account's page saves the account, then each membership, each a transaction of its own: the
+    membership waits for the group's change (which holds the group and asks for the chain), not the
+    other way round under the account's chain lock."""
+    root = make_user("root", superuser=True)
+    group = Group.objects.create(name="auditors")
+    client = Client()
+    client.force_login(root)
+
+    def submit():
+        return client.post(reverse("admin:auth_user_change", args=[world.dave.pk]), {
+            "username": "dave", "first_name": "Dave", "email": "dave@example.com", "is_active": "on",
+            "is_staff": "on", "groups": [group.pk], "last_login_0": "", "last_login_1": "",
+            "date_joined_0": "2026-01-01", "date_joined_1": "00:00:00"}).status_code
+
+    outcomes = holding_while(lambda: Group.objects.select_for_update().get(pk=group.pk), submit)
+
+    assert ended_well(outcomes) and outcomes[1] == 302, outcomes
+    assert get_user_model().objects.get(pk=world.dave.pk).groups.filter(pk=group.pk).exists()
+    assert get_user_model().objects.get(pk=world.dave.pk).first_name == "Dave"
     assert chain.verify().ok
