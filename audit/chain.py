@@ -27,7 +27,7 @@ from psycopg.types.string import TextLoader
 from audit import seal
 from audit.actors import Actor
 from audit.models import AuditEvent
-from core.compiled import prepared
+from core.compiled import inserted_fields, prepared
 from core.times import iso
 
 GENESIS_HASH = "0" * 64
@@ -287,7 +287,7 @@ def _append_postgresql(event: AuditEvent, parts: tuple[str, str, str]) -> None:
     event.created_at = timezone.now()
     prefix = f"{before}{_string(iso(event.created_at))}{between}"
     event.seal = _seal_of(f"{prefix}0{after}")
-    fields = [f for f in _insert_fields() if f.attname not in _POSITION]
+    fields = [f for f in inserted_fields(AuditEvent) if f.attname not in _POSITION]
     params = [field.get_db_prep_save(getattr(event, field.attname), connection) for field in fields]
     sql, params = prepared(_append_sql(_typed_columns(tuple(fields))), [prefix, after, *params,
                                                                           event.seal is not None])
@@ -345,7 +345,7 @@ def _append_sql(columns: tuple[tuple[str, str], ...]) -> str:
 def _insert(event: AuditEvent) -> None:
     """One INSERT ... RETURNING id, without the model's save machinery (no signal listens to audit
     events); the instance is then as if saved, so saving it again raises AppendOnlyError."""
-    fields = _insert_fields()
+    fields = inserted_fields(AuditEvent)
     sql = _insert_sql(connection.vendor)
     params = [field.get_db_prep_save(getattr(event, field.attname), connection) for field in fields]
     with connection.cursor() as cursor:
@@ -355,15 +355,10 @@ def _insert(event: AuditEvent) -> None:
 
 
 @functools.cache
-def _insert_fields() -> tuple:
-    return tuple(field for field in AuditEvent._meta.concrete_fields if not field.primary_key)
-
-
-@functools.cache
 def _insert_sql(vendor: str) -> str:
     quote, opts = connection.ops.quote_name, AuditEvent._meta
-    columns = ", ".join(quote(field.column) for field in _insert_fields())
-    values = ", ".join(["%s"] * len(_insert_fields()))
+    columns = ", ".join(quote(field.column) for field in inserted_fields(AuditEvent))
+    values = ", ".join(["%s"] * len(inserted_fields(AuditEvent)))
     return f"INSERT INTO {quote(opts.db_table)} ({columns}) VALUES ({values}) RETURNING {quote(opts.pk.column)}"
 
 

@@ -366,11 +366,12 @@ def _link(child: type[Model], parent: type[Model]) -> Field:
 
 def _insert_params(instance: Model, connection, without: Field | None = None) -> list:
     return [field.get_db_prep_save(field.pre_save(instance, True), connection)
-            for field in _inserted_fields(type(instance)) if field is not without]
+            for field in inserted_fields(type(instance)) if field is not without]
 
 
 @functools.cache
-def _inserted_fields(model: type[Model]) -> tuple:
+def inserted_fields(model: type[Model]) -> tuple:
+    """The fields an INSERT of a `model` row writes: every concrete field but the primary key."""
     return tuple(f for f in model._meta.concrete_fields if not f.primary_key)
 
 
@@ -378,13 +379,13 @@ def _inserted_fields(model: type[Model]) -> tuple:
 def _insert_new_sql(model: type[Model], using: str, children: tuple | None) -> str:
     connection = connections[using]
     quote = connection.ops.quote_name
-    fields = _inserted_fields(model)
+    fields = inserted_fields(model)
     insert = (f"INSERT INTO {quote(model._meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "
               f"VALUES ({', '.join(['%s'] * len(fields))})")
     if children is None:
         return f"{insert} ON CONFLICT DO NOTHING RETURNING {quote(model._meta.pk.column)}"
     child, link, count = children
-    values = [f for f in _inserted_fields(child) if f is not link]
+    values = [f for f in inserted_fields(child) if f is not link]
     row = f"({', '.join(f'CAST(%s AS {f.db_type(connection)})' for f in values)})"
     names = ", ".join(quote(f.column) for f in values)
     return (f"WITH parent AS ({insert} ON CONFLICT DO NOTHING RETURNING {quote(model._meta.pk.column)}), "
