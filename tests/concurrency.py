@@ -5,6 +5,10 @@ import time
 
 from django.db import connection, connections, transaction
 
+from core.decisions import PolicyRefusal
+
+THREADS = 20
+
 
 def waiting_on_a_lock(count: int, seconds: float = 30) -> None:
     """Until `count` other sessions of this database wait for a lock."""
@@ -55,3 +59,27 @@ def held_open_while_another_waits(first, second, then=None) -> tuple:
         for t in threads:
             t.join(60)
     return outcomes["first"], outcomes["second"]
+
+
+def run_at_once(work, count=THREADS):
+    """Run work(i) in `count` threads released together; returns each outcome (code or 'ok')."""
+    barrier = threading.Barrier(count)
+    outcomes: list = [None] * count
+
+    def worker(i):
+        try:
+            barrier.wait()
+            outcomes[i] = work(i)
+        except PolicyRefusal as exc:
+            outcomes[i] = exc.refusal.code
+        except Exception as exc:  # anything else is a lost request
+            outcomes[i] = f"ERROR {type(exc).__name__}: {exc}"
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return outcomes

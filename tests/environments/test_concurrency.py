@@ -1,50 +1,22 @@
 """Concurrency on PostgreSQL: many writers at once never put two deployments on one environment,
 never lose a request, and never fork the audit chain."""
 
-import threading
 from collections import Counter
 
 import pytest
-from django.db import connection, connections
+from django.db import connection
 
 from audit import chain
 from audit.models import AuditEvent
-from core.decisions import PolicyRefusal
 from environments import services
 from environments.models import Deployment
+from tests.concurrency import THREADS, run_at_once
 from tests.conftest import person
 
 pytestmark = [
     pytest.mark.postgres,
     pytest.mark.skipif(connection.vendor != "postgresql", reason="select_for_update is a no-op on SQLite"),
 ]
-
-THREADS = 20
-
-
-def run_at_once(work, count=THREADS):
-    """Run work(i) in `count` threads released together; returns each outcome (code or 'ok')."""
-    barrier = threading.Barrier(count)
-    outcomes: list = [None] * count
-
-    def worker(i):
-        try:
-            barrier.wait()
-            outcomes[i] = work(i)
-        except PolicyRefusal as exc:
-            outcomes[i] = exc.refusal.code
-        except Exception as exc:  # anything else is a lost request
-            outcomes[i] = f"ERROR {type(exc).__name__}: {exc}"
-        finally:
-            connections.close_all()
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    return outcomes
-
 
 def drain(environment) -> list[str]:
     """Finish whatever runs until the queue is empty; returns the final states in request order."""
