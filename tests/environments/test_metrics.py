@@ -199,6 +199,9 @@ def test_the_period_is_whole_iso_weeks():
     assert len(MetricsPeriod.covering(dt.date(2000, 1, 1), dt.date(2026, 1, 1)).mondays) == metrics.MAX_WEEKS
 
 
+JIT_OFF = connection.vendor == "postgresql"  # one statement more: metrics._without_jit
+
+
 def count_queries(world) -> int:
     with CaptureQueriesContext(connection) as captured:
         metrics.delivery_metrics(world.app, period=PERIOD)
@@ -213,7 +216,24 @@ def test_the_query_count_does_not_grow_with_the_history(world):
         release = h.release(at(day, 1), [f"BIZPLAT-{100 + day}"])
         h.early(release, at(day, 2))
         h.production(release, at(day, 3), at(day, 4), at(day, 5), State.FAILED if day % 3 == 0 else State.SUCCEEDED)
-    assert count_queries(world) == small == 5
+    assert count_queries(world) == small == 5 + JIT_OFF
+
+
+def test_on_postgresql_jit_is_off_for_the_metrics_reads_only(transactional_audit_db):
+    app = Application.objects.create(name="JIT", issue_key_prefix="JIT")
+
+    def jit():
+        with connection.cursor() as cursor:
+            cursor.execute("SHOW jit")
+            return cursor.fetchone()[0]
+
+    if connection.vendor != "postgresql":
+        pytest.skip("PostgreSQL's setting")
+    before = jit()
+    with CaptureQueriesContext(connection) as captured:
+        metrics.delivery_metrics(app, period=PERIOD)
+    assert "SET LOCAL jit = off" in [q["sql"] for q in captured]
+    assert jit() == before  # a persistent connection's other work keeps the server's setting
 
 
 def bearer(raw: str) -> dict:
@@ -322,4 +342,4 @@ def test_the_page_costs_the_same_queries_whatever_the_history(world, client, ana
 
     empty = queries()
     hand_checked_history(world)
-    assert queries() == empty == 12  # session, user, permissions (2), and the page's own 8
+    assert queries() == empty == 12 + JIT_OFF  # session, user, permissions (2), and the page's own 8
