@@ -16,7 +16,7 @@ from audit import seal
 from audit.downloads import zip_stream
 from audit.models import AuditEvent
 from edge.admin import BoundedDaysForm, ReadOnlyAdmin, admin_actor
-from edge.lists import IndexedValuesFilter, LargeTablePaginator, indexed_values, search_words
+from edge.lists import IndexedValuesFilter, LargeTableAdmin, indexed_values, search_words
 from evidence.reports import REPORTS, Export, Period
 from releases.models import Application
 
@@ -48,7 +48,7 @@ class CodeFilter(IndexedValuesFilter):
 
 
 @admin.register(AuditEvent)
-class AuditEventAdmin(ReadOnlyAdmin):
+class AuditEventAdmin(LargeTableAdmin, ReadOnlyAdmin):
     """Read-only: the chain is written by services and verified by `verify_audit`. The list stays fast
     at millions of events (edge.lists): newest first from the seq index, filter choices and dates read
     from indexes, the count capped or estimated."""
@@ -61,7 +61,6 @@ class AuditEventAdmin(ReadOnlyAdmin):
                         "Issue keys are found in Deployments and Releases.")
     date_hierarchy = "created_at"
     ordering = ["-seq"]
-    paginator = LargeTablePaginator
     show_full_result_count = False
     show_facets = admin.ShowFacets.NEVER  # a count per filter choice reads the whole table
     change_list_template = "admin/portal/large_change_list.html"

@@ -34,7 +34,7 @@ from edge.admin import (
     refusal_message,
     run_each,
 )
-from edge.lists import LargeTablePaginator, ReleaseSearch
+from edge.lists import LargeTableAdmin, ReleaseSearch
 from edge.templatetags import moment, requester
 from environments import metrics, policy, selectors, services
 from environments.models import (
@@ -446,7 +446,7 @@ def deployment_offers(actor, deployment: Deployment) -> list[Offer]:
 
 
 @admin.register(Deployment)
-class DeploymentAdmin(ReleaseSearch, admin.ModelAdmin):
+class DeploymentAdmin(LargeTableAdmin, ReleaseSearch, admin.ModelAdmin):
     """A deployment's page: its place in the queue, approvals, separation-of-duties checks, progress
     refreshed while it runs, the latest lines of its output log, and Approve / Reject / Cancel / Review
     where the policy allows them (the rule's sentence where it does not). Every change goes through a
@@ -477,7 +477,6 @@ class DeploymentAdmin(ReleaseSearch, admin.ModelAdmin):
     list_select_related = ["release__application", "environment", "reviewed_by"]
     date_hierarchy = "requested_at"
     actions = None
-    paginator = LargeTablePaginator
     show_full_result_count = False
     show_facets = admin.ShowFacets.NEVER  # a count per filter choice reads the whole table
     change_list_template = "admin/portal/large_change_list.html"

@@ -10,7 +10,7 @@ from django.utils.html import format_html_join
 
 from core.decisions import PolicyRefusal
 from edge.admin import Offer, OutcomeAdmin, ReadOnlyAdmin, admin_actor, call_service, refusal_message
-from edge.lists import LargeTablePaginator, ReleaseSearch
+from edge.lists import LargeTableAdmin, ReleaseSearch
 from environments import policy
 from environments import selectors as env_selectors
 from environments.models import Environment
@@ -86,7 +86,7 @@ class DeployForm(forms.Form):
 
 
 @admin.register(Release)
-class ReleaseAdmin(ReleaseSearch, ReadOnlyAdmin):
+class ReleaseAdmin(LargeTableAdmin, ReleaseSearch, ReadOnlyAdmin):
     """A release's page shows its timeline and, per environment of its path, "Deploy to …" when the
     policy allows the signed-in person to request it now, or the rule's sentence when it does not.
     The list's search takes an issue key as one (the releases carrying exactly that key)."""
@@ -97,7 +97,6 @@ class ReleaseAdmin(ReleaseSearch, ReadOnlyAdmin):
     release_path = "pk"
     release_search = ("version", "issue_keys", "implementers")
     search_help_text = "An issue key, a version, an implementer, or the application by name."
-    paginator = LargeTablePaginator
 
     def named(self):
         return {"application__name": {n.lower() for n in Application.objects.values_list("name", flat=True)}}
