@@ -49,8 +49,8 @@ def use_c_loader(sender=None, connection=None, **kwargs) -> None:
     if connection.vendor != "postgresql" or not settings.USE_TZ or connection.timezone_name is None:
         return
     raw = connection.connection
-    if raw.info.parameter_status("TimeZone") != connection.timezone_name:
-        return
+    if not hasattr(raw, "adapters") or raw.info.parameter_status("TimeZone") != connection.timezone_name:
+        return  # psycopg2 (no adapters map), or a session in another zone
     zone = connection.timezone
     if zone not in _loaders:
         _loaders[zone] = loader_for(zone)
