@@ -295,11 +295,28 @@ class CalendarChangeList:
         filtered = bool(changelist.queryset.query.where)
         few = count if filtered and exact and count is not None and count <= limit else None
         searched_many = bool(getattr(changelist, "query", "")) and few is None
-        whole = getattr(changelist, "root_queryset", None) if searched_many else None
+        whole = _within_chosen_period(changelist) if searched_many else None
         self.queryset = _Calendar(changelist.queryset, few, probe=not searched_many, whole=whole)
 
     def __getattr__(self, name):
         return getattr(self._changelist, name)
+
+
+def _within_chosen_period(changelist) -> models.QuerySet | None:
+    """The admin's whole list (its root queryset: no filter, no search) within the year, month or day
+    the date hierarchy has chosen, as the change list bounds that period (local time)."""
+    whole, field_name = getattr(changelist, "root_queryset", None), getattr(changelist, "date_hierarchy", None)
+    if whole is None or not field_name:
+        return whole
+    chosen = [changelist.params.get(f"{field_name}__{part}") for part in ("year", "month", "day")]
+    if chosen[0] is None:
+        return whole
+    kind = "day" if chosen[2] else "month" if chosen[1] else "year"
+    start = dt.date(int(chosen[0]), int(chosen[1] or 1), int(chosen[2] or 1))  # the change list checked them
+    since, until = start, _next(start, kind)
+    if isinstance(whole.model._meta.get_field(field_name), models.DateTimeField):
+        since, until = _local_midnight(since), _local_midnight(until)
+    return whole.filter(**{f"{field_name}__gte": since, f"{field_name}__lt": until})
 
 
 class ReleaseSearch:

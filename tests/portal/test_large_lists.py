@@ -4,6 +4,7 @@ the count says "about" (PostgreSQL's estimate) or "more than"; filter choices an
 indexes, never with SELECT DISTINCT over the whole table. Fixed query counts: tests/portal/test_page_queries.py."""
 
 import datetime as dt
+import re
 
 import pytest
 from django.contrib import admin
@@ -247,6 +248,13 @@ def test_a_search_finding_more_than_the_limit_offers_every_period_between_withou
     assert all(f"requested_at__year={y}" in years.content.decode() for y in (2025, 2026))
     (bounds,) = [sql for sql in years.sql if "MIN(" in sql and "environments_deployment" in sql]
     assert "releases_releaseissue" not in bounds
+    # within a year or a month chosen, the periods are that year's or that month's (a helper walking the
+    # lists found every day from the table's first one under a month's links)
+    year = listing(client, root, DEPLOYMENTS, q="BIZPLAT-1", requested_at__year=2026).content.decode()
+    assert set(re.findall(r"requested_at__month=(\d+)", year)) == {"1", "2", "3"}
+    month = listing(client, root, DEPLOYMENTS, q="BIZPLAT-1", requested_at__year=2026, requested_at__month=3)
+    assert set(re.findall(r"requested_at__day=(\d+)", month.content.decode())) == {"2"}
+    assert len(month.context["cl"].result_list) == 5
 
 
 def test_the_date_hierarchys_probes_are_one_query_whatever_the_gaps(client, world, root):
