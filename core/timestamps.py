@@ -4,7 +4,7 @@ Django 5.2 reads every `timestamptz` through a loader of its own, derived from p
 one so that it can set the time zone it wants on the result (Django ticket #36960): where psycopg's C
 extension is installed, each time is still parsed in Python, with a regular expression, at about
 3 microseconds a value against 0.2 for the C loader. A release's API answer holds some forty times,
-a page of the deployments list some four hundred, `verify_audit` reads a million.
+a page of the deployments list some four hundred, a report one per row and time column.
 
 Django makes each connection's session time zone the one it wants (`_configure_timezone`, before
 `connection_created`), so psycopg's loader, which takes the session's time zone, gives the same

@@ -91,8 +91,11 @@ class LargeTablePaginator(Paginator):
         keys = list(self.object_list.values_list("pk", flat=True)[bottom:top])
         if self.rows is None:
             return self._get_page(self.object_list.filter(pk__in=keys), number, self)
-        related = self.object_list.query.select_related
-        rows = self.rows.select_related() if related is True else self.rows.select_related(*_lookups(related or {}))
+        rows, related = self.rows, self.object_list.query.select_related
+        if related is True:
+            rows = rows.select_related()
+        elif lookups := list(_lookups(related or {})):  # (select_related() without any follows every key)
+            rows = rows.select_related(*lookups)
         found = {row.pk: row for row in rows.filter(pk__in=keys).order_by()}
         return self._get_page([found[key] for key in keys if key in found], number, self)
 
@@ -308,7 +311,8 @@ def _within_chosen_period(changelist) -> models.QuerySet | None:
     whole, field_name = getattr(changelist, "root_queryset", None), getattr(changelist, "date_hierarchy", None)
     if whole is None or not field_name:
         return whole
-    chosen = [changelist.params.get(f"{field_name}__{part}") for part in ("year", "month", "day")]
+    params = getattr(changelist, "params", {})
+    chosen = [params.get(f"{field_name}__{part}") for part in ("year", "month", "day")]
     if chosen[0] is None:
         return whole
     kind = "day" if chosen[2] else "month" if chosen[1] else "year"

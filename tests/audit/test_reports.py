@@ -719,6 +719,32 @@ def test_the_audit_report_is_a_run_of_consecutive_events_when_a_time_steps_back(
     assert export("audit", Period(midnight + dt.timedelta(days=3), midnight + dt.timedelta(days=4)))[2] == []
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["copy", "orm"])
+@pytest.mark.parametrize(("since", "until", "expected"), [
+    (-2, 30, ["before", "first", "stepped_back", "last", "next_day"]),  # from the chain's first event to its head
+    (-2, 0.5, ["before", "first", "stepped_back"]),  # the first event, not the head
+    (0.5, 30, ["last", "next_day"]),  # the head, not the first event
+    (-0.5, 0.5, ["first", "stepped_back"]),  # neither
+    (50, 60, []),  # none
+])
+def test_the_audit_reports_run_is_bounded_wherever_the_period_lies(db, fast, since, until, expected):
+    """The run's first and last events are found as the chain's own first event and head where they are
+    in the period, else from the period's events (hours from midnight; the COPY path decides this in
+    SQL)."""
+    if fast and connection.vendor != "postgresql":
+        pytest.skip("the COPY path is PostgreSQL's")
+    midnight = dt.datetime(2026, 11, 10, tzinfo=dt.UTC)
+    for action, moment in (("before", midnight - dt.timedelta(hours=1)), ("first", midnight),
+                           ("stepped_back", midnight - dt.timedelta(milliseconds=3)),
+                           ("last", midnight + dt.timedelta(hours=1)), ("next_day", midnight + dt.timedelta(hours=25))):
+        with moved_time(moment):
+            chain.append(actor=SYSTEM, action=f"test.{action}")
+    period = Period(midnight + dt.timedelta(hours=since), midnight + dt.timedelta(hours=until))
+    e = Export("audit", period, SYSTEM, fast=fast)
+    rows = list(csv.DictReader(io.StringIO(b"".join(e.chunks()).decode())))
+    assert [r["action"] for r in rows] == [f"test.{action}" for action in expected]
+
+
 def test_a_value_that_starts_with_a_quote_reads_back_as_it_was(world, tmp_path):
     """The formula guard's own prefix is "'": a value that starts with one ("'=dave", an alias an
     administrator typed) is prefixed too, so the auditor's script reads back exactly what was hashed."""
