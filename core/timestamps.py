@@ -16,6 +16,8 @@ USE_TZ is off (naive times), Django's loader stays.
 
 from __future__ import annotations
 
+import functools
+
 from django.conf import settings
 from psycopg import adapters, pq
 from psycopg.adapt import Loader
@@ -25,6 +27,7 @@ TIMESTAMPTZ = adapters.types["timestamptz"].oid
 _PSYCOPG_LOADER = adapters.get_loader(TIMESTAMPTZ, pq.Format.TEXT)
 
 
+@functools.cache
 def loader_for(timezone) -> type[Loader]:
     """A loader class that reads as psycopg's (C where installed) and tells Django its time zone."""
 
@@ -40,9 +43,6 @@ def loader_for(timezone) -> type[Loader]:
     return TimestamptzLoader
 
 
-_loaders: dict = {}
-
-
 def use_c_loader(sender=None, connection=None, **kwargs) -> None:
     """For the `connection_created` signal: psycopg's loader for `timestamptz` on a PostgreSQL
     connection whose session time zone is the one Django wants (see the module's docstring)."""
@@ -51,7 +51,4 @@ def use_c_loader(sender=None, connection=None, **kwargs) -> None:
     raw = connection.connection
     if not hasattr(raw, "adapters") or raw.info.parameter_status("TimeZone") != connection.timezone_name:
         return  # psycopg2 (no adapters map), or a session in another zone
-    zone = connection.timezone
-    if zone not in _loaders:
-        _loaders[zone] = loader_for(zone)
-    raw.adapters.register_loader(TIMESTAMPTZ, _loaders[zone])
+    raw.adapters.register_loader(TIMESTAMPTZ, loader_for(connection.timezone))
