@@ -27,7 +27,7 @@ from psycopg.types.string import TextLoader
 from audit import seal
 from audit.actors import Actor
 from audit.models import AuditEvent
-from core.compiled import inserted_fields, prepared
+from core.compiled import insert_sql, inserted_fields, prepared
 from core.times import iso
 
 GENESIS_HASH = "0" * 64
@@ -356,10 +356,7 @@ def _insert(event: AuditEvent) -> None:
 
 @functools.cache
 def _insert_sql(vendor: str) -> str:
-    quote, opts = connection.ops.quote_name, AuditEvent._meta
-    columns = ", ".join(quote(field.column) for field in inserted_fields(AuditEvent))
-    values = ", ".join(["%s"] * len(inserted_fields(AuditEvent)))
-    return f"INSERT INTO {quote(opts.db_table)} ({columns}) VALUES ({values}) RETURNING {quote(opts.pk.column)}"
+    return f"{insert_sql(AuditEvent, connection)} RETURNING {connection.ops.quote_name(AuditEvent._meta.pk.column)}"
 
 
 @dataclass(frozen=True)

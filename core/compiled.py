@@ -375,13 +375,18 @@ def inserted_fields(model: type[Model]) -> tuple:
     return tuple(f for f in model._meta.concrete_fields if not f.primary_key)
 
 
+def insert_sql(model: type[Model], connection) -> str:
+    """INSERT INTO the model's table (its inserted_fields) VALUES (%s, ...): one row, without a clause after."""
+    quote, fields = connection.ops.quote_name, inserted_fields(model)
+    return (f"INSERT INTO {quote(model._meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "
+            f"VALUES ({', '.join(['%s'] * len(fields))})")
+
+
 @functools.cache
 def _insert_new_sql(model: type[Model], using: str, children: tuple | None) -> str:
     connection = connections[using]
     quote = connection.ops.quote_name
-    fields = inserted_fields(model)
-    insert = (f"INSERT INTO {quote(model._meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "
-              f"VALUES ({', '.join(['%s'] * len(fields))})")
+    insert = insert_sql(model, connection)
     if children is None:
         return f"{insert} ON CONFLICT DO NOTHING RETURNING {quote(model._meta.pk.column)}"
     child, link, count = children
