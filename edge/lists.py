@@ -5,10 +5,15 @@ from the calendar, and a search that takes an issue key as an issue key."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import functools
+import operator
+from dataclasses import dataclass
 
 from django.conf import settings
 from django.contrib import admin
+from django.contrib.admin.views.main import ORDER_VAR
 from django.core.paginator import EmptyPage, Paginator
 from django.db import connections, models, router
 from django.utils import timezone
@@ -323,6 +328,23 @@ def _within_chosen_period(changelist) -> models.QuerySet | None:
     return whole.filter(**{f"{field_name}__gte": since, f"{field_name}__lt": until})
 
 
+@dataclass(frozen=True)
+class Found:
+    """Rows of some table that a search word finds, and their column holding the key of the listed rows
+    they stand for (`to`: the listed model's path that column matches, its pk or its release)."""
+
+    rows: models.QuerySet
+    column: str
+    to: str = "pk"
+
+    def keys(self) -> models.QuerySet:
+        return self.rows.order_by().values(self.column)
+
+    def here(self) -> models.Exists:
+        """Whether a listed row is one of these, asked of that row (an index probe per row)."""
+        return models.Exists(self.rows.filter(**{self.column: models.OuterRef(self.to)}))
+
+
 class ReleaseSearch:
     """The admin search of a list whose rows belong to releases (the releases list itself, the
     deployments list), at millions of rows.
@@ -334,6 +356,14 @@ class ReleaseSearch:
     and the rows of the releases found are then read through their index, with the listed table's own
     columns (`own_search`) searched on the side: a LIKE '%…%' across a join of a million deployments
     with releases and keys read every row, and its DISTINCT sorted them (seconds per search).
+
+    A word that finds more rows than PORTAL_EXACT_COUNT_LIMIT (a person who approved 300,000
+    deployments) is asked of each row instead, while the list keeps its own order: the list is read
+    through its order's index and each row is checked by an index probe of each way the word finds rows
+    (`Found.here`), so that a page's hundred rows are found among the first few hundred. Gathered first,
+    the rows such a word finds were hashed and joined with every row of the list, then sorted, to keep a
+    hundred (half a second at a million deployments). A list sorted by one of its columns keeps the
+    gathered form: there every row is read in any case.
     """
 
     release_path = "release"  # the path from the listed model to its release ("pk" for releases)
@@ -347,8 +377,8 @@ class ReleaseSearch:
         lower-case, read from their own small tables: "MAC 1.3.1" is MAC's releases matching 1.3.1."""
         return {}
 
-    def more_matches(self, word: str) -> list:
-        """More ways a word finds rows, each the pks of the listed model it finds (e.g. a person's name)."""
+    def more_matches(self, word: str) -> list[Found]:
+        """More ways a word finds rows of the listed model (e.g. a person's name)."""
         return []
 
     def get_search_results(self, request, queryset, search_term):
@@ -361,33 +391,49 @@ class ReleaseSearch:
         model = queryset.model
         named = self.named()
         words = search_words(search_term)
+        in_its_order = not request.GET.get(ORDER_VAR)  # the list's own order, read through its index
         for word in [w for w in words if w.lower() not in self.joining] or words:
             path = next((path for path, values in named.items() if word.lower() in values), None)
             if path is not None:
                 queryset = queryset.filter(**{f"{path}__iexact": word})
                 continue
-            # Unions rather than ORs: each side is estimated on its own (a LIKE finds few rows), so the
-            # planner reads the rows of the releases found through their index instead of every row.
-            first, *more = (RELEASE_TERMS[name](word) for name in self.release_search)
-            releases = first.union(*more) if more else first
-            matching = model._default_manager.filter(**{f"{self.release_path}__in": releases}).order_by().values("pk")
-            for column in self.own_search:  # a union, so each side is read through its own index
-                matching = matching.union(
-                    model._default_manager.filter(**{f"{column}__icontains": word}).order_by().values("pk"))
+            of_releases = [dataclasses.replace(RELEASE_TERMS[name](word), to=self.release_path)
+                           for name in self.release_search]
+            found = of_releases + [Found(model._default_manager.filter(**{f"{column}__icontains": word}), "pk")
+                                   for column in self.own_search]
             number = word.removeprefix("#")
             if self.numbered and number.isascii() and number.isdigit() and len(number) < 19:  # #71 or 71
-                matching = matching.union(model._default_manager.filter(pk=int(number)).order_by().values("pk"))
-            for more in self.more_matches(word):
-                matching = matching.union(more)
-            queryset = queryset.filter(pk__in=matching)
+                found.append(Found(model._default_manager.filter(pk=int(number)), "pk"))
+            found += self.more_matches(word)
+            limit = settings.PORTAL_EXACT_COUNT_LIMIT
+            many = in_its_order and self._keys(model, of_releases, found, every=True)[: limit + 1].count() > limit
+            if many:  # asked of each row (see above)
+                queryset = queryset.filter(functools.reduce(operator.or_, (models.Q(f.here()) for f in found)))
+            else:
+                queryset = queryset.filter(pk__in=self._keys(model, of_releases, found))
         return queryset, False
 
+    def _keys(self, model, of_releases: list[Found], found: list[Found], every: bool = False) -> models.QuerySet:
+        """The keys of the listed rows a word finds (`found`, which starts with `of_releases`); `every`: as
+        they are found, some twice, without a union's hash (to count the first few).
 
-# What a word is looked for in, each as the ids of the releases it finds.
+        Unions rather than ORs: each side is estimated on its own (a LIKE finds few rows), so the planner
+        reads the rows of the releases found through their index instead of every row."""
+        releases = _union([f.keys() for f in of_releases], every)
+        return _union([model._default_manager.filter(**{f"{self.release_path}__in": releases}).order_by().values("pk"),
+                       *(f.keys() for f in found[len(of_releases):])], every)
+
+
+def _union(querysets: list[models.QuerySet], every: bool = False) -> models.QuerySet:
+    first, *more = querysets
+    return first.union(*more, all=every) if more else first
+
+
+# What a word is looked for in, each the rows of the releases' tables it finds, by the release's id.
 RELEASE_TERMS = {
-    "version": lambda word: Release.objects.filter(version__icontains=word).order_by().values("pk"),
-    "issue_keys": lambda word: ReleaseIssue.objects.filter(key__icontains=word).order_by().values("release_id"),
-    "implementers": lambda word: Implementer.objects.filter(identity__icontains=word).order_by().values("release_id"),
+    "version": lambda word: Found(Release.objects.filter(version__icontains=word), "pk"),
+    "issue_keys": lambda word: Found(ReleaseIssue.objects.filter(key__icontains=word), "release_id"),
+    "implementers": lambda word: Found(Implementer.objects.filter(identity__icontains=word), "release_id"),
 }
 
 

@@ -34,7 +34,7 @@ from edge.admin import (
     refusal_message,
     run_each,
 )
-from edge.lists import LargeTableAdmin, ReleaseSearch
+from edge.lists import Found, LargeTableAdmin, ReleaseSearch
 from edge.templatetags import moment, requester
 from environments import metrics, policy, selectors, services
 from environments.models import (
@@ -472,8 +472,8 @@ class DeploymentAdmin(LargeTableAdmin, ReleaseSearch, admin.ModelAdmin):
         people = list(get_user_model().objects.filter(username__iexact=word).values_list("pk", flat=True))
         if not people:
             return []
-        return [Approval.objects.filter(approver_id__in=people).order_by().values("deployment_id"),
-                Deployment.objects.filter(reviewed_by_id__in=people).order_by().values("pk")]
+        return [Found(Approval.objects.filter(approver_id__in=people), "deployment_id"),
+                Found(Deployment.objects.filter(reviewed_by_id__in=people), "pk")]
     list_select_related = ["release__application", "environment", "reviewed_by"]
     date_hierarchy = "requested_at"
     actions = None

@@ -331,6 +331,42 @@ def test_a_page_found_by_its_keys_shows_the_rows_the_list_would_in_its_order(cli
         assert shown == list(whole.values_list("pk", flat=True)) and len(shown) == 8
 
 
+def test_a_word_finding_more_than_the_limit_is_asked_of_each_row_in_the_lists_order(client, world, root, settings,
+                                                                                   monkeypatch):
+    """A word finding more rows than PORTAL_EXACT_COUNT_LIMIT (a person who approved 300,000 deployments)
+    is asked of each row, the list read in its own order (an EXISTS per way the word finds rows), where a
+    word finding few is gathered first (a union of the keys found): the same rows, in the same order, on
+    every page, with a filter too; a list sorted by a column gathers them in any case."""
+    for n in range(5):
+        release = world.release(f"4.{n}.0")
+        world.to_staging(release)
+        world.deploy(release, world.production, actor=person(world.bob))  # approved by carol
+    monkeypatch.setattr(type(admin.site._registry[Deployment]), "list_per_page", 2)
+    KEYS = 'SELECT "environments_deployment"."id" AS "pk"'  # noqa: N806 - the page's keys
+
+    def shown(limit: int, **params) -> tuple[list[int], bool]:
+        settings.PORTAL_EXACT_COUNT_LIMIT = limit
+        pages = [listing(client, root, DEPLOYMENTS, p=page, **params) for page in (1, 2)]
+        keys = [sql for sql in pages[0].sql if sql.startswith(KEYS)]
+        return [d.pk for page in pages for d in page.context["cl"].result_list], "EXISTS" in keys[-1]
+
+    for params in ({"q": "carol"}, {"q": "4."}, {"q": "ci:"}, {"q": "carol 4."},
+                   {"q": "carol", "state__exact": "succeeded"}, {"q": "4.", "environment__name": "Production"}):
+        gathered, asked_of_each = shown(1000, **params)
+        assert not asked_of_each and len(gathered) == 4, params  # two pages of two
+        each, asked_of_each = shown(4, **params)  # "more than 4": the pages reach the first 4
+        assert asked_of_each and each == gathered, params
+    sorted_by_requester = str(admin.site._registry[Deployment].list_display.index("requested_by_name"))
+    assert not shown(4, q="carol", o=sorted_by_requester)[1]  # read in full in any case: gathered
+    settings.PORTAL_EXACT_COUNT_LIMIT = 4
+    few = listing(client, root, DEPLOYMENTS, q="4.1.0")  # three deployments: gathered
+    assert [d.release.version for d in few.context["cl"].result_list] == ["4.1.0"] * 2
+    assert not any("EXISTS" in sql for sql in few.sql if sql.startswith(KEYS))
+    releases = listing(client, root, RELEASES, q="4.")  # five releases: asked of each (the newest 4 counted)
+    assert [r.version for r in releases.context["cl"].result_list][:4] == ["4.4.0", "4.3.0", "4.2.0", "4.1.0"]
+    assert any("EXISTS" in sql for sql in releases.sql if "releases_release" in sql.split(" FROM ")[1])
+
+
 def test_sorted_by_release_the_deployments_follow_the_order_releases_were_registered(client, world, root):
     """Not the versions as text, which put 0.10.0 before 0.2.0 (an analyst's walk found it)."""
     releases = [world.release(version) for version in ("0.1.0", "0.2.0", "0.10.0")]
