@@ -69,14 +69,16 @@ class LargeTablePaginator(Paginator):
         if unfiltered and estimate and estimate > limit:
             about = _significant(int(estimate))
             self.count_label = f"about {about:,}"
+            # an estimate may fall short of the rows: the pages then end before the last ones
+            self.beyond = f"the pages reach about the first {about:,}: a filter or the dates reach the rest"
             return about
         self.count_label = f"more than {limit:,}"
         self.beyond = f"the pages reach the first {limit:,}: a narrower search, a filter or the dates reach the rest"
         return limit
 
     def page(self, number):
-        """A page past the last one counted shows the last one: the admin would otherwise drop the search
-        and start again from the unfiltered list.
+        """A page past the last one counted shows the last one (and one before the first, the first): the
+        admin would otherwise drop the search and start again from the unfiltered list.
 
         The page's rows are found by their keys first: the list's order and offset over the key and the
         sorted columns alone, then those rows with their joins and annotated columns. Read in one query,
@@ -88,7 +90,7 @@ class LargeTablePaginator(Paginator):
         try:
             number = self.validate_number(number)
         except EmptyPage:
-            number = max(self.num_pages, 1)
+            number = max(self.num_pages, 1) if int(number) > 1 else 1
         if not isinstance(self.object_list, models.QuerySet):
             return super().page(number)
         bottom = (number - 1) * self.per_page
@@ -105,7 +107,7 @@ class LargeTablePaginator(Paginator):
         return self._get_page([found[key] for key in keys if key in found], number, self)
 
     def get_elided_page_range(self, number=1, *, on_each_side=3, on_ends=2):
-        number = min(int(number), max(self.num_pages, 1))  # the page shown (see page) for a page asked beyond
+        number = max(min(int(number), self.num_pages), 1)  # the page shown (see page) for a page asked beyond
         return super().get_elided_page_range(number, on_each_side=on_each_side, on_ends=on_ends)
 
 
@@ -302,7 +304,7 @@ class CalendarChangeList:
         exact = not getattr(getattr(changelist, "paginator", None), "count_label", "")  # not "more than"
         filtered = bool(changelist.queryset.query.where)
         few = count if filtered and exact and count is not None and count <= limit else None
-        searched_many = bool(getattr(changelist, "query", "")) and few is None
+        searched_many = bool(getattr(changelist, "query", "").strip()) and few is None  # (a blank search is none)
         whole = _within_chosen_period(changelist) if searched_many else None
         self.queryset = _Calendar(changelist.queryset, few, probe=not searched_many, whole=whole)
 

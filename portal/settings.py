@@ -190,6 +190,8 @@ PORTAL_REVIEW_DUE_DAYS = int(os.environ.get("PORTAL_REVIEW_DUE_DAYS", "5"))
 # The lists of deployments and audit events count exactly up to this many rows; beyond it they say "about"
 # (PostgreSQL's estimate of the whole table) or "more than" (a filtered list): see edge.lists.
 PORTAL_EXACT_COUNT_LIMIT = int(os.environ.get("PORTAL_EXACT_COUNT_LIMIT", "10000"))
+if PORTAL_EXACT_COUNT_LIMIT < 100:  # a list's page: below it the admin shows every row on one page, uncounted
+    raise ImproperlyConfigured("PORTAL_EXACT_COUNT_LIMIT must be at least 100, the rows of a list's page.")
 
 # The key that seals every audit event the portal appends (audit/seal.py): kept off the database and
 # its backups, on every machine that serves or runs the portal. Without it events are not sealed

@@ -130,6 +130,9 @@ def test_beyond_the_limit_the_list_says_about_from_the_estimate_or_more_than(cli
     assert label in ("about 5", "about 6"), label
     assert f"{label} deployments" in everything.content.decode()
     assert f"{label} results" not in everything.content.decode()  # said once, below the list (nothing to clear)
+    # an estimate may fall short of the rows: the pages may end before the oldest, and the list says so
+    assert f"the pages reach {label.replace('about', 'about the first')}: a filter or the dates reach the rest" \
+        in everything.content.decode()
     assert len(everything.context["cl"].result_list) == 6
     assert not any("COUNT(*)" in sql and " LIMIT " not in sql for sql in everything.sql)  # never a whole count
 
@@ -157,6 +160,17 @@ def test_a_page_beyond_those_counted_shows_the_last_one_and_keeps_the_search(cli
     assert [d.pk for d in cl.result_list] == [d.pk for d in listing(client, root, DEPLOYMENTS, state__exact="succeeded",
                                                                     p="2").context["cl"].result_list]
     assert "state__exact=succeeded" in far.content.decode()  # the filter is still on
+
+
+@pytest.mark.parametrize("asked", ["0", "-1", "-99999999999"])
+def test_a_page_before_the_first_shows_the_first(client, world, root, monkeypatch, asked):
+    """Not the last one, and not an error page from the page links (a helper found p=0 answered 500)."""
+    three_in_staging(world)
+    monkeypatch.setattr(admin.site._registry[Deployment], "list_per_page", 2)
+    first = [d.pk for d in listing(client, root, DEPLOYMENTS).context["cl"].result_list]
+    shown = listing(client, root, DEPLOYMENTS, p=asked)
+    assert [d.pk for d in shown.context["cl"].result_list] == first
+    assert "?p=2" in shown.content.decode()  # the page links are there
 
 
 def test_an_empty_list_says_0(client, world, root):
@@ -238,6 +252,9 @@ def test_a_search_finding_more_than_the_limit_offers_every_period_between_withou
     assert len(many.context["cl"].result_list) == 6  # counted only up to the limit on PostgreSQL
     assert all(f"requested_at__month={m}&" in many.content.decode() for m in (1, 2, 3))
     assert not any("WITH periods" in sql for sql in many.sql)
+    blank = listing(client, root, DEPLOYMENTS, q=" ")  # no search at all: probed (a helper found it was not)
+    assert "requested_at__month=2&" not in blank.content.decode()
+    assert any("WITH periods" in sql for sql in blank.sql)
 
     # its first and last dates are the table's, read without finding the search's rows once more
     other = world.release(version="0.9.0", issue_keys=["OPS-1"])

@@ -47,6 +47,14 @@ def test_a_portal_without_an_audit_seal_key_is_visible_to_the_deployment_checks(
     assert done.returncode != 0 and "audit.W002" in done.stderr
 
 
+def test_an_exact_count_limit_below_a_lists_page_is_refused_by_name(tmp_path):
+    """Below a page's hundred rows the admin would list every row a search finds on one page, uncounted."""
+    done = check_deploy(tmp_path, PORTAL_EXACT_COUNT_LIMIT="50")
+    assert done.returncode != 0
+    assert "PORTAL_EXACT_COUNT_LIMIT must be at least 100, the rows of a list's page." in done.stderr
+    assert check_deploy(tmp_path, PORTAL_EXACT_COUNT_LIMIT="100").returncode == 0
+
+
 def test_every_page_has_a_self_only_content_security_policy(client, make_user):
     login = client.get(reverse("admin:login"))
     policy = dict(part.strip().split(" ", 1) for part in login.headers["Content-Security-Policy"].split(";"))
