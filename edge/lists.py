@@ -91,6 +91,7 @@ class LargeTablePaginator(Paginator):
             number = self.validate_number(number)
         except EmptyPage:
             number = max(self.num_pages, 1) if int(number) > 1 else 1
+        self.shown = number
         if not isinstance(self.object_list, models.QuerySet):
             return super().page(number)
         bottom = (number - 1) * self.per_page
@@ -129,6 +130,11 @@ class LargeTableAdmin:
 
     def get_paginator(self, request, queryset, per_page, orphans=0, allow_empty_first_page=True):
         return self.paginator(queryset, per_page, orphans, allow_empty_first_page, rows=self.get_queryset(request))
+
+    def get_changelist_instance(self, request):
+        changelist = super().get_changelist_instance(request)
+        changelist.page_num = getattr(changelist.paginator, "shown", changelist.page_num)  # the links mark it
+        return changelist
 
 
 def _significant(n: int, digits: int = 3) -> int:
