@@ -69,8 +69,8 @@ class LargeTablePaginator(Paginator):
         if unfiltered and estimate and estimate > limit:
             about = _significant(int(estimate))
             self.count_label = f"about {about:,}"
-            # an estimate may fall short of the rows: the pages then end before the last ones
-            self.beyond = f"the pages reach about the first {about:,}: a filter or the dates reach the rest"
+            # an estimate may miss the rows' number either way: the last page shows the list's last rows (page)
+            self.beyond = "an estimate: the last page shows the list's last rows; a filter or the dates reach every row"
             return about
         self.count_label = f"more than {limit:,}"
         self.beyond = f"the pages reach the first {limit:,}: a narrower search, a filter or the dates reach the rest"
@@ -78,7 +78,8 @@ class LargeTablePaginator(Paginator):
 
     def page(self, number):
         """A page past the last one counted shows the last one (and one before the first, the first): the
-        admin would otherwise drop the search and start again from the unfiltered list.
+        admin would otherwise drop the search and start again from the unfiltered list. Where the count
+        is the planner's estimate, the last page shows the list's last rows, whatever their number.
 
         The page's rows are found by their keys first: the list's order and offset over the key and the
         sorted columns alone, then those rows with their joins and annotated columns. Read in one query,
@@ -97,6 +98,11 @@ class LargeTablePaginator(Paginator):
         bottom = (number - 1) * self.per_page
         top = self.count if bottom + self.per_page + self.orphans >= self.count else bottom + self.per_page
         keys = list(self.object_list.values_list("pk", flat=True)[bottom:top])
+        if self.count_label.startswith("about") and (number == self.num_pages or not keys):
+            # pages numbered by an estimate: the last one (and one beyond the rows) shows the list's last
+            # rows, read backwards through the order's index, where it showed rows the estimate's number
+            # ended on, or none
+            keys = list(self.object_list.reverse().values_list("pk", flat=True)[: self.per_page])[::-1]
         if self.rows is None:
             return self._get_page(self.object_list.filter(pk__in=keys), number, self)
         rows, related = self.rows, self.object_list.query.select_related
