@@ -97,11 +97,13 @@ class LargeTablePaginator(Paginator):
             return super().page(number)
         bottom = (number - 1) * self.per_page
         top = self.count if bottom + self.per_page + self.orphans >= self.count else bottom + self.per_page
-        keys = list(self.object_list.values_list("pk", flat=True)[bottom:top])
-        if self.count_label.startswith("about") and (number == self.num_pages or not keys):
-            # pages numbered by an estimate: the last one (and one beyond the rows) shows the list's last
-            # rows, read backwards through the order's index, where it showed rows the estimate's number
-            # ended on, or none
+        # Pages numbered by an estimate: the last one (and one beyond the rows) shows the list's last rows,
+        # read backwards through the order's index, where it showed the rows the estimate's number ended
+        # on, or none.
+        estimated = self.count_label.startswith("about")
+        keys = [] if estimated and number == self.num_pages else list(
+            self.object_list.values_list("pk", flat=True)[bottom:top])
+        if estimated and not keys:
             keys = list(self.object_list.reverse().values_list("pk", flat=True)[: self.per_page])[::-1]
         if self.rows is None:
             return self._get_page(self.object_list.filter(pk__in=keys), number, self)
