@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from django.conf import settings
 from django.contrib import admin
-from django.contrib.admin.views.main import ORDER_VAR
+from django.contrib.admin.options import IncorrectLookupParameters
+from django.contrib.admin.views.main import ORDER_VAR, ChangeList
 from django.core.paginator import EmptyPage, Paginator
 from django.db import connections, models, router
 from django.utils import timezone
@@ -130,6 +131,14 @@ def _lookups(tree: dict, prefix: str = ""):
             yield f"{prefix}{name}"
 
 
+class LargeChangeList(ChangeList):
+    def get_filters(self, request):
+        try:
+            return super().get_filters(request)
+        except (ValueError, OverflowError) as exc:  # Django's date hierarchy past year 9999 (a typed URL)
+            raise IncorrectLookupParameters(exc) from exc  # the admin's answer to a bad lookup: ?e=1
+
+
 class LargeTableAdmin:
     """For a ModelAdmin of a table that grows without end: LargeTablePaginator, which reads a page's
     rows by their keys from the admin's own queryset (`get_queryset`)."""
@@ -138,6 +147,9 @@ class LargeTableAdmin:
 
     def get_paginator(self, request, queryset, per_page, orphans=0, allow_empty_first_page=True):
         return self.paginator(queryset, per_page, orphans, allow_empty_first_page, rows=self.get_queryset(request))
+
+    def get_changelist(self, request, **kwargs):
+        return LargeChangeList
 
     def get_changelist_instance(self, request):
         changelist = super().get_changelist_instance(request)

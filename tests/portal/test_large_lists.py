@@ -195,6 +195,17 @@ def test_a_page_before_the_first_shows_the_first(client, world, root, monkeypatc
     assert "?p=2" in shown.content.decode()
 
 
+@pytest.mark.parametrize("url", [DEPLOYMENTS, AUDIT])
+@pytest.mark.parametrize("date", [{"year": "9999"}, {"year": "9999", "month": "12"},
+                                  {"year": "9999", "month": "12", "day": "31"}, {"year": "0"}])
+def test_a_date_beyond_the_calendar_is_a_bad_lookup_not_an_error_page(client, world, root, url, date):
+    """Django's date hierarchy computes the period after the one asked: past year 9999 it raised."""
+    field = "requested_at" if url == DEPLOYMENTS else "created_at"
+    client.force_login(root)
+    response = client.get(url, {f"{field}__{part}": value for part, value in date.items()})
+    assert response.status_code == 302 and response.url.endswith("?e=1")
+
+
 def test_an_empty_list_says_0(client, world, root):
     page = listing(client, root, DEPLOYMENTS, q="nothing-is-called-this").content.decode()
     assert "0 deployments" in page
