@@ -538,7 +538,11 @@ class DeploymentAdmin(LargeTableAdmin, ReleaseSearch, admin.ModelAdmin):
         return deployment
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
-        deployment = self._viewable(request, unquote(object_id))
+        try:
+            deployment = self._viewable(request, unquote(object_id))
+        except Http404:  # the board, saying so (as the admin answers for a release that is not there)
+            messages.warning(request, f"There is no deployment #{unquote(object_id)}.")
+            return redirect("admin:index")
         live = selectors.deployment_live(deployment)
         running = selectors.current_deployments([deployment.environment_id]).get(deployment.environment_id) \
             if live["open"] else None

@@ -10,6 +10,7 @@ import re
 import pytest
 from django.contrib.auth.models import Permission
 from django.core.exceptions import ValidationError
+from django.template.loader import render_to_string
 from django.urls import reverse
 from django.utils import timezone
 
@@ -192,6 +193,25 @@ def test_searching_an_issue_key_opens_the_changes_journey(client, people):
     missing = client.get(reverse("admin:change_journey", args=["BIZPLAT-404"]))
     assert missing.status_code == 404 and missing.templates[0].name == "admin/releases/change_journey.html"
     assert "No build or release carries BIZPLAT-404." in text(missing)  # the API's sentence, on the portal's page
+
+
+def test_a_deployment_or_page_that_is_not_there_leads_back_to_the_board(client, people):
+    """An analyst pasting #71 from a message into the board's search, or a mistyped address: the board
+    saying what is not there, as for a release, or the portal's own page with the way back (an
+    analysts' walk found Django's bare "Not Found")."""
+    client.force_login(people.bob)
+    response = client.get(reverse("admin:index"), {"q": "#999999"}, follow=True)
+    assert response.redirect_chain[-1][0] == reverse("admin:index")
+    assert '<li class="warning">There is no deployment #999999.</li>' in text(response)
+    for address in ("/admin/changes/", "/admin/no-such-page/"):
+        missing = client.get(address)
+        assert missing.status_code == 404
+        assert "Not found | Release Portal" in text(missing)
+        assert f"There is no page at {address}" in text(missing)
+        assert f'href="{reverse("admin:index")}">Back to the release board' in missing.content.decode()
+    # the page shown when the portal fails is rendered without a request or a database
+    failed = render_to_string("500.html")
+    assert "Server error | Release Portal" in failed and 'href="/admin/">Back to the release board' in failed
 
 
 def test_journey_says_who_approved_and_where_the_change_is_now(client, people):
