@@ -7,6 +7,7 @@ import datetime as dt
 from django import template
 from django.contrib.admin.templatetags.admin_list import date_hierarchy
 from django.contrib.admin.templatetags.base import InclusionAdminNode
+from django.db.models import QuerySet
 
 from edge.lists import CalendarChangeList
 from environments.models import Deployment
@@ -36,8 +37,18 @@ def state_label(state: str) -> str:
 def requester(deployment: Deployment) -> str:
     """Who asked for a deployment: a person's name, a CI token, or the portal itself (auto-deploy)."""
     if deployment.requested_by_id is None and not deployment.requested_by_label.startswith("ci:"):
-        return "the portal (automatic)"
+        return THE_PORTAL
     return deployment.requested_by_label
+
+
+THE_PORTAL = "the portal (automatic)"
+
+
+def asked_by_the_portal(deployments: QuerySet) -> QuerySet:
+    """The deployments `requester` names THE_PORTAL (a list's search finds them by those words): no person
+    and no CI token asked, so the audit's actor label is "system" (`iexact`: through the label's search
+    index on PostgreSQL)."""
+    return deployments.filter(requested_by__isnull=True, requested_by_label__iexact="system")
 
 
 @register.filter

@@ -35,7 +35,7 @@ from edge.admin import (
     run_each,
 )
 from edge.lists import Found, LargeTableAdmin, ReleaseSearch
-from edge.templatetags import moment, requester
+from edge.templatetags import THE_PORTAL, asked_by_the_portal, moment, requester
 from environments import metrics, policy, selectors, services
 from environments.models import (
     FREEZE_PRESETS,
@@ -460,20 +460,22 @@ class DeploymentAdmin(LargeTableAdmin, ReleaseSearch, admin.ModelAdmin):
     own_search = ("requested_by_label",)
     numbered, joining = True, frozenset({"to"})  # a row reads "#71 MAC 1.3.1 to Production"
     search_help_text = ("An issue key, a version, a deployment's number, the application or environment by name, "
-                        "or who requested, approved, rejected or reviewed it (a user name).")
+                        "or who requested, approved, rejected or reviewed it (a user name, or the portal).")
 
     def named(self):
         return {"release__application__name": {n.lower() for n in Application.objects.values_list("name", flat=True)},
                 "environment__name": {n.lower() for n in Environment.objects.values_list("name", flat=True)}}
 
     def more_matches(self, word):
+        # the portal's own deployments, by the words the list shows for them (edge.templatetags.requester)
+        found = [Found(asked_by_the_portal(Deployment.objects), "pk")] if word.lower() in THE_PORTAL else []
         # a person, when the word is someone's user name (read first: the planner then knows whom it
         # looks for, instead of guessing a third of the approvals for a name nobody has)
         people = list(get_user_model().objects.filter(username__iexact=word).values_list("pk", flat=True))
-        if not people:
-            return []
-        return [Found(Approval.objects.filter(approver_id__in=people), "deployment_id"),
-                Found(Deployment.objects.filter(reviewed_by_id__in=people), "pk")]
+        if people:
+            found += [Found(Approval.objects.filter(approver_id__in=people), "deployment_id"),
+                      Found(Deployment.objects.filter(reviewed_by_id__in=people), "pk")]
+        return found
     list_select_related = ["release__application", "environment", "reviewed_by"]
     date_hierarchy = "requested_at"
     actions = None

@@ -13,6 +13,7 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from audit.models import AuditEvent
+from edge.templatetags import requester
 from environments import services
 from environments.models import Deployment
 from releases.models import Release, as_issue_key
@@ -95,6 +96,10 @@ def test_a_search_finds_what_the_list_shows(client, world, root):
     assert found(q="production") == {production.pk, refused.pk}
     assert found(q=f"#{production.pk}") == {production.pk} and production.pk in found(q=str(production.pk))
     assert found(q="carol") == {production.pk} and found(q="erin") == {refused.pk}
+    by_the_portal = {services.auto_deploy(release=world.release(), environment=world.qa).pk}
+    assert {d.pk for d in Deployment.objects.all() if requester(d) == "the portal (automatic)"} == by_the_portal
+    assert by_the_portal and found(q="automatic") == found(q="Portal") == by_the_portal  # as the list shows them
+    assert found(q="the portal (automatic)") == by_the_portal  # the words, pasted
     assert found(q=f"Production {older.version}") == {production.pk}
     assert found(q=f"MAC {older.version} to Production") == {production.pk}  # a row's title, pasted
     assert found(q="²") == found(q="#²") == set()  # a digit int() does not read is no number
