@@ -27,12 +27,6 @@ class ReportForm(BoundedDaysForm):
     until = forms.DateField(help_text="Last day (inclusive), YYYY-MM-DD.")
     application = forms.ModelChoiceField(Application.objects.all(), required=False, to_field_name="name")
 
-    def clean(self):
-        data = super().clean()
-        if data.get("since") and data.get("until") and data["until"] < data["since"]:
-            raise forms.ValidationError("The last day comes before the first.")
-        return data
-
 
 # What the list's search reads on PostgreSQL: the searched columns, upper-cased, joined by a character
 # nobody types (so that no word matches across two columns). Migration 0005 indexes exactly this

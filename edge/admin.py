@@ -19,7 +19,8 @@ from core.times import FIRST_DAY, LAST_DAY
 
 
 class BoundedDaysForm(forms.Form):
-    """A form whose `since` and `until` days stay within the days a person can mean (core.times)."""
+    """A form whose `since` and `until` days stay within the days a person can mean (core.times), the
+    last not before the first."""
 
     def _bounded(self, name):
         day = self.cleaned_data.get(name)
@@ -32,6 +33,12 @@ class BoundedDaysForm(forms.Form):
 
     def clean_until(self):
         return self._bounded("until")
+
+    def clean(self):
+        data = super().clean()
+        if data.get("since") and data.get("until") and data["until"] < data["since"]:
+            raise forms.ValidationError("The last day comes before the first.")
+        return data
 
 
 class OutcomeAdmin(admin.ModelAdmin):

@@ -737,7 +737,8 @@ def _duration_chart(key, title, description, labels, values):
 
 def metrics_charts(found: metrics.EnvironmentMetrics) -> list[charts.Chart]:
     weeks = found.weeks
-    labels = [w.label.split("-")[1] for w in weeks]
+    # the week alone (W49) within one year; with its year where the weeks cross one (2025-W49, 2026-W01)
+    labels = [w.label if weeks[0].label[:4] != weeks[-1].label[:4] else w.label.split("-")[1] for w in weeks]
     count = lambda v: f"{v:g}"  # noqa: E731
     return [
         charts.bar_chart(
@@ -808,6 +809,8 @@ def metrics_page(admin_site, request):
         until = form.cleaned_data["until"] or timezone.now().date()
         since = form.cleaned_data["since"] or until - dt.timedelta(weeks=metrics.DEFAULT_WEEKS - 1)
         period = metrics.MetricsPeriod.covering(since, until)
+        if metrics.monday_of(since) < period.first_monday:  # longer than a page's measures reach
+            form.add_error("since", f"At most {metrics.MAX_WEEKS} weeks are measured: the latest are shown.")
     context = {**admin_site.each_context(request), "title": "Delivery metrics", "form": form,
                "application": application, "environment": environment, "period": period,
                "csv_url": "?" + urlencode({**data, "format": "csv"})}

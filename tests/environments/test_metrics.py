@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import re
 
 import pytest
 from django.db import connection
@@ -309,6 +310,23 @@ def test_the_page_draws_the_charts_and_the_table(world, client, analyst):
     assert table[-1][0] == "total" and table[-1][3] == "57%"
     assert "http://" not in html.replace("http://www.w3.org/2000/svg", "") and "https://" not in html  # no CDN
     assert 'id="freeze-calendar"' in html
+
+
+def test_the_page_says_what_it_did_with_days_it_cannot_measure_as_asked(world, client, analyst):
+    """As the reports' page does: the last day before the first is refused, and a period longer than the
+    page measures says that its latest weeks are shown (an analysts' walk found both taken silently)."""
+    hand_checked_history(world)
+    swapped = page(client, analyst, "?application=MAC&since=2026-03-22&until=2026-03-02")
+    assert "The last day comes before the first." in swapped.content.decode()
+    long = page(client, analyst, "?application=MAC&since=2020-01-01&until=2026-03-22")
+    assert f"At most {metrics.MAX_WEEKS} weeks are measured: the latest are shown." in long.content.decode()
+    assert long.context["period"].first_monday == dt.date(2023, 3, 20)  # 157 weeks up to 2026-W12
+    labels = re.findall(r"<title>([0-9W-]+): ", long.content.decode())  # the charts' weeks cross years
+    assert labels and all(re.fullmatch(r"20[0-9]{2}-W[0-9]{2}", label) for label in labels)
+    assert "2026-W11" in labels
+    short = page(client, analyst, "?application=MAC&since=2026-03-02&until=2026-03-22")
+    assert "<title>W11: " in short.content.decode()  # within one year, the week alone
+    assert "weeks are measured" not in short.content.decode()
 
 
 def test_the_csv_has_the_same_numbers_with_formula_cells_neutralized(world, client, analyst):
