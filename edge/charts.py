@@ -87,7 +87,9 @@ def bar_chart(*, key: str, title: str, description: str, labels: Sequence[str], 
     slot = plot_width / max(len(labels), 1)
     bar_width = max(slot * 0.7, 1.0)
     bars, label_marks = [], []
-    every = max(1, math.ceil(len(labels) / 13))  # keep the week labels readable
+    # keep the labels readable: thirteen of a week's (W49) fit under a chart, six of a year's week (2025-W49)
+    fit = 52 // max(4, max((len(label) for label in labels), default=0))
+    every = max(1, math.ceil(len(labels) / fit))
     for i, label in enumerate(labels):
         x = LEFT + i * slot + (slot - bar_width) / 2
         base = float(HEIGHT - BOTTOM)

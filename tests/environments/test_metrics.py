@@ -324,6 +324,8 @@ def test_the_page_says_what_it_did_with_days_it_cannot_measure_as_asked(world, c
     labels = re.findall(r"<title>([0-9W-]+): ", long.content.decode())  # the charts' weeks cross years
     assert labels and all(re.fullmatch(r"20[0-9]{2}-W[0-9]{2}", label) for label in labels)
     assert "2026-W11" in labels
+    axis = [mark.text for mark in long.context["charts"][0].labels]  # spaced so that they do not overlap
+    assert axis[0] == "2023-W12" and len(axis) <= 7
     short = page(client, analyst, "?application=MAC&since=2026-03-02&until=2026-03-22")
     assert "<title>W11: " in short.content.decode()  # within one year, the week alone
     assert "weeks are measured" not in short.content.decode()
