@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from collections import defaultdict
 from dataclasses import dataclass
+from zoneinfo import ZoneInfo
 
 from django.db import connection
 from django.db.models import Count, OuterRef, Prefetch, Q, Subquery
@@ -247,7 +248,9 @@ class FreezeEntry:
 
     @property
     def day(self) -> dt.date:
-        return self.starts_at.date()
+        """The day it starts on where it is planned (a month-end close from Berlin's midnight is on its
+        day there, not on the evening before in UTC)."""
+        return self.starts_at.astimezone(ZoneInfo(self.zone)).date()
 
 
 def freeze_calendar(*, application: Application | str | None = None, days: int = CALENDAR_DAYS,
@@ -273,7 +276,7 @@ def freeze_calendar(*, application: Application | str | None = None, days: int =
             environments=tuple(names), recurring=bool(occurrence.window.recurrence),
             running=occurrence.starts_at <= now, window_id=window_id, zone=occurrence.window.timezone,
         ))
-    return [{"application": name, "entries": sorted(entries, key=lambda e: (e.starts_at, e.window_id))}
+    return [{"application": name, "entries": sorted(entries, key=lambda e: (e.day, e.starts_at, e.window_id))}
             for name, entries in sorted(by_application.items())]
 
 

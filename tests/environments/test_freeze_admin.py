@@ -3,6 +3,7 @@ ending go through the services: audited, and a freeze that holds now ends sooner
 and a second administrator."""
 
 import datetime as dt
+from zoneinfo import ZoneInfo
 
 import pytest
 from django.contrib.messages import get_messages
@@ -133,6 +134,28 @@ def test_the_calendar_lists_the_next_30_days_per_application(world):
     assert selectors.freeze_calendar(application="HAMS", now=now) == []
     saturday = selectors.freeze_calendar(now=dt.datetime(2026, 3, 21, 12, tzinfo=dt.UTC))[0]["entries"][0]
     assert saturday.running and saturday.ends_at == dt.datetime(2026, 3, 23, 5, tzinfo=dt.UTC)
+
+
+def test_the_calendar_heads_a_freeze_by_its_day_where_it_is_planned(world, client, planner):
+    """A close planned from Berlin's midnight is on its day there (it starts at 23:00 or 22:00 UTC the
+    evening before): an analysts' walk found the month-end close under the day before."""
+    berlin = ZoneInfo("Europe/Berlin")
+    day = (timezone.now().astimezone(berlin) + dt.timedelta(days=3)).date()
+    starts = dt.datetime.combine(day, dt.time(), tzinfo=berlin)  # Berlin's midnight
+    ends = starts + dt.timedelta(days=2)
+    services.freeze_window_save(actor=SYSTEM, window=FreezeWindow(
+        environment=world.production, reason="close", timezone="Europe/Berlin", starts_at=starts, ends_at=ends))
+    patch = starts.astimezone(dt.UTC) + dt.timedelta(minutes=30)  # planned in UTC: its day is the one before
+    services.freeze_window_save(actor=SYSTEM, window=FreezeWindow(
+        environment=world.qa, reason="patch", starts_at=patch, ends_at=patch + dt.timedelta(hours=1)))
+    (calendar,) = selectors.freeze_calendar()
+    assert [(e.reason, e.day) for e in calendar["entries"]] == [
+        ("patch", day - dt.timedelta(days=1)), ("close", day)]  # in the order of their days
+    page = client.get(reverse("admin:environments_freezewindow_changelist")).content.decode()
+    close = page[page.index(f"{day.day} {day:%b}"):]
+    utc = starts.astimezone(dt.UTC)
+    assert close.index(f"{day:%A}") < close.index(f"{utc:%a %H:%M}") < close.index(
+        f"({starts:%a} 00:00 to {ends:%a} 00:00 Europe/Berlin)")
 
 
 def test_the_list_and_its_calendar_cost_the_same_queries_whatever_the_windows(world, client, planner):
