@@ -531,6 +531,18 @@ def test_deployment_page_shows_progress_and_the_latest_log_lines(client, people)
     assert whole.decode().splitlines() == [f"line {n}" for n in range(1, 301)]
 
 
+def test_a_deployment_that_ended_before_any_host_says_so_not_0_of_0(client, people):
+    """A deployment refused at its start, or one whose run reported no host, has no progress to draw
+    (an analysts' walk found "0 of 0 hosts done" under an empty bar); one just started does."""
+    ended = people.deploy(people.release(), people.qa, result=State.FAILED)
+    body = text(page(client, people.dave, deployment_url(ended)))
+    assert "No host reported progress." in body and "hosts done" not in body and "<progress" not in body
+    started = services.deployment_request(actor=people.ci, release=people.release(), environment=people.qa)
+    services.deployment_start(deployment_id=started.pk, engine="test:1")
+    body = text(page(client, people.dave, deployment_url(started)))
+    assert "hosts done" in body and "<progress" in body and "No host reported" not in body  # it fills as it runs
+
+
 def test_pages_need_view_permission(client, people, make_user):
     pending = awaiting(people)
     nobody = make_user("nobody")
