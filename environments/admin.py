@@ -598,7 +598,7 @@ class DeploymentAdmin(LargeTableAdmin, ReleaseSearch, admin.ModelAdmin):
             return redirect(back)
         service, done, needs_comment = DEPLOYMENT_ACTIONS[action]
         if needs_comment and not comment:
-            messages.error(request, f"Say why in the comment: a deployment is {done} with a comment.")
+            messages.error(request, f"Not {done}: the comment must say why.")
             return redirect(back)
         call_service(request, lambda: service(actor=admin_actor(request), deployment_id=deployment.pk,
                                               comment=comment),

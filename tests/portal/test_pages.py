@@ -167,7 +167,7 @@ def test_a_rejection_from_the_board_needs_a_comment(client, people):
     client.force_login(people.carol)
     url = reverse("admin:environments_deployment_act", args=[pending.pk])
     response = client.post(url, {"action": "reject", "comment": " ", "next": "/admin/"}, follow=True)
-    assert "Say why in the comment" in text(response)
+    assert "Not rejected: the comment must say why." in text(response)
     pending.refresh_from_db()
     assert pending.state == State.AWAITING_APPROVAL
     client.post(url, {"action": "reject", "comment": "wrong ticket"})
