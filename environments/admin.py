@@ -602,8 +602,9 @@ class DeploymentAdmin(LargeTableAdmin, ReleaseSearch, admin.ModelAdmin):
             return redirect(back)
         call_service(request, lambda: service(actor=admin_actor(request), deployment_id=deployment.pk,
                                               comment=comment),
-                     lambda d: format_html('{} to {}: {}. <a href="{}">Follow deployment #{}</a>', d.release,
-                                           d.environment.name, _outcome(d, done), page_url, d.pk))
+                     lambda d: format_html('{} to {}: {}. <a href="{}">{} deployment #{}</a>', d.release,
+                                           d.environment.name, _outcome(d, done), page_url,
+                                           "Follow" if d.state in Deployment.OPEN_STATES else "Open", d.pk))
         return redirect(back)
 
 

@@ -473,8 +473,9 @@ def test_an_emergency_is_reviewed_from_its_page_by_someone_else(client, people):
     assert "Awaiting review" in text(carol) and "payments down" in text(carol)
     client.force_login(people.carol)
     act = reverse("admin:environments_deployment_act", args=[emergency.pk])
-    assert "Say why" in text(client.post(act, {"action": "review"}, follow=True))
-    client.post(act, {"action": "review", "comment": "outage ticket INC-7 checked"})
+    assert "Not reviewed: the comment must say why." in text(client.post(act, {"action": "review"}, follow=True))
+    done = text(client.post(act, {"action": "review", "comment": "outage ticket INC-7 checked"}, follow=True))
+    assert f"Open deployment #{emergency.pk}</a>" in done  # it ended: nothing to follow
     emergency.refresh_from_db()
     assert (emergency.reviewed_by, emergency.review_comment) == (people.carol, "outage ticket INC-7 checked")
     assert "Reviewed by carol" in text(page(client, people.dave, url))
