@@ -559,6 +559,7 @@ class DeploymentAdmin(LargeTableAdmin, ReleaseSearch, admin.ModelAdmin):
             "ran_before": before if before and before.release_id != deployment.release_id else None,
             "rolled_back": policy.is_rollback(deployment.release_id, before and before.release_id),
             "offers": deployment_offers(admin_actor(request), deployment),
+            "went_past": selectors.what_it_went_past(deployment),  # an emergency's freeze, as the report says
             # an emergency waiting for its review: who could give it (none: someone must be given the right)
             "reviewers": policy.possible_reviewers(deployment.release, deployment.environment,
                                                    deployment.requested_by_id)

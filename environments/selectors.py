@@ -12,6 +12,7 @@ from django.db.models import Count, OuterRef, Prefetch, Q, Subquery
 from django.utils import timezone
 
 from audit.actors import Actor
+from audit.models import AuditEvent
 from core.compiled import CompiledRead, Pending, together
 from core.decisions import Decision, NotFound
 from core.times import iso_or_none as _time
@@ -208,6 +209,15 @@ def application_environments(application: str, *, alongside: tuple[Pending, ...]
             "queue": queues[env["id"]],
         })
     return rows
+
+
+def what_it_went_past(deployment: Deployment) -> str | None:
+    """What an emergency deployment went past when it was asked for (a freeze), as its request's audit
+    event records it (the exceptions report says the same); None for any other. One query."""
+    if not deployment.emergency:
+        return None
+    return AuditEvent.objects.filter(action="deployment.request", object_type="environments.deployment",
+                                     object_id=str(deployment.pk)).values_list("data__skipped", flat=True).first()
 
 
 def succeeded_deployments_prefetch() -> Prefetch:
