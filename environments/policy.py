@@ -767,9 +767,9 @@ REVIEWER_NOT_IMPLEMENTER = "reviewer_not_implementer"
 REVIEWER_NOT_REQUESTER = "reviewer_not_requester"
 SOD_CHECKS = {
     REQUESTER_NOT_IMPLEMENTER: "The requester did not implement the change.",
-    APPROVER_NOT_IMPLEMENTER: "No approver implemented the change.",
-    APPROVER_NOT_REQUESTER: "No approver requested the deployment.",
-    APPROVER_DISTINCT: "Each approval came from a different person.",
+    APPROVER_NOT_IMPLEMENTER: "No one who approved or rejected it implemented the change.",
+    APPROVER_NOT_REQUESTER: "No one who approved or rejected it requested the deployment.",
+    APPROVER_DISTINCT: "Each approval or rejection came from a different person.",
     REVIEWER_NOT_IMPLEMENTER: "The reviewer did not implement the change.",
     REVIEWER_NOT_REQUESTER: "The reviewer did not request the emergency deployment.",
 }

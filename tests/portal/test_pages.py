@@ -507,8 +507,10 @@ def test_deployment_page_reads_as_sentences(client, people):
     services.deployment_record_result(deployment_id=done.pk, state=State.SUCCEEDED)
     after = text(page(client, people.dave, deployment_url(pending)))
     assert "Expires" not in after  # decided: the expiry no longer matters
-    for sentence in ("The requester did not implement the change.", "No approver implemented the change.",
-                     "No approver requested the deployment.", "Each approval came from a different person."):
+    for sentence in ("The requester did not implement the change.",
+                     "No one who approved or rejected it implemented the change.",
+                     "No one who approved or rejected it requested the deployment.",
+                     "Each approval or rejection came from a different person."):
         assert f"✓ {sentence}" in after
     assert "approver_not_requester" not in after
 
