@@ -38,7 +38,8 @@ class PortalAdminSite(admin.AdminSite):
         ]
 
     def index(self, request, extra_context=None):
-        """The release board; `?q=` opens a change's journey (an issue key) or searches the releases."""
+        """The release board; `?q=` opens a change's journey (an issue key), a release (its version), a
+        deployment (#71, or 71 where no version is that) or searches the releases."""
         query = request.GET.get("q", "").strip()
         if query:
             if key := as_issue_key(query):
@@ -47,6 +48,8 @@ class PortalAdminSite(admin.AdminSite):
                 return redirect("admin:environments_deployment_change", int(query[1:]))
             if (release := release_selectors.the_release_of_version(query)) is not None:  # a version, whole
                 return redirect("admin:releases_release_change", release)
+            if re.fullmatch(r"[0-9]{1,18}", query) and env_selectors.deployment_exists(int(query)):  # 71 as #71
+                return redirect("admin:environments_deployment_change", int(query))
             return redirect(reverse("admin:releases_release_changelist") + "?" + urlencode({"q": query}))
         return super().index(request, extra_context={**self.board_context(request), **(extra_context or {})})
 

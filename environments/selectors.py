@@ -33,6 +33,10 @@ def environment_get(application: str, name: str) -> Environment:
     return environment
 
 
+def deployment_exists(deployment_id: int) -> bool:
+    return Deployment.objects.filter(pk=deployment_id).exists()
+
+
 def deployment_get(deployment_id: int, *, within: frozenset[int] | None = None) -> Deployment:
     """One deployment with what its page, its API body and the policy read (no further queries);
     `within` limits it to these applications (what a reader may see)."""

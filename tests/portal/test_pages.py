@@ -203,6 +203,11 @@ def test_a_deployment_or_page_that_is_not_there_leads_back_to_the_board(client, 
     response = client.get(reverse("admin:index"), {"q": "#999999"}, follow=True)
     assert response.redirect_chain[-1][0] == reverse("admin:index")
     assert '<li class="warning">There is no deployment #999999.</li>' in text(response)
+    deployment = awaiting(people)
+    number = client.get(reverse("admin:index"), {"q": str(deployment.pk)})  # 71 as the list reads it: #71
+    assert number.url == deployment_url(deployment)
+    nothing = client.get(reverse("admin:index"), {"q": "999999"})  # no such deployment: the releases' search
+    assert nothing.url == reverse("admin:releases_release_changelist") + "?q=999999"
     for address in ("/admin/changes/", "/admin/no-such-page/"):
         missing = client.get(address)
         assert missing.status_code == 404
