@@ -132,10 +132,13 @@ def _lookups(tree: dict, prefix: str = ""):
 
 
 class LargeChangeList(ChangeList):
+    """Django's change list, answering a date past the calendar in the date hierarchy as the bad lookup
+    it is (Django computes the period after the one asked, and year 9999 has none)."""
+
     def get_filters(self, request):
         try:
             return super().get_filters(request)
-        except (ValueError, OverflowError) as exc:  # Django's date hierarchy past year 9999 (a typed URL)
+        except (ValueError, OverflowError) as exc:  # a typed URL: ?requested_at__year=9999
             raise IncorrectLookupParameters(exc) from exc  # the admin's answer to a bad lookup: ?e=1
 
 

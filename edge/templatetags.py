@@ -33,15 +33,15 @@ def state_label(state: str) -> str:
         return str(state).replace("_", " ")
 
 
+THE_PORTAL = "the portal (automatic)"  # who asked, where no person or CI token did
+
+
 @register.filter
 def requester(deployment: Deployment) -> str:
     """Who asked for a deployment: a person's name, a CI token, or the portal itself (auto-deploy)."""
     if deployment.requested_by_id is None and not deployment.requested_by_label.startswith("ci:"):
         return THE_PORTAL
     return deployment.requested_by_label
-
-
-THE_PORTAL = "the portal (automatic)"
 
 
 def asked_by_the_portal(deployments: QuerySet) -> QuerySet:
