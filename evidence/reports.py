@@ -213,12 +213,22 @@ def exceptions_rows(period: Period) -> Iterator[tuple]:
         "environment__application", "proposed_by", "decided_by").order_by("proposed_at", "id")
     if period.application:
         changes = changes.filter(environment__application__name=period.application)
-    for c in changes.iterator(chunk_size=ITERATOR_CHUNK):
+    changes = list(changes)  # a few a period
+    # Each one's proposal and decision in the chain: the row's audit_seq, and the decision's in its detail.
+    seqs = {(object_id, action): seq for object_id, action, seq in AuditEvent.objects.filter(
+        object_type="environments.controlchange", object_id__in=[str(c.pk) for c in changes],
+        action__in=("control_change.propose", "control_change.approve", "control_change.reject"),
+    ).values_list("object_id", "action", "seq")}
+    for c in changes:
+        decided_by = "control_change.reject" if c.state == c.State.REJECTED else "control_change.approve"
+        decision = seqs.get((str(c.pk), decided_by))
         decided = (f"; {c.get_state_display().lower()} by {c.decided_by.username} at {iso(c.decided_at)}"
+                   + (f" (audit event {decision})" if decision else "")
                    if c.decided_by_id else "; waiting for a second administrator")
         yield ("control_change", c.state, c.proposed_at, "", c.environment.application.name, c.environment.name,
                "", c.proposed_by.username, "CONTROL_WEAKENED",
-               f"{c.summary()}; reason: {c.reason}; proposed by {c.proposed_by.username}{decided}", "")
+               f"{c.summary()}; reason: {c.reason}; proposed by {c.proposed_by.username}{decided}",
+               seqs.get((str(c.pk), "control_change.propose"), ""))
 
     went_ahead = restricted.exclude(queued_at__isnull=True).order_by("requested_at", "id")
     for d in went_ahead.iterator(chunk_size=ITERATOR_CHUNK):

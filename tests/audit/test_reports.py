@@ -261,6 +261,30 @@ def test_exceptions_show_a_restricted_environments_settings_changed_outside_the_
     }
 
 
+def test_a_control_change_row_names_its_proposal_and_decision_events(world, history, make_user):
+    """An auditor traces a weakened control to the chain: the row's audit_seq is the proposal's event and
+    its detail names the second administrator's decision and its event (a helper found no audit_seq)."""
+    root, otto = make_user("root", superuser=True), make_user("otto", superuser=True)
+    production = Environment.objects.get(pk=world.production.pk)
+    production.inventory = "hosts-2026.ini"  # weaker: proposed, then approved by another administrator
+    proposal = services.environment_save(actor=person(root), environment=production, reason="new hosts")
+    services.control_change_approve(actor=person(otto), change_id=proposal.pk)
+    production.playbook = "other.yml"
+    waiting = services.environment_save(actor=person(root), environment=production, reason="a new playbook")
+    def seq(change, action):
+        return AuditEvent.objects.get(object_type="environments.controlchange", object_id=str(change.pk),
+                                      action=action).seq
+
+    proposed, approved = seq(proposal, "control_change.propose"), seq(proposal, "control_change.approve")
+    pending = seq(waiting, "control_change.propose")
+    rows = {r["detail"].split(";")[0]: r for r in export("exceptions")[2] if r["kind"] == "control_change"}
+    assert len(rows) == 2
+    done, open_ = (next(r for r in rows.values() if r["status"] == state) for state in ("applied", "proposed"))
+    assert done["audit_seq"] == str(proposed) and done["rule"] == "CONTROL_WEAKENED"
+    assert "approved and applied by otto at " in done["detail"] and f"(audit event {approved})" in done["detail"]
+    assert open_["audit_seq"] == str(pending) and "waiting for a second administrator" in open_["detail"]
+
+
 def test_exceptions_still_read_what_sql_moved_out_of_a_restricted_environment(world, history):
     """A deployment moved to another environment or release, or Production no longer restricted, by SQL:
     the reports read restricted environments, so these would leave them; the chain says where each
