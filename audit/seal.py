@@ -139,8 +139,8 @@ def says(value: str | None, canonical: str, seq: int, keys: tuple[bytes, ...]) -
     if index is None:
         return "does not hold: not written by the portal with its key"
     if index == len(keys) - 1 and settings.PORTAL_AUDIT_SEAL_KEY is not None:
-        return ("holds: written by the portal with its current key (that no other event carries the same seal, "
-                "verify_audit checks)")
+        return ("holds: written by the portal with its current key (verify_audit also checks that no other "
+                "event carries the same seal)")
     return (f"holds for a retired key (key {index + 1} of {len(keys)}, oldest first): written by the portal, "
             "unless an event before it is sealed by a newer key (verify_audit checks that, and that no other event "
             "carries the same seal)")

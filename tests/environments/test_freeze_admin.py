@@ -154,7 +154,7 @@ def test_the_calendar_heads_a_freeze_by_its_day_where_it_is_planned(world, clien
     page = client.get(reverse("admin:environments_freezewindow_changelist")).content.decode()
     close = page[page.index(f"{day.day} {day:%b}"):]
     utc = starts.astimezone(dt.UTC)
-    assert close.index(f"{day:%A}") < close.index(f"{utc:%a %H:%M}") < close.index(
+    assert close.index(f"{day:%A}") < close.index(f"{utc:%a} {utc.day} {utc:%b %H:%M}") < close.index(
         f"({starts:%a} 00:00 to {ends:%a} 00:00 Europe/Berlin)")
 
 

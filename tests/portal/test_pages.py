@@ -214,6 +214,10 @@ def test_a_deployment_or_page_that_is_not_there_leads_back_to_the_board(client, 
         assert "Not found | Release Portal" in text(missing)
         assert f"There is no page at {address}" in text(missing)
         assert f'href="{reverse("admin:index")}">Back to the release board' in missing.content.decode()
+    client.force_login(people.dave)  # an auditor: no API token is made on a page (the command makes them)
+    denied = client.get(reverse("admin:access_apitoken_add"))
+    assert denied.status_code == 403 and "Not allowed | Release Portal" in text(denied)
+    assert "Your account may not open /admin/access/apitoken/add/" in text(denied)
     # the page shown when the portal fails is rendered without a request or a database
     failed = render_to_string("500.html")
     assert "Server error | Release Portal" in failed and 'href="/admin/">Back to the release board' in failed
@@ -507,6 +511,8 @@ def test_deployment_page_reads_as_sentences(client, people):
     before = text(page(client, people.dave, deployment_url(pending)))
     assert "Expires" in before and "Emergency" not in before and "icon-no" not in before
     assert before.count("Requested by") == 1
+    # its state says it awaits approval; the sentence beside it says how far (not "Waiting for approval" again)
+    assert 'Awaiting approval</span> <span data-live="place">0 of 1 approvals given.</span>' in before
     done = services.deployment_approve(actor=person(people.carol), deployment_id=pending.pk)
     services.deployment_start(deployment_id=done.pk)
     services.deployment_record_result(deployment_id=done.pk, state=State.SUCCEEDED)
