@@ -46,6 +46,7 @@ class LargeTablePaginator(Paginator):
 
     count_label = ""
     beyond = ""  # what the pages do not reach, when the count stopped at its limit
+    estimated = False  # the count is the planner's estimate ("about N")
 
     def __init__(self, object_list, per_page, orphans=0, allow_empty_first_page=True, rows=None):
         super().__init__(object_list, per_page, orphans, allow_empty_first_page)
@@ -69,7 +70,7 @@ class LargeTablePaginator(Paginator):
             return counted
         if unfiltered and estimate and estimate > limit:
             about = _significant(int(estimate))
-            self.count_label = f"about {about:,}"
+            self.count_label, self.estimated = f"about {about:,}", True
             # an estimate may miss the rows' number either way: the last page shows the list's last rows (page)
             self.beyond = "an estimate: the last page shows the list's last rows; a filter or the dates reach every row"
             return about
@@ -101,10 +102,9 @@ class LargeTablePaginator(Paginator):
         # Pages numbered by an estimate: the last one (and one beyond the rows) shows the list's last rows,
         # read backwards through the order's index, where it showed the rows the estimate's number ended
         # on, or none.
-        estimated = self.count_label.startswith("about")
-        keys = [] if estimated and number == self.num_pages else list(
+        keys = [] if self.estimated and number == self.num_pages else list(
             self.object_list.values_list("pk", flat=True)[bottom:top])
-        if estimated and not keys:
+        if self.estimated and not keys:
             keys = list(self.object_list.reverse().values_list("pk", flat=True)[: self.per_page])[::-1]
         if self.rows is None:
             return self._get_page(self.object_list.filter(pk__in=keys), number, self)
@@ -115,10 +115,6 @@ class LargeTablePaginator(Paginator):
             rows = rows.select_related(*lookups)
         found = {row.pk: row for row in rows.filter(pk__in=keys).order_by()}
         return self._get_page([found[key] for key in keys if key in found], number, self)
-
-    def get_elided_page_range(self, number=1, *, on_each_side=3, on_ends=2):
-        number = max(min(int(number), self.num_pages), 1)  # the page shown (see page) for a page asked beyond
-        return super().get_elided_page_range(number, on_each_side=on_each_side, on_ends=on_ends)
 
 
 def _lookups(tree: dict, prefix: str = ""):
@@ -156,7 +152,8 @@ class LargeTableAdmin:
 
     def get_changelist_instance(self, request):
         changelist = super().get_changelist_instance(request)
-        changelist.page_num = getattr(changelist.paginator, "shown", changelist.page_num)  # the links mark it
+        # the page shown (see LargeTablePaginator.page), which the page links mark and count from
+        changelist.page_num = getattr(changelist.paginator, "shown", changelist.page_num)
         return changelist
 
 
