@@ -533,8 +533,8 @@ def queue_sentence(deployment: Deployment, entry: dict | None) -> str:
         return f"Running{'; ' + waiting_phrase(entry['waiting_for']) if entry['waiting_for'] else ''}."
     if entry["state"] == State.QUEUED:
         return f"{entry['position']} in line; {waiting_phrase(entry['waiting_for'])}."
-    if entry["waiting_for"].startswith("approval ("):  # its state says it awaits approval: how far it is
-        return f"{entry['waiting_for'].removeprefix('approval (').removesuffix(')')} approvals given."
+    if entry["state"] == State.AWAITING_APPROVAL:  # its state says it awaits approval: how far it is
+        return f"{entry['approved']} of {entry['required_approvals']} approvals given."
     return f"{waiting_phrase(entry['waiting_for']).capitalize()}."
 
 
