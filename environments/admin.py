@@ -559,7 +559,9 @@ class DeploymentAdmin(LargeTableAdmin, ReleaseSearch, admin.ModelAdmin):
             "ran_before": before if before and before.release_id != deployment.release_id else None,
             "rolled_back": policy.is_rollback(deployment.release_id, before and before.release_id),
             "offers": deployment_offers(admin_actor(request), deployment),
-            "went_past": selectors.what_it_went_past(deployment),  # an emergency's freeze, as the report says
+            # an emergency's freeze, as the exceptions report says it
+            "went_past": selectors.requests_in_the_chain([deployment.pk]).get(deployment.pk, (None, None))[1]
+            if deployment.emergency else None,
             # an emergency waiting for its review: who could give it (none: someone must be given the right)
             "reviewers": policy.possible_reviewers(deployment.release, deployment.environment,
                                                    deployment.requested_by_id)

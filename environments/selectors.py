@@ -215,13 +215,13 @@ def application_environments(application: str, *, alongside: tuple[Pending, ...]
     return rows
 
 
-def what_it_went_past(deployment: Deployment) -> str | None:
-    """What an emergency deployment went past when it was asked for (a freeze), as its request's audit
-    event records it (the exceptions report says the same); None for any other. One query."""
-    if not deployment.emergency:
-        return None
-    return AuditEvent.objects.filter(action="deployment.request", object_type="environments.deployment",
-                                     object_id=str(deployment.pk)).values_list("data__skipped", flat=True).first()
+def requests_in_the_chain(deployment_ids: list[int]) -> dict[int, tuple[int, str | None]]:
+    """Each deployment's request as the audit chain holds it: its event's seq, and what it went past
+    when asked for (an emergency past a freeze: `data.skipped`), for the exceptions report and an
+    emergency's page. One query."""
+    return {int(object_id): (seq, skipped) for object_id, seq, skipped in AuditEvent.objects.filter(
+        action="deployment.request", object_type="environments.deployment",
+        object_id__in=[str(pk) for pk in deployment_ids]).values_list("object_id", "seq", "data__skipped")}
 
 
 def succeeded_deployments_prefetch() -> Prefetch:

@@ -29,6 +29,7 @@ from audit.actors import Actor
 from audit.models import AuditEvent
 from core.times import iso
 from environments import policy
+from environments import selectors as env_selectors
 from environments.models import Approval, ControlChange, Deployment, Environment
 from evidence import pg_reports, reconcile
 from evidence.columns import AUDIT_COLUMNS, CHANGES_COLUMNS, DANGEROUS_FIRST, Period
@@ -171,10 +172,7 @@ def exceptions_rows(period: Period) -> Iterator[tuple]:
         emergencies = emergencies.filter(release__application__name=period.application)
     emergencies = list(emergencies.order_by(F("reviewed_at").asc(nulls_first=True), "requested_at"))
     # Each one's request in the chain: its event, and what it went past (a freeze).
-    requests = {object_id: (seq, skipped) for object_id, seq, skipped in AuditEvent.objects.filter(
-        action="deployment.request", object_type="environments.deployment",
-        object_id__in=[str(d.pk) for d in emergencies],
-    ).values_list("object_id", "seq", "data__skipped")}
+    requests = env_selectors.requests_in_the_chain([d.pk for d in emergencies])
     for d in emergencies:
         if d.reviewed_at:
             took = (d.reviewed_at - d.requested_at).days
@@ -183,7 +181,7 @@ def exceptions_rows(period: Period) -> Iterator[tuple]:
         else:
             age = (timezone.now() - d.requested_at).days
             status = f"UNREVIEWED, {age} days old" + (" (OVERDUE)" if policy.review_overdue(d.requested_at) else "")
-        seq, skipped = requests.get(str(d.pk), ("", None))
+        seq, skipped = requests.get(d.pk, ("", None))
         went_past = f" (it went past {skipped})" if skipped else ""
         yield ("emergency", status, *_about(d), d.requested_by_label, "EMERGENCY", d.emergency_reason + went_past, seq)
 
@@ -220,8 +218,8 @@ def exceptions_rows(period: Period) -> Iterator[tuple]:
         action__in=("control_change.propose", "control_change.approve", "control_change.reject"),
     ).values_list("object_id", "action", "seq")}
     for c in changes:
-        decided_by = "control_change.reject" if c.state == c.State.REJECTED else "control_change.approve"
-        decision = seqs.get((str(c.pk), decided_by))
+        decision = seqs.get((str(c.pk), "control_change.reject" if c.state == c.State.REJECTED
+                             else "control_change.approve"))
         decided = (f"; {c.get_state_display().lower()} by {c.decided_by.username} at {iso(c.decided_at)}"
                    + (f" (audit event {decision})" if decision else "")
                    if c.decided_by_id else "; waiting for a second administrator")
