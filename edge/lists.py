@@ -429,9 +429,8 @@ class ReleaseSearch:
                            for name in self.release_search]
             found = of_releases + [Found(model._default_manager.filter(**{f"{column}__icontains": word}), "pk")
                                    for column in self.own_search]
-            number = word.removeprefix("#")
-            if self.numbered and number.isascii() and number.isdigit() and len(number) < 19:  # #71 or 71
-                found.append(Found(model._default_manager.filter(pk=int(number)), "pk"))
+            if self.numbered and (number := as_number(word)) is not None:  # #71 or 71
+                found.append(Found(model._default_manager.filter(pk=number), "pk"))
             found += self.more_matches(word)
             limit = settings.PORTAL_EXACT_COUNT_LIMIT
             many = in_its_order and self._keys(model, of_releases, found, every=True)[: limit + 1].count() > limit
@@ -463,6 +462,12 @@ RELEASE_TERMS = {
     "issue_keys": lambda word: Found(ReleaseIssue.objects.filter(key__icontains=word), "release_id"),
     "implementers": lambda word: Found(Implementer.objects.filter(identity__icontains=word), "release_id"),
 }
+
+
+def as_number(text: str) -> int | None:
+    """A row's number as the pages write it (#71) or bare (71): ASCII digits that fit a 64-bit key."""
+    number = text.removeprefix("#")
+    return int(number) if number.isascii() and number.isdigit() and len(number) < 19 else None
 
 
 def search_words(search_term: str) -> list[str]:

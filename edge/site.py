@@ -4,7 +4,6 @@ a search for a change's issue key; a change's journey has a page of its own."""
 
 from __future__ import annotations
 
-import re
 from urllib.parse import urlencode
 
 from django.contrib import admin
@@ -15,6 +14,7 @@ from django.urls import path, reverse
 
 from core.decisions import NotFound
 from edge.admin import admin_actor
+from edge.lists import as_number
 from environments import selectors as env_selectors
 from releases import selectors as release_selectors
 from releases.models import as_issue_key
@@ -44,12 +44,12 @@ class PortalAdminSite(admin.AdminSite):
         if query:
             if key := as_issue_key(query):
                 return redirect("admin:change_journey", issue_key=key)
-            if re.fullmatch(r"#[0-9]{1,18}", query):  # a deployment, as the pages name it
-                return redirect("admin:environments_deployment_change", int(query[1:]))
+            if query.startswith("#") and (number := as_number(query)) is not None:  # as the pages name it
+                return redirect("admin:environments_deployment_change", number)
             if (release := release_selectors.the_release_of_version(query)) is not None:  # a version, whole
                 return redirect("admin:releases_release_change", release)
-            if re.fullmatch(r"[0-9]{1,18}", query) and env_selectors.deployment_exists(int(query)):  # 71 as #71
-                return redirect("admin:environments_deployment_change", int(query))
+            if (number := as_number(query)) is not None and env_selectors.deployment_exists(number):  # 71 as #71
+                return redirect("admin:environments_deployment_change", number)
             return redirect(reverse("admin:releases_release_changelist") + "?" + urlencode({"q": query}))
         return super().index(request, extra_context={**self.board_context(request), **(extra_context or {})})
 
