@@ -39,7 +39,7 @@ THE_PORTAL = "the portal (automatic)"  # who asked, where no person or CI token 
 @register.filter
 def requester(deployment: Deployment) -> str:
     """Who asked for a deployment: a person's name, a CI token, or the portal itself (auto-deploy)."""
-    if deployment.requested_by_id is None and not deployment.requested_by_label.startswith("ci:"):
+    if deployment.requested_by_id is None and deployment.requested_by_label.lower() == "system":  # as below
         return THE_PORTAL
     return deployment.requested_by_label
 
