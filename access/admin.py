@@ -24,7 +24,7 @@ from access.services import (
 )
 from audit.services import audit_refusal
 from core.decisions import PolicyRefusal
-from edge.admin import OutcomeAdmin, admin_actor, refusal_message, run_each
+from edge.admin import OutcomeAdmin, admin_actor, offer_only, refusal_message, run_each
 from environments import policy
 from environments.services import group_membership_change
 
@@ -69,10 +69,39 @@ class ApiTokenAdmin(admin.ModelAdmin):
         run_each(self, request, queryset, lambda t: token_revoke(actor=actor, token=t), "revoked.")
 
 
+def _own_account_offers(fields: dict, actor, user) -> None:
+    """One's own account page offers what rule 4 lets one do to it: drop a flag, leave a group, give up a
+    permission. Raising one's own rights is not offered, and the field says why in the rule's sentence,
+    asked of the functions the services ask (policy.decide_account_change, policy.decide_membership)."""
+    for flag in ("is_staff", "is_superuser"):
+        if flag in fields and not getattr(user, flag):
+            refusal = policy.decide_account_change(actor=actor, user=user, raised=[flag]).refusal
+            if refusal is not None:  # not offered; a forged post still reaches user_save, refused on record
+                fields[flag].widget.attrs["disabled"] = True
+                fields[flag].help_text = f"{refusal.detail} {fields[flag].help_text}"
+    if "user_permissions" in fields:
+        refusal = policy.decide_account_change(actor=actor, user=user, raised=["new permissions"]).refusal
+        if refusal is not None:
+            offer_only(fields["user_permissions"], {"the permissions you do not hold": refusal},
+                       keep=set(user.user_permissions.values_list("pk", flat=True)))
+    if "groups" in fields:
+        refused = {}
+        for group in Group.objects.exclude(user=user).order_by("name"):
+            refusal = policy.decide_membership(actor=actor, group=group, user=user).refusal
+            if refusal is not None:
+                refused[group] = refusal
+        offer_only(fields["groups"], refused)
+
+
 class MembershipCheckedUserForm(UserChangeForm):
     """Group changes go through group_membership_change: no one joins a releasers group by themselves."""
 
     request = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.request is not None and self.instance.pk == self.request.user.pk:
+            _own_account_offers(self.fields, admin_actor(self.request), self.instance)
 
     def clean_groups(self):
         groups = self.cleaned_data.get("groups")
@@ -90,7 +119,16 @@ class MembershipCheckedUserForm(UserChangeForm):
         return groups
 
 
-class PortalUserAdmin(OutcomeAdmin, UserAdmin):
+class FormKnowsRequest:
+    """The admin hands its form the request: what a form offers depends on who is asking."""
+
+    def get_form(self, request, obj=None, **kwargs):
+        form = super().get_form(request, obj, **kwargs)
+        form.request = request
+        return form
+
+
+class PortalUserAdmin(FormKnowsRequest, OutcomeAdmin, UserAdmin):
     """Every change to an account goes through an audited service: its fields and flags (user_save),
     its password (user_set_password), its permissions and its groups (group_membership_change); deletion
     through user_delete, which refuses to delete a user who is part of the evidence (deactivate instead)."""
@@ -137,11 +175,6 @@ class PortalUserAdmin(OutcomeAdmin, UserAdmin):
                 refusal = policy.decide_user_delete(actor=actor, user=user).refusal
                 self.message_user(request, refusal_message(refusal, user), messages.ERROR)
         return None
-
-    def get_form(self, request, obj=None, **kwargs):
-        form = super().get_form(request, obj, **kwargs)
-        form.request = request
-        return form
 
     def save_model(self, request, obj, form, change):
         try:
@@ -198,9 +231,28 @@ admin.site.unregister(User)
 admin.site.register(User, PortalUserAdmin)
 
 
-class PortalGroupAdmin(OutcomeAdmin, GroupAdmin):
+class GroupRightsForm(forms.ModelForm):
+    """A group's page offers its members no new rights for it: only the permissions it holds, with the
+    rule's sentence (policy.decide_group_permissions, which group_permissions_change asks)."""
+
+    request = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.request is None or self.instance.pk is None or "permissions" not in self.fields:
+            return
+        refusal = policy.decide_group_permissions(actor=admin_actor(self.request), group=self.instance,
+                                                  added=["new permissions"]).refusal
+        if refusal is not None:
+            offer_only(self.fields["permissions"], {"the permissions it does not hold": refusal},
+                       keep=set(self.instance.permissions.values_list("pk", flat=True)))
+
+
+class PortalGroupAdmin(FormKnowsRequest, OutcomeAdmin, GroupAdmin):
     """A group's permissions go through group_permissions_change: audited, and nobody gives a group they
     belong to more rights. Deleting one says who lost what (group_delete)."""
+
+    form = GroupRightsForm
 
     def save_model(self, request, obj, form, change):
         if change and "name" in form.changed_data:

@@ -113,6 +113,26 @@ def refusal_message(refusal, subject=None) -> str:
         f"Refused ({refusal.code}). {refusal.detail}")
 
 
+def offer_only(field: forms.ModelChoiceField, refused: dict, keep: set | None = None) -> None:
+    """Leave out of a choice's options what the policy refuses ({object: refusal}, asked of the function
+    the action's service asks), or offer only the primary keys in `keep`; the field then says what it left
+    out, in the rule's sentence, before its own help. The field still accepts every object: a post naming
+    one not offered reaches the service, which refuses it on record."""
+    left_out = {obj.pk for obj in refused if hasattr(obj, "pk")}
+
+    def offered(value) -> bool:
+        pk = getattr(value, "value", value)  # a ModelChoiceIteratorValue, or "" for no choice
+        return pk == "" or (pk in keep if keep is not None else pk not in left_out)
+
+    widget = getattr(field.widget, "widget", field.widget)  # inside the admin's related-object wrapper
+    widget.choices = [(value, label) for value, label in field.choices if offered(value)]
+    by_sentence: dict[str, list[str]] = {}
+    for obj, refusal in refused.items():
+        by_sentence.setdefault(refusal.detail, []).append(str(obj))
+    said = " ".join(f"Not offered: {', '.join(names)}. {detail}" for detail, names in by_sentence.items())
+    field.help_text = " ".join(filter(None, [said, str(field.help_text or "")]))
+
+
 def run_each(modeladmin: admin.ModelAdmin, request, objects: Iterable, call: Callable, done: str) -> None:
     """Call a service for each object; report each success and each refusal (with its rule's sentence)."""
     for obj in objects:

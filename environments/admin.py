@@ -31,6 +31,7 @@ from edge.admin import (
     call_service,
     confirm_with_comment,
     next_url,
+    offer_only,
     refusal_message,
     run_each,
 )
@@ -283,6 +284,19 @@ class AccessForm(forms.Form):
     user = forms.ModelChoiceField(queryset=get_user_model().objects.order_by("username"), required=False)
     grant = forms.TypedChoiceField(choices=[("1", "grant"), ("0", "revoke")], coerce=lambda v: v == "1")
 
+    def __init__(self, *args, actor, environment, **kwargs):
+        """Offers only the users and groups whose rights the policy lets this person change (no self-grant:
+        the decide_grant the service asks), saying under each choice whom it leaves out and why."""
+        super().__init__(*args, **kwargs)
+        for name, target in (("user", "user"), ("group", "group")):
+            field = self.fields[name]
+            refused = {}
+            for obj in field.queryset:
+                refusal = policy.decide_grant(actor=actor, environment=environment, **{target: obj}).refusal
+                if refusal is not None:
+                    refused[obj] = refusal
+            offer_only(field, refused)
+
     def clean(self):
         data = super().clean()
         if bool(data.get("group")) == bool(data.get("user")):
@@ -384,7 +398,7 @@ class EnvironmentAdmin(OutcomeAdmin):
         environment = get_object_or_404(Environment, pk=pk)
         if not self.has_view_permission(request, environment):
             raise PermissionDenied  # who may change access is the policy's decision (decide_grant)
-        form = AccessForm(request.POST or None)
+        form = AccessForm(request.POST or None, actor=admin_actor(request), environment=environment)
         if request.method == "POST" and form.is_valid():
             d = form.cleaned_data
             call = services.environment_grant if d["grant"] else services.environment_revoke

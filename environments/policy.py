@@ -1084,9 +1084,7 @@ def _membership_refusal(*, actor: Actor, group: Group, user, add: bool) -> Refus
     if not actor.is_person or not actor.user.has_perm("auth.change_user"):
         return forbidden("NOT_PERMITTED", "You may not change group membership.")
     if add and user.pk == actor.user.pk:  # whatever the group holds now, or is given later
-        return forbidden(
-            "SELF_GRANT", f"Nobody can add themselves to a group ({group.name}); another administrator must do it."
-        )
+        return forbidden("SELF_GRANT", "Nobody can add themselves to a group; another administrator must do it.")
     return None
 
 

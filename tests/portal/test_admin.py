@@ -3,6 +3,7 @@
 import csv
 import datetime as dt
 import io
+import re
 
 import pytest
 from auditlog.context import set_actor
@@ -272,6 +273,64 @@ def test_nobody_raises_their_own_rights_in_the_user_admin(client, world, make_us
     refusals = AuditEvent.objects.filter(code="SELF_GRANT", actor_username="helpdesk")
     assert set(refusals.values_list("action", flat=True)) == {"user.change.refused", "user.permissions.refused"}
     assert not [r for r in access_report() if r["permission"] == "is_superuser"]
+
+
+def offered(page: str, name: str) -> set[str]:
+    """The options a page's <select name=...> offers (their values, the empty choice left out)."""
+    select = re.search(rf'<select name="{name}"[^>]*>(.*?)</select>', page, re.S)
+    return set(re.findall(r'<option value="([^"]+)"', select.group(1))) if select else set()
+
+
+def test_ones_own_account_page_offers_no_raise_of_ones_rights(client, world, make_user):
+    """Rule 4 where it is offered: the helpdesk's own page offers leaving a group or a permission, not
+    joining or gaining one, and says why in the rule's sentence; a forged post is refused on record
+    (test_nobody_raises_their_own_rights_in_the_user_admin)."""
+    helpdesk = make_user("helpdesk", perms=["auth.change_user", "auth.view_user"])
+    client.force_login(helpdesk)
+    page = client.get(reverse("admin:auth_user_change", args=[helpdesk.pk])).content.decode()
+    held = {str(pk) for pk in helpdesk.user_permissions.values_list("pk", flat=True)}
+    assert offered(page, "user_permissions") == held and len(held) == 2
+    assert offered(page, "groups") == set()
+    assert f"Not offered: {world.releasers.name}. Nobody can add themselves to a group; another administrator" in page
+    assert "Nobody can raise their own rights (new permissions); another administrator must do it." in page
+    assert re.search(r'<input type="checkbox" name="is_superuser"[^>]*disabled', page)
+    assert "Nobody can raise their own rights (is_superuser)" in page
+    other = client.get(reverse("admin:auth_user_change", args=[world.alice.pk])).content.decode()
+    assert str(world.releasers.pk) in offered(other, "groups")  # someone else's page offers every group
+    assert len(offered(other, "user_permissions")) > 50
+    assert not re.search(r'<input type="checkbox" name="is_superuser"[^>]*disabled', other)
+    assert "Not offered" not in other
+
+
+def test_access_page_offers_neither_oneself_nor_ones_group(client, world, make_user):
+    root = make_user("root", superuser=True, groups=[world.releasers])
+    client.force_login(root)
+    page = client.get(reverse("admin:environments_environment_access", args=[world.production.pk])).content.decode()
+    assert str(root.pk) not in offered(page, "user") and str(world.dave.pk) in offered(page, "user")
+    assert str(world.releasers.pk) not in offered(page, "group")
+    assert "Not offered: root. Nobody can grant deploy or approve rights to themselves." in page
+    assert (f"Not offered: {world.releasers.name}. You belong to {world.releasers.name}; nobody can grant rights to "
+            "a group they belong to.") in page
+    client.post(reverse("admin:environments_environment_access", args=[world.production.pk]),
+                {"permission": "deploy_environment", "group": world.releasers.pk, "grant": "0"})  # forged
+    assert AuditEvent.objects.filter(code="SELF_GRANT", action="environment.revoke.refused").exists()
+    assert world.releasers.groupobjectpermission_set.exists()
+
+
+def test_a_group_page_offers_its_member_no_new_rights_for_it(client, world, make_user):
+    from django.contrib.auth.models import Group
+
+    auditors = Group.objects.create(name="auditors")
+    auditors.permissions.add(Permission.objects.get(codename="view_auditevent"))
+    member = make_user("dave2", groups=[auditors], perms=["auth.change_group", "auth.view_group"])
+    client.force_login(member)
+    page = client.get(reverse("admin:auth_group_change", args=[auditors.pk])).content.decode()
+    assert offered(page, "permissions") == {str(Permission.objects.get(codename="view_auditevent").pk)}
+    assert ("Not offered: the permissions it does not hold. You belong to auditors; nobody can give a group they "
+            "belong to more rights (new permissions); another administrator must do it.") in page
+    stranger = Group.objects.create(name="strangers")
+    page = client.get(reverse("admin:auth_group_change", args=[stranger.pk])).content.decode()
+    assert len(offered(page, "permissions")) > 50 and "Not offered" not in page
 
 
 def test_account_created_in_the_admin_is_audited(client, world, make_user):
