@@ -92,3 +92,19 @@ class PortalAdminSite(admin.AdminSite):
         context.update(title=f"Where is {journey.key}?", key=journey.key, journey=journey,
                        issue_url=next((url for a in applications if (url := a.issue_url(journey.key))), ""))
         return TemplateResponse(request, "admin/releases/change_journey.html", context)
+
+
+def error_page(template: str, status: int):
+    """Django's 404 and 403 handler, rendering the portal's page with what every admin page has (the
+    person's own links: change password, log out), which Django's own handlers leave out."""
+
+    def handler(request, exception=None):
+        context = {**admin.site.each_context(request), "exception": str(exception or "")}
+        return TemplateResponse(request, template, context, status=status).render()
+
+    return handler
+
+
+page_not_found = error_page("404.html", 404)
+permission_denied = error_page("403.html", 403)
+

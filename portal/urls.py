@@ -11,3 +11,5 @@ urlpatterns = [
 ]
 
 handler400 = "portal.api.bad_request"
+handler403 = "edge.site.permission_denied"
+handler404 = "edge.site.page_not_found"

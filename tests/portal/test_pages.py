@@ -214,10 +214,14 @@ def test_a_deployment_or_page_that_is_not_there_leads_back_to_the_board(client, 
         assert "Not found | Release Portal" in text(missing)
         assert f"There is no page at {address}" in text(missing)
         assert f'href="{reverse("admin:index")}">Back to the release board' in missing.content.decode()
+        assert 'id="logout-form"' in missing.content.decode()  # the person's own links, as on every page
     client.force_login(people.dave)  # an auditor: no API token is made on a page (the command makes them)
     denied = client.get(reverse("admin:access_apitoken_add"))
     assert denied.status_code == 403 and "Not allowed | Release Portal" in text(denied)
     assert "Your account may not open /admin/access/apitoken/add/" in text(denied)
+    assert 'id="logout-form"' in denied.content.decode() and "Change password" in text(denied)
+    client.logout()  # nobody signed in: no links of a person
+    assert 'id="logout-form"' not in client.get("/admin/no-such-page/").content.decode()
     # the page shown when the portal fails is rendered without a request or a database
     failed = render_to_string("500.html")
     assert "Server error | Release Portal" in failed and 'href="/admin/">Back to the release board' in failed
