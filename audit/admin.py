@@ -15,7 +15,7 @@ from django.utils import timezone
 from audit import seal
 from audit.downloads import zip_stream
 from audit.models import AuditEvent
-from edge.admin import BoundedDaysForm, ReadOnlyAdmin, admin_actor
+from edge.admin import DATE_INPUT, BoundedDaysForm, ReadOnlyAdmin, admin_actor
 from edge.lists import IndexedValuesFilter, LargeTableAdmin, indexed_values, search_words
 from evidence.reports import REPORTS, Export, Period
 from releases.models import Application
@@ -23,8 +23,8 @@ from releases.models import Application
 
 class ReportForm(BoundedDaysForm):
     report = forms.ChoiceField(choices=[(r, r) for r in REPORTS])
-    since = forms.DateField(help_text="First day (inclusive), YYYY-MM-DD.")
-    until = forms.DateField(help_text="Last day (inclusive), YYYY-MM-DD.")
+    since = forms.DateField(widget=DATE_INPUT, help_text="First day (inclusive).")
+    until = forms.DateField(widget=DATE_INPUT, help_text="Last day (inclusive).")
     application = forms.ModelChoiceField(Application.objects.all(), required=False, to_field_name="name")
 
 

@@ -17,6 +17,9 @@ from audit.actors import Actor
 from core.decisions import Decision, PolicyRefusal
 from core.times import FIRST_DAY, LAST_DAY
 
+# A day, picked in the browser's calendar and sent as YYYY-MM-DD: the same on every page that asks for one.
+DATE_INPUT = forms.DateInput(attrs={"type": "date"}, format="%Y-%m-%d")
+
 
 class BoundedDaysForm(forms.Form):
     """A form whose `since` and `until` days stay within the days a person can mean (core.times), the

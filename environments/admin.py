@@ -23,6 +23,7 @@ from django.utils.http import urlencode
 from core.decisions import NotFound, PolicyRefusal
 from edge import charts
 from edge.admin import (
+    DATE_INPUT,
     BoundedDaysForm,
     Offer,
     OutcomeAdmin,
@@ -718,9 +719,6 @@ class ControlChangeAdmin(ReadOnlyAdmin):
 
 
 # --- delivery metrics ----------------------------------------------------------------------------------
-
-DATE_INPUT = forms.DateInput(attrs={"type": "date"}, format="%Y-%m-%d")
-
 
 class MetricsForm(BoundedDaysForm):
     application = forms.ChoiceField()

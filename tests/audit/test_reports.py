@@ -390,7 +390,10 @@ def test_reports_page_for_auditors(client, world, history, make_user):
                                                                           "view_deployment"]))
     client.force_login(auditor)
     url = reverse("admin:audit_reports")
-    assert b"SOX reports" in client.get(url).content
+    page = client.get(url).content.decode()
+    assert "SOX reports" in page
+    for name in ("since", "until"):  # the browser's calendar, as on the metrics page
+        assert re.search(rf'<input type="date" name="{name}"', page), name
     today = timezone.now().date().isoformat()
     head = client.head(url, {"report": "changes", "since": "2000-01-01", "until": today})
     assert head.status_code in (200, 405) and not AuditEvent.objects.filter(action="report.export").exists()
