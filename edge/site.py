@@ -99,7 +99,9 @@ def error_page(template: str, status: int):
     person's own links: change password, log out), which Django's own handlers leave out."""
 
     def handler(request, exception=None):
-        context = {**admin.site.each_context(request), "exception": str(exception or "")}
+        # the API's requests pass no session middleware (portal.handlers): no person, no links
+        person = admin.site.each_context(request) if hasattr(request, "user") else {}
+        context = {**person, "exception": str(exception or "")}
         return TemplateResponse(request, template, context, status=status).render()
 
     return handler
