@@ -129,7 +129,16 @@ def _lookups(tree: dict, prefix: str = ""):
 
 class LargeChangeList(ChangeList):
     """Django's change list, answering a date past the calendar in the date hierarchy as the bad lookup
-    it is (Django computes the period after the one asked, and year 9999 has none)."""
+    it is (Django computes the period after the one asked, and year 9999 has none), and breaking a
+    sort's ties by the primary key in the sort's own direction (Django always takes the newest first):
+    one index (column, id) then serves the column's sort both ways."""
+
+    def get_ordering(self, request, queryset):
+        ordering = super().get_ordering(request, queryset)
+        if len(ordering) > 1 and ordering[-1] == "-pk" and isinstance(ordering[0], str) \
+                and not ordering[0].startswith("-"):
+            ordering[-1] = "pk"  # the tiebreak Django added (_get_deterministic_ordering), turned the same way
+        return ordering
 
     def get_filters(self, request):
         try:

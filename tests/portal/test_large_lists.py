@@ -422,6 +422,34 @@ def test_a_word_finding_more_than_the_limit_is_asked_of_each_row_in_the_lists_or
     assert any("EXISTS" in sql for sql in releases.sql if "releases_release" in sql.split(" FROM ")[1])
 
 
+@pytest.mark.parametrize(("column", "field", "index"), [
+    ("state_and_place", "state", "deployment_by_state_idx"),
+    ("requested_by_name", "requested_by_label", "deployment_by_requester_idx"),
+    ("finished_at", "finished_at", "deployment_by_finished_idx"),
+])
+def test_a_list_sorted_by_a_column_breaks_its_ties_the_columns_way_and_reads_its_index(client, world, root, column,
+                                                                                       field, index):
+    """Ties (every automatic deployment has the same requester) are broken by the number in the sort's
+    own direction, so that on PostgreSQL a page of a million deployments sorted by a column, either
+    way, is read from that column's index (a sort of every row took 200 to 400 ms)."""
+    for _ in range(3):
+        world.to_staging(world.release())  # QA and Staging, by the portal and by a person: all finished
+    number = str(admin.site._registry[Deployment].list_display.index(column))
+    rows = list(Deployment.objects.values_list(field, "pk"))
+    values = [value for value, _ in rows]
+    assert None not in values and (field == "finished_at" or len(set(values)) < len(values))  # ties to break
+    for order, descending in ((number, False), (f"-{number}", True)):
+        shown = listing(client, root, DEPLOYMENTS, o=order)
+        assert [d.pk for d in shown.context["cl"].result_list] == [pk for _, pk in sorted(rows, reverse=descending)]
+        if connection.vendor == "postgresql":
+            keys = shown.context["cl"].queryset.values("pk")[:100]  # a long list's page: its keys first
+            with connection.cursor() as cursor:
+                cursor.execute("SET enable_seqscan = off; SET enable_sort = off")  # a few rows: as at a million
+                plan = keys.explain()
+                cursor.execute("RESET enable_seqscan; RESET enable_sort")
+            assert index in plan and "Sort" not in plan, plan
+
+
 def test_sorted_by_release_the_deployments_follow_the_order_releases_were_registered(client, world, root):
     """Not the versions as text, which put 0.10.0 before 0.2.0 (an analyst's walk found it)."""
     releases = [world.release(version) for version in ("0.1.0", "0.2.0", "0.10.0")]
