@@ -85,6 +85,7 @@ def _own_account_offers(fields: dict, actor, user) -> None:
             offer_only(fields["user_permissions"], {"the permissions you do not hold": refusal},
                        keep=set(user.user_permissions.values_list("pk", flat=True)))
     if "groups" in fields:
+        fields["groups"].widget.can_add_related = False  # a group made here would be one to join: not offered
         refused = {}
         for group in Group.objects.exclude(user=user).order_by("name"):
             refusal = policy.decide_membership(actor=actor, group=group, user=user).refusal
@@ -136,6 +137,16 @@ class PortalUserAdmin(FormKnowsRequest, OutcomeAdmin, UserAdmin):
     form = MembershipCheckedUserForm
     actions = ["delete_selected"]
 
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        """Delete is offered only for an account the policy lets this person delete; otherwise the page
+        says why, in the rule's sentence (a forged delete is still refused, on record: delete_view)."""
+        user = self.get_object(request, unquote(object_id))
+        if user is not None and self.has_delete_permission(request, user):
+            refusal = policy.decide_user_delete(actor=admin_actor(request), user=user).refusal
+            if refusal is not None:
+                extra_context = {"show_delete": False, "not_deletable": refusal.detail, **(extra_context or {})}
+        return super().change_view(request, object_id, form_url, extra_context)
+
     def delete_view(self, request, object_id, extra_context=None):
         user = self.get_object(request, unquote(object_id))
         if user is not None and self.has_delete_permission(request, user):
@@ -174,6 +185,8 @@ class PortalUserAdmin(FormKnowsRequest, OutcomeAdmin, UserAdmin):
             for user in refused:
                 refusal = policy.decide_user_delete(actor=actor, user=user).refusal
                 self.message_user(request, refusal_message(refusal, user), messages.ERROR)
+        self.message_user(request, f"Nobody was deleted: {len(refused)} of the {len(queryset)} selected "
+                          f"{'is' if len(refused) == 1 else 'are'} part of the evidence.", messages.WARNING)
         return None
 
     def save_model(self, request, obj, form, change):

@@ -285,21 +285,22 @@ def test_ones_own_account_page_offers_no_raise_of_ones_rights(client, world, mak
     """Rule 4 where it is offered: the helpdesk's own page offers leaving a group or a permission, not
     joining or gaining one, and says why in the rule's sentence; a forged post is refused on record
     (test_nobody_raises_their_own_rights_in_the_user_admin)."""
-    helpdesk = make_user("helpdesk", perms=["auth.change_user", "auth.view_user"])
+    helpdesk = make_user("helpdesk", perms=["auth.change_user", "auth.view_user", "auth.add_group"])
     client.force_login(helpdesk)
     page = client.get(reverse("admin:auth_user_change", args=[helpdesk.pk])).content.decode()
     held = {str(pk) for pk in helpdesk.user_permissions.values_list("pk", flat=True)}
-    assert offered(page, "user_permissions") == held and len(held) == 2
+    assert offered(page, "user_permissions") == held and len(held) == 3
     assert offered(page, "groups") == set()
     assert f"Not offered: {world.releasers.name}. Nobody can add themselves to a group; another administrator" in page
     assert "Nobody can raise their own rights (new permissions); another administrator must do it." in page
     assert re.search(r'<input type="checkbox" name="is_superuser"[^>]*disabled', page)
+    assert "add_id_groups" not in page  # no "+" making a group to join
     assert "Nobody can raise their own rights (is_superuser)" in page
     other = client.get(reverse("admin:auth_user_change", args=[world.alice.pk])).content.decode()
     assert str(world.releasers.pk) in offered(other, "groups")  # someone else's page offers every group
     assert len(offered(other, "user_permissions")) > 50
     assert not re.search(r'<input type="checkbox" name="is_superuser"[^>]*disabled', other)
-    assert "Not offered" not in other
+    assert "Not offered" not in other and "add_id_groups" in other
 
 
 def test_access_page_offers_neither_oneself_nor_ones_group(client, world, make_user):
@@ -352,7 +353,12 @@ def test_deleting_a_user_with_field_history_is_refused_not_a_500(client, world, 
         world.qa.auto_deploy = True
         world.qa.save()
     client.force_login(admin)
-    url = reverse("admin:auth_user_delete", args=[frank.pk])
+    page = client.get(reverse("admin:auth_user_change", args=[frank.pk])).content.decode()
+    assert "deletelink" not in page  # not offered, and the page says why
+    assert re.search(r"Not offered: Delete\. frank [^<]*changed settings \(field history\)[^<]*deactivate", page)
+    newcomer = make_user("newcomer")  # part of nothing: offered
+    assert "deletelink" in client.get(reverse("admin:auth_user_change", args=[newcomer.pk])).content.decode()
+    url = reverse("admin:auth_user_delete", args=[frank.pk])  # typed, or a forged post: refused, on record
     offered = client.get(url, follow=True)
     assert b"deactivate the account instead" in offered.content
     response = client.post(url, {"post": "yes"}, follow=True)
@@ -378,6 +384,13 @@ def test_delete_selected_refuses_implementers_and_approvers(client, world, make_
     messages = " ".join(str(m) for m in response.context["messages"])
     assert "alice implemented releases" in messages and "bob requested or reviewed deployments" in messages
     assert "carol decided on deployments" in messages and "deactivate" in messages
+    newcomer = make_user("newcomer")  # deletable, selected with one who is not: nobody is deleted, and said so
+    response = client.post(reverse("admin:auth_user_changelist"),
+                           {"action": "delete_selected", "_selected_action": [world.alice.pk, newcomer.pk]},
+                           follow=True)
+    messages = " ".join(str(m) for m in response.context["messages"])
+    assert "Nobody was deleted: 1 of the 2 selected is part of the evidence." in messages
+    assert get_user_model().objects.filter(pk=newcomer.pk).exists()
     assert get_user_model().objects.filter(pk__in=ids).count() == 3
     assert AuditEvent.objects.filter(action="user.delete.refused").count() == 3
 
