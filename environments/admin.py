@@ -80,18 +80,22 @@ class EnvironmentForm(forms.ModelForm):
         model = Environment
         fields = ["application", *services.SETTINGS_FIELDS]
 
-    def clean(self):
-        data = super().clean()
-        if self.instance.pk and not data.get("change_reason", "").strip():
-            before = Environment.objects.get(pk=self.instance.pk)
-            after = copy.copy(before)
-            for name, value in data.items():
-                if name in services.SETTINGS_FIELDS:
-                    setattr(after, name, value)
-            if weaker := policy.weakened_controls(before, after):
-                self.add_error("change_reason", "This weakens a control of a restricted environment or its path ("
-                               + ", ".join(sorted(weaker)) + "): say why; a second administrator must approve it.")
-        return data
+    def _post_clean(self):
+        """Once the settings are valid (the model's own checks ran: a restricted environment needs an
+        approval, say), a change that weakens a control asks for its reason; an invalid one is not
+        asked for a reason it could never be proposed with."""
+        super()._post_clean()
+        data = self.cleaned_data
+        if self._errors or not self.instance.pk or data.get("change_reason", "").strip():
+            return
+        before = Environment.objects.get(pk=self.instance.pk)
+        after = copy.copy(before)
+        for name, value in data.items():
+            if name in services.SETTINGS_FIELDS:
+                setattr(after, name, value)
+        if weaker := policy.weakened_controls(before, after):
+            self.add_error("change_reason", "This weakens a control of a restricted environment or its path ("
+                           + ", ".join(sorted(weaker)) + "): say why; a second administrator must approve it.")
 
 
 # --- freeze windows as analysts plan them -------------------------------------------------------------

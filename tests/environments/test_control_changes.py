@@ -57,6 +57,20 @@ def admins(world, make_user):
     return root, other
 
 
+def test_a_change_that_can_never_apply_is_not_asked_for_a_reason(client, world, admins):
+    """Production with no approval is invalid while it stays restricted: the form says that, not also
+    "say why" (a reason could not make it valid; an administrator's walk found the two errors side by side)."""
+    root, _ = admins
+    client.force_login(root)
+    url = reverse(FORM, args=[world.production.pk])
+    errors = client.post(url, change_form(world.production, required_approvals=0)).context["adminform"].form.errors
+    assert errors == {"required_approvals": ["A restricted environment needs at least one approval."]}
+    errors = client.post(url, change_form(world.production, required_approvals=0, change_reason="faster")
+                         ).context["adminform"].form.errors
+    assert errors == {"required_approvals": ["A restricted environment needs at least one approval."]}
+    assert not ControlChange.objects.exists()
+
+
 def test_a_superuser_cannot_weaken_production_alone_then_ship_his_own_change(client, world, admins):
     root, otto = admins
     world.production.requires_code_review = True
