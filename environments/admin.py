@@ -407,13 +407,22 @@ class EnvironmentAdmin(OutcomeAdmin):
         if request.method == "POST" and form.is_valid():
             d = form.cleaned_data
             call = services.environment_grant if d["grant"] else services.environment_revoke
+            who = f"user {d['user']}" if d["user"] else f"group {d['group']}"
             try:
-                call(actor=admin_actor(request), environment=environment, codename=d["permission"],
-                     user=d["user"], group=d["group"])
+                changed = call(actor=admin_actor(request), environment=environment, codename=d["permission"],
+                               user=d["user"], group=d["group"])
             except PolicyRefusal as exc:
                 self.message_user(request, refusal_message(exc.refusal), messages.ERROR)
             else:
-                self.message_user(request, "Access changed.", messages.SUCCESS)
+                if changed:
+                    self.message_user(request, f"{'Granted' if d['grant'] else 'Revoked'} {d['permission']} on "
+                                      f"{environment} {'to' if d['grant'] else 'from'} {who}.", messages.SUCCESS)
+                elif d["grant"]:
+                    self.message_user(request, f"Nothing changed: {who} holds {d['permission']} on {environment} "
+                                      "already.", messages.WARNING)
+                else:
+                    self.message_user(request, f"Nothing changed: {who} holds no grant of {d['permission']} on "
+                                      f"{environment} to revoke.", messages.WARNING)
                 return redirect("admin:environments_environment_access", pk)
         refusal = policy.decide_grant(actor=admin_actor(request), environment=environment).refusal
         context = {

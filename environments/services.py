@@ -598,7 +598,7 @@ def deployment_expire_pending(*, now: dt.datetime | None = None) -> int:
     return expired
 
 
-def _grant_change(*, actor: Actor, environment: Environment, codename: str, user, group, grant: bool) -> None:
+def _grant_change(*, actor: Actor, environment: Environment, codename: str, user, group, grant: bool) -> bool:
     if codename not in policy.GRANTABLE:
         raise ValueError(f"Unknown environment permission {codename!r}.")
     if (user is None) == (group is None):
@@ -612,20 +612,28 @@ def _grant_change(*, actor: Actor, environment: Environment, codename: str, user
         environment = _lock_environment(environment.pk)
         decision = policy.decide_grant(actor=actor, environment=environment, user=user, group=group)
         if decision.allowed:
+            by_group, direct = policy.grants_on(environment)
+            held = (direct.filter(user=user) if user else by_group.filter(group=group)).filter(
+                permission__codename=codename).exists()
+            if held == grant:
+                return False  # held already, or never held: nothing changes, so nothing is recorded
             (assign_perm if grant else remove_perm)(f"environments.{codename}", user or group, environment)
             chain.append(actor=actor, action=action, obj=environment, data=data)
-            return
+            return True
         error = refused(actor=actor, action=action, refusal=decision.refusal, obj=environment, data=data)
     raise error
 
 
-def environment_grant(*, actor: Actor, environment: Environment, codename: str, user=None, group=None) -> None:
-    """Give a user or a group the right to deploy to / approve for one environment."""
-    _grant_change(actor=actor, environment=environment, codename=codename, user=user, group=group, grant=True)
+def environment_grant(*, actor: Actor, environment: Environment, codename: str, user=None, group=None) -> bool:
+    """Give a user or a group the right to deploy to / approve for one environment. False: they held
+    it already (nothing changed, nothing recorded)."""
+    return _grant_change(actor=actor, environment=environment, codename=codename, user=user, group=group, grant=True)
 
 
-def environment_revoke(*, actor: Actor, environment: Environment, codename: str, user=None, group=None) -> None:
-    _grant_change(actor=actor, environment=environment, codename=codename, user=user, group=group, grant=False)
+def environment_revoke(*, actor: Actor, environment: Environment, codename: str, user=None, group=None) -> bool:
+    """Take that right back. False: they did not hold it explicitly (nothing changed, nothing recorded)."""
+    return _grant_change(actor=actor, environment=environment, codename=codename, user=user, group=group,
+                         grant=False)
 
 
 def group_membership_change(*, actor: Actor, group: Group, user, add: bool) -> None:

@@ -95,8 +95,19 @@ def test_access_page_grants_through_the_service(client, world, make_user):
     assert b"mac-releasers" in client.get(url).content
     response = client.post(url, {"permission": "approve_environment", "user": admin.pk, "grant": "1"}, follow=True)
     assert b"SELF_GRANT" in response.content
-    client.post(url, {"permission": "approve_environment", "user": world.dave.pk, "grant": "1"})
-    assert AuditEvent.objects.filter(action="environment.grant", data__user="dave").exists()
+    granted = client.post(url, {"permission": "approve_environment", "user": world.dave.pk, "grant": "1"}, follow=True)
+    assert "Granted approve_environment on MAC Production to user dave." in granted.content.decode()
+    assert AuditEvent.objects.filter(action="environment.grant", data__user="dave").count() == 1
+    events = AuditEvent.objects.count()  # again, and a revoke of what alice never held: nothing to change
+    again = client.post(url, {"permission": "approve_environment", "user": world.dave.pk, "grant": "1"}, follow=True)
+    assert "Nothing changed: user dave holds approve_environment on MAC Production already." in again.content.decode()
+    never = client.post(url, {"permission": "approve_environment", "user": world.alice.pk, "grant": "0"}, follow=True)
+    assert ("Nothing changed: user alice holds no grant of approve_environment on MAC Production to revoke."
+            in never.content.decode())
+    assert AuditEvent.objects.count() == events  # no event says a right changed hands when none did
+    revoked = client.post(url, {"permission": "approve_environment", "user": world.dave.pk, "grant": "0"}, follow=True)
+    assert "Revoked approve_environment on MAC Production from user dave." in revoked.content.decode()
+    assert not world.dave.has_perm("environments.approve_environment", world.production)
 
 
 def test_access_page_offers_the_form_only_to_whom_the_policy_allows(client, world):
