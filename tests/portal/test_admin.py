@@ -207,6 +207,11 @@ def test_password_reset_by_a_superuser_is_in_the_chain_and_the_access_report(cli
     assert client.get(url).status_code == 200
     mismatch = client.post(url, {"password1": "N3w-secret-pass", "password2": "other", "set_usable_password": "true"})
     assert mismatch.status_code == 200 and not AuditEvent.objects.filter(action="user.set_password").exists()
+    for weak, why in (("bob", "too short"), ("bob@example.com", "too similar"), ("123456789012", "entirely numeric"),
+                      ("password1234", "too common")):
+        answer = client.post(url, {"password1": weak, "password2": weak, "set_usable_password": "true"})
+        assert why in " ".join(answer.context["form"].errors["password2"]), weak
+    assert not AuditEvent.objects.filter(action="user.set_password").exists()
     response = client.post(url, {"password1": "N3w-secret-pass", "password2": "N3w-secret-pass",
                                  "set_usable_password": "true"})
     assert response.status_code == 302

@@ -110,6 +110,9 @@ def test_create_admin_makes_the_first_administrator_on_the_audit_chain(db, monke
     monkeypatch.setattr(sys, "stdin", StringIO("\n"))
     with pytest.raises(CommandError, match="An empty password is not accepted"):
         run("create_admin", "second")
+    monkeypatch.setattr(sys, "stdin", StringIO("second2026\n"))
+    with pytest.raises(CommandError, match="The password is not accepted: .*too short"):
+        run("create_admin", "second")
     assert not get_user_model().objects.filter(username="second").exists()
     get_user_model().objects.create_superuser("outside", password="x")  # what createsuperuser does
     assert {m.sentence() for m in reconcile.accounts()} == {
