@@ -25,6 +25,7 @@ from access.services import (
 from audit.services import audit_refusal
 from core.decisions import PolicyRefusal
 from edge.admin import OutcomeAdmin, admin_actor, offer_only, refusal_message, run_each
+from edge.templatetags import moment
 from environments import policy
 from environments.services import group_membership_change
 
@@ -35,13 +36,25 @@ User = get_user_model()
 class ApiTokenAdmin(admin.ModelAdmin):
     """Tokens are created with `manage.py create_token` (shown once); here they are listed and revoked."""
 
-    list_display = ["name", "kind", "user", "key_prefix", "created_by_label", "created_at", "revoked_at"]
+    list_display = ["name", "kind", "user", "scope", "key_prefix", "created_by", "created_at", "revoked_at"]
     list_filter = ["kind"]
     list_select_related = ["user"]
     actions = ["revoke"]
 
+    def get_queryset(self, request):
+        return super().get_queryset(request).prefetch_related("applications")  # the scope: one query a page
+
+    @admin.display(description="applications")
+    def scope(self, obj):
+        """A CI token's applications; a personal token acts as its user, wherever they may."""
+        return ", ".join(sorted(a.name for a in obj.applications.all())) or "-"
+
+    @admin.display(description="created by", ordering="created_by_label")
+    def created_by(self, obj):
+        return obj.created_by_label
+
     def get_readonly_fields(self, request, obj=None):
-        return ["kind", "name", "user", "applications", "key_prefix", "created_by_label", "created_at", "revoked_at"]
+        return ["kind", "name", "user", "applications", "key_prefix", "created_by", "created_at", "revoked_at"]
 
     def get_fields(self, request, obj=None):
         return self.get_readonly_fields(request, obj)
@@ -66,7 +79,10 @@ class ApiTokenAdmin(admin.ModelAdmin):
     @admin.action(description="Revoke selected tokens", permissions=["change"])
     def revoke(self, request, queryset):
         actor = admin_actor(request)
-        run_each(self, request, queryset, lambda t: token_revoke(actor=actor, token=t), "revoked.")
+        for token in queryset.filter(revoked_at__isnull=False):
+            self.message_user(request, f"{token}: revoked already, at {moment(token.revoked_at)}.", messages.WARNING)
+        run_each(self, request, queryset.filter(revoked_at__isnull=True),
+                 lambda t: token_revoke(actor=actor, token=t), "revoked.")
 
 
 def _own_account_offers(fields: dict, actor, user) -> None:
@@ -136,6 +152,7 @@ class PortalUserAdmin(FormKnowsRequest, OutcomeAdmin, UserAdmin):
 
     form = MembershipCheckedUserForm
     actions = ["delete_selected"]
+    list_display = [*UserAdmin.list_display, "is_active", "is_superuser"]  # a deactivated account shows as one
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
         """Delete is offered only for an account the policy lets this person delete; otherwise the page

@@ -35,6 +35,11 @@ SEARCH_COLUMNS = ("actor_username", "object_repr", "object_id", "action", "code"
 SEARCH_TEXT_SQL = "UPPER(" + " || chr(31) || ".join(f'"audit_auditevent"."{c}"' for c in SEARCH_COLUMNS) + ")"
 
 
+# Where an event's actor acted (AuditEvent.via), as the audit list says it.
+VIA_WORDS = {"admin": "in the admin", "api": "through the API", "command": "by a command", "task": "by a task",
+             "auto": "automatically", "system": "by the portal"}
+
+
 class CodeFilter(IndexedValuesFilter):
     """By refusal code; an event that is no refusal has none."""
 
@@ -87,12 +92,14 @@ class AuditEventAdmin(LargeTableAdmin, ReadOnlyAdmin):
     def seal_check(self, obj):
         return seal.says(obj.seal, obj.canonical, obj.seq, seal.keys())
 
-    @admin.display(description="who (via)", ordering="actor_username")
+    @admin.display(description="who (where)", ordering="actor_username")
     def who(self, obj):
-        via = obj.via
+        """"otto (in the admin)": where the person acted, in words no account could be named (an
+        administrator's walk read "otto (admin)" as the account admin)."""
+        where = VIA_WORDS.get(obj.via, obj.via)
         if account := (obj.data or {}).get("os_account"):  # a command's: whose shell ran it
-            via = f"{via}: {account}"
-        return f"{obj.actor_username} ({via})" if via else obj.actor_username
+            where = f"{where}: {account}"
+        return f"{obj.actor_username} ({where})" if where else obj.actor_username
 
     @admin.display(description="action", ordering="action")
     def what(self, obj):

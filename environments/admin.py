@@ -371,7 +371,8 @@ class EnvironmentAdmin(OutcomeAdmin):
         entries = selectors.environment_queues([obj.pk])[obj.pk]
         rows = format_html_join(
             "", '<li><a href="{}">#{}</a> {} {}{}</li>',
-            ((reverse("admin:environments_deployment_change", args=[e["id"]]), e["id"], e["version"], e["state"],
+            ((reverse("admin:environments_deployment_change", args=[e["id"]]), e["id"], e["version"],
+              Deployment.State(e["state"]).label.lower(),  # "awaiting approval", as the board says it
               f": {selectors.waiting_phrase(e['waiting_for'])}" if e["waiting_for"] else "") for e in entries),
         )
         return format_html("<ol>{}</ol>", rows) if entries else "empty"

@@ -463,3 +463,32 @@ def test_deleting_a_group_says_who_lost_what(client, world, make_user):
     assert event.data["permissions"] == ["environments.view_deployment"]
     assert event.data["environment_grants"] == ["approve_environment on MAC Production",
                                                 "deploy_environment on MAC Production"]
+
+
+def test_administrators_lists_say_what_they_show_in_words(client, world, make_user):
+    """An administrator's walk: the audit list's "otto (admin)" read as the account admin, the token list
+    had a "created by label" column and no application, a revoked token revoked again said "revoked.",
+    the environment's queue said "awaiting_approval", deactivated accounts looked like active ones."""
+    from access.models import ApiToken
+    from access.services import token_create
+
+    root = make_user("root", superuser=True)
+    client.force_login(root)
+    release = world.release()
+    world.to_staging(release)
+    services.deployment_request(actor=person(world.bob), release=release, environment=world.production)
+    page = client.get(reverse("admin:environments_environment_change", args=[world.production.pk])).content.decode()
+    assert "awaiting approval: waiting for approval (0 of 1)" in page and "awaiting_approval" not in page
+    ci, _ = token_create(actor=person(root), kind=ApiToken.Kind.CI, name="builder", applications=[world.app])
+    tokens = client.get(reverse("admin:access_apitoken_changelist")).content.decode()
+    assert "column-created_by" in tokens and "created_by_label" not in tokens
+    assert re.search(r'<td class="field-scope">MAC</td>', tokens)
+    client.post(reverse("admin:access_apitoken_changelist"), {"action": "revoke", "_selected_action": [ci.pk]})
+    again = client.post(reverse("admin:access_apitoken_changelist"),
+                        {"action": "revoke", "_selected_action": [ci.pk]}, follow=True)
+    assert "builder" in again.content.decode() and "revoked already, at" in again.content.decode()
+    assert AuditEvent.objects.filter(action="token.revoke").count() == 1
+    audit = client.get(reverse("admin:audit_auditevent_changelist")).content.decode()
+    assert "root (in the admin)" in audit and "bob (admin)" not in audit
+    users = client.get(reverse("admin:auth_user_changelist")).content.decode()
+    assert "column-is_active" in users and "column-is_superuser" in users

@@ -167,7 +167,7 @@ def test_a_command_s_events_name_the_shell_account_that_ran_it(db, demo_mode, mo
     client = Client()
     client.login(username="admin", password="admin")
     listed = client.get("/admin/audit/auditevent/?action=token.create").content.decode()
-    assert f"system (command: {expected} on {socket.gethostname()})" in listed
+    assert f"system (by a command: {expected} on {socket.gethostname()})" in listed
 
 
 def test_create_token_reuses_the_token_kept_in_its_file_while_it_is_valid(db, tmp_path, demo_mode):
