@@ -150,14 +150,19 @@ def run_each(modeladmin: admin.ModelAdmin, request, objects: Iterable, call: Cal
 
 
 def confirm_with_comment(modeladmin, request, queryset, *, action: str, title: str, required: bool = False,
-                         label: str = "Comment"):
-    """Show an intermediate page asking for a comment; returns the comment once posted, else a response."""
+                         label: str = "Comment", decide: Callable | None = None):
+    """Show an intermediate page asking for a comment; returns the comment once posted, else a response.
+    With `decide` (object -> the policy's refusal, or None), the page says which of the selected the
+    person may not act on and why, and goes on with the others only; if none is left, it offers nothing.
+    A post that names them all the same reaches the service, which refuses them on record."""
     comment = request.POST.get("comment", "").strip()
     if "apply" in request.POST and (comment or not required):
         return comment
+    rows = [(obj, decide(obj) if decide else None) for obj in queryset]
     context = {
         **modeladmin.admin_site.each_context(request),
-        "title": title, "objects": queryset, "action": action, "required": required, "label": label,
+        "title": title, "rows": rows, "offered": [obj for obj, refusal in rows if refusal is None],
+        "action": action, "required": required, "label": label,
         "opts": modeladmin.model._meta, "error": "apply" in request.POST and required and not comment,
         "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
     }

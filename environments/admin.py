@@ -714,10 +714,11 @@ class ControlChangeAdmin(ReadOnlyAdmin):
         return request.user.has_perm("environments.change_environment")
 
     def _decide(self, request, queryset, *, action, title, service, done, required=False):
-        comment = confirm_with_comment(self, request, queryset, action=action, title=title, required=required)
+        actor = admin_actor(request)
+        comment = confirm_with_comment(self, request, queryset, action=action, title=title, required=required,
+                                       decide=lambda c: services.control_change_decision(actor=actor, change=c).refusal)
         if not isinstance(comment, str):
             return comment
-        actor = admin_actor(request)
         run_each(self, request, queryset, lambda c: service(actor=actor, change_id=c.pk, comment=comment), done)
         return None
 

@@ -27,7 +27,7 @@ from audit.actors import Actor
 from audit.models import AuditEvent
 from audit.services import audit_refusal, refused
 from core.compiled import CompiledRead, Pending, model_fields, together
-from core.decisions import Next, NotFound, PolicyRefusal, Refusal
+from core.decisions import Decision, Next, NotFound, PolicyRefusal, Refusal
 from environments import policy
 from environments.models import (
     Approval,
@@ -773,6 +773,13 @@ def _control_decision(*, actor: Actor, change_id: int, approve: bool, comment: s
             return change
         error = refused(actor=actor, action=action, refusal=decision.refusal, obj=change, data=data)
     raise error
+
+
+def control_change_decision(*, actor: Actor, change: ControlChange) -> Decision:
+    """What approving or rejecting `change` would meet now, read without a lock: what a page offers is
+    what the service will decide (it asks again, under its locks)."""
+    environment = Environment.objects.filter(pk=change.environment_id).first() if change.environment_id else None
+    return policy.decide_control_change(actor=actor, change=change, current=_current_of(change, environment))
 
 
 def control_change_approve(*, actor: Actor, change_id: int, comment: str = "") -> ControlChange:

@@ -2,6 +2,7 @@
 that a different administrator must approve; a stricter one applies at once."""
 
 import datetime as dt
+import re
 
 import pytest
 from django.contrib.auth.models import Group
@@ -97,7 +98,11 @@ def test_a_superuser_cannot_weaken_production_alone_then_ship_his_own_change(cli
         services.deployment_request(actor=person(root), release=release, environment=world.production)
     assert info.value.refusal.code == "NOT_RELEASER"
 
-    # nor approve his own proposal, through the admin action
+    # nor approve his own proposal, through the admin action: the confirmation offers nothing and says why
+    asked = client.post(reverse("admin:environments_controlchange_changelist"),
+                        {"action": "approve", "_selected_action": [proposal.pk]}).content.decode()
+    assert 'name="apply"' not in asked and "Nothing selected is yours to act on" in asked
+    assert re.search(r'class="why-not">Not offered: You proposed this change[^<]*different administrator', asked)
     client.post(reverse("admin:environments_controlchange_changelist"),
                 {"action": "approve", "_selected_action": [proposal.pk], "apply": "1", "comment": "me"})
     proposal.refresh_from_db()
@@ -107,6 +112,9 @@ def test_a_superuser_cannot_weaken_production_alone_then_ship_his_own_change(cli
 
     # a different administrator approves: applied, both in the chain and in the exceptions report
     client.force_login(otto)
+    asked = client.post(reverse("admin:environments_controlchange_changelist"),
+                        {"action": "approve", "_selected_action": [proposal.pk]}).content.decode()
+    assert 'name="apply"' in asked and "Not offered" not in asked
     client.post(reverse("admin:environments_controlchange_changelist"),
                 {"action": "approve", "_selected_action": [proposal.pk], "apply": "1", "comment": "agreed"})
     production.refresh_from_db()
