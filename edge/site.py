@@ -69,8 +69,10 @@ class PortalAdminSite(admin.AdminSite):
             x["why_not"] = None if decision is None else decision.refusal
             if decision is not None and decision.allowed:
                 reviews.append(x["deployment"])
+        proposals = env_selectors.proposals_waiting(request.user)
         return {
-            "board": board, "waiting_count": len(waiting) + len(reviews),
+            "board": board, "waiting_count": len(waiting) + len(reviews) + (proposals["others"] if proposals else 0),
+            "proposals": proposals,
             "waiting_for_me": waiting,
             "my_requests": mine, "my_open_requests": mine_open,
             "open_exceptions": exceptions,

@@ -17,7 +17,7 @@ from core.compiled import CompiledRead, Pending, together
 from core.decisions import Decision, NotFound
 from core.times import iso_or_none as _time
 from environments import policy
-from environments.models import Approval, Deployment, DeploymentEvent, Environment, FreezeWindow
+from environments.models import Approval, ControlChange, Deployment, DeploymentEvent, Environment, FreezeWindow
 from releases.models import Application, Implementer, Release
 
 State = Deployment.State
@@ -462,6 +462,16 @@ def awaiting_decision_of(actor: Actor) -> list[Deployment]:
         now = current.get(d.environment_id)
         d.rolls_back_from = now.release if policy.is_rollback(d.release_id, now and now.release_id) else None
     return mine
+
+
+def proposals_waiting(user) -> dict[str, int] | None:
+    """For an administrator of environments: how many control changes wait for a second administrator,
+    proposed by others (theirs to decide: the list's confirmation asks the policy of each) and by
+    themselves (another's to decide). One query; None for anyone else."""
+    if not user.has_perm("environments.change_environment"):
+        return None
+    return ControlChange.objects.filter(state=ControlChange.State.PROPOSED).aggregate(
+        others=Count("id", filter=~Q(proposed_by=user)), mine=Count("id", filter=Q(proposed_by=user)))
 
 
 def review_decisions(actor: Actor, exceptions: list[dict]) -> dict[int, Decision]:

@@ -283,3 +283,22 @@ def test_a_freeze_edited_in_the_admin_goes_through_the_service(client, world, ma
     assert FreezeWindow.objects.get(pk=window.pk).ends_at == window.ends_at
     assert ControlChange.objects.get().freeze_window_id == window.pk
     assert not Deployment.objects.exists()
+
+
+def test_the_board_tells_an_administrator_what_waits_for_a_second_one(client, world, admins):
+    """A proposal waits where the second administrator looks first (an administrators' walk found them
+    piling up unseen): the board counts it for every other administrator, and tells its proposer it waits."""
+    root, otto = admins
+    client.force_login(root)
+    client.post(reverse(FORM, args=[world.production.pk]),
+                change_form(world.production, restricted=False, change_reason="reviewers away"))
+    assert ControlChange.objects.filter(state=ControlChange.State.PROPOSED).count() == 1
+    mine = client.get(reverse("admin:index"))
+    assert mine.context["waiting_count"] == 0
+    assert "1 control change you proposed</a> waits for another administrator." in mine.content.decode()
+    client.force_login(otto)
+    theirs = client.get(reverse("admin:index"))
+    assert theirs.context["waiting_count"] == 1
+    assert "1 control change proposed by another administrator</a>" in theirs.content.decode()
+    client.force_login(world.bob)  # an analyst administers nothing: no word of it
+    assert "control change" not in client.get(reverse("admin:index")).content.decode()
