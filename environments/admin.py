@@ -716,7 +716,8 @@ class ControlChangeAdmin(ReadOnlyAdmin):
     def _decide(self, request, queryset, *, action, title, service, done, required=False):
         actor = admin_actor(request)
         comment = confirm_with_comment(self, request, queryset, action=action, title=title, required=required,
-                                       decide=lambda c: services.control_change_decision(actor=actor, change=c).refusal)
+                                       decide=lambda c: services.control_change_decision(
+                                           actor=actor, change=c, approve=action == "approve").refusal)
         if not isinstance(comment, str):
             return comment
         run_each(self, request, queryset, lambda c: service(actor=actor, change_id=c.pk, comment=comment), done)

@@ -1247,9 +1247,10 @@ def check_may_administer(actor: Actor) -> Refusal | None:
     return None
 
 
-def decide_control_change(*, actor: Actor, change: ControlChange, current: dict) -> Decision:
+def decide_control_change(*, actor: Actor, change: ControlChange, current: dict, approve: bool = True) -> Decision:
     """A weaker control takes effect only when a different administrator approves it (or rejects it).
-    `current` is the environment's (or freeze window's) value now, per field of the change."""
+    `current` is the environment's (or freeze window's) value now, per field of the change: a proposal
+    whose fields changed since is not applied, but it can still be rejected (nothing changes then)."""
     if r := check_may_administer(actor):
         return no(r)
     if change.state != ControlChange.State.PROPOSED:
@@ -1262,7 +1263,7 @@ def decide_control_change(*, actor: Actor, change: ControlChange, current: dict)
     # each field must still be what it was when proposed; the path, still the one the proposal leads to
     stale = [name for name, (old, new) in change.changes.items()
              if name in current and current[name] != (new if name == "path" else old)]
-    if stale:
+    if stale and approve:
         return no(conflict(
             "STALE_PROPOSAL", f"{', '.join(sorted(stale))} changed since {change} was proposed; propose it again."
         ))

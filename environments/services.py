@@ -759,7 +759,8 @@ def _control_decision(*, actor: Actor, change_id: int, approve: bool, comment: s
             environment = _lock_environment(environment.pk)  # with its relations, already locked
         change = ControlChange.objects.select_for_update().select_related("proposed_by", "application").get(
             pk=change_id)
-        decision = policy.decide_control_change(actor=actor, change=change, current=_current_of(change, environment))
+        decision = policy.decide_control_change(actor=actor, change=change, current=_current_of(change, environment),
+                                                approve=approve)
         data = {"environment": str(environment or change.application), "changes": change.changes,
                 "reason": change.reason, "proposed_by": change.proposed_by.get_username(), "comment": comment}
         if decision.allowed:
@@ -775,11 +776,12 @@ def _control_decision(*, actor: Actor, change_id: int, approve: bool, comment: s
     raise error
 
 
-def control_change_decision(*, actor: Actor, change: ControlChange) -> Decision:
+def control_change_decision(*, actor: Actor, change: ControlChange, approve: bool) -> Decision:
     """What approving or rejecting `change` would meet now, read without a lock: what a page offers is
     what the service will decide (it asks again, under its locks)."""
     environment = Environment.objects.filter(pk=change.environment_id).first() if change.environment_id else None
-    return policy.decide_control_change(actor=actor, change=change, current=_current_of(change, environment))
+    return policy.decide_control_change(actor=actor, change=change, current=_current_of(change, environment),
+                                        approve=approve)
 
 
 def control_change_approve(*, actor: Actor, change_id: int, comment: str = "") -> ControlChange:

@@ -167,6 +167,11 @@ def test_stricter_applies_at_once_and_a_stale_proposal_is_refused(world, make_us
     with pytest.raises(PolicyRefusal) as info:
         services.control_change_approve(actor=person(otto), change_id=proposal.pk)
     assert info.value.refusal.code == "STALE_PROPOSAL"
+    # a stale proposal does not wait for ever: it is rejected (nothing changes), on record
+    rejected = services.control_change_reject(actor=person(otto), change_id=proposal.pk, comment="overtaken")
+    assert rejected.state == ControlChange.State.REJECTED
+    assert Environment.objects.get(pk=stricter.pk).playbook == "other.yml"
+    assert AuditEvent.objects.filter(action="control_change.reject", actor_username="otto").exists()
 
 
 def test_the_path_to_a_restricted_environment_changes_only_with_a_second_administrator(world, make_user):
