@@ -5,7 +5,8 @@ from django.contrib.admin.utils import unquote
 from django.contrib.auth import get_user_model, update_session_auth_hash
 from django.contrib.auth.admin import GroupAdmin, UserAdmin, csrf_protect_m, sensitive_post_parameters_m
 from django.contrib.auth.forms import UserChangeForm
-from django.contrib.auth.models import Group
+from django.contrib.auth.models import Group, Permission
+from django.db.models import Q
 from django.http import HttpResponseRedirect
 from django.shortcuts import redirect
 from django.urls import reverse
@@ -85,6 +86,27 @@ class ApiTokenAdmin(admin.ModelAdmin):
                  lambda t: token_revoke(actor=actor, token=t), "revoked.")
 
 
+# Permissions a user or a group can be given that give nothing: deploying and approving count only when
+# granted per environment (rule 4: its Access page), audit events are never added, changed or deleted
+# by hand (the chain and the database refuse), and the task queue's own pages are not served.
+NO_RIGHT = (Q(content_type__app_label="environments", codename__in=policy.GRANTABLE)
+            | Q(content_type__app_label="audit", codename__in=["add_auditevent", "change_auditevent",
+                                                                "delete_auditevent"])
+            | Q(content_type__app_label="django_q"))
+NO_RIGHT_SAID = ("Not offered: the right to deploy to or approve for an environment (given per environment, on "
+                 "its Access page), and adding, changing or deleting audit events or the task queue's records "
+                 "(nobody may).")
+
+
+def _offer_rights_only(field, held) -> None:
+    """A permissions field offers only what gives a right (NO_RIGHT left out, unless already held: the
+    form keeps what it shows), and says what it left out."""
+    left_out = set(Permission.objects.filter(NO_RIGHT).exclude(pk__in=held).values_list("pk", flat=True))
+    widget = getattr(field.widget, "widget", field.widget)
+    widget.choices = [(v, label) for v, label in widget.choices if getattr(v, "value", v) not in left_out]
+    field.help_text = f"{NO_RIGHT_SAID} {field.help_text}"
+
+
 def _own_account_offers(fields: dict, actor, user) -> None:
     """One's own account page offers what rule 4 lets one do to it: drop a flag, leave a group, give up a
     permission. Raising one's own rights is not offered, and the field says why in the rule's sentence,
@@ -117,6 +139,9 @@ class MembershipCheckedUserForm(UserChangeForm):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if "user_permissions" in self.fields:
+            held = self.instance.user_permissions.all() if self.instance.pk else []
+            _offer_rights_only(self.fields["user_permissions"], held)
         if self.request is not None and self.instance.pk == self.request.user.pk:
             _own_account_offers(self.fields, admin_actor(self.request), self.instance)
 
@@ -269,6 +294,8 @@ class GroupRightsForm(forms.ModelForm):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if "permissions" in self.fields:
+            _offer_rights_only(self.fields["permissions"], self.instance.permissions.all() if self.instance.pk else [])
         if self.request is None or self.instance.pk is None or "permissions" not in self.fields:
             return
         refusal = policy.decide_group_permissions(actor=admin_actor(self.request), group=self.instance,

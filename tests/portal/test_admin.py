@@ -316,7 +316,7 @@ def test_ones_own_account_page_offers_no_raise_of_ones_rights(client, world, mak
     assert str(world.releasers.pk) in offered(other, "groups")  # someone else's page offers every group
     assert len(offered(other, "user_permissions")) > 50
     assert not re.search(r'<input type="checkbox" name="is_superuser"[^>]*disabled', other)
-    assert "Not offered" not in other and "add_id_groups" in other
+    assert "Nobody can" not in other and "add_id_groups" in other
 
 
 def test_access_page_offers_neither_oneself_nor_ones_group(client, world, make_user):
@@ -347,7 +347,7 @@ def test_a_group_page_offers_its_member_no_new_rights_for_it(client, world, make
             "belong to more rights (new permissions); another administrator must do it.") in page
     stranger = Group.objects.create(name="strangers")
     page = client.get(reverse("admin:auth_group_change", args=[stranger.pk])).content.decode()
-    assert len(offered(page, "permissions")) > 50 and "Not offered" not in page
+    assert len(offered(page, "permissions")) > 50 and "You belong to" not in page
 
 
 def test_account_created_in_the_admin_is_audited(client, world, make_user):
@@ -492,3 +492,22 @@ def test_administrators_lists_say_what_they_show_in_words(client, world, make_us
     assert "root (in the admin)" in audit and "bob (admin)" not in audit
     users = client.get(reverse("admin:auth_user_changelist")).content.decode()
     assert "column-is_active" in users and "column-is_superuser" in users
+
+
+def test_permission_lists_offer_only_what_gives_a_right(client, world, make_user):
+    """The model-wide "Can approve deployments to this environment" gives nothing (only a grant on the
+    environment counts), nor may anyone delete audit events: not offered, and said why; one already held
+    (written outside the portal) stays shown, so that saving the form does not drop it unseen."""
+    root = make_user("root", superuser=True)
+    client.force_login(root)
+    approve = Permission.objects.get(content_type__app_label="environments", codename="approve_environment")
+    delete_event = Permission.objects.get(content_type__app_label="audit", codename="delete_auditevent")
+    view_event = Permission.objects.get(content_type__app_label="audit", codename="view_auditevent")
+    world.alice.user_permissions.add(delete_event)  # outside the portal
+    page = client.get(reverse("admin:auth_user_change", args=[world.alice.pk])).content.decode()
+    shown = offered(page, "user_permissions")
+    assert str(approve.pk) not in shown and str(view_event.pk) in shown and str(delete_event.pk) in shown
+    assert "Not offered: the right to deploy to or approve for an environment (given per environment" in page
+    page = client.get(reverse("admin:auth_group_change", args=[world.releasers.pk])).content.decode()
+    assert str(approve.pk) not in offered(page, "permissions") and str(view_event.pk) in offered(page, "permissions")
+    assert str(delete_event.pk) not in offered(page, "permissions")
