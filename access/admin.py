@@ -107,28 +107,31 @@ def _offer_rights_only(field, held) -> None:
     field.help_text = f"{NO_RIGHT_SAID} {field.help_text}"
 
 
-def _own_account_offers(fields: dict, actor, user) -> None:
-    """One's own account page offers what rule 4 lets one do to it: drop a flag, leave a group, give up a
-    permission. Raising one's own rights is not offered, and the field says why in the rule's sentence,
-    asked of the functions the services ask (policy.decide_account_change, policy.decide_membership)."""
+def _account_offers(fields: dict, actor, user) -> None:
+    """An account's page offers what rule 4 lets this person do to it: on their own account, or one they
+    made, a flag only to drop it, and no group or permission it does not hold (another administrator gives
+    those). The field says why in the rule's sentence, asked of the functions the services ask
+    (policy.decide_account_change, policy.decide_membership)."""
+    made = policy.accounts_made_by(actor)
     for flag in ("is_staff", "is_superuser"):
         if flag in fields and not getattr(user, flag):
-            refusal = policy.decide_account_change(actor=actor, user=user, raised=[flag]).refusal
+            refusal = policy.decide_account_change(actor=actor, user=user, raised=[flag], made=made).refusal
             if refusal is not None:  # not offered; a forged post still reaches user_save, refused on record
                 fields[flag].widget.attrs["disabled"] = True
                 fields[flag].help_text = f"{refusal.detail} {fields[flag].help_text}"
     if "user_permissions" in fields:
-        refusal = policy.decide_account_change(actor=actor, user=user, raised=["new permissions"]).refusal
+        refusal = policy.decide_account_change(actor=actor, user=user, raised=["new permissions"], made=made).refusal
         if refusal is not None:
-            offer_only(fields["user_permissions"], {"the permissions you do not hold": refusal},
+            offer_only(fields["user_permissions"], {"the permissions it does not hold": refusal},
                        keep=set(user.user_permissions.values_list("pk", flat=True)))
     if "groups" in fields:
-        fields["groups"].widget.can_add_related = False  # a group made here would be one to join: not offered
         refused = {}
         for group in Group.objects.exclude(user=user).order_by("name"):
-            refusal = policy.decide_membership(actor=actor, group=group, user=user).refusal
+            refusal = policy.decide_membership(actor=actor, group=group, user=user, made=made).refusal
             if refusal is not None:
                 refused[group] = refusal
+        if refused:  # a group made here ("+") would be one more to join: not offered either
+            fields["groups"].widget.can_add_related = False
         offer_only(fields["groups"], refused)
 
 
@@ -142,8 +145,8 @@ class MembershipCheckedUserForm(UserChangeForm):
         if "user_permissions" in self.fields:
             held = self.instance.user_permissions.all() if self.instance.pk else []
             _offer_rights_only(self.fields["user_permissions"], held)
-        if self.request is not None and self.instance.pk == self.request.user.pk:
-            _own_account_offers(self.fields, admin_actor(self.request), self.instance)
+        if self.request is not None and self.instance.pk is not None:
+            _account_offers(self.fields, admin_actor(self.request), self.instance)
 
     def clean_groups(self):
         groups = self.cleaned_data.get("groups")

@@ -293,11 +293,12 @@ class AccessForm(forms.Form):
         """Offers only the users and groups whose rights the policy lets this person change (no self-grant:
         the decide_grant the service asks), saying under each choice whom it leaves out and why."""
         super().__init__(*args, **kwargs)
+        made = policy.accounts_made_by(actor)
         for name, target in (("user", "user"), ("group", "group")):
             field = self.fields[name]
             refused = {}
             for obj in field.queryset:
-                refusal = policy.decide_grant(actor=actor, environment=environment, **{target: obj}).refusal
+                refusal = policy.decide_grant(actor=actor, environment=environment, made=made, **{target: obj}).refusal
                 if refusal is not None:
                     refused[obj] = refusal
             offer_only(field, refused)

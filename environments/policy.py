@@ -1055,12 +1055,35 @@ def _reviewer_refusal(actor: Actor, release: Release, environment: Environment, 
     return None
 
 
-def decide_grant(*, actor: Actor, environment: Environment, user=None, group: Group | None = None) -> Decision:
-    """Rule 4: only an administrator of environments grants, and never to themselves or their group."""
-    return _as_decision(_grant_refusal(actor=actor, user=user, group=group))
+def accounts_made_by(actor: Actor) -> frozenset[int]:
+    """The accounts a person made through the portal (their `user.create` events): one query."""
+    if not actor.is_person:
+        return frozenset()
+    return frozenset(int(pk) for pk in AuditEvent.objects.filter(
+        action="user.create", actor_id=actor.user.pk).values_list("object_id", flat=True))
 
 
-def _grant_refusal(*, actor: Actor, user=None, group: Group | None = None) -> Refusal | None:
+def _account_maker_refusal(actor: Actor, user, made: frozenset[int] | None) -> Refusal | None:
+    """Rule 4 against a second account: whoever made an account does not also give it rights (a flag, a
+    permission, a group, a grant); another administrator does, so that no one person makes an account
+    of their own and empowers it. `made`: accounts_made_by(actor), when the caller read it already."""
+    if not actor.is_person or user is None or user.pk is None or user.pk == actor.user.pk:
+        return None
+    if user.pk not in (made if made is not None else accounts_made_by(actor)):
+        return None
+    return forbidden("SOD_ACCOUNT_MAKER", f"You made the account {user.get_username()}; another administrator "
+                                          "must give it rights (a flag, a permission, a group or a grant).")
+
+
+def decide_grant(*, actor: Actor, environment: Environment, user=None, group: Group | None = None,
+                 grant: bool = True, made: frozenset[int] | None = None) -> Decision:
+    """Rule 4: only an administrator of environments grants, and never to themselves, their group or an
+    account they made (revoking from an account one made is allowed)."""
+    return _as_decision(_grant_refusal(actor=actor, user=user, group=group, grant=grant, made=made))
+
+
+def _grant_refusal(*, actor: Actor, user=None, group: Group | None = None, grant: bool = True,
+                   made: frozenset[int] | None = None) -> Refusal | None:
     if not actor.is_system:
         if not actor.is_person or not actor.user.has_perm("environments.change_environment"):
             return forbidden("NOT_PERMITTED", "You may not change who can deploy or approve.")
@@ -1070,21 +1093,27 @@ def _grant_refusal(*, actor: Actor, user=None, group: Group | None = None) -> Re
             return forbidden(
                 "SELF_GRANT", f"You belong to {group.name}; nobody can grant rights to a group they belong to."
             )
+        if grant and (refusal := _account_maker_refusal(actor, user, made)):
+            return refusal
     return None
 
 
-def decide_membership(*, actor: Actor, group: Group, user, add: bool = True) -> Decision:
+def decide_membership(*, actor: Actor, group: Group, user, add: bool = True,
+                      made: frozenset[int] | None = None) -> Decision:
     """Rule 4 for groups: joining a group that holds deploy/approve grants is receiving those grants."""
-    return _as_decision(_membership_refusal(actor=actor, group=group, user=user, add=add))
+    return _as_decision(_membership_refusal(actor=actor, group=group, user=user, add=add, made=made))
 
 
-def _membership_refusal(*, actor: Actor, group: Group, user, add: bool) -> Refusal | None:
+def _membership_refusal(*, actor: Actor, group: Group, user, add: bool, made: frozenset[int] | None = None
+                        ) -> Refusal | None:
     if actor.is_system:
         return None
     if not actor.is_person or not actor.user.has_perm("auth.change_user"):
         return forbidden("NOT_PERMITTED", "You may not change group membership.")
     if add and user.pk == actor.user.pk:  # whatever the group holds now, or is given later
         return forbidden("SELF_GRANT", "Nobody can add themselves to a group; another administrator must do it.")
+    if add:
+        return _account_maker_refusal(actor, user, made)
     return None
 
 
@@ -1103,14 +1132,17 @@ def decide_group_permissions(*, actor: Actor, group: Group, added: list[str]) ->
     return Decision()
 
 
-def decide_account_change(*, actor: Actor, user, raised: list[str]) -> Decision:
+def decide_account_change(*, actor: Actor, user, raised: list[str], made: frozenset[int] | None = None) -> Decision:
     """Rule 4 for accounts: nobody raises their own rights (superuser, staff, model permissions such as
-    the right to grant deploy and approve); an administrator does it for them, on record."""
+    the right to grant deploy and approve), nor those of an account they made; another administrator
+    does it for them, on record."""
     if raised and actor.is_person and actor.user.pk == user.pk:
         return no(forbidden(
             "SELF_GRANT", f"Nobody can raise their own rights ({', '.join(sorted(raised))}); another administrator "
             "must do it.",
         ))
+    if raised and (refusal := _account_maker_refusal(actor, user, made)):
+        return no(refusal)
     if actor.is_person and user.is_superuser and not actor.user.is_superuser:
         # whoever sets a superuser's password or e-mail can become them
         return no(forbidden("NOT_PERMITTED", f"Only a superuser may change the account of {user.get_username()}, "

@@ -610,7 +610,7 @@ def _grant_change(*, actor: Actor, environment: Environment, codename: str, user
             "user_id": user.pk if user else None, "group_id": group.pk if group else None}
     with transaction.atomic():
         environment = _lock_environment(environment.pk)
-        decision = policy.decide_grant(actor=actor, environment=environment, user=user, group=group)
+        decision = policy.decide_grant(actor=actor, environment=environment, user=user, group=group, grant=grant)
         if decision.allowed:
             by_group, direct = policy.grants_on(environment)
             held = (direct.filter(user=user) if user else by_group.filter(group=group)).filter(

@@ -1,13 +1,15 @@
 """Every way around separation of duties, tried the way an insider would, on every entry point.
 Each attempt is refused, nothing changes, and the refusal is in the audit chain with its rule."""
 
+import re
+
 import pytest
 from django.contrib.auth.models import Permission
 from django.core.management import call_command
 from django.urls import reverse
 
 from access.models import ApiToken
-from access.services import token_create, user_permissions_change
+from access.services import token_create, user_permissions_change, user_save
 from audit import chain
 from audit.models import AuditEvent
 from core.decisions import PolicyRefusal
@@ -339,3 +341,45 @@ def test_the_access_reports_index_says_what_match_says(world):
         by_match = {r.version for r in releases if policy.implementers_of(r).match(user)}
         assert index.implemented_by(user, policy.person_identities(user)) == by_match, user
     assert index.implemented_by(world.carol, policy.person_identities(world.carol)) == {releases[1].version}
+
+
+def test_an_administrator_does_not_empower_an_account_they_made(client, world, make_user):
+    """One person, two accounts: root makes "sock" in the admin, then tries to make it a superuser (to
+    approve root's own control changes), a releaser (to approve root's deployments), to give it a
+    permission or a grant. Each is refused on record, and the pages offer none of it; otto, another
+    administrator, may (four eyes between making an account and empowering it)."""
+    from django.contrib.auth import get_user_model
+
+    root, otto = make_user("root", superuser=True), make_user("otto", superuser=True)
+    client.force_login(root)
+    client.post(reverse("admin:auth_user_add"), {"username": "sock", "password1": "Sock-puppet-2026",
+                                                 "password2": "Sock-puppet-2026", "usable_password": "true"})
+    sock = get_user_model().objects.get(username="sock")
+    page = client.get(reverse("admin:auth_user_change", args=[sock.pk])).content.decode()
+    assert "You made the account sock; another administrator must give it rights" in page
+    assert re.search(r'<input type="checkbox" name="is_superuser"[^>]*disabled', page)
+    access = client.get(reverse("admin:environments_environment_access", args=[world.production.pk]))
+    assert f'<option value="{sock.pk}">' not in access.content.decode()
+    sock.is_staff, sock.is_superuser = True, True
+    with pytest.raises(PolicyRefusal):
+        user_save(actor=person(root), user=sock)
+    with pytest.raises(PolicyRefusal):
+        services.group_membership_change(actor=person(root), group=world.releasers, user=sock, add=True)
+    with pytest.raises(PolicyRefusal):
+        services.environment_grant(actor=person(root), environment=world.production,
+                                   codename="approve_environment", user=sock)
+    with pytest.raises(PolicyRefusal):
+        user_permissions_change(actor=person(root), user=sock,
+                                permissions=[Permission.objects.get(codename="change_environment")])
+    made = AuditEvent.objects.filter(code="SOD_ACCOUNT_MAKER", actor_username="root")
+    assert set(made.values_list("action", flat=True)) == {
+        "user.change.refused", "group.add_member.refused", "environment.grant.refused", "user.permissions.refused"}
+    sock.refresh_from_db()
+    assert not (sock.is_staff or sock.is_superuser or sock.groups.exists())
+    assert not sock.has_perm("environments.approve_environment", world.production)
+    # revoking from it is no empowering; and another administrator may give it rights, on record
+    services.environment_revoke(actor=person(root), environment=world.production, codename="deploy_environment",
+                                user=sock)
+    services.group_membership_change(actor=person(otto), group=world.releasers, user=sock, add=True)
+    assert sock.groups.filter(pk=world.releasers.pk).exists()
+    assert chain.verify().ok
