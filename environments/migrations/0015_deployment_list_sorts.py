@@ -1,7 +1,9 @@
-"""The deployments list sorted by its state, its requester or its end, either way, reads a page from an
-index instead of sorting every deployment (edge.lists.LargeChangeList breaks ties by the id in the
-sort's own direction, so one index (column, id) serves both). The state's own index gives way to
-(state, id), which serves every lookup of a state as well."""
+"""The deployments list sorted by its state or its requester, either way, reads a page from an index
+instead of sorting every deployment (edge.lists.LargeChangeList breaks ties by the id in the sort's own
+direction, so one index (column, id) serves both). The state's own index gives way to (state, id),
+which serves every lookup of a state as well. Not (finished_at, id): PostgreSQL then read an
+environment's last success backwards through it, filtering, instead of through deployment_current_idx
+(13 ms of database time per call of GET .../environments at a million deployments)."""
 
 from django.conf import settings
 from django.db import migrations, models
@@ -28,9 +30,5 @@ class Migration(migrations.Migration):
         migrations.AddIndex(
             model_name='deployment',
             index=models.Index(fields=['requested_by_label', 'id'], name='deployment_by_requester_idx'),
-        ),
-        migrations.AddIndex(
-            model_name='deployment',
-            index=models.Index(fields=['finished_at', 'id'], name='deployment_by_finished_idx'),
         ),
     ]
