@@ -52,7 +52,7 @@ class AuditEventAdmin(LargeTableAdmin, ReadOnlyAdmin):
     at millions of events (edge.lists): newest first from the seq index, filter choices and dates read
     from indexes, the count capped or estimated."""
 
-    list_display = ["seq", "created_at", "who", "what", "code", "object_repr"]
+    list_display = ["seq", "created_at", "who", "what", "code", "about"]
     list_filter = [("action", IndexedValuesFilter), ("code", CodeFilter), ("via", IndexedValuesFilter)]
     search_fields = list(SEARCH_COLUMNS)  # as the admin searches on SQLite; see get_search_results
     search_help_text = ("Who acted (a user name, ci:<token>, system), the object (MAC 1.4.0, a deployment's "
@@ -100,6 +100,10 @@ class AuditEventAdmin(LargeTableAdmin, ReadOnlyAdmin):
         if account := (obj.data or {}).get("os_account"):  # a command's: whose shell ran it
             where = f"{where}: {account}"
         return f"{obj.actor_username} ({where})" if where else obj.actor_username
+
+    @admin.display(description="object", ordering="object_repr")
+    def about(self, obj):
+        return obj.object_repr
 
     @admin.display(description="action", ordering="action")
     def what(self, obj):
