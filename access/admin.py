@@ -92,10 +92,13 @@ class ApiTokenAdmin(admin.ModelAdmin):
 NO_RIGHT = (Q(content_type__app_label="environments", codename__in=policy.GRANTABLE)
             | Q(content_type__app_label="audit", codename__in=["add_auditevent", "change_auditevent",
                                                                 "delete_auditevent"])
+            | Q(content_type__app_label="auditlog", codename__in=["add_logentry", "change_logentry",
+                                                                   "delete_logentry"])
+            | Q(content_type__app_label="environments", codename__in=["change_approval", "delete_approval"])
             | Q(content_type__app_label="django_q"))
 NO_RIGHT_SAID = ("Not offered: the right to deploy to or approve for an environment (given per environment, on "
-                 "its Access page), and adding, changing or deleting audit events or the task queue's records "
-                 "(nobody may).")
+                 "its Access page), and writing audit events, field history, approvals or the task queue's "
+                 "records by hand (nobody may).")
 
 
 def _offer_rights_only(field, held) -> None:
@@ -105,6 +108,17 @@ def _offer_rights_only(field, held) -> None:
     widget = getattr(field.widget, "widget", field.widget)
     widget.choices = [(v, label) for v, label in widget.choices if getattr(v, "value", v) not in left_out]
     field.help_text = f"{NO_RIGHT_SAID} {field.help_text}"
+
+
+def _refused_rights(held: set[int], decide) -> dict:
+    """{permission: refusal} for each permission not held that `decide` ("app.codename" -> Decision)
+    refuses: what a page asks the policy of each right it could offer."""
+    refused = {}
+    for permission in Permission.objects.select_related("content_type").exclude(pk__in=held):
+        refusal = decide(f"{permission.content_type.app_label}.{permission.codename}").refusal
+        if refusal is not None:
+            refused[permission] = refusal
+    return refused
 
 
 def _account_offers(fields: dict, actor, user) -> None:
@@ -120,10 +134,13 @@ def _account_offers(fields: dict, actor, user) -> None:
                 fields[flag].widget.attrs["disabled"] = True
                 fields[flag].help_text = f"{refusal.detail} {fields[flag].help_text}"
     if "user_permissions" in fields:
+        held = set(user.user_permissions.values_list("pk", flat=True))
         refusal = policy.decide_account_change(actor=actor, user=user, raised=["new permissions"], made=made).refusal
         if refusal is not None:
-            offer_only(fields["user_permissions"], {"the permissions it does not hold": refusal},
-                       keep=set(user.user_permissions.values_list("pk", flat=True)))
+            offer_only(fields["user_permissions"], {"the permissions it does not hold": refusal}, keep=held)
+        else:  # each one asked: someone not a superuser gives only what they hold
+            offer_only(fields["user_permissions"], _refused_rights(held, lambda label: policy.decide_account_change(
+                actor=actor, user=user, raised=[label], made=made)))
     if "groups" in fields:
         refused = {}
         for group in Group.objects.exclude(user=user).order_by("name"):
@@ -301,11 +318,16 @@ class GroupRightsForm(forms.ModelForm):
             _offer_rights_only(self.fields["permissions"], self.instance.permissions.all() if self.instance.pk else [])
         if self.request is None or self.instance.pk is None or "permissions" not in self.fields:
             return
-        refusal = policy.decide_group_permissions(actor=admin_actor(self.request), group=self.instance,
-                                                  added=["new permissions"]).refusal
+        actor, group = admin_actor(self.request), self.instance
+        held = set(group.permissions.values_list("pk", flat=True))
+        made = policy.accounts_made_by(actor)  # read once for every permission asked about below
+        refusal = policy.decide_group_permissions(actor=actor, group=group, added=["new permissions"], made=made
+                                                  ).refusal
         if refusal is not None:
-            offer_only(self.fields["permissions"], {"the permissions it does not hold": refusal},
-                       keep=set(self.instance.permissions.values_list("pk", flat=True)))
+            offer_only(self.fields["permissions"], {"the permissions it does not hold": refusal}, keep=held)
+        else:  # each one asked: someone not a superuser gives only what they hold (no member made: asked above)
+            offer_only(self.fields["permissions"], _refused_rights(held, lambda label: policy.decide_group_permissions(
+                actor=actor, group=group, added=[label], made=frozenset())))
 
 
 class PortalGroupAdmin(FormKnowsRequest, OutcomeAdmin, GroupAdmin):

@@ -128,12 +128,17 @@ def offer_only(field: forms.ModelChoiceField, refused: dict, keep: set | None = 
         return pk == "" or (pk in keep if keep is not None else pk not in left_out)
 
     widget = getattr(field.widget, "widget", field.widget)  # inside the admin's related-object wrapper
-    widget.choices = [(value, label) for value, label in field.choices if offered(value)]
+    widget.choices = [(value, label) for value, label in widget.choices if offered(value)]  # as narrowed so far
     by_sentence: dict[str, list[str]] = {}
     for obj, refusal in refused.items():
         by_sentence.setdefault(refusal.detail, []).append(str(obj))
-    said = " ".join(f"Not offered: {', '.join(names)}. {detail}" for detail, names in by_sentence.items())
+    said = " ".join(f"Not offered: {_some(names)}. {detail}" for detail, names in by_sentence.items())
     field.help_text = " ".join(filter(None, [said, str(field.help_text or "")]))
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+    """"a, b, c, d, e and 12 more": a help line names a few of many."""
+    return ", ".join(names) if len(names) <= shown + 1 else f"{', '.join(names[:shown])} and {len(names) - shown} more"
 
 
 def run_each(modeladmin: admin.ModelAdmin, request, objects: Iterable, call: Callable, done: str) -> None:

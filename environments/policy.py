@@ -1075,6 +1075,20 @@ def _account_maker_refusal(actor: Actor, user, made: frozenset[int] | None) -> R
                                           "must give it rights (a flag, a permission, a group or a grant).")
 
 
+def _group_maker_refusal(actor: Actor, group: Group | None, made: frozenset[int] | None) -> Refusal | None:
+    """A group's rights are its members' rights: giving more to a group holding an account one made is
+    giving them to that account (another administrator does)."""
+    if not actor.is_person or group is None:
+        made = frozenset()
+    elif made is None:
+        made = accounts_made_by(actor)
+    member = group.user_set.filter(pk__in=made).first() if made else None
+    if member is None:
+        return None
+    return forbidden("SOD_ACCOUNT_MAKER", f"{group.name} holds the account {member.get_username()}, which you "
+                                          "made; another administrator must give the group rights.")
+
+
 def decide_grant(*, actor: Actor, environment: Environment, user=None, group: Group | None = None,
                  grant: bool = True, made: frozenset[int] | None = None) -> Decision:
     """Rule 4: only an administrator of environments grants, and never to themselves, their group or an
@@ -1093,7 +1107,7 @@ def _grant_refusal(*, actor: Actor, user=None, group: Group | None = None, grant
             return forbidden(
                 "SELF_GRANT", f"You belong to {group.name}; nobody can grant rights to a group they belong to."
             )
-        if grant and (refusal := _account_maker_refusal(actor, user, made)):
+        if grant and (refusal := _account_maker_refusal(actor, user, made) or _group_maker_refusal(actor, group, made)):
             return refusal
     return None
 
@@ -1117,7 +1131,8 @@ def _membership_refusal(*, actor: Actor, group: Group, user, add: bool, made: fr
     return None
 
 
-def decide_group_permissions(*, actor: Actor, group: Group, added: list[str]) -> Decision:
+def decide_group_permissions(*, actor: Actor, group: Group, added: list[str],
+                             made: frozenset[int] | None = None) -> Decision:
     """Rule 4 for a group's model permissions: giving a group one belongs to more rights (such as the
     right to grant deploy and approve) is giving them to oneself."""
     if actor.is_system:
@@ -1129,7 +1144,24 @@ def decide_group_permissions(*, actor: Actor, group: Group, added: list[str]) ->
             "SELF_GRANT", f"You belong to {group.name}; nobody can give a group they belong to more rights "
             f"({', '.join(sorted(added))}); another administrator must do it.",
         ))
+    if added and (refusal := _group_maker_refusal(actor, group, made)):
+        return no(refusal)
+    if refusal := _beyond_own_rights(actor, added):
+        return no(refusal)
     return Decision()
+
+
+def _beyond_own_rights(actor: Actor, given: list[str]) -> Refusal | None:
+    """Whoever is not a superuser gives no right they do not hold themselves (a superuser flag, a model
+    permission "app.codename"): an account or group administrator would otherwise raise anyone above
+    themselves, a second account of their own included."""
+    if not actor.is_person or actor.user.is_superuser:
+        return None
+    if "is_superuser" in given:
+        return forbidden("NOT_PERMITTED", "Only a superuser may make a superuser.")
+    if any("." in right and not actor.user.has_perm(right) for right in given):
+        return forbidden("NOT_PERMITTED", "Only a superuser gives a right they do not hold themselves.")
+    return None
 
 
 def decide_account_change(*, actor: Actor, user, raised: list[str], made: frozenset[int] | None = None) -> Decision:
@@ -1141,7 +1173,7 @@ def decide_account_change(*, actor: Actor, user, raised: list[str], made: frozen
             "SELF_GRANT", f"Nobody can raise their own rights ({', '.join(sorted(raised))}); another administrator "
             "must do it.",
         ))
-    if raised and (refusal := _account_maker_refusal(actor, user, made)):
+    if raised and (refusal := _account_maker_refusal(actor, user, made) or _beyond_own_rights(actor, raised)):
         return no(refusal)
     if actor.is_person and user.is_superuser and not actor.user.is_superuser:
         # whoever sets a superuser's password or e-mail can become them

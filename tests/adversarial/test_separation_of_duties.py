@@ -9,7 +9,7 @@ from django.core.management import call_command
 from django.urls import reverse
 
 from access.models import ApiToken
-from access.services import token_create, user_permissions_change, user_save
+from access.services import group_permissions_change, token_create, user_permissions_change, user_save
 from audit import chain
 from audit.models import AuditEvent
 from core.decisions import PolicyRefusal
@@ -382,4 +382,37 @@ def test_an_administrator_does_not_empower_an_account_they_made(client, world, m
                                 user=sock)
     services.group_membership_change(actor=person(otto), group=world.releasers, user=sock, add=True)
     assert sock.groups.filter(pk=world.releasers.pk).exists()
+    # nor through a group sock is in: the group's rights are sock's (a second walk found this way)
+    with pytest.raises(PolicyRefusal) as info:
+        group_permissions_change(actor=person(root), group=world.releasers,
+                                 permissions=[Permission.objects.get(codename="change_user")])
+    assert info.value.refusal.code == "SOD_ACCOUNT_MAKER" and "holds the account sock" in info.value.refusal.detail
+    with pytest.raises(PolicyRefusal):
+        services.environment_grant(actor=person(root), environment=world.staging, codename="deploy_environment",
+                                   group=world.releasers)
+    assert not world.releasers.permissions.filter(codename="change_user").exists()
     assert chain.verify().ok
+
+
+def test_an_account_administrator_raises_nobody_above_themselves(client, world, make_user):
+    """Someone trusted with accounts but not a superuser (a second walk, as an account holding only
+    "Can change user", made alice a superuser): only a superuser makes a superuser or gives a right
+    they do not hold, through the admin's form or the services, each refusal on record."""
+    eve = make_user("eve", perms=["auth.change_user", "auth.view_user", "auth.change_group", "auth.view_group"])
+    client.force_login(eve)
+    data = {"username": "alice", "email": world.alice.email, "is_active": "on", "is_staff": "on",
+            "is_superuser": "on", "date_joined_0": "2026-01-01", "date_joined_1": "00:00:00"}
+    client.post(reverse("admin:auth_user_change", args=[world.alice.pk]), data)  # forged: the box is disabled
+    world.alice.refresh_from_db()
+    assert not world.alice.is_superuser
+    assert refused_in_chain("NOT_PERMITTED", actor="eve", action_prefix="user.change").data["detail"] == (
+        "Only a superuser may make a superuser.")
+    grant = Permission.objects.get(codename="change_environment")
+    with pytest.raises(PolicyRefusal):
+        user_permissions_change(actor=person(eve), user=world.alice, permissions=[grant])
+    with pytest.raises(PolicyRefusal):
+        group_permissions_change(actor=person(eve), group=world.releasers, permissions=[grant])
+    assert not world.alice.has_perm("environments.change_environment")
+    user_permissions_change(actor=person(eve), user=world.alice,  # a right eve holds: given, on record
+                            permissions=[Permission.objects.get(codename="view_user")])
+    assert AuditEvent.objects.filter(action="user.permissions", actor_username="eve").exists()
