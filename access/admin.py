@@ -147,8 +147,8 @@ def _account_offers(fields: dict, actor, user) -> None:
             refusal = policy.decide_membership(actor=actor, group=group, user=user, made=made).refusal
             if refusal is not None:
                 refused[group] = refusal
-        if refused:  # a group made here ("+") would be one more to join: not offered either
-            fields["groups"].widget.can_add_related = False
+        if any(r.code in ("SELF_GRANT", "SOD_ACCOUNT_MAKER") for r in refused.values()):
+            fields["groups"].widget.can_add_related = False  # no group at all to join: nor one made here ("+")
         offer_only(fields["groups"], refused)
 
 

@@ -1127,7 +1127,23 @@ def _membership_refusal(*, actor: Actor, group: Group, user, add: bool, made: fr
     if add and user.pk == actor.user.pk:  # whatever the group holds now, or is given later
         return forbidden("SELF_GRANT", "Nobody can add themselves to a group; another administrator must do it.")
     if add:
-        return _account_maker_refusal(actor, user, made)
+        return _account_maker_refusal(actor, user, made) or _membership_beyond_own_rights(actor, group)
+    return None
+
+
+def _membership_beyond_own_rights(actor: Actor, group: Group) -> Refusal | None:
+    """Joining a group is receiving its rights: whoever is not a superuser adds nobody to a group holding
+    a permission they do not hold, or a grant on an environment unless they may grant themselves."""
+    if actor.user.is_superuser:
+        return None
+    labels = [f"{app}.{codename}" for app, codename in group.permissions.values_list(
+        "content_type__app_label", "codename")]
+    if refusal := _beyond_own_rights(actor, labels):
+        return refusal
+    if GroupObjectPermission.objects.filter(group=group, permission__codename__in=GRANTABLE).exists() and \
+            not actor.user.has_perm("environments.change_environment"):
+        return forbidden("NOT_PERMITTED", f"{group.name} holds rights to deploy or approve; only someone who may "
+                                          "grant them adds members to it.")
     return None
 
 

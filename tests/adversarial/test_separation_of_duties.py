@@ -413,6 +413,9 @@ def test_an_account_administrator_raises_nobody_above_themselves(client, world, 
     with pytest.raises(PolicyRefusal):
         group_permissions_change(actor=person(eve), group=world.releasers, permissions=[grant])
     assert not world.alice.has_perm("environments.change_environment")
+    with pytest.raises(PolicyRefusal) as info:  # joining the releasers is receiving their grants
+        services.group_membership_change(actor=person(eve), group=world.releasers, user=world.alice, add=True)
+    assert "only someone who may grant them adds members" in info.value.refusal.detail
     user_permissions_change(actor=person(eve), user=world.alice,  # a right eve holds: given, on record
                             permissions=[Permission.objects.get(codename="view_user")])
     assert AuditEvent.objects.filter(action="user.permissions", actor_username="eve").exists()

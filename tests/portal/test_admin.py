@@ -313,7 +313,8 @@ def test_ones_own_account_page_offers_no_raise_of_ones_rights(client, world, mak
     assert "add_id_groups" not in page  # no "+" making a group to join
     assert "Nobody can raise their own rights (is_superuser)" in page
     other = client.get(reverse("admin:auth_user_change", args=[world.alice.pk])).content.decode()
-    assert str(world.releasers.pk) in offered(other, "groups")  # someone else's page offers every group
+    assert str(world.releasers.pk) not in offered(other, "groups")  # joining it is receiving its grants:
+    assert "mac-releasers holds rights to deploy or approve; only someone who may grant them" in other
     rights = {str(p.pk) for p in Permission.objects.select_related("content_type")
               if helpdesk.has_perm(f"{p.content_type.app_label}.{p.codename}")}
     alices = {str(pk) for pk in world.alice.user_permissions.values_list("pk", flat=True)}
