@@ -699,6 +699,9 @@ class ControlChangeAdmin(ReadOnlyAdmin):
     list_select_related = ["environment__application", "proposed_by", "decided_by"]
     actions = ["approve", "reject"]
 
+    # its page says the change in words, as the list does (not the stored {field: [from, to]})
+    fields = ["application", "environment", "what", "reason", "state", "proposed", "decided", "decision_comment"]
+
     @admin.display(description="change")
     def what(self, obj):
         return obj.summary()

@@ -115,6 +115,8 @@ def test_a_superuser_cannot_weaken_production_alone_then_ship_his_own_change(cli
     asked = client.post(reverse("admin:environments_controlchange_changelist"),
                         {"action": "approve", "_selected_action": [proposal.pk]}).content.decode()
     assert 'name="apply"' in asked and "Not offered" not in asked
+    page = client.get(reverse("admin:environments_controlchange_change", args=[proposal.pk])).content.decode()
+    assert "restricted: True -&gt; False" in page and '{"restricted"' not in page  # in words, as in the list
     client.post(reverse("admin:environments_controlchange_changelist"),
                 {"action": "approve", "_selected_action": [proposal.pk], "apply": "1", "comment": "agreed"})
     production.refresh_from_db()
