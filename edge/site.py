@@ -111,4 +111,3 @@ def error_page(template: str, status: int):
 
 page_not_found = error_page("404.html", 404)
 permission_denied = error_page("403.html", 403)
-

@@ -1079,9 +1079,8 @@ def _group_maker_refusal(actor: Actor, group: Group | None, made: frozenset[int]
     """A group's rights are its members' rights: giving more to a group holding an account one made is
     giving them to that account (another administrator does)."""
     if not actor.is_person or group is None:
-        made = frozenset()
-    elif made is None:
-        made = accounts_made_by(actor)
+        return None
+    made = accounts_made_by(actor) if made is None else made
     member = group.user_set.filter(pk__in=made).first() if made else None
     if member is None:
         return None
