@@ -69,7 +69,7 @@ class PortalAdminSite(admin.AdminSite):
             x["why_not"] = None if decision is None else decision.refusal
             if decision is not None and decision.allowed:
                 reviews.append(x["deployment"])
-        proposals = env_selectors.proposals_waiting(request.user)
+        proposals = env_selectors.proposals_waiting(actor)
         return {
             "board": board, "waiting_count": len(waiting) + len(reviews) + (proposals["others"] if proposals else 0),
             "proposals": proposals,

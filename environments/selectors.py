@@ -464,14 +464,14 @@ def awaiting_decision_of(actor: Actor) -> list[Deployment]:
     return mine
 
 
-def proposals_waiting(user) -> dict[str, int] | None:
-    """For an administrator of environments: how many control changes wait for a second administrator,
-    proposed by others (theirs to decide: the list's confirmation asks the policy of each) and by
-    themselves (another's to decide). One query; None for anyone else."""
-    if not user.has_perm("environments.change_environment"):
+def proposals_waiting(actor: Actor) -> dict[str, int] | None:
+    """For an administrator of environments (policy.check_may_administer): how many control changes wait
+    for a second administrator, proposed by others (theirs to decide: the list's confirmation asks the
+    policy of each) and by themselves (another's to decide). One query; None for anyone else."""
+    if policy.check_may_administer(actor) is not None:
         return None
     return ControlChange.objects.filter(state=ControlChange.State.PROPOSED).aggregate(
-        others=Count("id", filter=~Q(proposed_by=user)), mine=Count("id", filter=Q(proposed_by=user)))
+        others=Count("id", filter=~Q(proposed_by=actor.user)), mine=Count("id", filter=Q(proposed_by=actor.user)))
 
 
 def review_decisions(actor: Actor, exceptions: list[dict]) -> dict[int, Decision]:
