@@ -110,15 +110,20 @@ def _offer_rights_only(field, held) -> None:
     field.help_text = f"{NO_RIGHT_SAID} {field.help_text}"
 
 
-def _refused_rights(held: set[int], decide) -> dict:
-    """{permission: refusal} for each permission not held that `decide` ("app.codename" -> Decision)
-    refuses: what a page asks the policy of each right it could offer."""
+def _offer_permissions(field, held: set[int], decide) -> None:
+    """A permissions field offers what `decide` (rights "app.codename" -> Decision: the policy function
+    the service asks) allows. Where no new right may be given at all (one's own account or group, an
+    account one made), only the permissions held, said once; otherwise each right is asked (someone not a
+    superuser gives only what they hold)."""
+    refusal = decide(["new permissions"]).refusal
+    if refusal is not None:
+        offer_only(field, {"the permissions it does not hold": refusal}, keep=held)
+        return
     refused = {}
     for permission in Permission.objects.select_related("content_type").exclude(pk__in=held):
-        refusal = decide(f"{permission.content_type.app_label}.{permission.codename}").refusal
-        if refusal is not None:
+        if (refusal := decide([f"{permission.content_type.app_label}.{permission.codename}"]).refusal) is not None:
             refused[permission] = refusal
-    return refused
+    offer_only(field, refused)
 
 
 def _account_offers(fields: dict, actor, user) -> None:
@@ -134,13 +139,9 @@ def _account_offers(fields: dict, actor, user) -> None:
                 fields[flag].widget.attrs["disabled"] = True
                 fields[flag].help_text = f"{refusal.detail} {fields[flag].help_text}"
     if "user_permissions" in fields:
-        held = set(user.user_permissions.values_list("pk", flat=True))
-        refusal = policy.decide_account_change(actor=actor, user=user, raised=["new permissions"], made=made).refusal
-        if refusal is not None:
-            offer_only(fields["user_permissions"], {"the permissions it does not hold": refusal}, keep=held)
-        else:  # each one asked: someone not a superuser gives only what they hold
-            offer_only(fields["user_permissions"], _refused_rights(held, lambda label: policy.decide_account_change(
-                actor=actor, user=user, raised=[label], made=made)))
+        _offer_permissions(fields["user_permissions"], set(user.user_permissions.values_list("pk", flat=True)),
+                           lambda rights: policy.decide_account_change(actor=actor, user=user, raised=rights,
+                                                                       made=made))
     if "groups" in fields:
         refused = {}
         for group in Group.objects.exclude(user=user).order_by("name"):
@@ -319,15 +320,12 @@ class GroupRightsForm(forms.ModelForm):
         if self.request is None or self.instance.pk is None or "permissions" not in self.fields:
             return
         actor, group = admin_actor(self.request), self.instance
-        held = set(group.permissions.values_list("pk", flat=True))
-        made = policy.accounts_made_by(actor)  # read once for every permission asked about below
-        refusal = policy.decide_group_permissions(actor=actor, group=group, added=["new permissions"], made=made
-                                                  ).refusal
-        if refusal is not None:
-            offer_only(self.fields["permissions"], {"the permissions it does not hold": refusal}, keep=held)
-        else:  # each one asked: someone not a superuser gives only what they hold (no member made: asked above)
-            offer_only(self.fields["permissions"], _refused_rights(held, lambda label: policy.decide_group_permissions(
-                actor=actor, group=group, added=[label], made=frozenset())))
+        # what the policy reads of the person and the group, read once for every right asked below
+        members = set(group.user_set.values_list("pk", flat=True))
+        made, belongs = policy.accounts_made_by(actor) & members, actor.user.pk in members
+        _offer_permissions(self.fields["permissions"], set(group.permissions.values_list("pk", flat=True)),
+                           lambda rights: policy.decide_group_permissions(actor=actor, group=group, added=rights,
+                                                                          made=made, belongs=belongs))
 
 
 class PortalGroupAdmin(FormKnowsRequest, OutcomeAdmin, GroupAdmin):

@@ -1147,14 +1147,17 @@ def _membership_beyond_own_rights(actor: Actor, group: Group) -> Refusal | None:
 
 
 def decide_group_permissions(*, actor: Actor, group: Group, added: list[str],
-                             made: frozenset[int] | None = None) -> Decision:
+                             made: frozenset[int] | None = None, belongs: bool | None = None) -> Decision:
     """Rule 4 for a group's model permissions: giving a group one belongs to more rights (such as the
-    right to grant deploy and approve) is giving them to oneself."""
+    right to grant deploy and approve) is giving them to oneself. `made` (accounts_made_by) and `belongs`
+    (whether the person is a member), when the caller read them already for many questions."""
     if actor.is_system:
         return Decision()
     if not actor.is_person or not actor.user.has_perm("auth.change_group"):
         return no(forbidden("NOT_PERMITTED", "You may not change a group's permissions."))
-    if added and actor.user.groups.filter(pk=group.pk).exists():
+    if belongs is None:
+        belongs = actor.user.groups.filter(pk=group.pk).exists()
+    if added and belongs:
         return no(forbidden(
             "SELF_GRANT", f"You belong to {group.name}; nobody can give a group they belong to more rights "
             f"({', '.join(sorted(added))}); another administrator must do it.",
