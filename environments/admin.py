@@ -2,6 +2,7 @@ import copy
 import csv
 import datetime as dt
 import io
+from collections import defaultdict
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from django import forms
@@ -293,15 +294,21 @@ class AccessForm(forms.Form):
         """Offers only the users and groups whose rights the policy lets this person change (no self-grant:
         the decide_grant the service asks), saying under each choice whom it leaves out and why."""
         super().__init__(*args, **kwargs)
+        # what the policy reads of the person, read once for every user and group asked about below
         made = policy.accounts_made_by(actor)
-        for name, target in (("user", "user"), ("group", "group")):
-            field = self.fields[name]
-            refused = {}
-            for obj in field.queryset:
-                refusal = policy.decide_grant(actor=actor, environment=environment, made=made, **{target: obj}).refusal
-                if refusal is not None:
-                    refused[obj] = refusal
-            offer_only(field, refused)
+        mine = set(actor.user.groups.values_list("pk", flat=True)) if actor.is_person else set()
+        made_in = defaultdict(set)  # each group's members among the accounts this person made
+        for group_id, user_id in Group.user_set.through.objects.filter(user_id__in=made).values_list(
+                "group_id", "user_id"):
+            made_in[group_id].add(user_id)
+        asked = {
+            "user": lambda u: policy.decide_grant(actor=actor, environment=environment, user=u, made=made),
+            "group": lambda g: policy.decide_grant(actor=actor, environment=environment, group=g,
+                                                   made=frozenset(made_in[g.pk]), belongs=g.pk in mine),
+        }
+        for name, decide in asked.items():
+            refused = {obj: r for obj in self.fields[name].queryset if (r := decide(obj).refusal) is not None}
+            offer_only(self.fields[name], refused)
 
     def clean(self):
         data = super().clean()

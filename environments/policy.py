@@ -1089,20 +1089,23 @@ def _group_maker_refusal(actor: Actor, group: Group | None, made: frozenset[int]
 
 
 def decide_grant(*, actor: Actor, environment: Environment, user=None, group: Group | None = None,
-                 grant: bool = True, made: frozenset[int] | None = None) -> Decision:
+                 grant: bool = True, made: frozenset[int] | None = None, belongs: bool | None = None) -> Decision:
     """Rule 4: only an administrator of environments grants, and never to themselves, their group or an
-    account they made (revoking from an account one made is allowed)."""
-    return _as_decision(_grant_refusal(actor=actor, user=user, group=group, grant=grant, made=made))
+    account they made (revoking from an account one made is allowed). `made` (accounts_made_by) and
+    `belongs` (whether the person is in `group`), when the caller read them already for many questions."""
+    return _as_decision(_grant_refusal(actor=actor, user=user, group=group, grant=grant, made=made,
+                                       belongs=belongs))
 
 
 def _grant_refusal(*, actor: Actor, user=None, group: Group | None = None, grant: bool = True,
-                   made: frozenset[int] | None = None) -> Refusal | None:
+                   made: frozenset[int] | None = None, belongs: bool | None = None) -> Refusal | None:
     if not actor.is_system:
         if not actor.is_person or not actor.user.has_perm("environments.change_environment"):
             return forbidden("NOT_PERMITTED", "You may not change who can deploy or approve.")
         if user is not None and user.pk == actor.user.pk:
             return forbidden("SELF_GRANT", "Nobody can grant deploy or approve rights to themselves.")
-        if group is not None and actor.user.groups.filter(pk=group.pk).exists():
+        if group is not None and (belongs if belongs is not None else
+                                  actor.user.groups.filter(pk=group.pk).exists()):
             return forbidden(
                 "SELF_GRANT", f"You belong to {group.name}; nobody can grant rights to a group they belong to."
             )

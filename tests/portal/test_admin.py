@@ -534,3 +534,27 @@ def test_a_group_page_asks_the_policy_of_each_right_without_a_query_each(client,
         with CaptureQueriesContext(connection) as queries:
             assert client.get(reverse("admin:auth_group_change", args=[world.releasers.pk])).status_code == 200
         assert len(queries) <= 15, [q["sql"][:80] for q in queries]
+
+
+def test_the_access_page_asks_of_every_group_in_a_fixed_number_of_queries(client, world, make_user):
+    """Each user and group is asked of the policy (decide_grant); what it reads of the person (their
+    groups, the accounts they made, where those are members) is read once: the same queries for 1 group
+    and for 21 (it was one more query per group)."""
+    from django.contrib.auth.models import Group
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    root = make_user("root", superuser=True)
+    client.force_login(root)
+    client.post(reverse("admin:auth_user_add"), {"username": "made", "password1": "Made-by-root-2026",
+                                                 "password2": "Made-by-root-2026", "usable_password": "true"})
+    url = reverse("admin:environments_environment_access", args=[world.production.pk])
+    counts = []
+    for extra in (0, 20):
+        for n in range(extra):
+            Group.objects.create(name=f"team-{n}")
+        with CaptureQueriesContext(connection) as queries:
+            page = client.get(url).content.decode()
+        counts.append(len(queries))
+        assert "You made the account made" in page  # asked, and said
+    assert counts[0] == counts[1], counts
